@@ -1,0 +1,74 @@
+"""DemandLSTM: one-step streaming equals the full-sequence forward (DESIGN §6 parity)."""
+
+import numpy as np
+import pytest
+import torch
+
+from model.checkpoint import Checkpoint
+from model.eventlog import EventLog
+from model.events import EVENT_TYPES, Event
+from model.features import Vocabulary
+from model.network import DemandLSTM, ModelConfig
+from model.scoring import Scorer
+
+
+def random_events(rng, n_users=7, max_len=30, n_cats=12):
+    events = []
+    for u in range(n_users):
+        ts = 1.7e9 + rng.uniform(0, 1e5)
+        for k in range(int(rng.integers(1, max_len))):
+            ts += float(rng.exponential(300)) - 50  # some out-of-order (negative) gaps on purpose
+            etype = EVENT_TYPES[int(rng.integers(0, len(EVENT_TYPES)))]
+            cat = None if rng.random() < 0.1 else f"c{int(rng.integers(0, n_cats))}"
+            events.append(Event(
+                f"e{u}-{k}", f"u{u}", ts, etype,
+                None if etype == "search" else f"i{int(rng.integers(0, 500))}",
+                cat, None if rng.random() < 0.2 else float(rng.uniform(0, 300)),
+                "red shoes size 42" if etype == "search" else None,
+            ))
+    return events
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_step_equals_forward(layers):
+    rng = np.random.default_rng(layers)
+    torch.manual_seed(layers)
+    events = random_events(rng)
+    vocab = Vocabulary.build([e.category for e in events])
+    net = DemandLSTM(ModelConfig(n_categories=len(vocab), hidden=24, layers=layers)).eval()
+    scorer = Scorer(Checkpoint(net, vocab, "00000000"), top_k=5)
+    log = EventLog.from_events(events).sorted_by_user_time()
+
+    offline = {}
+    for rows, probs, prop in scorer.predict_log(log):
+        for j, r in enumerate(rows.tolist()):
+            offline[log.event_ids[r]] = (probs[j].numpy(), float(prop[j]))
+
+    # Stream the same events one round at a time: round r = r-th event of every user.
+    by_user = {}
+    for e in sorted(events, key=lambda e: (e.user_id, e.ts)):
+        by_user.setdefault(e.user_id, []).append(e)
+    states = {u: scorer.new_state() for u in by_user}
+    max_diff = 0.0
+    for r in range(max(len(v) for v in by_user.values())):
+        round_events = [v[r] for v in by_user.values() if len(v) > r]
+        round_states = [states[e.user_id] for e in round_events]
+        preds = scorer.step(round_events, round_states)
+        for e, p in zip(round_events, preds):
+            probs, prop = offline[e.event_id]
+            max_diff = max(max_diff, abs(prop - p.purchase_propensity))
+            for name, pc in p.top_categories:
+                max_diff = max(max_diff, abs(pc - probs[vocab.index(name)]))
+    assert max_diff <= 1e-5
+    assert len(offline) == len(events)
+
+
+def test_distribution_sums_to_one_and_never_predicts_unknown():
+    torch.manual_seed(0)
+    events = random_events(np.random.default_rng(5), n_users=3)
+    vocab = Vocabulary.build([e.category for e in events])
+    net = DemandLSTM(ModelConfig(n_categories=len(vocab), hidden=16)).eval()
+    log = EventLog.from_events(events).sorted_by_user_time()
+    for _rows, probs, _p in Scorer(Checkpoint(net, vocab, "00000000")).predict_log(log):
+        assert torch.allclose(probs.sum(-1), torch.ones(probs.shape[0]), atol=1e-5)
+        assert float(probs[:, 0].abs().max()) == 0.0
