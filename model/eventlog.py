@@ -120,7 +120,13 @@ class EventLog:
 
     def sorted_by_user_time(self) -> EventLog:
         """Rows grouped by user, each user's rows in (ts, original row) order, with ``user_start``."""
-        order = np.lexsort((np.arange(len(self)), self.ts, self.user))
+        return self._grouped(np.lexsort((np.arange(len(self)), self.ts, self.user)))
+
+    def sorted_by_user_arrival(self) -> EventLog:
+        """Rows grouped by user in original (arrival) order: how the stream sees them (DESIGN §6)."""
+        return self._grouped(np.lexsort((np.arange(len(self)), self.user)))
+
+    def _grouped(self, order: np.ndarray) -> EventLog:
         out = self.take(order)
         counts = np.bincount(out.user, minlength=self.n_users)
         out.user_start = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)

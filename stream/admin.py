@@ -1,0 +1,74 @@
+"""Kafka administration with kafka-python: create the product's topics, inspect them.
+
+The input, signal and dead-letter topics are created with the same partition count: signals and dead
+letters are produced to the partition of their source record, which keeps a user's signals in order
+and lets exactly-once transactions cover one source partition at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import kafka.errors
+from kafka import KafkaAdminClient
+from kafka.admin import NewTopic
+from kafka.errors import KafkaError, TopicAlreadyExistsError
+
+from stream.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+class KafkaUnavailable(RuntimeError):
+    """The configured brokers cannot be reached (one clear line for the CLI)."""
+
+
+#: What kafka-python raises when no broker answers: NoBrokersAvailable in 2.x, a bootstrap
+#: KafkaTimeoutError in 3.x.
+UNREACHABLE = tuple(
+    e for e in (getattr(kafka.errors, "NoBrokersAvailable", None), kafka.errors.KafkaTimeoutError,
+                kafka.errors.KafkaConnectionError) if e is not None
+)
+
+
+def admin_client(settings: Settings, timeout_s: float = 10.0) -> KafkaAdminClient:
+    try:
+        return KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers, client_id="demandstream-admin",
+                                request_timeout_ms=int(timeout_s * 1000), **settings.kafka_python_security())
+    except UNREACHABLE:
+        raise KafkaUnavailable(f"cannot reach Kafka at {settings.broker} (is it running? `make kafka-up`)") from None
+
+
+def ensure_topics(settings: Settings) -> dict[str, int]:
+    """Create input, signal and dead-letter topics if missing; return their partition counts.
+
+    Raises ValueError when existing topics disagree on partition counts (signals could not stay
+    co-partitioned with their input).
+    """
+    admin = admin_client(settings)
+    try:
+        names = [settings.topic_input, settings.topic_signals, settings.topic_dlq]
+        existing = set(admin.list_topics())
+        new = [NewTopic(n, settings.partitions, settings.replication) for n in names if n not in existing]
+        if new:
+            try:
+                admin.create_topics(new)
+            except TopicAlreadyExistsError:
+                pass  # another worker created it between list and create
+            logger.info("created topics %s", [t.name for t in new])
+        counts = partition_counts(admin, names)
+    finally:
+        admin.close()
+    if len(set(counts.values())) != 1:
+        raise ValueError(f"topics must have equal partition counts, found {counts}")
+    return counts
+
+
+def partition_counts(admin: KafkaAdminClient, names: list[str]) -> dict[str, int]:
+    out = {}
+    for t in admin.describe_topics(names):
+        name = t.get("name", t.get("topic"))  # kafka-python 3.x says "name", 2.x "topic"
+        if t.get("error_code", 0):
+            raise KafkaError(f"describe {name}: error {t['error_code']}")
+        out[name] = len(t["partitions"])
+    return out

@@ -1,0 +1,115 @@
+"""The clickstream agent: micro-batches in, signals out, state written, in a crash-safe order.
+
+The agent body is a loop over batches; the work is :meth:`Pipeline.handle`, whose steps are the
+batch commit protocol (DESIGN §6):
+
+Step 1. Compute: validate, group, read states, step the model (:class:`~stream.inference.InferenceEngine`).
+Step 2. Produce signals and dead letters to their topics, in the source partition.
+Step 3. ``at_least_once``: wait until the broker acknowledged every one of them (``producer.flush``).
+        ``exactly_once``: nothing to wait for; they commit atomically with the state and offsets.
+Step 4. Write the new user states (local store + changelog), each carrying the offset of the last
+        event it applied.
+Step 5. Return: Faust acks the batch's events; the consumer commits their offsets later, after
+        flushing the producer again (so the changelog of step 4 is durable before the commit).
+
+Crash between 3 and 4: events are redelivered, the old state re-applies them (duplicate signals,
+allowed by at-least-once). Crash after 4 but before 5: redelivered events are at or below the stored
+offset and are skipped. Either way every event is applied to its user's state exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from model.scoring import Scorer
+from stream.app import Components
+from stream.inference import InferenceEngine, SourceRecord
+from stream.state import StateStore
+
+logger = logging.getLogger(__name__)
+
+
+class Pipeline:
+    def __init__(self, c: Components, scorer: Scorer):
+        self.c = c
+        self.settings = c.settings
+        self.engine = InferenceEngine(scorer, c.settings.topic_input, c.settings.pseudonym_key)
+        self.store = StateStore(c.table)
+        self.metrics = c.metrics
+        self.exactly_once = c.settings.guarantee == "exactly_once"
+        self.last_offset: dict[int, int] = {}  # partition -> last consumed offset, for lag
+        self.batches = 0
+
+    async def handle(self, events) -> None:
+        m = self.metrics
+        # Step 1
+        records = []
+        for ev in events:
+            msg = ev.message
+            records.append(SourceRecord(msg.key, msg.value, msg.partition, msg.offset, msg.timestamp))
+            self.last_offset[msg.partition] = msg.offset
+        res = self.engine.process(records, self.store.read)
+        # Step 2
+        send_signal, send_dlq = self.c.signals_topic.send_soon, self.c.dlq_topic.send_soon
+        for o in res.signals:
+            send_signal(key=o.key, value=o.value, partition=o.partition)
+        for o in res.dead_letters:
+            send_dlq(key=o.key, value=o.value, partition=o.partition)
+        # Step 3
+        if not self.exactly_once and (res.signals or res.dead_letters):
+            await self.c.app.producer.flush()
+        # Step 4
+        self.store.write(res.states)
+        # metrics after the fact: they count what was made durable
+        now = time.time()
+        m.batch_size.observe(len(records))
+        m.events.labels("valid").inc(res.valid - res.duplicates)
+        m.events.labels("duplicate").inc(res.duplicates)
+        m.events.labels("invalid").inc(len(res.dead_letters))
+        m.signals.inc(len(res.signals))
+        for reason, n in res.reasons.items():
+            m.dead_letters.labels(reason).inc(n)
+        for s in res.inference_s:
+            m.inference_seconds.observe(s)
+        lat = m.event_to_signal_seconds
+        for ts in res.signal_ts:
+            lat.observe(max(0.0, now - ts))
+        self.batches += 1
+
+    def update_gauges(self) -> None:
+        """Consumer lag per partition and users in state (called by a timer)."""
+        app = self.c.app
+        consumer = app.consumer
+        topic = self.settings.topic_input
+        for tp in consumer.assignment():
+            if tp.topic != topic:
+                continue
+            hw = consumer.highwater(tp)
+            if hw is None:
+                continue
+            last = self.last_offset.get(tp.partition)
+            lag = hw if last is None else max(0, hw - last - 1)
+            self.metrics.consumer_lag.labels(str(tp.partition)).set(lag)
+        self.metrics.state_users.set(self.store.estimate_count())
+
+
+def attach(c: Components, scorer: Scorer) -> Pipeline:
+    """Declare the agent and timers on the app; returns the pipeline they drive."""
+    pipeline = Pipeline(c, scorer)
+    s = c.settings
+    within = s.batch_within_ms / 1000.0
+
+    @c.app.agent(c.input_topic, name="demandstream.process")
+    async def process(stream):
+        async for events in stream.take_events(s.batch_max, within=within):
+            await pipeline.handle(events)
+
+    @c.app.timer(interval=s.lag_interval_s)
+    async def gauges():
+        try:
+            pipeline.update_gauges()
+        except Exception:  # a gauge must never take the worker down; but say so
+            logger.exception("updating gauges failed")
+
+    return pipeline

@@ -1,0 +1,270 @@
+"""``demandstream`` command line (DESIGN §8). Also ``python -m stream``.
+
+User mistakes (a missing file, an unreachable broker, a bad setting, a corrupt checkpoint) end with
+one line on stderr and exit status 2; bugs keep their traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from stream.settings import Settings, SettingsError
+
+logger = logging.getLogger("demandstream")
+
+FORMATS = ("jsonl", "rees46", "retailrocket")
+EXIT_USER_ERROR = 2
+
+
+class UserError(Exception):
+    """An error the user can fix; printed as one line."""
+
+
+# -- commands -----------------------------------------------------------------------------------
+
+
+def cmd_generate(a, settings: Settings) -> int:
+    from model.synth import generate, write_jsonl
+
+    t0 = time.perf_counter()
+    n = write_jsonl(generate(a.users, a.events, seed=a.seed), a.out)
+    print(f"wrote {n} events for {a.users} users to {a.out} in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def cmd_train(a, settings: Settings) -> int:
+    from model.train import run_training
+
+    summary = run_training(a.data, a.format, a.out, epochs=a.epochs, device=a.device or settings.device,
+                           train_end=a.train_end, valid_end=a.valid_end, seed=a.seed)
+    print(_summary_line("trained", summary))
+    return 0
+
+
+def cmd_evaluate(a, settings: Settings) -> int:
+    from model.evaluate import format_table, run_evaluation
+
+    report = run_evaluation(a.model or settings.model, a.data, a.format, a.report, plots=a.plots,
+                            train_end=a.train_end, valid_end=a.valid_end)
+    print(format_table(report))
+    print(f"report written to {a.report}")
+    return 0
+
+
+def cmd_score(a, settings: Settings) -> int:
+    from stream.score import score_file
+
+    n = score_file(a.model or settings.model, a.data, a.format, a.out, device=a.device or settings.device,
+                   top_k=settings.top_k, pseudonym_key=settings.pseudonym_key)
+    print(f"wrote {n} signals to {a.out}")
+    return 0
+
+
+def cmd_worker(a, settings: Settings) -> int:
+    from stream.worker import run_worker
+
+    return run_worker(settings)
+
+
+def cmd_replay(a, settings: Settings) -> int:
+    from stream.replay import replay
+
+    stats = replay(settings, _paths(a.data), a.format, rate=a.rate, topic=a.topic, progress=not a.quiet,
+                   limit=a.limit)
+    print(f"sent {stats.sent} records to {a.topic or settings.topic_input} in {stats.seconds:.1f} s "
+          f"({stats.rate:,.0f}/s)")
+    return 0
+
+
+def cmd_tail(a, settings: Settings) -> int:
+    from stream.tail import tail
+
+    tail(settings, a.topic, from_beginning=a.from_beginning, max_records=a.max, timeout_s=a.timeout, raw=a.raw)
+    return 0
+
+
+def cmd_forget(a, settings: Settings) -> int:
+    from stream.forget import forget
+
+    forget(settings, a.user_id)
+    print(f"erasure of user {a.user_id!r} requested; the owning worker deletes its state and tombstones the changelog")
+    return 0
+
+
+def cmd_bench(a, settings: Settings) -> int:
+    from stream.bench import run_bench
+
+    run_bench(settings, out=a.out, quick=a.quick, markdown=a.markdown)
+    return 0
+
+
+def cmd_export(a, settings: Settings) -> int:
+    from model.export import export
+
+    paths = export(a.model or settings.model, a.out)
+    for kind, p in paths.items():
+        print(f"{kind}: {p}")
+    return 0
+
+
+# -- parser ---------------------------------------------------------------------------------------
+
+
+def _paths(values: Sequence[str]) -> list[Path]:
+    import glob
+
+    out: list[Path] = []
+    for v in values:
+        matches = sorted(glob.glob(v)) if any(ch in v for ch in "*?[") else [v]
+        if not matches:
+            raise UserError(f"no file matches {v}")
+        for m in matches:
+            p = Path(m)
+            if not p.is_file():
+                raise UserError(f"data file not found: {p}")
+            out.append(p)
+    return out
+
+
+def _summary_line(verb: str, d: dict) -> str:
+    keys = [k for k in ("out", "model_version", "n_train_events", "epochs_run", "train_events_per_s", "valid_loss")
+            if k in d]
+    return f"{verb}: " + ", ".join(f"{k}={d[k]:.4g}" if isinstance(d[k], float) else f"{k}={d[k]}" for k in keys)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="demandstream", description="Real-time customer demand from clickstreams.")
+    p.add_argument("--broker", help="Kafka bootstrap, e.g. kafka://127.0.0.1:9092 (DEMANDSTREAM_BROKER)")
+    p.add_argument("--log-level", help="debug, info, warning (DEMANDSTREAM_LOG_LEVEL)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def data_args(sp, model=False):
+        sp.add_argument("--data", action="append", required=True, help="file or glob; repeatable; .gz ok")
+        sp.add_argument("--format", choices=FORMATS, default="jsonl")
+        if model:
+            sp.add_argument("--model", help="checkpoint path (DEMANDSTREAM_MODEL)")
+
+    def split_args(sp):
+        sp.add_argument("--train-end", help="T1: ISO-8601 date or unix seconds")
+        sp.add_argument("--valid-end", help="T2: ISO-8601 date or unix seconds")
+
+    sp = sub.add_parser("generate", help="write a synthetic clickstream (JSONL)")
+    sp.add_argument("--users", type=int, default=1000)
+    sp.add_argument("--events", type=int, default=20000)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--out", required=True)
+    sp.set_defaults(func=cmd_generate)
+
+    sp = sub.add_parser("train", help="train a model on a log")
+    data_args(sp)
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--epochs", type=int)
+    sp.add_argument("--device")
+    sp.add_argument("--seed", type=int, default=0)
+    split_args(sp)
+    sp.set_defaults(func=cmd_train)
+
+    sp = sub.add_parser("evaluate", help="evaluate a model against baselines on a temporal split")
+    data_args(sp, model=True)
+    sp.add_argument("--report", required=True)
+    sp.add_argument("--plots")
+    split_args(sp)
+    sp.set_defaults(func=cmd_evaluate)
+
+    sp = sub.add_parser("score", help="offline signals for every event of a file (same schema as the topic)")
+    data_args(sp, model=True)
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--device")
+    sp.set_defaults(func=cmd_score)
+
+    sp = sub.add_parser("worker", help="run a stream worker")
+    sp.add_argument("--model", help="checkpoint path (DEMANDSTREAM_MODEL)")
+    sp.add_argument("--app-id")
+    sp.add_argument("--data-dir")
+    sp.add_argument("--web-port", type=int)
+    sp.add_argument("--web-host")
+    sp.add_argument("--guarantee", choices=("at_least_once", "exactly_once"))
+    sp.add_argument("--device")
+    sp.add_argument("--store", choices=("rocksdb", "memory"))
+    sp.add_argument("--partitions", type=int)
+    sp.add_argument("--batch-max", type=int)
+    sp.add_argument("--batch-within-ms", type=int)
+    sp.set_defaults(func=cmd_worker)
+
+    sp = sub.add_parser("replay", help="send a log file to the input topic")
+    data_args(sp)
+    sp.add_argument("--rate", type=float, help="events per second (default: as fast as possible)")
+    sp.add_argument("--topic")
+    sp.add_argument("--limit", type=int)
+    sp.add_argument("--quiet", action="store_true")
+    sp.set_defaults(func=cmd_replay)
+
+    sp = sub.add_parser("tail", help="follow the signal topic")
+    sp.add_argument("--topic")
+    sp.add_argument("--from-beginning", action="store_true")
+    sp.add_argument("--max", type=int)
+    sp.add_argument("--timeout", type=float)
+    sp.add_argument("--raw", action="store_true")
+    sp.set_defaults(func=cmd_tail)
+
+    sp = sub.add_parser("forget", help="erase a user's state (right to erasure)")
+    sp.add_argument("user_id")
+    sp.set_defaults(func=cmd_forget)
+
+    sp = sub.add_parser("bench", help="measure throughput and latency; write JSON and docs/BENCHMARKS.md")
+    sp.add_argument("--out", default="bench.json")
+    sp.add_argument("--quick", action="store_true")
+    sp.add_argument("--markdown", default="docs/BENCHMARKS.md")
+    sp.set_defaults(func=cmd_bench)
+
+    sp = sub.add_parser("export", help="export the one-step model to TorchScript and ONNX")
+    sp.add_argument("--model")
+    sp.add_argument("--out", required=True)
+    sp.set_defaults(func=cmd_export)
+    return p
+
+
+_SETTING_FLAGS = ("broker", "log_level", "model", "app_id", "data_dir", "web_port", "web_host", "guarantee",
+                  "device", "store", "partitions", "batch_max", "batch_within_ms")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        overrides = {k: getattr(args, k, None) for k in _SETTING_FLAGS}
+        if args.command not in ("worker", "evaluate", "score", "export"):
+            overrides.pop("model", None)
+        if args.command in ("train", "score"):
+            overrides.pop("device", None)  # their --device is the command's own, not the worker's
+        settings = Settings.from_env(**overrides)
+        logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        # kafka-python narrates every connection and metadata refresh at INFO; keep its warnings only.
+        logging.getLogger("kafka").setLevel(max(logging.WARNING, logging.getLogger().level))
+        if hasattr(args, "data") and args.command != "replay":
+            args.data = [str(p) for p in _paths(args.data)]
+        return args.func(args, settings) or 0
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if _is_user_error(exc):
+            print(f"demandstream {args.command}: error: {exc}", file=sys.stderr)
+            return EXIT_USER_ERROR
+        raise
+
+
+def _is_user_error(exc: Exception) -> bool:
+    from model.checkpoint import CheckpointError
+    from stream.admin import KafkaUnavailable
+
+    return isinstance(exc, UserError | SettingsError | CheckpointError | KafkaUnavailable | FileNotFoundError
+                      | ValueError)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

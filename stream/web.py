@@ -1,0 +1,58 @@
+"""HTTP views on the worker's web port: /metrics, /healthz, /readyz, /users/{user_id}/demand."""
+
+from __future__ import annotations
+
+import logging
+
+from faust.web import Request, Response, View
+
+from model.state import StateFormatError, unpack
+from stream.agents import Pipeline
+from stream.app import Components
+
+logger = logging.getLogger(__name__)
+
+# aiohttp refuses a charset inside content_type; Prometheus assumes UTF-8 anyway.
+PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4"
+
+
+def attach_views(c: Components, pipeline: Pipeline) -> None:
+    app = c.app
+    engine = pipeline.engine
+
+    @app.page("/metrics")
+    async def metrics(self: View, request: Request) -> Response:
+        return self.bytes(c.metrics.exposition(), content_type=PROMETHEUS_CONTENT_TYPE)
+
+    @app.page("/healthz")
+    async def healthz(self: View, request: Request) -> Response:
+        return self.json({"status": "ok"})
+
+    @app.page("/readyz")
+    async def readyz(self: View, request: Request) -> Response:
+        recovery = app.tables.recovery
+        ready = recovery.completed.is_set() and not app.rebalancing and not recovery.in_recovery
+        return self.json({"ready": ready}, status=200 if ready else 503)
+
+    @app.page("/users/{user_id}/demand")
+    @app.table_route(table=c.table, match_info="user_id")
+    async def demand(self: View, request: Request, user_id: str) -> Response:
+        key = engine.pseudonymizer.user(user_id) if engine.pseudonymizer else user_id
+        raw = pipeline.store.get(key.encode("utf-8"))
+        if raw is None:
+            return self.json({"error": "unknown user", "user_id": user_id}, status=404)
+        try:
+            s = unpack(raw)
+        except StateFormatError as exc:
+            return self.json({"error": str(exc)}, status=500)
+        names = engine.scorer.vocab.names
+        recent = sorted((last, cat) for cat, last in zip(s.hist_cats, s.hist_last, strict=True) if cat > 0)
+        return self.json({
+            "user_id": user_id,
+            "model_version": s.model_version,
+            "events_seen": s.events_seen,
+            "last_ts": s.last_ts,
+            "top_categories": [{"category": names[i], "p": p} for i, p in s.last_top],
+            "purchase_propensity": s.last_propensity,
+            "recent_categories": [names[cat] for _last, cat in reversed(recent)],
+        })
