@@ -106,6 +106,8 @@ class Scorer:
         for j, s in enumerate(states):
             s.h = h_np[:, j, :].copy()
             s.c = c_np[:, j, :].copy()
+            s.last_top = list(zip(top_i[j], top_p[j], strict=True))
+            s.last_propensity = prop[j]
             preds.append(Prediction([(names[i], p) for i, p in zip(top_i[j], top_p[j], strict=True)],
                                     prop[j], s.events_seen))
         return preds

@@ -5,8 +5,8 @@ their counts and the event index at which each was last seen, and funnel counter
 :func:`observe`, the same pure function offline and in the stream, so the two cannot diverge.
 
 The binary layout (:func:`pack` / :func:`unpack`) is what the stream stores in the ``user-state`` table:
-a 40-byte header, then h and c as float32, then the history slots; 968 bytes for the default model
-(hidden 96, 1 layer, 16 slots), within the 1.2 KB budget of DESIGN §5.
+a 45-byte header, h and c as float32, the history slots and the last top-k prediction; 1013 bytes
+for the default model (hidden 96, 1 layer, 16 slots, top 5), within the 1.2 KB budget of DESIGN §5.
 
 >>> s = new_state(layers=1, hidden=4, slots=3)
 >>> for cat, etype, ts in [(7, 0, 10.0), (8, 0, 20.0), (7, 2, 25.0)]:
@@ -35,8 +35,8 @@ _COUNT_MAX = 0xFFFF  # counters are stored as uint16 and saturate
 MAGIC = b"DS"
 FORMAT = 1
 # magic, format, flags, model_version (4 bytes), partition, offset, events_seen, last_ts, cart,
-# purchases, hidden, layers, slots
-_HEADER = struct.Struct("<2sBB4siqIdHHHBB")
+# purchases, hidden, layers, slots, last propensity, number of last top categories
+_HEADER = struct.Struct("<2sBB4siqIdHHHBBfB")
 
 
 class StateFormatError(ValueError):
@@ -59,6 +59,9 @@ class UserState:
     partition: int = -1
     offset: int = -1
     model_version: str = field(default="00000000")
+    #: the last prediction made from this state, so a query costs a read, not a model step
+    last_top: list[tuple[int, float]] = field(default_factory=list)
+    last_propensity: float = math.nan
 
 
 def new_state(layers: int, hidden: int, slots: int) -> UserState:
@@ -107,7 +110,7 @@ def pack(s: UserState, model_version: str | None = None) -> bytes:
     slots = len(s.hist_cats)
     header = _HEADER.pack(
         MAGIC, FORMAT, 0, bytes.fromhex(model_version or s.model_version), s.partition, s.offset,
-        s.events_seen, s.last_ts, s.cart, s.purchases, hidden, layers, slots,
+        s.events_seen, s.last_ts, s.cart, s.purchases, hidden, layers, slots, s.last_propensity, len(s.last_top),
     )
     return b"".join((
         header,
@@ -116,6 +119,8 @@ def pack(s: UserState, model_version: str | None = None) -> bytes:
         np.asarray(s.hist_cats, dtype=np.int32).tobytes(),
         np.asarray(s.hist_counts, dtype=np.uint16).tobytes(),
         np.asarray(s.hist_last, dtype=np.uint32).tobytes(),
+        np.asarray([i for i, _ in s.last_top], dtype=np.int32).tobytes(),
+        np.asarray([p for _, p in s.last_top], dtype=np.float32).tobytes(),
     ))
 
 
@@ -124,11 +129,11 @@ def unpack(data: bytes) -> UserState:
     if len(data) < _HEADER.size:
         raise StateFormatError(f"state record of {len(data)} bytes is shorter than its header")
     (magic, fmt, _flags, version, partition, offset, events_seen, last_ts, cart, purchases, hidden, layers,
-     slots) = _HEADER.unpack_from(data)
+     slots, last_prop, ntop) = _HEADER.unpack_from(data)
     if magic != MAGIC or fmt != FORMAT:
         raise StateFormatError(f"not a demandstream state record (magic {magic!r}, format {fmt})")
     n = layers * hidden
-    expected = _HEADER.size + 8 * n + 10 * slots
+    expected = _HEADER.size + 8 * n + 10 * slots + 8 * ntop
     if len(data) != expected:
         raise StateFormatError(f"state record has {len(data)} bytes, expected {expected}")
     buf = memoryview(data)
@@ -142,8 +147,11 @@ def unpack(data: bytes) -> UserState:
     counts = np.frombuffer(buf, np.uint16, slots, o).tolist()
     o += 2 * slots
     last = np.frombuffer(buf, np.uint32, slots, o).tolist()
+    o += 4 * slots
+    top_i = np.frombuffer(buf, np.int32, ntop, o).tolist()
+    top_p = np.frombuffer(buf, np.float32, ntop, o + 4 * ntop).tolist()
     return UserState(h, c, cats, counts, last, events_seen, last_ts, cart, purchases, partition, offset,
-                     version.hex())
+                     version.hex(), list(zip(top_i, top_p, strict=True)), last_prop)
 
 
 def peek_header(data: bytes) -> tuple[str, int, int]:

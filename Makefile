@@ -1,0 +1,70 @@
+# demandstream: the two commands are `make demo` and `make test`. Everything they need is installed
+# here, from PyPI (into .venv) and Debian's packages (prometheus), so a clean clone just works.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+KAFKA := deploy/kafka/kafka.sh
+KAFKA_PORT ?= 9092
+PYTEST_ARGS ?=
+
+.PHONY: help venv system-deps test test-quick demo bench lint format kafka-up kafka-down kafka-status clean
+
+help:
+	@echo "make demo        run the whole product once: Kafka, model, worker, replay, live signals, summary"
+	@echo "make test        install what is missing and run every test (unit, real Kafka, real Prometheus)"
+	@echo "make test-quick  unit tests only (no broker)"
+	@echo "make bench       measure throughput/latency, regenerate docs/BENCHMARKS.md"
+	@echo "make kafka-up / kafka-down / kafka-status   the project's own Kafka 4 broker on 127.0.0.1:$(KAFKA_PORT)"
+	@echo "make lint        ruff"
+
+venv: $(STAMP)
+
+# pip's cache makes the second install of torch a copy, not a 5 GB download.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[dev,plots,export]"
+	@touch $(STAMP)
+
+# Kafka needs a JDK (17+) and Maven; the Prometheus tests need Debian's prometheus package.
+system-deps:
+	@command -v java >/dev/null || { echo "error: java (JDK 17+) is required: apt-get install openjdk-17-jdk-headless" >&2; exit 1; }
+	@command -v mvn >/dev/null || { echo "error: maven is required: apt-get install maven" >&2; exit 1; }
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { \
+		echo "installing Debian's prometheus package (server + promtool)"; \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq prometheus >/dev/null; \
+		systemctl disable --now prometheus prometheus-node-exporter >/dev/null 2>&1 || true; \
+		pkill -x prometheus-node-exporter 2>/dev/null || true; }
+
+test: venv system-deps
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-quick: venv
+	$(PY) -m pytest -m "not kafka and not slow and not prometheus" $(PYTEST_ARGS)
+
+demo: venv system-deps
+	$(PY) -m stream.demo
+
+bench: venv system-deps
+	$(VENV)/bin/demandstream bench --out bench.json --markdown docs/BENCHMARKS.md
+
+lint: venv
+	$(VENV)/bin/ruff check model stream tests
+
+format: venv
+	$(VENV)/bin/ruff format model stream tests
+
+kafka-up:
+	$(KAFKA) up --port $(KAFKA_PORT)
+
+kafka-down:
+	$(KAFKA) down --port $(KAFKA_PORT)
+
+kafka-status:
+	$(KAFKA) status --port $(KAFKA_PORT)
+
+clean:
+	rm -rf var build *.egg-info .pytest_cache
