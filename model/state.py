@@ -154,9 +154,8 @@ def unpack(data: bytes) -> UserState:
                      version.hex(), list(zip(top_i, top_p, strict=True)), last_prop)
 
 
-def peek_header(data: bytes) -> tuple[str, int, int]:
-    """(model_version, partition, offset) of a record without decoding the arrays."""
+def peek_last_ts(data: bytes) -> float:
+    """Event time of the last event applied to a record, without decoding the arrays (TTL scans)."""
     if len(data) < _HEADER.size:
         raise StateFormatError("state record shorter than its header")
-    _m, _f, _fl, version, partition, offset, *_ = _HEADER.unpack_from(data)
-    return version.hex(), partition, offset
+    return _HEADER.unpack_from(data)[7]

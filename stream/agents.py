@@ -93,6 +93,13 @@ class Pipeline:
             self.metrics.consumer_lag.labels(str(tp.partition)).set(lag)
         self.metrics.state_users.set(self.store.estimate_count())
 
+    def expire_states(self, now: float | None = None) -> int:
+        """Right to be forgotten by default: drop states whose last event is older than the TTL."""
+        now = time.time() if now is None else now
+        n = self.store.expire(now - self.settings.state_ttl_s)
+        self.metrics.expired_states.inc(n)
+        return n
+
 
 def attach(c: Components, scorer: Scorer) -> Pipeline:
     """Declare the agent and timers on the app; returns the pipeline they drive."""
@@ -111,5 +118,14 @@ def attach(c: Components, scorer: Scorer) -> Pipeline:
             pipeline.update_gauges()
         except Exception:  # a gauge must never take the worker down; but say so
             logger.exception("updating gauges failed")
+
+    if s.state_ttl_s > 0:
+        # Scan often enough that a state outlives its TTL by at most ~10 %, but at most once a minute:
+        # a scan reads every local state.
+        @c.app.timer(interval=max(60.0, s.state_ttl_s / 10))
+        async def expire_states():
+            n = pipeline.expire_states()
+            if n:
+                logger.info("expired %d user states inactive for more than %.0f s", n, s.state_ttl_s)
 
     return pipeline

@@ -52,6 +52,8 @@ class Metrics:
                                   ["partition"], registry=r)
         self.model_info = Gauge(p + "model_info", "The loaded model (value is always 1)",
                                 ["model_version", "device", "hidden", "categories"], registry=r)
+        self.expired_states = Counter(p + "expired_states", "User states deleted by the inactivity TTL",
+                                      registry=r)
         for result in ("valid", "invalid", "duplicate"):
             self.events.labels(result)  # export zeros from the start: rate() needs a first sample
 

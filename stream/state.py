@@ -15,7 +15,16 @@ import logging
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 
+from model.state import StateFormatError, peek_last_ts
+
 logger = logging.getLogger(__name__)
+
+
+def _older(value: bytes, before_ts: float) -> bool:
+    try:
+        return peek_last_ts(value) < before_ts
+    except StateFormatError:
+        return True
 
 
 class StateStore:
@@ -84,6 +93,31 @@ class StateStore:
             # includes Faust's one persisted-offset key per partition: negligible for a gauge
             total += int(db.property_int_value("rocksdb.estimate-num-keys") or 0)
         return total
+
+    def expired(self, before_ts: float) -> dict[bytes, int]:
+        """Keys (with their partition) whose last event is older than ``before_ts`` (event time).
+
+        Undecodable records count as expired too: they can never be used again.
+        """
+        out: dict[bytes, int] = {}
+        store = self._store
+        if self.is_rocksdb:
+            parts = [(p, db) for p, db in list(store._dbs.items()) if db in set(store._dbs_for_actives())]
+            for p, db in parts:
+                for k, v in store._visible_items(db):
+                    if _older(v, before_ts):
+                        out[k] = p
+        else:
+            for k, v in list(store.data.items()):
+                if _older(v, before_ts):
+                    out[k] = store._key_partition.get(k, 0)
+        return out
+
+    def expire(self, before_ts: float) -> int:
+        """Delete (and tombstone) every state whose last event is older than ``before_ts``."""
+        keys = self.expired(before_ts)
+        self.write({k: (p, None) for k, p in keys.items()})
+        return len(keys)
 
     # -- writes ---------------------------------------------------------------------------------
 

@@ -54,7 +54,8 @@ def write_stream_file(path, events, bad: list[bytes]) -> None:
     path.write_bytes(b"\n".join(out) + b"\n")
 
 
-def test_replay_through_worker(worker_factory, stream_env, kafka_bootstrap, small_model, tmp_path):
+@pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
+def test_replay_through_worker(guarantee, worker_factory, stream_env, kafka_bootstrap, small_model, tmp_path):
     events = list(generate(N_USERS, N_EVENTS, seed=42))
     assert len({e.user_id for e in events}) == N_USERS
     data = tmp_path / "events.jsonl"
@@ -66,15 +67,17 @@ def test_replay_through_worker(worker_factory, stream_env, kafka_bootstrap, smal
         expected_reasons[err.value.reason] += 1
     write_stream_file(data, events, list(bad))
 
-    worker = worker_factory().start()
+    worker = worker_factory(DEMANDSTREAM_GUARANTEE=guarantee).start()
     worker.wait_ready()
     settings = Settings.from_env(stream_env)
+    isolation = "read_committed" if guarantee == "exactly_once" else "read_uncommitted"
     stats = replay(settings, [data], "jsonl", progress=False)
     assert stats.sent == N_EVENTS + N_BAD
 
     signals = read_topic(kafka_bootstrap, settings.topic_signals, until=lambda r: len(r) >= N_EVENTS,
-                         timeout=180, idle_s=3)
-    dead = read_topic(kafka_bootstrap, settings.topic_dlq, until=lambda r: len(r) >= N_BAD, timeout=60, idle_s=1)
+                         timeout=180, idle_s=3, isolation=isolation)
+    dead = read_topic(kafka_bootstrap, settings.topic_dlq, until=lambda r: len(r) >= N_BAD, timeout=60, idle_s=1,
+                      isolation=isolation)
 
     # exactly one signal per valid event, one dead letter per bad record
     sig = [orjson.loads(r.value) for r in signals]

@@ -67,6 +67,8 @@ METRIC_FAMILIES: dict[str, tuple[str, frozenset[str]]] = {
     "demandstream_state_users": ("gauge", frozenset()),
     "demandstream_consumer_lag": ("gauge", frozenset({"partition"})),
     "demandstream_model_info": ("gauge", frozenset({"model_version", "device", "hidden", "categories"})),
+    # beyond DESIGN §9: states deleted by the inactivity TTL (issue #5)
+    "demandstream_expired_states_total": ("counter", frozenset()),
 }
 
 #: Labels Prometheus adds to every scraped series.

@@ -138,3 +138,27 @@ def test_pseudonymized_ids_never_reach_state_or_signals(scorer):
     sig = orjson.loads(res.signals[0].value)
     assert "alice" not in sig["user_id"] and len(sig["user_id"]) == 32
     assert all(b"alice" not in k for k in store.data)
+
+
+def test_ttl_expiry_deletes_inactive_states(scorer):
+    """StateStore.expire on the memory store: old users go (with a tombstone), recent ones stay."""
+    from stream.state import StateStore
+
+    sent = []
+
+    class Table:
+        class data:  # noqa: N801 - stands in for Faust's memory Store
+            data: dict = {}
+            _key_partition: dict = {}
+
+        def send_changelog(self, p, k, v, **kw):
+            sent.append((p, k, v))
+
+    store = StateStore(Table())
+    engine = InferenceEngine(scorer)
+    old, new = ev(1, "old"), Event("e2", "new", 1.73e9 + 10_000, "view", "i1", "shoes", 1.0)
+    res = engine.process([rec(old, 1, partition=2), rec(new, 2, partition=3)], store.read)
+    store.write(res.states)
+    assert store.expire(before_ts=1.73e9 + 5_000) == 1
+    assert set(store._store.data) == {b"new"}
+    assert sent[-1] == (2, b"old", None)
