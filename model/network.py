@@ -22,6 +22,10 @@ from torch import nn
 from model.events import EVENT_TYPES
 from model.features import N_GAP_BUCKETS, N_PRICE_BUCKETS
 
+#: Events after which the purchase head's history-length input reaches 1/2 (it saturates toward 1):
+#: about one shopping session, the scale at which a personal purchase rate starts to mean something.
+HISTORY_HALF_WEIGHT = 16.0
+
 _EPS = 1e-9  # keeps log() finite when a category has zero probability under both components
 
 
@@ -87,7 +91,7 @@ class DemandLSTM(nn.Module):
         self.repeat_emb = nn.Embedding(cfg.n_categories, cfg.emb_repeat, padding_idx=0)
         self.repeat_feats = nn.Linear(4, 1)
         self.gate = nn.Linear(cfg.hidden + 2, 1)
-        n_funnel = n_types + 3 + N_GAP_BUCKETS
+        n_funnel = n_types + 3 + N_GAP_BUCKETS + 2
         self.purchase = nn.Sequential(
             nn.Linear(cfg.hidden + n_funnel, cfg.purchase_hidden), nn.ReLU(), nn.Linear(cfg.purchase_hidden, 1)
         )
@@ -132,6 +136,12 @@ class DemandLSTM(nn.Module):
                 torch.log1p(f["cart"]).unsqueeze(-1),
                 (f["cart"] > 0).float().unsqueeze(-1),
                 torch.log1p(f["purchases"]).unsqueeze(-1),
+                # The user's own purchase rate and how much history backs it, as the user_history
+                # baseline uses: a hidden state learns such a ratio slowly, a direct input gives it at
+                # once. Both are bounded, so later (longer) histories do not push the head outside the
+                # range it was trained on.
+                (f["purchases"] / f["events_seen"].clamp(min=1.0)).unsqueeze(-1),
+                (f["events_seen"] / (f["events_seen"] + HISTORY_HALF_WEIGHT)).unsqueeze(-1),
                 nn.functional.one_hot(f["gap"], N_GAP_BUCKETS).float(),
             ],
             dim=-1,
@@ -169,6 +179,22 @@ class DemandLSTM(nn.Module):
             state = self.initial_state(x.shape[0], x.device)
         out, state = self.lstm(x, state)
         return self.heads(out, f), state
+
+    def forward_packed(self, f: dict[str, torch.Tensor], lengths: torch.Tensor,
+                       state: tuple[torch.Tensor, torch.Tensor]):
+        """Sequences of different lengths [B, T] from given states: (head outputs at valid steps
+        [n_valid, ...] in row-major (user, step) order, final (h, c) of each user at its own last step).
+
+        The stream uses it when a micro-batch holds several events of one user: one call instead of
+        one ``step`` per event, with the same numbers.
+        """
+        x = self.embed(f)
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        out, state = self.lstm(packed, state)
+        out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
+        valid = torch.arange(x.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)
+        valid = valid.to(out.device)
+        return self.heads(out[valid], {k: v[valid] for k, v in f.items()}), state, valid
 
     def step(self, f: dict[str, torch.Tensor], state: tuple[torch.Tensor, torch.Tensor]):
         """One event per user: features [B, ...] -> (head outputs [B, ...], new (h, c))."""

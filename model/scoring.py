@@ -8,7 +8,7 @@ encode through :mod:`model.encoding`, so their outputs agree to float precision 
 >>> from model.network import DemandLSTM, ModelConfig
 >>> from model.features import Vocabulary
 >>> from model.checkpoint import Checkpoint
->>> from model.events import Event
+>>> from model.events import TYPE_INDEX, Event
 >>> torch.manual_seed(0) is not None
 True
 >>> vocab = Vocabulary(["<unk>", "shoes", "bags"])
@@ -31,7 +31,7 @@ import torch
 from model.checkpoint import Checkpoint
 from model.encoding import FeatureBuffer, encode_events, encode_log
 from model.eventlog import EventLog
-from model.events import Event
+from model.events import TYPE_INDEX, Event
 from model.network import DemandLSTM
 from model.state import UserState, new_state
 
@@ -111,6 +111,55 @@ class Scorer:
             preds.append(Prediction([(names[i], p) for i, p in zip(top_i[j], top_p[j], strict=True)],
                                     prop[j], s.events_seen))
         return preds
+
+    @torch.inference_mode()
+    def step_many(self, seqs: Sequence[Sequence[Event]], states: Sequence[UserState]) -> list[list[Prediction]]:
+        """Advance each user by all of its events in order (users distinct); one network call.
+
+        Equal to calling :meth:`step` once per event (tests/unit/model/test_network.py checks it).
+        """
+        lengths = [len(q) for q in seqs]
+        if not seqs:
+            return []
+        t_max = max(lengths)
+        if t_max == 1:
+            return [[p] for p in self.step([q[0] for q in seqs], states)]
+        n = sum(lengths)
+        if n > self._buf.n:
+            self._buf = FeatureBuffer(self.cfg, max(n, 2 * self._buf.n))
+        buf, vocab = self._buf, self.vocab
+        idx = np.empty((len(seqs), t_max), np.int64)
+        r = 0
+        for b, (q, s) in enumerate(zip(seqs, states, strict=True)):
+            for t, e in enumerate(q):
+                buf.put(r, s, vocab.index(e.category), TYPE_INDEX[e.type], e.ts, e.item_id, e.price, e.query)
+                idx[b, t] = r
+                r += 1
+            idx[b, len(q):] = r - 1  # padding repeats the last row; it is masked out
+        f = buf.tensors(idx, self.device)
+        h = torch.from_numpy(np.stack([s.h for s in states], axis=1)).to(self.device)
+        c = torch.from_numpy(np.stack([s.c for s in states], axis=1)).to(self.device)
+        out, (h2, c2), valid = self.net.forward_packed(f, torch.tensor(lengths), (h, c))
+        probs = self.net.category_probs(out, f["hist_cats"][valid])
+        top_p, top_i = probs.topk(self.top_k, dim=-1)
+        prop = torch.sigmoid(out["purchase_logit"])
+        h_np, c_np = h2.cpu().numpy(), c2.cpu().numpy()
+        top_p, top_i, prop = top_p.cpu().tolist(), top_i.cpu().tolist(), prop.cpu().tolist()
+        names = self._names
+        result, k = [], 0
+        for b, (q, s) in enumerate(zip(seqs, states, strict=True)):
+            preds = []
+            first_seen = s.events_seen - len(q)
+            for t in range(len(q)):
+                preds.append(Prediction([(names[i], p) for i, p in zip(top_i[k], top_p[k], strict=True)],
+                                        prop[k], first_seen + t + 1))
+                k += 1
+            s.h = h_np[:, b, :].copy()
+            s.c = c_np[:, b, :].copy()
+            s.last_top = list(zip(top_i[k - 1], top_p[k - 1], strict=True))
+            s.last_propensity = prop[k - 1]
+            result.append(preds)
+        return result
 
     @torch.inference_mode()
     def predict_log(self, log: EventLog, rows: np.ndarray | None = None,

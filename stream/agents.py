@@ -5,7 +5,7 @@ batch commit protocol (DESIGN §6):
 
 Step 1. Compute: validate, group, read states, step the model (:class:`~stream.inference.InferenceEngine`).
 Step 2. Produce signals and dead letters to their topics, in the source partition.
-Step 3. ``at_least_once``: wait until the broker acknowledged every one of them (``producer.flush``).
+Step 3. ``at_least_once``: wait until the broker acknowledged every one of them (the batch futures).
         ``exactly_once``: nothing to wait for; they commit atomically with the state and offsets.
 Step 4. Write the new user states (local store + changelog), each carrying the offset of the last
         event it applied.
@@ -19,12 +19,14 @@ offset and are skipped. Either way every event is applied to its user's state ex
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
 from model.scoring import Scorer
+from stream import delivery
 from stream.app import Components
-from stream.inference import InferenceEngine, SourceRecord
+from stream.inference import InferenceEngine
 from stream.state import StateStore
 
 logger = logging.getLogger(__name__)
@@ -42,23 +44,37 @@ class Pipeline:
         self.batches = 0
 
     async def handle(self, events) -> None:
+        """Faust stream path (``take_events``): used only if batch delivery is not installed."""
+        await self.process([ev.message for ev in events])
+
+    async def handle_messages(self, messages: list) -> None:
+        """Batch delivery path (stream/delivery.py): process in chunks, then ack every record."""
+        ack = self.c.app.consumer.ack
+        step = self.settings.batch_max
+        for i in range(0, len(messages), step):
+            chunk = messages[i: i + step]
+            await self.process(chunk)
+            for m in chunk:  # Step 5
+                ack(m)
+
+    async def process(self, records: list) -> None:
+        """Steps 1-4 for one micro-batch of Faust messages (key, value, partition, offset, timestamp)."""
         m = self.metrics
+        for r in records:
+            self.last_offset[r.partition] = r.offset
         # Step 1
-        records = []
-        for ev in events:
-            msg = ev.message
-            records.append(SourceRecord(msg.key, msg.value, msg.partition, msg.offset, msg.timestamp))
-            self.last_offset[msg.partition] = msg.offset
         res = self.engine.process(records, self.store.read)
-        # Step 2
-        send_signal, send_dlq = self.c.signals_topic.send_soon, self.c.dlq_topic.send_soon
-        for o in res.signals:
-            send_signal(key=o.key, value=o.value, partition=o.partition)
-        for o in res.dead_letters:
-            send_dlq(key=o.key, value=o.value, partition=o.partition)
-        # Step 3
-        if not self.exactly_once and (res.signals or res.dead_letters):
-            await self.c.app.producer.flush()
+        # Steps 2 and 3
+        if self.exactly_once:
+            # Faust's producer path puts each record in the source partition's open transaction;
+            # it commits atomically with the state and the offsets, so nothing to wait for here.
+            send_signal, send_dlq = self.c.signals_topic.send_soon, self.c.dlq_topic.send_soon
+            for o in res.signals:
+                send_signal(key=o.key, value=o.value, partition=o.partition)
+            for o in res.dead_letters:
+                send_dlq(key=o.key, value=o.value, partition=o.partition)
+        elif res.signals or res.dead_letters:
+            await self.produce_acked(res)
         # Step 4
         self.store.write(res.states)
         # metrics after the fact: they count what was made durable
@@ -76,6 +92,32 @@ class Pipeline:
         for ts in res.signal_ts:
             lat.observe(max(0.0, now - ts))
         self.batches += 1
+
+    async def produce_acked(self, res) -> None:
+        """Produce signals and dead letters in per-partition batches; return once the broker acked all.
+
+        Uses the Kafka client's batch API (one append per record, one request per partition batch)
+        instead of Faust's per-message futures and buffer; the returned futures resolve on the
+        broker's acknowledgement (acks=all), which is exactly what Step 3 waits for.
+        """
+        producer = self.c.app.producer._ensure_producer()
+        pending = []
+        for topic, outputs in ((self.settings.topic_signals, res.signals), (self.settings.topic_dlq, res.dead_letters)):
+            batches: dict[int, object] = {}
+            for o in outputs:
+                b = batches.get(o.partition)
+                if b is None:
+                    b = batches[o.partition] = producer.create_batch()
+                if b.append(key=o.key, value=o.value, timestamp=None) is None:  # batch full: ship it
+                    pending.append(await producer.send_batch(b, topic, partition=o.partition))
+                    b = batches[o.partition] = producer.create_batch()
+                    if b.append(key=o.key, value=o.value, timestamp=None) is None:
+                        raise ValueError(f"record of {len(o.value)} bytes exceeds the producer's batch size")
+            for p, b in batches.items():
+                if b.record_count():
+                    pending.append(await producer.send_batch(b, topic, partition=p))
+        if pending:
+            await asyncio.gather(*pending)
 
     def update_gauges(self) -> None:
         """Consumer lag per partition and users in state (called by a timer)."""
@@ -107,10 +149,14 @@ def attach(c: Components, scorer: Scorer) -> Pipeline:
     s = c.settings
     within = s.batch_within_ms / 1000.0
 
+    # The agent subscribes the input topic (and co-partitions it with the table); with batch
+    # delivery installed its records reach pipeline.handle_messages instead of this stream.
     @c.app.agent(c.input_topic, name="demandstream.process")
     async def process(stream):
         async for events in stream.take_events(s.batch_max, within=within):
             await pipeline.handle(events)
+
+    delivery.install(c.app, s.topic_input, pipeline.handle_messages)
 
     @c.app.timer(interval=s.lag_interval_s)
     async def gauges():

@@ -77,6 +77,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Components
         producer_linger_ms=PRODUCER_LINGER_MS,
         producer_acks=-1,  # acks=all: an acknowledged signal survives a broker loss
         consumer_max_fetch_size=CONSUMER_MAX_FETCH_BYTES,
+        broker_max_poll_records=settings.batch_max,  # one poll can fill a whole micro-batch
         stream_buffer_maxsize=max(4 * settings.batch_max, 4096),
         # Faust's own table key TTL and web stats are not used: we expire states ourselves.
         autodiscover=False,
@@ -85,5 +86,8 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Components
     input_topic = app.topic(settings.topic_input, partitions=settings.partitions, **raw)
     signals_topic = app.topic(settings.topic_signals, partitions=settings.partitions, **raw)
     dlq_topic = app.topic(settings.topic_dlq, partitions=settings.partitions, **raw)
+    # Faust's producer buffer warns above 100 pending messages; a micro-batch writes one changelog
+    # record per user it touched, so allow a full batch.
+    app.producer.buffer.max_messages = max(settings.batch_max, app.producer.buffer.max_messages)
     table = app.Table(settings.table, default=None, partitions=settings.partitions, key_type=bytes, value_type=bytes)
     return Components(app, settings, input_topic, signals_topic, dlq_topic, table, metrics or Metrics())

@@ -9,8 +9,8 @@ Per batch (the order of DESIGN §6):
 2. *group* valid events by user, keeping partition-offset order inside each user;
 3. *read* the users' stored states in one call; a state of another model_version is not reused;
 4. *skip* events at or below the offset already applied to a user's state (redelivery after a crash);
-5. *step*: round r feeds the r-th remaining event of every user to one batched model call, so several
-   events of one user in one batch still apply in order;
+5. *step*: one batched model call advances every user by all of its events in order
+   (:meth:`~model.scoring.Scorer.step_many`), so several events of one user in a batch apply in order;
 6. *emit* one signal per applied event and the new state of every touched user.
 """
 
@@ -71,7 +71,7 @@ class BatchResult:
     valid: int = 0
     duplicates: int = 0
     erasures: int = 0
-    rounds: int = 0
+    rounds: int = 0  # model calls for the batch: 1, plus one per erasure that splits a user's events
     new_users: int = 0
     inference_s: list[float] = field(default_factory=list)
 
@@ -159,36 +159,42 @@ class InferenceEngine:
 
         version = self.scorer.model_version
         forgotten: set[bytes] = set()
-        nxt = dict.fromkeys(pending, 0)
         rnd = 0
         while pending:
-            for k in list(pending):
-                lst, i = pending[k], nxt[k]
+            # One model call for every user's events up to its next erasure request (usually all).
+            keys, seqs, recs = [], [], []
+            for k, lst in list(pending.items()):
+                i = 0
                 while i < len(lst) and lst[i][0] is None:  # erasure: drop everything applied so far
                     states[k] = self.scorer.new_state()
                     forgotten.add(k)
                     i += 1
-                nxt[k] = i
-                if i == len(lst):
+                j = i
+                while j < len(lst) and lst[j][0] is not None:
+                    j += 1
+                if j > i:
+                    keys.append(k)
+                    seqs.append([e for e, _r in lst[i:j]])
+                    recs.append([r for _e, r in lst[i:j]])
+                if j < len(lst):
+                    pending[k] = lst[j:]
+                else:
                     del pending[k]
-            if not pending:
-                break
-            keys = list(pending)
-            round_events = [pending[k][nxt[k]][0] for k in keys]
-            round_states = [states[k] for k in keys]
+            if not keys:
+                continue
             t0 = time.perf_counter()
-            preds = self.scorer.step(round_events, round_states)
+            preds = self.scorer.step_many(seqs, [states[k] for k in keys])
             res.inference_s.append(time.perf_counter() - t0)
-            emitted = self.clock()
-            for k, e, s, p in zip(keys, round_events, round_states, preds, strict=True):
-                rec = pending[k][nxt[k]][1]
-                nxt[k] += 1
-                s.partition, s.offset = rec.partition, rec.offset
-                uid = k.decode("utf-8")
-                res.signals.append(Output(k, encode_signal(uid, e.event_id, e.ts, version, p, emitted),
-                                          rec.partition))
-                res.signal_ts.append(e.ts)
             rnd += 1
+            emitted = self.clock()
+            for k, evs, rs, ps in zip(keys, seqs, recs, preds, strict=True):
+                s = states[k]
+                s.partition, s.offset = rs[-1].partition, rs[-1].offset
+                uid = k.decode("utf-8")
+                for e, rec, p in zip(evs, rs, ps, strict=True):
+                    res.signals.append(Output(k, encode_signal(uid, e.event_id, e.ts, version, p, emitted),
+                                              rec.partition))
+                    res.signal_ts.append(e.ts)
         res.rounds = rnd
         for k, s in states.items():
             if k in forgotten and s.events_seen == 0:

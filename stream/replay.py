@@ -35,6 +35,7 @@ class ReplayStats:
 
 
 def _open_text(path: Path):
+    path = Path(path)
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 

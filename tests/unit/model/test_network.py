@@ -72,3 +72,39 @@ def test_distribution_sums_to_one_and_never_predicts_unknown():
     for _rows, probs, _p in Scorer(Checkpoint(net, vocab, "00000000")).predict_log(log):
         assert torch.allclose(probs.sum(-1), torch.ones(probs.shape[0]), atol=1e-5)
         assert float(probs[:, 0].abs().max()) == 0.0
+
+
+def test_step_many_equals_one_step_per_event():
+    """A micro-batch with several events per user: one packed call == one step per event."""
+    rng = np.random.default_rng(3)
+    torch.manual_seed(3)
+    events = random_events(rng, n_users=6, max_len=9)
+    vocab = Vocabulary.build([e.category for e in events])
+    scorer = Scorer(Checkpoint(DemandLSTM(ModelConfig(n_categories=len(vocab), hidden=24)).eval(), vocab,
+                               "00000000"), top_k=4)
+    by_user = {}
+    for e in events:
+        by_user.setdefault(e.user_id, []).append(e)
+    users = sorted(by_user)
+    a = {u: scorer.new_state() for u in users}
+    b = {u: scorer.new_state() for u in users}
+    # two micro-batches: first 3 events of each user, then the rest
+    packed = []
+    for lo, hi in ((0, 3), (3, None)):
+        seqs = [by_user[u][lo:hi] for u in users if by_user[u][lo:hi]]
+        us = [u for u in users if by_user[u][lo:hi]]
+        for u, preds in zip(us, scorer.step_many(seqs, [a[u] for u in us])):
+            packed.extend((u, p) for p in preds)
+    single = []
+    for u in users:
+        for e in by_user[u]:
+            single.append((u, scorer.step([e], [b[u]])[0]))
+    packed.sort(key=lambda x: (x[0], x[1].events_seen))
+    assert len(packed) == len(single) == len(events)
+    for (u1, p), (u2, q) in zip(packed, single):
+        assert u1 == u2 and p.events_seen == q.events_seen
+        assert abs(p.purchase_propensity - q.purchase_propensity) <= 1e-5
+        assert [c for c, _ in p.top_categories] == [c for c, _ in q.top_categories]
+    for u in users:
+        assert np.abs(a[u].h - b[u].h).max() <= 1e-5 and np.abs(a[u].c - b[u].c).max() <= 1e-5
+        assert a[u].hist_cats == b[u].hist_cats and a[u].events_seen == b[u].events_seen

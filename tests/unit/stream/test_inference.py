@@ -58,7 +58,7 @@ def test_events_of_one_user_in_one_batch_apply_in_order(scorer):
     a, b = MemoryStates(), MemoryStates()
     batched = run(InferenceEngine(scorer), a, records)
     single = [run(InferenceEngine(scorer), b, [r]) for r in records]
-    assert batched.rounds == 4  # 4 events per user -> 4 model calls for the whole batch
+    assert batched.rounds == 1  # one model call for the whole batch, 4 events per user
     sig_batched = {orjson.loads(o.value)["event_id"]: orjson.loads(o.value) for o in batched.signals}
     for res in single:
         s = orjson.loads(res.signals[0].value)
