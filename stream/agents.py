@@ -90,7 +90,7 @@ class Pipeline:
             m.inference_seconds.observe(s)
         lat = m.event_to_signal_seconds
         for ts in res.signal_ts:
-            lat.observe(max(0.0, now - ts))
+            lat.observe(max(0.0, now - ts))  # seconds, never ms (cf. faust-streaming/faust#693)
         self.batches += 1
 
     async def produce_acked(self, res) -> None:

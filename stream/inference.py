@@ -66,7 +66,7 @@ class BatchResult:
     reasons: Counter = field(default_factory=Counter)
     #: user key -> (partition, packed state or None to delete), for every user whose state changed
     states: dict[bytes, tuple[int, bytes | None]] = field(default_factory=dict)
-    #: event ts of each signal, for the event->signal latency histogram
+    #: produce time (Kafka record timestamp, else event ts) of each signal, for the latency histogram
     signal_ts: list[float] = field(default_factory=list)
     valid: int = 0
     duplicates: int = 0
@@ -194,7 +194,9 @@ class InferenceEngine:
                 for e, rec, p in zip(evs, rs, ps, strict=True):
                     res.signals.append(Output(k, encode_signal(uid, e.event_id, e.ts, version, p, emitted),
                                               rec.partition))
-                    res.signal_ts.append(e.ts)
+                    # Latency is measured from the record's Kafka timestamp (when the shop produced
+                    # it), not the event's own ts, so replays of old logs do not read as days late.
+                    res.signal_ts.append(rec.timestamp or e.ts)
         res.rounds = rnd
         for k, s in states.items():
             if k in forgotten and s.events_seen == 0:
