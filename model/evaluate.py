@@ -1,0 +1,254 @@
+"""Evaluation of DESIGN §7/§8: the model and every baseline on exactly the same test points.
+
+Protocol
+--------
+- Test points are rows with ``ts ≥ T2``; everything earlier is context. The model runs each user's
+  whole sequence from its first event (:meth:`model.scoring.Scorer.predict_log`, the numbers the stream
+  emits); each baseline observes every earlier event of the user.
+- Category task: points whose next event (same user) has a category. A next category outside the
+  model's vocabulary is a miss for every method (counted as ``n_targets_out_of_vocab``). Ranks count
+  ties against the target (:func:`model.metrics.target_rank`); every category is ranked, no sampled
+  negatives.
+- Purchase task: points whose label is observable (a window past the end of the data without a
+  purchase is censored).
+- Baselines are fitted on rows ``< T2``, never on test rows.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model import checkpoint as ckpt_mod
+from model.baselines import make_baselines
+from model.checkpoint import Checkpoint
+from model.data import Split, phase_points, temporal_split
+from model.encoding import category_index
+from model.eventlog import EventLog
+from model.metrics import CATEGORY_KEYS, PURCHASE_KEYS, category_metrics, purchase_metrics, target_rank
+from model.scoring import Scorer
+
+logger = logging.getLogger(__name__)
+
+METHOD_KEYS = CATEGORY_KEYS + PURCHASE_KEYS
+
+
+def _score_model(
+    ckpt: Checkpoint, log: EventLog, want: np.ndarray, cat_target: np.ndarray, device: str
+) -> tuple[dict[int, tuple[int, int]], dict[int, float]]:
+    """(rank, top1) per category point and propensity per wanted row, from the model."""
+    scorer = Scorer(ckpt, device=device)
+    ranks: dict[int, tuple[int, int]] = {}
+    props: dict[int, float] = {}
+    for rows, probs, prop in scorer.predict_log(log, want):
+        p = probs.float().cpu().numpy()
+        t = cat_target[rows]
+        is_cat = t >= 0
+        if is_cat.any():
+            r = target_rank(p[is_cat], t[is_cat])
+            top1 = p[is_cat].argmax(1)
+            for row, rk, tp in zip(rows[is_cat].tolist(), r.tolist(), top1.tolist(), strict=True):
+                ranks[row] = (rk, tp)
+        for row, pr in zip(rows.tolist(), prop.float().cpu().numpy().tolist(), strict=True):
+            props[row] = pr
+    return ranks, props
+
+
+def _score_baselines(
+    log: EventLog,
+    cats: np.ndarray,
+    split: Split,
+    want: np.ndarray,
+    cat_target: np.ndarray,
+    horizon_s: float,
+    n_categories: int,
+):
+    """Per baseline: (ranks, top1) over category points in row order, propensities over wanted rows."""
+    baselines = make_baselines()
+    fit_mask = log.ts < split.valid_end
+    for b in baselines:
+        b.fit(cats, log.etype, log.ts, log.user_start, fit_mask, horizon_s, n_categories)
+    out = {b.name: {"rank": {}, "top1": {}, "prop": {}} for b in baselines}
+    etypes, ts = log.etype, log.ts
+    for u in range(log.n_users):
+        s, e = int(log.user_start[u]), int(log.user_start[u + 1])
+        if e == s or not want[s:e].any():
+            continue
+        last = s + int(np.flatnonzero(want[s:e]).max())
+        for b in baselines:
+            b.start_user()
+            res = out[b.name]
+            for i in range(s, last + 1):
+                b.observe(int(cats[i]), int(etypes[i]), float(ts[i]))
+                if not want[i]:
+                    continue
+                if cat_target[i] >= 0:
+                    sc = b.category_scores()
+                    if sc is not None:
+                        res["rank"][i] = target_rank(sc, int(cat_target[i]))
+                        res["top1"][i] = int(np.argmax(sc))
+                pp = b.purchase_proba()
+                if pp is not None:
+                    res["prop"][i] = pp
+    return out
+
+
+def _method_report(
+    ranks: np.ndarray | None,
+    top1: np.ndarray | None,
+    targets: np.ndarray,
+    n_classes: int,
+    props: np.ndarray | None,
+    labels: np.ndarray,
+) -> dict:
+    rep = {}
+    if ranks is not None:
+        rep.update(category_metrics(ranks, top1, targets, n_classes))
+    if props is not None:
+        rep.update(purchase_metrics(props, labels))
+    return rep
+
+
+def evaluate(
+    ckpt: Checkpoint | str | Path,
+    log: EventLog,
+    split: Split | None = None,
+    horizon_s: float = 1800.0,
+    plots_dir: str | Path | None = None,
+    device: str = "cpu",
+) -> dict:
+    """The evaluation report of DESIGN §8 for a checkpoint on a log (see the module docstring).
+
+    Returns a dict with ``n_users``, ``n_train_events``, ``n_test_points``, ``model``, ``baselines``
+    (``popularity``, ``last_category``, ``user_history``, ``markov``, ``funnel``), plus
+    ``n_category_points``, ``n_purchase_points``, ``split``, ``category_coverage``, ``model_version``.
+    """
+    if not isinstance(ckpt, Checkpoint):
+        ckpt = ckpt_mod.load(ckpt)
+    if log.user_start is None:
+        log = log.sorted_by_user_time()
+    split = split or temporal_split(log)
+    vocab = ckpt.vocab
+    cats = category_index(log, vocab)
+    pts = phase_points(log, split, "test", cats, horizon_s)
+    cat_pts = np.flatnonzero(pts.category_points)
+    buy_pts = np.flatnonzero(pts.observable)
+    want = pts.category_points | pts.observable
+    targets = pts.cat_target[cat_pts]
+    labels = pts.purchase[buy_pts].astype(np.float64)
+    n_classes = len(vocab)
+
+    ranks, props = _score_model(ckpt, log, want, pts.cat_target, device)
+    # Per method: target ranks, top-1 predictions and propensities at the shared points (None = cannot score).
+    scored: dict[str, tuple] = {
+        "model": (
+            np.array([ranks[i][0] for i in cat_pts], np.int64),
+            np.array([ranks[i][1] for i in cat_pts], np.int64),
+            np.array([props[i] for i in buy_pts], np.float64),
+        )
+    }
+    base = _score_baselines(log, cats, split, want, pts.cat_target, horizon_s, n_classes)
+    for name, res in base.items():
+        # A baseline scores a task at every point or at none (its method returns None).
+        has_cat = len(cat_pts) > 0 and len(res["rank"]) > 0
+        has_buy = len(buy_pts) > 0 and len(res["prop"]) > 0
+        scored[name] = (
+            np.array([res["rank"][i] for i in cat_pts], np.int64) if has_cat else None,
+            np.array([res["top1"][i] for i in cat_pts], np.int64) if has_cat else None,
+            np.array([res["prop"][i] for i in buy_pts], np.float64) if has_buy else None,
+        )
+    reports = {n: _method_report(r, t, targets, n_classes, p, labels) for n, (r, t, p) in scored.items()}
+    model_rep = reports.pop("model")
+    base_rep = reports
+
+    has_cat_row = log.category >= 0
+    report = {
+        "n_users": int(log.n_users),
+        "n_train_events": int((log.ts < split.train_end).sum()),
+        "n_test_points": int(pts.mask.sum()),
+        "model": model_rep,
+        "baselines": base_rep,
+        "n_category_points": len(cat_pts),
+        "n_purchase_points": len(buy_pts),
+        "purchase_positive_rate": float(labels.mean()) if len(labels) else float("nan"),
+        "split": split.to_dict(),
+        "horizon_s": horizon_s,
+        "model_version": ckpt.model_version,
+        "category_coverage": {
+            "vocab_size": n_classes - 1,
+            "n_categories_in_data": len(log.categories),
+            "rows_with_category": float(has_cat_row.mean()) if len(log) else float("nan"),
+            "n_targets_out_of_vocab": int((targets == 0).sum()),
+            "targets_in_vocab": float((targets > 0).mean()) if len(targets) else float("nan"),
+        },
+    }
+    if plots_dir is not None:
+        from model.plots import save_plots
+
+        curves = {}
+        for name, (r, _t, p) in scored.items():
+            curves[name] = {
+                k: v
+                for k, v in (("ranks", r), ("p", p), ("y", labels if p is not None else None))
+                if v is not None
+            }
+        report["plots"] = [str(x) for x in save_plots(curves, plots_dir)]
+    return report
+
+
+def format_table(report: dict) -> str:
+    """Methods × metrics as a fixed-width text table (NaN or absent = '-').
+
+    >>> rep = {"model": {"category_accuracy": 0.5}, "baselines": {"funnel": {"purchase_auc": 0.7}}}
+    >>> print(format_table(rep).splitlines()[1].split())
+    ['category_accuracy', '0.5000', '-']
+    """
+    methods = {"model": report["model"], **report["baselines"]}
+    names = list(methods)
+    width = max(10, *(len(n) for n in names)) + 2
+    lines = ["metric".ljust(28) + "".join(n.rjust(width) for n in names)]
+    for key in METHOD_KEYS:
+        cells = []
+        for n in names:
+            v = methods[n].get(key)
+            cells.append(("-" if v is None or v != v else f"{v:.4f}").rjust(width))
+        lines.append(key.ljust(28) + "".join(cells))
+    return "\n".join(lines)
+
+
+def run_evaluation(
+    model: str | Path,
+    data,
+    fmt: str,
+    report: str | Path,
+    plots: str | Path | None = None,
+    train_end: str | float | None = None,
+    valid_end: str | float | None = None,
+    horizon_s: float = 1800.0,
+    device: str = "cpu",
+) -> dict:
+    """CLI entry (``demandstream evaluate``): load checkpoint and data, evaluate, write the JSON report.
+
+    Without explicit bounds the split is the one stored in the checkpoint's training metrics when
+    there is one (so evaluation tests exactly what training held out), else 80/10/10 of the data.
+    """
+    from model.loaders import load_log
+
+    ck = ckpt_mod.load(model)
+    log = load_log(data, fmt, keep_ids=False)
+    stored = ck.metrics.get("split") if isinstance(ck.metrics, dict) else None
+    if train_end is None and valid_end is None and stored:
+        split = Split(float(stored["train_end"]), float(stored["valid_end"]), float(log.ts.max()))
+    else:
+        split = temporal_split(log, train_end, valid_end)
+    with torch.inference_mode():
+        rep = evaluate(ck, log, split, horizon_s=horizon_s, plots_dir=plots, device=device)
+    rep["train_metrics"] = {k: ck.metrics.get(k) for k in ("train_events_per_s", "epochs_run", "best_epoch")}
+    path = Path(report)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rep, indent=2, default=float))
+    return rep
