@@ -1,0 +1,56 @@
+"""Smoke test of ``demandstream bench --quick``: it runs end to end and writes every DESIGN §8 key.
+
+It never asserts speed (the machine is shared); only that each figure was measured (a finite number > 0).
+The bench starts its own broker on a port of its own, so the session broker of the other tests is not used.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from stream.bench import BEGIN_MARK, DESIGN_KEYS, END_MARK, run_bench
+from stream.settings import Settings
+
+pytestmark = [pytest.mark.kafka, pytest.mark.slow]
+
+
+def numbers(x) -> list[float]:
+    if isinstance(x, bool) or x is None:
+        return []
+    if isinstance(x, int | float):
+        return [float(x)]
+    if isinstance(x, dict):
+        return [v for value in x.values() for v in numbers(value)]
+    if isinstance(x, list):
+        return [v for value in x for v in numbers(value)]
+    return []
+
+
+@pytest.mark.timeout(900)
+def test_quick_bench_writes_every_design_key(tmp_path):
+    out, md = tmp_path / "bench.json", tmp_path / "docs" / "BENCHMARKS.md"
+    md.parent.mkdir()
+    md.write_text(
+        f"# Benchmarks\n\n## What each optimization bought\n\nkept\n\n{BEGIN_MARK}\nold\n{END_MARK}\n"
+    )
+
+    run_bench(Settings(), out=out, quick=True, markdown=md)
+
+    r = json.loads(out.read_text())
+    assert set(DESIGN_KEYS) <= set(r)
+    for key in DESIGN_KEYS[:-1]:  # every measured figure; machine is a description
+        values = numbers(r[key])
+        assert values, key
+        assert all(math.isfinite(v) and v > 0 for v in values), (key, r[key])
+    assert set(r["latency_ms"]) == {"25%", "50%", "75%"}
+    assert all({"p50", "p95", "p99"} <= set(v) for v in r["latency_ms"].values())
+    assert {"1", "4096"} <= set(r["step_events_per_s"]["cpu"])
+    assert set(r["incremental_speedup"]) == {"10", "100", "1000"}
+    assert r["machine"]["cores"] > 0 and r["machine"]["python"]
+
+    text = md.read_text()
+    assert "kept" in text and "old" not in text
+    assert text.count(BEGIN_MARK) == 1 and "Throughput" in text
