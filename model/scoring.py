@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from model.checkpoint import Checkpoint
-from model.encoding import FeatureBuffer, encode_events, encode_log
+from model.encoding import FeatureBuffer, encode_events, encode_log, event_features
 from model.eventlog import EventLog
 from model.events import TYPE_INDEX, Event
 from model.network import DemandLSTM
@@ -67,6 +67,12 @@ class Scorer:
     def __init__(self, ckpt: Checkpoint, device: str | torch.device = "cpu", top_k: int = 5,
                  max_batch: int = 4096):
         self.device = torch.device(device)
+        if self.device.type == "cuda":
+            # TF32 (PyTorch's default for cuDNN on Ampere and later) rounds matmul inputs to 10-bit
+            # mantissas: ~1e-3 relative error, which would break stream/offline parity (1e-4, DESIGN §6).
+            # This model is far too small for TF32 to matter for speed.
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
         self.net: DemandLSTM = ckpt.net.to(self.device).eval()
         self.cfg = ckpt.net.cfg
         self.vocab = ckpt.vocab
@@ -127,15 +133,16 @@ class Scorer:
         n = sum(lengths)
         if n > self._buf.n:
             self._buf = FeatureBuffer(self.cfg, max(n, 2 * self._buf.n))
-        buf, vocab = self._buf, self.vocab
+        buf, index, cfg = self._buf, self.vocab.index, self.cfg
         idx = np.empty((len(seqs), t_max), np.int64)
-        r = 0
+        rows = []
         for b, (q, s) in enumerate(zip(seqs, states, strict=True)):
-            for t, e in enumerate(q):
-                buf.put(r, s, vocab.index(e.category), TYPE_INDEX[e.type], e.ts, e.item_id, e.price, e.query)
-                idx[b, t] = r
-                r += 1
-            idx[b, len(q):] = r - 1  # padding repeats the last row; it is masked out
+            r0 = len(rows)
+            rows.extend(event_features(cfg, s, index(e.category), TYPE_INDEX[e.type], e.ts, e.item_id, e.price,
+                                       e.query) for e in q)
+            idx[b, : len(q)] = np.arange(r0, r0 + len(q))
+            idx[b, len(q):] = r0 + len(q) - 1  # padding repeats the last row; it is masked out
+        buf.put_rows(0, rows)
         f = buf.tensors(idx, self.device)
         h = torch.from_numpy(np.stack([s.h for s in states], axis=1)).to(self.device)
         c = torch.from_numpy(np.stack([s.c for s in states], axis=1)).to(self.device)

@@ -1,0 +1,58 @@
+"""CUDA paths: the same model on the GPU gives the CPU's numbers (runs only where CUDA exists; CI has none)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from model.checkpoint import Checkpoint
+from model.eventlog import EventLog
+from model.features import Vocabulary
+from model.network import DemandLSTM, ModelConfig
+from model.scoring import Scorer, resolve_device
+from tests.unit.model.test_network import random_events
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")]
+
+#: CPU and GPU kernels sum in different orders (and cuDNN's LSTM fuses gates); 1e-4 is the parity
+#: bound of DESIGN §6 for signals.
+GPU_TOL = 1e-4
+
+
+def test_auto_device_picks_cuda():
+    assert resolve_device("auto").type == "cuda"
+
+
+def test_gpu_step_and_offline_match_cpu():
+    rng = np.random.default_rng(11)
+    torch.manual_seed(11)
+    events = random_events(rng, n_users=40, max_len=25)
+    vocab = Vocabulary.build([e.category for e in events])
+    net = DemandLSTM(ModelConfig(n_categories=len(vocab))).eval()
+    cpu = Scorer(Checkpoint(net, vocab, "00000000"), "cpu", top_k=5)
+    gpu_net = DemandLSTM(ModelConfig(n_categories=len(vocab)))
+    gpu_net.load_state_dict(net.state_dict())
+    gpu = Scorer(Checkpoint(gpu_net.eval(), vocab, "00000000"), "cuda", top_k=5)
+    by_user = {}
+    for e in events:
+        by_user.setdefault(e.user_id, []).append(e)
+    users = sorted(by_user)
+    sc, sg = [cpu.new_state() for _ in users], [gpu.new_state() for _ in users]
+    pc = cpu.step_many([by_user[u] for u in users], sc)
+    pg = gpu.step_many([by_user[u] for u in users], sg)
+    diff = 0.0
+    for a_list, b_list in zip(pc, pg):
+        for a, b in zip(a_list, b_list):
+            diff = max(diff, abs(a.purchase_propensity - b.purchase_propensity))
+            pa, pb = dict(a.top_categories), dict(b.top_categories)
+            diff = max(diff, max(abs(pa[c] - pb[c]) for c in pa.keys() & pb.keys()))
+    assert diff <= GPU_TOL, f"GPU and CPU differ by {diff}"
+    for a, b in zip(sc, sg):
+        assert np.abs(a.h - b.h).max() <= GPU_TOL
+    # offline scoring on the GPU too
+    log = EventLog.from_events(events).sorted_by_user_arrival()
+    off_c = {r: p for r, p in cpu.score_log(log)}
+    off_g = {r: p for r, p in gpu.score_log(log)}
+    assert max(abs(off_c[r].purchase_propensity - off_g[r].purchase_propensity) for r in off_c) <= GPU_TOL
