@@ -21,6 +21,24 @@ from model.state import UserState, new_state, observe
 _AGE_MAX = 0xFFFF  # ages beyond this many events are all "long ago"; stored as uint16
 
 
+def event_features(cfg: ModelConfig, s: UserState, cat: int, etype: int, ts: float, item_id: str | None,
+                   price: float | None, query: str | None) -> tuple:
+    """Apply one event to state ``s``; return its feature row (the one definition of an encoded event).
+
+    Order: etype, item bucket, category, price bucket, gap bucket, query tokens, history categories,
+    counts, ages, cart, purchases, events seen.
+    """
+    gap = observe(s, cat, etype, ts)
+    seen = s.events_seen
+    return (
+        etype, hash_bucket(item_id, cfg.item_buckets), cat, price_bucket(price), gap_bucket(gap),
+        query_tokens(query, cfg.query_buckets, cfg.query_tokens) if query else (),
+        s.hist_cats.copy(), s.hist_counts.copy(),
+        [seen - last if seen - last < _AGE_MAX else _AGE_MAX for last in s.hist_last],
+        s.cart, s.purchases, seen,
+    )
+
+
 class FeatureBuffer:
     """Preallocated feature arrays for ``n`` rows; reused across micro-batches to avoid allocation."""
 
@@ -44,25 +62,30 @@ class FeatureBuffer:
     def put(self, row: int, s: UserState, cat: int, etype: int, ts: float, item_id: str | None,
             price: float | None, query: str | None) -> None:
         """Apply one event to state ``s`` and write its features into ``row``."""
-        cfg = self.cfg
-        gap = observe(s, cat, etype, ts)
-        self.etype[row] = etype
-        self.item[row] = hash_bucket(item_id, cfg.item_buckets)
-        self.cat[row] = cat
-        self.price[row] = price_bucket(price)
-        self.gap[row] = gap_bucket(gap)
-        toks = query_tokens(query, cfg.query_buckets, cfg.query_tokens)
-        qrow = self.query[row]
-        qrow[:] = 0
-        if toks:
-            qrow[: len(toks)] = toks
-        self.hist_cats[row] = s.hist_cats
-        self.hist_counts[row] = s.hist_counts
-        seen = s.events_seen
-        self.hist_ages[row] = [min(_AGE_MAX, seen - last) for last in s.hist_last]
-        self.cart[row] = s.cart
-        self.purchases[row] = s.purchases
-        self.events_seen[row] = seen
+        self.put_rows(row, [event_features(self.cfg, s, cat, etype, ts, item_id, price, query)])
+
+    def put_rows(self, start: int, rows: list[tuple]) -> None:
+        """Write :func:`event_features` tuples into consecutive rows, one column at a time."""
+        if not rows:
+            return
+        end = start + len(rows)
+        cols = list(zip(*rows, strict=True))
+        self.etype[start:end] = cols[0]
+        self.item[start:end] = cols[1]
+        self.cat[start:end] = cols[2]
+        self.price[start:end] = cols[3]
+        self.gap[start:end] = cols[4]
+        q = self.query[start:end]
+        q[:] = 0
+        for i, toks in enumerate(cols[5]):
+            if toks:
+                q[i, : len(toks)] = toks
+        self.hist_cats[start:end] = cols[6]
+        self.hist_counts[start:end] = cols[7]
+        self.hist_ages[start:end] = cols[8]
+        self.cart[start:end] = cols[9]
+        self.purchases[start:end] = cols[10]
+        self.events_seen[start:end] = cols[11]
 
     def tensors(self, rows: slice | np.ndarray, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         """Feature tensors of the selected rows (leading dims follow ``rows``' shape)."""
@@ -83,8 +106,9 @@ class FeatureBuffer:
 def encode_events(buf: FeatureBuffer, events: Sequence[Event], states: Sequence[UserState],
                   vocab: Vocabulary) -> None:
     """Streaming: rows 0..len(events)-1 of ``buf`` for one event per (distinct) user; states advance."""
-    for row, (e, s) in enumerate(zip(events, states, strict=True)):
-        buf.put(row, s, vocab.index(e.category), TYPE_INDEX[e.type], e.ts, e.item_id, e.price, e.query)
+    cfg, index = buf.cfg, vocab.index
+    buf.put_rows(0, [event_features(cfg, s, index(e.category), TYPE_INDEX[e.type], e.ts, e.item_id, e.price, e.query)
+                     for e, s in zip(events, states, strict=True)])
 
 
 def encode_log(log: EventLog, cfg: ModelConfig, vocab: Vocabulary) -> FeatureBuffer:

@@ -116,11 +116,9 @@ def pack(s: UserState, model_version: str | None = None) -> bytes:
         header,
         np.ascontiguousarray(s.h, dtype=np.float32).tobytes(),
         np.ascontiguousarray(s.c, dtype=np.float32).tobytes(),
-        np.asarray(s.hist_cats, dtype=np.int32).tobytes(),
-        np.asarray(s.hist_counts, dtype=np.uint16).tobytes(),
-        np.asarray(s.hist_last, dtype=np.uint32).tobytes(),
-        np.asarray([i for i, _ in s.last_top], dtype=np.int32).tobytes(),
-        np.asarray([p for _, p in s.last_top], dtype=np.float32).tobytes(),
+        struct.pack(f"<{slots}i{slots}H{slots}I", *s.hist_cats, *s.hist_counts, *s.hist_last),
+        struct.pack(f"<{len(s.last_top)}i{len(s.last_top)}f", *(i for i, _ in s.last_top),
+                    *(p for _, p in s.last_top)),
     ))
 
 
@@ -142,14 +140,15 @@ def unpack(data: bytes) -> UserState:
     o += 4 * n
     c = np.frombuffer(buf, np.float32, n, o).reshape(layers, hidden).copy()
     o += 4 * n
-    cats = np.frombuffer(buf, np.int32, slots, o).tolist()
+    # struct beats numpy for these short arrays (a decode per user per batch is on the hot path)
+    cats = list(struct.unpack_from(f"<{slots}i", data, o))
     o += 4 * slots
-    counts = np.frombuffer(buf, np.uint16, slots, o).tolist()
+    counts = list(struct.unpack_from(f"<{slots}H", data, o))
     o += 2 * slots
-    last = np.frombuffer(buf, np.uint32, slots, o).tolist()
+    last = list(struct.unpack_from(f"<{slots}I", data, o))
     o += 4 * slots
-    top_i = np.frombuffer(buf, np.int32, ntop, o).tolist()
-    top_p = np.frombuffer(buf, np.float32, ntop, o + 4 * ntop).tolist()
+    top_i = struct.unpack_from(f"<{ntop}i", data, o)
+    top_p = struct.unpack_from(f"<{ntop}f", data, o + 4 * ntop)
     return UserState(h, c, cats, counts, last, events_seen, last_ts, cart, purchases, partition, offset,
                      version.hex(), list(zip(top_i, top_p, strict=True)), last_prop)
 
