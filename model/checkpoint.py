@@ -40,10 +40,14 @@ class Checkpoint:
         return self.net.cfg
 
 
-def model_version(state_dict: dict, cfg: ModelConfig, vocab: Vocabulary) -> str:
-    """8 hex digits of a SHA-256 over config, vocabulary and every weight (in key order)."""
+def model_version(state_dict: dict, cfg: ModelConfig | dict, vocab: Vocabulary) -> str:
+    """8 hex digits of a SHA-256 over config, vocabulary and every weight (in key order).
+
+    ``cfg`` may be the config dict exactly as stored, so that a newer ModelConfig with an added,
+    defaulted field still verifies checkpoints written before it existed.
+    """
     h = hashlib.sha256()
-    h.update(json.dumps(cfg.to_dict(), sort_keys=True).encode())
+    h.update(json.dumps(cfg if isinstance(cfg, dict) else cfg.to_dict(), sort_keys=True).encode())
     h.update("\x00".join(vocab.names).encode())
     for k in sorted(state_dict):
         h.update(k.encode())
@@ -90,7 +94,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
         net.load_state_dict(payload["state_dict"])
     except Exception as exc:
         raise CheckpointError(f"model checkpoint {path} is inconsistent: {exc}") from None
-    version = model_version(payload["state_dict"], cfg, vocab)
+    version = model_version(payload["state_dict"], payload["config"], vocab)
     if version != payload.get("model_version"):
         raise CheckpointError(
             f"model checkpoint {path} fails its integrity check (stored version "
