@@ -31,12 +31,20 @@ UNREACHABLE = tuple(
 )
 
 
+def unreachable_message(settings: Settings) -> str:
+    """One line for "no broker answered": kafka-python reports refused SASL logins the same way."""
+    if settings.security_protocol == "PLAINTEXT":
+        return f"cannot reach Kafka at {settings.broker} (is it running? `make kafka-up`)"
+    return (f"cannot reach or authenticate with Kafka at {settings.broker} over {settings.security_protocol} "
+            f"(check the DEMANDSTREAM_SASL_* and DEMANDSTREAM_SSL_CAFILE settings)")
+
+
 def admin_client(settings: Settings, timeout_s: float = 10.0) -> KafkaAdminClient:
     try:
         return KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers, client_id="demandstream-admin",
                                 request_timeout_ms=int(timeout_s * 1000), **settings.kafka_python_security())
     except UNREACHABLE:
-        raise KafkaUnavailable(f"cannot reach Kafka at {settings.broker} (is it running? `make kafka-up`)") from None
+        raise KafkaUnavailable(unreachable_message(settings)) from None
 
 
 def ensure_topics(settings: Settings) -> dict[str, int]:

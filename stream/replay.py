@@ -18,7 +18,7 @@ import orjson
 from kafka import KafkaProducer
 
 from model.events import event_to_json
-from stream.admin import UNREACHABLE, KafkaUnavailable, ensure_topics
+from stream.admin import UNREACHABLE, KafkaUnavailable, ensure_topics, unreachable_message
 from stream.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ def make_producer(settings: Settings) -> KafkaProducer:
             linger_ms=5, batch_size=256 * 1024, **settings.kafka_python_security(),
         )
     except UNREACHABLE:
-        raise KafkaUnavailable(f"cannot reach Kafka at {settings.broker} (is it running? `make kafka-up`)") from None
+        raise KafkaUnavailable(unreachable_message(settings)) from None
 
 
 def replay(settings: Settings, paths: Sequence[Path], fmt: str = "jsonl", rate: float | None = None,

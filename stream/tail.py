@@ -8,7 +8,7 @@ import time
 import orjson
 from kafka import KafkaConsumer
 
-from stream.admin import UNREACHABLE, KafkaUnavailable
+from stream.admin import UNREACHABLE, KafkaUnavailable, unreachable_message
 from stream.settings import Settings
 
 
@@ -38,7 +38,7 @@ def tail(settings: Settings, topic: str | None = None, from_beginning: bool = Fa
             **settings.kafka_python_security(),
         )
     except UNREACHABLE:
-        raise KafkaUnavailable(f"cannot reach Kafka at {settings.broker}") from None
+        raise KafkaUnavailable(unreachable_message(settings)) from None
     n = 0
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     try:
