@@ -247,7 +247,10 @@ def run_evaluation(
         split = temporal_split(log, train_end, valid_end)
     with torch.inference_mode():
         rep = evaluate(ck, log, split, horizon_s=horizon_s, plots_dir=plots, device=device)
-    rep["train_metrics"] = {k: ck.metrics.get(k) for k in ("train_events_per_s", "epochs_run", "best_epoch")}
+    # calibration: whether the model's propensities were Platt-scaled, and why not (model.train.calibrate)
+    rep["train_metrics"] = {
+        k: ck.metrics.get(k) for k in ("train_events_per_s", "epochs_run", "best_epoch", "calibration")
+    }
     path = Path(report)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(rep, indent=2, default=float))

@@ -5,7 +5,8 @@
   *explore* distribution over every category (softmax of the hidden state), mixed by a learned gate.
   Shoppers mostly return to what they just looked at (DESIGN §10), which a global softmax learns badly.
 - Purchase head: P(purchase within the horizon) from the hidden state plus the funnel position (event
-  type, cart size, purchases so far, time gap), which is what the ``funnel`` baseline lives on.
+  type, cart size, purchases so far, time gap), which is what the ``funnel`` baseline lives on; its
+  logit is Platt-scaled by two buffers fitted on validation points after training (identity before).
 
 :meth:`DemandLSTM.forward` runs whole sequences (training, offline scoring); :meth:`DemandLSTM.step`
 advances a batch of users by one event each (streaming). Both use the same ``nn.LSTM`` weights and give
@@ -68,6 +69,16 @@ FEATURES = ("etype", "item", "cat", "price", "gap", "query", "hist_cats", "hist_
             "cart", "purchases", "events_seen")
 
 
+def _identity_calibration_if_missing(state_dict, prefix, *_args) -> None:
+    """Checkpoints written before calibration existed load with the identity (a=1, b=0), i.e. unchanged.
+
+    ``load_state_dict`` hands hooks its own copy of the dict, so the caller's dict (from which
+    :mod:`model.checkpoint` recomputes model_version) is not touched.
+    """
+    state_dict.setdefault(prefix + "purchase_scale", torch.tensor(1.0))
+    state_dict.setdefault(prefix + "purchase_shift", torch.tensor(0.0))
+
+
 class DemandLSTM(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -95,6 +106,13 @@ class DemandLSTM(nn.Module):
         self.purchase = nn.Sequential(
             nn.Linear(cfg.hidden + n_funnel, cfg.purchase_hidden), nn.ReLU(), nn.Linear(cfg.purchase_hidden, 1)
         )
+        # Platt scaling of the purchase logit (a * logit + b), fitted after training on validation
+        # points (model.train.calibrate). Buffers, not parameters: the optimizer never moves them, the
+        # checkpoint (and so model_version) carries them, and the stream and offline scoring both apply
+        # them because both go through heads(). The identity (1, 0) is what an uncalibrated model has.
+        self.register_buffer("purchase_scale", torch.tensor(1.0))
+        self.register_buffer("purchase_shift", torch.tensor(0.0))
+        self._register_load_state_dict_pre_hook(_identity_calibration_if_missing)
 
     # -- inputs ---------------------------------------------------------------------------------
 
@@ -147,6 +165,7 @@ class DemandLSTM(nn.Module):
             dim=-1,
         )
         purchase_logit = self.purchase(torch.cat([hd, funnel], dim=-1)).squeeze(-1)
+        purchase_logit = self.purchase_scale * purchase_logit + self.purchase_shift  # identity unless calibrated
         return {"explore": explore, "repeat": repeat, "gate": gate, "purchase_logit": purchase_logit}
 
     @staticmethod

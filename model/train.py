@@ -43,6 +43,17 @@ WINDOW_QUANTILE = 0.75
 #: Validation runs whole padded sequences in batches of at most this many (user, step) cells.
 VALID_BATCH_CELLS = 1 << 15
 
+#: Platt scaling is fitted only with at least this many positive validation points: with fewer, the two
+#: scalars follow the noise of a handful of buyers (the multicategory sample of docs/MODEL.md has 7).
+MIN_CALIBRATION_POSITIVES = 20
+
+#: Ceiling on LBFGS iterations of the 2-parameter Platt fit (it is convex and converges in tens).
+CALIBRATION_MAX_ITER = 300
+
+#: The data-driven repeat prior keeps the gate's initial probability inside [p, 1 - p]: a degenerate
+#: training sample (all repeats, no repeats) must not start the gate saturated, where gradients vanish.
+REPEAT_PRIOR_MIN_P = 0.05
+
 
 @dataclass
 class TrainConfig:
@@ -66,6 +77,8 @@ class TrainConfig:
     max_categories: int = 5000  #: vocabulary size cap (most frequent training categories)
     horizon_s: float = 1800.0  #: purchase horizon, DESIGN §7
     device: str = "auto"
+    calibrate: bool = True  #: Platt-scale the purchase logit on validation points after training
+    repeat_prior_init: bool = True  #: start the repeat gate at the training share of repeats
 
 
 @dataclass
@@ -163,23 +176,16 @@ def _loss_terms(
     return nll, bce, n_cat, n_buy
 
 
-@torch.no_grad()
-def validation_loss(
-    net: DemandLSTM,
-    feats: FeatureBuffer,
-    log: EventLog,
-    pts: Points,
-    purchase_weight: float,
-    device: torch.device,
-) -> dict[str, float]:
-    """Mean category NLL and purchase BCE on validation points, each user run from its first event."""
+def _full_context_batches(
+    net: DemandLSTM, feats: FeatureBuffer, log: EventLog, pts: Points, device: torch.device
+):
+    """Yield (head outputs, features, category targets, purchase labels, observable mask) per batch of
+    users that hold a point of ``pts``; every user runs from its first event (eval mode, no grad)."""
     net.eval()
     want = pts.category_points | pts.observable
     starts, ends = log.user_start[:-1], log.user_start[1:]
     lengths = ends - starts
     users = [u for u in np.argsort(-lengths, kind="stable") if lengths[u] and want[starts[u] : ends[u]].any()]
-    tot_nll = tot_bce = 0.0
-    n_cat = n_buy = 0
     i = 0
     while i < len(users):
         t_max = int(lengths[users[i]])
@@ -193,11 +199,27 @@ def validation_loss(
             idx[k, e - s :] = e - 1
             valid[k, : e - s] = True
         f = feats.tensors(idx, device)
-        out, _ = net(f)
-        v = torch.from_numpy(valid).to(device)
+        with torch.no_grad():
+            out, _ = net(f)
         cat_t = torch.from_numpy(np.where(valid, pts.cat_target[idx], -1)).to(device)
-        obs = torch.from_numpy(valid & pts.observable[idx]).to(device) & v
+        obs = torch.from_numpy(valid & pts.observable[idx]).to(device)
         buy = torch.from_numpy(pts.purchase[idx]).to(device)
+        yield out, f, cat_t, buy, obs
+
+
+@torch.no_grad()
+def validation_loss(
+    net: DemandLSTM,
+    feats: FeatureBuffer,
+    log: EventLog,
+    pts: Points,
+    purchase_weight: float,
+    device: torch.device,
+) -> dict[str, float]:
+    """Mean category NLL and purchase BCE on validation points, each user run from its first event."""
+    tot_nll = tot_bce = 0.0
+    n_cat = n_buy = 0
+    for out, f, cat_t, buy, obs in _full_context_batches(net, feats, log, pts, device):
         nll, bce, nc, nb = _loss_terms(net, out, f, cat_t, buy, obs)
         tot_nll += float(nll)
         tot_bce += float(bce)
@@ -215,6 +237,133 @@ def validation_loss(
         "n_category_points": n_cat,
         "n_purchase_points": n_buy,
     }
+
+
+def fit_platt(
+    logits: np.ndarray, labels: np.ndarray, max_iter: int = CALIBRATION_MAX_ITER
+) -> tuple[float, float]:
+    """Platt scaling: ``(a, b)`` minimizing the mean BCE of ``sigmoid(a * logit + b)`` against ``labels``.
+
+    Parameters
+    ----------
+    logits : float array [n]
+        Uncalibrated logits.
+    labels : array of 0/1 [n]
+    max_iter : int
+        LBFGS iteration ceiling.
+
+    Examples
+    --------
+    Logits that are twice too confident and shifted by one are undone:
+
+    >>> rng = np.random.default_rng(0)
+    >>> z = rng.normal(size=20000)
+    >>> y = (rng.random(20000) < 1 / (1 + np.exp(-z))).astype(float)
+    >>> a, b = fit_platt(2 * z + 1, y)
+    >>> round(a, 1), round(b, 1)
+    (0.5, -0.5)
+    """
+    x = torch.as_tensor(np.asarray(logits, np.float64))
+    y = torch.as_tensor(np.asarray(labels, np.float64))
+    ab = torch.tensor([1.0, 0.0], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS(
+        [ab],
+        lr=1.0,
+        max_iter=max_iter,
+        tolerance_grad=1e-10,
+        tolerance_change=1e-12,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.binary_cross_entropy_with_logits(ab[0] * x + ab[1], y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    a, b = ab.detach().tolist()
+    return float(a), float(b)
+
+
+def _mean_bce(logits: np.ndarray, labels: np.ndarray, a: float = 1.0, b: float = 0.0) -> float:
+    z = torch.as_tensor(a * np.asarray(logits, np.float64) + b)
+    return float(
+        nn.functional.binary_cross_entropy_with_logits(z, torch.as_tensor(labels, dtype=torch.float64))
+    )
+
+
+def calibrate(
+    net: DemandLSTM,
+    feats: FeatureBuffer,
+    log: EventLog,
+    pts: Points,
+    device: torch.device,
+    min_positives: int = MIN_CALIBRATION_POSITIVES,
+) -> dict:
+    """Fit Platt scaling on the observable purchase points of ``pts`` (validation) and store it in ``net``.
+
+    The logits are collected with full context, as :func:`validation_loss` does, after resetting the
+    network's calibration to the identity. The fit is skipped (identity kept) when there are fewer than
+    ``min_positives`` positives, only one class, or the fitted scale is not positive (it would invert the
+    model's ranking). Returns what was done: ``applied``, ``reason`` when skipped, ``a``, ``b``, point
+    counts and the validation BCE before and after.
+    """
+    net.purchase_scale.fill_(1.0)
+    net.purchase_shift.fill_(0.0)
+    zs, ys = [], []
+    for out, _f, _cat_t, buy, obs in _full_context_batches(net, feats, log, pts, device):
+        zs.append(out["purchase_logit"][obs].double().cpu().numpy())
+        ys.append(buy[obs].double().cpu().numpy())
+    z = np.concatenate(zs) if zs else np.zeros(0)
+    y = np.concatenate(ys) if ys else np.zeros(0)
+    n_pos = int(y.sum())
+    info: dict = {"applied": False, "a": 1.0, "b": 0.0, "n_points": int(len(y)), "n_positive": n_pos}
+    if n_pos == 0 or n_pos == len(y):
+        info["reason"] = "validation purchase labels have a single class"
+    elif n_pos < min_positives:
+        info["reason"] = f"only {n_pos} positive validation points (< {min_positives})"
+    else:
+        a, b = fit_platt(z, y)
+        if not a > 0:  # also catches NaN
+            info["reason"] = f"fitted scale {a:.4g} is not positive"
+        else:
+            info.update(applied=True, a=a, b=b, bce_before=_mean_bce(z, y), bce_after=_mean_bce(z, y, a, b))
+            net.purchase_scale.fill_(a)
+            net.purchase_shift.fill_(b)
+    if not info["applied"]:
+        logger.info("purchase calibration skipped: %s", info["reason"])
+    return info
+
+
+def repeat_prior(feats: FeatureBuffer, pts: Points) -> float | None:
+    """Share of the training next-category targets found in the user's history slots (None: no target).
+
+    It is the rate the repeat gate should start from (DESIGN §10 measures 78 % on the cosmetics log).
+
+    >>> from model.network import ModelConfig
+    >>> buf = FeatureBuffer(ModelConfig(history_slots=2), 3)
+    >>> buf.hist_cats[:] = [[5, 6], [5, -1], [7, 5]]
+    >>> repeat_prior(buf, Points(np.ones(3, bool), np.array([6, 9, -1]), np.zeros(3, np.int8), np.ones(3, bool)))
+    0.5
+    """
+    t = pts.cat_target
+    rows = np.flatnonzero(t > 0)
+    if not len(rows):
+        return None
+    return float((feats.hist_cats[rows] == t[rows, None]).any(1).mean())
+
+
+@torch.no_grad()
+def init_repeat_prior(net: DemandLSTM, p_repeat: float) -> None:
+    """Start the repeat gate's bias at logit(``p_repeat``) (clipped to [p, 1 - p], see REPEAT_PRIOR_MIN_P).
+
+    A default initialisation starts the gate near 1/2; on small logs early stopping ends training
+    within a few epochs, before the gate has moved to the repeat rate the data shows at once. Only the
+    bias is set: the gate's weights keep their random start, so it still learns when to explore.
+    """
+    p = min(max(p_repeat, REPEAT_PRIOR_MIN_P), 1.0 - REPEAT_PRIOR_MIN_P)
+    net.gate.bias.fill_(math.log(p / (1.0 - p)))
 
 
 def train(
@@ -274,6 +423,9 @@ def train(
     )
 
     net = DemandLSTM(mcfg).to(device)
+    prior = repeat_prior(feats, tr) if tcfg.repeat_prior_init else None
+    if prior is not None:
+        init_repeat_prior(net, prior)
     opt = torch.optim.AdamW(net.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     best = {"loss": math.inf, "epoch": 0, "state": None}
     history: list[dict] = []
@@ -338,6 +490,10 @@ def train(
                 break
     net.load_state_dict(best["state"])
     net.eval()
+    if tcfg.calibrate:
+        calib = calibrate(net, feats, log, va, device)
+    else:
+        calib = {"applied": False, "reason": "disabled (TrainConfig.calibrate=False)"}
     epochs_run = len(history)
     metrics = {
         "train_events_per_s": n_train * epochs_run / train_time if train_time > 0 else math.nan,
@@ -357,6 +513,8 @@ def train(
         "train_config": asdict(tcfg),
         "device": str(device),
         "threads": torch.get_num_threads(),
+        "calibration": calib,
+        "repeat_prior": prior,
     }
     return TrainResult(net.cpu().eval(), vocab, metrics)
 

@@ -96,3 +96,6 @@ def test_run_evaluation_writes_the_report_and_reuses_the_training_split(tmp_path
     from model.checkpoint import load
 
     assert rep["split"]["valid_end"] == load(tmp_path / "m.pt").metrics["split"]["valid_end"]
+    # the report says whether the propensities it scored were calibrated, and if not, why
+    calib = on_disk["train_metrics"]["calibration"]
+    assert calib["applied"] or calib["reason"]

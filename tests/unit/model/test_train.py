@@ -1,5 +1,7 @@
 """model/train.py: lanes, leakage-free inputs, a one-epoch run and a loadable, stable checkpoint."""
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -100,3 +102,72 @@ def test_training_reduces_the_loss():
 def test_unknown_option_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="unknown training option"):
         run_training("nothing.jsonl", "jsonl", tmp_path / "m.pt", lanez=3)
+
+
+@functools.cache  # trained once per test session; calibrate() itself resets the net's calibration
+def _calibration_case():
+    """A tiny log, its points (train phase: enough purchase labels) and a trained but overconfident net."""
+    import torch
+
+    from model.encoding import encode_log
+
+    log = tiny_log(3000, seed=5)
+    split = Split(float(np.quantile(log.ts, 0.9)), float(log.ts.max()) + 1, float(log.ts.max()) + 1)
+    # A briefly trained net (its logits rank buyers), then made overconfident: p ~ 0.95 far too often.
+    tcfg = TrainConfig(epochs=2, lanes=16, bptt=16, threads=1, calibrate=False, lr=1e-2)
+    res = train(log, tcfg, TINY_MODEL, progress=False, split=split)
+    net, vocab, cfg = res.net, res.vocab, res.net.cfg
+    with torch.no_grad():
+        net.purchase[-1].bias.add_(3.0)
+    pts = phase_points(log, split, "train", category_index(log, vocab), HORIZON)
+    return net, encode_log(log, cfg, vocab), log, pts
+
+
+def test_calibration_reduces_validation_log_loss_and_lives_in_the_network():
+    import torch
+
+    from model.train import calibrate, validation_loss
+
+    net, feats, log, pts = _calibration_case()
+    assert int(pts.purchase[pts.observable].sum()) >= 20  # the case exercises a real fit
+    before = validation_loss(net, feats, log, pts, 1.0, torch.device("cpu"))["purchase_bce"]
+    info = calibrate(net, feats, log, pts, torch.device("cpu"))
+    after = validation_loss(net, feats, log, pts, 1.0, torch.device("cpu"))["purchase_bce"]
+    assert info["applied"] and info["b"] < 0  # pulls the inflated propensities down
+    assert after < before - 0.1
+    assert info["bce_after"] == pytest.approx(after, abs=1e-4)
+    assert (float(net.purchase_scale), float(net.purchase_shift)) == pytest.approx((info["a"], info["b"]))
+
+
+def test_calibration_is_skipped_with_too_few_positives_or_one_class():
+    import torch
+
+    from model.data import Points
+    from model.train import calibrate
+
+    net, feats, log, pts = _calibration_case()
+    info = calibrate(net, feats, log, pts, torch.device("cpu"), min_positives=10**6)
+    assert not info["applied"] and "positive" in info["reason"]
+    assert (float(net.purchase_scale), float(net.purchase_shift)) == (1.0, 0.0)
+    negatives_only = Points(pts.mask, pts.cat_target, pts.purchase, pts.observable & (pts.purchase == 0))
+    info = calibrate(net, feats, log, negatives_only, torch.device("cpu"))
+    assert not info["applied"] and "single class" in info["reason"]
+
+
+def test_training_records_calibration_and_starts_the_gate_at_the_repeat_rate():
+    import torch
+
+    from model.network import DemandLSTM
+    from model.train import init_repeat_prior
+
+    res = train(
+        tiny_log(1500), TrainConfig(epochs=1, lanes=16, bptt=16, threads=1), TINY_MODEL, progress=False
+    )
+    calib = res.metrics["calibration"]
+    assert calib["applied"] or calib["reason"]
+    assert 0.0 < res.metrics["repeat_prior"] < 1.0
+    net = DemandLSTM(TINY_MODEL)
+    init_repeat_prior(net, 0.8)
+    assert float(torch.sigmoid(net.gate.bias.detach())) == pytest.approx(0.8)
+    init_repeat_prior(net, 1.0)  # clipped: a saturated gate would not learn
+    assert float(torch.sigmoid(net.gate.bias.detach())) < 0.96
