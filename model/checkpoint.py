@@ -11,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,9 +84,18 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
     if not path.is_file():
         raise CheckpointError(f"model checkpoint not found: {path}")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns on stderr about pickle protocols: one line is ours
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # torch's own message suggests weights_only=False, exactly what must not be done with an
+        # untrusted file; say what happened instead.
+        raise CheckpointError(
+            f"refusing model checkpoint {path}: it contains pickled objects other than tensors and plain "
+            "containers (demandstream never unpickles arbitrary objects)") from None
     except Exception as exc:  # torch raises many types for truncated/garbage files
-        raise CheckpointError(f"cannot read model checkpoint {path}: {type(exc).__name__}: {exc}") from None
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"cannot read model checkpoint {path}: {type(exc).__name__}: {first}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a demandstream checkpoint ({FORMAT})")
     try:

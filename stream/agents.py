@@ -6,15 +6,20 @@ batch commit protocol (DESIGN §6):
 Step 1. Compute: validate, group, read states, step the model (:class:`~stream.inference.InferenceEngine`).
 Step 2. Produce signals and dead letters to their topics, in the source partition.
 Step 3. ``at_least_once``: wait until the broker acknowledged every one of them (the batch futures).
-        ``exactly_once``: nothing to wait for; they commit atomically with the state and offsets.
-Step 4. Write the new user states (local store + changelog), each carrying the offset of the last
-        event it applied.
-Step 5. Return: Faust acks the batch's events; the consumer commits their offsets later, after
-        flushing the producer again (so the changelog of step 4 is durable before the commit).
+        ``exactly_once``: they join the source partition's open transaction instead.
+Step 4. Write the new user states, each carrying the offset of the last event it applied:
+        ``at_least_once``: to the changelog, wait for its acks, then to the local store (which so
+        never runs ahead of Kafka); ``exactly_once``: to the changelog inside the transaction, and to
+        the local store once Faust has committed that transaction.
+Step 5. Ack the batch's records; Faust commits their offsets later (exactly-once: with the
+        transaction), which also applies the staged states of step 4.
 
 Crash between 3 and 4: events are redelivered, the old state re-applies them (duplicate signals,
-allowed by at-least-once). Crash after 4 but before 5: redelivered events are at or below the stored
-offset and are skipped. Either way every event is applied to its user's state exactly once.
+allowed by at-least-once). Crash after the changelog acks but before the local write: recovery
+replays the changelog past the persisted offset, then redelivered events are skipped. Crash after 4:
+redelivered events are at or below the stored offset and are skipped. Exactly-once: a crash aborts
+the open transactions; nothing of them is visible or local, and the events are processed again.
+Either way every event is applied to its user's state exactly once.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import time
 from model.scoring import Scorer
 from stream import delivery
 from stream.app import Components
-from stream.inference import InferenceEngine
+from stream.inference import InferenceEngine, Output
 from stream.state import StateStore
 
 logger = logging.getLogger(__name__)
@@ -64,19 +69,17 @@ class Pipeline:
             self.last_offset[r.partition] = r.offset
         # Step 1
         res = self.engine.process(records, self.store.read)
-        # Steps 2 and 3
         if self.exactly_once:
-            # Faust's producer path puts each record in the source partition's open transaction;
-            # it commits atomically with the state and the offsets, so nothing to wait for here.
-            send_signal, send_dlq = self.c.signals_topic.send_soon, self.c.dlq_topic.send_soon
-            for o in res.signals:
-                send_signal(key=o.key, value=o.value, partition=o.partition)
-            for o in res.dead_letters:
-                send_dlq(key=o.key, value=o.value, partition=o.partition)
-        elif res.signals or res.dead_letters:
-            await self.produce_acked(res)
-        # Step 4
-        self.store.write(res.states)
+            await self.produce_transactional(res)
+        else:
+            # Step 2 and 3: signals and dead letters acknowledged by the broker
+            outputs = [(self.settings.topic_signals, res.signals), (self.settings.topic_dlq, res.dead_letters)]
+            await self.produce_acked(outputs)
+            # Step 4: the new states, durable in the changelog first, then in the local store
+            changelog = [Output(k, v, p) for k, (p, v) in res.states.items()]
+            offsets = await self.produce_acked([(self.store.changelog_topic, changelog)])
+            self.store.write_local(res.states)
+            self.store.set_persisted_offsets(offsets)
         # metrics after the fact: they count what was made durable
         now = time.time()
         m.batch_size.observe(len(records))
@@ -93,31 +96,69 @@ class Pipeline:
             lat.observe(max(0.0, now - ts))  # seconds, never ms (cf. faust-streaming/faust#693)
         self.batches += 1
 
-    async def produce_acked(self, res) -> None:
-        """Produce signals and dead letters in per-partition batches; return once the broker acked all.
+    async def produce_acked(self, outputs: list[tuple[str, list[Output]]]) -> dict[int, int]:
+        """Produce records in per-partition batches; return once the broker acked all of them.
 
         Uses the Kafka client's batch API (one append per record, one request per partition batch)
-        instead of Faust's per-message futures and buffer; the returned futures resolve on the
-        broker's acknowledgement (acks=all), which is exactly what Step 3 waits for.
+        instead of Faust's per-message futures; the futures resolve on the broker's acknowledgement
+        (acks=all). Returns, for the last topic given, the last offset written per partition.
         """
         producer = self.c.app.producer._ensure_producer()
-        pending = []
-        for topic, outputs in ((self.settings.topic_signals, res.signals), (self.settings.topic_dlq, res.dead_letters)):
+        pending, last_topic = [], None
+        for topic, records in outputs:
+            last_topic = topic
             batches: dict[int, object] = {}
-            for o in outputs:
+            for o in records:
                 b = batches.get(o.partition)
                 if b is None:
                     b = batches[o.partition] = producer.create_batch()
                 if b.append(key=o.key, value=o.value, timestamp=None) is None:  # batch full: ship it
-                    pending.append(await producer.send_batch(b, topic, partition=o.partition))
+                    pending.append((topic, b.record_count(), await producer.send_batch(b, topic, partition=o.partition)))
                     b = batches[o.partition] = producer.create_batch()
                     if b.append(key=o.key, value=o.value, timestamp=None) is None:
-                        raise ValueError(f"record of {len(o.value)} bytes exceeds the producer's batch size")
+                        raise ValueError(f"record of {len(o.value or b'')} bytes exceeds the producer's batch size")
             for p, b in batches.items():
                 if b.record_count():
-                    pending.append(await producer.send_batch(b, topic, partition=p))
+                    pending.append((topic, b.record_count(), await producer.send_batch(b, topic, partition=p)))
+        last: dict[int, int] = {}
         if pending:
-            await asyncio.gather(*pending)
+            metas = await asyncio.gather(*(f for _t, _n, f in pending))
+            for (topic, n, _f), meta in zip(pending, metas, strict=True):
+                if topic == last_topic:
+                    last[meta.partition] = max(last.get(meta.partition, -1), meta.offset + n - 1)
+        return last
+
+    async def produce_transactional(self, res) -> None:
+        """Exactly-once: every output of a source partition joins that partition's open transaction.
+
+        Faust keeps one transactional producer per assigned source partition and commits its
+        transaction together with the consumed offsets. Its own topic routing would pick the
+        producer by the *destination* topic's partition group, which the signal and dead-letter
+        topics are not part of, so we name the source partition's transactional id ourselves. The
+        new states are staged and reach the local store only when that transaction commits
+        (:meth:`StateStore.on_commit`), so a crash never leaves uncommitted state behind.
+        """
+        app = self.c.app
+        producer = app.producer
+        group = app.assignor.group_for_topic(self.settings.topic_input)
+        changelog = [Output(k, v, p) for k, (p, v) in res.states.items()]
+        futures = []
+        for topic, records in ((self.settings.topic_signals, res.signals), (self.settings.topic_dlq, res.dead_letters),
+                               (self.store.changelog_topic, changelog)):
+            for o in records:
+                tid = f"{app.conf.id}-{group}-{o.partition}"
+                futures.append(await producer.send(topic, o.key, o.value, o.partition, None, None,
+                                                   transactional_id=tid))
+        if futures:
+            await asyncio.gather(*futures)  # surface send errors now; visibility waits for the commit
+        self.store.drop_staged({tp.partition for tp in app.consumer.assignment()
+                                if tp.topic == self.settings.topic_input})
+        self.store.stage(res.states)
+
+    def on_commit(self, offsets) -> None:
+        """Faust committed these source offsets (and, exactly-once, their transactions)."""
+        if self.exactly_once:
+            self.store.on_commit({tp.partition for tp in offsets if tp.topic == self.settings.topic_input})
 
     def update_gauges(self) -> None:
         """Consumer lag per partition and users in state (called by a timer)."""
@@ -157,6 +198,15 @@ def attach(c: Components, scorer: Scorer) -> Pipeline:
             await pipeline.handle(events)
 
     delivery.install(c.app, s.topic_input, pipeline.handle_messages)
+
+    # Exactly-once: staged states are applied once their source partition's transaction commits.
+    tables_on_commit = c.app.tables.on_commit
+
+    def on_commit(offsets) -> None:
+        tables_on_commit(offsets)
+        pipeline.on_commit(offsets)
+
+    c.app.tables.on_commit = on_commit
 
     @c.app.timer(interval=s.lag_interval_s)
     async def gauges():

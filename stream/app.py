@@ -82,6 +82,11 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Components
         # Faust's own table key TTL and web stats are not used: we expire states ourselves.
         autodiscover=False,
     )
+    # This app is always run as a worker. Faust caches ``app.in_transaction`` (exactly-once on/off) the
+    # first time the consumer or producer is built, and only its own Worker.on_start sets in_worker;
+    # we build both earlier (batch delivery, producer buffer), which would silently turn exactly-once
+    # into no transactions at all.
+    app.in_worker = True
     raw = {"key_serializer": "raw", "value_serializer": "raw"}
     input_topic = app.topic(settings.topic_input, partitions=settings.partitions, **raw)
     signals_topic = app.topic(settings.topic_signals, partitions=settings.partitions, **raw)

@@ -253,7 +253,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except Exception as exc:
         if _is_user_error(exc):
-            print(f"demandstream {args.command}: error: {exc}", file=sys.stderr)
+            message = " ".join(str(exc).split())  # one line, whatever the exception carried
+            print(f"demandstream {args.command}: error: {message}", file=sys.stderr)
             return EXIT_USER_ERROR
         raise
 

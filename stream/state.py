@@ -28,10 +28,19 @@ def _older(value: bytes, before_ts: float) -> bool:
 
 
 class StateStore:
-    """Batched access to a Faust table's local store plus its changelog."""
+    r"""Batched access to a Faust table's local store plus its changelog.
+
+    Writes never let the local store run ahead of what Kafka holds durably: under at-least-once the
+    caller sends the changelog records and waits for the broker's acks before :meth:`write_local`;
+    under exactly-once, writes are :meth:`stage`\ d in memory and applied by :meth:`on_commit` only
+    once the source partition's transaction (which carries the changelog records) has committed.
+    A crash therefore leaves the local store at or behind the changelog, which recovery replays.
+    """
 
     def __init__(self, table):
         self.table = table
+        #: exactly-once: source partition -> {key: value or None}, not yet committed
+        self._staged: dict[int, dict[bytes, bytes | None]] = {}
 
     @property
     def _store(self):
@@ -44,7 +53,19 @@ class StateStore:
     # -- reads ----------------------------------------------------------------------------------
 
     def read(self, keys: Sequence[tuple[bytes, int]]) -> dict[bytes, bytes | None]:
-        """Stored values of ``(key, partition)`` pairs; one multi-get per partition on RocksDB."""
+        """Stored values of ``(key, partition)`` pairs; one multi-get per partition on RocksDB.
+
+        Values staged by this worker's open transaction win over the local store.
+        """
+        out = self._read_local(keys)
+        if self._staged:
+            for k, p in keys:
+                staged = self._staged.get(p)
+                if staged is not None and k in staged:
+                    out[k] = staged[k]
+        return out
+
+    def _read_local(self, keys: Sequence[tuple[bytes, int]]) -> dict[bytes, bytes | None]:
         store = self._store
         if not self.is_rocksdb:
             data = store.data
@@ -121,8 +142,49 @@ class StateStore:
 
     # -- writes ---------------------------------------------------------------------------------
 
+    @property
+    def changelog_topic(self) -> str:
+        return self.table.changelog_topic.get_topic_name()
+
     def write(self, values: Mapping[bytes, tuple[int, bytes | None]]) -> None:
-        """Write ``key -> (partition, value or None to delete)`` to the local store and the changelog."""
+        """Local store and changelog at once, through Faust's producer (TTL expiry, not the hot path)."""
+        if not values:
+            return
+        self.write_local(values)
+        send = self.table.send_changelog
+        for k, (p, v) in values.items():
+            send(p, k, v, key_serializer="raw", value_serializer="raw")
+
+    def stage(self, values: Mapping[bytes, tuple[int, bytes | None]]) -> None:
+        """Exactly-once: hold writes until the transaction of their source partition commits."""
+        for k, (p, v) in values.items():
+            self._staged.setdefault(p, {})[k] = v
+
+    def on_commit(self, partitions: set[int]) -> None:
+        """Apply the staged writes of the committed source partitions to the local store."""
+        for p in partitions:
+            staged = self._staged.pop(p, None)
+            if staged:
+                self.write_local({k: (p, v) for k, v in staged.items()})
+
+    def drop_staged(self, keep: set[int]) -> None:
+        """Forget staged writes of partitions no longer assigned (their transaction was aborted)."""
+        for p in [p for p in self._staged if p not in keep]:
+            del self._staged[p]
+
+    def set_persisted_offsets(self, offsets: Mapping[int, int]) -> None:
+        """Record the last changelog offset applied locally per partition (recovery resumes after it)."""
+        store = self._store
+        if not hasattr(store, "set_persisted_offset"):
+            return
+        from faust.types import TP
+
+        topic = self.changelog_topic
+        for p, off in offsets.items():
+            store.set_persisted_offset(TP(topic, p), off)
+
+    def write_local(self, values: Mapping[bytes, tuple[int, bytes | None]]) -> None:
+        """Write ``key -> (partition, value or None to delete)`` to the local store only."""
         if not values:
             return
         store = self._store
@@ -150,6 +212,3 @@ class StateStore:
                 else:
                     data[k] = v
                     parts[k] = p
-        send = self.table.send_changelog
-        for k, (p, v) in values.items():
-            send(p, k, v, key_serializer="raw", value_serializer="raw")
