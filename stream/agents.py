@@ -113,13 +113,13 @@ class Pipeline:
                 if b is None:
                     b = batches[o.partition] = producer.create_batch()
                 if b.append(key=o.key, value=o.value, timestamp=None) is None:  # batch full: ship it
-                    pending.append((topic, b.record_count(), await producer.send_batch(b, topic, partition=o.partition)))
+                    pending.append((topic, b.record_count(), await _ship(producer, b, topic, o.partition)))
                     b = batches[o.partition] = producer.create_batch()
                     if b.append(key=o.key, value=o.value, timestamp=None) is None:
                         raise ValueError(f"record of {len(o.value or b'')} bytes exceeds the producer's batch size")
             for p, b in batches.items():
                 if b.record_count():
-                    pending.append((topic, b.record_count(), await producer.send_batch(b, topic, partition=p)))
+                    pending.append((topic, b.record_count(), await _ship(producer, b, topic, p)))
         last: dict[int, int] = {}
         if pending:
             metas = await asyncio.gather(*(f for _t, _n, f in pending))
@@ -182,6 +182,13 @@ class Pipeline:
         n = self.store.expire(now - self.settings.state_ttl_s)
         self.metrics.expired_states.inc(n)
         return n
+
+
+async def _ship(producer, batch, topic: str, partition: int):
+    """Submit a finished batch. Closing it first matters: the client lets an open batch linger for
+    ``linger_ms`` waiting for more records, and each micro-batch waits on two produce round trips."""
+    batch.close()
+    return await producer.send_batch(batch, topic, partition=partition)
 
 
 def attach(c: Components, scorer: Scorer) -> Pipeline:
