@@ -11,7 +11,7 @@ import math
 
 import pytest
 
-from stream.bench import BEGIN_MARK, DESIGN_KEYS, END_MARK, run_bench
+from stream.bench import BEGIN_MARK, DESIGN_KEYS, END_MARK, BenchPlan, run_bench
 from stream.settings import Settings
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
@@ -29,6 +29,11 @@ def numbers(x) -> list[float]:
     return []
 
 
+#: The smallest run that still exercises every measurement: the test checks the harness, not speed.
+SMOKE = BenchPlan(events=3_000, rounds=1, latency_s=3.0, restore_users=2_000, disk_users=5_000,
+                  train_events=3_000, step_min_s=0.02, profile_s=0.0)
+
+
 @pytest.mark.timeout(900)
 def test_quick_bench_writes_every_design_key(tmp_path):
     out, md = tmp_path / "bench.json", tmp_path / "docs" / "BENCHMARKS.md"
@@ -37,7 +42,7 @@ def test_quick_bench_writes_every_design_key(tmp_path):
         f"# Benchmarks\n\n## What each optimization bought\n\nkept\n\n{BEGIN_MARK}\nold\n{END_MARK}\n"
     )
 
-    run_bench(Settings(), out=out, quick=True, markdown=md)
+    run_bench(Settings(), out=out, quick=True, markdown=md, plan=SMOKE)
 
     r = json.loads(out.read_text())
     assert set(DESIGN_KEYS) <= set(r)
