@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from model.state import StateFormatError, peek_last_ts
 
@@ -89,20 +89,6 @@ class StateStore:
             if v is not None:
                 return v
         return None
-
-    def items(self) -> Iterator[tuple[bytes, bytes]]:
-        """Every (key, value) on this worker's active partitions."""
-        store = self._store
-        if not self.is_rocksdb:
-            yield from list(store.data.items())
-            return
-        yield from store._iteritems()
-
-    def count(self) -> int:
-        store = self._store
-        if not self.is_rocksdb:
-            return len(store.data)
-        return store._size()
 
     def estimate_count(self) -> int:
         """Users in state on this worker, cheap enough for a gauge (RocksDB's key estimate)."""

@@ -10,7 +10,7 @@ from model.evaluate import evaluate, format_table, run_evaluation
 from model.metrics import CATEGORY_KEYS, PURCHASE_KEYS
 from model.synth import generate, write_jsonl
 from model.train import TrainConfig, run_training, train
-from tests.unit.model.test_train import TINY_MODEL, tiny_log
+from tests.unit.model.test_train import TINY_MODEL, TINY_RUN, tiny_log
 
 CATEGORY_METHODS = ("popularity", "last_category", "user_history", "markov")
 PURCHASE_METHODS = ("user_history", "funnel")
@@ -72,23 +72,7 @@ def test_report_has_every_key_for_model_and_baselines(trained):
 def test_run_evaluation_writes_the_report_and_reuses_the_training_split(tmp_path):
     data = tmp_path / "d.jsonl"
     write_jsonl(generate(40, 1200, seed=2), data)
-    run_training(
-        str(data),
-        "jsonl",
-        tmp_path / "m.pt",
-        epochs=1,
-        lanes=16,
-        bptt=16,
-        hidden=16,
-        item_buckets=256,
-        query_buckets=64,
-        emb_item=8,
-        emb_query=4,
-        emb_repeat=8,
-        progress=False,
-        device="cpu",
-        threads=1,
-    )
+    run_training(str(data), "jsonl", tmp_path / "m.pt", **TINY_RUN)
     rep = run_evaluation(tmp_path / "m.pt", str(data), "jsonl", tmp_path / "out" / "report.json")
     on_disk = json.loads((tmp_path / "out" / "report.json").read_text())
     assert on_disk["n_test_points"] == rep["n_test_points"] > 0

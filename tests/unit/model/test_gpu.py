@@ -43,13 +43,13 @@ def test_gpu_step_and_offline_match_cpu():
     pc = cpu.step_many([by_user[u] for u in users], sc)
     pg = gpu.step_many([by_user[u] for u in users], sg)
     diff = 0.0
-    for a_list, b_list in zip(pc, pg):
-        for a, b in zip(a_list, b_list):
+    for a_list, b_list in zip(pc, pg, strict=True):
+        for a, b in zip(a_list, b_list, strict=True):
             diff = max(diff, abs(a.purchase_propensity - b.purchase_propensity))
             pa, pb = dict(a.top_categories), dict(b.top_categories)
             diff = max(diff, max(abs(pa[c] - pb[c]) for c in pa.keys() & pb.keys()))
     assert diff <= GPU_TOL, f"GPU and CPU differ by {diff}"
-    for a, b in zip(sc, sg):
+    for a, b in zip(sc, sg, strict=True):
         assert np.abs(a.h - b.h).max() <= GPU_TOL
     # offline scoring on the GPU too
     log = EventLog.from_events(events).sorted_by_user_arrival()

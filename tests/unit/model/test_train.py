@@ -18,6 +18,14 @@ from tests.unit.model.test_data import HORIZON, T1, T2, leaky_log
 TINY_MODEL = ModelConfig(hidden=16, item_buckets=256, query_buckets=64, emb_item=8, emb_query=4, emb_repeat=8)
 
 
+#: run_training keyword arguments for a one-epoch run of the tiny model (CLI path, seconds on CPU).
+TINY_RUN = dict(
+    epochs=1, lanes=16, bptt=16, progress=False, device="cpu", threads=1,
+    **{k: getattr(TINY_MODEL, k) for k in ("hidden", "item_buckets", "query_buckets", "emb_item", "emb_query",
+                                           "emb_repeat")},
+)
+
+
 def tiny_log(n_events=1500, seed=3):
     return EventLog.from_events(generate(60, n_events, seed=seed)).sorted_by_user_time()
 
@@ -52,22 +60,8 @@ def test_training_inputs_and_vocabulary_never_contain_events_after_t1():
 def test_one_epoch_run_saves_a_loadable_checkpoint_with_stable_version(tmp_path):
     data = tmp_path / "tiny.jsonl"
     write_jsonl(generate(60, 1500, seed=3), data)
-    kw = dict(
-        epochs=1,
-        lanes=16,
-        bptt=16,
-        hidden=16,
-        item_buckets=256,
-        query_buckets=64,
-        emb_item=8,
-        emb_query=4,
-        emb_repeat=8,
-        progress=False,
-        device="cpu",
-        threads=1,
-    )
-    s1 = run_training(str(data), "jsonl", tmp_path / "a.pt", **kw)
-    s2 = run_training(str(data), "jsonl", tmp_path / "b.pt", **kw)
+    s1 = run_training(str(data), "jsonl", tmp_path / "a.pt", **TINY_RUN)
+    s2 = run_training(str(data), "jsonl", tmp_path / "b.pt", **TINY_RUN)
     assert s1["epochs_run"] == 1 and s1["n_train_events"] > 0 and s1["train_events_per_s"] > 0
     assert s1["model_version"] == s2["model_version"]  # same data + seed -> same weights -> same version
     ck = checkpoint.load(tmp_path / "a.pt")

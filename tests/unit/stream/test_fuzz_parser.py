@@ -23,6 +23,7 @@ from model.features import Vocabulary
 from model.network import DemandLSTM, ModelConfig
 from model.scoring import Scorer
 from stream.inference import InferenceEngine, SourceRecord
+from tests.unit.stream.test_inference import MemoryStates
 
 #: A fixed "now" so ts validity does not depend on when the test runs (2024-11-22).
 NOW = 1_732_300_000.0
@@ -174,18 +175,6 @@ record_value = (
     | json_values.map(dumps)
 )
 record_key = st.sampled_from(USERS).map(str.encode) | st.none() | st.binary(max_size=8)
-
-
-class MemoryStates:
-    def __init__(self):
-        self.data: dict[bytes, bytes | None] = {}
-
-    def read(self, keys):
-        return {k: self.data.get(k) for k, _p in keys}
-
-    def apply(self, res):
-        for k, (_p, v) in res.states.items():
-            self.data[k] = v
 
 
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
