@@ -8,6 +8,7 @@ and lets exactly-once transactions cover one source partition at a time.
 from __future__ import annotations
 
 import logging
+import time
 
 import kafka.errors
 from kafka import KafkaAdminClient
@@ -64,7 +65,7 @@ def ensure_topics(settings: Settings) -> dict[str, int]:
             except TopicAlreadyExistsError:
                 pass  # another worker created it between list and create
             logger.info("created topics %s", [t.name for t in new])
-        counts = partition_counts(admin, names)
+        counts = wait_for_topics(admin, names)
     finally:
         admin.close()
     if len(set(counts.values())) != 1:
@@ -72,11 +73,36 @@ def ensure_topics(settings: Settings) -> dict[str, int]:
     return counts
 
 
+#: How long a just-created topic may take to appear in every broker's metadata. On a multi-broker
+#: cluster, describing it right after creation can reach a broker that does not know it yet.
+TOPIC_READY_TIMEOUT_S = 30.0
+_UNKNOWN_TOPIC = 3  # Kafka error code UNKNOWN_TOPIC_OR_PARTITION
+
+
+def wait_for_topics(admin: KafkaAdminClient, names: list[str]) -> dict[str, int]:
+    """:func:`partition_counts`, retried while a broker still reports a topic as unknown."""
+    deadline = time.monotonic() + TOPIC_READY_TIMEOUT_S
+    while True:
+        try:
+            return partition_counts(admin, names)
+        except UnknownTopic:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+class UnknownTopic(KafkaError):
+    """A broker does not (yet) know one of the topics."""
+
+
 def partition_counts(admin: KafkaAdminClient, names: list[str]) -> dict[str, int]:
     out = {}
     for t in admin.describe_topics(names):
         name = t.get("name", t.get("topic"))  # kafka-python 3.x says "name", 2.x "topic"
-        if t.get("error_code", 0):
-            raise KafkaError(f"describe {name}: error {t['error_code']}")
+        code = t.get("error_code", 0)
+        if code == _UNKNOWN_TOPIC:
+            raise UnknownTopic(f"topic {name} is unknown to the broker")
+        if code:
+            raise KafkaError(f"describe {name}: error {code}")
         out[name] = len(t["partitions"])
     return out
