@@ -12,7 +12,8 @@ Step 4. Write the new user states, each carrying the offset of the last event it
         never runs ahead of Kafka); ``exactly_once``: to the changelog inside the transaction, and to
         the local store once Faust has committed that transaction.
 Step 5. Ack the batch's records; Faust commits their offsets later (exactly-once: with the
-        transaction), which also applies the staged states of step 4.
+        transaction, never while a batch is between steps 2 and 5, see :func:`guard_commits`),
+        which also applies the staged states of step 4.
 
 Crash between 3 and 4: events are redelivered, the old state re-applies them (duplicate signals,
 allowed by at-least-once). Crash after the changelog acks but before the local write: recovery
@@ -47,6 +48,9 @@ class Pipeline:
         self.exactly_once = c.settings.guarantee == "exactly_once"
         self.last_offset: dict[int, int] = {}  # partition -> last consumed offset, for lag
         self.batches = 0
+        #: Held while a chunk is processed and acked, and (exactly-once) by every offset commit: see
+        #: :func:`guard_commits`.
+        self.batch_lock = asyncio.Lock()
 
     async def handle(self, events) -> None:
         """Faust stream path (``take_events``): used only if batch delivery is not installed."""
@@ -58,9 +62,10 @@ class Pipeline:
         step = self.settings.batch_max
         for i in range(0, len(messages), step):
             chunk = messages[i: i + step]
-            await self.process(chunk)
-            for m in chunk:  # Step 5
-                ack(m)
+            async with self.batch_lock:
+                await self.process(chunk)
+                for m in chunk:  # Step 5
+                    ack(m)
 
     async def process(self, records: list) -> None:
         """Steps 1-4 for one micro-batch of Faust messages (key, value, partition, offset, timestamp)."""
@@ -157,8 +162,17 @@ class Pipeline:
 
     def on_commit(self, offsets) -> None:
         """Faust committed these source offsets (and, exactly-once, their transactions)."""
-        if self.exactly_once:
-            self.store.on_commit({tp.partition for tp in offsets if tp.topic == self.settings.topic_input})
+        if not self.exactly_once:
+            return
+        partitions = {tp.partition for tp in offsets if tp.topic == self.settings.topic_input}
+        if self.c.app.crashed:
+            # Faust reports a commit that failed on a fenced producer as done (and crashes the app):
+            # that transaction was aborted, so its states must not reach the local store.
+            logger.warning("transaction of partitions %s not committed (app crashed): dropping its states",
+                           sorted(partitions))
+            self.store.discard_staged(partitions)
+            return
+        self.store.on_commit(partitions)
 
     def update_gauges(self) -> None:
         """Consumer lag per partition and users in state (called by a timer)."""
@@ -184,6 +198,26 @@ class Pipeline:
         return n
 
 
+def guard_commits(consumer, lock: asyncio.Lock) -> None:
+    """Exactly-once: let an offset commit happen only between two micro-batches, never inside one.
+
+    Faust commits a partition's transaction from a timer (and on rebalance and shutdown) while the
+    agent may be half-way through a batch: the transaction would then carry some of the batch's
+    signals or changelog records but not its offsets, and after a crash the batch is processed again
+    on top of them, which read_committed consumers see as duplicate signals. Faust's own per-producer
+    lock covers one send, not a batch. So every commit takes the lock that :meth:`Pipeline.handle_messages`
+    holds from the first output of a chunk to its last ack; the staged states applied by
+    :meth:`Pipeline.on_commit` are then exactly those of the committed transaction.
+    """
+    commit = consumer.commit
+
+    async def guarded_commit(*args, **kwargs):
+        async with lock:
+            return await commit(*args, **kwargs)
+
+    consumer.commit = guarded_commit
+
+
 async def _ship(producer, batch, topic: str, partition: int):
     """Submit a finished batch. Closing it first matters: the client lets an open batch linger for
     ``linger_ms`` waiting for more records, and each micro-batch waits on two produce round trips."""
@@ -205,6 +239,8 @@ def attach(c: Components, scorer: Scorer) -> Pipeline:
             await pipeline.handle(events)
 
     delivery.install(c.app, s.topic_input, pipeline.handle_messages)
+    if pipeline.exactly_once:
+        guard_commits(c.app.consumer, pipeline.batch_lock)
 
     # Exactly-once: staged states are applied once their source partition's transaction commits.
     tables_on_commit = c.app.tables.on_commit

@@ -153,6 +153,11 @@ class StateStore:
             if staged:
                 self.write_local({k: (p, v) for k, v in staged.items()})
 
+    def discard_staged(self, partitions: set[int]) -> None:
+        """Forget the staged writes of these partitions (their transaction did not commit)."""
+        for p in partitions:
+            self._staged.pop(p, None)
+
     def drop_staged(self, keep: set[int]) -> None:
         """Forget staged writes of partitions no longer assigned (their transaction was aborted)."""
         for p in [p for p in self._staged if p not in keep]:

@@ -152,7 +152,8 @@ def stream_env(kafka_bootstrap, small_model, tmp_path) -> dict[str, str]:
         "DEMANDSTREAM_PARTITIONS": "4",
         "DEMANDSTREAM_STANDBY_REPLICAS": "0",
         "DEMANDSTREAM_DEVICE": "cpu",
-        "DEMANDSTREAM_LOG_LEVEL": "warning",
+        # TEST_WORKER_LOG_LEVEL=info shows the workers' timelines in their logs under tmp_path
+        "DEMANDSTREAM_LOG_LEVEL": os.environ.get("TEST_WORKER_LOG_LEVEL", "warning"),
         "DEMANDSTREAM_LAG_INTERVAL_S": "1",
     })
     return env
