@@ -32,7 +32,7 @@ pytestmark = [pytest.mark.kafka, pytest.mark.slow, pytest.mark.timeout(900)]
 CLUSTER_PORT = int(os.environ.get("DEMANDSTREAM_TEST_KAFKA3_PORT", "19692"))
 #: Three cold JVMs on 2 shared cores take much longer than one to start.
 CLUSTER_START_TIMEOUT_S = 150
-N_USERS, N_EVENTS, SEED = 1000, 20_000, 13
+N_USERS, N_EVENTS, SEED = 1000, 15_000, 13
 RATE = 250
 #: The broker that dies (0-based) and when, as fractions of the replay's duration.
 VICTIM, DOWN, UP = 1, 0.3, 0.65

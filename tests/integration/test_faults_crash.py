@@ -28,12 +28,18 @@ pytestmark = [pytest.mark.kafka, pytest.mark.slow, pytest.mark.timeout(900)]
 
 #: The issue's floor: at least 50,000 events for at least 2,000 users.
 N_USERS, N_EVENTS, SEED = 2000, 50_000, 11
-#: Replay rate (events/s): the stream takes ~100 s, long enough for three kills and their recoveries,
-#: slow enough that one worker on 2 shared cores keeps up between kills.
-RATE = 500
-N_KILLS = 3
-#: Kills fall in this fraction of the replay's duration, so each one interrupts live traffic.
-KILL_WINDOW = (0.1, 0.8)
+#: Replay rate (events/s) by guarantee: the stream must outlast three kills and their recoveries, so
+#: that every recovery is measured before the next kill (about 10 s each at-least-once, 25 s
+#: exactly-once, where Faust waits two 5-s idle polls to see the changelog's last transaction marker),
+#: and be slow enough that one worker on 2 shared cores catches up between kills.
+RATE = {"at_least_once": 800, "exactly_once": 500}
+#: Kill i falls at KILL_AT[i] ± KILL_JITTER of the replay's duration (seeded): each one interrupts live
+#: traffic, and they are far enough apart that the worker recovers (and its recovery is measured)
+#: before the next one.
+KILL_AT, KILL_JITTER = (0.15, 0.45, 0.75), 0.05
+#: ... and never sooner than this after the restarted worker reported ready (recovery done): time for
+#: it to seek, fetch and emit on every partition, so one recovery is measured before the next kill.
+SETTLE_S = 6.0
 
 
 @pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
@@ -52,20 +58,21 @@ def test_worker_crash(guarantee, worker_factory, stream_env, kafka_bootstrap, sm
     }
     worker = worker_factory(**env, **same_node).start()
     worker.wait_ready()
-    rep = Replayer(s, data, RATE)
+    rep = Replayer(s, data, RATE[guarantee])
     rep.start()
-    duration = N_EVENTS / RATE
+    duration = N_EVENTS / RATE[guarantee]
     rng = random.Random(f"{SEED}-{guarantee}")
-    moments = sorted(rng.uniform(*KILL_WINDOW) * duration for _ in range(N_KILLS))
+    moments = [(f + rng.uniform(-KILL_JITTER, KILL_JITTER)) * duration for f in KILL_AT]
     kills, faults = [], []
-    t0 = time.time()
+    t0 = ready = time.time()
     for m in moments:
-        time.sleep(max(0.0, t0 + m - time.time()))
+        time.sleep(max(0.0, t0 + m - time.time(), ready + SETTLE_S - time.time()))
         kills.append(time.time())
         worker.kill()
         faults.append(f"SIGKILL at {kills[-1] - t0:.1f} s")
         worker = worker_factory(**env, **same_node).start()
         worker.wait_ready()
+        ready = time.time()
     sent = rep.finish(timeout=300)
     assert sent == N_EVENTS
 
