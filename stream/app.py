@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import faust
 
+from stream import faust_fixes
 from stream.metrics import Metrics
 from stream.settings import Settings
 
@@ -95,4 +96,5 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Components
     # record per user it touched, so allow a full batch.
     app.producer.buffer.max_messages = max(settings.batch_max, app.producer.buffer.max_messages)
     table = app.Table(settings.table, default=None, partitions=settings.partitions, key_type=bytes, value_type=bytes)
+    faust_fixes.install(app)
     return Components(app, settings, input_topic, signals_topic, dlq_topic, table, metrics or Metrics())

@@ -67,6 +67,7 @@ def test_worker_crash(guarantee, worker_factory, stream_env, kafka_bootstrap, sm
     t0 = ready = time.time()
     for m in moments:
         time.sleep(max(0.0, t0 + m - time.time(), ready + SETTLE_S - time.time()))
+        assert worker.proc.poll() is None, f"the worker died before its SIGKILL:\n{worker.log_tail()}"
         kills.append(time.time())
         worker.kill()
         faults.append(f"SIGKILL at {kills[-1] - t0:.1f} s")
@@ -88,3 +89,4 @@ def test_worker_crash(guarantee, worker_factory, stream_env, kafka_bootstrap, sm
         started=started,
     )
     assert all(t < 120 for t in report.recovery_s), report.recovery_s
+    assert worker.proc.poll() is None, f"the last worker died:\n{worker.log_tail()}"
