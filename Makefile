@@ -21,12 +21,12 @@ help:
 
 venv: $(STAMP)
 
-# pip's cache makes the second install of torch a copy, not a 5 GB download. --no-compile: byte-
-# compiling all of torch at install costs ~30 s; Python compiles what is imported on first use.
+# pip's cache makes the second install of torch a copy, not a 5 GB download. Keep pip's byte-compiling:
+# where PYTHONDONTWRITEBYTECODE is set (CI here), every worker process would otherwise compile torch.
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q --no-compile -e ".[dev,plots,export]"
+	$(PY) -m pip install -q -e ".[dev,plots,export]"
 	@touch $(STAMP)
 
 # Kafka needs a JDK (17+) and Maven; the Prometheus tests need Debian's prometheus package.
