@@ -160,8 +160,7 @@ class StateStore:
 
     def drop_staged(self, keep: set[int]) -> None:
         """Forget staged writes of partitions no longer assigned (their transaction was aborted)."""
-        for p in [p for p in self._staged if p not in keep]:
-            del self._staged[p]
+        self.discard_staged(set(self._staged) - keep)
 
     def set_persisted_offsets(self, offsets: Mapping[int, int]) -> None:
         """Record the last changelog offset applied locally per partition (recovery resumes after it)."""
