@@ -42,6 +42,13 @@ USER_RATE_PRIOR_STRENGTH = 10.0
 #: categories in proportion to popularity, so a rarely seen current category backs off to popularity.
 MARKOV_ALPHA = 1.0
 
+#: Default largest silence of the whole log (no event of any user) that still counts as continuous
+#: logging, in seconds. Real logs have outages and export holes (a day missing from a monthly dump):
+#: a purchase window that spans one is not evidence of "no purchase", because the purchase may sit
+#: in the hole. An hour without a single event of any user is far beyond the normal between-event
+#: gap of a live shop (seconds), yet short enough to catch missing days and broken collection.
+DEFAULT_GAP_S = 3600.0
+
 #: Ties among equal popularity counts are broken by vocabulary index with an offset below this value;
 #: it must stay below 1 (one count) so that the tie-break never overrides a real count difference.
 INDEX_TIEBREAK = 0.5
@@ -64,21 +71,67 @@ def _next_flag_after(flag: np.ndarray) -> np.ndarray:
     return np.r_[at_or_after[1:], n].astype(np.int64)
 
 
+def log_gaps(ts: np.ndarray, gap_s: float | None = DEFAULT_GAP_S) -> np.ndarray:
+    """Start times of the gaps of a log: distinct timestamps followed by more than ``gap_s`` seconds
+    without any event (of any user). ``gap_s=None`` means no gap detection (empty result).
+
+    ``ts`` is every timestamp of the log, in any order. A gap's start is the timestamp of the last
+    event before it.
+
+    >>> log_gaps(np.array([0.0, 10.0, 5000.0, 5001.0, 20000.0, 10.0]), gap_s=3600.0).tolist()
+    [10.0, 5001.0]
+    >>> log_gaps(np.array([0.0, 10.0, 5000.0]), gap_s=None).tolist()
+    []
+    """
+    ts = np.asarray(ts, dtype=np.float64)
+    if gap_s is None or ts.shape[0] < 2:
+        return np.zeros(0, dtype=np.float64)
+    u = np.unique(ts)
+    return u[:-1][np.diff(u) > gap_s]
+
+
+def window_covered(
+    ts: np.ndarray, horizon_s: float, gap_s: float | None = DEFAULT_GAP_S, log_ts: np.ndarray | None = None
+) -> np.ndarray:
+    """Whether the window ``(t, t + horizon_s]`` of each ``t`` in ``ts`` crosses no gap of the log.
+
+    A window is covered iff no gap (see :func:`log_gaps`, computed from ``log_ts``, by default
+    ``ts`` itself) starts at ``a`` with ``t <= a < t + horizon_s``. The end of the data is not
+    checked here: callers compare ``t + horizon_s`` with it.
+
+    >>> window_covered(np.array([0.0, 10.0, 5000.0, 5001.0]), 100.0).tolist()   # gap after 10
+    [False, False, True, True]
+    >>> window_covered(np.array([0.0, 10.0, 5000.0, 5001.0]), 5.0).tolist()     # 0 + 5 < 10
+    [True, False, True, True]
+    """
+    ts = np.asarray(ts, dtype=np.float64)
+    gaps = log_gaps(ts if log_ts is None else log_ts, gap_s)
+    if gaps.size == 0:
+        return np.ones(ts.shape[0], dtype=bool)
+    first = np.searchsorted(gaps, ts, side="left")  # first gap starting at or after t
+    nxt = gaps[np.minimum(first, gaps.size - 1)]
+    return ~((first < gaps.size) & (nxt < ts + horizon_s))
+
+
 def purchase_labels(
     etypes: np.ndarray,
     ts: np.ndarray,
     user_start: np.ndarray,
     horizon_s: float,
     end_ts: float | None = None,
+    *,
+    gap_s: float | None = DEFAULT_GAP_S,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Purchase-within-horizon labels for every row of a log sorted by user and time.
 
     ``label[i] = 1`` when the same user has a purchase at a later row j with
-    ``ts[j] - ts[i] <= horizon_s``. A row whose window runs past ``end_ts`` (the end of the observed
-    data) and has no purchase in its observed part is censored: ``observable[i] = False``, label 0.
-    A row with a purchase seen inside its window is observable even near the end, because its label
-    is already determined. Vectorized in O(n): the first later purchase decides the label since
-    timestamps are non-decreasing within a user.
+    ``ts[j] - ts[i] <= horizon_s``. A label 0 is only known when the log covers the whole window
+    ``(ts[i], ts[i] + horizon_s]``: a row whose window runs past ``end_ts`` (the end of the observed
+    data) or across a gap of the log (more than ``gap_s`` seconds without any event of any user,
+    :func:`window_covered`) and has no purchase in its observed part is censored:
+    ``observable[i] = False``, label 0. A row with a purchase seen inside its window is observable
+    even so, because its label is already determined. Vectorized: the first later purchase decides
+    the label since timestamps are non-decreasing within a user.
 
     Parameters
     ----------
@@ -89,6 +142,8 @@ def purchase_labels(
     horizon_s : float
     end_ts : float, optional
         End of the observed data; defaults to the last timestamp.
+    gap_s : float or None
+        Longest silence of the whole log (``ts``) that is not a gap; None disables gap censoring.
 
     Returns
     -------
@@ -102,6 +157,9 @@ def purchase_labels(
     >>> y, ok = purchase_labels(et, t, np.array([0, 3, 6]), horizon_s=100.0, end_ts=250.0)
     >>> y.tolist(), ok.tolist()
     ([1, 1, 0, 0, 1, 0], [True, True, True, True, True, False])
+    >>> y, ok = purchase_labels(et, t, np.array([0, 3, 6]), horizon_s=100.0, end_ts=250.0, gap_s=60.0)
+    >>> ok.tolist()                                # no event between 90 and 200: a gap
+    [True, True, False, False, True, False]
     """
     etypes = np.asarray(etypes)
     ts = np.asarray(ts, dtype=np.float64)
@@ -113,7 +171,7 @@ def purchase_labels(
     in_user = nxt < user_end
     safe = np.minimum(nxt, max(n - 1, 0))
     labels = in_user & (ts[safe] - ts <= horizon_s)
-    observable = labels | (ts + horizon_s <= end_ts)
+    observable = labels | ((ts + horizon_s <= end_ts) & window_covered(ts, horizon_s, gap_s))
     return labels.astype(np.int8), observable
 
 
@@ -123,12 +181,15 @@ def masked_purchase_labels(
     user_start: np.ndarray,
     mask: np.ndarray,
     horizon_s: float,
+    *,
+    gap_s: float | None = DEFAULT_GAP_S,
 ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`purchase_labels` that looks only at rows inside ``mask`` (no leakage from the rest).
 
     Only purchases in masked rows count. A masked row without such a purchase in its window is
-    observable only when its whole window lies inside the mask: it ends by the last masked
-    timestamp, and no unmasked row of the same user falls inside it. Unmasked rows are never
+    observable only when its whole window lies inside the mask (it ends by the last masked
+    timestamp, and no unmasked row of the same user falls inside it) and crosses no gap of the log
+    (gaps are found on all of ``ts``, see :func:`window_covered`). Unmasked rows are never
     observable.
 
     >>> et = np.array([0, 0, 5, 0])
@@ -152,7 +213,8 @@ def masked_purchase_labels(
     labels = (nxt_buy < user_end) & (ts[np.minimum(nxt_buy, last)] - ts <= horizon_s) & mask
     nxt_out = _next_flag_after(~mask)
     gap_in_window = (nxt_out < user_end) & (ts[np.minimum(nxt_out, last)] - ts <= horizon_s)
-    observable = mask & (labels | ((ts + horizon_s <= end_ts) & ~gap_in_window))
+    covered = (ts + horizon_s <= end_ts) & ~gap_in_window & window_covered(ts, horizon_s, gap_s)
+    observable = mask & (labels | covered)
     return labels.astype(np.int8), observable
 
 
@@ -200,6 +262,8 @@ class Baseline:
         fit_mask: np.ndarray,
         horizon_s: float,
         n_categories: int,
+        *,
+        gap_s: float | None = DEFAULT_GAP_S,
     ) -> None:
         """Learn from the rows in ``fit_mask`` of a log sorted by user and time.
 
@@ -217,9 +281,12 @@ class Baseline:
             Purchase horizon in seconds of event time.
         n_categories : int
             Vocabulary size C.
+        gap_s : float or None
+            Gap threshold of the purchase labels (:func:`purchase_labels`); None: no gap censoring.
         """
         self.n_categories = n_categories
         self.horizon_s = float(horizon_s)
+        self.gap_s = gap_s
 
     def start_user(self) -> None:
         """A new user's sequence begins: forget the previous user's state."""
@@ -241,8 +308,8 @@ class Popularity(Baseline):
 
     name = "popularity"
 
-    def fit(self, cats, etypes, ts, user_start, fit_mask, horizon_s, n_categories) -> None:
-        super().fit(cats, etypes, ts, user_start, fit_mask, horizon_s, n_categories)
+    def fit(self, cats, etypes, ts, user_start, fit_mask, horizon_s, n_categories, *, gap_s=DEFAULT_GAP_S):
+        super().fit(cats, etypes, ts, user_start, fit_mask, horizon_s, n_categories, gap_s=gap_s)
         self.pop = popularity_scores(np.asarray(cats)[np.asarray(fit_mask, bool)], n_categories)
 
     def category_scores(self) -> np.ndarray:
@@ -292,9 +359,9 @@ class UserHistory(Popularity):
 
     name = "user_history"
 
-    def fit(self, cats, etypes, ts, user_start, fit_mask, horizon_s, n_categories) -> None:
-        super().fit(cats, etypes, ts, user_start, fit_mask, horizon_s, n_categories)
-        labels, observable = masked_purchase_labels(etypes, ts, user_start, fit_mask, horizon_s)
+    def fit(self, cats, etypes, ts, user_start, fit_mask, horizon_s, n_categories, *, gap_s=DEFAULT_GAP_S):
+        super().fit(cats, etypes, ts, user_start, fit_mask, horizon_s, n_categories, gap_s=gap_s)
+        labels, observable = masked_purchase_labels(etypes, ts, user_start, fit_mask, horizon_s, gap_s=gap_s)
         n_obs = int(observable.sum())
         self.global_rate = float(labels[observable].mean()) if n_obs else 0.0
         self.counts = np.zeros(n_categories, dtype=np.float64)
@@ -375,8 +442,8 @@ class Markov(Popularity):
     name = "markov"
     current = 0
 
-    def fit(self, cats, etypes, ts, user_start, fit_mask, horizon_s, n_categories) -> None:
-        super().fit(cats, etypes, ts, user_start, fit_mask, horizon_s, n_categories)
+    def fit(self, cats, etypes, ts, user_start, fit_mask, horizon_s, n_categories, *, gap_s=DEFAULT_GAP_S):
+        super().fit(cats, etypes, ts, user_start, fit_mask, horizon_s, n_categories, gap_s=gap_s)
         cats = np.asarray(cats, dtype=np.int64)
         fit_mask = np.asarray(fit_mask, dtype=bool)
         n = cats.shape[0]
@@ -439,10 +506,10 @@ class Funnel(Baseline):
     name = "funnel"
     etype = -1
 
-    def fit(self, cats, etypes, ts, user_start, fit_mask, horizon_s, n_categories) -> None:
-        super().fit(cats, etypes, ts, user_start, fit_mask, horizon_s, n_categories)
+    def fit(self, cats, etypes, ts, user_start, fit_mask, horizon_s, n_categories, *, gap_s=DEFAULT_GAP_S):
+        super().fit(cats, etypes, ts, user_start, fit_mask, horizon_s, n_categories, gap_s=gap_s)
         etypes = np.asarray(etypes, dtype=np.int64)
-        labels, observable = masked_purchase_labels(etypes, ts, user_start, fit_mask, horizon_s)
+        labels, observable = masked_purchase_labels(etypes, ts, user_start, fit_mask, horizon_s, gap_s=gap_s)
         n = np.bincount(etypes[observable], minlength=N_EVENT_TYPES).astype(np.float64)
         k = np.bincount(etypes[observable], weights=labels[observable], minlength=N_EVENT_TYPES)
         self.type_proba = (k + 1.0) / (n + 2.0)
@@ -461,10 +528,191 @@ class Funnel(Baseline):
         return float(self.type_proba[self.etype])
 
 
+ADD_TO_CART = TYPE_INDEX["add_to_cart"]
+REMOVE_FROM_CART = TYPE_INDEX["remove_from_cart"]
+
+#: Change of the cart count by event type (DESIGN §3): an add puts one item in, a removal or a
+#: purchase takes one out. The same rule as the stream state's ``observe`` (model/state.py).
+CART_DELTA = np.zeros(N_EVENT_TYPES, dtype=np.int64)
+CART_DELTA[ADD_TO_CART] = 1
+CART_DELTA[REMOVE_FROM_CART] = -1
+CART_DELTA[PURCHASE] = -1
+
+
+class Cascade(Markov):
+    """A strict cascade of the simple signals, each tier ranked entirely above the next:
+
+    1. the user's last known category;
+    2. the categories in the user's cart (a per-category count: add +1, remove or purchase -1,
+       floored at 0), the most recently added first;
+    3. the user's other categories, by count, the most recent first on ties;
+    4. the Markov successors of the last category (:class:`Markov`'s transition counts on the fit
+       rows), by count, popularity on ties;
+    5. everything else by popularity.
+
+    A category is ranked in the highest tier it belongs to. Scores are ``tier + s`` with ``s`` in
+    [0, 1) strictly ordered within the tier, so the whole ranking is strict.
+
+    Examples
+    --------
+    >>> cats = np.array([1, 2, 1, 2, 1, 3], dtype=np.int32)   # successors of 1: 2 (twice), 3
+    >>> b = Cascade()
+    >>> b.fit(cats, np.zeros(6, np.int8), np.arange(6.0), np.array([0, 6]), np.ones(6, bool), 10.0, 6)
+    >>> b.start_user()
+    >>> for c, e in ((4, 0), (5, 2), (4, 0), (1, 0)):          # 5 added to the cart
+    ...     b.observe(c, e, 0.0)
+    >>> np.argsort(-b.category_scores()).tolist()             # last, cart, history, Markov, rest
+    [1, 5, 4, 2, 3, 0]
+    """
+
+    name = "cascade"
+
+    #: Tier offsets; the within-tier score is in [0, 1).
+    TIER_LAST, TIER_CART, TIER_HISTORY, TIER_MARKOV = 4.0, 3.0, 2.0, 1.0
+
+    def fit(self, cats, etypes, ts, user_start, fit_mask, horizon_s, n_categories, *, gap_s=DEFAULT_GAP_S):
+        super().fit(cats, etypes, ts, user_start, fit_mask, horizon_s, n_categories, gap_s=gap_s)
+        self.counts = np.zeros(n_categories, dtype=np.float64)
+        self.last_step = np.zeros(n_categories, dtype=np.float64)
+        self.cart = np.zeros(n_categories, dtype=np.int64)
+        self.cart_step = np.zeros(n_categories, dtype=np.float64)
+        self._touched: list[int] = []
+        self.start_user()
+
+    def start_user(self) -> None:
+        super().start_user()
+        if not hasattr(self, "counts"):
+            return
+        idx = self._touched
+        self.counts[idx] = 0.0
+        self.last_step[idx] = 0.0
+        self.cart[idx] = 0
+        self.cart_step[idx] = 0.0
+        self._touched = []
+        self.step = 0
+
+    def observe(self, cat: int, etype: int, ts: float) -> None:
+        super().observe(cat, etype, ts)
+        self.step += 1
+        if cat <= 0:
+            return
+        if self.counts[cat] == 0.0:
+            self._touched.append(cat)
+        self.counts[cat] += 1.0
+        self.last_step[cat] = self.step
+        delta = CART_DELTA[etype]
+        if delta > 0:
+            self.cart[cat] += 1
+            self.cart_step[cat] = self.step
+        elif delta < 0 and self.cart[cat] > 0:
+            self.cart[cat] -= 1
+
+    def category_scores(self) -> np.ndarray:
+        scores = self.pop.copy()  # tier 0: popularity in [0, 1)
+        a = self.current
+        if a > 0:
+            lo, hi = self.indptr[a], self.indptr[a + 1]
+            nxt, cnt = self.next_cats[lo:hi], self.next_counts[lo:hi]
+            if cnt.size:
+                scores[nxt] = self.TIER_MARKOV + (cnt + self.pop[nxt]) / (cnt.max() + 1.0)
+        idx = np.asarray(self._touched, dtype=np.int64)
+        if idx.size:
+            span = self.step + 1.0
+            hist = (self.counts[idx] * span + self.last_step[idx]) / ((self.counts[idx].max() + 1.0) * span)
+            scores[idx] = self.TIER_HISTORY + hist
+            in_cart = idx[self.cart[idx] > 0]
+            scores[in_cart] = self.TIER_CART + self.cart_step[in_cart] / span
+        if a > 0:
+            scores[a] = self.TIER_LAST
+        scores[0] = -np.inf
+        return scores
+
+
+def floored_cart_counts(
+    etypes: np.ndarray, user_start: np.ndarray, mask: np.ndarray | None = None
+) -> np.ndarray:
+    """Each user's cart count after each row: add +1, remove or purchase -1, never below 0.
+
+    Rows outside ``mask`` change nothing. Vectorized: with ``C`` the running sum of the changes,
+    the floored count is ``C - min(0, min(C so far))``, the running minimum taken within each user
+    by giving every later user a lower offset than anything an earlier one reaches.
+
+    >>> et = np.array([2, 2, 5, 3, 3, 2,   3, 2])      # adds 2, purchase, 2 removals, add | user 1
+    >>> floored_cart_counts(et, np.array([0, 6, 8])).tolist()
+    [1, 2, 1, 0, 0, 1, 0, 1]
+    """
+    etypes = np.asarray(etypes, dtype=np.int64)
+    n = etypes.shape[0]
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    d = CART_DELTA[etypes]
+    if mask is not None:
+        d = np.where(np.asarray(mask, dtype=bool), d, 0)
+    user_start = np.asarray(user_start, dtype=np.int64)
+    row_user = np.repeat(np.arange(user_start.shape[0] - 1), np.diff(user_start))
+    csum = np.cumsum(d)
+    before = np.r_[0, csum][user_start[:-1]]  # running sum before each user's first row
+    c = csum - before[row_user]
+    big = 2 * n + 1  # more than any |c| difference
+    run_min = np.minimum.accumulate(c - big * row_user) + big * row_user
+    return c - np.minimum(run_min, 0)
+
+
+class FunnelCart(Baseline):
+    """P(purchase within horizon | current event type, cart non-empty).
+
+    The cart is a per-user count (add +1, remove or purchase -1, floored at 0, as the stream
+    state counts it), since the baselines see no item ids. Fitted like :class:`Funnel` on the fit
+    rows with censored windows left out, Laplace smoothed ``(k + 1) / (n + 2)`` per cell.
+
+    Examples
+    --------
+    >>> et = np.array([0, 2, 0, 5, 0, 0])                 # view, cart, view, buy | view, view
+    >>> t = np.array([0.0, 10.0, 20.0, 30.0, 0.0, 500.0])
+    >>> b = FunnelCart()
+    >>> b.fit(np.zeros(6, np.int32), et, t, np.array([0, 4, 6]), np.ones(6, bool), 100.0, 2)
+    >>> b.start_user(); b.observe(0, 0, 0.0)
+    >>> float(b.purchase_proba())                          # views, empty cart: 1 of 2 observable
+    0.5
+    >>> b.observe(0, 2, 1.0); b.observe(0, 0, 2.0)
+    >>> float(b.purchase_proba())                          # views with a cart: 1 of 1
+    0.6666666666666666
+    """
+
+    name = "funnel_cart"
+    etype = -1
+    cart = 0
+
+    def fit(self, cats, etypes, ts, user_start, fit_mask, horizon_s, n_categories, *, gap_s=DEFAULT_GAP_S):
+        super().fit(cats, etypes, ts, user_start, fit_mask, horizon_s, n_categories, gap_s=gap_s)
+        etypes = np.asarray(etypes, dtype=np.int64)
+        labels, observable = masked_purchase_labels(etypes, ts, user_start, fit_mask, horizon_s, gap_s=gap_s)
+        has_cart = floored_cart_counts(etypes, user_start, fit_mask) > 0
+        cell = etypes * 2 + has_cart
+        n = np.bincount(cell[observable], minlength=2 * N_EVENT_TYPES).astype(np.float64)
+        k = np.bincount(cell[observable], weights=labels[observable], minlength=2 * N_EVENT_TYPES)
+        self.cell_proba = ((k + 1.0) / (n + 2.0)).reshape(N_EVENT_TYPES, 2)
+        self.prior = (k.sum() + 1.0) / (n.sum() + 2.0)
+        logger.debug("funnel_cart: P(purchase | type, cart) = %s", np.round(self.cell_proba, 4).tolist())
+
+    def start_user(self) -> None:
+        self.etype = -1
+        self.cart = 0
+
+    def observe(self, cat: int, etype: int, ts: float) -> None:
+        self.etype = etype
+        self.cart = max(0, self.cart + int(CART_DELTA[etype]))
+
+    def purchase_proba(self) -> float:
+        if self.etype < 0:
+            return float(self.prior)
+        return float(self.cell_proba[self.etype, int(self.cart > 0)])
+
+
 def make_baselines() -> list[Baseline]:
     """All baselines of the evaluation report, unfitted, in report order.
 
     >>> [b.name for b in make_baselines()]
-    ['popularity', 'last_category', 'user_history', 'markov', 'funnel']
+    ['popularity', 'last_category', 'user_history', 'markov', 'funnel', 'cascade', 'funnel_cart']
     """
-    return [Popularity(), LastCategory(), UserHistory(), Markov(), Funnel()]
+    return [Popularity(), LastCategory(), UserHistory(), Markov(), Funnel(), Cascade(), FunnelCart()]

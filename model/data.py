@@ -9,6 +9,10 @@ the phase allows:
 - validation: points ``T1 ≤ ts < T2``; labels only from rows ``< T2``, censored at ``T2``;
 - test: points ``ts ≥ T2``; labels from anything, censored at the end of the data.
 
+In every phase a purchase window that crosses a gap of the log (more than ``gap_s`` seconds,
+:data:`DEFAULT_GAP_S` by default, without any event of any user) and has no purchase in it is
+censored too: a hole in the data is no evidence that the user did not buy.
+
 >>> parse_time("2019-10-01"), parse_time("1569888000"), parse_time(1569888000.5)
 (1569888000.0, 1569888000.0, 1569888000.5)
 >>> next_category_targets(np.array([3, 4, 5, 6]), np.array([0, 3, 4])).tolist()
@@ -23,8 +27,13 @@ from datetime import UTC, datetime
 
 import numpy as np
 
-from model.baselines import PURCHASE, purchase_labels
+from model.baselines import DEFAULT_GAP_S, PURCHASE, purchase_labels, window_covered
 from model.eventlog import EventLog
+
+# DEFAULT_GAP_S (imported above, defined with the labels in model.baselines) is the longest silence
+# of the whole log (no event of any user) that still counts as continuous logging: a purchase window
+# crossing a longer one is censored, since the purchase may be in the hole (an outage, a missing
+# export day). ``from model.data import DEFAULT_GAP_S`` works too.
 
 #: Default split of the time span: the first 80 % trains, the next 10 % validates, the rest tests.
 DEFAULT_TRAIN_FRACTION = 0.8
@@ -171,13 +180,24 @@ class Points:
         return self.cat_target >= 0
 
 
-def phase_points(log: EventLog, split: Split, phase: str, cat_index: np.ndarray, horizon_s: float) -> Points:
+def phase_points(
+    log: EventLog,
+    split: Split,
+    phase: str,
+    cat_index: np.ndarray,
+    horizon_s: float,
+    *,
+    gap_s: float | None = DEFAULT_GAP_S,
+) -> Points:
     """Points and labels of ``phase`` ('train', 'valid' or 'test') for a log sorted by user and time.
 
     ``cat_index`` is the vocabulary index of every row (see :func:`model.encoding.category_index`).
     Train and validation labels never use a row at or after their phase's end (``T1``, ``T2``): a
     next event beyond it is no target, a purchase beyond it does not count, and a purchase window
     that reaches it without a purchase is censored. Test labels use the whole log, censored at its end.
+    In every phase a window without a visible purchase that crosses a gap of the log (more than
+    ``gap_s`` seconds without any event, see :func:`model.baselines.window_covered`) is censored;
+    ``gap_s=None`` turns that off.
     """
     if log.user_start is None:
         raise ValueError("phase_points needs a log sorted_by_user_time()")
@@ -194,12 +214,15 @@ def phase_points(log: EventLog, split: Split, phase: str, cat_index: np.ndarray,
     cat_ok = mask & has_next_cat & (next_ts(ts, log.user_start) < cutoff)
     cat_target = np.where(cat_ok, next_category_targets(cat_index, log.user_start), -1)
     if math.isinf(cutoff):
-        labels, observable = purchase_labels(log.etype, ts, log.user_start, horizon_s, split.end_ts)
+        labels, observable = purchase_labels(
+            log.etype, ts, log.user_start, horizon_s, split.end_ts, gap_s=gap_s
+        )
     else:
         # Purchases at or after the cutoff are invisible to this phase: drop them, then censor every
-        # window that reaches the cutoff without a visible purchase.
+        # window that reaches the cutoff (or crosses a gap) without a visible purchase.
         etypes = np.where((log.etype == PURCHASE) & (ts >= cutoff), -1, log.etype)
-        labels, _ = purchase_labels(etypes, ts, log.user_start, horizon_s, split.end_ts)
-        observable = (labels > 0) | (ts + horizon_s < cutoff)
+        labels, _ = purchase_labels(etypes, ts, log.user_start, horizon_s, split.end_ts, gap_s=None)
+        covered = (ts + horizon_s < cutoff) & window_covered(ts, horizon_s, gap_s)
+        observable = (labels > 0) | covered
     labels = np.where(mask, labels, 0).astype(np.int8)
     return Points(mask, cat_target.astype(np.int64), labels, mask & observable)
