@@ -9,22 +9,26 @@ Protocol
   model's vocabulary is a miss for every method (counted as ``n_targets_out_of_vocab``). Ranks count
   ties against the target (:func:`model.metrics.target_rank`); every category is ranked, no sampled
   negatives.
-- Purchase task: points whose label is observable (a window past the end of the data without a
-  purchase is censored).
+- Purchase task: points whose label is observable (a window past the end of the data, or across a
+  gap of the log longer than ``gap_s``, without a purchase is censored).
 - Baselines are fitted on rows ``< T2``, never on test rows.
+- ``best_baseline`` names, for every metric, the best baseline and the model's ratio to it (> 1:
+  the model is better), and :func:`aggregate_reports` folds reports of several seeds into mean,
+  std and n.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from model import checkpoint as ckpt_mod
-from model.baselines import make_baselines
+from model.baselines import DEFAULT_GAP_S, make_baselines
 from model.checkpoint import Checkpoint
 from model.data import Split, phase_points, temporal_split
 from model.encoding import category_index
@@ -35,6 +39,9 @@ from model.scoring import Scorer
 logger = logging.getLogger(__name__)
 
 METHOD_KEYS = CATEGORY_KEYS + PURCHASE_KEYS
+
+#: Metrics where lower is better; every other key of METHOD_KEYS is higher-is-better.
+LOWER_IS_BETTER = frozenset({"purchase_logloss", "purchase_ece"})
 
 
 def _score_model(
@@ -66,12 +73,13 @@ def _score_baselines(
     cat_target: np.ndarray,
     horizon_s: float,
     n_categories: int,
+    gap_s: float | None = DEFAULT_GAP_S,
 ):
     """Per baseline: (ranks, top1) over category points in row order, propensities over wanted rows."""
     baselines = make_baselines()
     fit_mask = log.ts < split.valid_end
     for b in baselines:
-        b.fit(cats, log.etype, log.ts, log.user_start, fit_mask, horizon_s, n_categories)
+        b.fit(cats, log.etype, log.ts, log.user_start, fit_mask, horizon_s, n_categories, gap_s=gap_s)
     out = {b.name: {"rank": {}, "top1": {}, "prop": {}} for b in baselines}
     etypes, ts = log.etype, log.ts
     for u in range(log.n_users):
@@ -120,12 +128,15 @@ def evaluate(
     horizon_s: float = 1800.0,
     plots_dir: str | Path | None = None,
     device: str = "cpu",
+    gap_s: float | None = DEFAULT_GAP_S,
 ) -> dict:
     """The evaluation report of DESIGN §8 for a checkpoint on a log (see the module docstring).
 
     Returns a dict with ``n_users``, ``n_train_events``, ``n_test_points``, ``model``, ``baselines``
-    (``popularity``, ``last_category``, ``user_history``, ``markov``, ``funnel``), plus
-    ``n_category_points``, ``n_purchase_points``, ``split``, ``category_coverage``, ``model_version``.
+    (``popularity``, ``last_category``, ``user_history``, ``markov``, ``funnel``, ``cascade``,
+    ``funnel_cart``), ``best_baseline`` (see :func:`best_baselines`), plus ``n_category_points``,
+    ``n_purchase_points``, ``split``, ``category_coverage``, ``model_version``, ``gap_s``.
+    ``gap_s`` is the gap threshold of the purchase labels (:func:`model.baselines.purchase_labels`).
     """
     if not isinstance(ckpt, Checkpoint):
         ckpt = ckpt_mod.load(ckpt)
@@ -134,7 +145,7 @@ def evaluate(
     split = split or temporal_split(log)
     vocab = ckpt.vocab
     cats = category_index(log, vocab)
-    pts = phase_points(log, split, "test", cats, horizon_s)
+    pts = phase_points(log, split, "test", cats, horizon_s, gap_s=gap_s)
     cat_pts = np.flatnonzero(pts.category_points)
     buy_pts = np.flatnonzero(pts.observable)
     want = pts.category_points | pts.observable
@@ -151,7 +162,7 @@ def evaluate(
             np.array([props[i] for i in buy_pts], np.float64),
         )
     }
-    base = _score_baselines(log, cats, split, want, pts.cat_target, horizon_s, n_classes)
+    base = _score_baselines(log, cats, split, want, pts.cat_target, horizon_s, n_classes, gap_s)
     for name, res in base.items():
         # A baseline scores a task at every point or at none (its method returns None).
         has_cat = len(cat_pts) > 0 and len(res["rank"]) > 0
@@ -172,11 +183,13 @@ def evaluate(
         "n_test_points": int(pts.mask.sum()),
         "model": model_rep,
         "baselines": base_rep,
+        "best_baseline": best_baselines(model_rep, base_rep),
         "n_category_points": len(cat_pts),
         "n_purchase_points": len(buy_pts),
         "purchase_positive_rate": float(labels.mean()) if len(labels) else float("nan"),
         "split": split.to_dict(),
         "horizon_s": horizon_s,
+        "gap_s": gap_s,
         "model_version": ckpt.model_version,
         "category_coverage": {
             "vocab_size": n_classes - 1,
@@ -200,22 +213,142 @@ def evaluate(
     return report
 
 
-def format_table(report: dict) -> str:
-    """Methods × metrics as a fixed-width text table (NaN or absent = '-').
+def _finite(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
-    >>> rep = {"model": {"category_accuracy": 0.5}, "baselines": {"funnel": {"purchase_auc": 0.7}}}
-    >>> print(format_table(rep).splitlines()[1].split())
-    ['category_accuracy', '0.5000', '-']
+
+def best_baselines(model: dict, baselines: dict[str, dict]) -> dict[str, dict]:
+    """For every metric of :data:`METHOD_KEYS` that some baseline scores, the best baseline and the
+    model's standing against it: ``{"name", "value", "model", "ratio"}``.
+
+    The best is the highest value, except for the keys of :data:`LOWER_IS_BETTER` (log loss, ECE)
+    where it is the lowest. ``ratio`` is oriented so that **> 1 means the model is better**: it is
+    ``model / best`` for higher-is-better metrics and ``best / model`` for log loss and ECE. It is
+    ``inf`` when the denominator is 0 and the numerator is not, NaN when the model has no value or
+    both are 0. Ties between baselines go to the one listed first. NaN values are skipped.
+
+    >>> b = best_baselines({"purchase_auc": 0.8, "purchase_logloss": 0.3},
+    ...                    {"f": {"purchase_auc": 0.7, "purchase_logloss": 0.4},
+    ...                     "g": {"purchase_auc": 0.5, "purchase_logloss": 0.2}})
+    >>> b["purchase_auc"]["name"], round(b["purchase_auc"]["ratio"], 4)
+    ('f', 1.1429)
+    >>> b["purchase_logloss"]["name"], round(b["purchase_logloss"]["ratio"], 4)   # 0.2 / 0.3
+    ('g', 0.6667)
+    """
+    out: dict[str, dict] = {}
+    for key in METHOD_KEYS:
+        cands = [(n, float(m[key])) for n, m in baselines.items() if _finite(m.get(key))]
+        if not cands:
+            continue
+        lower = key in LOWER_IS_BETTER
+        name, best = min(cands, key=lambda c: c[1]) if lower else max(cands, key=lambda c: c[1])
+        mv = model.get(key)
+        mval = float(mv) if _finite(mv) else float("nan")
+        num, den = (best, mval) if lower else (mval, best)
+        if math.isnan(num) or math.isnan(den) or (num == 0 and den == 0):
+            ratio = float("nan")
+        elif den == 0:
+            ratio = math.inf
+        else:
+            ratio = num / den
+        out[key] = {"name": name, "value": best, "model": mval, "ratio": ratio}
+    return out
+
+
+def _numeric_leaves(obj, prefix: tuple[str, ...] = ()):
+    """(path, value) of every int/float leaf (not bool) of nested dicts."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _numeric_leaves(v, (*prefix, str(k)))
+    elif isinstance(obj, int | float) and not isinstance(obj, bool):
+        yield prefix, float(obj)
+
+
+def aggregate_reports(reports: list[dict]) -> dict:
+    """Mean, sample std (ddof=1) and n of every numeric leaf of ``model``, ``baselines`` and
+    ``best_baseline.<metric>.ratio`` over evaluation reports of several seeds.
+
+    The result mirrors the reports' nesting with ``{"mean", "std", "n"}`` in place of each leaf,
+    plus ``n_reports``. ``n`` counts the reports where the leaf is finite (NaN and inf are left
+    out); ``mean`` and ``std`` are NaN when ``n`` is 0, ``std`` also when ``n`` is 1. A report
+    without ``best_baseline`` has it computed from its ``model`` and ``baselines``.
+
+    >>> reps = [{"model": {"auc": 0.6}, "baselines": {"f": {"auc": 0.5}}},
+    ...         {"model": {"auc": 0.8}, "baselines": {"f": {"auc": 0.5}}}]
+    >>> agg = aggregate_reports(reps)
+    >>> agg["model"]["auc"]["mean"], round(agg["model"]["auc"]["std"], 4), agg["model"]["auc"]["n"]
+    (0.7, 0.1414, 2)
+    >>> agg["baselines"]["f"]["auc"]
+    {'mean': 0.5, 'std': 0.0, 'n': 2}
+    """
+    values: dict[tuple[str, ...], list[float]] = {}
+
+    def add(path: tuple[str, ...], v: float) -> None:
+        values.setdefault(path, []).append(v)
+
+    for rep in reports:
+        for section in ("model", "baselines"):
+            for path, v in _numeric_leaves(rep.get(section, {}), (section,)):
+                add(path, v)
+        best = rep.get("best_baseline")
+        if best is None:
+            best = best_baselines(rep.get("model", {}), rep.get("baselines", {}))
+        for key, entry in best.items():
+            r = entry.get("ratio") if isinstance(entry, dict) else None
+            if isinstance(r, int | float) and not isinstance(r, bool):
+                add(("best_baseline", key, "ratio"), float(r))
+
+    out: dict = {"n_reports": len(reports)}
+    for path, vs in values.items():
+        arr = np.array([v for v in vs if math.isfinite(v)], dtype=np.float64)
+        n = int(arr.size)
+        stats = {
+            "mean": float(arr.mean()) if n else float("nan"),
+            "std": float(arr.std(ddof=1)) if n > 1 else float("nan"),
+            "n": n,
+        }
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = stats
+    return out
+
+
+def format_table(report: dict) -> str:
+    """Methods × metrics as a fixed-width text table (NaN or absent = '-'), then the best baseline
+    of each metric and the model's ratio to it (> 1: the model is better, see :func:`best_baselines`).
+
+    >>> rep = {"model": {"category_accuracy": 0.5, "purchase_auc": 0.8},
+    ...        "baselines": {"funnel": {"purchase_auc": 0.7}}}
+    >>> lines = format_table(rep).splitlines()
+    >>> lines[0].split()
+    ['metric', 'model', 'funnel', 'best', 'ratio']
+    >>> lines[1].split()
+    ['category_accuracy', '0.5000', '-', '-', '-']
+    >>> [ln.split() for ln in lines if ln.startswith("purchase_auc")]
+    [['purchase_auc', '0.8000', '0.7000', 'funnel', '1.1429']]
     """
     methods = {"model": report["model"], **report["baselines"]}
+    best = report.get("best_baseline")
+    if best is None:
+        best = best_baselines(report["model"], report["baselines"])
     names = list(methods)
     width = max(10, *(len(n) for n in names)) + 2
-    lines = ["metric".ljust(28) + "".join(n.rjust(width) for n in names)]
+    lines = [
+        "metric".ljust(28)
+        + "".join(n.rjust(width) for n in names)
+        + "best".rjust(width)
+        + "ratio".rjust(width)
+    ]
     for key in METHOD_KEYS:
         cells = []
         for n in names:
             v = methods[n].get(key)
             cells.append(("-" if v is None or v != v else f"{v:.4f}").rjust(width))
+        b = best.get(key)
+        ratio = None if b is None else b.get("ratio")
+        cells.append(("-" if b is None else str(b["name"])).rjust(width))
+        cells.append(("-" if ratio is None or ratio != ratio else f"{ratio:.4f}").rjust(width))
         lines.append(key.ljust(28) + "".join(cells))
     return "\n".join(lines)
 
@@ -230,6 +363,7 @@ def run_evaluation(
     valid_end: str | float | None = None,
     horizon_s: float = 1800.0,
     device: str = "cpu",
+    gap_s: float | None = DEFAULT_GAP_S,
 ) -> dict:
     """CLI entry (``demandstream evaluate``): load checkpoint and data, evaluate, write the JSON report.
 
@@ -246,7 +380,7 @@ def run_evaluation(
     else:
         split = temporal_split(log, train_end, valid_end)
     with torch.inference_mode():
-        rep = evaluate(ck, log, split, horizon_s=horizon_s, plots_dir=plots, device=device)
+        rep = evaluate(ck, log, split, horizon_s=horizon_s, plots_dir=plots, device=device, gap_s=gap_s)
     # calibration: whether the model's propensities were Platt-scaled, and why not (model.train.calibrate)
     rep["train_metrics"] = {
         k: ck.metrics.get(k) for k in ("train_events_per_s", "epochs_run", "best_epoch", "calibration")

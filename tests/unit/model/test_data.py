@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from model.baselines import log_gaps
 from model.data import Split, next_category_targets, parse_time, phase_points, temporal_split
 from model.encoding import category_index
 from model.eventlog import EventLog
@@ -101,3 +102,32 @@ def test_validation_labels_stop_at_t2_and_test_labels_are_censored_at_the_end():
     assert not (te.observable & (te.purchase == 0) & (log.ts + HORIZON > split.end_ts)).any()
     with pytest.raises(ValueError, match="unknown phase"):
         phase_points(log, split, "holdout", cats, HORIZON)
+
+
+def test_phase_points_censor_windows_across_a_gap_in_every_phase():
+    """Two hours without any event in each phase: a window crossing them is no negative."""
+    gap = 7200.0
+    events = []
+    for phase_start in (0.0, T1, T2):
+        for u in range(3):
+            # a view at the start, one just before the silence, then the log resumes after it
+            for k, dt in enumerate((0.0, 500.0, 500.0 + gap, 600.0 + gap, 3000.0 + gap)):
+                etype = "purchase" if (u == 0 and k == 1) else "view"
+                events.append(
+                    Event(f"e{phase_start}-{u}-{k}", f"u{u}", phase_start + dt + u, etype, "i", "c")
+                )
+    log = EventLog.from_events(events).sorted_by_user_time()
+    split = Split(T1, T2, float(log.ts.max()))
+    cats = category_index(log, Vocabulary.build(log.categories))
+    gaps = log_gaps(log.ts)  # the last event before each silence
+    assert gaps.tolist() == [502.0, T1 + 502.0, T2 + 502.0]
+    for phase in ("train", "valid", "test"):
+        pts = phase_points(log, split, phase, cats, HORIZON)
+        negative = pts.observable & (pts.purchase == 0)
+        crosses = np.array([((gaps >= t) & (gaps < t + HORIZON)).any() for t in log.ts])
+        assert not (negative & crosses).any(), phase
+        # user 0's view at the start sees its purchase 500 s later, before the gap: still a positive
+        assert (pts.observable & (pts.purchase == 1) & crosses).any(), phase
+        off = phase_points(log, split, phase, cats, HORIZON, gap_s=None)
+        assert (off.observable & (off.purchase == 0) & crosses).any(), phase  # were negatives before
+        assert (off.observable >= pts.observable).all() and (off.purchase == pts.purchase).all()
