@@ -1,4 +1,4 @@
-"""Offline loaders: event files (our JSONL, REES46 CSV, RetailRocket CSV) into an EventLog.
+"""Offline loaders: event files (our JSONL, REES46 CSV, RetailRocket CSV, Taobao CSV) into an EventLog.
 
 Rows are streamed, one line at a time, from plain or gzip files into an
 :class:`~model.eventlog.EventLogBuilder`; every row becomes a dict in the schema of DESIGN §3
@@ -24,6 +24,11 @@ Formats
     is not folded into the name, so one category keeps one name whatever the tree says
     (:func:`read_category_tree` gives the tree to whoever wants parents). Side files are found
     next to ``events.csv`` or passed explicitly.
+``taobao``
+    The Taobao UserBehavior CSV, without a header: ``user_id,item_id,category_id,behavior_type,
+    timestamp`` with behaviors ``pv``/``cart``/``fav``/``buy`` (view, add_to_cart, favorite,
+    purchase) and unix seconds; no price. The category is ``category_id``; ``event_id`` is
+    ``<file stem>:<line number>``.
 
 >>> import tempfile, pathlib
 >>> d = pathlib.Path(tempfile.mkdtemp())
@@ -62,7 +67,7 @@ from model.events import TYPE_INDEX, BadEvent, Event, parse_event, validate_even
 
 logger = logging.getLogger(__name__)
 
-FORMATS: tuple[str, ...] = ("jsonl", "rees46", "retailrocket")
+FORMATS: tuple[str, ...] = ("jsonl", "rees46", "retailrocket", "taobao")
 
 REES46_HEADER = (
     "event_time",
@@ -88,12 +93,18 @@ REES46_TYPES = {
     "purchase": "purchase",
 }
 RR_TYPES = {"view": "view", "addtocart": "add_to_cart", "transaction": "purchase"}
+TAOBAO_TYPES = {"pv": "view", "cart": "add_to_cart", "fav": "favorite", "buy": "purchase"}
+
+#: Columns of a Taobao UserBehavior row (the file has no header).
+TAOBAO_COLUMNS = ("user_id", "item_id", "category_id", "behavior_type", "timestamp")
 
 #: Reason codes of rows rejected before validation (validate_event's own codes come from BadEvent).
 COLUMN_COUNT = "column_count"
 BAD_NUMBER = "bad_number"
 BAD_TIME = "bad_time"
 BAD_CSV = "bad_csv"
+#: validate_event's code for an unknown event type, used for a Taobao behavior outside TAOBAO_TYPES.
+BAD_TYPE = "bad_type"
 
 #: RetailRocket timestamps are unix milliseconds.
 MS_PER_S = 1000.0
@@ -204,6 +215,10 @@ def load_log(
         for p in files:
             stats.files.append(str(p))
             _read_rees46(p, sink)
+    elif fmt == "taobao":
+        for p in files:
+            stats.files.append(str(p))
+            _read_taobao(p, sink)
     else:
         _load_retailrocket(files, sink, item_properties, category_tree)
     log = sink.builder.build()
@@ -239,6 +254,8 @@ def detect_format(path: str | Path) -> str:
         return "rees46"
     if header in (RR_EVENTS_HEADER, RR_PROPERTIES_HEADER, RR_TREE_HEADER):
         return "retailrocket"
+    if _looks_like_taobao(header):
+        return "taobao"
     raise ValueError(f"{p}: cannot tell the format from its first line {first[:80]!r}; pass --format")
 
 
@@ -489,6 +506,53 @@ class _Rees46Time:
             return None  # a time without its zone is ambiguous
         self.last, self.last_ts = s, dt.timestamp()
         return self.last_ts
+
+
+def _read_taobao(path: Path, sink: _Sink) -> None:
+    stats = sink.stats
+    stem = _stem(path)
+    keep_ids = sink.keep_ids
+    with open_text(path) as f:
+        rows = csv.reader(f)
+        for row in _csv_rows(rows, sink):
+            if not row:
+                continue
+            stats.rows_read += 1
+            if len(row) != 5:
+                sink.reject(COLUMN_COUNT)
+                continue
+            user, item, cat_id, behavior, ts_s = row
+            etype = TAOBAO_TYPES.get(behavior)
+            if etype is None:
+                # Only the four Taobao behaviors: an alias validate_event would take is still wrong here.
+                sink.reject(BAD_TYPE)
+                continue
+            try:
+                ts = float(ts_s)
+            except ValueError:
+                sink.reject(BAD_TIME)
+                continue
+            sink.add(
+                {
+                    "event_id": f"{stem}:{rows.line_num}" if keep_ids else stem,
+                    "user_id": user,
+                    "ts": ts,
+                    "type": etype,
+                    "item_id": item or None,
+                    "category": cat_id or None,
+                }
+            )
+
+
+def _looks_like_taobao(fields: tuple[str, ...]) -> bool:
+    """A headerless Taobao row: five fields, a known behavior, a numeric timestamp."""
+    if len(fields) != len(TAOBAO_COLUMNS) or fields[3] not in TAOBAO_TYPES:
+        return False
+    try:
+        float(fields[4])
+    except ValueError:
+        return False
+    return True
 
 
 def _load_retailrocket(

@@ -19,6 +19,7 @@ FIXTURES = REPO / "tests" / "fixtures"
 REES46 = FIXTURES / "rees46_sample.csv"
 JSONL = FIXTURES / "events_sample.jsonl"
 RR = FIXTURES / "retailrocket"
+TAOBAO = FIXTURES / "taobao_sample.csv"
 # CI clones the repo elsewhere with shared/ beside the clone, so shared is always <repo>/../shared.
 SHARED_DATA = REPO.parent / "shared" / "data"
 
@@ -218,6 +219,63 @@ def test_read_category_tree():
     assert read_category_tree(RR / "category_tree.csv") == {"1": "100", "2": "100", "3": None, "100": None}
 
 
+# -- Taobao UserBehavior ----------------------------------------------------------------------------
+
+
+def test_taobao_counts_rejects_and_maps_behaviors():
+    stats = LoadStats()
+    log = load_log(TAOBAO, "taobao", stats=stats)
+    assert stats.rows_read == 40
+    # a 4-column row, the unknown behavior "click", the timestamp "yesterday"
+    assert dict(stats.malformed) == {"column_count": 1, "bad_type": 1, "bad_time": 1}
+    assert stats.duplicates_dropped == 1  # user 1000's repeated view
+    assert stats.out_of_order_fixed == 1  # user 100's cart is before the view above it
+    assert stats.users_dropped_rate == 0 and stats.missing_category == 0
+    assert stats.rows_kept == len(log) == 40 - 3 - 1
+    by_user = events_by_user(log)
+    assert sorted(by_user) == ["1", "100", "1000", "10000", "100001"]
+    types = [e.type for evs in by_user.values() for e in evs]
+    assert {t: types.count(t) for t in set(types)} == {
+        "view": 23,
+        "add_to_cart": 5,
+        "favorite": 4,
+        "purchase": 4,
+    }
+    u1 = by_user["1"]
+    assert [(e.ts, e.type, e.item_id, e.category) for e in u1[5:9]] == [
+        (1511544370.0, "add_to_cart", "4606018", "2735466"),
+        (1511544430.0, "view", "230380", "411153"),
+        (1511544490.0, "favorite", "3827899", "2920476"),
+        (1511544550.0, "purchase", "4606018", "2735466"),
+    ]
+    assert u1[0].event_id == "taobao_sample:1" and u1[0].price is None and u1[0].session_id is None
+    u100 = by_user["100"]
+    assert [e.type for e in u100[:3]] == ["view", "add_to_cart", "view"]  # sorted back into time order
+    assert u100[1].event_id == "taobao_sample:14"
+
+
+def test_taobao_gz_reads_the_same_as_plain(tmp_path):
+    gz = tmp_path / "UserBehavior.csv.gz"
+    with TAOBAO.open("rb") as src, gzip.open(gz, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    plain = load_log(TAOBAO, "taobao", keep_ids=False)
+    packed = load_log(gz, "taobao", keep_ids=False)
+    assert len(packed) == len(plain) == 36
+    assert np.array_equal(packed.ts, plain.ts) and np.array_equal(packed.etype, plain.etype)
+    assert [e.category for e in packed.user_events(0)] == [e.category for e in plain.user_events(0)]
+    assert detect_format(gz) == "taobao"
+
+
+def test_taobao_non_finite_and_out_of_range_times_are_bad_ts(tmp_path):
+    p = tmp_path / "t.csv"
+    p.write_text("1,2,3,pv,nan\n1,2,3,pv,inf\n1,2,3,pv,-1\n1,2,3,Buy,1511544070\n1,2,3,pv,1511544070.5\n")
+    stats = LoadStats()
+    log = load_log(p, "taobao", stats=stats, clean=None)
+    # "Buy" is not a Taobao behavior (they are lower case), although the topic would take the alias
+    assert dict(stats.malformed) == {"bad_ts": 3, "bad_type": 1}
+    assert log.ts.tolist() == [1511544070.5]
+
+
 # -- errors and detection -----------------------------------------------------------------------
 
 
@@ -246,6 +304,7 @@ def test_a_file_of_another_format_is_a_clear_error():
         (JSONL, "jsonl"),
         (RR / "events.csv", "retailrocket"),
         (RR / "item_properties_part1.csv", "retailrocket"),
+        (TAOBAO, "taobao"),
     ],
 )
 def test_detect_format(path, fmt):
