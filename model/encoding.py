@@ -1,114 +1,145 @@
 """Encoding events into the feature arrays DemandLSTM reads, for one step or a whole log.
 
-Both paths go through :meth:`FeatureBuffer.put`, which advances the user's :class:`~model.state.UserState`
-summary with :func:`~model.state.observe` and writes one row of features. Streaming and offline
-encoding therefore cannot differ.
+Both paths go through :func:`event_features`, which advances the user's :class:`~model.state.UserState`
+summary with :func:`~model.state.observe` and returns one named row of features; :class:`FeatureBuffer`
+stores rows column by column. Streaming and offline encoding therefore cannot differ.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from model.eventlog import EventLog
 from model.events import TYPE_INDEX, Event
-from model.features import Vocabulary, gap_bucket, hash_bucket, price_bucket, query_tokens
+from model.features import Vocabulary, category_hash, gap_bucket, hash_bucket, price_bucket, query_tokens
 from model.network import ModelConfig
 from model.state import UserState, new_state, observe
 
 _AGE_MAX = 0xFFFF  # ages beyond this many events are all "long ago"; stored as uint16
 
+#: Seconds-since features of something that never happened (no add-to-cart yet): far beyond any horizon.
+NEVER_S = 1e8
 
-def event_features(cfg: ModelConfig, s: UserState, cat: int, etype: int, ts: float, item_id: str | None,
-                   price: float | None, query: str | None) -> tuple:
-    """Apply one event to state ``s``; return its feature row (the one definition of an encoded event).
 
-    Order: etype, item bucket, category, price bucket, gap bucket, query tokens, history categories,
-    counts, ages, cart, purchases, events seen.
-    """
-    gap = observe(s, cat, etype, ts)
+class EncodedEvent(NamedTuple):
+    """One encoded event: the features of the step and the history summary *after* the event."""
+
+    etype: int
+    item: int
+    cat: int  #: vocabulary index of the event's category (0 = none or unknown)
+    price: int
+    gap: int
+    query: Sequence[int]
+    hist_cats: list[int]  #: category hashes of the slots (-1 = empty)
+    hist_counts: list[int]
+    hist_ages: list[int]  #: events since each slot was last seen (0 = this event)
+    hist_secs: list[float]  #: seconds since each slot was last seen
+    hist_cart: list[int]
+    hist_etype: list[int]
+    cart: int
+    purchases: int
+    events_seen: int
+    session_adds: int
+    add_secs: float  #: seconds since the last add-to-cart (NEVER_S when none)
+
+
+def event_features(cfg: ModelConfig, s: UserState, cat: int, cat_hash: int, etype: int, ts: float,
+                   item_id: str | None, price: float | None, query: str | None) -> EncodedEvent:
+    """Apply one event to state ``s``; return its feature row (the one definition of an encoded event)."""
+    gap = observe(s, cat_hash, etype, ts)
     seen = s.events_seen
-    return (
+    now = s.last_ts
+    return EncodedEvent(
         etype, hash_bucket(item_id, cfg.item_buckets), cat, price_bucket(price), gap_bucket(gap),
         query_tokens(query, cfg.query_buckets, cfg.query_tokens) if query else (),
         s.hist_cats.copy(), s.hist_counts.copy(),
         [seen - last if seen - last < _AGE_MAX else _AGE_MAX for last in s.hist_last],
-        s.cart, s.purchases, seen,
+        [max(0.0, now - t) if c >= 0 else NEVER_S for c, t in zip(s.hist_cats, s.hist_ts, strict=True)],
+        s.hist_cart.copy(), s.hist_etype.copy(),
+        s.cart, s.purchases, seen, s.session_adds,
+        NEVER_S if math.isnan(s.last_add_ts) else max(0.0, now - s.last_add_ts),
     )
 
 
+#: Columns of a FeatureBuffer: name -> (numpy dtype of storage, torch dtype handed to the network).
+#: ``hist_vocab`` is derived (vocabulary index of each slot's hash), every other column is a field of
+#: :class:`EncodedEvent`.
+COLUMNS: dict[str, tuple[type, torch.dtype]] = {
+    "etype": (np.int64, torch.int64), "item": (np.int64, torch.int64), "cat": (np.int64, torch.int64),
+    "price": (np.int64, torch.int64), "gap": (np.int64, torch.int64), "query": (np.int64, torch.int64),
+    "hist_cats": (np.int64, torch.int64), "hist_vocab": (np.int64, torch.int64),
+    "hist_counts": (np.float32, torch.float32), "hist_ages": (np.float32, torch.float32),
+    "hist_secs": (np.float32, torch.float32), "hist_cart": (np.float32, torch.float32),
+    "hist_etype": (np.int64, torch.int64), "cart": (np.float32, torch.float32),
+    "purchases": (np.float32, torch.float32), "events_seen": (np.float32, torch.float32),
+    "session_adds": (np.float32, torch.float32), "add_secs": (np.float32, torch.float32),
+}
+_SLOT_COLUMNS = ("hist_cats", "hist_counts", "hist_ages", "hist_secs", "hist_cart", "hist_etype")
+_SCALAR_COLUMNS = ("etype", "item", "cat", "price", "gap", "cart", "purchases", "events_seen", "session_adds",
+                   "add_secs")
+
+
 class FeatureBuffer:
-    """Preallocated feature arrays for ``n`` rows; reused across micro-batches to avoid allocation."""
+    """Preallocated feature arrays for ``n`` rows; reused across micro-batches to avoid allocation.
 
-    def __init__(self, cfg: ModelConfig, n: int):
+    ``vocab`` maps each history slot's category hash to its vocabulary index (``hist_vocab``).
+    """
+
+    def __init__(self, cfg: ModelConfig, n: int, vocab: Vocabulary):
         self.cfg = cfg
-        k, q = cfg.history_slots, cfg.query_tokens
+        self.vocab = vocab
         self.n = n
-        self.etype = np.zeros(n, np.int64)
-        self.item = np.zeros(n, np.int64)
-        self.cat = np.zeros(n, np.int64)
-        self.price = np.zeros(n, np.int64)
-        self.gap = np.zeros(n, np.int64)
-        self.query = np.zeros((n, q), np.int64)
-        self.hist_cats = np.zeros((n, k), np.int32)
-        self.hist_counts = np.zeros((n, k), np.uint16)
-        self.hist_ages = np.zeros((n, k), np.uint16)
-        self.cart = np.zeros(n, np.float32)
-        self.purchases = np.zeros(n, np.float32)
-        self.events_seen = np.zeros(n, np.float32)
+        k, q = cfg.history_slots, cfg.query_tokens
+        self.cols: dict[str, np.ndarray] = {}
+        for name, (dtype, _) in COLUMNS.items():
+            shape = (n, k) if name.startswith("hist_") else (n, q) if name == "query" else (n,)
+            self.cols[name] = np.zeros(shape, dtype)
 
-    def put(self, row: int, s: UserState, cat: int, etype: int, ts: float, item_id: str | None,
-            price: float | None, query: str | None) -> None:
-        """Apply one event to state ``s`` and write its features into ``row``."""
-        self.put_rows(row, [event_features(self.cfg, s, cat, etype, ts, item_id, price, query)])
+    def __getattr__(self, name: str) -> np.ndarray:
+        cols = self.__dict__.get("cols")
+        if cols is not None and name in cols:
+            return cols[name]
+        raise AttributeError(name)
 
-    def put_rows(self, start: int, rows: list[tuple]) -> None:
-        """Write :func:`event_features` tuples into consecutive rows, one column at a time."""
+    def put_rows(self, start: int, rows: Sequence[EncodedEvent]) -> None:
+        """Write :func:`event_features` rows into consecutive rows, one column at a time."""
         if not rows:
             return
         end = start + len(rows)
-        cols = list(zip(*rows, strict=True))
-        self.etype[start:end] = cols[0]
-        self.item[start:end] = cols[1]
-        self.cat[start:end] = cols[2]
-        self.price[start:end] = cols[3]
-        self.gap[start:end] = cols[4]
-        q = self.query[start:end]
+        cols = self.cols
+        for name in _SCALAR_COLUMNS + _SLOT_COLUMNS:
+            cols[name][start:end] = [getattr(r, name) for r in rows]
+        q = cols["query"][start:end]
         q[:] = 0
-        for i, toks in enumerate(cols[5]):
-            if toks:
-                q[i, : len(toks)] = toks
-        self.hist_cats[start:end] = cols[6]
-        self.hist_counts[start:end] = cols[7]
-        self.hist_ages[start:end] = cols[8]
-        self.cart[start:end] = cols[9]
-        self.purchases[start:end] = cols[10]
-        self.events_seen[start:end] = cols[11]
+        for i, r in enumerate(rows):
+            if r.query:
+                q[i, : len(r.query)] = r.query
+        cols["hist_vocab"][start:end] = self.vocab.index_of_hashes(cols["hist_cats"][start:end])
 
     def tensors(self, rows: slice | np.ndarray, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         """Feature tensors of the selected rows (leading dims follow ``rows``' shape)."""
-        def t(a, dtype=None):
-            x = torch.from_numpy(np.ascontiguousarray(a[rows]))
-            if dtype is not None:
-                x = x.to(dtype)
-            return x.to(device, non_blocking=True)
-
-        return {
-            "etype": t(self.etype), "item": t(self.item), "cat": t(self.cat), "price": t(self.price),
-            "gap": t(self.gap), "query": t(self.query), "hist_cats": t(self.hist_cats, torch.int64),
-            "hist_counts": t(self.hist_counts, torch.float32), "hist_ages": t(self.hist_ages, torch.float32),
-            "cart": t(self.cart), "purchases": t(self.purchases), "events_seen": t(self.events_seen),
-        }
+        out = {}
+        for name, (_, tdtype) in COLUMNS.items():
+            x = torch.from_numpy(np.ascontiguousarray(self.cols[name][rows]))
+            out[name] = x.to(device=device, dtype=tdtype, non_blocking=True)
+        return out
 
 
-def encode_events(buf: FeatureBuffer, events: Sequence[Event], states: Sequence[UserState],
-                  vocab: Vocabulary) -> None:
+def encode_event(cfg: ModelConfig, vocab: Vocabulary, s: UserState, e: Event) -> EncodedEvent:
+    """:func:`event_features` of a parsed :class:`~model.events.Event`."""
+    return event_features(cfg, s, vocab.index(e.category), category_hash(e.category), TYPE_INDEX[e.type], e.ts,
+                          e.item_id, e.price, e.query)
+
+
+def encode_events(buf: FeatureBuffer, events: Sequence[Event], states: Sequence[UserState]) -> None:
     """Streaming: rows 0..len(events)-1 of ``buf`` for one event per (distinct) user; states advance."""
-    cfg, index = buf.cfg, vocab.index
-    buf.put_rows(0, [event_features(cfg, s, index(e.category), TYPE_INDEX[e.type], e.ts, e.item_id, e.price, e.query)
-                     for e, s in zip(events, states, strict=True)])
+    cfg, vocab = buf.cfg, buf.vocab
+    buf.put_rows(0, [encode_event(cfg, vocab, s, e) for e, s in zip(events, states, strict=True)])
 
 
 def encode_log(log: EventLog, cfg: ModelConfig, vocab: Vocabulary) -> FeatureBuffer:
@@ -118,16 +149,20 @@ def encode_log(log: EventLog, cfg: ModelConfig, vocab: Vocabulary) -> FeatureBuf
     """
     if log.user_start is None:
         raise ValueError("encode_log needs a log sorted_by_user_time()")
-    buf = FeatureBuffer(cfg, len(log))
-    cat_of = np.array([vocab.index(c) for c in log.categories] + [0], dtype=np.int64)  # -1 -> last = 0
-    cats = cat_of[log.category]
+    buf = FeatureBuffer(cfg, len(log), vocab)
+    cats = category_index(log, vocab)
+    hashes = category_hashes(log)
     items, queries = log.items, log.queries
     for u in range(log.n_users):
         s = new_state(cfg.layers, 1, cfg.history_slots)  # h/c unused here: only the summary matters
-        for i in range(int(log.user_start[u]), int(log.user_start[u + 1])):
+        s0, s1 = int(log.user_start[u]), int(log.user_start[u + 1])
+        rows = []
+        for i in range(s0, s1):
             it, q, p = int(log.item[i]), int(log.query[i]), float(log.price[i])
-            buf.put(i, s, int(cats[i]), int(log.etype[i]), float(log.ts[i]),
-                    items[it] if it >= 0 else None, None if p != p else p, queries[q] if q >= 0 else None)
+            rows.append(event_features(cfg, s, int(cats[i]), int(hashes[i]), int(log.etype[i]), float(log.ts[i]),
+                                       items[it] if it >= 0 else None, None if p != p else p,
+                                       queries[q] if q >= 0 else None))
+        buf.put_rows(s0, rows)
     return buf
 
 
@@ -135,3 +170,9 @@ def category_index(log: EventLog, vocab: Vocabulary) -> np.ndarray:
     """Vocabulary index of every row's category (0 = unknown or none)."""
     cat_of = np.array([vocab.index(c) for c in log.categories] + [0], dtype=np.int32)
     return cat_of[log.category]
+
+
+def category_hashes(log: EventLog) -> np.ndarray:
+    """:func:`~model.features.category_hash` of every row's raw category (0 = none)."""
+    h = np.array([category_hash(c) for c in log.categories] + [0], dtype=np.int64)
+    return h[log.category]

@@ -31,9 +31,10 @@ from model import checkpoint as ckpt_mod
 from model.baselines import DEFAULT_GAP_S, make_baselines
 from model.checkpoint import Checkpoint
 from model.data import Split, phase_points, temporal_split
-from model.encoding import category_index
 from model.eventlog import EventLog
+from model.features import category_hash
 from model.metrics import CATEGORY_KEYS, PURCHASE_KEYS, category_metrics, purchase_metrics, target_rank
+from model.network import DemandLSTM
 from model.scoring import Scorer
 
 logger = logging.getLogger(__name__)
@@ -47,22 +48,57 @@ LOWER_IS_BETTER = frozenset({"purchase_logloss", "purchase_ece"})
 def _score_model(
     ckpt: Checkpoint, log: EventLog, want: np.ndarray, cat_target: np.ndarray, device: str
 ) -> tuple[dict[int, tuple[int, int]], dict[int, float]]:
-    """(rank, top1) per category point and propensity per wanted row, from the model."""
+    """(rank, top1) per category point and propensity per wanted row, from the model.
+
+    ``cat_target`` and the returned top-1 are in the log's raw category space (:func:`raw_categories`).
+    The model ranks its vocabulary plus the history slots of categories outside it; a target that is in
+    neither is a miss (rank past every column).
+    """
     scorer = Scorer(ckpt, device=device)
+    vocab = ckpt.vocab
+    raw_vocab = np.array([0] + [vocab.index(c) for c in log.categories], np.int64)
+    raw_hash = np.r_[0, category_hashes_of(log.categories)]
+    vocab_raw = np.zeros(len(vocab), np.int64)
+    vocab_raw[raw_vocab[1:]] = np.arange(1, len(raw_vocab))
+    vocab_raw[0] = 0
+    hash_raw = {int(h): i + 1 for i, h in enumerate(raw_hash[1:].tolist())}
     ranks: dict[int, tuple[int, int]] = {}
     props: dict[int, float] = {}
-    for rows, probs, prop in scorer.predict_log(log, want):
-        p = probs.float().cpu().numpy()
+    for rows, probs, prop, hist_cats in scorer.predict_log(log, want):
         t = cat_target[rows]
         is_cat = t >= 0
         if is_cat.any():
-            r = target_rank(p[is_cat], t[is_cat])
-            top1 = p[is_cat].argmax(1)
-            for row, rk, tp in zip(rows[is_cat].tolist(), r.tolist(), top1.tolist(), strict=True):
+            p = probs[torch.from_numpy(is_cat)]
+            hc = hist_cats[torch.from_numpy(is_cat)]
+            t_raw = t[is_cat]
+            n_vocab = p.shape[1] - hc.shape[1]
+            col = DemandLSTM.target_columns(
+                {"hist_cats": hc, "hist_vocab": torch.from_numpy(vocab.index_of_hashes(hc.cpu().numpy())).to(hc.device)},
+                torch.from_numpy(raw_vocab[t_raw]).to(p.device), torch.from_numpy(raw_hash[t_raw]).to(p.device),
+                n_vocab,
+            ).cpu().numpy()
+            pn = p.float().cpu().numpy()
+            r = target_rank(pn, np.maximum(col, 0))
+            r = np.where(col > 0, r, pn.shape[1] + 1)
+            top = pn.argmax(1)
+            slot_hash = hc.cpu().numpy()[np.arange(len(top)), np.maximum(top - n_vocab, 0)]
+            top_raw = [int(vocab_raw[c]) if c < n_vocab else hash_raw.get(int(h), 0)
+                       for c, h in zip(top.tolist(), slot_hash.tolist(), strict=True)]
+            for row, rk, tp in zip(rows[is_cat].tolist(), r.tolist(), top_raw, strict=True):
                 ranks[row] = (rk, tp)
         for row, pr in zip(rows.tolist(), prop.float().cpu().numpy().tolist(), strict=True):
             props[row] = pr
     return ranks, props
+
+
+def raw_categories(log: EventLog) -> np.ndarray:
+    """Every row's category in the log's own space: interned id + 1 (0 = none). Baselines rank in this
+    space, so they can repeat a category no vocabulary knows, just as the model's history slots can."""
+    return (np.asarray(log.category, np.int64) + 1).astype(np.int32)
+
+
+def category_hashes_of(names) -> np.ndarray:
+    return np.array([category_hash(c) for c in names], np.int64)
 
 
 def _score_baselines(
@@ -144,14 +180,14 @@ def evaluate(
         log = log.sorted_by_user_time()
     split = split or temporal_split(log)
     vocab = ckpt.vocab
-    cats = category_index(log, vocab)
+    cats = raw_categories(log)
     pts = phase_points(log, split, "test", cats, horizon_s, gap_s=gap_s)
     cat_pts = np.flatnonzero(pts.category_points)
     buy_pts = np.flatnonzero(pts.observable)
     want = pts.category_points | pts.observable
     targets = pts.cat_target[cat_pts]
     labels = pts.purchase[buy_pts].astype(np.float64)
-    n_classes = len(vocab)
+    n_classes = len(log.categories) + 1
 
     ranks, props = _score_model(ckpt, log, want, pts.cat_target, device)
     # Per method: target ranks, top-1 predictions and propensities at the shared points (None = cannot score).
@@ -177,6 +213,8 @@ def evaluate(
     base_rep = reports
 
     has_cat_row = log.category >= 0
+    in_vocab = np.array([True] + [vocab.index(c) > 0 for c in log.categories])
+    n_oov = int((~in_vocab[targets]).sum())
     report = {
         "n_users": int(log.n_users),
         "n_train_events": int((log.ts < split.train_end).sum()),
@@ -192,11 +230,11 @@ def evaluate(
         "gap_s": gap_s,
         "model_version": ckpt.model_version,
         "category_coverage": {
-            "vocab_size": n_classes - 1,
+            "vocab_size": len(vocab) - 1,
             "n_categories_in_data": len(log.categories),
             "rows_with_category": float(has_cat_row.mean()) if len(log) else float("nan"),
-            "n_targets_out_of_vocab": int((targets == 0).sum()),
-            "targets_in_vocab": float((targets > 0).mean()) if len(targets) else float("nan"),
+            "n_targets_out_of_vocab": int(n_oov),
+            "targets_in_vocab": float(1 - n_oov / len(targets)) if len(targets) else float("nan"),
         },
     }
     if plots_dir is not None:

@@ -11,6 +11,8 @@ two can never encode an event differently.
 True
 >>> query_tokens("Red  Running-Shoes", buckets=4096, max_tokens=8) == query_tokens("red running shoes", 4096, 8)
 True
+>>> category_hash(None), category_hash("shoes") == category_hash("shoes") > 0
+(0, True)
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import re
 import zlib
 from collections import Counter
 from collections.abc import Iterable
+
+import numpy as np
 
 #: Upper edges (seconds) of the time-gap buckets since the user's previous event. Bucket 0 means "first
 #: event of the user"; a gap above the last edge falls in the last bucket. Log-spaced because shopper
@@ -43,6 +47,23 @@ def hash_bucket(value: str | None, buckets: int) -> int:
     if value is None or value == "":
         return 0
     return zlib.crc32(value.encode("utf-8")) % (buckets - 1) + 1
+
+
+#: Category hashes live in 1..CATEGORY_HASH_SPACE; 0 means "no category". 31 bits so that a hash fits
+#: the int32 history slots of the per-user state (model/state.py) with EMPTY = -1 to spare. Two of
+#: 10,000 categories collide with probability ~2 %; a collision makes two categories share one slot.
+CATEGORY_HASH_SPACE = (1 << 31) - 1
+
+
+def category_hash(category: str | None) -> int:
+    """Stable hash of a raw category name into 1..CATEGORY_HASH_SPACE (0 = no category).
+
+    History slots of the per-user state hold this hash rather than a vocabulary index, so that a
+    category unseen in training (or beyond the vocabulary cap) can still be remembered and repeated.
+    """
+    if category is None or category == "":
+        return 0
+    return zlib.crc32(category.encode("utf-8")) % CATEGORY_HASH_SPACE + 1
 
 
 def price_bucket(price: float | None) -> int:
@@ -85,6 +106,15 @@ class Vocabulary:
             raise ValueError("a vocabulary starts with the unknown category")
         self.names = list(names)
         self._index = {n: i for i, n in enumerate(self.names)}
+        # hash -> index as two sorted arrays (vectorised lookups of whole history-slot matrices); on a
+        # hash collision inside the vocabulary the more frequent (lower index) category keeps the hash.
+        hashes = np.array([category_hash(n) for n in self.names[1:]], dtype=np.int64)
+        order = np.lexsort((np.arange(len(hashes)), hashes))
+        h_sorted = hashes[order]
+        first = np.r_[True, h_sorted[1:] != h_sorted[:-1]]
+        self._hash_keys = h_sorted[first]
+        self._hash_index = (order[first] + 1).astype(np.int64)
+        self.hashes = np.r_[0, hashes]  #: category_hash of every index (0 for <unk>)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -93,6 +123,19 @@ class Vocabulary:
         if category is None:
             return 0
         return self._index.get(category, 0)
+
+    def index_of_hashes(self, hashes: np.ndarray) -> np.ndarray:
+        """Vocabulary index of each category hash (0 where the hash is no vocabulary category).
+
+        >>> v = Vocabulary(["<unk>", "a", "b"])
+        >>> v.index_of_hashes(np.array([category_hash("b"), -1, 0, category_hash("zz")])).tolist()
+        [2, 0, 0, 0]
+        """
+        h = np.asarray(hashes, dtype=np.int64)
+        if not len(self._hash_keys):
+            return np.zeros(h.shape, np.int64)
+        pos = np.searchsorted(self._hash_keys, h).clip(max=len(self._hash_keys) - 1)
+        return np.where(self._hash_keys[pos] == h, self._hash_index[pos], 0)
 
     @classmethod
     def build(cls, categories: Iterable[str | None], max_size: int = 5000, min_count: int = 1) -> Vocabulary:

@@ -1,22 +1,39 @@
 """DemandLSTM: a one-step-at-a-time LSTM over a user's events with two heads.
 
-- Next-category head, repeat-aware (RepeatNet, Ren et al., AAAI 2019): a *repeat* distribution over the
-  categories in the user's bounded history (scored from the hidden state, counts and recency) and an
-  *explore* distribution over every category (softmax of the hidden state), mixed by a learned gate.
-  Shoppers mostly return to what they just looked at (DESIGN §10), which a global softmax learns badly.
-- Purchase head: P(purchase within the horizon) from the hidden state plus the funnel position (event
-  type, cart size, purchases so far, time gap), which is what the ``funnel`` baseline lives on; its
-  logit is Platt-scaled by two buffers fitted on validation points after training (identity before).
+**Next category: a hybrid of what the heuristics know and what the LSTM learns.** One softmax ranks two
+kinds of candidates (docs/MODEL.md §1):
+
+- each *history slot* (a category the user touched; the slot holds the category's hash, so a category
+  outside the vocabulary can be repeated too), scored by explicit features: is it the category of the
+  current event, of the previous one, is it in the cart and how many items, log count, recency in
+  events and in seconds, the type of the last event on it, the Markov probability of moving to it from
+  the current category, its popularity, whether the vocabulary knows it; plus an LSTM term;
+- every *other vocabulary category*, scored by the Markov probability from the current category
+  (a sparse top-K transition table learned from training data, backed off to popularity) and the LSTM's
+  own term ("explore").
+
+The weights of those features are not fixed: they are a base vector plus a linear function of the
+context (the LSTM output, the event type, the time gap, the cart), so the model learns *when* to copy
+the last category and when not to (RepeatNet, Ren et al., AAAI 2019; kNN/RNN hybrids, Jannach &
+Ludewig, RecSys 2017). :func:`init_like_cascade` starts the weights where the ranking equals the rule
+cascade (last category, cart, history by count, Markov successors, popularity), so training begins at
+the strongest heuristic and moves only where data says so.
+
+**Purchase**: a small MLP over the LSTM output and the funnel (event type, cart, add-to-carts in the
+session, seconds since the last add, whether the current category is in the cart, the user's purchase
+rate, the time gap), Platt-scaled by two buffers fitted on validation points (identity before).
 
 :meth:`DemandLSTM.forward` runs whole sequences (training, offline scoring); :meth:`DemandLSTM.step`
-advances a batch of users by one event each (streaming). Both use the same ``nn.LSTM`` weights and give
-the same numbers (tests/unit/model/test_network.py checks max |Δ| ≤ 1e-5).
+advances a batch of users by one event each (streaming). Both use the same weights and give the same
+numbers (tests/unit/model/test_network.py checks max |Δ| ≤ 1e-5).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -27,15 +44,28 @@ from model.features import N_GAP_BUCKETS, N_PRICE_BUCKETS
 #: about one shopping session, the scale at which a personal purchase rate starts to mean something.
 HISTORY_HALF_WEIGHT = 16.0
 
-_EPS = 1e-9  # keeps log() finite when a category has zero probability under both components
+#: Additive smoothing of the Markov table toward popularity (as the ``markov`` baseline): a rarely seen
+#: current category backs off to popularity.
+MARKOV_ALPHA = 1.0
+
+#: Seconds are fed as log1p(s) / log1p(one day), so a day is 1.0 and the input stays O(1).
+_LOG_DAY = math.log1p(86400.0)
+
+#: Names of the slot features, in order (the base weights and the "why" of a ranking use them).
+SLOT_FEATURES = (
+    "in_history", "is_last", "is_previous", "in_cart", "cart_items", "log_count", "log_age_events",
+    "log_age_seconds", *(f"last_{t}" for t in EVENT_TYPES), "markov", "popularity", "in_vocabulary",
+)
+#: Names of the features of a vocabulary category outside the history.
+VOCAB_FEATURES = ("markov", "popularity")
 
 
 @dataclass
 class ModelConfig:
     """Hyper-parameters of DemandLSTM; saved in every checkpoint.
 
-    The defaults keep the per-user state under 1 KB (hidden 96 float32 h and c = 768 bytes) while
-    leaving the repeat head, not the hidden state, to remember recent categories.
+    The defaults keep the per-user state under 1.2 KB (hidden 96 float32 h and c = 768 bytes) while
+    leaving the history slots, not the hidden state, to remember recent categories.
     """
 
     n_categories: int = 2
@@ -54,6 +84,10 @@ class ModelConfig:
     emb_repeat: int = 32
     purchase_hidden: int = 32
     dropout: float = 0.1
+    markov_top_k: int = 32  #: successors kept per category in the checkpoint's transition table
+    # ablation switches (docs/MODEL.md §5); the defaults are the product
+    context_weights: bool = True  #: feature weights depend on the context (else one global vector)
+    lstm_terms: bool = True  #: the LSTM's own repeat and explore terms
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -64,19 +98,46 @@ class ModelConfig:
         return cls(**known)
 
 
-#: Names of the feature tensors a batch carries (see model/encoding.py), with their trailing dims.
-FEATURES = ("etype", "item", "cat", "price", "gap", "query", "hist_cats", "hist_counts", "hist_ages",
-            "cart", "purchases", "events_seen")
-
-
 def _identity_calibration_if_missing(state_dict, prefix, *_args) -> None:
-    """Checkpoints written before calibration existed load with the identity (a=1, b=0), i.e. unchanged.
-
-    ``load_state_dict`` hands hooks its own copy of the dict, so the caller's dict (from which
-    :mod:`model.checkpoint` recomputes model_version) is not touched.
-    """
+    """Checkpoints written before calibration existed load with the identity (a=1, b=0), i.e. unchanged."""
     state_dict.setdefault(prefix + "purchase_scale", torch.tensor(1.0))
     state_dict.setdefault(prefix + "purchase_shift", torch.tensor(0.0))
+
+
+def markov_tables(cats: np.ndarray, nxt: np.ndarray, n_categories: int, top_k: int,
+                  alpha: float = MARKOV_ALPHA) -> dict[str, np.ndarray]:
+    """Popularity and sparse top-K Markov transition tables from (current, next) category pairs.
+
+    ``cats`` are the vocabulary indices of every training row (popularity), ``nxt`` pairs as an [m, 2]
+    array. ``P(b | a) = (n(a, b) + alpha * pop(b)) / (n(a) + alpha)`` for the K most frequent successors
+    of ``a``; every other ``b`` keeps ``alpha * pop(b) / (n(a) + alpha)``.
+
+    >>> t = markov_tables(np.array([1, 2, 1, 2, 1, 3]), np.array([[1, 2], [1, 2], [1, 3]]), 4, 1)
+    >>> t["next"][1].tolist(), round(float(np.exp(t["logp"][1, 0])), 3)
+    ([2], 0.583)
+    """
+    cats = np.asarray(cats, np.int64)
+    counts = np.bincount(cats[cats > 0], minlength=n_categories)[:n_categories].astype(np.float64)
+    counts[0] = 0.0
+    pop = (counts + 0.5) / (counts.sum() + 0.5 * n_categories)  # add-half: no category has probability 0
+    pop_logp = np.log(pop)
+    nxt = np.asarray(nxt, np.int64).reshape(-1, 2)
+    ok = (nxt[:, 0] > 0) & (nxt[:, 1] > 0)
+    keys, n = np.unique(nxt[ok, 0] * n_categories + nxt[ok, 1], return_counts=True)
+    src, dst = keys // n_categories, keys % n_categories
+    totals = np.bincount(src, weights=n, minlength=n_categories)[:n_categories]
+    top_next = np.zeros((n_categories, top_k), np.int64)
+    top_logp = np.full((n_categories, top_k), -np.inf)
+    order = np.lexsort((dst, -n, src))  # by source, then most frequent successor first
+    src_o, dst_o, n_o = src[order], dst[order], n[order]
+    first = np.searchsorted(src_o, np.arange(n_categories))
+    rank = np.arange(len(src_o)) - first[src_o]
+    keep = rank < top_k
+    top_next[src_o[keep], rank[keep]] = dst_o[keep]
+    denom = totals + alpha
+    top_logp[src_o[keep], rank[keep]] = np.log((n_o[keep] + alpha * pop[dst_o[keep]]) / denom[src_o[keep]])
+    rest = np.log(alpha / denom)  # log of the back-off weight: log P(b | a) = rest[a] + pop_logp[b]
+    return {"pop_logp": pop_logp, "next": top_next, "logp": top_logp, "rest": rest}
 
 
 class DemandLSTM(nn.Module):
@@ -84,9 +145,10 @@ class DemandLSTM(nn.Module):
         super().__init__()
         self.cfg = cfg
         n_types = len(EVENT_TYPES)
+        c, k = cfg.n_categories, cfg.markov_top_k
         self.emb_type = nn.Embedding(n_types, cfg.emb_type)
         self.emb_item = nn.Embedding(cfg.item_buckets, cfg.emb_item, padding_idx=0)
-        self.emb_cat = nn.Embedding(cfg.n_categories, cfg.emb_category, padding_idx=0)
+        self.emb_cat = nn.Embedding(c, cfg.emb_category, padding_idx=0)
         self.emb_price = nn.Embedding(N_PRICE_BUCKETS, cfg.emb_price)
         self.emb_gap = nn.Embedding(N_GAP_BUCKETS, cfg.emb_gap)
         self.emb_query = nn.Embedding(cfg.query_buckets, cfg.emb_query, padding_idx=0)
@@ -94,25 +156,42 @@ class DemandLSTM(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.lstm = nn.LSTM(d_in, cfg.hidden, num_layers=cfg.layers, batch_first=True,
                             dropout=cfg.dropout if cfg.layers > 1 else 0.0)
-        # explore: every category from the hidden state
-        self.explore = nn.Linear(cfg.hidden, cfg.n_categories)
-        # repeat: a query from h matched against an output embedding of each history category,
-        # plus count/recency features of the slot
+        # context of the feature weights: LSTM output, event type, time gap, cart state
+        d_ctx = cfg.hidden + n_types + N_GAP_BUCKETS + 3
+        n_slot, n_vocab = len(SLOT_FEATURES), len(VOCAB_FEATURES)
+        self.slot_w0 = nn.Parameter(torch.zeros(n_slot))
+        self.vocab_w0 = nn.Parameter(torch.zeros(n_vocab))
+        self.slot_ctx = nn.Linear(d_ctx, n_slot)
+        self.vocab_ctx = nn.Linear(d_ctx, n_vocab)
+        # the LSTM's own terms: explore over every category, repeat affinity of a slot's category
+        self.explore = nn.Linear(cfg.hidden, c)
         self.repeat_query = nn.Linear(cfg.hidden, cfg.emb_repeat)
-        self.repeat_emb = nn.Embedding(cfg.n_categories, cfg.emb_repeat, padding_idx=0)
-        self.repeat_feats = nn.Linear(4, 1)
-        self.gate = nn.Linear(cfg.hidden + 2, 1)
-        n_funnel = n_types + 3 + N_GAP_BUCKETS + 2
+        self.repeat_emb = nn.Embedding(c, cfg.emb_repeat)
+        for lin in (self.slot_ctx, self.vocab_ctx, self.explore, self.repeat_query):
+            nn.init.zeros_(lin.weight)  # start as the explicit features alone; the LSTM earns its say
+            nn.init.zeros_(lin.bias)
+        n_funnel = n_types + 3 + N_GAP_BUCKETS + 2 + 5
         self.purchase = nn.Sequential(
             nn.Linear(cfg.hidden + n_funnel, cfg.purchase_hidden), nn.ReLU(), nn.Linear(cfg.purchase_hidden, 1)
         )
-        # Platt scaling of the purchase logit (a * logit + b), fitted after training on validation
-        # points (model.train.calibrate). Buffers, not parameters: the optimizer never moves them, the
-        # checkpoint (and so model_version) carries them, and the stream and offline scoring both apply
-        # them because both go through heads(). The identity (1, 0) is what an uncalibrated model has.
+        # Global tables learned from training data (markov_tables): buffers, so the checkpoint (and
+        # model_version) carries them and the optimizer never moves them.
+        self.register_buffer("pop_logp", torch.full((c,), -math.log(max(c - 1, 1))))
+        self.register_buffer("markov_next", torch.zeros(c, k, dtype=torch.int64))
+        self.register_buffer("markov_logp", torch.full((c, k), -math.inf))
+        self.register_buffer("markov_rest", torch.zeros(c))
+        # Platt scaling of the purchase logit (model.train.calibrate); identity until fitted.
         self.register_buffer("purchase_scale", torch.tensor(1.0))
         self.register_buffer("purchase_shift", torch.tensor(0.0))
         self._register_load_state_dict_pre_hook(_identity_calibration_if_missing)
+
+    @torch.no_grad()
+    def set_tables(self, tables: dict[str, np.ndarray]) -> None:
+        """Install :func:`markov_tables` output (trained on training rows only)."""
+        self.pop_logp.copy_(torch.as_tensor(tables["pop_logp"], dtype=torch.float32))
+        self.markov_next.copy_(torch.as_tensor(tables["next"]))
+        self.markov_logp.copy_(torch.as_tensor(tables["logp"], dtype=torch.float32))
+        self.markov_rest.copy_(torch.as_tensor(tables["rest"], dtype=torch.float32))
 
     # -- inputs ---------------------------------------------------------------------------------
 
@@ -129,61 +208,126 @@ class DemandLSTM(nn.Module):
 
     # -- heads ----------------------------------------------------------------------------------
 
+    def markov_row(self, src: torch.Tensor) -> torch.Tensor:
+        """log P(next = c | current = src) for every vocabulary category c: [..., C]."""
+        dense = self.markov_rest[src].unsqueeze(-1) + self.pop_logp
+        top = self.markov_logp[src]
+        return dense.scatter(-1, self.markov_next[src], torch.maximum(top, dense.gather(-1, self.markov_next[src])))
+
     def heads(self, h: torch.Tensor, f: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Head outputs from LSTM outputs ``h`` [..., hidden] and the step's features."""
+        """Head outputs from LSTM outputs ``h`` [..., hidden] and the step's features.
+
+        ``cat_logits`` [..., C + K]: the first C columns score vocabulary categories outside the history
+        (-inf for those in it and for index 0), the last K score the history slots (-inf when empty).
+        """
+        cfg = self.cfg
         hd = self.drop(h)
-        explore = self.explore(hd)
-        explore[..., 0] = float("-inf")  # index 0 = unknown category: never predicted
-        cats = f["hist_cats"]
+        etype_1h = nn.functional.one_hot(f["etype"], len(EVENT_TYPES)).float()
+        gap_1h = nn.functional.one_hot(f["gap"], N_GAP_BUCKETS).float()
+        cart = f["cart"].unsqueeze(-1)
+        ctx = torch.cat([hd, etype_1h, gap_1h, (cart > 0).float(), torch.log1p(cart),
+                         (f["session_adds"] > 0).float().unsqueeze(-1)], dim=-1)
+
+        cats, hv = f["hist_cats"], f["hist_vocab"]
         valid = cats > 0
         ages = f["hist_ages"]
-        slot_feats = torch.stack(
-            [torch.log1p(f["hist_counts"]), torch.log1p(ages), (ages == 0).float(), (ages == 1).float()], dim=-1
-        )
-        scores = (self.repeat_emb(cats.clamp(min=0)) * self.repeat_query(hd).unsqueeze(-2)).sum(-1)
-        scores = scores + self.repeat_feats(slot_feats).squeeze(-1)
-        scores = scores.masked_fill(~valid, float("-inf"))
-        any_valid = valid.any(-1)
-        repeat = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # all-masked rows give NaN -> 0
-        filled = valid.float().mean(-1, keepdim=True)
-        gate_in = torch.cat([hd, filled, torch.log1p(f["events_seen"]).unsqueeze(-1)], dim=-1)
-        gate = torch.sigmoid(self.gate(gate_in).squeeze(-1)) * any_valid.float()
+        # the current category: the most recently seen slot (this event's, when it has one)
+        recent = ages.masked_fill(~valid, float("inf")).argmin(-1, keepdim=True)
+        src = hv.gather(-1, recent).squeeze(-1) * valid.any(-1).long()
+        mk = self.markov_row(src)  # [..., C]
+        slot_mk = mk.gather(-1, hv)
+        slot_cart = f["hist_cart"]
+        phi = torch.cat([
+            torch.ones_like(ages).unsqueeze(-1),
+            (ages == 0).float().unsqueeze(-1),
+            (ages == 1).float().unsqueeze(-1),
+            (slot_cart > 0).float().unsqueeze(-1),
+            torch.log1p(slot_cart).unsqueeze(-1),
+            torch.log1p(f["hist_counts"]).unsqueeze(-1),
+            torch.log1p(ages).unsqueeze(-1),
+            (torch.log1p(f["hist_secs"]) / _LOG_DAY).unsqueeze(-1),
+            nn.functional.one_hot(f["hist_etype"], len(EVENT_TYPES)).float(),
+            slot_mk.unsqueeze(-1),
+            self.pop_logp[hv].unsqueeze(-1),
+            (hv > 0).float().unsqueeze(-1),
+        ], dim=-1)  # [..., K, F]
+        sw, vw = self.slot_w0, self.vocab_w0
+        if cfg.context_weights:
+            sw = sw + self.slot_ctx(ctx)
+            vw = vw + self.vocab_ctx(ctx)
+        else:
+            sw = sw.expand(*ctx.shape[:-1], -1)
+            vw = vw.expand(*ctx.shape[:-1], -1)
+        slot_score = (phi * sw.unsqueeze(-2)).sum(-1)
+        vocab_score = vw[..., 0:1] * mk + vw[..., 1:2] * self.pop_logp
+        if cfg.lstm_terms:
+            slot_score = slot_score + (self.repeat_emb(hv) * self.repeat_query(hd).unsqueeze(-2)).sum(-1)
+            vocab_score = vocab_score + self.explore(hd)
+        slot_score = slot_score.masked_fill(~valid, float("-inf"))
+        # a category in the history is scored once, by its slot
+        in_hist = torch.zeros_like(vocab_score, dtype=torch.bool).scatter(-1, hv, valid & (hv > 0))
+        in_hist[..., 0] = True  # index 0 = unknown category: never predicted
+        vocab_score = vocab_score.masked_fill(in_hist, float("-inf"))
+
+        in_cart_now = ((ages == 0) & (slot_cart > 0)).any(-1, keepdim=True).float()
+        add_secs = f["add_secs"].unsqueeze(-1)
+        adds = f["session_adds"].unsqueeze(-1)
         funnel = torch.cat(
             [
-                nn.functional.one_hot(f["etype"], len(EVENT_TYPES)).float(),
-                torch.log1p(f["cart"]).unsqueeze(-1),
-                (f["cart"] > 0).float().unsqueeze(-1),
+                etype_1h,
+                torch.log1p(cart),
+                (cart > 0).float(),
                 torch.log1p(f["purchases"]).unsqueeze(-1),
-                # The user's own purchase rate and how much history backs it, as the user_history
-                # baseline uses: a hidden state learns such a ratio slowly, a direct input gives it at
-                # once. Both are bounded, so later (longer) histories do not push the head outside the
-                # range it was trained on.
+                # the user's own purchase rate and how much history backs it (bounded inputs)
                 (f["purchases"] / f["events_seen"].clamp(min=1.0)).unsqueeze(-1),
                 (f["events_seen"] / (f["events_seen"] + HISTORY_HALF_WEIGHT)).unsqueeze(-1),
-                nn.functional.one_hot(f["gap"], N_GAP_BUCKETS).float(),
+                gap_1h,
+                torch.log1p(adds),
+                (adds > 0).float(),
+                torch.log1p(add_secs) / _LOG_DAY,
+                (add_secs < 1800.0).float(),
+                in_cart_now,
             ],
             dim=-1,
         )
         purchase_logit = self.purchase(torch.cat([hd, funnel], dim=-1)).squeeze(-1)
         purchase_logit = self.purchase_scale * purchase_logit + self.purchase_shift  # identity unless calibrated
-        return {"explore": explore, "repeat": repeat, "gate": gate, "purchase_logit": purchase_logit}
+        return {"cat_logits": torch.cat([vocab_score, slot_score], dim=-1), "purchase_logit": purchase_logit}
 
     @staticmethod
-    def category_probs(out: dict[str, torch.Tensor], hist_cats: torch.Tensor) -> torch.Tensor:
-        """Full next-category distribution [..., C]: gate * repeat (scattered) + (1 - gate) * explore."""
-        explore = torch.softmax(out["explore"], dim=-1)
-        g = out["gate"].unsqueeze(-1)
-        rep = torch.zeros_like(explore).scatter_add_(-1, hist_cats.clamp(min=0), out["repeat"])
-        return g * rep + (1.0 - g) * explore
+    def category_probs(out: dict[str, torch.Tensor], f: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Next-category distribution [..., C + K]: vocabulary categories first, then the history slots
+        whose category is outside the vocabulary (0 for the slots of vocabulary categories, whose
+        probability is added to their vocabulary column)."""
+        p = torch.softmax(out["cat_logits"], dim=-1)
+        hv = f["hist_vocab"]
+        k = hv.shape[-1]
+        pv, ps = p[..., :-k], p[..., -k:]
+        known = hv > 0
+        pv = pv.scatter_add(-1, hv, ps * known)
+        return torch.cat([pv, ps * ~known], dim=-1)
 
     @staticmethod
-    def category_log_prob(out: dict[str, torch.Tensor], hist_cats: torch.Tensor, target: torch.Tensor):
-        """log P(next category = target) without materializing the mixed distribution (training loss)."""
-        explore_lp = torch.log_softmax(out["explore"], dim=-1)
-        p_explore = explore_lp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1).exp()
-        p_repeat = (out["repeat"] * (hist_cats == target.unsqueeze(-1)).float()).sum(-1)
-        g = out["gate"]
-        return torch.log(g * p_repeat + (1.0 - g) * p_explore + _EPS)
+    def category_log_prob(out: dict[str, torch.Tensor], f: dict[str, torch.Tensor], target: torch.Tensor,
+                          target_hash: torch.Tensor) -> torch.Tensor:
+        """log P(next category) for targets given as vocabulary index and category hash (training loss).
+
+        -inf where the target can be ranked neither as a vocabulary category nor as a history slot.
+        """
+        lp = torch.log_softmax(out["cat_logits"], dim=-1)
+        k = f["hist_cats"].shape[-1]
+        lp_v = lp[..., :-k].gather(-1, target.clamp(min=0).unsqueeze(-1))
+        lp_v = lp_v.masked_fill((target <= 0).unsqueeze(-1), float("-inf"))
+        lp_s = lp[..., -k:].masked_fill(f["hist_cats"] != target_hash.unsqueeze(-1), float("-inf"))
+        return torch.logsumexp(torch.cat([lp_v, lp_s], dim=-1), dim=-1)
+
+    @staticmethod
+    def target_columns(f: dict[str, torch.Tensor], cat_t: torch.Tensor, hash_t: torch.Tensor, n_vocab: int):
+        """Column of each target in :meth:`category_probs`'s output, -1 where it has none: the vocabulary
+        index (``cat_t`` > 0), else the history slot holding the target's hash (``hash_t``) outside it."""
+        match = (f["hist_cats"] == hash_t.unsqueeze(-1)) & (f["hist_vocab"] == 0) & (hash_t > 0).unsqueeze(-1)
+        slot_col = torch.where(match.any(-1), n_vocab + match.float().argmax(-1), -1)
+        return torch.where(cat_t > 0, cat_t, slot_col)
 
     # -- running --------------------------------------------------------------------------------
 
@@ -220,3 +364,27 @@ class DemandLSTM(nn.Module):
         x = self.embed(f).unsqueeze(1)
         out, state = self.lstm(x, state)
         return self.heads(out.squeeze(1), f), state
+
+
+#: Base weights that make the ranking equal the rule cascade (see :func:`init_like_cascade`).
+CASCADE_SLOT_WEIGHTS = {
+    "in_history": 2.0,  # any history category above every other (Markov log-probabilities are <= 0)
+    "is_last": 8.0,  # the current category first
+    "in_cart": 4.0,  # then the cart (4 > the count term of any realistic count)
+    "log_count": 0.5,  # then the rest of the history by count
+    "log_age_events": -1e-3,  # ties by recency
+}
+CASCADE_VOCAB_WEIGHTS = {"markov": 1.0}  # outside the history: Markov successors, backed off to popularity
+
+
+@torch.no_grad()
+def init_like_cascade(net: DemandLSTM) -> None:
+    """Set the base feature weights so that, before any training, the ranking is the rule cascade:
+    last category, cart, other history categories by count (recent first on ties), Markov successors of
+    the current category, popularity. The context terms and the LSTM terms start at zero."""
+    net.slot_w0.zero_()
+    net.vocab_w0.zero_()
+    for name, w in CASCADE_SLOT_WEIGHTS.items():
+        net.slot_w0[SLOT_FEATURES.index(name)] = w
+    for name, w in CASCADE_VOCAB_WEIGHTS.items():
+        net.vocab_w0[VOCAB_FEATURES.index(name)] = w

@@ -8,7 +8,8 @@ encode through :mod:`model.encoding`, so their outputs agree to float precision 
 >>> from model.network import DemandLSTM, ModelConfig
 >>> from model.features import Vocabulary
 >>> from model.checkpoint import Checkpoint
->>> from model.events import TYPE_INDEX, Event
+>>> from model.events import Event
+from model.features import category_hash
 >>> torch.manual_seed(0) is not None
 True
 >>> vocab = Vocabulary(["<unk>", "shoes", "bags"])
@@ -22,6 +23,7 @@ True
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -29,9 +31,10 @@ import numpy as np
 import torch
 
 from model.checkpoint import Checkpoint
-from model.encoding import FeatureBuffer, encode_events, encode_log, event_features
+from model.encoding import FeatureBuffer, encode_event, encode_events, encode_log
 from model.eventlog import EventLog
-from model.events import TYPE_INDEX, Event
+from model.events import Event
+from model.features import category_hash
 from model.network import DemandLSTM
 from model.state import UserState, new_state
 
@@ -39,6 +42,9 @@ logger = logging.getLogger(__name__)
 
 #: Offline scoring pads users of similar length into one batch of at most this many (user, step) cells.
 OFFLINE_BATCH_CELLS = 1 << 16
+
+#: Names of out-of-vocabulary categories a Scorer remembers (LRU): enough for every category a shop has.
+OOV_NAMES_MAX = 1 << 17
 
 
 @dataclass(slots=True)
@@ -69,7 +75,7 @@ class Scorer:
         self.device = torch.device(device)
         if self.device.type == "cuda":
             # TF32 (PyTorch's default for cuDNN on Ampere and later) rounds matmul inputs to 10-bit
-            # mantissas: ~1e-3 relative error, which would break stream/offline parity (1e-4, DESIGN §6).
+            # mantissas: ~1e-3 relative error, which would break stream/offline parity (1e-4).
             # This model is far too small for TF32 to matter for speed.
             torch.backends.cuda.matmul.allow_tf32 = False
             torch.backends.cudnn.allow_tf32 = False
@@ -78,13 +84,45 @@ class Scorer:
         self.vocab = ckpt.vocab
         self.model_version = ckpt.model_version
         self.top_k = min(top_k, len(self.vocab) - 1)
-        self._buf = FeatureBuffer(self.cfg, max_batch)
+        self._buf = FeatureBuffer(self.cfg, max_batch, self.vocab)
         self._names = self.vocab.names
+        #: names of categories outside the vocabulary, by hash, learned from the events scored (bounded)
+        self._oov_names: OrderedDict[int, str] = OrderedDict()
 
     def new_state(self) -> UserState:
         s = new_state(self.cfg.layers, self.cfg.hidden, self.cfg.history_slots)
         s.model_version = self.model_version
         return s
+
+    def remember(self, category: str | None) -> None:
+        """Learn the name of a category outside the vocabulary, so a prediction can name it."""
+        if category and self.vocab.index(category) == 0:
+            h = category_hash(category)
+            self._oov_names[h] = category
+            self._oov_names.move_to_end(h)
+            if len(self._oov_names) > OOV_NAMES_MAX:
+                self._oov_names.popitem(last=False)
+
+    def category_name(self, code: int) -> str:
+        """Name of a prediction code: a vocabulary index, or minus the hash of an out-of-vocabulary
+        category (``#`` and the hash in hex when this process never saw its name)."""
+        if code >= 0:
+            return self._names[code]
+        return self._oov_names.get(-code) or f"#{-code:08x}"
+
+    def _top(self, probs: torch.Tensor, hist_cats: torch.Tensor) -> tuple[list[list[int]], list[list[float]]]:
+        """Top-k (code, p) per row of a [n, C + K] distribution: codes as in :meth:`category_name`."""
+        top_p, top_i = probs.topk(self.top_k, dim=-1)
+        c = len(self._names)
+        oov = top_i >= c
+        if bool(oov.any()):
+            slot_hash = hist_cats.gather(-1, (top_i - c).clamp(min=0))
+            top_i = torch.where(oov, -slot_hash, top_i)
+        return top_i.cpu().tolist(), top_p.cpu().tolist()
+
+    def _prediction(self, codes: list[int], ps: list[float], prop: float, seen: int) -> Prediction:
+        name = self.category_name
+        return Prediction([(name(i), p) for i, p in zip(codes, ps, strict=True)], prop, seen)
 
     @torch.inference_mode()
     def step(self, events: Sequence[Event], states: Sequence[UserState]) -> list[Prediction]:
@@ -96,26 +134,25 @@ class Scorer:
         if n == 0:
             return []
         if n > self._buf.n:
-            self._buf = FeatureBuffer(self.cfg, max(n, 2 * self._buf.n))
-        encode_events(self._buf, events, states, self.vocab)
+            self._buf = FeatureBuffer(self.cfg, max(n, 2 * self._buf.n), self.vocab)
+        for e in events:
+            self.remember(e.category)
+        encode_events(self._buf, events, states)
         f = self._buf.tensors(slice(0, n), self.device)
         h = torch.from_numpy(np.stack([s.h for s in states], axis=1)).to(self.device)
         c = torch.from_numpy(np.stack([s.c for s in states], axis=1)).to(self.device)
         out, (h2, c2) = self.net.step(f, (h, c))
-        probs = self.net.category_probs(out, f["hist_cats"])
-        top_p, top_i = probs.topk(self.top_k, dim=-1)
-        prop = torch.sigmoid(out["purchase_logit"])
+        probs = self.net.category_probs(out, f)
+        top_i, top_p = self._top(probs, f["hist_cats"])
+        prop = torch.sigmoid(out["purchase_logit"]).cpu().tolist()
         h_np, c_np = h2.cpu().numpy(), c2.cpu().numpy()
-        top_p, top_i, prop = top_p.cpu().tolist(), top_i.cpu().tolist(), prop.cpu().tolist()
-        names = self._names
         preds = []
         for j, s in enumerate(states):
             s.h = h_np[:, j, :].copy()
             s.c = c_np[:, j, :].copy()
             s.last_top = list(zip(top_i[j], top_p[j], strict=True))
             s.last_propensity = prop[j]
-            preds.append(Prediction([(names[i], p) for i, p in zip(top_i[j], top_p[j], strict=True)],
-                                    prop[j], s.events_seen))
+            preds.append(self._prediction(top_i[j], top_p[j], prop[j], s.events_seen))
         return preds
 
     @torch.inference_mode()
@@ -132,14 +169,15 @@ class Scorer:
             return [[p] for p in self.step([q[0] for q in seqs], states)]
         n = sum(lengths)
         if n > self._buf.n:
-            self._buf = FeatureBuffer(self.cfg, max(n, 2 * self._buf.n))
-        buf, index, cfg = self._buf, self.vocab.index, self.cfg
+            self._buf = FeatureBuffer(self.cfg, max(n, 2 * self._buf.n), self.vocab)
+        buf, cfg, vocab = self._buf, self.cfg, self.vocab
         idx = np.empty((len(seqs), t_max), np.int64)
         rows = []
         for b, (q, s) in enumerate(zip(seqs, states, strict=True)):
             r0 = len(rows)
-            rows.extend(event_features(cfg, s, index(e.category), TYPE_INDEX[e.type], e.ts, e.item_id, e.price,
-                                       e.query) for e in q)
+            for e in q:
+                self.remember(e.category)
+                rows.append(encode_event(cfg, vocab, s, e))
             idx[b, : len(q)] = np.arange(r0, r0 + len(q))
             idx[b, len(q):] = r0 + len(q) - 1  # padding repeats the last row; it is masked out
         buf.put_rows(0, rows)
@@ -147,19 +185,17 @@ class Scorer:
         h = torch.from_numpy(np.stack([s.h for s in states], axis=1)).to(self.device)
         c = torch.from_numpy(np.stack([s.c for s in states], axis=1)).to(self.device)
         out, (h2, c2), valid = self.net.forward_packed(f, torch.tensor(lengths), (h, c))
-        probs = self.net.category_probs(out, f["hist_cats"][valid])
-        top_p, top_i = probs.topk(self.top_k, dim=-1)
-        prop = torch.sigmoid(out["purchase_logit"])
+        fv = {k: v[valid] for k, v in f.items()}
+        probs = self.net.category_probs(out, fv)
+        top_i, top_p = self._top(probs, fv["hist_cats"])
+        prop = torch.sigmoid(out["purchase_logit"]).cpu().tolist()
         h_np, c_np = h2.cpu().numpy(), c2.cpu().numpy()
-        top_p, top_i, prop = top_p.cpu().tolist(), top_i.cpu().tolist(), prop.cpu().tolist()
-        names = self._names
         result, k = [], 0
         for b, (q, s) in enumerate(zip(seqs, states, strict=True)):
             preds = []
             first_seen = s.events_seen - len(q)
             for t in range(len(q)):
-                preds.append(Prediction([(names[i], p) for i, p in zip(top_i[k], top_p[k], strict=True)],
-                                        prop[k], first_seen + t + 1))
+                preds.append(self._prediction(top_i[k], top_p[k], prop[k], first_seen + t + 1))
                 k += 1
             s.h = h_np[:, b, :].copy()
             s.c = c_np[:, b, :].copy()
@@ -169,9 +205,12 @@ class Scorer:
         return result
 
     @torch.inference_mode()
-    def predict_log(self, log: EventLog, rows: np.ndarray | None = None,
-                    features: FeatureBuffer | None = None) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
-        """Offline: yield ``(row_ids, category_probs [n, C], purchase_propensity [n])`` chunks.
+    def predict_log(self, log: EventLog, rows: np.ndarray | None = None, features: FeatureBuffer | None = None
+                    ) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Offline: yield ``(row_ids, category_probs [n, C + K], purchase_propensity [n], hist_cats [n, K])``.
+
+        Columns past C are the history slots holding categories outside the vocabulary (``hist_cats``
+        gives their hashes), as :meth:`DemandLSTM.category_probs` lays them out.
 
         Every user's whole sequence is run from a fresh state; only rows where ``rows`` (a bool mask
         over the log) is true are yielded (all rows when None). The log must be sorted by user and time.
@@ -202,15 +241,17 @@ class Scorer:
                 valid[k, :n_u] = want[idx[k, :n_u]]
             vt = torch.from_numpy(valid).to(self.device)
             sel = {k: v[vt] for k, v in out.items()}
-            probs = self.net.category_probs(sel, f["hist_cats"][vt])
-            yield idx[valid], probs, torch.sigmoid(sel["purchase_logit"])
+            fv = {k: v[vt] for k, v in f.items()}
+            probs = self.net.category_probs(sel, fv)
+            yield idx[valid], probs, torch.sigmoid(sel["purchase_logit"]), fv["hist_cats"]
 
     def score_log(self, log: EventLog) -> Iterator[tuple[int, Prediction]]:
         """Offline signals of every row: ``(row, Prediction)``, the same numbers the stream emits."""
-        names = self._names
-        for row_ids, probs, prop in self.predict_log(log):
-            top_p, top_i = probs.topk(self.top_k, dim=-1)
-            tp, ti, pp = top_p.cpu().tolist(), top_i.cpu().tolist(), prop.cpu().tolist()
+        for c in log.categories:
+            self.remember(c)
+        for row_ids, probs, prop, hist_cats in self.predict_log(log):
+            ti, tp = self._top(probs, hist_cats)
+            pp = prop.cpu().tolist()
             for j, r in enumerate(row_ids.tolist()):
                 seen = r - int(log.user_start[log.user[r]]) + 1
-                yield r, Prediction([(names[i], p) for i, p in zip(ti[j], tp[j], strict=True)], pp[j], seen)
+                yield r, self._prediction(ti[j], tp[j], pp[j], seen)

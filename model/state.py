@@ -1,20 +1,24 @@
 """Per-user state: the LSTM (h, c) plus a small bounded summary of the user's own history.
 
-The summary is what the repeat-aware head reads (DESIGN §10): the last ``K`` distinct categories with
-their counts and the event index at which each was last seen, and funnel counters. It is advanced by
-:func:`observe`, the same pure function offline and in the stream, so the two cannot diverge.
+The summary is what the next-category head reads (docs/ARCHITECTURE.md, "State"): the last ``K``
+distinct categories, each slot keyed by the *hash* of the raw category name (so a category the
+vocabulary does not know can still be remembered and repeated), with its count, the event index and
+the second at which it was last seen, how many of its items are in the cart and the type of the last
+event on it; and funnel counters (cart, purchases, add-to-carts in the current session, time of the
+last add). It is advanced by :func:`observe`, the same pure function offline and in the stream, so the
+two cannot diverge.
 
 The binary layout (:func:`pack` / :func:`unpack`) is what the stream stores in the ``user-state`` table:
-a 45-byte header, h and c as float32, the history slots and the last top-k prediction; 1013 bytes
-for the default model (hidden 96, 1 layer, 16 slots, top 5), within the 1.2 KB budget of DESIGN §5.
+a 55-byte header, h and c as float32, 16 bytes per history slot and the last top-k prediction; 1,119
+bytes for the default model (hidden 96, 1 layer, 16 slots, top 5), within the 1.2 KB budget.
 
 >>> s = new_state(layers=1, hidden=4, slots=3)
->>> for cat, etype, ts in [(7, 0, 10.0), (8, 0, 20.0), (7, 2, 25.0)]:
+>>> for cat, etype, ts in [(7, 0, 10.0), (8, 0, 20.0), (7, 2, 25.5)]:
 ...     gap = observe(s, cat, etype, ts)
->>> s.hist_cats, s.hist_counts, s.hist_last, s.cart, gap
-([7, 8, -1], [2, 1, 0], [3, 2, 0], 1, 5.0)
+>>> s.hist_cats, s.hist_counts, s.hist_last, s.hist_ts, s.hist_cart, s.cart, gap
+([7, 8, -1], [2, 1, 0], [3, 2, 0], [25, 20, 0], [1, 0, 0], 1, 5.5)
 >>> t = unpack(pack(s, model_version="0a1b2c3d"))
->>> t.hist_cats == s.hist_cats and t.events_seen == 3 and t.model_version == "0a1b2c3d"
+>>> t.hist_cats == s.hist_cats and t.hist_ts == s.hist_ts and t.events_seen == 3 and t.model_version == "0a1b2c3d"
 True
 """
 
@@ -31,12 +35,27 @@ from model.events import TYPE_INDEX
 EMPTY = -1
 _ADD, _REMOVE, _PURCHASE = TYPE_INDEX["add_to_cart"], TYPE_INDEX["remove_from_cart"], TYPE_INDEX["purchase"]
 _COUNT_MAX = 0xFFFF  # counters are stored as uint16 and saturate
+_SLOT_CART_MAX = 0xFF  # items of one category in the cart: uint8, saturating
+_TS_MAX = 0xFFFFFFFF  # slot times are whole unix seconds in a uint32 (until 2106)
+
+#: A gap longer than this between two events of a user starts a new session (the 30-minute rule of web
+#: analytics); the session's add-to-cart counter then restarts.
+SESSION_GAP_S = 1800.0
 
 MAGIC = b"DS"
-FORMAT = 1
-# magic, format, flags, model_version (4 bytes), partition, offset, events_seen, last_ts, cart,
-# purchases, hidden, layers, slots, last propensity, number of last top categories
-_HEADER = struct.Struct("<2sBB4siqIdHHHBBfB")
+FORMAT = 2
+#: Header fields in order, with their struct codes: names, not positions, are how code reads them.
+HEADER_FIELDS = (
+    ("magic", "2s"), ("format", "B"), ("flags", "B"), ("model_version", "4s"), ("partition", "i"),
+    ("offset", "q"), ("events_seen", "I"), ("last_ts", "d"), ("cart", "H"), ("purchases", "H"),
+    ("hidden", "H"), ("layers", "B"), ("slots", "B"), ("last_propensity", "f"), ("n_top", "B"),
+    ("session_adds", "H"), ("last_add_ts", "d"),
+)
+_HEADER = struct.Struct("<" + "".join(code for _, code in HEADER_FIELDS))
+_FIELD = {name: i for i, (name, _) in enumerate(HEADER_FIELDS)}
+#: bytes per history slot: hash int32, count uint16, last event index uint32, last second uint32,
+#: cart uint8, last event type uint8
+SLOT_BYTES = 16
 
 
 class StateFormatError(ValueError):
@@ -49,17 +68,23 @@ class UserState:
 
     h: np.ndarray  # float32 [layers, hidden]
     c: np.ndarray  # float32 [layers, hidden]
-    hist_cats: list[int]  # category index per slot, EMPTY when unused
+    hist_cats: list[int]  # category_hash per slot, EMPTY when unused
     hist_counts: list[int]  # events seen in that category
     hist_last: list[int]  # events_seen value when the category was last seen
+    hist_ts: list[int] = field(default_factory=list)  # whole unix second when last seen
+    hist_cart: list[int] = field(default_factory=list)  # items of that category in the cart
+    hist_etype: list[int] = field(default_factory=list)  # type of the last event on that category
     events_seen: int = 0
     last_ts: float = math.nan
     cart: int = 0
     purchases: int = 0
+    session_adds: int = 0  # add-to-carts since the session began (SESSION_GAP_S)
+    last_add_ts: float = math.nan  # time of the last add-to-cart
     partition: int = -1
     offset: int = -1
     model_version: str = field(default="00000000")
-    #: the last prediction made from this state, so a query costs a read, not a model step
+    #: the last prediction made from this state, so a query costs a read, not a model step: (code, p)
+    #: with code >= 0 a vocabulary index and code < 0 minus the category_hash of a category outside it
     last_top: list[tuple[int, float]] = field(default_factory=list)
     last_propensity: float = math.nan
 
@@ -72,18 +97,25 @@ def new_state(layers: int, hidden: int, slots: int) -> UserState:
         hist_cats=[EMPTY] * slots,
         hist_counts=[0] * slots,
         hist_last=[0] * slots,
+        hist_ts=[0] * slots,
+        hist_cart=[0] * slots,
+        hist_etype=[0] * slots,
     )
 
 
 def observe(s: UserState, cat: int, etype: int, ts: float) -> float | None:
     """Advance the history summary and funnel counters by one event; return the time gap it encodes.
 
-    Returns None for the user's first event, else the gap in seconds since the previous event
-    (negative gaps, from out-of-order timestamps, count as 0: events apply in arrival order).
+    ``cat`` is the event's :func:`~model.features.category_hash` (0 = no category). Returns None for
+    the user's first event, else the gap in seconds since the previous event (negative gaps, from
+    out-of-order timestamps, count as 0: events apply in arrival order).
     """
     gap = None if s.events_seen == 0 else max(0.0, ts - s.last_ts)
     s.events_seen += 1
     s.last_ts = ts if s.events_seen == 1 else max(ts, s.last_ts)
+    if gap is None or gap > SESSION_GAP_S:
+        s.session_adds = 0
+    j = -1
     if cat > 0:
         cats = s.hist_cats
         try:
@@ -94,11 +126,20 @@ def observe(s: UserState, cat: int, etype: int, ts: float) -> float | None:
             j = min(range(len(cats)), key=s.hist_last.__getitem__)
             cats[j] = cat
             s.hist_counts[j] = 1
+            s.hist_cart[j] = 0
         s.hist_last[j] = s.events_seen
+        s.hist_ts[j] = min(_TS_MAX, max(0, int(math.floor(s.last_ts))))
+        s.hist_etype[j] = etype
     if etype == _ADD:
         s.cart = min(_COUNT_MAX, s.cart + 1)
+        s.session_adds = min(_COUNT_MAX, s.session_adds + 1)
+        s.last_add_ts = ts
+        if j >= 0:
+            s.hist_cart[j] = min(_SLOT_CART_MAX, s.hist_cart[j] + 1)
     elif etype == _REMOVE or etype == _PURCHASE:
         s.cart = max(0, s.cart - 1)
+        if j >= 0:
+            s.hist_cart[j] = max(0, s.hist_cart[j] - 1)
         if etype == _PURCHASE:
             s.purchases = min(_COUNT_MAX, s.purchases + 1)
     return gap
@@ -108,15 +149,20 @@ def pack(s: UserState, model_version: str | None = None) -> bytes:
     """Encode a state as compact bytes (see the module docstring for the layout)."""
     layers, hidden = s.h.shape
     slots = len(s.hist_cats)
-    header = _HEADER.pack(
-        MAGIC, FORMAT, 0, bytes.fromhex(model_version or s.model_version), s.partition, s.offset,
-        s.events_seen, s.last_ts, s.cart, s.purchases, hidden, layers, slots, s.last_propensity, len(s.last_top),
-    )
+    values = {
+        "magic": MAGIC, "format": FORMAT, "flags": 0, "model_version": bytes.fromhex(model_version or s.model_version),
+        "partition": s.partition, "offset": s.offset, "events_seen": s.events_seen, "last_ts": s.last_ts,
+        "cart": s.cart, "purchases": s.purchases, "hidden": hidden, "layers": layers, "slots": slots,
+        "last_propensity": s.last_propensity, "n_top": len(s.last_top), "session_adds": s.session_adds,
+        "last_add_ts": s.last_add_ts,
+    }
+    header = _HEADER.pack(*(values[name] for name, _ in HEADER_FIELDS))
     return b"".join((
         header,
         np.ascontiguousarray(s.h, dtype=np.float32).tobytes(),
         np.ascontiguousarray(s.c, dtype=np.float32).tobytes(),
-        struct.pack(f"<{slots}i{slots}H{slots}I", *s.hist_cats, *s.hist_counts, *s.hist_last),
+        struct.pack(f"<{slots}i{slots}H{slots}I{slots}I{slots}B{slots}B", *s.hist_cats, *s.hist_counts,
+                    *s.hist_last, *s.hist_ts, *s.hist_cart, *s.hist_etype),
         struct.pack(f"<{len(s.last_top)}i{len(s.last_top)}f", *(i for i, _ in s.last_top),
                     *(p for _, p in s.last_top)),
     ))
@@ -126,12 +172,12 @@ def unpack(data: bytes) -> UserState:
     """Decode :func:`pack`'s bytes; raises :class:`StateFormatError` on anything else."""
     if len(data) < _HEADER.size:
         raise StateFormatError(f"state record of {len(data)} bytes is shorter than its header")
-    (magic, fmt, _flags, version, partition, offset, events_seen, last_ts, cart, purchases, hidden, layers,
-     slots, last_prop, ntop) = _HEADER.unpack_from(data)
-    if magic != MAGIC or fmt != FORMAT:
-        raise StateFormatError(f"not a demandstream state record (magic {magic!r}, format {fmt})")
+    hd = dict(zip((name for name, _ in HEADER_FIELDS), _HEADER.unpack_from(data), strict=True))
+    if hd["magic"] != MAGIC or hd["format"] != FORMAT:
+        raise StateFormatError(f"not a demandstream state record (magic {hd['magic']!r}, format {hd['format']})")
+    layers, hidden, slots, ntop = hd["layers"], hd["hidden"], hd["slots"], hd["n_top"]
     n = layers * hidden
-    expected = _HEADER.size + 8 * n + 10 * slots + 8 * ntop
+    expected = _HEADER.size + 8 * n + SLOT_BYTES * slots + 8 * ntop
     if len(data) != expected:
         raise StateFormatError(f"state record has {len(data)} bytes, expected {expected}")
     buf = memoryview(data)
@@ -141,20 +187,20 @@ def unpack(data: bytes) -> UserState:
     c = np.frombuffer(buf, np.float32, n, o).reshape(layers, hidden).copy()
     o += 4 * n
     # struct beats numpy for these short arrays (a decode per user per batch is on the hot path)
-    cats = list(struct.unpack_from(f"<{slots}i", data, o))
-    o += 4 * slots
-    counts = list(struct.unpack_from(f"<{slots}H", data, o))
-    o += 2 * slots
-    last = list(struct.unpack_from(f"<{slots}I", data, o))
-    o += 4 * slots
+    slot_vals = struct.unpack_from(f"<{slots}i{slots}H{slots}I{slots}I{slots}B{slots}B", data, o)
+    cols = [list(slot_vals[k * slots:(k + 1) * slots]) for k in range(6)]
+    o += SLOT_BYTES * slots
     top_i = struct.unpack_from(f"<{ntop}i", data, o)
     top_p = struct.unpack_from(f"<{ntop}f", data, o + 4 * ntop)
-    return UserState(h, c, cats, counts, last, events_seen, last_ts, cart, purchases, partition, offset,
-                     version.hex(), list(zip(top_i, top_p, strict=True)), last_prop)
+    return UserState(
+        h, c, cols[0], cols[1], cols[2], cols[3], cols[4], cols[5], hd["events_seen"], hd["last_ts"], hd["cart"],
+        hd["purchases"], hd["session_adds"], hd["last_add_ts"], hd["partition"], hd["offset"],
+        hd["model_version"].hex(), list(zip(top_i, top_p, strict=True)), hd["last_propensity"],
+    )
 
 
 def peek_last_ts(data: bytes) -> float:
     """Event time of the last event applied to a record, without decoding the arrays (TTL scans)."""
     if len(data) < _HEADER.size:
         raise StateFormatError("state record shorter than its header")
-    return _HEADER.unpack_from(data)[7]
+    return _HEADER.unpack_from(data)[_FIELD["last_ts"]]

@@ -1,16 +1,24 @@
-"""Training DemandLSTM on a historical log: truncated BPTT over session-parallel lanes.
+"""Training DemandLSTM on a historical log: truncated BPTT over session-parallel lanes, chosen on validation.
 
 The loop follows GRU4Rec's session-parallel mini-batches (Hidasi et al., ICLR 2016): ``B`` lanes each
 hold one user; every iteration advances all lanes by a window of up to ``W`` events, carrying each lane's
 (h, c) into the next window (detached: truncated BPTT) and resetting it when the lane takes a new user.
-Users are dealt longest first (equal lengths in random order) and each window's loss is scaled by the
-share of its lanes × steps holding real events, so the end of an epoch, when only a few lanes are still
-busy, cannot undo what the epoch learned.
+Users are shuffled every epoch; each window's loss is scaled by the share of its lanes × steps holding
+real events, so the end of an epoch, when only a few lanes are still busy, cannot undo what it learned.
+The learning rate warms up linearly, then follows a cosine to zero over the epoch budget.
 
-Loss = masked next-category NLL (targets inside the vocabulary only) + ``purchase_weight`` × BCE on
-observable purchase labels. Only rows before ``T1`` are inputs or labels of training (see
-:mod:`model.data`); early stopping reads the validation loss, computed with each user's full context
-up to ``T2`` and scored on validation points only.
+Before the first step the network ranks categories exactly like the rule cascade
+(:func:`model.network.init_like_cascade`) with a Markov table learned from the training rows, so
+training starts from the strongest heuristic. Loss = next-category NLL (targets the model can rank: in
+the vocabulary, or in the user's history slots) + ``purchase_weight`` × BCE on observable purchase labels.
+
+Selection and refit (docs/MODEL.md §2): after every epoch the model is scored on validation points with
+full context; the epoch with the best validation MRR@20 is kept (ties: lower purchase log loss), and
+training stops after ``patience`` epochs without improvement. Then, unless ``refit`` is off, a fresh
+network is trained the same way on train + validation for the chosen number of epochs, so that model and
+baselines see the same data before the test start. A validation window too small to decide anything
+(< ``min_valid_category_points`` or < ``min_valid_positives``) is replaced by a hold-out of the last
+``holdout_fraction`` of the training time, and the metrics say so.
 """
 
 from __future__ import annotations
@@ -21,17 +29,18 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
 
 from model import checkpoint
-from model.data import Points, Split, phase_points, temporal_split
-from model.encoding import FeatureBuffer, category_index, encode_log
+from model.data import Points, Split, next_category_targets, phase_points, temporal_split
+from model.encoding import FeatureBuffer, category_hashes, category_index, encode_log
 from model.eventlog import EventLog
 from model.features import Vocabulary
-from model.network import DemandLSTM, ModelConfig
+from model.network import DemandLSTM, ModelConfig, init_like_cascade, markov_tables
 from model.scoring import resolve_device
 
 logger = logging.getLogger(__name__)
@@ -44,41 +53,40 @@ WINDOW_QUANTILE = 0.75
 VALID_BATCH_CELLS = 1 << 15
 
 #: Platt scaling is fitted only with at least this many positive validation points: with fewer, the two
-#: scalars follow the noise of a handful of buyers (the multicategory sample of docs/MODEL.md has 7).
+#: scalars follow the noise of a handful of buyers.
 MIN_CALIBRATION_POSITIVES = 20
 
 #: Ceiling on LBFGS iterations of the 2-parameter Platt fit (it is convex and converges in tens).
 CALIBRATION_MAX_ITER = 300
 
-#: The data-driven repeat prior keeps the gate's initial probability inside [p, 1 - p]: a degenerate
-#: training sample (all repeats, no repeats) must not start the gate saturated, where gradients vanish.
-REPEAT_PRIOR_MIN_P = 0.05
+#: Rank cut-off of the selection metric (MRR@20, the report's headline category metric).
+SELECT_K = 20
 
 
 @dataclass
 class TrainConfig:
-    """Training hyper-parameters (the network's own live in :class:`~model.network.ModelConfig`).
+    """Training hyper-parameters (the network's own live in :class:`~model.network.ModelConfig`)."""
 
-    With these defaults a 20k-event log trains in about 10-20 s on 2 idle CPU cores (8-14k events/s;
-    docs/MODEL.md has the measurements, also under load); ``patience`` stops earlier when validation
-    loss stalls.
-    """
-
-    epochs: int = 8  #: upper bound; early stopping usually ends sooner
-    lanes: int = 128  #: B, users advanced side by side (GRU4Rec's mini-batch)
+    epochs: int = 12  #: upper bound (and the length of the cosine schedule); early stopping ends sooner
+    lanes: int = 32  #: B, users advanced side by side (GRU4Rec's mini-batch)
     bptt: int = 32  #: W, events per window; gradients flow at most this far back
-    lr: float = 3e-3  #: AdamW step size
+    lr: float = 3e-3  #: AdamW peak step size
+    warmup_fraction: float = 0.05  #: share of all steps over which the step size rises linearly
     weight_decay: float = 1e-4  #: AdamW decoupled weight decay
     clip_norm: float = 5.0  #: gradient-norm clip; LSTMs occasionally spike
     purchase_weight: float = 1.0  #: weight of the purchase BCE relative to the category NLL
-    patience: int = 2  #: epochs without validation improvement before stopping
+    patience: int = 3  #: epochs without validation improvement before stopping
     seed: int = 0
     threads: int | None = None  #: torch CPU threads; None = all cores
-    max_categories: int = 5000  #: vocabulary size cap (most frequent training categories)
-    horizon_s: float = 1800.0  #: purchase horizon, DESIGN §7
+    max_categories: int = 50_000  #: vocabulary cap; categories beyond it are still repeated via history slots
+    horizon_s: float = 1800.0  #: purchase horizon
     device: str = "auto"
     calibrate: bool = True  #: Platt-scale the purchase logit on validation points after training
-    repeat_prior_init: bool = True  #: start the repeat gate at the training share of repeats
+    cascade_init: bool = True  #: start the feature weights where the ranking equals the rule cascade
+    refit: bool = True  #: after choosing the epochs on validation, retrain on train + validation
+    min_valid_category_points: int = 1000  #: below this (or the next), validate on a training hold-out
+    min_valid_positives: int = 50
+    holdout_fraction: float = 0.1  #: share of the training time span held out in that case
 
 
 @dataclass
@@ -106,16 +114,8 @@ def _user_ranges(user_start: np.ndarray, mask: np.ndarray) -> list[tuple[int, in
 
 
 def _epoch_order(ranges: list[tuple[int, int]], rng: np.random.Generator) -> list[tuple[int, int]]:
-    """Users longest first, equal lengths in random order.
-
-    Longest-first keeps the lanes busy to the end of the epoch: were a long user dealt last, the epoch
-    would end with a few lanes running alone, and Adam would take full-size steps on gradients from a
-    handful of users, undoing what the epoch learned (we measured the full-context loss rising while
-    the windowed training loss stayed flat).
-    """
-    lengths = np.array([e - s for s, e in ranges])
-    order = np.lexsort((rng.random(len(ranges)), -lengths))
-    return [ranges[i] for i in order]
+    """Users in a fresh random order every epoch (SGD's assumption; GRU4Rec shuffles sessions too)."""
+    return [ranges[i] for i in rng.permutation(len(ranges))]
 
 
 def _lane_windows(ranges: list[tuple[int, int]], lanes: int, window: int):
@@ -156,33 +156,58 @@ def _lane_windows(ranges: list[tuple[int, int]], lanes: int, window: int):
         yield np.array(active), idx, valid, reset
 
 
-def _loss_terms(
-    net: DemandLSTM, out: dict, f: dict, cat_t: torch.Tensor, buy: torch.Tensor, obs: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-    """Summed category NLL and purchase BCE over the given cells, with their counts."""
-    cat_mask = cat_t > 0
-    n_cat, n_buy = int(cat_mask.sum()), int(obs.sum())
-    if n_cat:
+class Targets(NamedTuple):
+    """Per-row labels of one phase, as the loss and the validation metrics read them."""
+
+    mask: np.ndarray  #: rows of the phase
+    cat: np.ndarray  #: vocabulary index of the next category (0 = outside it), -1 = no category point
+    cat_hash: np.ndarray  #: category_hash of the next category (0 where none)
+    purchase: np.ndarray
+    observable: np.ndarray
+
+
+def phase_targets(pts: Points, next_hash: np.ndarray) -> Targets:
+    return Targets(pts.mask, pts.cat_target, np.where(pts.cat_target >= 0, next_hash, 0), pts.purchase, pts.observable)
+
+
+def _loss_terms(net: DemandLSTM, out: dict, f: dict, cat_t: torch.Tensor, hash_t: torch.Tensor,
+                buy: torch.Tensor, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Summed category NLL (over rankable targets) and purchase BCE over the given cells, with counts."""
+    zero = out["purchase_logit"].sum() * 0.0
+    cat_mask = cat_t >= 0
+    nll, n_cat = zero, 0
+    if bool(cat_mask.any()):
         sel = {k: v[cat_mask] for k, v in out.items()}
-        nll = -net.category_log_prob(sel, f["hist_cats"][cat_mask], cat_t[cat_mask]).sum()
-    else:
-        nll = out["purchase_logit"].sum() * 0.0
+        fs = {k: v[cat_mask] for k, v in f.items()}
+        lp = net.category_log_prob(sel, fs, cat_t[cat_mask], hash_t[cat_mask])
+        ok = torch.isfinite(lp)
+        n_cat = int(ok.sum())
+        if n_cat:
+            nll = -lp[ok].sum()
+    n_buy = int(obs.sum())
+    bce = zero
     if n_buy:
         bce = nn.functional.binary_cross_entropy_with_logits(
             out["purchase_logit"][obs], buy[obs].float(), reduction="sum"
         )
-    else:
-        bce = out["purchase_logit"].sum() * 0.0
     return nll, bce, n_cat, n_buy
 
 
-def _full_context_batches(
-    net: DemandLSTM, feats: FeatureBuffer, log: EventLog, pts: Points, device: torch.device
-):
-    """Yield (head outputs, features, category targets, purchase labels, observable mask) per batch of
-    users that hold a point of ``pts``; every user runs from its first event (eval mode, no grad)."""
+class _Batch(NamedTuple):
+    out: dict
+    f: dict
+    cat_t: torch.Tensor
+    hash_t: torch.Tensor
+    buy: torch.Tensor
+    obs: torch.Tensor
+
+
+def _full_context_batches(net: DemandLSTM, feats: FeatureBuffer, log: EventLog, pts: Targets,
+                          device: torch.device):
+    """Yield a :class:`_Batch` per group of users holding a point of ``pts``; every user runs from its
+    first event (eval mode, no grad)."""
     net.eval()
-    want = pts.category_points | pts.observable
+    want = (pts.cat >= 0) | pts.observable
     starts, ends = log.user_start[:-1], log.user_start[1:]
     lengths = ends - starts
     users = [u for u in np.argsort(-lengths, kind="stable") if lengths[u] and want[starts[u] : ends[u]].any()]
@@ -201,42 +226,66 @@ def _full_context_batches(
         f = feats.tensors(idx, device)
         with torch.no_grad():
             out, _ = net(f)
-        cat_t = torch.from_numpy(np.where(valid, pts.cat_target[idx], -1)).to(device)
-        obs = torch.from_numpy(valid & pts.observable[idx]).to(device)
-        buy = torch.from_numpy(pts.purchase[idx]).to(device)
-        yield out, f, cat_t, buy, obs
+        yield _Batch(
+            out, f,
+            torch.from_numpy(np.where(valid, pts.cat[idx], -1)).to(device),
+            torch.from_numpy(pts.cat_hash[idx]).to(device),
+            torch.from_numpy(pts.purchase[idx]).to(device),
+            torch.from_numpy(valid & pts.observable[idx]).to(device),
+        )
+
+
+def target_ranks(net: DemandLSTM, out: dict, f: dict, cat_t: torch.Tensor, hash_t: torch.Tensor) -> torch.Tensor:
+    """Rank of each target under the model's distribution (ties count against it; a target the model
+    cannot rank gets rank ``C + K + 1``). Cells are flattened: inputs are [n, ...]."""
+    probs = net.category_probs(out, f)
+    c = probs.shape[-1] - f["hist_cats"].shape[-1]
+    col = net.target_columns(f, cat_t, hash_t, c)
+    p_t = probs.gather(-1, col.clamp(min=0).unsqueeze(-1))
+    rank = (probs >= p_t).sum(-1)
+    return torch.where(col >= 0, rank, probs.shape[-1] + 1)
 
 
 @torch.no_grad()
-def validation_loss(
-    net: DemandLSTM,
-    feats: FeatureBuffer,
-    log: EventLog,
-    pts: Points,
-    purchase_weight: float,
-    device: torch.device,
-) -> dict[str, float]:
-    """Mean category NLL and purchase BCE on validation points, each user run from its first event."""
-    tot_nll = tot_bce = 0.0
-    n_cat = n_buy = 0
-    for out, f, cat_t, buy, obs in _full_context_batches(net, feats, log, pts, device):
-        nll, bce, nc, nb = _loss_terms(net, out, f, cat_t, buy, obs)
+def validation_metrics(net: DemandLSTM, feats: FeatureBuffer, log: EventLog, pts: Targets, purchase_weight: float,
+                       device: torch.device) -> dict[str, float]:
+    """MRR@20, category NLL and purchase BCE on validation points, each user run from its first event."""
+    tot_nll = tot_bce = rr = 0.0
+    n_cat = n_buy = n_rank = 0
+    for b in _full_context_batches(net, feats, log, pts, device):
+        nll, bce, nc, nb = _loss_terms(net, b.out, b.f, b.cat_t, b.hash_t, b.buy, b.obs)
         tot_nll += float(nll)
         tot_bce += float(bce)
         n_cat += nc
         n_buy += nb
+        m = b.cat_t >= 0
+        if bool(m.any()):
+            ranks = target_ranks(net, {k: v[m] for k, v in b.out.items()}, {k: v[m] for k, v in b.f.items()},
+                                 b.cat_t[m], b.hash_t[m])
+            rr += float(torch.where(ranks <= SELECT_K, 1.0 / ranks.double(), 0.0).sum())
+            n_rank += int(m.sum())
     cat_loss = tot_nll / n_cat if n_cat else math.nan
     buy_loss = tot_bce / n_buy if n_buy else math.nan
-    total = (0.0 if math.isnan(cat_loss) else cat_loss) + purchase_weight * (
-        0.0 if math.isnan(buy_loss) else buy_loss
-    )
+    total = (0.0 if math.isnan(cat_loss) else cat_loss) + purchase_weight * (0.0 if math.isnan(buy_loss) else buy_loss)
     return {
         "loss": total,
+        "mrr@20": rr / n_rank if n_rank else math.nan,
         "category_nll": cat_loss,
         "purchase_bce": buy_loss,
-        "n_category_points": n_cat,
+        "n_category_points": n_rank,
         "n_purchase_points": n_buy,
     }
+
+
+def _better(val: dict, best: dict | None) -> bool:
+    """Selection rule: higher validation MRR@20; on a tie (or without category points), lower purchase BCE."""
+    if best is None:
+        return True
+    a, b = val["mrr@20"], best["mrr@20"]
+    if not (math.isnan(a) or math.isnan(b)) and abs(a - b) > 1e-9:
+        return a > b
+    x, y = val["purchase_bce"], best["purchase_bce"]
+    return not math.isnan(x) and (math.isnan(y) or x < y)
 
 
 def fit_platt(
@@ -303,7 +352,7 @@ def calibrate(
 ) -> dict:
     """Fit Platt scaling on the observable purchase points of ``pts`` (validation) and store it in ``net``.
 
-    The logits are collected with full context, as :func:`validation_loss` does, after resetting the
+    The logits are collected with full context, as :func:`validation_metrics` does, after resetting the
     network's calibration to the identity. The fit is skipped (identity kept) when there are fewer than
     ``min_positives`` positives, only one class, or the fitted scale is not positive (it would invert the
     model's ranking). Returns what was done: ``applied``, ``reason`` when skipped, ``a``, ``b``, point
@@ -312,9 +361,9 @@ def calibrate(
     net.purchase_scale.fill_(1.0)
     net.purchase_shift.fill_(0.0)
     zs, ys = [], []
-    for out, _f, _cat_t, buy, obs in _full_context_batches(net, feats, log, pts, device):
-        zs.append(out["purchase_logit"][obs].double().cpu().numpy())
-        ys.append(buy[obs].double().cpu().numpy())
+    for b in _full_context_batches(net, feats, log, pts, device):
+        zs.append(b.out["purchase_logit"][b.obs].double().cpu().numpy())
+        ys.append(b.buy[b.obs].double().cpu().numpy())
     z = np.concatenate(zs) if zs else np.zeros(0)
     y = np.concatenate(ys) if ys else np.zeros(0)
     n_pos = int(y.sum())
@@ -336,34 +385,158 @@ def calibrate(
     return info
 
 
-def repeat_prior(feats: FeatureBuffer, pts: Points) -> float | None:
-    """Share of the training next-category targets found in the user's history slots (None: no target).
-
-    It is the rate the repeat gate should start from (DESIGN §10 measures 78 % on the cosmetics log).
-
-    >>> from model.network import ModelConfig
-    >>> buf = FeatureBuffer(ModelConfig(history_slots=2), 3)
-    >>> buf.hist_cats[:] = [[5, 6], [5, -1], [7, 5]]
-    >>> repeat_prior(buf, Points(np.ones(3, bool), np.array([6, 9, -1]), np.zeros(3, np.int8), np.ones(3, bool)))
-    0.5
-    """
-    t = pts.cat_target
-    rows = np.flatnonzero(t > 0)
-    if not len(rows):
-        return None
-    return float((feats.hist_cats[rows] == t[rows, None]).any(1).mean())
+def _markov_pairs(log: EventLog, cats: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """(current, next) vocabulary-index pairs of consecutive ``rows`` of one user; the current category of
+    an event without one is the user's last known category."""
+    n = len(cats)
+    user_first = np.repeat(log.user_start[:-1], np.diff(log.user_start))
+    known = rows & (cats > 0)
+    last_known = np.maximum.accumulate(np.where(known, np.arange(n), -1))
+    current = np.where(last_known >= user_first, cats[np.maximum(last_known, 0)], 0)
+    nxt = np.r_[cats[1:], 0]
+    same_user = np.r_[user_first[1:], -1] == user_first
+    ok = same_user & rows & np.r_[rows[1:], False] & (current > 0) & (nxt > 0)
+    return np.stack([current[ok], nxt[ok]], axis=1)
 
 
-@torch.no_grad()
-def init_repeat_prior(net: DemandLSTM, p_repeat: float) -> None:
-    """Start the repeat gate's bias at logit(``p_repeat``) (clipped to [p, 1 - p], see REPEAT_PRIOR_MIN_P).
+@dataclass
+class _Fit:
+    """One training run's outcome."""
 
-    A default initialisation starts the gate near 1/2; on small logs early stopping ends training
-    within a few epochs, before the gate has moved to the repeat rate the data shows at once. Only the
-    bias is set: the gate's weights keep their random start, so it still learns when to explore.
-    """
-    p = min(max(p_repeat, REPEAT_PRIOR_MIN_P), 1.0 - REPEAT_PRIOR_MIN_P)
-    net.gate.bias.fill_(math.log(p / (1.0 - p)))
+    net: DemandLSTM
+    history: list[dict]
+    best_epoch: int
+    best: dict | None
+    train_seconds: float
+    steps: int
+    n_train: int
+    n_users: int
+
+
+def _fit(log: EventLog, feats: FeatureBuffer, vocab: Vocabulary, tr: Targets, va: Targets | None, mcfg: ModelConfig,
+         tcfg: TrainConfig, device: torch.device, rng: np.random.Generator, epochs: int, progress: bool,
+         desc: str) -> _Fit:
+    """Train a fresh network on the ``tr`` points for up to ``epochs`` epochs; with ``va``, keep the best
+    epoch by :func:`_better` and stop after ``patience`` epochs without improvement."""
+    from tqdm import tqdm
+
+    tr_mask = tr.mask
+    ranges = _user_ranges(log.user_start, tr_mask)
+    n_train = int(tr_mask.sum())
+    cats = feats.cat
+    net = DemandLSTM(mcfg).to(device)
+    net.set_tables(markov_tables(cats[tr_mask], _markov_pairs(log, cats, tr_mask), len(vocab), mcfg.markov_top_k))
+    if tcfg.cascade_init:
+        init_like_cascade(net)
+    opt = torch.optim.AdamW(net.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    # steps per epoch are known only after dealing the lanes once; the windows do not depend on the order
+    steps_per_epoch = sum(1 for _ in _lane_windows(ranges, tcfg.lanes, tcfg.bptt))
+    total = max(1, steps_per_epoch * tcfg.epochs)
+    warm = max(1, int(tcfg.warmup_fraction * total))
+
+    def lr_at(step: int) -> float:
+        if step < warm:
+            return tcfg.lr * (step + 1) / warm
+        return tcfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+
+    history: list[dict] = []
+    best, best_state, best_epoch, bad = None, None, 0, 0
+    train_time, step = 0.0, 0
+    for epoch in range(1, epochs + 1):
+        net.train()
+        h, c = net.initial_state(tcfg.lanes, device)
+        run_loss, run_n = 0.0, 0
+        t_ep = time.perf_counter()
+        bar = tqdm(total=n_train, desc=f"{desc} epoch {epoch}", unit="ev", disable=not progress, leave=False)
+        for active, idx, valid, reset in _lane_windows(_epoch_order(ranges, rng), tcfg.lanes, tcfg.bptt):
+            keep = (~torch.from_numpy(reset).to(device)).float().view(1, -1, 1)
+            h, c = (h * keep).detach(), (c * keep).detach()
+            a = torch.from_numpy(active).to(device)
+            f = feats.tensors(idx, device)
+            out, (h_a, c_a) = net(f, (h[:, a], c[:, a]))
+            cat_t = torch.from_numpy(np.where(valid, tr.cat[idx], -1)).to(device)
+            hash_t = torch.from_numpy(tr.cat_hash[idx]).to(device)
+            obs = torch.from_numpy(valid & tr.observable[idx]).to(device)
+            buy = torch.from_numpy(tr.purchase[idx]).to(device)
+            nll, bce, n_cat, n_buy = _loss_terms(net, out, f, cat_t, hash_t, buy, obs)
+            # Scale by the share of the full lanes × window that holds real events, so a window where
+            # only a few lanes are still busy moves the weights proportionally less.
+            share = float(valid.sum()) / (tcfg.lanes * valid.shape[1])
+            loss = share * (nll / max(n_cat, 1) + tcfg.purchase_weight * bce / max(n_buy, 1))
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(net.parameters(), tcfg.clip_norm)
+            opt.step()
+            step += 1
+            h, c = h.clone(), c.clone()
+            h[:, a], c[:, a] = h_a.detach(), c_a.detach()
+            run_loss += float(loss.detach()) / share * int(valid.sum())
+            run_n += int(valid.sum())
+            bar.update(int(valid.sum()))
+            bar.set_postfix(loss=f"{run_loss / max(run_n, 1):.3f}")
+        bar.close()
+        train_time += time.perf_counter() - t_ep
+        entry = {"epoch": epoch, "train_loss": run_loss / max(run_n, 1), "steps": step}
+        if va is not None:
+            val = validation_metrics(net, feats, log, va, tcfg.purchase_weight, device)
+            entry.update(val)
+            if progress:
+                tqdm.write(f"{desc} epoch {epoch}: train loss {entry['train_loss']:.4f}  valid MRR@20 "
+                           f"{val['mrr@20']:.4f}  category nll {val['category_nll']:.4f}  purchase bce "
+                           f"{val['purchase_bce']:.4f}")
+            if _better(val, best):
+                best, best_epoch, bad = val, epoch, 0
+                best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+            else:
+                bad += 1
+        elif progress:
+            tqdm.write(f"{desc} epoch {epoch}: train loss {entry['train_loss']:.4f}")
+        history.append(entry)
+        logger.info("%s epoch %d: %s", desc, epoch, entry)
+        if va is not None and bad >= tcfg.patience:
+            break
+    if best_state is not None:
+        net.load_state_dict(best_state)
+    else:
+        best_epoch = len(history)
+    net.eval()
+    return _Fit(net, history, best_epoch, best, train_time, step, n_train, len(ranges))
+
+
+def _selection_split(log: EventLog, split: Split, tcfg: TrainConfig) -> tuple[Split, dict]:
+    """The split that chooses the epochs: the given one, or a hold-out at the end of the training time
+    when the validation window is too small to decide anything (see the module docstring)."""
+    pts = phase_points(log, split, "valid", log.category, tcfg.horizon_s)
+    n_cat, n_pos = int((pts.cat_target >= 0).sum()), int(pts.purchase[pts.observable].sum())
+    info = {"source": "validation", "n_category_points": n_cat, "n_positives": n_pos}
+    if n_cat >= tcfg.min_valid_category_points and n_pos >= tcfg.min_valid_positives:
+        return split, info
+    start = float(log.ts.min())
+    t1 = start + (1.0 - tcfg.holdout_fraction) * (split.train_end - start)
+    info.update(
+        source="holdout",
+        reason=f"validation window has {n_cat} next-category points and {n_pos} positives (needs "
+        f"{tcfg.min_valid_category_points} and {tcfg.min_valid_positives}): the last "
+        f"{tcfg.holdout_fraction:.0%} of the training time chose the epochs instead",
+        holdout_start=t1,
+    )
+    logger.warning("%s", info["reason"])
+    return Split(t1, split.train_end, split.end_ts), info
+
+
+def _prepare(log: EventLog, split: Split, fit_end: float, tcfg: TrainConfig, mcfg: ModelConfig, next_hash: np.ndarray):
+    """Vocabulary of the rows before ``fit_end``, the encoded log, and train/valid targets of ``split``."""
+    fit_rows = log.ts < fit_end
+    vocab = Vocabulary.build((log.categories[c] if c >= 0 else None for c in log.category[fit_rows]),
+                             max_size=tcfg.max_categories)
+    cfg = ModelConfig(**{**asdict(mcfg), "n_categories": len(vocab)})
+    feats = encode_log(log, cfg, vocab)
+    cats = category_index(log, vocab)
+    tr = phase_targets(phase_points(log, split, "train", cats, tcfg.horizon_s), next_hash)
+    va = phase_targets(phase_points(log, split, "valid", cats, tcfg.horizon_s), next_hash)
+    return vocab, cfg, feats, tr, va
 
 
 def train(
@@ -373,149 +546,91 @@ def train(
     progress: bool = True,
     split: Split | None = None,
 ) -> TrainResult:
-    """Train a DemandLSTM on the rows of ``log`` before ``T2`` (validation for early stopping).
+    """Train a DemandLSTM on the rows of ``log`` before ``T2``: choose on validation, then refit.
 
     Parameters
     ----------
     log : EventLog
         Any log; it is sorted by user and time here if needed.
     tcfg, mcfg : TrainConfig, ModelConfig, optional
-        ``mcfg.n_categories`` is replaced by the size of the vocabulary built from training rows.
+        ``mcfg.n_categories`` is replaced by the size of the vocabulary built from the fitted rows.
     progress : bool
         Show a tqdm bar with the running loss.
     split : Split, optional
         Defaults to :func:`model.data.temporal_split` (80/10/10 of the time span).
     """
-    from tqdm import tqdm
-
     tcfg = tcfg or TrainConfig()
-    mcfg = ModelConfig(**asdict(mcfg)) if mcfg is not None else ModelConfig()
+    mcfg = mcfg or ModelConfig()
     split = split or temporal_split(log)
     torch.set_num_threads(tcfg.threads or os.cpu_count() or 1)
     seed_everything(tcfg.seed)
     rng = np.random.default_rng(tcfg.seed)
     device = resolve_device(tcfg.device)
 
-    before_t2 = np.flatnonzero(log.ts < split.valid_end)
-    log = log.take(before_t2).sorted_by_user_time()  # test rows never reach training
-    train_rows = log.ts < split.train_end
-    if not train_rows.any():
+    log = log.take(np.flatnonzero(log.ts < split.valid_end)).sorted_by_user_time()  # test rows never reach training
+    if not (log.ts < split.train_end).any():
         raise ValueError("no training events before the train end T1")
-    vocab = Vocabulary.build(
-        (log.categories[c] if c >= 0 else None for c in log.category[train_rows]),
-        max_size=tcfg.max_categories,
-    )
-    mcfg.n_categories = len(vocab)
-    t0 = time.perf_counter()
-    feats = encode_log(log, mcfg, vocab)
-    encode_s = time.perf_counter() - t0
-    cats = category_index(log, vocab)
-    tr = phase_points(log, split, "train", cats, tcfg.horizon_s)
-    va = phase_points(log, split, "valid", cats, tcfg.horizon_s)
-    ranges = _user_ranges(log.user_start, tr.mask)
-    n_train = int(tr.mask.sum())
-    logger.info(
-        "training on %d events of %d users, %d categories, device %s",
-        n_train,
-        len(ranges),
-        len(vocab),
-        device,
-    )
+    next_hash = next_category_targets(category_hashes(log), log.user_start)
 
-    net = DemandLSTM(mcfg).to(device)
-    prior = repeat_prior(feats, tr) if tcfg.repeat_prior_init else None
-    if prior is not None:
-        init_repeat_prior(net, prior)
-    opt = torch.optim.AdamW(net.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
-    best = {"loss": math.inf, "epoch": 0, "state": None}
-    history: list[dict] = []
-    train_time = 0.0
-    bad_epochs = 0
-    for epoch in range(1, tcfg.epochs + 1):
-        net.train()
-        order = _epoch_order(ranges, rng)
-        h, c = net.initial_state(tcfg.lanes, device)
-        run_loss, run_n = 0.0, 0
-        t_ep = time.perf_counter()
-        bar = tqdm(total=n_train, desc=f"epoch {epoch}", unit="ev", disable=not progress, leave=False)
-        for active, idx, valid, reset in _lane_windows(order, tcfg.lanes, tcfg.bptt):
-            rs = torch.from_numpy(reset).to(device)
-            keep = (~rs).float().view(1, -1, 1)
-            h, c = (h * keep).detach(), (c * keep).detach()
-            a = torch.from_numpy(active).to(device)
-            f = feats.tensors(idx, device)
-            out, (h_a, c_a) = net(f, (h[:, a], c[:, a]))
-            v = valid
-            cat_t = torch.from_numpy(np.where(v, tr.cat_target[idx], -1)).to(device)
-            obs = torch.from_numpy(v & tr.observable[idx]).to(device)
-            buy = torch.from_numpy(tr.purchase[idx]).to(device)
-            nll, bce, n_cat, n_buy = _loss_terms(net, out, f, cat_t, buy, obs)
-            # Scale by the share of the full lanes × window that holds real events, so a window where
-            # only a few lanes are still busy moves the weights proportionally less.
-            share = float(v.sum()) / (tcfg.lanes * v.shape[1])
-            loss = share * (nll / max(n_cat, 1) + tcfg.purchase_weight * bce / max(n_buy, 1))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(net.parameters(), tcfg.clip_norm)
-            opt.step()
-            h, c = h.clone(), c.clone()
-            h[:, a], c[:, a] = h_a.detach(), c_a.detach()
-            run_loss += float(loss.detach()) / share * int(v.sum())
-            run_n += int(v.sum())
-            bar.update(int(v.sum()))
-            bar.set_postfix(loss=f"{run_loss / max(run_n, 1):.3f}")
-        bar.close()
-        train_time += time.perf_counter() - t_ep
-        val = validation_loss(net, feats, log, va, tcfg.purchase_weight, device)
-        val["epoch"] = epoch
-        val["train_loss"] = run_loss / max(run_n, 1)
-        history.append(val)
-        logger.info("epoch %d: train loss %.4f, valid loss %.4f", epoch, val["train_loss"], val["loss"])
-        if progress:
-            tqdm.write(
-                f"epoch {epoch}: train loss {val['train_loss']:.4f}  valid loss {val['loss']:.4f} "
-                f"(category nll {val['category_nll']:.4f}, purchase bce {val['purchase_bce']:.4f})"
-            )
-        no_valid = val["n_category_points"] + val["n_purchase_points"] == 0
-        if no_valid or val["loss"] < best["loss"]:
-            best = {
-                "loss": val["loss"],
-                "epoch": epoch,
-                "state": {k: v.detach().clone() for k, v in net.state_dict().items()},
-            }
-            bad_epochs = 0
-        else:
-            bad_epochs += 1
-            if bad_epochs >= tcfg.patience:
-                break
-    net.load_state_dict(best["state"])
-    net.eval()
+    sel_split, selection = _selection_split(log, split, tcfg)
+    t0 = time.perf_counter()
+    vocab, cfg, feats, tr, va = _prepare(log, sel_split, sel_split.train_end, tcfg, mcfg, next_hash)
+    encode_s = time.perf_counter() - t0
+    logger.info("choosing on %s: %d training events, %d categories, device %s", selection["source"],
+                int(tr.mask.sum()), len(vocab), device)
+    chosen = _fit(log, feats, vocab, tr, va, cfg, tcfg, device, rng, tcfg.epochs, progress, "choose")
+    net = chosen.net
     if tcfg.calibrate:
         calib = calibrate(net, feats, log, va, device)
     else:
         calib = {"applied": False, "reason": "disabled (TrainConfig.calibrate=False)"}
-    epochs_run = len(history)
-    metrics = {
-        "train_events_per_s": n_train * epochs_run / train_time if train_time > 0 else math.nan,
+    metrics: dict = {
+        "selection": {**selection, "split": sel_split.to_dict(), "best_epoch": chosen.best_epoch,
+                      "best": chosen.best, "history": chosen.history, "optimizer_steps": chosen.steps,
+                      "n_train_events": chosen.n_train, "train_seconds": chosen.train_seconds},
+    }
+    final, train_s = chosen, chosen.train_seconds
+    if tcfg.refit:
+        # Refit: the same recipe on everything before T2 for the chosen number of epochs, so the model
+        # sees the data the baselines see. Its validation rows are now training rows, so calibration
+        # keeps the scale fitted above on the chosen model's held-out validation predictions.
+        all_split = Split(split.valid_end, split.valid_end + 1.0, split.end_ts)
+        vocab, cfg, feats, tr_all, _ = _prepare(log, all_split, split.valid_end, tcfg, mcfg, next_hash)
+        final = _fit(log, feats, vocab, tr_all, None, cfg, tcfg, device, rng, chosen.best_epoch, progress, "refit")
+        with torch.no_grad():
+            final.net.purchase_scale.copy_(net.purchase_scale)
+            final.net.purchase_shift.copy_(net.purchase_shift)
+        net = final.net
+        train_s += final.train_seconds
+        metrics["refit"] = {"epochs": chosen.best_epoch, "optimizer_steps": final.steps,
+                            "n_train_events": final.n_train, "history": final.history,
+                            "train_seconds": final.train_seconds}
+    epochs_run = len(chosen.history) + (len(final.history) if final is not chosen else 0)
+    n_ev = chosen.n_train * len(chosen.history) + (final.n_train * len(final.history) if final is not chosen else 0)
+    hist = chosen.history
+    metrics.update({
+        "train_events_per_s": n_ev / train_s if train_s > 0 else math.nan,
         "encode_seconds": encode_s,
-        "train_seconds": train_time,
+        "train_seconds": train_s,
         "epochs_run": epochs_run,
-        "best_epoch": best["epoch"],
-        "best_valid_loss": best["loss"],
-        "valid_losses": [h_["loss"] for h_ in history],
-        "train_losses": [h_["train_loss"] for h_ in history],
-        "history": history,
-        "n_train_events": n_train,
+        "best_epoch": chosen.best_epoch,
+        "best_valid_loss": chosen.best["loss"] if chosen.best else math.nan,
+        "best_valid_mrr@20": chosen.best["mrr@20"] if chosen.best else math.nan,
+        "valid_losses": [h.get("loss") for h in hist],
+        "valid_mrr@20": [h.get("mrr@20") for h in hist],
+        "train_losses": [h["train_loss"] for h in hist],
+        "optimizer_steps": chosen.steps + (final.steps if final is not chosen else 0),
+        "history": hist,
+        "n_train_events": final.n_train,
         "n_valid_points": int(va.mask.sum()),
-        "n_train_users": len(ranges),
+        "n_train_users": final.n_users,
         "n_categories": len(vocab),
         "split": split.to_dict(),
         "train_config": asdict(tcfg),
         "device": str(device),
         "threads": torch.get_num_threads(),
         "calibration": calib,
-        "repeat_prior": prior,
-    }
+    })
     return TrainResult(net.cpu().eval(), vocab, metrics)
 
 
@@ -564,6 +679,8 @@ def run_training(
                 "epochs_run",
                 "best_epoch",
                 "best_valid_loss",
+                "best_valid_mrr@20",
+                "optimizer_steps",
                 "train_events_per_s",
                 "train_seconds",
                 "split",
