@@ -1,9 +1,10 @@
 """Export the one-step model to TorchScript and ONNX, each checked for parity with PyTorch.
 
 The exported graph is :class:`StepModule`: one event per user from feature tensors plus (h, c) to
-(category probabilities, purchase propensity, h, c) — exactly :meth:`DemandLSTM.step` followed by
-:meth:`DemandLSTM.category_probs` and a sigmoid. The per-user history summary is computed outside the
-graph (:mod:`model.encoding`), as in the stream.
+(category probabilities [B, C + K], purchase propensity, h, c) — exactly :meth:`DemandLSTM.step` followed
+by :meth:`DemandLSTM.category_probs` and a sigmoid, i.e. the numbers :meth:`model.scoring.Scorer.step`
+ranks. The per-user history summary (including ``hist_vocab``, the vocabulary index of each slot's
+category hash) is computed outside the graph (:mod:`model.encoding`), as in the stream.
 
 ONNX parity is checked with onnxruntime when it is importable; otherwise only ``onnx.checker`` runs
 and the result says so (``onnx_parity`` is None).
@@ -20,9 +21,10 @@ import torch
 from torch import nn
 
 from model import checkpoint as ckpt_mod
-from model.encoding import FeatureBuffer, encode_events
+from model.encoding import COLUMNS, FeatureBuffer, encode_events
 from model.events import EVENT_TYPES, Event
-from model.network import FEATURES, DemandLSTM
+from model.features import Vocabulary
+from model.network import DemandLSTM
 from model.state import new_state
 
 logger = logging.getLogger(__name__)
@@ -37,66 +39,54 @@ ONNX_OPSET = 17
 #: Users in the example batch used for tracing and parity checks.
 EXAMPLE_BATCH = 4
 
+#: Feature inputs of the graph: every column :class:`~model.encoding.FeatureBuffer` hands the network.
+FEATURES = tuple(COLUMNS)
 INPUT_NAMES = (*FEATURES, "h", "c")
 OUTPUT_NAMES = ("category_probs", "purchase_propensity", "h_out", "c_out")
 
 
 class StepModule(nn.Module):
-    """One streaming step as a graph with positional tensor inputs (the order of :data:`INPUT_NAMES`)."""
+    """One streaming step as a graph with positional tensor inputs (the order of :data:`INPUT_NAMES`).
+
+    Outputs ``(category_probs [B, C + K], purchase_propensity [B], h, c)``: the numbers
+    :meth:`model.scoring.Scorer.step` ranks and emits (C vocabulary columns, then K history-slot columns
+    for categories outside the vocabulary; ``hist_cats`` names those slots by hash).
+    """
 
     def __init__(self, net: DemandLSTM):
         super().__init__()
         self.net = net
 
-    def forward(
-        self,
-        etype,
-        item,
-        cat,
-        price,
-        gap,
-        query,
-        hist_cats,
-        hist_counts,
-        hist_ages,
-        cart,
-        purchases,
-        events_seen,
-        h,
-        c,
-    ):
-        f = {
-            "etype": etype,
-            "item": item,
-            "cat": cat,
-            "price": price,
-            "gap": gap,
-            "query": query,
-            "hist_cats": hist_cats,
-            "hist_counts": hist_counts,
-            "hist_ages": hist_ages,
-            "cart": cart,
-            "purchases": purchases,
-            "events_seen": events_seen,
-        }
+    def forward(self, *inputs: torch.Tensor):
+        f = dict(zip(FEATURES, inputs[: len(FEATURES)], strict=True))
+        h, c = inputs[len(FEATURES)], inputs[len(FEATURES) + 1]
         out, (h2, c2) = self.net.step(f, (h, c))
-        probs = self.net.category_probs(out, hist_cats)
+        probs = self.net.category_probs(out, f)
         return probs, torch.sigmoid(out["purchase_logit"]), h2, c2
+
+
+def step_inputs(f: dict[str, torch.Tensor], h: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Positional graph inputs from a feature dict (:meth:`FeatureBuffer.tensors`) and (h, c)."""
+    return (*(f[k] for k in FEATURES), h, c)
+
+
+#: Categories outside the vocabulary mixed into the example events, so the history-slot columns of the
+#: exported distribution carry probability (a category the vocabulary does not know can be repeated).
+EXAMPLE_OOV = ("__export_oov_a", "__export_oov_b")
 
 
 def example_inputs(
     net: DemandLSTM, vocab_names: list[str], batch: int = EXAMPLE_BATCH, seed: int = 0
 ) -> tuple[torch.Tensor, ...]:
-    """Realistic step inputs: ``batch`` users a few events into their history, with random (h, c)."""
+    """Realistic step inputs: ``batch`` users a few events into their history (vocabulary categories and
+    categories outside it), with random (h, c)."""
     cfg = net.cfg
     rng = np.random.default_rng(seed)
-    buf = FeatureBuffer(cfg, batch)
-    states = [new_state(cfg.layers, cfg.hidden, cfg.history_slots) for _ in range(batch)]
-    cats = vocab_names[1:] or [None]
-    from model.features import Vocabulary
-
     vocab = Vocabulary(vocab_names)
-    for k in range(3):
+    buf = FeatureBuffer(cfg, batch, vocab)
+    states = [new_state(cfg.layers, cfg.hidden, cfg.history_slots) for _ in range(batch)]
+    cats = [*vocab_names[1:], *EXAMPLE_OOV, None]
+    for k in range(4):
         evs = []
         for b in range(batch):
             et = EVENT_TYPES[int(rng.integers(len(EVENT_TYPES)))]
@@ -112,12 +102,12 @@ def example_inputs(
                     "red shoes" if et == "search" else None,
                 )
             )
-        encode_events(buf, evs, states, vocab)
+        encode_events(buf, evs, states)
     f = buf.tensors(slice(0, batch))
     gen = torch.Generator().manual_seed(seed)
     h = torch.randn(cfg.layers, batch, cfg.hidden, generator=gen) * 0.5
     c = torch.randn(cfg.layers, batch, cfg.hidden, generator=gen) * 0.5
-    return (*(f[k] for k in FEATURES), h, c)
+    return step_inputs(f, h, c)
 
 
 def _max_diff(a, b) -> float:
