@@ -1,4 +1,5 @@
-"""DemandLSTM: one-step streaming equals the full-sequence forward (DESIGN §6 parity)."""
+"""DemandLSTM: one-step streaming equals the full-sequence forward (DESIGN §6 parity); the hybrid
+next-category head ranks categories outside the vocabulary and starts out as the rule cascade."""
 
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ from model.checkpoint import Checkpoint
 from model.eventlog import EventLog
 from model.events import EVENT_TYPES, Event
 from model.features import Vocabulary
-from model.network import DemandLSTM, ModelConfig
+from model.network import DemandLSTM, ModelConfig, init_like_cascade, markov_tables
 from model.scoring import Scorer
 
 
@@ -35,49 +36,81 @@ def random_events(rng, n_users=7, max_len=30, n_cats=12):
     return events
 
 
+def live_net(cfg: ModelConfig, vocab: Vocabulary, events, seed: int = 0) -> DemandLSTM:
+    """A network whose every term contributes: Markov tables from ``events``, the cascade weights, then
+    noise on every parameter (the context and LSTM terms are zero at initialisation)."""
+    torch.manual_seed(seed)
+    net = DemandLSTM(cfg)
+    cats = np.array([vocab.index(e.category) for e in events])
+    pairs = np.stack([cats[:-1], cats[1:]], axis=1)
+    net.set_tables(markov_tables(cats, pairs, cfg.n_categories, cfg.markov_top_k))
+    init_like_cascade(net)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return net.eval()
+
+
+def offline_column(code: int, n_vocab: int, hist_cats) -> int:
+    """Column of a prediction code (Scorer.category_name's codes) in a predict_log row [C + K]."""
+    if code >= 0:
+        return code
+    return n_vocab + list(hist_cats).index(-code)
+
+
 @pytest.mark.parametrize("layers", [1, 2])
 def test_step_equals_forward(layers):
     rng = np.random.default_rng(layers)
-    torch.manual_seed(layers)
     events = random_events(rng)
-    vocab = Vocabulary.build([e.category for e in events])
-    net = DemandLSTM(ModelConfig(n_categories=len(vocab), hidden=24, layers=layers)).eval()
-    scorer = Scorer(Checkpoint(net, vocab, "00000000"), top_k=5)
+    # a capped vocabulary: the rarer categories are outside it and ranked through their history slots
+    vocab = Vocabulary.build([e.category for e in events], max_size=7)
+    cfg = ModelConfig(n_categories=len(vocab), hidden=24, layers=layers, markov_top_k=4)
+    scorer = Scorer(Checkpoint(live_net(cfg, vocab, events, layers), vocab, "00000000"), top_k=8)
     log = EventLog.from_events(events).sorted_by_user_time()
 
     offline = {}
-    for rows, probs, prop in scorer.predict_log(log):
+    for rows, probs, prop, hist_cats in scorer.predict_log(log):
+        assert probs.shape[1] == len(vocab) + cfg.history_slots
         for j, r in enumerate(rows.tolist()):
-            offline[log.event_ids[r]] = (probs[j].numpy(), float(prop[j]))
+            offline[log.event_ids[r]] = (probs[j].numpy(), float(prop[j]), hist_cats[j].tolist())
 
     # Stream the same events one round at a time: round r = r-th event of every user.
     by_user = {}
     for e in sorted(events, key=lambda e: (e.user_id, e.ts)):
         by_user.setdefault(e.user_id, []).append(e)
     states = {u: scorer.new_state() for u in by_user}
-    max_diff = 0.0
+    max_diff, oov_ranked = 0.0, 0
     for r in range(max(len(v) for v in by_user.values())):
         round_events = [v[r] for v in by_user.values() if len(v) > r]
         round_states = [states[e.user_id] for e in round_events]
         preds = scorer.step(round_events, round_states)
-        for e, p in zip(round_events, preds, strict=True):
-            probs, prop = offline[e.event_id]
+        for e, p, s in zip(round_events, preds, round_states, strict=True):
+            probs, prop, hist_cats = offline[e.event_id]
+            assert s.hist_cats == hist_cats
             max_diff = max(max_diff, abs(prop - p.purchase_propensity))
-            for name, pc in p.top_categories:
-                max_diff = max(max_diff, abs(pc - probs[vocab.index(name)]))
+            for (code, pc), (name, pn) in zip(s.last_top, p.top_categories, strict=True):
+                assert scorer.category_name(code) == name and pn == pc
+                oov_ranked += code < 0
+                max_diff = max(max_diff, abs(pc - probs[offline_column(code, len(vocab), hist_cats)]))
     assert max_diff <= 1e-5
+    assert oov_ranked > 0  # the comparison covered history-slot columns too
     assert len(offline) == len(events)
 
 
 def test_distribution_sums_to_one_and_never_predicts_unknown():
     torch.manual_seed(0)
     events = random_events(np.random.default_rng(5), n_users=3)
-    vocab = Vocabulary.build([e.category for e in events])
-    net = DemandLSTM(ModelConfig(n_categories=len(vocab), hidden=16)).eval()
+    vocab = Vocabulary.build([e.category for e in events], max_size=6)
+    net = live_net(ModelConfig(n_categories=len(vocab), hidden=16), vocab, events)
     log = EventLog.from_events(events).sorted_by_user_time()
-    for _rows, probs, _p in Scorer(Checkpoint(net, vocab, "00000000")).predict_log(log):
+    for _rows, probs, _p, hist_cats in Scorer(Checkpoint(net, vocab, "00000000")).predict_log(log):
         assert torch.allclose(probs.sum(-1), torch.ones(probs.shape[0]), atol=1e-5)
         assert float(probs[:, 0].abs().max()) == 0.0
+        # a history-slot column has mass only when the slot holds a category outside the vocabulary
+        slot_vocab = torch.from_numpy(vocab.index_of_hashes(hist_cats.numpy()))
+        slot_p = probs[:, len(vocab) :]
+        assert float(slot_p[(slot_vocab > 0) | (hist_cats <= 0)].sum()) == 0.0
+        assert float(slot_p.sum()) > 0.0
 
 
 def test_step_many_equals_one_step_per_event():
@@ -85,11 +118,9 @@ def test_step_many_equals_one_step_per_event():
     rng = np.random.default_rng(3)
     torch.manual_seed(3)
     events = random_events(rng, n_users=6, max_len=9)
-    vocab = Vocabulary.build([e.category for e in events])
-    scorer = Scorer(
-        Checkpoint(DemandLSTM(ModelConfig(n_categories=len(vocab), hidden=24)).eval(), vocab, "00000000"),
-        top_k=4,
-    )
+    vocab = Vocabulary.build([e.category for e in events], max_size=6)
+    cfg = ModelConfig(n_categories=len(vocab), hidden=24)
+    scorer = Scorer(Checkpoint(live_net(cfg, vocab, events, 3), vocab, "00000000"), top_k=4)
     by_user = {}
     for e in events:
         by_user.setdefault(e.user_id, []).append(e)
@@ -113,9 +144,84 @@ def test_step_many_equals_one_step_per_event():
         assert u1 == u2 and p.events_seen == q.events_seen
         assert abs(p.purchase_propensity - q.purchase_propensity) <= 1e-5
         assert [c for c, _ in p.top_categories] == [c for c, _ in q.top_categories]
+        assert np.allclose([x for _, x in p.top_categories], [x for _, x in q.top_categories], atol=1e-5)
     for u in users:
         assert np.abs(a[u].h - b[u].h).max() <= 1e-5 and np.abs(a[u].c - b[u].c).max() <= 1e-5
-        assert a[u].hist_cats == b[u].hist_cats and a[u].events_seen == b[u].events_seen
+        assert [c for c, _ in a[u].last_top] == [c for c, _ in b[u].last_top]
+        for f in (
+            "hist_cats",
+            "hist_counts",
+            "hist_last",
+            "hist_ts",
+            "hist_cart",
+            "hist_etype",
+            "events_seen",
+            "cart",
+            "purchases",
+            "session_adds",
+        ):
+            assert getattr(a[u], f) == getattr(b[u], f), f
+
+
+def test_a_category_outside_the_vocabulary_is_ranked_under_its_own_name():
+    """A category unseen in training (so outside the vocabulary) that the user viewed twice is predicted,
+    named, from its history slot: streaming, in the stored last_top, and offline."""
+    vocab = Vocabulary(["<unk>", "shoes", "bags", "hats"])
+    net = DemandLSTM(ModelConfig(n_categories=len(vocab), hidden=16))
+    net.set_tables(
+        markov_tables(np.array([1, 1, 2, 3]), np.array([[1, 2], [2, 3]]), len(vocab), net.cfg.markov_top_k)
+    )
+    init_like_cascade(net)
+    scorer = Scorer(Checkpoint(net.eval(), vocab, "00000000"), top_k=3)
+    s = scorer.new_state()
+    events = [
+        Event(f"e{k}", "u1", 1.7e9 + 30.0 * k, "view", f"i{k}", c, 20.0)
+        for k, c in enumerate(["shoes", "garden-gnomes", "bags", "garden-gnomes"])
+    ]
+    preds = [scorer.step([e], [s])[0] for e in events]
+    assert "garden-gnomes" not in vocab.names
+    assert preds[-1].top_categories[0][0] == "garden-gnomes"  # the current category comes first
+    assert "garden-gnomes" in [c for c, _ in preds[2].top_categories]  # and is still ranked one event later
+    code = s.last_top[0][0]
+    assert code < 0 and scorer.category_name(code) == "garden-gnomes"
+    # a scorer that never saw the name still ranks the category, by hash
+    assert Scorer(Checkpoint(net, vocab, "00000000")).category_name(code) == f"#{-code:08x}"
+    log = EventLog.from_events(events).sorted_by_user_time()
+    offline = dict(scorer.score_log(log))
+    assert offline[len(events) - 1].top_categories == preds[-1].top_categories
+
+
+def test_untrained_network_with_cascade_init_ranks_like_the_rule_cascade():
+    """set_tables + init_like_cascade: last category, then the cart, then the rest of the history by count
+    (recent first on ties; a category outside the vocabulary too), then Markov successors of the current
+    category, then popularity."""
+    names = ["<unk>", *(f"c{i}" for i in range(1, 10))]
+    vocab = Vocabulary(names)
+    c = len(vocab)
+    # popularity: c7 > c8 > c9 > the rest; Markov successors of c4: c6 (3 times), then c5 (once)
+    counts = {1: 1, 2: 1, 3: 1, 4: 4, 5: 1, 6: 3, 7: 9, 8: 7, 9: 5}
+    cats = np.repeat(list(counts), list(counts.values()))
+    pairs = np.array([[4, 6], [4, 6], [4, 6], [4, 5], [1, 2], [7, 8]])
+    torch.manual_seed(0)
+    net = DemandLSTM(ModelConfig(n_categories=c, hidden=16, markov_top_k=4))
+    net.set_tables(markov_tables(cats, pairs, c, 4))
+    init_like_cascade(net)
+    scorer = Scorer(Checkpoint(net.eval(), vocab, "00000000"), top_k=c - 1)
+    s = scorer.new_state()
+    history = [
+        ("c1", "view"),
+        ("c2", "view"),
+        ("c3", "add_to_cart"),
+        ("zz-oov", "view"),
+        ("c2", "view"),
+        ("c1", "view"),
+        ("c4", "view"),
+    ]
+    for k, (cat, etype) in enumerate(history):
+        [p] = scorer.step([Event(f"e{k}", "u1", 1.7e9 + 60.0 * k, etype, f"i{k}", cat, 5.0)], [s])
+    ranked = [n for n, _ in p.top_categories]
+    #       last  cart  history: count 2 (c1 more recent), count 1  Markov of c4  popularity
+    assert ranked == ["c4", "c3", "c1", "c2", "zz-oov", "c6", "c5", "c7", "c8"]
 
 
 def test_calibration_is_applied_inside_heads_so_step_and_forward_agree():
@@ -126,11 +232,11 @@ def test_calibration_is_applied_inside_heads_so_step_and_forward_agree():
     assert float(net.purchase_scale) == 1.0 and float(net.purchase_shift) == 0.0  # identity by default
     log = EventLog.from_events(events).sorted_by_user_time()
     scorer = Scorer(Checkpoint(net, vocab, "00000000"))
-    raw = torch.cat([p for _r, _c, p in scorer.predict_log(log)])
+    raw = torch.cat([p for _r, _c, p, _h in scorer.predict_log(log)])
     with torch.no_grad():
         net.purchase_scale.fill_(0.5)
         net.purchase_shift.fill_(-1.0)
-    cal = torch.cat([p for _r, _c, p in scorer.predict_log(log)])
+    cal = torch.cat([p for _r, _c, p, _h in scorer.predict_log(log)])
     assert torch.allclose(cal, torch.sigmoid(0.5 * torch.logit(raw.double()) - 1.0).float(), atol=1e-5)
     # the streaming step goes through the same heads: first events of every user, one round
     firsts = {}
@@ -139,7 +245,7 @@ def test_calibration_is_applied_inside_heads_so_step_and_forward_agree():
     states = [scorer.new_state() for _ in firsts]
     streamed = [p.purchase_propensity for p in scorer.step(list(firsts.values()), states)]
     offline = []
-    for rows, _c, p in scorer.predict_log(log):
+    for rows, _c, p, _h in scorer.predict_log(log):
         offline.extend((int(r), float(v)) for r, v in zip(rows, p, strict=True))
     offline = dict(offline)
     first_row = {log.users[log.user[s]]: int(s) for s in log.user_start[:-1]}
