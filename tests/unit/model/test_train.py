@@ -6,23 +6,33 @@ import numpy as np
 import pytest
 
 from model import checkpoint
-from model.data import Split, phase_points
-from model.encoding import category_index
+from model.data import Split, next_category_targets, phase_points
+from model.encoding import category_hashes, category_index
 from model.eventlog import EventLog
 from model.features import Vocabulary
 from model.network import ModelConfig
 from model.synth import generate, write_jsonl
-from model.train import TrainConfig, _lane_windows, _user_ranges, run_training, train
+from model.train import TrainConfig, _lane_windows, _user_ranges, phase_targets, run_training, train
 from tests.unit.model.test_data import HORIZON, T1, T2, leaky_log
 
 TINY_MODEL = ModelConfig(hidden=16, item_buckets=256, query_buckets=64, emb_item=8, emb_query=4, emb_repeat=8)
 
+#: Selection on the given validation window however small it is (tiny logs are far below the defaults).
+ANY_VALID = dict(min_valid_category_points=0, min_valid_positives=0)
+
 
 #: run_training keyword arguments for a one-epoch run of the tiny model (CLI path, seconds on CPU).
 TINY_RUN = dict(
-    epochs=1, lanes=16, bptt=16, progress=False, device="cpu", threads=1,
-    **{k: getattr(TINY_MODEL, k) for k in ("hidden", "item_buckets", "query_buckets", "emb_item", "emb_query",
-                                           "emb_repeat")},
+    epochs=1,
+    lanes=16,
+    bptt=16,
+    progress=False,
+    device="cpu",
+    threads=1,
+    **{
+        k: getattr(TINY_MODEL, k)
+        for k in ("hidden", "item_buckets", "query_buckets", "emb_item", "emb_query", "emb_repeat")
+    },
 )
 
 
@@ -41,6 +51,7 @@ def test_lanes_cover_every_training_row_once_and_reset_on_new_users():
 
 
 def test_training_inputs_and_vocabulary_never_contain_events_after_t1():
+    """Choosing the epochs sees rows before T1 only; without a refit that is the whole model."""
     log = leaky_log()
     split = Split(T1, T2, float(log.ts.max()))
     pts = phase_points(log, split, "train", category_index(log, Vocabulary.build(log.categories)), HORIZON)
@@ -51,10 +62,61 @@ def test_training_inputs_and_vocabulary_never_contain_events_after_t1():
     ]
     assert rows and (log.ts[rows] < T1).all()
     res = train(
-        log, TrainConfig(epochs=1, lanes=4, bptt=8, threads=1), TINY_MODEL, progress=False, split=split
+        log,
+        TrainConfig(epochs=1, lanes=4, bptt=8, threads=1, refit=False, **ANY_VALID),
+        TINY_MODEL,
+        progress=False,
+        split=split,
     )
     assert not any(n.startswith("late") for n in res.vocab.names)
     assert res.metrics["n_train_events"] == int((log.ts < T1).sum())
+    assert res.metrics["selection"]["source"] == "validation"
+
+
+def test_refit_trains_on_train_and_validation_for_the_chosen_epochs_and_never_on_test_rows():
+    log = leaky_log()
+    split = Split(T1, T2, float(log.ts.max()))
+    tcfg = TrainConfig(epochs=2, lanes=4, bptt=8, threads=1, patience=2, **ANY_VALID)
+    res = train(log, tcfg, TINY_MODEL, progress=False, split=split)
+    m = res.metrics
+    assert m["refit"]["epochs"] == m["selection"]["best_epoch"] == m["best_epoch"]
+    assert len(m["refit"]["history"]) == m["refit"]["epochs"]
+    assert m["selection"]["n_train_events"] == int((log.ts < T1).sum())
+    assert m["n_train_events"] == m["refit"]["n_train_events"] == int((log.ts < T2).sum())
+    assert m["optimizer_steps"] == m["selection"]["optimizer_steps"] + m["refit"]["optimizer_steps"]
+    # a category seen only in validation rows (T1 <= ts < T2) is in the refit model's vocabulary ...
+    valid_only = {log.categories[c] for c in log.category[(log.ts >= T1) & (log.ts < T2)]}
+    assert valid_only and valid_only <= set(res.vocab.names)
+    assert res.net.cfg.n_categories == len(res.vocab)
+    # ... and no category first seen in the test window is
+    test_only = {log.categories[c] for c in log.category[log.ts >= T2]} - valid_only
+    assert test_only and not test_only & set(res.vocab.names)
+
+    res = train(
+        log, TrainConfig(**{**tcfg.__dict__, "refit": False}), TINY_MODEL, progress=False, split=split
+    )
+    assert "refit" not in res.metrics and res.metrics["train_config"]["refit"] is False
+    assert not valid_only & set(res.vocab.names)
+
+
+def test_a_too_small_validation_window_falls_back_to_a_training_holdout():
+    log = tiny_log(1500)
+    t_max = float(log.ts.max())
+    split = Split(t_max - 60.0, t_max - 30.0, t_max + 1.0)  # half a minute of validation
+    res = train(
+        log,
+        TrainConfig(epochs=1, lanes=16, bptt=16, threads=1, refit=False),
+        TINY_MODEL,
+        progress=False,
+        split=split,
+    )
+    sel = res.metrics["selection"]
+    assert sel["source"] == "holdout" and "validation window" in sel["reason"]
+    assert sel["n_category_points"] < TrainConfig.min_valid_category_points
+    assert float(log.ts.min()) < sel["holdout_start"] < split.train_end
+    assert sel["split"]["train_end"] == sel["holdout_start"] and sel["split"]["valid_end"] == split.train_end
+    assert res.metrics["n_train_events"] == int((log.ts < sel["holdout_start"]).sum())
+    assert np.isfinite(res.metrics["best_valid_mrr@20"])
 
 
 def test_one_epoch_run_saves_a_loadable_checkpoint_with_stable_version(tmp_path):
@@ -62,7 +124,7 @@ def test_one_epoch_run_saves_a_loadable_checkpoint_with_stable_version(tmp_path)
     write_jsonl(generate(60, 1500, seed=3), data)
     s1 = run_training(str(data), "jsonl", tmp_path / "a.pt", **TINY_RUN)
     s2 = run_training(str(data), "jsonl", tmp_path / "b.pt", **TINY_RUN)
-    assert s1["epochs_run"] == 1 and s1["n_train_events"] > 0 and s1["train_events_per_s"] > 0
+    assert s1["epochs_run"] >= 1 and s1["n_train_events"] > 0 and s1["train_events_per_s"] > 0
     assert s1["model_version"] == s2["model_version"]  # same data + seed -> same weights -> same version
     ck = checkpoint.load(tmp_path / "a.pt")
     assert ck.model_version == s1["model_version"]
@@ -73,24 +135,32 @@ def test_one_epoch_run_saves_a_loadable_checkpoint_with_stable_version(tmp_path)
         "epochs_run",
         "best_epoch",
         "valid_losses",
+        "valid_mrr@20",
+        "best_valid_mrr@20",
+        "optimizer_steps",
+        "selection",
+        "refit",
         "n_train_events",
         "n_categories",
         "split",
     ):
         assert key in m
     assert m["split"]["train_end"] < m["split"]["valid_end"] <= m["split"]["end_ts"]
-    assert np.isfinite(m["valid_losses"][0])
+    assert np.isfinite(m["valid_losses"][0]) and 0.0 <= m["valid_mrr@20"][0] <= 1.0
+    # one epoch trained to choose on validation, then the chosen number of epochs on train + validation
+    assert max(h["epoch"] for h in m["selection"]["history"]) == 1
+    assert m["refit"]["epochs"] == m["best_epoch"] <= 1 and len(m["refit"]["history"]) == m["best_epoch"]
 
 
 def test_training_reduces_the_loss():
     res = train(
         tiny_log(1500),
-        TrainConfig(epochs=2, lanes=16, bptt=16, patience=2, lr=1e-2, threads=1),
+        TrainConfig(epochs=2, lanes=16, bptt=16, patience=2, lr=1e-2, threads=1, refit=False),
         TINY_MODEL,
         progress=False,
     )
-    losses = res.metrics["train_losses"]
-    assert losses[-1] < losses[0]
+    losses = [h["train_loss"] for h in res.metrics["history"] if h["epoch"] >= 1]  # epochs that trained
+    assert len(losses) == 2 and losses[-1] < losses[0]
 
 
 def test_unknown_option_is_a_clear_error(tmp_path):
@@ -108,25 +178,40 @@ def _calibration_case():
     log = tiny_log(3000, seed=5)
     split = Split(float(np.quantile(log.ts, 0.9)), float(log.ts.max()) + 1, float(log.ts.max()) + 1)
     # A briefly trained net (its logits rank buyers), then made overconfident: p ~ 0.95 far too often.
-    tcfg = TrainConfig(epochs=2, lanes=16, bptt=16, threads=1, calibrate=False, lr=1e-2)
+    # cascade_init off: the selection then keeps a trained epoch (the untrained start has no purchase skill)
+    tcfg = TrainConfig(
+        epochs=2,
+        lanes=16,
+        bptt=16,
+        threads=1,
+        calibrate=False,
+        lr=1e-2,
+        refit=False,
+        cascade_init=False,
+        **ANY_VALID,
+    )
     res = train(log, tcfg, TINY_MODEL, progress=False, split=split)
     net, vocab, cfg = res.net, res.vocab, res.net.cfg
     with torch.no_grad():
         net.purchase[-1].bias.add_(3.0)
     pts = phase_points(log, split, "train", category_index(log, vocab), HORIZON)
-    return net, encode_log(log, cfg, vocab), log, pts
+    targets = phase_targets(pts, next_category_targets(category_hashes(log), log.user_start))
+    return net, encode_log(log, cfg, vocab), log, targets
 
 
 def test_calibration_reduces_validation_log_loss_and_lives_in_the_network():
     import torch
 
-    from model.train import calibrate, validation_loss
+    from model.train import calibrate, validation_metrics
 
     net, feats, log, pts = _calibration_case()
     assert int(pts.purchase[pts.observable].sum()) >= 20  # the case exercises a real fit
-    before = validation_loss(net, feats, log, pts, 1.0, torch.device("cpu"))["purchase_bce"]
+    before = validation_metrics(net, feats, log, pts, 1.0, torch.device("cpu"))
     info = calibrate(net, feats, log, pts, torch.device("cpu"))
-    after = validation_loss(net, feats, log, pts, 1.0, torch.device("cpu"))["purchase_bce"]
+    after_m = validation_metrics(net, feats, log, pts, 1.0, torch.device("cpu"))
+    # calibration is monotone in the logit: the category ranking (MRR) cannot move
+    assert after_m["mrr@20"] == pytest.approx(before["mrr@20"])
+    before, after = before["purchase_bce"], after_m["purchase_bce"]
     assert info["applied"] and info["b"] < 0  # pulls the inflated propensities down
     assert after < before - 0.1
     assert info["bce_after"] == pytest.approx(after, abs=1e-4)
@@ -136,32 +221,35 @@ def test_calibration_reduces_validation_log_loss_and_lives_in_the_network():
 def test_calibration_is_skipped_with_too_few_positives_or_one_class():
     import torch
 
-    from model.data import Points
     from model.train import calibrate
 
     net, feats, log, pts = _calibration_case()
     info = calibrate(net, feats, log, pts, torch.device("cpu"), min_positives=10**6)
     assert not info["applied"] and "positive" in info["reason"]
     assert (float(net.purchase_scale), float(net.purchase_shift)) == (1.0, 0.0)
-    negatives_only = Points(pts.mask, pts.cat_target, pts.purchase, pts.observable & (pts.purchase == 0))
+    negatives_only = pts._replace(observable=pts.observable & (pts.purchase == 0))
     info = calibrate(net, feats, log, negatives_only, torch.device("cpu"))
     assert not info["applied"] and "single class" in info["reason"]
 
 
-def test_training_records_calibration_and_starts_the_gate_at_the_repeat_rate():
+def test_training_records_calibration_and_starts_from_the_rule_cascade():
     import torch
 
-    from model.network import DemandLSTM
-    from model.train import init_repeat_prior
+    from model.network import CASCADE_SLOT_WEIGHTS, SLOT_FEATURES, DemandLSTM, init_like_cascade
 
     res = train(
-        tiny_log(1500), TrainConfig(epochs=1, lanes=16, bptt=16, threads=1), TINY_MODEL, progress=False
+        tiny_log(1500),
+        TrainConfig(epochs=1, lanes=16, bptt=16, threads=1, refit=False),
+        TINY_MODEL,
+        progress=False,
     )
     calib = res.metrics["calibration"]
     assert calib["applied"] or calib["reason"]
-    assert 0.0 < res.metrics["repeat_prior"] < 1.0
+    assert res.metrics["train_config"]["cascade_init"] is True
+    # the Markov tables were learned from the training rows and travel with the network
+    assert torch.isfinite(res.net.markov_logp).any() and torch.isfinite(res.net.pop_logp).all()
     net = DemandLSTM(TINY_MODEL)
-    init_repeat_prior(net, 0.8)
-    assert float(torch.sigmoid(net.gate.bias.detach())) == pytest.approx(0.8)
-    init_repeat_prior(net, 1.0)  # clipped: a saturated gate would not learn
-    assert float(torch.sigmoid(net.gate.bias.detach())) < 0.96
+    init_like_cascade(net)
+    for name, w in CASCADE_SLOT_WEIGHTS.items():
+        assert float(net.slot_w0.detach()[SLOT_FEATURES.index(name)]) == pytest.approx(w)
+    assert float(net.slot_ctx.weight.abs().sum()) == 0.0  # the context starts with no say
