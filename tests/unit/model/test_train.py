@@ -252,4 +252,4 @@ def test_training_records_calibration_and_starts_from_the_rule_cascade():
     init_like_cascade(net)
     for name, w in CASCADE_SLOT_WEIGHTS.items():
         assert float(net.slot_w0.detach()[SLOT_FEATURES.index(name)]) == pytest.approx(w)
-    assert float(net.slot_ctx.weight.abs().sum()) == 0.0  # the context starts with no say
+    assert float(net.slot_ctx.weight.detach().abs().sum()) == 0.0  # the context starts with no say
