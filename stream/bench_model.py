@@ -31,7 +31,7 @@ from model.events import Event
 from model.features import Vocabulary
 from model.network import DemandLSTM, ModelConfig
 from model.scoring import Scorer
-from model.state import pack
+from model.state import SLOT_BYTES, pack
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +121,10 @@ SPEEDUP_BATCH = 256
 
 
 def incremental_speedup(
-    ckpt: Checkpoint, events: Sequence[Event], lengths: Sequence[int] = HISTORY_LENGTHS, min_s: float = 0.3,
+    ckpt: Checkpoint,
+    events: Sequence[Event],
+    lengths: Sequence[int] = HISTORY_LENGTHS,
+    min_s: float = 0.3,
     batch: int = SPEEDUP_BATCH,
 ) -> dict[str, dict[str, float]]:
     """Cost per new event: one :meth:`Scorer.step` vs recomputing the user's whole history.
@@ -149,7 +152,7 @@ def incremental_speedup(
             f = feats.tensors(idx)
             heads, _ = net(f)
             last = {k: v[:, -1] for k, v in heads.items()}
-            return net.category_probs(last, f["hist_cats"][:, -1]).topk(scorer.top_k, dim=-1)
+            return net.category_probs(last, {k: v[:, -1] for k, v in f.items()}).topk(scorer.top_k, dim=-1)
 
         state = scorer.new_state()
         for e in history[:-1]:  # bring the state to history length L - 1 first
@@ -166,9 +169,14 @@ def incremental_speedup(
         net_s = seconds_per_call(recompute, min_s) / batch
         encode_s = seconds_per_call(lambda log=log: encode_log(log, scorer.cfg, scorer.vocab), min_s)
         full_s = net_s + encode_s
-        out[str(L)] = {"step_us": step_s * 1e6, "recompute_us": full_s * 1e6, "ratio": full_s / step_s,
-                       "recompute_network_only_us": net_s * 1e6, "ratio_network_only": net_s / step_s,
-                       "batch": batch}
+        out[str(L)] = {
+            "step_us": step_s * 1e6,
+            "recompute_us": full_s * 1e6,
+            "ratio": full_s / step_s,
+            "recompute_network_only_us": net_s * 1e6,
+            "ratio_network_only": net_s / step_s,
+            "batch": batch,
+        }
     return out
 
 
@@ -226,9 +234,7 @@ def filled_record(ckpt: Checkpoint) -> tuple[bytes, int, int]:
     s.partition, s.offset = 0, 123_456
     record = pack(s)
     hc_len = 2 * s.h.size * 4  # float32 h and c
-    tail = 10 * len(s.hist_cats) + 8 * len(
-        s.last_top
-    )  # int32 cat + uint16 count + uint32 last; int32 + f32 top
+    tail = SLOT_BYTES * len(s.hist_cats) + 8 * len(s.last_top)  # history slots; int32 code + f32 p per top
     return record, len(record) - tail - hc_len, hc_len
 
 

@@ -17,7 +17,7 @@ from stream.settings import Settings, SettingsError
 
 logger = logging.getLogger("demandstream")
 
-FORMATS = ("jsonl", "rees46", "retailrocket")
+FORMATS = ("jsonl", "rees46", "retailrocket", "taobao")  # model.loaders.FORMATS (not imported: startup cost)
 EXIT_USER_ERROR = 2
 
 
@@ -40,8 +40,17 @@ def cmd_generate(a, settings: Settings) -> int:
 def cmd_train(a, settings: Settings) -> int:
     from model.train import run_training
 
-    summary = run_training(a.data, a.format, a.out, epochs=a.epochs, device=a.device or settings.device,
-                           train_end=a.train_end, valid_end=a.valid_end, seed=a.seed)
+    summary = run_training(
+        a.data,
+        a.format,
+        a.out,
+        epochs=a.epochs,
+        device=a.device or settings.device,
+        train_end=a.train_end,
+        valid_end=a.valid_end,
+        seed=a.seed,
+        refit=a.refit,
+    )
     print(_summary_line("trained", summary))
     return 0
 
@@ -49,8 +58,15 @@ def cmd_train(a, settings: Settings) -> int:
 def cmd_evaluate(a, settings: Settings) -> int:
     from model.evaluate import format_table, run_evaluation
 
-    report = run_evaluation(a.model or settings.model, a.data, a.format, a.report, plots=a.plots,
-                            train_end=a.train_end, valid_end=a.valid_end)
+    report = run_evaluation(
+        a.model or settings.model,
+        a.data,
+        a.format,
+        a.report,
+        plots=a.plots,
+        train_end=a.train_end,
+        valid_end=a.valid_end,
+    )
     print(format_table(report))
     print(f"report written to {a.report}")
     return 0
@@ -59,8 +75,15 @@ def cmd_evaluate(a, settings: Settings) -> int:
 def cmd_score(a, settings: Settings) -> int:
     from stream.score import score_file
 
-    n = score_file(a.model or settings.model, a.data, a.format, a.out, device=a.device or settings.device,
-                   top_k=settings.top_k, pseudonym_key=settings.pseudonym_key)
+    n = score_file(
+        a.model or settings.model,
+        a.data,
+        a.format,
+        a.out,
+        device=a.device or settings.device,
+        top_k=settings.top_k,
+        pseudonym_key=settings.pseudonym_key,
+    )
     print(f"wrote {n} signals to {a.out}")
     return 0
 
@@ -74,17 +97,22 @@ def cmd_worker(a, settings: Settings) -> int:
 def cmd_replay(a, settings: Settings) -> int:
     from stream.replay import replay
 
-    stats = replay(settings, _paths(a.data), a.format, rate=a.rate, topic=a.topic, progress=not a.quiet,
-                   limit=a.limit)
-    print(f"sent {stats.sent} records to {a.topic or settings.topic_input} in {stats.seconds:.1f} s "
-          f"({stats.rate:,.0f}/s)")
+    stats = replay(
+        settings, _paths(a.data), a.format, rate=a.rate, topic=a.topic, progress=not a.quiet, limit=a.limit
+    )
+    print(
+        f"sent {stats.sent} records to {a.topic or settings.topic_input} in {stats.seconds:.1f} s "
+        f"({stats.rate:,.0f}/s)"
+    )
     return 0
 
 
 def cmd_tail(a, settings: Settings) -> int:
     from stream.tail import tail
 
-    tail(settings, a.topic, from_beginning=a.from_beginning, max_records=a.max, timeout_s=a.timeout, raw=a.raw)
+    tail(
+        settings, a.topic, from_beginning=a.from_beginning, max_records=a.max, timeout_s=a.timeout, raw=a.raw
+    )
     return 0
 
 
@@ -92,7 +120,9 @@ def cmd_forget(a, settings: Settings) -> int:
     from stream.forget import forget
 
     forget(settings, a.user_id)
-    print(f"erasure of user {a.user_id!r} requested; the owning worker deletes its state and tombstones the changelog")
+    print(
+        f"erasure of user {a.user_id!r} requested; the owning worker deletes its state and tombstones the changelog"
+    )
     return 0
 
 
@@ -132,13 +162,29 @@ def _paths(values: Sequence[str]) -> list[Path]:
 
 
 def _summary_line(verb: str, d: dict) -> str:
-    keys = [k for k in ("out", "model_version", "n_train_events", "epochs_run", "train_events_per_s", "valid_loss")
-            if k in d]
-    return f"{verb}: " + ", ".join(f"{k}={d[k]:.4g}" if isinstance(d[k], float) else f"{k}={d[k]}" for k in keys)
+    keys = [
+        k
+        for k in (
+            "out",
+            "model_version",
+            "n_train_events",
+            "epochs_run",
+            "best_epoch",
+            "best_valid_mrr@20",
+            "train_events_per_s",
+            "valid_loss",
+        )
+        if k in d
+    ]
+    return f"{verb}: " + ", ".join(
+        f"{k}={d[k]:.4g}" if isinstance(d[k], float) else f"{k}={d[k]}" for k in keys
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="demandstream", description="Real-time customer demand from clickstreams.")
+    p = argparse.ArgumentParser(
+        prog="demandstream", description="Real-time customer demand from clickstreams."
+    )
     p.add_argument("--broker", help="Kafka bootstrap, e.g. kafka://127.0.0.1:9092 (DEMANDSTREAM_BROKER)")
     p.add_argument("--log-level", help="debug, info, warning (DEMANDSTREAM_LOG_LEVEL)")
     sub = p.add_subparsers(dest="command", required=True)
@@ -163,9 +209,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("train", help="train a model on a log")
     data_args(sp)
     sp.add_argument("--out", required=True)
-    sp.add_argument("--epochs", type=int)
+    sp.add_argument("--epochs", type=int, help="upper bound; validation chooses how many are kept")
     sp.add_argument("--device")
-    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--seed", type=int, default=0, help="seeds weights, user order and the hold-out sample")
+    sp.add_argument(
+        "--no-refit",
+        dest="refit",
+        action="store_false",
+        help="keep the model chosen on validation instead of retraining on train + validation",
+    )
     split_args(sp)
     sp.set_defaults(func=cmd_train)
 
@@ -229,8 +281,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-_SETTING_FLAGS = ("broker", "log_level", "model", "app_id", "data_dir", "web_port", "web_host", "guarantee",
-                  "device", "store", "partitions", "batch_max", "batch_within_ms")
+_SETTING_FLAGS = (
+    "broker",
+    "log_level",
+    "model",
+    "app_id",
+    "data_dir",
+    "web_port",
+    "web_host",
+    "guarantee",
+    "device",
+    "store",
+    "partitions",
+    "batch_max",
+    "batch_within_ms",
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -242,7 +307,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in ("train", "score"):
             overrides.pop("device", None)  # their --device is the command's own, not the worker's
         settings = Settings.from_env(**overrides)
-        logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(
+            level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
         # kafka-python narrates every connection and metadata refresh at INFO; keep its warnings only.
         logging.getLogger("kafka").setLevel(max(logging.WARNING, logging.getLogger().level))
         if hasattr(args, "data") and args.command != "replay":
@@ -263,8 +330,9 @@ def _is_user_error(exc: Exception) -> bool:
     from model.checkpoint import CheckpointError
     from stream.admin import KafkaUnavailable
 
-    return isinstance(exc, UserError | SettingsError | CheckpointError | KafkaUnavailable | FileNotFoundError
-                      | ValueError)
+    return isinstance(
+        exc, UserError | SettingsError | CheckpointError | KafkaUnavailable | FileNotFoundError | ValueError
+    )
 
 
 if __name__ == "__main__":

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 from faust.web import Request, Response, View
 
-from model.state import StateFormatError, unpack
+from model.scoring import Scorer
+from model.state import StateFormatError, UserState, unpack
 from stream.agents import Pipeline
 from stream.app import Components
 
@@ -45,14 +47,35 @@ def attach_views(c: Components, pipeline: Pipeline) -> None:
             s = unpack(raw)
         except StateFormatError as exc:
             return self.json({"error": str(exc)}, status=500)
-        names = engine.scorer.vocab.names
-        recent = sorted((last, cat) for cat, last in zip(s.hist_cats, s.hist_last, strict=True) if cat > 0)
-        return self.json({
-            "user_id": user_id,
-            "model_version": s.model_version,
-            "events_seen": s.events_seen,
-            "last_ts": s.last_ts,
-            "top_categories": [{"category": names[i], "p": p} for i, p in s.last_top],
-            "purchase_propensity": s.last_propensity,
-            "recent_categories": [names[cat] for _last, cat in reversed(recent)],
-        })
+        return self.json(
+            {
+                "user_id": user_id,
+                "model_version": s.model_version,
+                "events_seen": s.events_seen,
+                "last_ts": s.last_ts,
+                **demand_view(engine.scorer, s),
+            }
+        )
+
+
+def recent_category_names(scorer: Scorer, s: UserState) -> list[str]:
+    """Names of the categories in a state's history slots, most recently seen first.
+
+    Slots hold category hashes: a vocabulary category is named by its index, any other by
+    :meth:`Scorer.category_name` of minus its hash (its name when this worker saw it, else ``#hash``).
+    """
+    slots = sorted(
+        ((last, h) for h, last in zip(s.hist_cats, s.hist_last, strict=True) if h > 0), reverse=True
+    )
+    hashes = [h for _last, h in slots]
+    index = scorer.vocab.index_of_hashes(np.array(hashes, dtype=np.int64)).tolist() if hashes else []
+    return [scorer.category_name(i if i > 0 else -h) for h, i in zip(hashes, index, strict=True)]
+
+
+def demand_view(scorer: Scorer, s: UserState) -> dict:
+    """The demand part of ``/users/{id}/demand``: the last prediction and the recent categories, named."""
+    return {
+        "top_categories": [{"category": scorer.category_name(code), "p": p} for code, p in s.last_top],
+        "purchase_propensity": s.last_propensity,
+        "recent_categories": recent_category_names(scorer, s),
+    }

@@ -1,0 +1,65 @@
+"""CLI flags of ``demandstream train`` and the names the ``/users/{id}/demand`` view shows."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from model.checkpoint import Checkpoint
+from model.events import Event
+from model.features import Vocabulary, category_hash
+from model.loaders import FORMATS as LOADER_FORMATS
+from model.network import DemandLSTM, ModelConfig, init_like_cascade, markov_tables
+from model.scoring import Scorer
+from model.state import pack, unpack
+from stream import cli
+from stream.web import demand_view, recent_category_names
+
+
+def test_cli_accepts_every_loader_format():
+    assert set(cli.FORMATS) == set(LOADER_FORMATS)
+    args = cli.build_parser().parse_args(["train", "--data", "x.csv", "--format", "taobao", "--out", "m.pt"])
+    assert args.format == "taobao"
+
+
+@pytest.mark.parametrize(
+    ("flags", "refit", "seed"), [([], True, 0), (["--no-refit", "--seed", "7"], False, 7)]
+)
+def test_train_flags_reach_run_training(monkeypatch, tmp_path, flags, refit, seed):
+    data = tmp_path / "d.jsonl"
+    data.write_text("")
+    seen = {}
+
+    def fake_run_training(data, fmt, out, **kw):
+        seen.update(kw, fmt=fmt)
+        return {"model_version": "0a1b2c3d", "epochs_run": 1}
+
+    monkeypatch.setattr("model.train.run_training", fake_run_training)
+    assert cli.main(["train", "--data", str(data), "--out", str(tmp_path / "m.pt"), *flags]) == 0
+    assert seen["refit"] is refit and seen["seed"] == seed and seen["fmt"] == "jsonl"
+
+
+def _scorer() -> Scorer:
+    vocab = Vocabulary(["<unk>", "shoes", "bags"])
+    torch.manual_seed(0)
+    net = DemandLSTM(ModelConfig(n_categories=len(vocab), hidden=8))
+    net.set_tables(markov_tables(np.array([1, 2]), np.array([[1, 2]]), len(vocab), net.cfg.markov_top_k))
+    init_like_cascade(net)
+    return Scorer(Checkpoint(net.eval(), vocab, "00000000"), top_k=3)
+
+
+def test_demand_view_names_vocabulary_and_out_of_vocabulary_categories():
+    scorer = _scorer()
+    s = scorer.new_state()
+    for k, cat in enumerate(["shoes", "garden-gnomes", "garden-gnomes", "bags"]):
+        scorer.step([Event(f"e{k}", "u1", 1.7e9 + k, "view", f"i{k}", cat, 3.0)], [s])
+    s = unpack(pack(s))  # what the view reads: the stored record
+    view = demand_view(scorer, s)
+    assert [t["category"] for t in view["top_categories"]] == ["bags", "garden-gnomes"]  # top_k = 2 here
+    assert view["recent_categories"] == ["bags", "garden-gnomes", "shoes"]
+    assert 0.0 < view["purchase_propensity"] < 1.0
+    # a worker that never saw an out-of-vocabulary name still answers, with the hash
+    fresh = _scorer()
+    assert recent_category_names(fresh, s) == ["bags", f"#{category_hash('garden-gnomes'):08x}", "shoes"]
+    assert recent_category_names(fresh, fresh.new_state()) == []
