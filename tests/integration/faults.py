@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import functools
 import json
+import math
 import os
 import threading
 import time
@@ -245,13 +246,30 @@ class FaultReport:
             fh.write(line + "\n")
 
 
+#: State fields an exactly-once run must reproduce exactly (h and c are compared within a tolerance).
+EXACT_STATE_FIELDS = (
+    "events_seen",
+    "hist_cats",
+    "hist_counts",
+    "hist_last",
+    "hist_ts",
+    "hist_cart",
+    "hist_etype",
+    "cart",
+    "purchases",
+    "session_adds",
+)
+
+
+def _same_time(a: float, b: float) -> bool:
+    """Equal event times, NaN (never happened) equal to NaN."""
+    return a == b or (math.isnan(a) and math.isnan(b))
+
+
 def state_difference(actual: UserState, ref: UserState) -> tuple[float, list[str]]:
     """(max |Δ| over h and c, names of the exactly-compared fields that differ)."""
-    bad = [
-        f
-        for f in ("events_seen", "hist_cats", "hist_counts", "hist_last", "cart", "purchases")
-        if getattr(actual, f) != getattr(ref, f)
-    ]
+    bad = [f for f in EXACT_STATE_FIELDS if getattr(actual, f) != getattr(ref, f)]
+    bad += [f for f in ("last_ts", "last_add_ts") if not _same_time(getattr(actual, f), getattr(ref, f))]
     if actual.h.shape != ref.h.shape:
         return float("inf"), [*bad, "shape"]
     d = max(float(np.max(np.abs(actual.h - ref.h))), float(np.max(np.abs(actual.c - ref.c))))
