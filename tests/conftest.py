@@ -39,7 +39,9 @@ def kafka_bootstrap() -> Iterator[str]:
     port = str(TEST_KAFKA_PORT)
     running = subprocess.run([str(KAFKA_SH), "status", "--port", port], capture_output=True).returncode == 0
     if not running:
-        subprocess.run([str(KAFKA_SH), "up", "--fresh", "--port", port], check=True, timeout=KAFKA_UP_TIMEOUT_S)
+        subprocess.run(
+            [str(KAFKA_SH), "up", "--fresh", "--port", port], check=True, timeout=KAFKA_UP_TIMEOUT_S
+        )
     yield f"127.0.0.1:{port}"
     if not running and not os.environ.get("DEMANDSTREAM_TEST_KEEP_KAFKA"):
         subprocess.run([str(KAFKA_SH), "down", "--port", port], timeout=120)
@@ -49,19 +51,37 @@ def kafka_bootstrap() -> Iterator[str]:
 def small_model(tmp_path_factory) -> Path:
     """An untrained but deterministic checkpoint whose vocabulary covers the generator's categories.
 
-    Stream tests check counts, order and parity, not accuracy, so training would only cost time.
+    Stream tests check counts, order and parity, not accuracy, so training would only cost time. The
+    network still ranks with every term live, so parity covers the whole head: Markov tables from the
+    generated events, the cascade's feature weights, and small random context weights (zero at
+    initialisation otherwise) so the LSTM moves the ranking too.
     """
+    import numpy as np
     import torch
 
     from model.checkpoint import save
     from model.features import Vocabulary
-    from model.network import DemandLSTM, ModelConfig
+    from model.network import DemandLSTM, ModelConfig, init_like_cascade, markov_tables
     from model.synth import generate
 
-    vocab = Vocabulary.build(e.category for e in generate(300, 20000, seed=123))
+    events = list(generate(300, 20000, seed=123))
+    vocab = Vocabulary.build(e.category for e in events)
     torch.manual_seed(7)
+    net = DemandLSTM(ModelConfig(n_categories=len(vocab)))
+    by_user: dict[str, list[int]] = {}
+    for e in events:
+        by_user.setdefault(e.user_id, []).append(vocab.index(e.category))
+    pairs = np.array(
+        [p for cats in by_user.values() for p in zip(cats[:-1], cats[1:], strict=True)], np.int64
+    ).reshape(-1, 2)
+    cats = np.array([c for seq in by_user.values() for c in seq], np.int64)
+    net.set_tables(markov_tables(cats, pairs, len(vocab), net.cfg.markov_top_k))
+    init_like_cascade(net)
+    with torch.no_grad():
+        for layer in (net.slot_ctx, net.vocab_ctx, net.explore, net.repeat_query):
+            layer.weight.normal_(0.0, 0.05)
     path = tmp_path_factory.mktemp("model") / "model.pt"
-    save(path, DemandLSTM(ModelConfig(n_categories=len(vocab))), vocab)
+    save(path, net, vocab)
     return path
 
 
@@ -76,8 +96,14 @@ class WorkerProcess:
 
     def start(self) -> WorkerProcess:
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "stream", "worker"], env=self.env, stdout=log,
-                                     stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "stream", "worker"],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=REPO,
+        )
         return self
 
     def url(self, path: str) -> str:
@@ -140,22 +166,24 @@ def stream_env(kafka_bootstrap, small_model, tmp_path) -> dict[str, str]:
     """Environment for one isolated pipeline: unique app id and topic names on the session broker."""
     tag = uuid.uuid4().hex[:8]
     env = {k: v for k, v in os.environ.items() if not k.startswith("DEMANDSTREAM_")}
-    env.update({
-        "DEMANDSTREAM_BROKER": f"kafka://{kafka_bootstrap}",
-        "DEMANDSTREAM_MODEL": str(small_model),
-        "DEMANDSTREAM_APP_ID": f"ds-test-{tag}",
-        "DEMANDSTREAM_DATA_DIR": str(tmp_path / "data"),
-        "DEMANDSTREAM_WEB_PORT": str(free_port()),
-        "DEMANDSTREAM_TOPIC_INPUT": f"clickstream-{tag}",
-        "DEMANDSTREAM_TOPIC_SIGNALS": f"demand-signals-{tag}",
-        "DEMANDSTREAM_TOPIC_DLQ": f"clickstream-dlq-{tag}",
-        "DEMANDSTREAM_PARTITIONS": "4",
-        "DEMANDSTREAM_STANDBY_REPLICAS": "0",
-        "DEMANDSTREAM_DEVICE": "cpu",
-        # TEST_WORKER_LOG_LEVEL=info shows the workers' timelines in their logs under tmp_path
-        "DEMANDSTREAM_LOG_LEVEL": os.environ.get("TEST_WORKER_LOG_LEVEL", "warning"),
-        "DEMANDSTREAM_LAG_INTERVAL_S": "1",
-    })
+    env.update(
+        {
+            "DEMANDSTREAM_BROKER": f"kafka://{kafka_bootstrap}",
+            "DEMANDSTREAM_MODEL": str(small_model),
+            "DEMANDSTREAM_APP_ID": f"ds-test-{tag}",
+            "DEMANDSTREAM_DATA_DIR": str(tmp_path / "data"),
+            "DEMANDSTREAM_WEB_PORT": str(free_port()),
+            "DEMANDSTREAM_TOPIC_INPUT": f"clickstream-{tag}",
+            "DEMANDSTREAM_TOPIC_SIGNALS": f"demand-signals-{tag}",
+            "DEMANDSTREAM_TOPIC_DLQ": f"clickstream-dlq-{tag}",
+            "DEMANDSTREAM_PARTITIONS": "4",
+            "DEMANDSTREAM_STANDBY_REPLICAS": "0",
+            "DEMANDSTREAM_DEVICE": "cpu",
+            # TEST_WORKER_LOG_LEVEL=info shows the workers' timelines in their logs under tmp_path
+            "DEMANDSTREAM_LOG_LEVEL": os.environ.get("TEST_WORKER_LOG_LEVEL", "warning"),
+            "DEMANDSTREAM_LAG_INTERVAL_S": "1",
+        }
+    )
     return env
 
 
