@@ -48,20 +48,38 @@ class EncodedEvent(NamedTuple):
     add_secs: float  #: seconds since the last add-to-cart (NEVER_S when none)
 
 
-def event_features(cfg: ModelConfig, s: UserState, cat: int, cat_hash: int, etype: int, ts: float,
-                   item_id: str | None, price: float | None, query: str | None) -> EncodedEvent:
+def event_features(
+    cfg: ModelConfig,
+    s: UserState,
+    cat: int,
+    cat_hash: int,
+    etype: int,
+    ts: float,
+    item_id: str | None,
+    price: float | None,
+    query: str | None,
+) -> EncodedEvent:
     """Apply one event to state ``s``; return its feature row (the one definition of an encoded event)."""
     gap = observe(s, cat_hash, etype, ts)
     seen = s.events_seen
     now = s.last_ts
     return EncodedEvent(
-        etype, hash_bucket(item_id, cfg.item_buckets), cat, price_bucket(price), gap_bucket(gap),
+        etype,
+        hash_bucket(item_id, cfg.item_buckets),
+        cat,
+        price_bucket(price),
+        gap_bucket(gap),
         query_tokens(query, cfg.query_buckets, cfg.query_tokens) if query else (),
-        s.hist_cats.copy(), s.hist_counts.copy(),
+        s.hist_cats.copy(),
+        s.hist_counts.copy(),
         [seen - last if seen - last < _AGE_MAX else _AGE_MAX for last in s.hist_last],
         [max(0.0, now - t) if c >= 0 else NEVER_S for c, t in zip(s.hist_cats, s.hist_ts, strict=True)],
-        s.hist_cart.copy(), s.hist_etype.copy(),
-        s.cart, s.purchases, seen, s.session_adds,
+        s.hist_cart.copy(),
+        s.hist_etype.copy(),
+        s.cart,
+        s.purchases,
+        seen,
+        s.session_adds,
         NEVER_S if math.isnan(s.last_add_ts) else max(0.0, now - s.last_add_ts),
     )
 
@@ -70,18 +88,38 @@ def event_features(cfg: ModelConfig, s: UserState, cat: int, cat_hash: int, etyp
 #: ``hist_vocab`` is derived (vocabulary index of each slot's hash), every other column is a field of
 #: :class:`EncodedEvent`.
 COLUMNS: dict[str, tuple[type, torch.dtype]] = {
-    "etype": (np.int64, torch.int64), "item": (np.int64, torch.int64), "cat": (np.int64, torch.int64),
-    "price": (np.int64, torch.int64), "gap": (np.int64, torch.int64), "query": (np.int64, torch.int64),
-    "hist_cats": (np.int64, torch.int64), "hist_vocab": (np.int64, torch.int64),
-    "hist_counts": (np.float32, torch.float32), "hist_ages": (np.float32, torch.float32),
-    "hist_secs": (np.float32, torch.float32), "hist_cart": (np.float32, torch.float32),
-    "hist_etype": (np.int64, torch.int64), "cart": (np.float32, torch.float32),
-    "purchases": (np.float32, torch.float32), "events_seen": (np.float32, torch.float32),
-    "session_adds": (np.float32, torch.float32), "add_secs": (np.float32, torch.float32),
+    "etype": (np.int64, torch.int64),
+    "item": (np.int64, torch.int64),
+    "cat": (np.int64, torch.int64),
+    "price": (np.int64, torch.int64),
+    "gap": (np.int64, torch.int64),
+    "query": (np.int64, torch.int64),
+    "hist_cats": (np.int64, torch.int64),
+    "hist_vocab": (np.int64, torch.int64),
+    "hist_counts": (np.float32, torch.float32),
+    "hist_ages": (np.float32, torch.float32),
+    "hist_secs": (np.float32, torch.float32),
+    "hist_cart": (np.float32, torch.float32),
+    "hist_etype": (np.int64, torch.int64),
+    "cart": (np.float32, torch.float32),
+    "purchases": (np.float32, torch.float32),
+    "events_seen": (np.float32, torch.float32),
+    "session_adds": (np.float32, torch.float32),
+    "add_secs": (np.float32, torch.float32),
 }
 _SLOT_COLUMNS = ("hist_cats", "hist_counts", "hist_ages", "hist_secs", "hist_cart", "hist_etype")
-_SCALAR_COLUMNS = ("etype", "item", "cat", "price", "gap", "cart", "purchases", "events_seen", "session_adds",
-                   "add_secs")
+_SCALAR_COLUMNS = (
+    "etype",
+    "item",
+    "cat",
+    "price",
+    "gap",
+    "cart",
+    "purchases",
+    "events_seen",
+    "session_adds",
+    "add_secs",
+)
 
 
 class FeatureBuffer:
@@ -121,7 +159,9 @@ class FeatureBuffer:
                 q[i, : len(r.query)] = r.query
         cols["hist_vocab"][start:end] = self.vocab.index_of_hashes(cols["hist_cats"][start:end])
 
-    def tensors(self, rows: slice | np.ndarray, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    def tensors(
+        self, rows: slice | np.ndarray, device: torch.device | str = "cpu"
+    ) -> dict[str, torch.Tensor]:
         """Feature tensors of the selected rows (leading dims follow ``rows``' shape)."""
         out = {}
         for name, (_, tdtype) in COLUMNS.items():
@@ -132,8 +172,17 @@ class FeatureBuffer:
 
 def encode_event(cfg: ModelConfig, vocab: Vocabulary, s: UserState, e: Event) -> EncodedEvent:
     """:func:`event_features` of a parsed :class:`~model.events.Event`."""
-    return event_features(cfg, s, vocab.index(e.category), category_hash(e.category), TYPE_INDEX[e.type], e.ts,
-                          e.item_id, e.price, e.query)
+    return event_features(
+        cfg,
+        s,
+        vocab.index(e.category),
+        category_hash(e.category),
+        TYPE_INDEX[e.type],
+        e.ts,
+        e.item_id,
+        e.price,
+        e.query,
+    )
 
 
 def encode_events(buf: FeatureBuffer, events: Sequence[Event], states: Sequence[UserState]) -> None:
@@ -159,9 +208,19 @@ def encode_log(log: EventLog, cfg: ModelConfig, vocab: Vocabulary) -> FeatureBuf
         rows = []
         for i in range(s0, s1):
             it, q, p = int(log.item[i]), int(log.query[i]), float(log.price[i])
-            rows.append(event_features(cfg, s, int(cats[i]), int(hashes[i]), int(log.etype[i]), float(log.ts[i]),
-                                       items[it] if it >= 0 else None, None if p != p else p,
-                                       queries[q] if q >= 0 else None))
+            rows.append(
+                event_features(
+                    cfg,
+                    s,
+                    int(cats[i]),
+                    int(hashes[i]),
+                    int(log.etype[i]),
+                    float(log.ts[i]),
+                    items[it] if it >= 0 else None,
+                    None if p != p else p,
+                    queries[q] if q >= 0 else None,
+                )
+            )
         buf.put_rows(s0, rows)
     return buf
 

@@ -72,18 +72,28 @@ def _score_model(
             hc = hist_cats[torch.from_numpy(is_cat)]
             t_raw = t[is_cat]
             n_vocab = p.shape[1] - hc.shape[1]
-            col = DemandLSTM.target_columns(
-                {"hist_cats": hc, "hist_vocab": torch.from_numpy(vocab.index_of_hashes(hc.cpu().numpy())).to(hc.device)},
-                torch.from_numpy(raw_vocab[t_raw]).to(p.device), torch.from_numpy(raw_hash[t_raw]).to(p.device),
-                n_vocab,
-            ).cpu().numpy()
+            col = (
+                DemandLSTM.target_columns(
+                    {
+                        "hist_cats": hc,
+                        "hist_vocab": torch.from_numpy(vocab.index_of_hashes(hc.cpu().numpy())).to(hc.device),
+                    },
+                    torch.from_numpy(raw_vocab[t_raw]).to(p.device),
+                    torch.from_numpy(raw_hash[t_raw]).to(p.device),
+                    n_vocab,
+                )
+                .cpu()
+                .numpy()
+            )
             pn = p.float().cpu().numpy()
             r = target_rank(pn, np.maximum(col, 0))
             r = np.where(col > 0, r, pn.shape[1] + 1)
             top = pn.argmax(1)
             slot_hash = hc.cpu().numpy()[np.arange(len(top)), np.maximum(top - n_vocab, 0)]
-            top_raw = [int(vocab_raw[c]) if c < n_vocab else hash_raw.get(int(h), 0)
-                       for c, h in zip(top.tolist(), slot_hash.tolist(), strict=True)]
+            top_raw = [
+                int(vocab_raw[c]) if c < n_vocab else hash_raw.get(int(h), 0)
+                for c, h in zip(top.tolist(), slot_hash.tolist(), strict=True)
+            ]
             for row, rk, tp in zip(rows[is_cat].tolist(), r.tolist(), top_raw, strict=True):
                 ranks[row] = (rk, tp)
         for row, pr in zip(rows.tolist(), prop.float().cpu().numpy().tolist(), strict=True):

@@ -30,7 +30,22 @@ import numpy as np
 #: event of the user"; a gap above the last edge falls in the last bucket. Log-spaced because shopper
 #: behaviour changes by orders of magnitude: within a page view, a session, a day, a week.
 GAP_EDGES_S: tuple[float, ...] = (
-    1, 3, 10, 30, 60, 120, 300, 600, 1800, 3600, 3 * 3600, 6 * 3600, 12 * 3600, 86400, 3 * 86400, 7 * 86400,
+    1,
+    3,
+    10,
+    30,
+    60,
+    120,
+    300,
+    600,
+    1800,
+    3600,
+    3 * 3600,
+    6 * 3600,
+    12 * 3600,
+    86400,
+    3 * 86400,
+    7 * 86400,
     30 * 86400,
 )
 N_GAP_BUCKETS = len(GAP_EDGES_S) + 2  # first-event bucket + one per edge + overflow

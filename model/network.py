@@ -53,8 +53,18 @@ _LOG_DAY = math.log1p(86400.0)
 
 #: Names of the slot features, in order (the base weights and the "why" of a ranking use them).
 SLOT_FEATURES = (
-    "in_history", "is_last", "is_previous", "in_cart", "cart_items", "log_count", "log_age_events",
-    "log_age_seconds", *(f"last_{t}" for t in EVENT_TYPES), "markov", "popularity", "in_vocabulary",
+    "in_history",
+    "is_last",
+    "is_previous",
+    "in_cart",
+    "cart_items",
+    "log_count",
+    "log_age_events",
+    "log_age_seconds",
+    *(f"last_{t}" for t in EVENT_TYPES),
+    "markov",
+    "popularity",
+    "in_vocabulary",
 )
 #: Names of the features of a vocabulary category outside the history.
 VOCAB_FEATURES = ("markov", "popularity")
@@ -104,8 +114,9 @@ def _identity_calibration_if_missing(state_dict, prefix, *_args) -> None:
     state_dict.setdefault(prefix + "purchase_shift", torch.tensor(0.0))
 
 
-def markov_tables(cats: np.ndarray, nxt: np.ndarray, n_categories: int, top_k: int,
-                  alpha: float = MARKOV_ALPHA) -> dict[str, np.ndarray]:
+def markov_tables(
+    cats: np.ndarray, nxt: np.ndarray, n_categories: int, top_k: int, alpha: float = MARKOV_ALPHA
+) -> dict[str, np.ndarray]:
     """Popularity and sparse top-K Markov transition tables from (current, next) category pairs.
 
     ``cats`` are the vocabulary indices of every training row (popularity), ``nxt`` pairs as an [m, 2]
@@ -154,8 +165,13 @@ class DemandLSTM(nn.Module):
         self.emb_query = nn.Embedding(cfg.query_buckets, cfg.emb_query, padding_idx=0)
         d_in = cfg.emb_type + cfg.emb_item + cfg.emb_category + cfg.emb_price + cfg.emb_gap + cfg.emb_query
         self.drop = nn.Dropout(cfg.dropout)
-        self.lstm = nn.LSTM(d_in, cfg.hidden, num_layers=cfg.layers, batch_first=True,
-                            dropout=cfg.dropout if cfg.layers > 1 else 0.0)
+        self.lstm = nn.LSTM(
+            d_in,
+            cfg.hidden,
+            num_layers=cfg.layers,
+            batch_first=True,
+            dropout=cfg.dropout if cfg.layers > 1 else 0.0,
+        )
         # context of the feature weights: LSTM output, event type, time gap, cart state
         d_ctx = cfg.hidden + n_types + N_GAP_BUCKETS + 3
         n_slot, n_vocab = len(SLOT_FEATURES), len(VOCAB_FEATURES)
@@ -172,7 +188,9 @@ class DemandLSTM(nn.Module):
             nn.init.zeros_(lin.bias)
         n_funnel = n_types + 3 + N_GAP_BUCKETS + 2 + 5
         self.purchase = nn.Sequential(
-            nn.Linear(cfg.hidden + n_funnel, cfg.purchase_hidden), nn.ReLU(), nn.Linear(cfg.purchase_hidden, 1)
+            nn.Linear(cfg.hidden + n_funnel, cfg.purchase_hidden),
+            nn.ReLU(),
+            nn.Linear(cfg.purchase_hidden, 1),
         )
         # Global tables learned from training data (markov_tables): buffers, so the checkpoint (and
         # model_version) carries them and the optimizer never moves them.
@@ -200,8 +218,14 @@ class DemandLSTM(nn.Module):
         q_mask = (q > 0).unsqueeze(-1).float()
         q_emb = (self.emb_query(q) * q_mask).sum(-2) / q_mask.sum(-2).clamp(min=1.0)
         x = torch.cat(
-            [self.emb_type(f["etype"]), self.emb_item(f["item"]), self.emb_cat(f["cat"]),
-             self.emb_price(f["price"]), self.emb_gap(f["gap"]), q_emb],
+            [
+                self.emb_type(f["etype"]),
+                self.emb_item(f["item"]),
+                self.emb_cat(f["cat"]),
+                self.emb_price(f["price"]),
+                self.emb_gap(f["gap"]),
+                q_emb,
+            ],
             dim=-1,
         )
         return self.drop(x)
@@ -212,7 +236,9 @@ class DemandLSTM(nn.Module):
         """log P(next = c | current = src) for every vocabulary category c: [..., C]."""
         dense = self.markov_rest[src].unsqueeze(-1) + self.pop_logp
         top = self.markov_logp[src]
-        return dense.scatter(-1, self.markov_next[src], torch.maximum(top, dense.gather(-1, self.markov_next[src])))
+        return dense.scatter(
+            -1, self.markov_next[src], torch.maximum(top, dense.gather(-1, self.markov_next[src]))
+        )
 
     def heads(self, h: torch.Tensor, f: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Head outputs from LSTM outputs ``h`` [..., hidden] and the step's features.
@@ -225,8 +251,17 @@ class DemandLSTM(nn.Module):
         etype_1h = nn.functional.one_hot(f["etype"], len(EVENT_TYPES)).float()
         gap_1h = nn.functional.one_hot(f["gap"], N_GAP_BUCKETS).float()
         cart = f["cart"].unsqueeze(-1)
-        ctx = torch.cat([hd, etype_1h, gap_1h, (cart > 0).float(), torch.log1p(cart),
-                         (f["session_adds"] > 0).float().unsqueeze(-1)], dim=-1)
+        ctx = torch.cat(
+            [
+                hd,
+                etype_1h,
+                gap_1h,
+                (cart > 0).float(),
+                torch.log1p(cart),
+                (f["session_adds"] > 0).float().unsqueeze(-1),
+            ],
+            dim=-1,
+        )
 
         cats, hv = f["hist_cats"], f["hist_vocab"]
         valid = cats > 0
@@ -237,20 +272,23 @@ class DemandLSTM(nn.Module):
         mk = self.markov_row(src)  # [..., C]
         slot_mk = mk.gather(-1, hv)
         slot_cart = f["hist_cart"]
-        phi = torch.cat([
-            torch.ones_like(ages).unsqueeze(-1),
-            (ages == 0).float().unsqueeze(-1),
-            (ages == 1).float().unsqueeze(-1),
-            (slot_cart > 0).float().unsqueeze(-1),
-            torch.log1p(slot_cart).unsqueeze(-1),
-            torch.log1p(f["hist_counts"]).unsqueeze(-1),
-            torch.log1p(ages).unsqueeze(-1),
-            (torch.log1p(f["hist_secs"]) / _LOG_DAY).unsqueeze(-1),
-            nn.functional.one_hot(f["hist_etype"], len(EVENT_TYPES)).float(),
-            slot_mk.unsqueeze(-1),
-            self.pop_logp[hv].unsqueeze(-1),
-            (hv > 0).float().unsqueeze(-1),
-        ], dim=-1)  # [..., K, F]
+        phi = torch.cat(
+            [
+                torch.ones_like(ages).unsqueeze(-1),
+                (ages == 0).float().unsqueeze(-1),
+                (ages == 1).float().unsqueeze(-1),
+                (slot_cart > 0).float().unsqueeze(-1),
+                torch.log1p(slot_cart).unsqueeze(-1),
+                torch.log1p(f["hist_counts"]).unsqueeze(-1),
+                torch.log1p(ages).unsqueeze(-1),
+                (torch.log1p(f["hist_secs"]) / _LOG_DAY).unsqueeze(-1),
+                nn.functional.one_hot(f["hist_etype"], len(EVENT_TYPES)).float(),
+                slot_mk.unsqueeze(-1),
+                self.pop_logp[hv].unsqueeze(-1),
+                (hv > 0).float().unsqueeze(-1),
+            ],
+            dim=-1,
+        )  # [..., K, F]
         sw, vw = self.slot_w0, self.vocab_w0
         if cfg.context_weights:
             sw = sw + self.slot_ctx(ctx)
@@ -291,7 +329,9 @@ class DemandLSTM(nn.Module):
             dim=-1,
         )
         purchase_logit = self.purchase(torch.cat([hd, funnel], dim=-1)).squeeze(-1)
-        purchase_logit = self.purchase_scale * purchase_logit + self.purchase_shift  # identity unless calibrated
+        purchase_logit = (
+            self.purchase_scale * purchase_logit + self.purchase_shift
+        )  # identity unless calibrated
         return {"cat_logits": torch.cat([vocab_score, slot_score], dim=-1), "purchase_logit": purchase_logit}
 
     @staticmethod
@@ -308,8 +348,12 @@ class DemandLSTM(nn.Module):
         return torch.cat([pv, ps * ~known], dim=-1)
 
     @staticmethod
-    def category_log_prob(out: dict[str, torch.Tensor], f: dict[str, torch.Tensor], target: torch.Tensor,
-                          target_hash: torch.Tensor) -> torch.Tensor:
+    def category_log_prob(
+        out: dict[str, torch.Tensor],
+        f: dict[str, torch.Tensor],
+        target: torch.Tensor,
+        target_hash: torch.Tensor,
+    ) -> torch.Tensor:
         """log P(next category) for targets given as vocabulary index and category hash (training loss).
 
         -inf where the target can be ranked neither as a vocabulary category nor as a history slot.
@@ -343,8 +387,9 @@ class DemandLSTM(nn.Module):
         out, state = self.lstm(x, state)
         return self.heads(out, f), state
 
-    def forward_packed(self, f: dict[str, torch.Tensor], lengths: torch.Tensor,
-                       state: tuple[torch.Tensor, torch.Tensor]):
+    def forward_packed(
+        self, f: dict[str, torch.Tensor], lengths: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]
+    ):
         """Sequences of different lengths [B, T] from given states: (head outputs at valid steps
         [n_valid, ...] in row-major (user, step) order, final (h, c) of each user at its own last step).
 

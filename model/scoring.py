@@ -70,8 +70,9 @@ def resolve_device(name: str = "auto") -> torch.device:
 class Scorer:
     """A loaded model ready to score: network in eval mode on a device, vocabulary, top-k."""
 
-    def __init__(self, ckpt: Checkpoint, device: str | torch.device = "cpu", top_k: int = 5,
-                 max_batch: int = 4096):
+    def __init__(
+        self, ckpt: Checkpoint, device: str | torch.device = "cpu", top_k: int = 5, max_batch: int = 4096
+    ):
         self.device = torch.device(device)
         if self.device.type == "cuda":
             # TF32 (PyTorch's default for cuDNN on Ampere and later) rounds matmul inputs to 10-bit
@@ -156,7 +157,9 @@ class Scorer:
         return preds
 
     @torch.inference_mode()
-    def step_many(self, seqs: Sequence[Sequence[Event]], states: Sequence[UserState]) -> list[list[Prediction]]:
+    def step_many(
+        self, seqs: Sequence[Sequence[Event]], states: Sequence[UserState]
+    ) -> list[list[Prediction]]:
         """Advance each user by all of its events in order (users distinct); one network call.
 
         Equal to calling :meth:`step` once per event (tests/unit/model/test_network.py checks it).
@@ -179,7 +182,7 @@ class Scorer:
                 self.remember(e.category)
                 rows.append(encode_event(cfg, vocab, s, e))
             idx[b, : len(q)] = np.arange(r0, r0 + len(q))
-            idx[b, len(q):] = r0 + len(q) - 1  # padding repeats the last row; it is masked out
+            idx[b, len(q) :] = r0 + len(q) - 1  # padding repeats the last row; it is masked out
         buf.put_rows(0, rows)
         f = buf.tensors(idx, self.device)
         h = torch.from_numpy(np.stack([s.h for s in states], axis=1)).to(self.device)
@@ -205,8 +208,9 @@ class Scorer:
         return result
 
     @torch.inference_mode()
-    def predict_log(self, log: EventLog, rows: np.ndarray | None = None, features: FeatureBuffer | None = None
-                    ) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def predict_log(
+        self, log: EventLog, rows: np.ndarray | None = None, features: FeatureBuffer | None = None
+    ) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Offline: yield ``(row_ids, category_probs [n, C + K], purchase_propensity [n], hist_cats [n, K])``.
 
         Columns past C are the history slots holding categories outside the vocabulary (``hist_cats``
@@ -219,12 +223,16 @@ class Scorer:
         want = np.ones(len(log), bool) if rows is None else rows
         starts, ends = log.user_start[:-1], log.user_start[1:]
         lengths = ends - starts
-        users = [u for u in np.argsort(-lengths, kind="stable") if lengths[u] > 0 and want[starts[u]:ends[u]].any()]
+        users = [
+            u
+            for u in np.argsort(-lengths, kind="stable")
+            if lengths[u] > 0 and want[starts[u] : ends[u]].any()
+        ]
         i = 0
         while i < len(users):
             t_max = int(lengths[users[i]])
             b = max(1, OFFLINE_BATCH_CELLS // t_max)
-            batch = users[i: i + b]
+            batch = users[i : i + b]
             i += b
             # Pad each user's row indices with its own last row: an LSTM is causal, so padding after
             # the end never changes earlier outputs.
@@ -232,7 +240,7 @@ class Scorer:
             for k, u in enumerate(batch):
                 s, e = int(starts[u]), int(ends[u])
                 idx[k, : e - s] = np.arange(s, e)
-                idx[k, e - s:] = e - 1
+                idx[k, e - s :] = e - 1
             f = feats.tensors(idx, self.device)
             out, _ = self.net(f)
             valid = np.zeros_like(idx, dtype=bool)

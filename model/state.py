@@ -46,10 +46,23 @@ MAGIC = b"DS"
 FORMAT = 2
 #: Header fields in order, with their struct codes: names, not positions, are how code reads them.
 HEADER_FIELDS = (
-    ("magic", "2s"), ("format", "B"), ("flags", "B"), ("model_version", "4s"), ("partition", "i"),
-    ("offset", "q"), ("events_seen", "I"), ("last_ts", "d"), ("cart", "H"), ("purchases", "H"),
-    ("hidden", "H"), ("layers", "B"), ("slots", "B"), ("last_propensity", "f"), ("n_top", "B"),
-    ("session_adds", "H"), ("last_add_ts", "d"),
+    ("magic", "2s"),
+    ("format", "B"),
+    ("flags", "B"),
+    ("model_version", "4s"),
+    ("partition", "i"),
+    ("offset", "q"),
+    ("events_seen", "I"),
+    ("last_ts", "d"),
+    ("cart", "H"),
+    ("purchases", "H"),
+    ("hidden", "H"),
+    ("layers", "B"),
+    ("slots", "B"),
+    ("last_propensity", "f"),
+    ("n_top", "B"),
+    ("session_adds", "H"),
+    ("last_add_ts", "d"),
 )
 _HEADER = struct.Struct("<" + "".join(code for _, code in HEADER_FIELDS))
 _FIELD = {name: i for i, (name, _) in enumerate(HEADER_FIELDS)}
@@ -150,22 +163,46 @@ def pack(s: UserState, model_version: str | None = None) -> bytes:
     layers, hidden = s.h.shape
     slots = len(s.hist_cats)
     values = {
-        "magic": MAGIC, "format": FORMAT, "flags": 0, "model_version": bytes.fromhex(model_version or s.model_version),
-        "partition": s.partition, "offset": s.offset, "events_seen": s.events_seen, "last_ts": s.last_ts,
-        "cart": s.cart, "purchases": s.purchases, "hidden": hidden, "layers": layers, "slots": slots,
-        "last_propensity": s.last_propensity, "n_top": len(s.last_top), "session_adds": s.session_adds,
+        "magic": MAGIC,
+        "format": FORMAT,
+        "flags": 0,
+        "model_version": bytes.fromhex(model_version or s.model_version),
+        "partition": s.partition,
+        "offset": s.offset,
+        "events_seen": s.events_seen,
+        "last_ts": s.last_ts,
+        "cart": s.cart,
+        "purchases": s.purchases,
+        "hidden": hidden,
+        "layers": layers,
+        "slots": slots,
+        "last_propensity": s.last_propensity,
+        "n_top": len(s.last_top),
+        "session_adds": s.session_adds,
         "last_add_ts": s.last_add_ts,
     }
     header = _HEADER.pack(*(values[name] for name, _ in HEADER_FIELDS))
-    return b"".join((
-        header,
-        np.ascontiguousarray(s.h, dtype=np.float32).tobytes(),
-        np.ascontiguousarray(s.c, dtype=np.float32).tobytes(),
-        struct.pack(f"<{slots}i{slots}H{slots}I{slots}I{slots}B{slots}B", *s.hist_cats, *s.hist_counts,
-                    *s.hist_last, *s.hist_ts, *s.hist_cart, *s.hist_etype),
-        struct.pack(f"<{len(s.last_top)}i{len(s.last_top)}f", *(i for i, _ in s.last_top),
-                    *(p for _, p in s.last_top)),
-    ))
+    return b"".join(
+        (
+            header,
+            np.ascontiguousarray(s.h, dtype=np.float32).tobytes(),
+            np.ascontiguousarray(s.c, dtype=np.float32).tobytes(),
+            struct.pack(
+                f"<{slots}i{slots}H{slots}I{slots}I{slots}B{slots}B",
+                *s.hist_cats,
+                *s.hist_counts,
+                *s.hist_last,
+                *s.hist_ts,
+                *s.hist_cart,
+                *s.hist_etype,
+            ),
+            struct.pack(
+                f"<{len(s.last_top)}i{len(s.last_top)}f",
+                *(i for i, _ in s.last_top),
+                *(p for _, p in s.last_top),
+            ),
+        )
+    )
 
 
 def unpack(data: bytes) -> UserState:
@@ -174,7 +211,9 @@ def unpack(data: bytes) -> UserState:
         raise StateFormatError(f"state record of {len(data)} bytes is shorter than its header")
     hd = dict(zip((name for name, _ in HEADER_FIELDS), _HEADER.unpack_from(data), strict=True))
     if hd["magic"] != MAGIC or hd["format"] != FORMAT:
-        raise StateFormatError(f"not a demandstream state record (magic {hd['magic']!r}, format {hd['format']})")
+        raise StateFormatError(
+            f"not a demandstream state record (magic {hd['magic']!r}, format {hd['format']})"
+        )
     layers, hidden, slots, ntop = hd["layers"], hd["hidden"], hd["slots"], hd["n_top"]
     n = layers * hidden
     expected = _HEADER.size + 8 * n + SLOT_BYTES * slots + 8 * ntop
@@ -188,14 +227,30 @@ def unpack(data: bytes) -> UserState:
     o += 4 * n
     # struct beats numpy for these short arrays (a decode per user per batch is on the hot path)
     slot_vals = struct.unpack_from(f"<{slots}i{slots}H{slots}I{slots}I{slots}B{slots}B", data, o)
-    cols = [list(slot_vals[k * slots:(k + 1) * slots]) for k in range(6)]
+    cols = [list(slot_vals[k * slots : (k + 1) * slots]) for k in range(6)]
     o += SLOT_BYTES * slots
     top_i = struct.unpack_from(f"<{ntop}i", data, o)
     top_p = struct.unpack_from(f"<{ntop}f", data, o + 4 * ntop)
     return UserState(
-        h, c, cols[0], cols[1], cols[2], cols[3], cols[4], cols[5], hd["events_seen"], hd["last_ts"], hd["cart"],
-        hd["purchases"], hd["session_adds"], hd["last_add_ts"], hd["partition"], hd["offset"],
-        hd["model_version"].hex(), list(zip(top_i, top_p, strict=True)), hd["last_propensity"],
+        h,
+        c,
+        cols[0],
+        cols[1],
+        cols[2],
+        cols[3],
+        cols[4],
+        cols[5],
+        hd["events_seen"],
+        hd["last_ts"],
+        hd["cart"],
+        hd["purchases"],
+        hd["session_adds"],
+        hd["last_add_ts"],
+        hd["partition"],
+        hd["offset"],
+        hd["model_version"].hex(),
+        list(zip(top_i, top_p, strict=True)),
+        hd["last_propensity"],
     )
 
 

@@ -167,11 +167,20 @@ class Targets(NamedTuple):
 
 
 def phase_targets(pts: Points, next_hash: np.ndarray) -> Targets:
-    return Targets(pts.mask, pts.cat_target, np.where(pts.cat_target >= 0, next_hash, 0), pts.purchase, pts.observable)
+    return Targets(
+        pts.mask, pts.cat_target, np.where(pts.cat_target >= 0, next_hash, 0), pts.purchase, pts.observable
+    )
 
 
-def _loss_terms(net: DemandLSTM, out: dict, f: dict, cat_t: torch.Tensor, hash_t: torch.Tensor,
-                buy: torch.Tensor, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+def _loss_terms(
+    net: DemandLSTM,
+    out: dict,
+    f: dict,
+    cat_t: torch.Tensor,
+    hash_t: torch.Tensor,
+    buy: torch.Tensor,
+    obs: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     """Summed category NLL (over rankable targets) and purchase BCE over the given cells, with counts."""
     zero = out["purchase_logit"].sum() * 0.0
     cat_mask = cat_t >= 0
@@ -202,8 +211,9 @@ class _Batch(NamedTuple):
     obs: torch.Tensor
 
 
-def _full_context_batches(net: DemandLSTM, feats: FeatureBuffer, log: EventLog, pts: Targets,
-                          device: torch.device):
+def _full_context_batches(
+    net: DemandLSTM, feats: FeatureBuffer, log: EventLog, pts: Targets, device: torch.device
+):
     """Yield a :class:`_Batch` per group of users holding a point of ``pts``; every user runs from its
     first event (eval mode, no grad)."""
     net.eval()
@@ -227,7 +237,8 @@ def _full_context_batches(net: DemandLSTM, feats: FeatureBuffer, log: EventLog, 
         with torch.no_grad():
             out, _ = net(f)
         yield _Batch(
-            out, f,
+            out,
+            f,
             torch.from_numpy(np.where(valid, pts.cat[idx], -1)).to(device),
             torch.from_numpy(pts.cat_hash[idx]).to(device),
             torch.from_numpy(pts.purchase[idx]).to(device),
@@ -235,7 +246,9 @@ def _full_context_batches(net: DemandLSTM, feats: FeatureBuffer, log: EventLog, 
         )
 
 
-def target_ranks(net: DemandLSTM, out: dict, f: dict, cat_t: torch.Tensor, hash_t: torch.Tensor) -> torch.Tensor:
+def target_ranks(
+    net: DemandLSTM, out: dict, f: dict, cat_t: torch.Tensor, hash_t: torch.Tensor
+) -> torch.Tensor:
     """Rank of each target under the model's distribution (ties count against it; a target the model
     cannot rank gets rank ``C + K + 1``). Cells are flattened: inputs are [n, ...]."""
     probs = net.category_probs(out, f)
@@ -247,8 +260,14 @@ def target_ranks(net: DemandLSTM, out: dict, f: dict, cat_t: torch.Tensor, hash_
 
 
 @torch.no_grad()
-def validation_metrics(net: DemandLSTM, feats: FeatureBuffer, log: EventLog, pts: Targets, purchase_weight: float,
-                       device: torch.device) -> dict[str, float]:
+def validation_metrics(
+    net: DemandLSTM,
+    feats: FeatureBuffer,
+    log: EventLog,
+    pts: Targets,
+    purchase_weight: float,
+    device: torch.device,
+) -> dict[str, float]:
     """MRR@20, category NLL and purchase BCE on validation points, each user run from its first event."""
     tot_nll = tot_bce = rr = 0.0
     n_cat = n_buy = n_rank = 0
@@ -260,13 +279,20 @@ def validation_metrics(net: DemandLSTM, feats: FeatureBuffer, log: EventLog, pts
         n_buy += nb
         m = b.cat_t >= 0
         if bool(m.any()):
-            ranks = target_ranks(net, {k: v[m] for k, v in b.out.items()}, {k: v[m] for k, v in b.f.items()},
-                                 b.cat_t[m], b.hash_t[m])
+            ranks = target_ranks(
+                net,
+                {k: v[m] for k, v in b.out.items()},
+                {k: v[m] for k, v in b.f.items()},
+                b.cat_t[m],
+                b.hash_t[m],
+            )
             rr += float(torch.where(ranks <= SELECT_K, 1.0 / ranks.double(), 0.0).sum())
             n_rank += int(m.sum())
     cat_loss = tot_nll / n_cat if n_cat else math.nan
     buy_loss = tot_bce / n_buy if n_buy else math.nan
-    total = (0.0 if math.isnan(cat_loss) else cat_loss) + purchase_weight * (0.0 if math.isnan(buy_loss) else buy_loss)
+    total = (0.0 if math.isnan(cat_loss) else cat_loss) + purchase_weight * (
+        0.0 if math.isnan(buy_loss) else buy_loss
+    )
     return {
         "loss": total,
         "mrr@20": rr / n_rank if n_rank else math.nan,
@@ -277,15 +303,58 @@ def validation_metrics(net: DemandLSTM, feats: FeatureBuffer, log: EventLog, pts
     }
 
 
-def _better(val: dict, best: dict | None) -> bool:
-    """Selection rule: higher validation MRR@20; on a tie (or without category points), lower purchase BCE."""
-    if best is None:
-        return True
-    a, b = val["mrr@20"], best["mrr@20"]
-    if not (math.isnan(a) or math.isnan(b)) and abs(a - b) > 1e-9:
-        return a > b
-    x, y = val["purchase_bce"], best["purchase_bce"]
-    return not math.isnan(x) and (math.isnan(y) or x < y)
+#: Parameters of the next-category head. At the cascade start their LSTM-dependent parts are zero, so
+#: that head can be combined with the LSTM and purchase head of any epoch without changing its output.
+CATEGORY_HEAD = ("slot_w0", "vocab_w0", "slot_ctx.", "vocab_ctx.", "explore.", "repeat_query.", "repeat_emb.")
+
+
+def _snapshot(net: DemandLSTM) -> dict:
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+def _improves(history: list[dict], val: dict) -> bool:
+    """Whether ``val`` beats every earlier epoch on validation MRR@20 or on purchase BCE."""
+    mrr = [h["mrr@20"] for h in history if not math.isnan(h.get("mrr@20", math.nan))]
+    bce = [
+        h["purchase_bce"]
+        for h in history
+        if h["epoch"] > 0 and not math.isnan(h.get("purchase_bce", math.nan))
+    ]
+    return (not math.isnan(val["mrr@20"]) and (not mrr or val["mrr@20"] > max(mrr) + 1e-9)) or (
+        not math.isnan(val["purchase_bce"]) and (not bce or val["purchase_bce"] < min(bce) - 1e-9)
+    )
+
+
+def _select(net: DemandLSTM, history: list[dict], states: dict[int, dict]) -> tuple[int, int, dict]:
+    """Load the chosen weights into ``net``; return (epochs to train, category-head epoch, its metrics).
+
+    The category head comes from the epoch with the best validation MRR@20 (earliest on ties), the
+    rest from that same epoch, except when it is epoch 0 (the untrained start): then the LSTM and the
+    purchase head come from the trained epoch with the lowest validation purchase BCE.
+    """
+
+    def key(h, name):
+        v = h.get(name, math.nan)
+        return -math.inf if math.isnan(v) else v
+
+    cat_ep = max(history, key=lambda h: (key(h, "mrr@20"), -h["epoch"]))["epoch"]
+    trained = [h for h in history if h["epoch"] > 0]
+    if cat_ep > 0 or not trained:
+        net.load_state_dict(states[cat_ep])
+        return cat_ep, cat_ep, next(h for h in history if h["epoch"] == cat_ep)
+    buy_ep = min(
+        trained,
+        key=lambda h: (
+            h["purchase_bce"] if not math.isnan(h.get("purchase_bce", math.nan)) else math.inf,
+            h["epoch"],
+        ),
+    )["epoch"]
+    merged = dict(states[buy_ep])
+    merged.update({k: v for k, v in states[0].items() if k.startswith(CATEGORY_HEAD)})
+    net.load_state_dict(merged)
+    hb = next(h for h in history if h["epoch"] == buy_ep)
+    h0 = history[0]
+    return buy_ep, 0, {**hb, "mrr@20": h0["mrr@20"], "category_nll": h0["category_nll"], "epoch": buy_ep}
 
 
 def fit_platt(
@@ -399,6 +468,84 @@ def _markov_pairs(log: EventLog, cats: np.ndarray, rows: np.ndarray) -> np.ndarr
     return np.stack([current[ok], nxt[ok]], axis=1)
 
 
+#: Training points on which the cascade's scale is fitted (a 1-parameter fit: a sample suffices).
+SCALE_FIT_POINTS = 20_000
+
+
+@torch.no_grad()
+def _calibrate_cascade_scale(
+    net: DemandLSTM,
+    feats: FeatureBuffer,
+    log: EventLog,
+    tr: Targets,
+    device: torch.device,
+    rng: np.random.Generator,
+) -> float:
+    """Multiply the cascade's base weights by the temperature that minimises the training NLL.
+
+    The cascade weights only fix an order; their scale makes the initial distribution far too sharp
+    (NLL ~5 nats on the cosmetics sample). Left to Adam, which moves every weight by about the step
+    size whatever its gradient, the first epochs spend themselves undoing that sharpness in ways that
+    reorder the ranking. One scalar fitted by LBFGS keeps the cascade's order exactly and starts
+    gradient training from calibrated probabilities. Returns the fitted scale.
+    """
+    rows = np.flatnonzero(tr.cat >= 0)
+    if not len(rows):
+        return 1.0
+    rows = np.sort(rng.choice(rows, size=min(SCALE_FIT_POINTS, len(rows)), replace=False))
+    was_training = net.training
+    net.eval()
+    logits, targets = [], []
+    for b in _full_context_batches(
+        net,
+        feats,
+        log,
+        Targets(
+            tr.mask,
+            np.where(np.isin(np.arange(len(tr.cat)), rows), tr.cat, -1),
+            tr.cat_hash,
+            tr.purchase,
+            np.zeros_like(tr.observable),
+        ),
+        device,
+    ):
+        m = b.cat_t >= 0
+        if bool(m.any()):
+            fs = {k: v[m] for k, v in b.f.items()}
+            logits.append(b.out["cat_logits"][m])
+            col = net.target_columns(
+                fs, b.cat_t[m], b.hash_t[m], b.out["cat_logits"].shape[-1] - fs["hist_cats"].shape[-1]
+            )
+            # a target with no column of its own cannot be scored; an in-vocabulary target in the
+            # history is scored by its slot: find that slot's column
+            slot = (fs["hist_cats"] == b.hash_t[m].unsqueeze(-1)) & (fs["hist_cats"] > 0)
+            n_vocab = b.out["cat_logits"].shape[-1] - fs["hist_cats"].shape[-1]
+            col = torch.where(slot.any(-1), n_vocab + slot.float().argmax(-1), col)
+            targets.append(col)
+    z = torch.cat(logits).double()
+    t = torch.cat(targets)
+    ok = t >= 0
+    z, t = z[ok], t[ok]
+    z = torch.where(torch.isfinite(z), z, torch.full_like(z, -1e9))
+    scale = torch.tensor([1.0], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([scale], lr=1.0, max_iter=100, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        with torch.enable_grad():
+            loss = nn.functional.cross_entropy(scale * z, t)
+            loss.backward()
+        return loss
+
+    opt.step(closure)
+    a = float(scale.detach().clamp(min=1e-3))
+    net.slot_w0.mul_(a)
+    net.vocab_w0.mul_(a)
+    net.train(was_training)
+    logger.info("cascade scale fitted on %d training points: %.4f", len(t), a)
+    return a
+
+
 @dataclass
 class _Fit:
     """One training run's outcome."""
@@ -411,11 +558,24 @@ class _Fit:
     steps: int
     n_train: int
     n_users: int
+    category_epoch: int  #: epoch whose category head was kept (0 = the calibrated cascade start)
 
 
-def _fit(log: EventLog, feats: FeatureBuffer, vocab: Vocabulary, tr: Targets, va: Targets | None, mcfg: ModelConfig,
-         tcfg: TrainConfig, device: torch.device, rng: np.random.Generator, epochs: int, progress: bool,
-         desc: str) -> _Fit:
+def _fit(
+    log: EventLog,
+    feats: FeatureBuffer,
+    vocab: Vocabulary,
+    tr: Targets,
+    va: Targets | None,
+    mcfg: ModelConfig,
+    tcfg: TrainConfig,
+    device: torch.device,
+    rng: np.random.Generator,
+    epochs: int,
+    progress: bool,
+    desc: str,
+    category_from_start: bool = False,
+) -> _Fit:
     """Train a fresh network on the ``tr`` points for up to ``epochs`` epochs; with ``va``, keep the best
     epoch by :func:`_better` and stop after ``patience`` epochs without improvement."""
     from tqdm import tqdm
@@ -425,9 +585,12 @@ def _fit(log: EventLog, feats: FeatureBuffer, vocab: Vocabulary, tr: Targets, va
     n_train = int(tr_mask.sum())
     cats = feats.cat
     net = DemandLSTM(mcfg).to(device)
-    net.set_tables(markov_tables(cats[tr_mask], _markov_pairs(log, cats, tr_mask), len(vocab), mcfg.markov_top_k))
+    net.set_tables(
+        markov_tables(cats[tr_mask], _markov_pairs(log, cats, tr_mask), len(vocab), mcfg.markov_top_k)
+    )
     if tcfg.cascade_init:
         init_like_cascade(net)
+        _calibrate_cascade_scale(net, feats, log, tr, device, rng)
     opt = torch.optim.AdamW(net.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     # steps per epoch are known only after dealing the lanes once; the windows do not depend on the order
     steps_per_epoch = sum(1 for _ in _lane_windows(ranges, tcfg.lanes, tcfg.bptt))
@@ -440,8 +603,15 @@ def _fit(log: EventLog, feats: FeatureBuffer, vocab: Vocabulary, tr: Targets, va
         return tcfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
 
     history: list[dict] = []
-    best, best_state, best_epoch, bad = None, None, 0, 0
-    train_time, step = 0.0, 0
+    states: dict[int, dict] = {}
+    start = _snapshot(net)
+    if va is not None and epochs > 0:
+        # Epoch 0, the untrained start (the calibrated cascade when cascade_init), is a candidate for
+        # the category head: training must beat it on validation MRR@20 to be kept.
+        val0 = validation_metrics(net, feats, log, va, tcfg.purchase_weight, device)
+        states[0] = _snapshot(net)
+        history.append({"epoch": 0, "train_loss": math.nan, "steps": 0, **val0})
+    train_time, step, bad = 0.0, 0, 0
     for epoch in range(1, epochs + 1):
         net.train()
         h, c = net.initial_state(tcfg.lanes, device)
@@ -483,26 +653,31 @@ def _fit(log: EventLog, feats: FeatureBuffer, vocab: Vocabulary, tr: Targets, va
             val = validation_metrics(net, feats, log, va, tcfg.purchase_weight, device)
             entry.update(val)
             if progress:
-                tqdm.write(f"{desc} epoch {epoch}: train loss {entry['train_loss']:.4f}  valid MRR@20 "
-                           f"{val['mrr@20']:.4f}  category nll {val['category_nll']:.4f}  purchase bce "
-                           f"{val['purchase_bce']:.4f}")
-            if _better(val, best):
-                best, best_epoch, bad = val, epoch, 0
-                best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-            else:
-                bad += 1
+                tqdm.write(
+                    f"{desc} epoch {epoch}: train loss {entry['train_loss']:.4f}  valid MRR@20 "
+                    f"{val['mrr@20']:.4f}  category nll {val['category_nll']:.4f}  purchase bce "
+                    f"{val['purchase_bce']:.4f}"
+                )
+            improved = _improves(history, val)
+            states[epoch] = _snapshot(net)
+            bad = 0 if improved else bad + 1
         elif progress:
             tqdm.write(f"{desc} epoch {epoch}: train loss {entry['train_loss']:.4f}")
         history.append(entry)
         logger.info("%s epoch %d: %s", desc, epoch, entry)
         if va is not None and bad >= tcfg.patience:
             break
-    if best_state is not None:
-        net.load_state_dict(best_state)
+    if va is not None and states:
+        best_epoch, category_epoch, best = _select(net, history, states)
     else:
-        best_epoch = len(history)
+        best_epoch, category_epoch, best = len(history), len(history), None
+        if category_from_start:  # the refit of a model whose category head is its start
+            net.load_state_dict(
+                {**net.state_dict(), **{k: v for k, v in start.items() if k.startswith(CATEGORY_HEAD)}}
+            )
+            category_epoch = 0
     net.eval()
-    return _Fit(net, history, best_epoch, best, train_time, step, n_train, len(ranges))
+    return _Fit(net, history, best_epoch, best, train_time, step, n_train, len(ranges), category_epoch)
 
 
 def _selection_split(log: EventLog, split: Split, tcfg: TrainConfig) -> tuple[Split, dict]:
@@ -526,11 +701,14 @@ def _selection_split(log: EventLog, split: Split, tcfg: TrainConfig) -> tuple[Sp
     return Split(t1, split.train_end, split.end_ts), info
 
 
-def _prepare(log: EventLog, split: Split, fit_end: float, tcfg: TrainConfig, mcfg: ModelConfig, next_hash: np.ndarray):
+def _prepare(
+    log: EventLog, split: Split, fit_end: float, tcfg: TrainConfig, mcfg: ModelConfig, next_hash: np.ndarray
+):
     """Vocabulary of the rows before ``fit_end``, the encoded log, and train/valid targets of ``split``."""
     fit_rows = log.ts < fit_end
-    vocab = Vocabulary.build((log.categories[c] if c >= 0 else None for c in log.category[fit_rows]),
-                             max_size=tcfg.max_categories)
+    vocab = Vocabulary.build(
+        (log.categories[c] if c >= 0 else None for c in log.category[fit_rows]), max_size=tcfg.max_categories
+    )
     cfg = ModelConfig(**{**asdict(mcfg), "n_categories": len(vocab)})
     feats = encode_log(log, cfg, vocab)
     cats = category_index(log, vocab)
@@ -567,7 +745,9 @@ def train(
     rng = np.random.default_rng(tcfg.seed)
     device = resolve_device(tcfg.device)
 
-    log = log.take(np.flatnonzero(log.ts < split.valid_end)).sorted_by_user_time()  # test rows never reach training
+    log = log.take(
+        np.flatnonzero(log.ts < split.valid_end)
+    ).sorted_by_user_time()  # test rows never reach training
     if not (log.ts < split.train_end).any():
         raise ValueError("no training events before the train end T1")
     next_hash = next_category_targets(category_hashes(log), log.user_start)
@@ -576,8 +756,13 @@ def train(
     t0 = time.perf_counter()
     vocab, cfg, feats, tr, va = _prepare(log, sel_split, sel_split.train_end, tcfg, mcfg, next_hash)
     encode_s = time.perf_counter() - t0
-    logger.info("choosing on %s: %d training events, %d categories, device %s", selection["source"],
-                int(tr.mask.sum()), len(vocab), device)
+    logger.info(
+        "choosing on %s: %d training events, %d categories, device %s",
+        selection["source"],
+        int(tr.mask.sum()),
+        len(vocab),
+        device,
+    )
     chosen = _fit(log, feats, vocab, tr, va, cfg, tcfg, device, rng, tcfg.epochs, progress, "choose")
     net = chosen.net
     if tcfg.calibrate:
@@ -585,9 +770,17 @@ def train(
     else:
         calib = {"applied": False, "reason": "disabled (TrainConfig.calibrate=False)"}
     metrics: dict = {
-        "selection": {**selection, "split": sel_split.to_dict(), "best_epoch": chosen.best_epoch,
-                      "best": chosen.best, "history": chosen.history, "optimizer_steps": chosen.steps,
-                      "n_train_events": chosen.n_train, "train_seconds": chosen.train_seconds},
+        "selection": {
+            **selection,
+            "split": sel_split.to_dict(),
+            "best_epoch": chosen.best_epoch,
+            "category_epoch": chosen.category_epoch,
+            "best": chosen.best,
+            "history": chosen.history,
+            "optimizer_steps": chosen.steps,
+            "n_train_events": chosen.n_train,
+            "train_seconds": chosen.train_seconds,
+        },
     }
     final, train_s = chosen, chosen.train_seconds
     if tcfg.refit:
@@ -596,41 +789,64 @@ def train(
         # keeps the scale fitted above on the chosen model's held-out validation predictions.
         all_split = Split(split.valid_end, split.valid_end + 1.0, split.end_ts)
         vocab, cfg, feats, tr_all, _ = _prepare(log, all_split, split.valid_end, tcfg, mcfg, next_hash)
-        final = _fit(log, feats, vocab, tr_all, None, cfg, tcfg, device, rng, chosen.best_epoch, progress, "refit")
+        final = _fit(
+            log,
+            feats,
+            vocab,
+            tr_all,
+            None,
+            cfg,
+            tcfg,
+            device,
+            rng,
+            chosen.best_epoch,
+            progress,
+            "refit",
+            category_from_start=chosen.category_epoch == 0,
+        )
         with torch.no_grad():
             final.net.purchase_scale.copy_(net.purchase_scale)
             final.net.purchase_shift.copy_(net.purchase_shift)
         net = final.net
         train_s += final.train_seconds
-        metrics["refit"] = {"epochs": chosen.best_epoch, "optimizer_steps": final.steps,
-                            "n_train_events": final.n_train, "history": final.history,
-                            "train_seconds": final.train_seconds}
+        metrics["refit"] = {
+            "epochs": chosen.best_epoch,
+            "category_epoch": final.category_epoch,
+            "optimizer_steps": final.steps,
+            "n_train_events": final.n_train,
+            "history": final.history,
+            "train_seconds": final.train_seconds,
+        }
     epochs_run = len(chosen.history) + (len(final.history) if final is not chosen else 0)
-    n_ev = chosen.n_train * len(chosen.history) + (final.n_train * len(final.history) if final is not chosen else 0)
+    n_ev = chosen.n_train * len(chosen.history) + (
+        final.n_train * len(final.history) if final is not chosen else 0
+    )
     hist = chosen.history
-    metrics.update({
-        "train_events_per_s": n_ev / train_s if train_s > 0 else math.nan,
-        "encode_seconds": encode_s,
-        "train_seconds": train_s,
-        "epochs_run": epochs_run,
-        "best_epoch": chosen.best_epoch,
-        "best_valid_loss": chosen.best["loss"] if chosen.best else math.nan,
-        "best_valid_mrr@20": chosen.best["mrr@20"] if chosen.best else math.nan,
-        "valid_losses": [h.get("loss") for h in hist],
-        "valid_mrr@20": [h.get("mrr@20") for h in hist],
-        "train_losses": [h["train_loss"] for h in hist],
-        "optimizer_steps": chosen.steps + (final.steps if final is not chosen else 0),
-        "history": hist,
-        "n_train_events": final.n_train,
-        "n_valid_points": int(va.mask.sum()),
-        "n_train_users": final.n_users,
-        "n_categories": len(vocab),
-        "split": split.to_dict(),
-        "train_config": asdict(tcfg),
-        "device": str(device),
-        "threads": torch.get_num_threads(),
-        "calibration": calib,
-    })
+    metrics.update(
+        {
+            "train_events_per_s": n_ev / train_s if train_s > 0 else math.nan,
+            "encode_seconds": encode_s,
+            "train_seconds": train_s,
+            "epochs_run": epochs_run,
+            "best_epoch": chosen.best_epoch,
+            "best_valid_loss": chosen.best["loss"] if chosen.best else math.nan,
+            "best_valid_mrr@20": chosen.best["mrr@20"] if chosen.best else math.nan,
+            "valid_losses": [h.get("loss") for h in hist],
+            "valid_mrr@20": [h.get("mrr@20") for h in hist],
+            "train_losses": [h["train_loss"] for h in hist],
+            "optimizer_steps": chosen.steps + (final.steps if final is not chosen else 0),
+            "history": hist,
+            "n_train_events": final.n_train,
+            "n_valid_points": int(va.mask.sum()),
+            "n_train_users": final.n_users,
+            "n_categories": len(vocab),
+            "split": split.to_dict(),
+            "train_config": asdict(tcfg),
+            "device": str(device),
+            "threads": torch.get_num_threads(),
+            "calibration": calib,
+        }
+    )
     return TrainResult(net.cpu().eval(), vocab, metrics)
 
 
