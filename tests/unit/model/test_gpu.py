@@ -11,10 +11,12 @@ from model.eventlog import EventLog
 from model.features import Vocabulary
 from model.network import DemandLSTM, ModelConfig
 from model.scoring import Scorer, resolve_device
-from tests.unit.model.test_network import random_events
+from tests.unit.model.test_network import live_net, random_events
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine"),
+]
 
 #: CPU and GPU kernels sum in different orders (and cuDNN's LSTM fuses gates); 1e-4 is the parity
 #: bound of DESIGN §6 for signals.
@@ -29,10 +31,11 @@ def test_gpu_step_and_offline_match_cpu():
     rng = np.random.default_rng(11)
     torch.manual_seed(11)
     events = random_events(rng, n_users=40, max_len=25)
-    vocab = Vocabulary.build([e.category for e in events])
-    net = DemandLSTM(ModelConfig(n_categories=len(vocab))).eval()
+    # a capped vocabulary, so categories outside it are ranked through their history slots on both devices
+    vocab = Vocabulary.build([e.category for e in events], max_size=8)
+    net = live_net(ModelConfig(n_categories=len(vocab)), vocab, events, seed=11)
     cpu = Scorer(Checkpoint(net, vocab, "00000000"), "cpu", top_k=5)
-    gpu_net = DemandLSTM(ModelConfig(n_categories=len(vocab)))
+    gpu_net = DemandLSTM(net.cfg)
     gpu_net.load_state_dict(net.state_dict())
     gpu = Scorer(Checkpoint(gpu_net.eval(), vocab, "00000000"), "cuda", top_k=5)
     by_user = {}
@@ -47,10 +50,13 @@ def test_gpu_step_and_offline_match_cpu():
         for a, b in zip(a_list, b_list, strict=True):
             diff = max(diff, abs(a.purchase_propensity - b.purchase_propensity))
             pa, pb = dict(a.top_categories), dict(b.top_categories)
-            diff = max(diff, max(abs(pa[c] - pb[c]) for c in pa.keys() & pb.keys()))
+            assert a.top_categories[0][0] == b.top_categories[0][0]
+            diff = max(diff, max((abs(pa[c] - pb[c]) for c in pa.keys() & pb.keys()), default=0.0))
     assert diff <= GPU_TOL, f"GPU and CPU differ by {diff}"
     for a, b in zip(sc, sg, strict=True):
         assert np.abs(a.h - b.h).max() <= GPU_TOL
+        assert a.hist_cats == b.hist_cats and a.last_top[0][0] == b.last_top[0][0]
+    assert any(code < 0 for s in sc for code, _ in s.last_top)  # out-of-vocabulary slots were ranked
     # offline scoring on the GPU too
     log = EventLog.from_events(events).sorted_by_user_arrival()
     off_c = {r: p for r, p in cpu.score_log(log)}
