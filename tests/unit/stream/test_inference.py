@@ -21,8 +21,12 @@ CATS = ["<unk>", "shoes", "bags", "hats"]
 @pytest.fixture
 def scorer():
     torch.manual_seed(0)
-    return Scorer(Checkpoint(DemandLSTM(ModelConfig(n_categories=len(CATS), hidden=16)).eval(), Vocabulary(CATS),
-                             "0a1b2c3d"), top_k=3)
+    return Scorer(
+        Checkpoint(
+            DemandLSTM(ModelConfig(n_categories=len(CATS), hidden=16)).eval(), Vocabulary(CATS), "0a1b2c3d"
+        ),
+        top_k=3,
+    )
 
 
 def ev(i: int, user: str, cat: str = "shoes", etype: str = "view") -> Event:
@@ -69,8 +73,20 @@ def test_events_of_one_user_in_one_batch_apply_in_order(scorer):
     assert a.data.keys() == b.data.keys()
     for k in a.data:
         sa, sb = unpack(a.data[k]), unpack(b.data[k])
-        assert (sa.events_seen, sa.offset, sa.hist_cats, sa.hist_counts) == (sb.events_seen, sb.offset, sb.hist_cats,
-                                                                            sb.hist_counts)
+        for f in (
+            "events_seen",
+            "offset",
+            "hist_cats",
+            "hist_counts",
+            "hist_last",
+            "hist_ts",
+            "hist_cart",
+            "hist_etype",
+            "cart",
+            "purchases",
+            "session_adds",
+        ):
+            assert getattr(sa, f) == getattr(sb, f), f
         assert abs(sa.h - sb.h).max() <= 1e-6 and abs(sa.c - sb.c).max() <= 1e-6
     # signals of a user come out in offset order
     u0 = [orjson.loads(o.value)["event_id"] for o in batched.signals if o.key == b"u0"]
@@ -115,8 +131,11 @@ def test_forget_deletes_state_in_order(scorer):
     assert res.erasures == 1 and res.states[b"u1"][1] is None and store.data[b"u1"] is None
     # an event after the erasure in the same batch starts a fresh state
     run(InferenceEngine(scorer), store, [rec(ev(9, "u1"), 9)])
-    res = run(InferenceEngine(scorer), store, [rec(ev(10, "u1"), 10), SourceRecord(b"u1", forget_record("u1"), 0, 11),
-                                               rec(ev(12, "u1"), 12)])
+    res = run(
+        InferenceEngine(scorer),
+        store,
+        [rec(ev(10, "u1"), 10), SourceRecord(b"u1", forget_record("u1"), 0, 11), rec(ev(12, "u1"), 12)],
+    )
     assert unpack(store.data[b"u1"]).events_seen == 1
     assert len(res.signals) == 2
 
