@@ -26,7 +26,9 @@ readonly STOP_TIMEOUT=30
 # The controller (KRaft quorum) listener of node i sits at client port + 1000 + i. Deriving it from the
 # client port means one number (--port) names a whole cluster, and clusters whose client ports differ
 # (19092, 19192, 9092) never collide on controller ports either, without a second flag to keep in sync.
-readonly CONTROLLER_PORT_OFFSET=1000
+# DEMANDSTREAM_KAFKA_CONTROLLER_PORT_OFFSET overrides it for tests that must keep every port they use in
+# a narrow range (it must be at least 3, so controllers never sit on a 3-node cluster's client ports).
+readonly CONTROLLER_PORT_OFFSET=${DEMANDSTREAM_KAFKA_CONTROLLER_PORT_OFFSET:-1000}
 # Small heap: the dev machine has 2 cores and little memory to spare next to the tests; override with
 # DEMANDSTREAM_KAFKA_HEAP_OPTS for benchmarks.
 readonly HEAP_OPTS=${DEMANDSTREAM_KAFKA_HEAP_OPTS:--Xmx512m -Xms256m}
@@ -68,7 +70,8 @@ options:
                     user ${SCRAM_ADMIN_USER}/${SCRAM_ADMIN_PASSWORD}; needs a fresh cluster
 
 environment: DEMANDSTREAM_CACHE (jar cache root), DEMANDSTREAM_KAFKA_RUN (run state root),
-  DEMANDSTREAM_KAFKA_PORT, DEMANDSTREAM_KAFKA_START_TIMEOUT, DEMANDSTREAM_KAFKA_HEAP_OPTS
+  DEMANDSTREAM_KAFKA_PORT, DEMANDSTREAM_KAFKA_START_TIMEOUT, DEMANDSTREAM_KAFKA_HEAP_OPTS,
+  DEMANDSTREAM_KAFKA_CONTROLLER_PORT_OFFSET (tests)
 EOF
 }
 
@@ -120,6 +123,8 @@ parse_args() {
         esac
     done
     [[ -n $COMMAND ]] || die "no command given (up, down, status, stop-broker N, start-broker N)" 2
+    [[ $CONTROLLER_PORT_OFFSET =~ ^[1-9][0-9]*$ ]] && ((CONTROLLER_PORT_OFFSET >= 3)) ||
+        die "DEMANDSTREAM_KAFKA_CONTROLLER_PORT_OFFSET must be a number >= 3, got '$CONTROLLER_PORT_OFFSET'" 2
     is_port "$PORT" || die "--port must be a TCP port number, got '$PORT'" 2
     if [[ -n $BROKERS_ARG && $BROKERS_ARG != 1 && $BROKERS_ARG != 3 ]]; then
         die "--brokers must be 1 or 3, got '$BROKERS_ARG'" 2
@@ -217,19 +222,61 @@ client_port() { echo $((PORT + $1)); }
 controller_port() { echo $((PORT + CONTROLLER_PORT_OFFSET + $1)); }
 sasl_port() { echo $((SASL_SSL_PORT + $1)); }
 
+# Write file $1 with content $2 so that a concurrent reader (an unlocked `status`, a test polling it)
+# sees the old content or the new one, never an empty or half-written file: write a temp file, rename it.
+# (Writers hold the cluster lock, so $$ makes the temp name unique.)
+write_atomic() {
+    printf '%s\n' "$2" >"$1.tmp.$$"
+    mv -f -- "$1.tmp.$$" "$1"
+}
+
+# Whether process $1 exists and has not exited (a zombie, exited but not yet reaped, counts as gone).
+proc_alive() {
+    kill -0 "$1" 2>/dev/null || return 1
+    local stat
+    { read -r stat <"/proc/$1/stat"; } 2>/dev/null || return 1
+    stat=${stat##*) }
+    [[ ${stat:0:1} != [ZX] ]]
+}
+
+# Whether process $1 runs node $2's broker: its argv holds node $2's server.properties. True for the
+# nohup, setsid and java images alike (each execs the next with the same arguments), false for the
+# forked shell that has not reached exec yet; see launch_node.
+runs_node() {
+    local -a argv
+    local arg want
+    want=$(node_dir "$2")/server.properties
+    { mapfile -d '' -t argv <"/proc/$1/cmdline"; } 2>/dev/null || return 1
+    for arg in "${argv[@]+"${argv[@]}"}"; do
+        [[ $arg == "$want" ]] && return 0
+    done
+    return 1
+}
+
 # The pid of node $1 if that process is alive and is really our broker for this node (the pid file may
-# be stale and its pid reused by something else after a reboot or SIGKILL).
+# be stale and its pid reused by something else after a reboot or SIGKILL). launch_node writes the pid
+# file only once the broker has exec'd, so the command-line check never sees a node that is starting.
 node_pid() {
-    local pid_file pid
+    local pid_file pid=""
     pid_file=$(node_dir "$1")/kafka.pid
     [[ -f $pid_file ]] || return 1
-    pid=$(<"$pid_file")
+    { read -r pid <"$pid_file"; } 2>/dev/null || true
     [[ $pid =~ ^[0-9]+$ ]] || return 1
-    kill -0 "$pid" 2>/dev/null || return 1
-    local cmdline
-    cmdline=$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null) || return 1
-    [[ $cmdline == *"$(node_dir "$1")/server.properties"* ]] || return 1
+    proc_alive "$pid" || return 1
+    runs_node "$pid" "$1" || return 1
     echo "$pid"
+}
+
+# SIGKILL process $1 and wait (up to $2 s, default 30) until it is gone, so that its ports are free
+# when this returns. Returns 1 if it still exists after that (stuck in the kernel).
+kill_and_wait() {
+    local pid=$1 limit=$((${2:-30} * 4)) waited=0
+    kill -KILL "$pid" 2>/dev/null || true
+    while proc_alive "$pid"; do
+        ((waited < limit)) || return 1
+        sleep 0.25
+        waited=$((waited + 1))
+    done
 }
 
 port_open() { (: <>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
@@ -384,17 +431,26 @@ format_node() {
 }
 
 # The part of log $1 written after byte offset $2. (grep reads it all: with `grep -q` and pipefail an early
-# exit would SIGPIPE tail and turn a match into a failure.)
-log_since() { tail -c +"$(($2 + 1))" "$1" 2>/dev/null || true; }
+# exit would SIGPIPE tail and turn a match into a failure.) If the log is now shorter than $2, log4j has
+# rolled it over to $1.1 since (size policy): what was written since is the rest of $1.1 plus all of $1.
+log_since() {
+    if (($(file_size "$1") < $2)); then
+        tail -c +"$(($2 + 1))" "$1.1" 2>/dev/null || true
+        cat "$1" 2>/dev/null || true
+    else
+        tail -c +"$(($2 + 1))" "$1" 2>/dev/null || true
+    fi
+}
 
 file_size() { if [[ -f $1 ]]; then stat -c %s "$1"; else echo 0; fi; }
 
 # Launch node $1 in the background, detached from this shell's session (so Ctrl-C in the terminal that
-# ran a test does not take the broker down), and record its pid. Sets LAUNCH_OFFSET to the log size
-# before the start, from where wait_started looks for the started line.
+# ran a test does not take the broker down), and record its pid, in the pid file and in LAUNCHED_PIDS.
+# Sets LAUNCH_OFFSET to the log size before the start, from where wait_started looks for the started line.
 LAUNCH_OFFSET=0
+declare -A LAUNCHED_PIDS=()
 launch_node() {
-    local i=$1 dir pid
+    local i=$1 dir pid deadline
     dir=$(node_dir "$i")
     LAUNCH_OFFSET=$(file_size "$dir/server.log")
     local -a JAVA_OPTS
@@ -404,18 +460,30 @@ launch_node() {
         >>"$dir/stdout.log" 2>&1 </dev/null 9>&- &
     pid=$!
     # nohup and setsid exec in place here (a script's background job is no process-group leader), so
-    # $! is the JVM itself.
-    echo "$pid" >"$dir/kafka.pid"
+    # $! is the JVM itself, but not yet: between fork and exec, $pid is a copy of this shell, and its
+    # /proc/$pid/cmdline is this script's command line, not the broker's. On a busy 2-core machine that
+    # window lasts long enough for node_pid to see "no broker for this node" and call a healthy,
+    # starting node dead (issue #10: "exited while starting", then SIGKILLed by kill_started_nodes).
+    # So wait for the exec before anyone can see the pid: until the pid file exists, node_pid reads no
+    # pid (or a stale one it rejects), and after that always the broker's own command line. wait_started
+    # judges liveness by the pid forked here, never by the command line.
+    LAUNCHED_PIDS[$i]=$pid
+    deadline=$((SECONDS + START_TIMEOUT))
+    while proc_alive "$pid" && ! runs_node "$pid" "$i" && ((SECONDS < deadline)); do
+        sleep 0.05
+    done
+    write_atomic "$dir/kafka.pid" "$pid"
 }
 
+# (Regular files only: tail on a FIFO or device would wait for its writer, here the broker, to end.)
 print_log_tail() {
     local dir
     dir=$(node_dir "$1")
     {
         echo "---- last lines of $dir/server.log ----"
-        tail -n 30 "$dir/server.log" 2>/dev/null || echo "(no server.log)"
+        [[ -f $dir/server.log ]] && tail -n 30 "$dir/server.log" 2>/dev/null || echo "(no server.log)"
         echo "---- last lines of $dir/stdout.log ----"
-        tail -n 10 "$dir/stdout.log" 2>/dev/null || echo "(no stdout.log)"
+        [[ -f $dir/stdout.log ]] && tail -n 10 "$dir/stdout.log" 2>/dev/null || echo "(no stdout.log)"
     } >&2
 }
 
@@ -432,14 +500,16 @@ wait_started() {
     while ((${#offsets[@]} > 0)); do
         for i in "${!offsets[@]}"; do
             dir=$(node_dir "$i")
-            if ! node_pid "$i" >/dev/null; then
+            # Alive means: the process launch_node forked still exists (our child: its pid cannot be
+            # reused while we run). Its command line is not consulted here (see launch_node).
+            if ! proc_alive "${LAUNCHED_PIDS[$i]}"; then
                 print_log_tail "$i"
                 kill_started_nodes
                 die "node $i (port $(client_port "$i")) exited while starting (log above)"
             fi
             if port_open "$(client_port "$i")" &&
                 log_since "$dir/server.log" "${offsets[$i]}" | grep -F "$STARTED_MARKER" >/dev/null; then
-                say "node $i up on 127.0.0.1:$(client_port "$i") (pid $(node_pid "$i"))"
+                say "node $i up on 127.0.0.1:$(client_port "$i") (pid ${LAUNCHED_PIDS[$i]})"
                 unset "offsets[$i]"
             fi
         done
@@ -454,13 +524,15 @@ wait_started() {
 }
 
 # After a failed start, do not leave half-started JVMs behind: they would hold the ports and make the
-# next `up` believe the cluster partly runs.
+# next `up` believe the cluster partly runs. Kills by the pid launch_node forked (whether or not it has
+# exec'd the JVM yet), and waits for each to be gone.
 STARTED_NODES=()
 kill_started_nodes() {
     local i pid
     for i in "${STARTED_NODES[@]+"${STARTED_NODES[@]}"}"; do
-        if pid=$(node_pid "$i"); then
-            kill -KILL "$pid" 2>/dev/null || true
+        pid=${LAUNCHED_PIDS[$i]:-}
+        if [[ -n $pid ]] && proc_alive "$pid"; then
+            kill_and_wait "$pid" 10 || true
             say "killed node $i (pid $pid) after the failed start"
         fi
         rm -f "$(node_dir "$i")/kafka.pid"
@@ -525,7 +597,7 @@ stop_all() {
     say "stopping node(s) ${!pids[*]} on port $PORT (SIGTERM, up to $STOP_TIMEOUT s)"
     while ((waited < STOP_TIMEOUT * 2)); do
         for i in "${!pids[@]}"; do
-            kill -0 "${pids[$i]}" 2>/dev/null || unset "pids[$i]"
+            proc_alive "${pids[$i]}" || unset "pids[$i]"
         done
         ((${#pids[@]} == 0)) && break
         sleep 0.5
@@ -533,7 +605,7 @@ stop_all() {
     done
     for i in "${!pids[@]}"; do
         say "node $i (pid ${pids[$i]}) ignored SIGTERM for $STOP_TIMEOUT s; sending SIGKILL"
-        kill -KILL "${pids[$i]}" 2>/dev/null || true
+        kill_and_wait "${pids[$i]}" "$STOP_TIMEOUT" || say "node $i (pid ${pids[$i]}) still exists after SIGKILL"
     done
     for ((i = 0; i < BROKERS; i++)); do
         rm -f "$(node_dir "$i")/kafka.pid"
@@ -571,7 +643,10 @@ cmd_up() {
     for ((i = 0; i < BROKERS; i++)); do
         if node_pid "$i" >/dev/null; then
             # Alive but not answering: a half-dead JVM. Restart it rather than wait on it forever.
-            node_up "$i" || { kill -KILL "$(node_pid "$i")" 2>/dev/null || true; down+=("$i"); }
+            node_up "$i" || {
+                kill_and_wait "$(node_pid "$i")" || true
+                down+=("$i")
+            }
         else
             down+=("$i")
         fi
@@ -581,9 +656,10 @@ cmd_up() {
     ensure_libs
     if [[ -z $CLUSTER_ID ]]; then
         CLUSTER_ID=$(new_cluster_id)
-        echo "$BROKERS" >"$RUN/brokers"
-        if [[ -n $SASL_SSL_PORT ]]; then echo "$SASL_SSL_PORT" >"$RUN/sasl-ssl-port"; fi
-        echo "$CLUSTER_ID" >"$RUN/cluster.id"
+        write_atomic "$RUN/brokers" "$BROKERS"
+        if [[ -n $SASL_SSL_PORT ]]; then write_atomic "$RUN/sasl-ssl-port" "$SASL_SSL_PORT"; fi
+        # cluster.id last: `status` takes its presence to mean the cluster exists.
+        write_atomic "$RUN/cluster.id" "$CLUSTER_ID"
         say "new cluster $CLUSTER_ID with $BROKERS node(s) in $RUN"
     fi
     if [[ -n $SASL_SSL_PORT ]]; then make_tls_material; fi
@@ -651,17 +727,14 @@ check_node_arg() {
 cmd_stop_broker() {
     check_node_arg
     lock_cluster
-    local i=$((10#$NODE_ARG)) pid waited=0
+    local i=$((10#$NODE_ARG)) pid
     if ! pid=$(node_pid "$i"); then
         say "node $i on port $(client_port "$i") is already down"
         return 0
     fi
-    # SIGKILL on purpose: fault tests want a crash, not a controlled shutdown.
-    kill -KILL "$pid"
-    while kill -0 "$pid" 2>/dev/null && ((waited < 20)); do
-        sleep 0.25
-        waited=$((waited + 1))
-    done
+    # SIGKILL on purpose: fault tests want a crash, not a controlled shutdown. Wait until the process is
+    # gone, so that a start-broker right after finds its ports free.
+    kill_and_wait "$pid" "$STOP_TIMEOUT" || die "node $i (pid $pid) still exists $STOP_TIMEOUT s after SIGKILL"
     rm -f "$(node_dir "$i")/kafka.pid"
     say "killed node $i (pid $pid, port $(client_port "$i"))"
 }
