@@ -1,7 +1,11 @@
-"""The clickstream agent: micro-batches in, signals out, state written, in a crash-safe order.
+"""The clickstream pipeline: micro-batches in, signals out, state written, in a crash-safe order.
 
-The agent body is a loop over batches; the work is :meth:`Pipeline.handle`, whose steps are the
-batch commit protocol (DESIGN §6):
+How records arrive: the worker's consumer hands each fetch's input records, as one list, to
+:meth:`Pipeline.handle_messages` (batch delivery, :func:`stream.faust_patches.install_batch_delivery`,
+which replaces Faust's per-record drain loop). The Faust agent declared in :func:`attach` only
+subscribes the input topic and co-partitions it with the table; no record reaches its stream.
+:meth:`Pipeline.handle_messages` cuts the list into chunks of at most ``batch_max`` records and runs
+the batch commit protocol (DESIGN §6) on each, under :attr:`Pipeline.batch_lock`:
 
 Step 1. Compute: validate, group, read states, step the model (:class:`~stream.inference.InferenceEngine`).
 Step 2. Produce signals and dead letters to their topics, in the source partition.
@@ -12,8 +16,8 @@ Step 4. Write the new user states, each carrying the offset of the last event it
         never runs ahead of Kafka); ``exactly_once``: to the changelog inside the transaction, and to
         the local store once Faust has committed that transaction.
 Step 5. Ack the batch's records; Faust commits their offsets later (exactly-once: with the
-        transaction, never while a batch is between steps 2 and 5, see :func:`guard_commits`),
-        which also applies the staged states of step 4.
+        transaction, never while a batch is between steps 2 and 5, see
+        :func:`stream.faust_patches.guard_commits`), which also applies the staged states of step 4.
 
 Crash between 3 and 4: events are redelivered, the old state re-applies them (duplicate signals,
 allowed by at-least-once). Crash after the changelog acks but before the local write: recovery
@@ -30,7 +34,7 @@ import logging
 import time
 
 from model.scoring import Scorer
-from stream import delivery
+from stream import faust_patches
 from stream.app import Components
 from stream.inference import InferenceEngine, Output
 from stream.state import StateStore
@@ -49,19 +53,16 @@ class Pipeline:
         self.last_offset: dict[int, int] = {}  # partition -> last consumed offset, for lag
         self.batches = 0
         #: Held while a chunk is processed and acked, and (exactly-once) by every offset commit: see
-        #: :func:`guard_commits`.
+        #: :func:`stream.faust_patches.guard_commits`.
         self.batch_lock = asyncio.Lock()
 
-    async def handle(self, events) -> None:
-        """Faust stream path (``take_events``): used only if batch delivery is not installed."""
-        await self.process([ev.message for ev in events])
-
     async def handle_messages(self, messages: list) -> None:
-        """Batch delivery path (stream/delivery.py): process in chunks, then ack every record."""
+        """Every input record arrives here, a fetch at a time (batch delivery): process it in chunks of
+        ``batch_max`` (steps 1-4), then ack each chunk's records (step 5)."""
         ack = self.c.app.consumer.ack
         step = self.settings.batch_max
         for i in range(0, len(messages), step):
-            chunk = messages[i: i + step]
+            chunk = messages[i : i + step]
             async with self.batch_lock:
                 await self.process(chunk)
                 for m in chunk:  # Step 5
@@ -78,7 +79,10 @@ class Pipeline:
             await self.produce_transactional(res)
         else:
             # Step 2 and 3: signals and dead letters acknowledged by the broker
-            outputs = [(self.settings.topic_signals, res.signals), (self.settings.topic_dlq, res.dead_letters)]
+            outputs = [
+                (self.settings.topic_signals, res.signals),
+                (self.settings.topic_dlq, res.dead_letters),
+            ]
             await self.produce_acked(outputs)
             # Step 4: the new states, durable in the changelog first, then in the local store
             changelog = [Output(k, v, p) for k, (p, v) in res.states.items()]
@@ -121,7 +125,9 @@ class Pipeline:
                     pending.append((topic, b.record_count(), await _ship(producer, b, topic, o.partition)))
                     b = batches[o.partition] = producer.create_batch()
                     if b.append(key=o.key, value=o.value, timestamp=None) is None:
-                        raise ValueError(f"record of {len(o.value or b'')} bytes exceeds the producer's batch size")
+                        raise ValueError(
+                            f"record of {len(o.value or b'')} bytes exceeds the producer's batch size"
+                        )
             for p, b in batches.items():
                 if b.record_count():
                     pending.append((topic, b.record_count(), await _ship(producer, b, topic, p)))
@@ -148,16 +154,21 @@ class Pipeline:
         group = app.assignor.group_for_topic(self.settings.topic_input)
         changelog = [Output(k, v, p) for k, (p, v) in res.states.items()]
         futures = []
-        for topic, records in ((self.settings.topic_signals, res.signals), (self.settings.topic_dlq, res.dead_letters),
-                               (self.store.changelog_topic, changelog)):
+        for topic, records in (
+            (self.settings.topic_signals, res.signals),
+            (self.settings.topic_dlq, res.dead_letters),
+            (self.store.changelog_topic, changelog),
+        ):
             for o in records:
                 tid = f"{app.conf.id}-{group}-{o.partition}"
-                futures.append(await producer.send(topic, o.key, o.value, o.partition, None, None,
-                                                   transactional_id=tid))
+                futures.append(
+                    await producer.send(topic, o.key, o.value, o.partition, None, None, transactional_id=tid)
+                )
         if futures:
             await asyncio.gather(*futures)  # surface send errors now; visibility waits for the commit
-        self.store.drop_staged({tp.partition for tp in app.consumer.assignment()
-                                if tp.topic == self.settings.topic_input})
+        self.store.drop_staged(
+            {tp.partition for tp in app.consumer.assignment() if tp.topic == self.settings.topic_input}
+        )
         self.store.stage(res.states)
 
     def on_commit(self, offsets) -> None:
@@ -168,8 +179,10 @@ class Pipeline:
         if self.c.app.crashed:
             # Faust reports a commit that failed on a fenced producer as done (and crashes the app):
             # that transaction was aborted, so its states must not reach the local store.
-            logger.warning("transaction of partitions %s not committed (app crashed): dropping its states",
-                           sorted(partitions))
+            logger.warning(
+                "transaction of partitions %s not committed (app crashed): dropping its states",
+                sorted(partitions),
+            )
             self.store.discard_staged(partitions)
             return
         self.store.on_commit(partitions)
@@ -198,26 +211,6 @@ class Pipeline:
         return n
 
 
-def guard_commits(consumer, lock: asyncio.Lock) -> None:
-    """Exactly-once: let an offset commit happen only between two micro-batches, never inside one.
-
-    Faust commits a partition's transaction from a timer (and on rebalance and shutdown) while the
-    agent may be half-way through a batch: the transaction would then carry some of the batch's
-    signals or changelog records but not its offsets, and after a crash the batch is processed again
-    on top of them, which read_committed consumers see as duplicate signals. Faust's own per-producer
-    lock covers one send, not a batch. So every commit takes the lock that :meth:`Pipeline.handle_messages`
-    holds from the first output of a chunk to its last ack; the staged states applied by
-    :meth:`Pipeline.on_commit` are then exactly those of the committed transaction.
-    """
-    commit = consumer.commit
-
-    async def guarded_commit(*args, **kwargs):
-        async with lock:
-            return await commit(*args, **kwargs)
-
-    consumer.commit = guarded_commit
-
-
 async def _ship(producer, batch, topic: str, partition: int):
     """Submit a finished batch. Closing it first matters: the client lets an open batch linger for
     ``linger_ms`` waiting for more records, and each micro-batch waits on two produce round trips."""
@@ -229,27 +222,19 @@ def attach(c: Components, scorer: Scorer) -> Pipeline:
     """Declare the agent and timers on the app; returns the pipeline they drive."""
     pipeline = Pipeline(c, scorer)
     s = c.settings
-    within = s.batch_within_ms / 1000.0
 
-    # The agent subscribes the input topic (and co-partitions it with the table); with batch
-    # delivery installed its records reach pipeline.handle_messages instead of this stream.
+    # The agent subscribes the input topic (and co-partitions it with the table). Its records never
+    # reach this stream: batch delivery gives them to pipeline.handle_messages, a fetch at a time.
     @c.app.agent(c.input_topic, name="demandstream.process")
     async def process(stream):
-        async for events in stream.take_events(s.batch_max, within=within):
-            await pipeline.handle(events)
+        async for _event in stream:
+            raise RuntimeError("an input record reached the Faust stream: batch delivery is not installed")
 
-    delivery.install(c.app, s.topic_input, pipeline.handle_messages)
+    faust_patches.install_batch_delivery(c.app, s.topic_input, pipeline.handle_messages)
     if pipeline.exactly_once:
-        guard_commits(c.app.consumer, pipeline.batch_lock)
-
+        faust_patches.guard_commits(c.app.consumer, pipeline.batch_lock)
     # Exactly-once: staged states are applied once their source partition's transaction commits.
-    tables_on_commit = c.app.tables.on_commit
-
-    def on_commit(offsets) -> None:
-        tables_on_commit(offsets)
-        pipeline.on_commit(offsets)
-
-    c.app.tables.on_commit = on_commit
+    faust_patches.chain_table_commit(c.app, pipeline.on_commit)
 
     @c.app.timer(interval=s.lag_interval_s)
     async def gauges():

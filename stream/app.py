@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import faust
 
-from stream import faust_fixes
+from stream import faust_patches
 from stream.metrics import Metrics
 from stream.settings import Settings
 
@@ -52,8 +52,12 @@ def broker_credentials(settings: Settings):
         from faust.auth import SASLCredentials
 
         mechanism = settings.sasl_mechanism
-        return SASLCredentials(username=settings.sasl_username, password=settings.sasl_password,
-                               ssl_context=ssl_context, mechanism=mechanism)
+        return SASLCredentials(
+            username=settings.sasl_username,
+            password=settings.sasl_password,
+            ssl_context=ssl_context,
+            mechanism=mechanism,
+        )
     from faust.auth import SSLCredentials
 
     return SSLCredentials(ssl_context)
@@ -95,6 +99,8 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Components
     # Faust's producer buffer warns above 100 pending messages; a micro-batch writes one changelog
     # record per user it touched, so allow a full batch.
     app.producer.buffer.max_messages = max(settings.batch_max, app.producer.buffer.max_messages)
-    table = app.Table(settings.table, default=None, partitions=settings.partitions, key_type=bytes, value_type=bytes)
-    faust_fixes.install(app)
+    table = app.Table(
+        settings.table, default=None, partitions=settings.partitions, key_type=bytes, value_type=bytes
+    )
+    faust_patches.install(app)
     return Components(app, settings, input_topic, signals_topic, dlq_topic, table, metrics or Metrics())

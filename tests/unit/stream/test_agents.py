@@ -7,7 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from stream.agents import Pipeline, guard_commits
+from stream.agents import Pipeline
+from stream.faust_patches import guard_commits
 
 
 class FakeConsumer:

@@ -1,4 +1,4 @@
-"""The Faust workarounds do what they say, on stand-ins for the objects they patch.
+"""The Faust patches do what they say, on stand-ins for the objects they patch.
 
 The real behaviour (a rebalance under exactly-once with standby replicas) is covered by
 tests/integration/test_faults_rebalance.py against a real broker.
@@ -7,9 +7,19 @@ tests/integration/test_faults_rebalance.py against a real broker.
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from types import SimpleNamespace
 
-from stream.faust_fixes import fix_stale_transactional_producers, fix_transactional_highwaters
+import faust
+import pytest
+
+from stream import faust_patches
+from stream.faust_patches import (
+    UnsupportedFaustVersion,
+    check_version,
+    fix_stale_transactional_producers,
+    fix_transactional_highwaters,
+)
 
 
 class FakeProducer:
@@ -79,3 +89,18 @@ def test_highwaters_come_from_the_broker_not_the_fetchers_cache():
     fix_transactional_highwaters(thread)
     assert asyncio.run(thread._highwaters(["tp0", "tp1"])) == {"tp0": 42, "tp1": 42}
     assert asked == [["tp0", "tp1"]]
+
+
+def test_the_installed_faust_is_in_the_tested_range_and_pyproject_pins_the_same_range():
+    check_version(faust.__version__)
+    pyproject = (Path(__file__).parents[3] / "pyproject.toml").read_text()
+    low = ".".join(map(str, faust_patches.TESTED_FROM))
+    high = ".".join(map(str, faust_patches.TESTED_BELOW))
+    assert f'"faust-streaming>={low},<{high}"' in pyproject
+
+
+@pytest.mark.parametrize("version", ["0.11.0", "0.15.2", "0.16.0", "0.16.0rc1", "1.0"])
+def test_a_faust_outside_the_tested_range_is_refused_in_one_line(version):
+    with pytest.raises(UnsupportedFaustVersion) as e:
+        check_version(version)
+    assert "\n" not in str(e.value) and version in str(e.value)
