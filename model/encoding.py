@@ -41,11 +41,13 @@ class EncodedEvent(NamedTuple):
     hist_secs: list[float]  #: seconds since each slot was last seen
     hist_cart: list[int]
     hist_etype: list[int]
+    hist_session: list[int]  #: events in each slot's category during the current session
     cart: int
     purchases: int
     events_seen: int
     session_adds: int
     add_secs: float  #: seconds since the last add-to-cart (NEVER_S when none)
+    streak: int  #: consecutive events in the current category
 
 
 def event_features(
@@ -76,11 +78,13 @@ def event_features(
         [max(0.0, now - t) if c >= 0 else NEVER_S for c, t in zip(s.hist_cats, s.hist_ts, strict=True)],
         s.hist_cart.copy(),
         s.hist_etype.copy(),
+        s.hist_session.copy(),
         s.cart,
         s.purchases,
         seen,
         s.session_adds,
         NEVER_S if math.isnan(s.last_add_ts) else max(0.0, now - s.last_add_ts),
+        s.streak,
     )
 
 
@@ -106,8 +110,10 @@ COLUMNS: dict[str, tuple[type, torch.dtype]] = {
     "events_seen": (np.float32, torch.float32),
     "session_adds": (np.float32, torch.float32),
     "add_secs": (np.float32, torch.float32),
+    "hist_session": (np.float32, torch.float32),
+    "streak": (np.float32, torch.float32),
 }
-_SLOT_COLUMNS = ("hist_cats", "hist_counts", "hist_ages", "hist_secs", "hist_cart", "hist_etype")
+_SLOT_COLUMNS = ("hist_cats", "hist_counts", "hist_ages", "hist_secs", "hist_cart", "hist_etype", "hist_session")
 _SCALAR_COLUMNS = (
     "etype",
     "item",
@@ -119,6 +125,7 @@ _SCALAR_COLUMNS = (
     "events_seen",
     "session_adds",
     "add_secs",
+    "streak",
 )
 
 

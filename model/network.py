@@ -65,6 +65,8 @@ SLOT_FEATURES = (
     "markov",
     "popularity",
     "in_vocabulary",
+    "log_session_count",
+    "last_streak",
 )
 #: Names of the features of a vocabulary category outside the history.
 VOCAB_FEATURES = ("markov", "popularity")
@@ -114,41 +116,37 @@ def _identity_calibration_if_missing(state_dict, prefix, *_args) -> None:
     state_dict.setdefault(prefix + "purchase_shift", torch.tensor(0.0))
 
 
-def markov_tables(
-    cats: np.ndarray, nxt: np.ndarray, n_categories: int, top_k: int, alpha: float = MARKOV_ALPHA
-) -> dict[str, np.ndarray]:
-    """Popularity and sparse top-K Markov transition tables from (current, next) category pairs.
+def markov_tables(cats: np.ndarray, nxt: np.ndarray, n_categories: int, top_k: int) -> dict[str, np.ndarray]:
+    """Popularity and sparse top-K Markov transition counts from training rows and (current, next) pairs.
 
     ``cats`` are the vocabulary indices of every training row (popularity), ``nxt`` pairs as an [m, 2]
-    array. ``P(b | a) = (n(a, b) + alpha * pop(b)) / (n(a) + alpha)`` for the K most frequent successors
-    of ``a``; every other ``b`` keeps ``alpha * pop(b) / (n(a) + alpha)``.
+    array. The network turns counts into ``P(b | a) = (n(a, b) + alpha * pop(b)) / (n(a) + alpha)``
+    (:meth:`DemandLSTM.markov_row`); successors beyond the K most frequent keep ``n(a, b) = 0``.
+    Counts, not log-probabilities, are stored so that training can leave each row's own transition out.
 
     >>> t = markov_tables(np.array([1, 2, 1, 2, 1, 3]), np.array([[1, 2], [1, 2], [1, 3]]), 4, 1)
-    >>> t["next"][1].tolist(), round(float(np.exp(t["logp"][1, 0])), 3)
-    ([2], 0.583)
+    >>> t["next"][1].tolist(), t["count"][1].tolist(), float(t["total"][1])
+    ([2], [2.0], 3.0)
     """
     cats = np.asarray(cats, np.int64)
     counts = np.bincount(cats[cats > 0], minlength=n_categories)[:n_categories].astype(np.float64)
     counts[0] = 0.0
     pop = (counts + 0.5) / (counts.sum() + 0.5 * n_categories)  # add-half: no category has probability 0
-    pop_logp = np.log(pop)
     nxt = np.asarray(nxt, np.int64).reshape(-1, 2)
     ok = (nxt[:, 0] > 0) & (nxt[:, 1] > 0)
     keys, n = np.unique(nxt[ok, 0] * n_categories + nxt[ok, 1], return_counts=True)
     src, dst = keys // n_categories, keys % n_categories
     totals = np.bincount(src, weights=n, minlength=n_categories)[:n_categories]
     top_next = np.zeros((n_categories, top_k), np.int64)
-    top_logp = np.full((n_categories, top_k), -np.inf)
+    top_count = np.zeros((n_categories, top_k))
     order = np.lexsort((dst, -n, src))  # by source, then most frequent successor first
     src_o, dst_o, n_o = src[order], dst[order], n[order]
     first = np.searchsorted(src_o, np.arange(n_categories))
     rank = np.arange(len(src_o)) - first[src_o]
     keep = rank < top_k
     top_next[src_o[keep], rank[keep]] = dst_o[keep]
-    denom = totals + alpha
-    top_logp[src_o[keep], rank[keep]] = np.log((n_o[keep] + alpha * pop[dst_o[keep]]) / denom[src_o[keep]])
-    rest = np.log(alpha / denom)  # log of the back-off weight: log P(b | a) = rest[a] + pop_logp[b]
-    return {"pop_logp": pop_logp, "next": top_next, "logp": top_logp, "rest": rest}
+    top_count[src_o[keep], rank[keep]] = n_o[keep]
+    return {"pop_logp": np.log(pop), "next": top_next, "count": top_count, "total": totals}
 
 
 class DemandLSTM(nn.Module):
@@ -173,7 +171,7 @@ class DemandLSTM(nn.Module):
             dropout=cfg.dropout if cfg.layers > 1 else 0.0,
         )
         # context of the feature weights: LSTM output, event type, time gap, cart state
-        d_ctx = cfg.hidden + n_types + N_GAP_BUCKETS + 3
+        d_ctx = cfg.hidden + n_types + N_GAP_BUCKETS + 4
         n_slot, n_vocab = len(SLOT_FEATURES), len(VOCAB_FEATURES)
         self.slot_w0 = nn.Parameter(torch.zeros(n_slot))
         self.vocab_w0 = nn.Parameter(torch.zeros(n_vocab))
@@ -196,8 +194,8 @@ class DemandLSTM(nn.Module):
         # model_version) carries them and the optimizer never moves them.
         self.register_buffer("pop_logp", torch.full((c,), -math.log(max(c - 1, 1))))
         self.register_buffer("markov_next", torch.zeros(c, k, dtype=torch.int64))
-        self.register_buffer("markov_logp", torch.full((c, k), -math.inf))
-        self.register_buffer("markov_rest", torch.zeros(c))
+        self.register_buffer("markov_count", torch.zeros(c, k))
+        self.register_buffer("markov_total", torch.zeros(c))
         # Platt scaling of the purchase logit (model.train.calibrate); identity until fitted.
         self.register_buffer("purchase_scale", torch.tensor(1.0))
         self.register_buffer("purchase_shift", torch.tensor(0.0))
@@ -208,8 +206,8 @@ class DemandLSTM(nn.Module):
         """Install :func:`markov_tables` output (trained on training rows only)."""
         self.pop_logp.copy_(torch.as_tensor(tables["pop_logp"], dtype=torch.float32))
         self.markov_next.copy_(torch.as_tensor(tables["next"]))
-        self.markov_logp.copy_(torch.as_tensor(tables["logp"], dtype=torch.float32))
-        self.markov_rest.copy_(torch.as_tensor(tables["rest"], dtype=torch.float32))
+        self.markov_count.copy_(torch.as_tensor(tables["count"], dtype=torch.float32))
+        self.markov_total.copy_(torch.as_tensor(tables["total"], dtype=torch.float32))
 
     # -- inputs ---------------------------------------------------------------------------------
 
@@ -232,13 +230,23 @@ class DemandLSTM(nn.Module):
 
     # -- heads ----------------------------------------------------------------------------------
 
-    def markov_row(self, src: torch.Tensor) -> torch.Tensor:
-        """log P(next = c | current = src) for every vocabulary category c: [..., C]."""
-        dense = self.markov_rest[src].unsqueeze(-1) + self.pop_logp
-        top = self.markov_logp[src]
-        return dense.scatter(
-            -1, self.markov_next[src], torch.maximum(top, dense.gather(-1, self.markov_next[src]))
-        )
+    def markov_row(self, src: torch.Tensor, leave_out: torch.Tensor | None = None) -> torch.Tensor:
+        """log P(next = c | current = src) for every vocabulary category c: [..., C].
+
+        ``leave_out`` (training only) is, per row, the next category whose transition from ``src`` this
+        very row contributed to the table (0 = none): it is subtracted, so a training row never sees its
+        own target in its features (out-of-sample, as every later row will).
+        """
+        total = self.markov_total[src]
+        nxt, count = self.markov_next[src], self.markov_count[src]
+        if leave_out is not None:
+            own = leave_out > 0
+            total = total - own.float()
+            count = count - ((nxt == leave_out.unsqueeze(-1)) & own.unsqueeze(-1)).float()
+        denom = (total + MARKOV_ALPHA).unsqueeze(-1)
+        dense = torch.log(MARKOV_ALPHA / denom) + self.pop_logp
+        top = torch.log((count + MARKOV_ALPHA * self.pop_logp.exp()[nxt]) / denom)
+        return dense.scatter(-1, nxt, torch.maximum(top, dense.gather(-1, nxt)))
 
     def heads(self, h: torch.Tensor, f: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Head outputs from LSTM outputs ``h`` [..., hidden] and the step's features.
@@ -259,6 +267,7 @@ class DemandLSTM(nn.Module):
                 (cart > 0).float(),
                 torch.log1p(cart),
                 (f["session_adds"] > 0).float().unsqueeze(-1),
+                torch.log1p(f["streak"]).unsqueeze(-1),
             ],
             dim=-1,
         )
@@ -269,7 +278,7 @@ class DemandLSTM(nn.Module):
         # the current category: the most recently seen slot (this event's, when it has one)
         recent = ages.masked_fill(~valid, float("inf")).argmin(-1, keepdim=True)
         src = hv.gather(-1, recent).squeeze(-1) * valid.any(-1).long()
-        mk = self.markov_row(src)  # [..., C]
+        mk = self.markov_row(src, f.get("markov_leave_out"))  # [..., C]
         slot_mk = mk.gather(-1, hv)
         slot_cart = f["hist_cart"]
         phi = torch.cat(
@@ -286,6 +295,8 @@ class DemandLSTM(nn.Module):
                 slot_mk.unsqueeze(-1),
                 self.pop_logp[hv].unsqueeze(-1),
                 (hv > 0).float().unsqueeze(-1),
+                torch.log1p(f["hist_session"]).unsqueeze(-1),
+                ((ages == 0).float() * torch.log1p(f["streak"]).unsqueeze(-1)).unsqueeze(-1),
             ],
             dim=-1,
         )  # [..., K, F]

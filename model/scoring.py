@@ -9,7 +9,6 @@ encode through :mod:`model.encoding`, so their outputs agree to float precision 
 >>> from model.features import Vocabulary
 >>> from model.checkpoint import Checkpoint
 >>> from model.events import Event
-from model.features import category_hash
 >>> torch.manual_seed(0) is not None
 True
 >>> vocab = Vocabulary(["<unk>", "shoes", "bags"])
@@ -32,6 +31,7 @@ import torch
 
 from model.checkpoint import Checkpoint
 from model.encoding import FeatureBuffer, encode_event, encode_events, encode_log
+from model.errors import OptionError
 from model.eventlog import EventLog
 from model.events import Event
 from model.features import category_hash
@@ -61,9 +61,9 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but torch sees no CUDA GPU (use --device cpu or auto)")
+        raise OptionError("device 'cuda' requested but torch sees no CUDA GPU (use --device cpu or auto)")
     if name != "cpu" and not name.startswith("cuda"):
-        raise ValueError(f"unknown device {name!r}: use auto, cpu or cuda")
+        raise OptionError(f"unknown device {name!r}: use auto, cpu or cuda")
     return torch.device(name)
 
 

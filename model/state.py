@@ -4,19 +4,20 @@ The summary is what the next-category head reads (docs/ARCHITECTURE.md, "State")
 distinct categories, each slot keyed by the *hash* of the raw category name (so a category the
 vocabulary does not know can still be remembered and repeated), with its count, the event index and
 the second at which it was last seen, how many of its items are in the cart and the type of the last
-event on it; and funnel counters (cart, purchases, add-to-carts in the current session, time of the
-last add). It is advanced by :func:`observe`, the same pure function offline and in the stream, so the
+event on it and how many events it had in the current session; the streak of consecutive events in
+the current category; and funnel counters (cart, purchases, add-to-carts in the current session, time
+of the last add). It is advanced by :func:`observe`, the same pure function offline and in the stream, so the
 two cannot diverge.
 
 The binary layout (:func:`pack` / :func:`unpack`) is what the stream stores in the ``user-state`` table:
-a 55-byte header, h and c as float32, 16 bytes per history slot and the last top-k prediction; 1,119
+a 57-byte header, h and c as float32, 18 bytes per history slot and the last top-k prediction; 1,153
 bytes for the default model (hidden 96, 1 layer, 16 slots, top 5), within the 1.2 KB budget.
 
 >>> s = new_state(layers=1, hidden=4, slots=3)
 >>> for cat, etype, ts in [(7, 0, 10.0), (8, 0, 20.0), (7, 2, 25.5)]:
 ...     gap = observe(s, cat, etype, ts)
->>> s.hist_cats, s.hist_counts, s.hist_last, s.hist_ts, s.hist_cart, s.cart, gap
-([7, 8, -1], [2, 1, 0], [3, 2, 0], [25, 20, 0], [1, 0, 0], 1, 5.5)
+>>> s.hist_cats, s.hist_counts, s.hist_last, s.hist_ts, s.hist_cart, s.hist_session, s.streak, s.cart, gap
+([7, 8, -1], [2, 1, 0], [3, 2, 0], [25, 20, 0], [1, 0, 0], [2, 1, 0], 1, 1, 5.5)
 >>> t = unpack(pack(s, model_version="0a1b2c3d"))
 >>> t.hist_cats == s.hist_cats and t.hist_ts == s.hist_ts and t.events_seen == 3 and t.model_version == "0a1b2c3d"
 True
@@ -63,12 +64,14 @@ HEADER_FIELDS = (
     ("n_top", "B"),
     ("session_adds", "H"),
     ("last_add_ts", "d"),
+    ("streak", "H"),
 )
 _HEADER = struct.Struct("<" + "".join(code for _, code in HEADER_FIELDS))
 _FIELD = {name: i for i, (name, _) in enumerate(HEADER_FIELDS)}
 #: bytes per history slot: hash int32, count uint16, last event index uint32, last second uint32,
-#: cart uint8, last event type uint8
-SLOT_BYTES = 16
+#: cart uint8, last event type uint8, events in the current session uint16
+SLOT_BYTES = 18
+_SLOT_STRUCT = "{k}i{k}H{k}I{k}I{k}B{k}B{k}H"
 
 
 class StateFormatError(ValueError):
@@ -87,12 +90,14 @@ class UserState:
     hist_ts: list[int] = field(default_factory=list)  # whole unix second when last seen
     hist_cart: list[int] = field(default_factory=list)  # items of that category in the cart
     hist_etype: list[int] = field(default_factory=list)  # type of the last event on that category
+    hist_session: list[int] = field(default_factory=list)  # events in that category this session
     events_seen: int = 0
     last_ts: float = math.nan
     cart: int = 0
     purchases: int = 0
     session_adds: int = 0  # add-to-carts since the session began (SESSION_GAP_S)
     last_add_ts: float = math.nan  # time of the last add-to-cart
+    streak: int = 0  # consecutive events (with a category) in the current category
     partition: int = -1
     offset: int = -1
     model_version: str = field(default="00000000")
@@ -113,6 +118,7 @@ def new_state(layers: int, hidden: int, slots: int) -> UserState:
         hist_ts=[0] * slots,
         hist_cart=[0] * slots,
         hist_etype=[0] * slots,
+        hist_session=[0] * slots,
     )
 
 
@@ -128,18 +134,23 @@ def observe(s: UserState, cat: int, etype: int, ts: float) -> float | None:
     s.last_ts = ts if s.events_seen == 1 else max(ts, s.last_ts)
     if gap is None or gap > SESSION_GAP_S:
         s.session_adds = 0
+        s.hist_session = [0] * len(s.hist_session)
     j = -1
     if cat > 0:
         cats = s.hist_cats
         try:
             j = cats.index(cat)
             s.hist_counts[j] = min(_COUNT_MAX, s.hist_counts[j] + 1)
+            s.streak = min(_COUNT_MAX, s.streak + 1) if s.hist_last[j] == s.events_seen - 1 else 1
         except ValueError:
             # Evict the least recently seen slot (empty slots have hist_last 0, so they go first).
             j = min(range(len(cats)), key=s.hist_last.__getitem__)
             cats[j] = cat
             s.hist_counts[j] = 1
             s.hist_cart[j] = 0
+            s.hist_session[j] = 0
+            s.streak = 1
+        s.hist_session[j] = min(_COUNT_MAX, s.hist_session[j] + 1)
         s.hist_last[j] = s.events_seen
         s.hist_ts[j] = min(_TS_MAX, max(0, int(math.floor(s.last_ts))))
         s.hist_etype[j] = etype
@@ -179,7 +190,7 @@ def pack(s: UserState, model_version: str | None = None) -> bytes:
         "last_propensity": s.last_propensity,
         "n_top": len(s.last_top),
         "session_adds": s.session_adds,
-        "last_add_ts": s.last_add_ts,
+        "last_add_ts": s.last_add_ts, "streak": s.streak,
     }
     header = _HEADER.pack(*(values[name] for name, _ in HEADER_FIELDS))
     return b"".join(
@@ -188,13 +199,14 @@ def pack(s: UserState, model_version: str | None = None) -> bytes:
             np.ascontiguousarray(s.h, dtype=np.float32).tobytes(),
             np.ascontiguousarray(s.c, dtype=np.float32).tobytes(),
             struct.pack(
-                f"<{slots}i{slots}H{slots}I{slots}I{slots}B{slots}B",
+                "<" + _SLOT_STRUCT.format(k=slots),
                 *s.hist_cats,
                 *s.hist_counts,
                 *s.hist_last,
                 *s.hist_ts,
                 *s.hist_cart,
                 *s.hist_etype,
+                *s.hist_session,
             ),
             struct.pack(
                 f"<{len(s.last_top)}i{len(s.last_top)}f",
@@ -226,31 +238,17 @@ def unpack(data: bytes) -> UserState:
     c = np.frombuffer(buf, np.float32, n, o).reshape(layers, hidden).copy()
     o += 4 * n
     # struct beats numpy for these short arrays (a decode per user per batch is on the hot path)
-    slot_vals = struct.unpack_from(f"<{slots}i{slots}H{slots}I{slots}I{slots}B{slots}B", data, o)
-    cols = [list(slot_vals[k * slots : (k + 1) * slots]) for k in range(6)]
+    slot_vals = struct.unpack_from("<" + _SLOT_STRUCT.format(k=slots), data, o)
+    cols = [list(slot_vals[k * slots : (k + 1) * slots]) for k in range(7)]
     o += SLOT_BYTES * slots
     top_i = struct.unpack_from(f"<{ntop}i", data, o)
     top_p = struct.unpack_from(f"<{ntop}f", data, o + 4 * ntop)
     return UserState(
-        h,
-        c,
-        cols[0],
-        cols[1],
-        cols[2],
-        cols[3],
-        cols[4],
-        cols[5],
-        hd["events_seen"],
-        hd["last_ts"],
-        hd["cart"],
-        hd["purchases"],
-        hd["session_adds"],
-        hd["last_add_ts"],
-        hd["partition"],
-        hd["offset"],
-        hd["model_version"].hex(),
-        list(zip(top_i, top_p, strict=True)),
-        hd["last_propensity"],
+        h=h, c=c, hist_cats=cols[0], hist_counts=cols[1], hist_last=cols[2], hist_ts=cols[3], hist_cart=cols[4],
+        hist_etype=cols[5], hist_session=cols[6], events_seen=hd["events_seen"], last_ts=hd["last_ts"],
+        cart=hd["cart"], purchases=hd["purchases"], session_adds=hd["session_adds"], last_add_ts=hd["last_add_ts"],
+        streak=hd["streak"], partition=hd["partition"], offset=hd["offset"], model_version=hd["model_version"].hex(),
+        last_top=list(zip(top_i, top_p, strict=True)), last_propensity=hd["last_propensity"],
     )
 
 

@@ -38,6 +38,7 @@ from torch import nn
 from model import checkpoint
 from model.data import Points, Split, next_category_targets, phase_points, temporal_split
 from model.encoding import FeatureBuffer, category_hashes, category_index, encode_log
+from model.errors import DataError, OptionError
 from model.eventlog import EventLog
 from model.features import Vocabulary
 from model.network import DemandLSTM, ModelConfig, init_like_cascade, markov_tables
@@ -83,6 +84,7 @@ class TrainConfig:
     device: str = "auto"
     calibrate: bool = True  #: Platt-scale the purchase logit on validation points after training
     cascade_init: bool = True  #: start the feature weights where the ranking equals the rule cascade
+    markov_leave_one_out: bool = True  #: a training row's own transition is left out of its Markov features
     refit: bool = True  #: after choosing the epochs on validation, retrain on train + validation
     min_valid_category_points: int = 1000  #: below this (or the next), validate on a training hold-out
     min_valid_positives: int = 50
@@ -212,8 +214,7 @@ class _Batch(NamedTuple):
 
 
 def _full_context_batches(
-    net: DemandLSTM, feats: FeatureBuffer, log: EventLog, pts: Targets, device: torch.device
-):
+    net: DemandLSTM, feats: FeatureBuffer, log: EventLog, pts: Targets, device: torch.device, leave_out: np.ndarray | None = None):
     """Yield a :class:`_Batch` per group of users holding a point of ``pts``; every user runs from its
     first event (eval mode, no grad)."""
     net.eval()
@@ -234,6 +235,8 @@ def _full_context_batches(
             idx[k, e - s :] = e - 1
             valid[k, : e - s] = True
         f = feats.tensors(idx, device)
+        if leave_out is not None:
+            f["markov_leave_out"] = torch.from_numpy(leave_out[idx]).to(device)
         with torch.no_grad():
             out, _ = net(f)
         yield _Batch(
@@ -454,9 +457,10 @@ def calibrate(
     return info
 
 
-def _markov_pairs(log: EventLog, cats: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """(current, next) vocabulary-index pairs of consecutive ``rows`` of one user; the current category of
-    an event without one is the user's last known category."""
+def _markov_pairs(log: EventLog, cats: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(current, next) vocabulary-index pairs of consecutive ``rows`` of one user, and per row the next
+    category whose pair that row contributed (0 = none). The current category of an event without one
+    is the user's last known category, as the network's history slots have it."""
     n = len(cats)
     user_first = np.repeat(log.user_start[:-1], np.diff(log.user_start))
     known = rows & (cats > 0)
@@ -465,7 +469,7 @@ def _markov_pairs(log: EventLog, cats: np.ndarray, rows: np.ndarray) -> np.ndarr
     nxt = np.r_[cats[1:], 0]
     same_user = np.r_[user_first[1:], -1] == user_first
     ok = same_user & rows & np.r_[rows[1:], False] & (current > 0) & (nxt > 0)
-    return np.stack([current[ok], nxt[ok]], axis=1)
+    return np.stack([current[ok], nxt[ok]], axis=1), np.where(ok, nxt, 0).astype(np.int64)
 
 
 #: Training points on which the cascade's scale is fitted (a 1-parameter fit: a sample suffices).
@@ -479,8 +483,7 @@ def _calibrate_cascade_scale(
     log: EventLog,
     tr: Targets,
     device: torch.device,
-    rng: np.random.Generator,
-) -> float:
+    rng: np.random.Generator, leave_out: np.ndarray | None = None) -> float:
     """Multiply the cascade's base weights by the temperature that minimises the training NLL.
 
     The cascade weights only fix an order; their scale makes the initial distribution far too sharp
@@ -508,6 +511,7 @@ def _calibrate_cascade_scale(
             np.zeros_like(tr.observable),
         ),
         device,
+        leave_out,
     ):
         m = b.cat_t >= 0
         if bool(m.any()):
@@ -585,12 +589,13 @@ def _fit(
     n_train = int(tr_mask.sum())
     cats = feats.cat
     net = DemandLSTM(mcfg).to(device)
-    net.set_tables(
-        markov_tables(cats[tr_mask], _markov_pairs(log, cats, tr_mask), len(vocab), mcfg.markov_top_k)
-    )
+    pairs, leave_out = _markov_pairs(log, cats, tr_mask)
+    net.set_tables(markov_tables(cats[tr_mask], pairs, len(vocab), mcfg.markov_top_k))
+    if not tcfg.markov_leave_one_out:  # ablation only: training rows then see their own target's count
+        leave_out = np.zeros_like(leave_out)
     if tcfg.cascade_init:
         init_like_cascade(net)
-        _calibrate_cascade_scale(net, feats, log, tr, device, rng)
+        _calibrate_cascade_scale(net, feats, log, tr, device, rng, leave_out)
     opt = torch.optim.AdamW(net.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     # steps per epoch are known only after dealing the lanes once; the windows do not depend on the order
     steps_per_epoch = sum(1 for _ in _lane_windows(ranges, tcfg.lanes, tcfg.bptt))
@@ -623,6 +628,7 @@ def _fit(
             h, c = (h * keep).detach(), (c * keep).detach()
             a = torch.from_numpy(active).to(device)
             f = feats.tensors(idx, device)
+            f["markov_leave_out"] = torch.from_numpy(leave_out[idx]).to(device)
             out, (h_a, c_a) = net(f, (h[:, a], c[:, a]))
             cat_t = torch.from_numpy(np.where(valid, tr.cat[idx], -1)).to(device)
             hash_t = torch.from_numpy(tr.cat_hash[idx]).to(device)
@@ -749,7 +755,7 @@ def train(
         np.flatnonzero(log.ts < split.valid_end)
     ).sorted_by_user_time()  # test rows never reach training
     if not (log.ts < split.train_end).any():
-        raise ValueError("no training events before the train end T1")
+        raise DataError("no training events before the train end T1")
     next_hash = next_category_targets(category_hashes(log), log.user_start)
 
     sel_split, selection = _selection_split(log, split, tcfg)
@@ -873,7 +879,7 @@ def run_training(
     mkw = {k: v for k, v in kw.items() if k in ModelConfig.__dataclass_fields__}
     unknown = set(kw) - set(tkw) - set(mkw)
     if unknown:
-        raise ValueError(f"unknown training option(s): {', '.join(sorted(unknown))}")
+        raise OptionError(f"unknown training option(s): {', '.join(sorted(unknown))}")
     tcfg = TrainConfig(seed=seed, device=device, **tkw)
     if epochs is not None:
         tcfg.epochs = epochs

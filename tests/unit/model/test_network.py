@@ -269,3 +269,41 @@ def test_checkpoint_without_calibration_loads_as_identity_and_version_tracks_it(
     v2 = checkpoint.save(tmp_path / "b.pt", net, vocab)
     assert v1 != v2
     assert float(checkpoint.load(tmp_path / "b.pt").net.purchase_shift) == 0.25
+
+
+def test_markov_leave_one_out_removes_exactly_the_rows_own_transition():
+    """A training row must not see its own target in its Markov feature (target leakage): with the
+    row's transition left out, a transition seen once becomes the popularity back-off, and other
+    successors keep their counts over the reduced total."""
+    import numpy as np
+
+    from model.network import MARKOV_ALPHA, markov_tables
+
+    net = DemandLSTM(ModelConfig(n_categories=5, hidden=4, markov_top_k=2))
+    cats = np.array([1, 2, 1, 3, 1, 3])
+    t = markov_tables(cats, np.array([[1, 2], [1, 3], [1, 3]]), 5, 2)
+    net.set_tables(t)
+    pop = torch.exp(net.pop_logp)
+    src = torch.tensor([1, 1])
+    with_own = net.markov_row(src).exp()
+    left_out = net.markov_row(src, torch.tensor([2, 0])).exp()
+    denom = 3 + MARKOV_ALPHA
+    assert torch.allclose(with_own[0, 2], (1 + MARKOV_ALPHA * pop[2]) / denom)
+    assert torch.allclose(left_out[0, 2], MARKOV_ALPHA * pop[2] / (denom - 1))  # own count gone
+    assert torch.allclose(left_out[0, 3], (2 + MARKOV_ALPHA * pop[3]) / (denom - 1))  # others kept
+    assert torch.allclose(left_out[1], with_own[1])  # leave_out 0: untouched
+
+
+def test_markov_pairs_mark_the_rows_whose_transition_is_counted():
+    import numpy as np
+
+    from model.eventlog import EventLog
+    from model.events import Event
+    from model.train import _markov_pairs
+
+    evs = [Event(f"e{i}", "u", 100.0 + i, "view", "i", c) for i, c in enumerate(["a", "b", None, "c"])]
+    log = EventLog.from_events(evs).sorted_by_user_time()
+    cats = np.array([1, 2, 0, 3])
+    pairs, leave_out = _markov_pairs(log, cats, np.ones(4, bool))
+    # a->b at row 0; row 1's successor has no category; row 2 (current b, carried) -> c
+    assert pairs.tolist() == [[1, 2], [2, 3]] and leave_out.tolist() == [2, 0, 3, 0]

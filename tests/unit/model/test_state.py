@@ -75,7 +75,7 @@ def test_default_model_record_fits_the_budget():
     s = new_state(cfg.layers, cfg.hidden, cfg.history_slots)
     s.last_top = [(i, 0.1) for i in range(5)]  # the stream keeps the default top 5
     assert len(pack(s)) <= STATE_BUDGET_BYTES
-    assert len(pack(s)) == 1119
+    assert len(pack(s)) == 1153
 
 
 def test_session_adds_restart_after_a_session_gap():
