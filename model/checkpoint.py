@@ -19,13 +19,14 @@ from pathlib import Path
 
 import torch
 
+from model.errors import UserError
 from model.features import Vocabulary
 from model.network import DemandLSTM, ModelConfig
 
 FORMAT = "demandstream-checkpoint/1"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be used (missing, truncated, tampered or of another format)."""
 
 

@@ -28,6 +28,7 @@ from datetime import UTC, datetime
 import numpy as np
 
 from model.baselines import DEFAULT_GAP_S, PURCHASE, purchase_labels, window_covered
+from model.errors import DataError, OptionError
 from model.eventlog import EventLog
 
 # DEFAULT_GAP_S (imported above, defined with the labels in model.baselines) is the longest silence
@@ -55,10 +56,10 @@ def parse_time(value: str | float) -> float:
     >>> parse_time("yesterday")
     Traceback (most recent call last):
     ...
-    ValueError: cannot parse time 'yesterday': expected unix seconds or an ISO-8601 date/datetime
+    model.errors.OptionError: cannot parse time 'yesterday': expected unix seconds or an ISO-8601 date/datetime
     """
     if isinstance(value, bool):
-        raise ValueError(f"cannot parse time {value!r}: expected unix seconds or an ISO-8601 date/datetime")
+        raise OptionError(f"cannot parse time {value!r}: expected unix seconds or an ISO-8601 date/datetime")
     if isinstance(value, int | float):
         t = float(value)
     else:
@@ -71,14 +72,14 @@ def parse_time(value: str | float) -> float:
             try:
                 dt = datetime.fromisoformat(s.replace("Z", "+00:00"))
             except ValueError:
-                raise ValueError(
+                raise OptionError(
                     f"cannot parse time {value!r}: expected unix seconds or an ISO-8601 date/datetime"
                 ) from None
             if dt.tzinfo is None:
                 dt = dt.replace(tzinfo=UTC)
             t = dt.timestamp()
     if not math.isfinite(t):
-        raise ValueError(f"cannot parse time {value!r}: not a finite number")
+        raise OptionError(f"cannot parse time {value!r}: not a finite number")
     return t
 
 
@@ -106,10 +107,10 @@ def temporal_split(
     >>> temporal_split(log, train_end=1009, valid_end=1005)
     Traceback (most recent call last):
     ...
-    ValueError: train end (1009.0) must be before valid end (1005.0)
+    model.errors.OptionError: train end (1009.0) must be before valid end (1005.0)
     """
     if len(log) == 0:
-        raise ValueError("cannot split an empty log")
+        raise DataError("cannot split an empty log")
     start, end = float(log.ts.min()), float(log.ts.max())
     span = end - start
     t1 = parse_time(train_end) if train_end is not None else start + DEFAULT_TRAIN_FRACTION * span
@@ -121,7 +122,7 @@ def temporal_split(
     else:
         t2 = start + DEFAULT_VALID_FRACTION * span
     if not t1 < t2:
-        raise ValueError(f"train end ({t1}) must be before valid end ({t2})")
+        raise OptionError(f"train end ({t1}) must be before valid end ({t2})")
     return Split(t1, t2, end)
 
 

@@ -62,6 +62,7 @@ from pathlib import Path
 from typing import IO
 
 from model.cleaning import CleaningConfig, clean_log
+from model.errors import DataError, DataNotFound, OptionError
 from model.eventlog import EventLog, EventLogBuilder
 from model.events import TYPE_INDEX, BadEvent, Event, parse_event, validate_event
 
@@ -196,13 +197,15 @@ def load_log(
 
     Raises
     ------
-    ValueError
-        Unknown format, or a file whose header does not match the format.
-    FileNotFoundError
-        A path or glob that names no file.
+    model.errors.OptionError
+        Unknown format (a ``ValueError``).
+    model.errors.DataError
+        A file whose header does not match the format (a ``ValueError``).
+    model.errors.DataNotFound
+        A path or glob that names no file (a ``FileNotFoundError``).
     """
     if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+        raise OptionError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
     stats = stats if stats is not None else LoadStats()
     started = time.perf_counter()
     files = expand_paths(paths)
@@ -256,33 +259,33 @@ def detect_format(path: str | Path) -> str:
         return "retailrocket"
     if _looks_like_taobao(header):
         return "taobao"
-    raise ValueError(f"{p}: cannot tell the format from its first line {first[:80]!r}; pass --format")
+    raise DataError(f"{p}: cannot tell the format from its first line {first[:80]!r}; pass --format")
 
 
 def expand_paths(paths: PathsArg) -> list[Path]:
     """Paths, globs and directories as a list of files (globs and directories sorted)."""
     items = [paths] if isinstance(paths, str | Path) else list(paths)
     if not items:
-        raise FileNotFoundError("no input files given")
+        raise DataNotFound("no input files given")
     out: list[Path] = []
     for item in items:
         s = str(item)
         if glob.has_magic(s):
             matches = sorted(Path(m) for m in glob.glob(s) if Path(m).is_file())
             if not matches:
-                raise FileNotFoundError(f"no files match {s}")
+                raise DataNotFound(f"no files match {s}")
             out.extend(matches)
             continue
         p = Path(item)
         if p.is_dir():
             found = sorted(q for q in p.iterdir() if q.is_file() and _is_data_name(q.name))
             if not found:
-                raise FileNotFoundError(f"no data files in directory {p}")
+                raise DataNotFound(f"no data files in directory {p}")
             out.extend(found)
         elif p.is_file():
             out.append(p)
         else:
-            raise FileNotFoundError(f"no such file: {p}")
+            raise DataNotFound(f"no such file: {p}")
     return out
 
 
@@ -569,11 +572,11 @@ def _load_retailrocket(
     for p in files:
         header = _first_header(p)
         if header not in roles:
-            raise ValueError(f"{p}: not a RetailRocket file (header {','.join(header)[:80]!r})")
+            raise DataError(f"{p}: not a RetailRocket file (header {','.join(header)[:80]!r})")
         roles[header].append(p)
     events = roles[RR_EVENTS_HEADER]
     if not events:
-        raise ValueError("retailrocket: no events.csv among the inputs")
+        raise DataError("retailrocket: no events.csv among the inputs")
     props = expand_paths(item_properties) if item_properties else roles[RR_PROPERTIES_HEADER]
     trees = expand_paths(category_tree) if category_tree else roles[RR_TREE_HEADER]
     if not item_properties and not props:
@@ -675,7 +678,7 @@ def _first_header(path: Path) -> tuple[str, ...]:
 def _expect_header(path: str | Path, header: Sequence[str] | None, expected: tuple[str, ...]) -> None:
     got = _split_header(",".join(header)) if header else ()
     if got != expected:
-        raise ValueError(
+        raise DataError(
             f"{path}: expected header {','.join(expected)}, got {','.join(got)[:80] or 'nothing'}"
         )
 

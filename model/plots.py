@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from model.errors import MissingExtra
 from model.metrics import ECE_BINS, recall_at_k_curve, reliability_curve, roc_curve
 
 logger = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ def _pyplot() -> Any:
     try:
         import matplotlib
     except ImportError as exc:
-        raise RuntimeError(
+        raise MissingExtra(
             "plots need matplotlib, an optional dependency: pip install 'demandstream[plots]'"
         ) from exc
     matplotlib.use("Agg")

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 
+from model.errors import OptionError
 from model.events import EVENT_TYPES, TYPE_INDEX, Event
 
 logger = logging.getLogger(__name__)
@@ -465,11 +466,11 @@ def generate(
     ('e0', True)
     """
     if n_events < 0 or n_users < 0:
-        raise ValueError("n_users and n_events must be >= 0")
+        raise OptionError("n_users and n_events must be >= 0")
     if n_events > 0 and n_users == 0:
-        raise ValueError("n_events > 0 needs n_users > 0")
+        raise OptionError("n_events > 0 needs n_users > 0")
     if days <= 0:
-        raise ValueError("days must be > 0")
+        raise OptionError("days must be > 0")
     return _generate(n_users, n_events, seed, start_ts, days * SECONDS_PER_DAY, config or SynthConfig())
 
 
@@ -875,6 +876,7 @@ def write_jsonl(events: Iterable[Event], path: str | Path) -> int:
     10
     """
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)  # as checkpoints and reports do
     opener = (
         (lambda: gzip.open(path, "wb", compresslevel=_GZIP_LEVEL))
         if path.suffix == ".gz"

@@ -15,35 +15,51 @@ from kafka import KafkaAdminClient
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
+from model.errors import UserError
 from stream.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 
-class KafkaUnavailable(RuntimeError):
+class KafkaUnavailable(UserError, RuntimeError):
     """The configured brokers cannot be reached (one clear line for the CLI)."""
 
 
 #: What kafka-python raises when no broker answers: NoBrokersAvailable in 2.x, a bootstrap
 #: KafkaTimeoutError in 3.x.
 UNREACHABLE = tuple(
-    e for e in (getattr(kafka.errors, "NoBrokersAvailable", None), kafka.errors.KafkaTimeoutError,
-                kafka.errors.KafkaConnectionError) if e is not None
+    e
+    for e in (
+        getattr(kafka.errors, "NoBrokersAvailable", None),
+        kafka.errors.KafkaTimeoutError,
+        kafka.errors.KafkaConnectionError,
+    )
+    if e is not None
 )
+
+
+class TopicMismatch(UserError, ValueError):
+    """The existing input, signal and dead-letter topics have different partition counts."""
 
 
 def unreachable_message(settings: Settings) -> str:
     """One line for "no broker answered": kafka-python reports refused SASL logins the same way."""
     if settings.security_protocol == "PLAINTEXT":
         return f"cannot reach Kafka at {settings.broker} (is it running? `make kafka-up`)"
-    return (f"cannot reach or authenticate with Kafka at {settings.broker} over {settings.security_protocol} "
-            f"(check the DEMANDSTREAM_SASL_* and DEMANDSTREAM_SSL_CAFILE settings)")
+    return (
+        f"cannot reach or authenticate with Kafka at {settings.broker} over {settings.security_protocol} "
+        f"(check the DEMANDSTREAM_SASL_* and DEMANDSTREAM_SSL_CAFILE settings)"
+    )
 
 
 def admin_client(settings: Settings, timeout_s: float = 10.0) -> KafkaAdminClient:
     try:
-        return KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers, client_id="demandstream-admin",
-                                request_timeout_ms=int(timeout_s * 1000), **settings.kafka_python_security())
+        return KafkaAdminClient(
+            bootstrap_servers=settings.bootstrap_servers,
+            client_id="demandstream-admin",
+            request_timeout_ms=int(timeout_s * 1000),
+            **settings.kafka_python_security(),
+        )
     except UNREACHABLE:
         raise KafkaUnavailable(unreachable_message(settings)) from None
 
@@ -51,8 +67,8 @@ def admin_client(settings: Settings, timeout_s: float = 10.0) -> KafkaAdminClien
 def ensure_topics(settings: Settings) -> dict[str, int]:
     """Create input, signal and dead-letter topics if missing; return their partition counts.
 
-    Raises ValueError when existing topics disagree on partition counts (signals could not stay
-    co-partitioned with their input).
+    Raises :class:`TopicMismatch` (a ``ValueError``) when existing topics disagree on partition counts
+    (signals could not stay co-partitioned with their input).
     """
     admin = admin_client(settings)
     try:
@@ -69,7 +85,7 @@ def ensure_topics(settings: Settings) -> dict[str, int]:
     finally:
         admin.close()
     if len(set(counts.values())) != 1:
-        raise ValueError(f"topics must have equal partition counts, found {counts}")
+        raise TopicMismatch(f"topics must have equal partition counts, found {counts}")
     return counts
 
 

@@ -1,7 +1,8 @@
 """``demandstream`` command line (DESIGN §8). Also ``python -m stream``.
 
-User mistakes (a missing file, an unreachable broker, a bad setting, a corrupt checkpoint) end with
-one line on stderr and exit status 2; bugs keep their traceback.
+User mistakes (a missing file, an unreachable broker, a bad setting, a corrupt checkpoint: every
+:class:`~model.errors.UserError`) end with one line on stderr and exit status 2; every other exception
+is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -13,16 +14,13 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from stream.settings import Settings, SettingsError
+from model.errors import UserError
+from stream.settings import Settings
 
 logger = logging.getLogger("demandstream")
 
 FORMATS = ("jsonl", "rees46", "retailrocket", "taobao")  # model.loaders.FORMATS (not imported: startup cost)
 EXIT_USER_ERROR = 2
-
-
-class UserError(Exception):
-    """An error the user can fix; printed as one line."""
 
 
 # -- commands -----------------------------------------------------------------------------------
@@ -318,21 +316,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:
-        if _is_user_error(exc):
-            message = " ".join(str(exc).split())  # one line, whatever the exception carried
-            print(f"demandstream {args.command}: error: {message}", file=sys.stderr)
-            return EXIT_USER_ERROR
-        raise
-
-
-def _is_user_error(exc: Exception) -> bool:
-    from model.checkpoint import CheckpointError
-    from stream.admin import KafkaUnavailable
-
-    return isinstance(
-        exc, UserError | SettingsError | CheckpointError | KafkaUnavailable | FileNotFoundError | ValueError
-    )
+    except UserError as exc:
+        message = " ".join(str(exc).split())  # one line, whatever the exception carried
+        print(f"demandstream {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ from collections.abc import Awaitable, Callable
 import faust
 from faust.transport.consumer import CONSUMER_FETCHING
 
+from model.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 #: The faust-streaming releases the patches below were tested on: ``TESTED_FROM <= v < TESTED_BELOW``.
@@ -36,7 +38,7 @@ TESTED_FROM = (0, 15, 3)
 TESTED_BELOW = (0, 16)
 
 
-class UnsupportedFaustVersion(RuntimeError):
+class UnsupportedFaustVersion(UserError, RuntimeError):
     """The installed faust-streaming is outside the range this module's patches were tested on."""
 
 

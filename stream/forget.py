@@ -11,6 +11,7 @@ import time
 
 import orjson
 
+from model.errors import OptionError
 from stream.inference import CONTROL_FIELD
 from stream.replay import make_producer
 from stream.settings import Settings
@@ -23,9 +24,11 @@ def forget_record(user_id: str) -> bytes:
 
 def forget(settings: Settings, user_id: str) -> None:
     if not user_id or len(user_id) > 128:
-        raise ValueError("user_id must be 1-128 characters")
+        raise OptionError("user_id must be 1-128 characters")
     producer = make_producer(settings)
     try:
-        producer.send(settings.topic_input, key=user_id.encode("utf-8"), value=forget_record(user_id)).get(timeout=30)
+        producer.send(settings.topic_input, key=user_id.encode("utf-8"), value=forget_record(user_id)).get(
+            timeout=30
+        )
     finally:
         producer.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from model.checkpoint import load
 from model.loaders import load_log
@@ -16,13 +17,21 @@ from stream.inference import Pseudonymizer
 from stream.records import encode_signal
 
 
-def score_file(model_path: str, data: Sequence[str], fmt: str, out: str, device: str = "auto", top_k: int = 5,
-               pseudonym_key: str = "") -> int:
+def score_file(
+    model_path: str,
+    data: Sequence[str],
+    fmt: str,
+    out: str,
+    device: str = "auto",
+    top_k: int = 5,
+    pseudonym_key: str = "",
+) -> int:
     dev = resolve_device(device)
     scorer = Scorer(load(model_path, dev), dev, top_k=top_k)
     log = load_log(list(data), fmt, keep_ids=True, clean=None).sorted_by_user_arrival()
     pseudo = Pseudonymizer(pseudonym_key) if pseudonym_key else None
     n = 0
+    Path(out).parent.mkdir(parents=True, exist_ok=True)  # as checkpoints and reports do
     with open(out, "wb") as fh:
         for row, pred in scorer.score_log(log):
             e = log.event(row)

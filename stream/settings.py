@@ -18,10 +18,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
+from model.errors import UserError
+
 PREFIX = "DEMANDSTREAM_"
 
 
-class SettingsError(ValueError):
+class SettingsError(UserError, ValueError):
     """A setting with an invalid value; the message names the variable or flag."""
 
 
@@ -95,7 +97,9 @@ class Settings:
         for name, choices in _CHOICES.items():
             v = getattr(self, name)
             if v not in choices:
-                raise SettingsError(f"{PREFIX}{name.upper()}: must be one of {', '.join(choices)} (got {v!r})")
+                raise SettingsError(
+                    f"{PREFIX}{name.upper()}: must be one of {', '.join(choices)} (got {v!r})"
+                )
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise SettingsError(f"{PREFIX}DEVICE: must be auto, cpu or cuda (got {self.device!r})")
         for name in ("partitions", "replication", "batch_max", "top_k"):
@@ -134,8 +138,11 @@ class Settings:
             return {}
         kw: dict = {"security_protocol": self.security_protocol}
         if self.security_protocol.startswith("SASL"):
-            kw.update(sasl_mechanism=self.sasl_mechanism, sasl_plain_username=self.sasl_username,
-                      sasl_plain_password=self.sasl_password)
+            kw.update(
+                sasl_mechanism=self.sasl_mechanism,
+                sasl_plain_username=self.sasl_username,
+                sasl_plain_password=self.sasl_password,
+            )
         if self.security_protocol.endswith("SSL") and self.ssl_cafile:
             kw["ssl_cafile"] = self.ssl_cafile
         return kw

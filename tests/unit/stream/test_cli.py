@@ -1,0 +1,84 @@
+"""The command line's contract: a user's mistake is one line and exit 2, a bug keeps its traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from model.errors import DemandstreamError, OptionError, UserError
+from stream import cli
+
+
+def test_a_user_error_is_one_line_on_stderr_and_exit_2(monkeypatch, capsys, tmp_path):
+    def bad_option(a, settings):
+        raise OptionError("unknown device 'tpu':\n  use auto, cpu or cuda")
+
+    monkeypatch.setattr(cli, "cmd_generate", bad_option)
+    assert cli.main(["generate", "--out", str(tmp_path / "x.jsonl")]) == cli.EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert err == "demandstream generate: error: unknown device 'tpu': use auto, cpu or cuda\n"
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "says"),
+    [
+        (["train", "--data", "{tmp}/missing.jsonl", "--out", "{tmp}/m.pt"], {}, "data file not found"),
+        (["tail"], {"DEMANDSTREAM_GUARANTEE": "maybe"}, "DEMANDSTREAM_GUARANTEE"),
+        (
+            ["evaluate", "--model", "{tmp}/none.pt", "--data", "{tmp}/d.jsonl", "--report", "{tmp}/r.json"],
+            {},
+            "model checkpoint not found",
+        ),
+    ],
+)
+def test_the_library_s_user_errors_reach_the_user_as_one_line(monkeypatch, capsys, tmp_path, argv, env, says):
+    (tmp_path / "d.jsonl").write_text("")
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert cli.main([a.format(tmp=tmp_path) for a in argv]) == cli.EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and says in err
+
+
+def test_the_user_errors_are_one_family_that_old_callers_still_catch():
+    from model.checkpoint import CheckpointError
+    from model.data import parse_time
+    from model.scoring import resolve_device
+    from model.train import run_training
+    from stream.admin import KafkaUnavailable
+    from stream.faust_patches import UnsupportedFaustVersion
+    from stream.settings import SettingsError
+
+    for cls in (CheckpointError, SettingsError, KafkaUnavailable, UnsupportedFaustVersion, OptionError):
+        assert issubclass(cls, UserError) and issubclass(cls, DemandstreamError)
+    for call in (
+        lambda: parse_time("yesterday"),
+        lambda: resolve_device("tpu"),
+        lambda: run_training([], "jsonl", "m.pt", no_such_option=1),
+    ):
+        with pytest.raises(ValueError) as e:
+            call()
+        assert isinstance(e.value, UserError)
+
+
+def test_a_plain_value_error_from_inside_is_a_bug_and_keeps_its_traceback(monkeypatch, tmp_path):
+    def bug(a, settings):
+        return int("not a number")  # a ValueError the user did not cause
+
+    monkeypatch.setattr(cli, "cmd_generate", bug)
+    with pytest.raises(ValueError, match="invalid literal"):
+        cli.main(["generate", "--out", str(tmp_path / "x.jsonl")])
+
+
+def test_the_bug_s_traceback_reaches_the_terminal_with_a_non_2_exit(tmp_path):
+    code = (
+        "import sys\n"
+        "from stream import cli\n"
+        "cli.cmd_generate = lambda a, s: int('not a number')\n"
+        f"sys.exit(cli.main(['generate', '--out', {str(tmp_path / 'x.jsonl')!r}]))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode not in (0, cli.EXIT_USER_ERROR)
+    assert "Traceback (most recent call last)" in r.stderr and "ValueError: invalid literal" in r.stderr
