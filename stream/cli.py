@@ -179,13 +179,32 @@ def _summary_line(verb: str, d: dict) -> str:
     )
 
 
+def _global_options(after_command: bool) -> argparse.ArgumentParser:
+    """The options every command takes, before or after its name (``demandstream tail --broker ...``).
+
+    Given after the command, they are only set when present (``SUPPRESS``), so they never reset a value
+    given before it; given both ways, the one after the command wins.
+    """
+    g = argparse.ArgumentParser(add_help=False)
+    default = argparse.SUPPRESS if after_command else None
+    g.add_argument(
+        "--broker", default=default, help="Kafka bootstrap, e.g. kafka://127.0.0.1:9092 (DEMANDSTREAM_BROKER)"
+    )
+    g.add_argument("--log-level", default=default, help="debug, info, warning (DEMANDSTREAM_LOG_LEVEL)")
+    return g
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="demandstream", description="Real-time customer demand from clickstreams."
+        prog="demandstream",
+        description="Real-time customer demand from clickstreams.",
+        parents=[_global_options(after_command=False)],
     )
-    p.add_argument("--broker", help="Kafka bootstrap, e.g. kafka://127.0.0.1:9092 (DEMANDSTREAM_BROKER)")
-    p.add_argument("--log-level", help="debug, info, warning (DEMANDSTREAM_LOG_LEVEL)")
     sub = p.add_subparsers(dest="command", required=True)
+    after = _global_options(after_command=True)
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, parents=[after])
 
     def data_args(sp, model=False):
         sp.add_argument("--data", action="append", required=True, help="file or glob; repeatable; .gz ok")
@@ -197,14 +216,14 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--train-end", help="T1: ISO-8601 date or unix seconds")
         sp.add_argument("--valid-end", help="T2: ISO-8601 date or unix seconds")
 
-    sp = sub.add_parser("generate", help="write a synthetic clickstream (JSONL)")
+    sp = command("generate", help="write a synthetic clickstream (JSONL)")
     sp.add_argument("--users", type=int, default=1000)
     sp.add_argument("--events", type=int, default=20000)
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--out", required=True)
     sp.set_defaults(func=cmd_generate)
 
-    sp = sub.add_parser("train", help="train a model on a log")
+    sp = command("train", help="train a model on a log")
     data_args(sp)
     sp.add_argument("--out", required=True)
     sp.add_argument("--epochs", type=int, help="upper bound; validation chooses how many are kept")
@@ -219,20 +238,20 @@ def build_parser() -> argparse.ArgumentParser:
     split_args(sp)
     sp.set_defaults(func=cmd_train)
 
-    sp = sub.add_parser("evaluate", help="evaluate a model against baselines on a temporal split")
+    sp = command("evaluate", help="evaluate a model against baselines on a temporal split")
     data_args(sp, model=True)
     sp.add_argument("--report", required=True)
     sp.add_argument("--plots")
     split_args(sp)
     sp.set_defaults(func=cmd_evaluate)
 
-    sp = sub.add_parser("score", help="offline signals for every event of a file (same schema as the topic)")
+    sp = command("score", help="offline signals for every event of a file (same schema as the topic)")
     data_args(sp, model=True)
     sp.add_argument("--out", required=True)
     sp.add_argument("--device")
     sp.set_defaults(func=cmd_score)
 
-    sp = sub.add_parser("worker", help="run a stream worker")
+    sp = command("worker", help="run a stream worker")
     sp.add_argument("--model", help="checkpoint path (DEMANDSTREAM_MODEL)")
     sp.add_argument("--app-id")
     sp.add_argument("--data-dir")
@@ -246,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--batch-within-ms", type=int)
     sp.set_defaults(func=cmd_worker)
 
-    sp = sub.add_parser("replay", help="send a log file to the input topic")
+    sp = command("replay", help="send a log file to the input topic")
     data_args(sp)
     sp.add_argument("--rate", type=float, help="events per second (default: as fast as possible)")
     sp.add_argument("--topic")
@@ -254,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--quiet", action="store_true")
     sp.set_defaults(func=cmd_replay)
 
-    sp = sub.add_parser("tail", help="follow the signal topic")
+    sp = command("tail", help="follow the signal topic")
     sp.add_argument("--topic")
     sp.add_argument("--from-beginning", action="store_true")
     sp.add_argument("--max", type=int)
@@ -262,17 +281,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--raw", action="store_true")
     sp.set_defaults(func=cmd_tail)
 
-    sp = sub.add_parser("forget", help="erase a user's state (right to erasure)")
+    sp = command("forget", help="erase a user's state (right to erasure)")
     sp.add_argument("user_id")
     sp.set_defaults(func=cmd_forget)
 
-    sp = sub.add_parser("bench", help="measure throughput and latency; write JSON and docs/BENCHMARKS.md")
+    sp = command("bench", help="measure throughput and latency; write JSON and docs/BENCHMARKS.md")
     sp.add_argument("--out", default="bench.json")
     sp.add_argument("--quick", action="store_true")
     sp.add_argument("--markdown", default="docs/BENCHMARKS.md")
     sp.set_defaults(func=cmd_bench)
 
-    sp = sub.add_parser("export", help="export the one-step model to TorchScript and ONNX")
+    sp = command("export", help="export the one-step model to TorchScript and ONNX")
     sp.add_argument("--model")
     sp.add_argument("--out", required=True)
     sp.set_defaults(func=cmd_export)

@@ -82,3 +82,30 @@ def test_the_bug_s_traceback_reaches_the_terminal_with_a_non_2_exit(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode not in (0, cli.EXIT_USER_ERROR)
     assert "Traceback (most recent call last)" in r.stderr and "ValueError: invalid literal" in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "broker", "log_level"),
+    [
+        (["tail", "--broker", "kafka://b1:9092"], "kafka://b1:9092", None),
+        (["--broker", "kafka://b1:9092", "tail"], "kafka://b1:9092", None),
+        (["--log-level", "debug", "tail", "--broker", "kafka://b2:9092"], "kafka://b2:9092", "debug"),
+        (
+            ["--broker", "kafka://b1:9092", "replay", "--data", "x", "--broker", "kafka://b2:9092"],
+            "kafka://b2:9092",
+            None,
+        ),
+        (["worker", "--log-level", "warning", "--model", "m.pt"], None, "warning"),
+        (["tail"], None, None),
+    ],
+)
+def test_global_options_are_accepted_before_and_after_the_command(argv, broker, log_level):
+    args = cli.build_parser().parse_args(argv)
+    assert (args.broker, args.log_level) == (broker, log_level)
+
+
+def test_a_broker_given_after_the_command_reaches_the_settings(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(cli, "cmd_tail", lambda a, settings: seen.update(broker=settings.broker) or 0)
+    assert cli.main(["tail", "--broker", "kafka://elsewhere:9093", "--max", "1"]) == 0
+    assert seen["broker"] == "kafka://elsewhere:9093"
