@@ -1,4 +1,4 @@
-"""Streaming baselines of DESIGN §8/§10, scored on exactly the same test points as the model.
+"""Streaming baselines (docs/ARCHITECTURE.md §Evaluation), scored on exactly the same test points as the model.
 
 Every baseline has the interface of :class:`Baseline`: ``fit`` once on the training rows of an
 :class:`~model.eventlog.EventLog` (as plain arrays), then for each user ``start_user`` and, event by
@@ -248,7 +248,7 @@ class Baseline:
     Attributes
     ----------
     name : str
-        Key of the method in the evaluation report (DESIGN §8).
+        Key of the method in the evaluation report (docs/ARCHITECTURE.md §Evaluation).
     """
 
     name: str = "baseline"
@@ -531,8 +531,8 @@ class Funnel(Baseline):
 ADD_TO_CART = TYPE_INDEX["add_to_cart"]
 REMOVE_FROM_CART = TYPE_INDEX["remove_from_cart"]
 
-#: Change of the cart count by event type (DESIGN §3): an add puts one item in, a removal or a
-#: purchase takes one out. The same rule as the stream state's ``observe`` (model/state.py).
+#: Change of the cart count by event type (docs/ARCHITECTURE.md §Events): an add puts one item in, a removal
+#: or a purchase takes one out. The same rule as the stream state's ``observe`` (model/state.py).
 CART_DELTA = np.zeros(N_EVENT_TYPES, dtype=np.int64)
 CART_DELTA[ADD_TO_CART] = 1
 CART_DELTA[REMOVE_FROM_CART] = -1

@@ -1,8 +1,8 @@
 """Temporal split, next-category targets and purchase labels, with no leakage across the split.
 
-DESIGN §7 fixes a global temporal split: train ``ts < T1`` ≤ validation ``< T2`` ≤ test. Each phase has
-its *points* (rows whose predictions are scored or trained on) and labels that may only look as far as
-the phase allows:
+docs/ARCHITECTURE.md §Evaluation fixes a global temporal split: train ``ts < T1`` ≤ validation ``< T2`` ≤
+test. Each phase has its *points* (rows whose predictions are scored or trained on) and labels that may only
+look as far as the phase allows:
 
 - train: points ``ts < T1``; the next-category target must itself be ``< T1``; purchase labels count
   only purchases ``< T1`` and a window that reaches ``T1`` without one is censored;
@@ -98,7 +98,7 @@ class Split:
 def temporal_split(
     log: EventLog, train_end: str | float | None = None, valid_end: str | float | None = None
 ) -> Split:
-    """The split of DESIGN §7; without bounds, 80 % / 10 % / 10 % of the log's time span.
+    """The split of docs/ARCHITECTURE.md §Evaluation; without bounds 80 % / 10 % / 10 % of the time span.
 
     >>> from model.events import Event
     >>> log = EventLog.from_events([Event(f"e{i}", "u", 1000.0 + i, "view", "i") for i in range(11)])

@@ -1,4 +1,4 @@
-"""Evaluation of DESIGN §7/§8: the model and every baseline on exactly the same test points.
+"""Evaluation (docs/ARCHITECTURE.md §Evaluation): the model and every baseline on exactly the same points.
 
 Protocol
 --------
@@ -176,7 +176,8 @@ def evaluate(
     device: str = "cpu",
     gap_s: float | None = DEFAULT_GAP_S,
 ) -> dict:
-    """The evaluation report of DESIGN §8 for a checkpoint on a log (see the module docstring).
+    """The evaluation report of docs/ARCHITECTURE.md §Evaluation for a checkpoint on a log (see the module
+    docstring).
 
     Returns a dict with ``n_users``, ``n_train_events``, ``n_test_points``, ``model``, ``baselines``
     (``popularity``, ``last_category``, ``user_history``, ``markov``, ``funnel``, ``cascade``,

@@ -123,7 +123,8 @@ class EventLog:
         return self._grouped(np.lexsort((np.arange(len(self)), self.ts, self.user)))
 
     def sorted_by_user_arrival(self) -> EventLog:
-        """Rows grouped by user in original (arrival) order: how the stream sees them (DESIGN §6)."""
+        """Rows grouped by user in arrival order, as the stream sees them
+        (docs/ARCHITECTURE.md §Semantics)."""
         return self._grouped(np.lexsort((np.arange(len(self)), self.user)))
 
     def _grouped(self, order: np.ndarray) -> EventLog:

@@ -1,4 +1,4 @@
-"""The input event of DESIGN §3: its schema, parsing and validation.
+"""The input event of docs/ARCHITECTURE.md §Events: its schema, parsing and validation.
 
 Every event that enters demandstream, from Kafka or from a file, becomes an :class:`Event`
 through :func:`parse_event` (raw bytes) or :func:`validate_event` (an already decoded object).
@@ -16,7 +16,8 @@ missing_item
 
 Checks run in a fixed order, so an input with several faults always gets the same reason:
 the payload (size, encoding, nesting depth, JSON syntax, top-level object), then each field in
-the order of the §3 table, then the rules that tie fields to the type (item or query required).
+the order of the table in docs/ARCHITECTURE.md §Events, then the rules that tie fields to the type (item or
+query required).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from itertools import accumulate
 
 import orjson
 
-#: Event types of DESIGN §3, in the order used for their integer index everywhere.
+#: Event types of docs/ARCHITECTURE.md §Events, in the order used for their integer index everywhere.
 EVENT_TYPES: tuple[str, ...] = ("view", "search", "add_to_cart", "remove_from_cart", "favorite", "purchase")
 TYPE_INDEX: dict[str, int] = {t: i for i, t in enumerate(EVENT_TYPES)}
 
@@ -67,11 +68,11 @@ REASONS: dict[str, str] = {
     "key_mismatch": "record key differs from user_id",
 }
 
-#: Largest accepted payload (DESIGN §3); checked first, so nothing bigger is ever decoded.
+#: Largest accepted payload (docs/ARCHITECTURE.md §Events); checked first, so nothing bigger is ever decoded.
 MAX_EVENT_BYTES = 16 * 1024
-#: Longest event_id / user_id / item_id / session_id, in characters (DESIGN §3).
+#: Longest event_id / user_id / item_id / session_id, in characters (docs/ARCHITECTURE.md §Events).
 MAX_ID_CHARS = 128
-#: Longest search query, in characters (DESIGN §3).
+#: Longest search query, in characters (docs/ARCHITECTURE.md §Events).
 MAX_QUERY_CHARS = 512
 #: Deepest nesting of arrays/objects accepted anywhere in the payload (the event object itself is
 #: depth 1). An event is flat; this leaves room for nested extra fields while keeping any recursive
@@ -127,7 +128,7 @@ class Event:
         return TYPE_INDEX[self.type]
 
     def to_dict(self) -> dict:
-        """The event as a JSON-ready dict in the schema of DESIGN §3."""
+        """The event as a JSON-ready dict in the schema of docs/ARCHITECTURE.md §Events."""
         return {
             "event_id": self.event_id,
             "user_id": self.user_id,
@@ -284,7 +285,8 @@ def parse_ts(value: object, *, now: float | None = None) -> float:
 
 
 def event_to_json(e: Event) -> bytes:
-    """The event as compact UTF-8 JSON in the schema of DESIGN §3 (all fields, nulls included).
+    """The event as compact UTF-8 JSON in the schema of docs/ARCHITECTURE.md §Events (all fields, nulls
+    included).
 
     >>> event_to_json(Event("e1", "u1", 1714564800.0, "view", "i9"))
     b'{"event_id":"e1","user_id":"u1","ts":1714564800.0,"type":"view","item_id":"i9","category":null,"price":null,"query":null,"session_id":null}'
@@ -419,7 +421,8 @@ def _ts_field(value: object, now: float) -> float:
 def _iso_seconds(text: str) -> float:
     try:
         dt = datetime.fromisoformat(text)
-        if dt.tzinfo is None:  # naive times are UTC by contract (§3), never the worker's local zone
+        # naive times are UTC by contract (docs/ARCHITECTURE.md §Events), never the worker's local zone
+        if dt.tzinfo is None:
             dt = dt.replace(tzinfo=UTC)
         return dt.timestamp()
     except (ValueError, OverflowError):  # OverflowError: year 1 or 9999 shifted out of range by an offset

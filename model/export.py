@@ -29,8 +29,8 @@ from model.state import new_state
 
 logger = logging.getLogger(__name__)
 
-#: Parity bound between an exported graph and the PyTorch step (DESIGN parity is 1e-4 on p; exports
-#: are held to the tighter float32 bound the network tests use).
+#: Parity bound between an exported graph and the PyTorch step (the parity of docs/ARCHITECTURE.md §Semantics
+#: is 1e-4 on p; exports are held to the tighter float32 bound the network tests use).
 PARITY_TOL = 1e-5
 
 #: ONNX opset: 17 is the oldest with every operator the step uses and is what onnxruntime >= 1.14 runs.

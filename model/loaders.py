@@ -1,8 +1,8 @@
 """Offline loaders: event files (our JSONL, REES46 CSV, RetailRocket CSV, Taobao CSV) into an EventLog.
 
 Rows are streamed, one line at a time, from plain or gzip files into an
-:class:`~model.eventlog.EventLogBuilder`; every row becomes a dict in the schema of DESIGN §3
-and goes through :func:`~model.events.validate_event`, so files and the Kafka topic obey the same
+:class:`~model.eventlog.EventLogBuilder`; every row becomes a dict in the schema of docs/ARCHITECTURE.md
+§Events and goes through :func:`~model.events.validate_event`, so files and the Kafka topic obey the same
 rules. A row that fails (wrong column count, unparseable number or time, :class:`BadEvent`) is
 counted by reason in :class:`LoadStats` and skipped. The loaded log is then cleaned
 (:func:`~model.cleaning.clean_log`) unless ``clean=None``.
@@ -85,8 +85,8 @@ RR_EVENTS_HEADER = ("timestamp", "visitorid", "event", "itemid", "transactionid"
 RR_PROPERTIES_HEADER = ("timestamp", "itemid", "property", "value")
 RR_TREE_HEADER = ("categoryid", "parentid")
 
-#: Public event names of each CSV format mapped to ours (DESIGN §3); anything else is passed on
-#: unchanged so that validate_event rejects it with its own reason code.
+#: Public event names of each CSV format mapped to ours (docs/ARCHITECTURE.md §Events); anything else is
+#: passed on unchanged so that validate_event rejects it with its own reason code.
 REES46_TYPES = {
     "view": "view",
     "cart": "add_to_cart",

@@ -1,4 +1,4 @@
-"""Evaluation metrics of DESIGN §7/§8: next-category ranking and purchase propensity.
+"""Evaluation metrics of docs/ARCHITECTURE.md §Evaluation: next-category ranking and purchase propensity.
 
 Small pure numpy functions, shared by the model and every baseline so that all methods are scored
 the same way on the same test points. No sklearn: each metric is written out, and the unit tests
@@ -24,7 +24,7 @@ LOGLOSS_EPS = 1e-7
 #: the usual choice (Guo et al., 2017) and the one our reports compare across methods.
 ECE_BINS = 10
 
-#: Cut-offs of the category ranking metrics named in DESIGN §8.
+#: Cut-offs of the category ranking metrics named in docs/ARCHITECTURE.md §Evaluation.
 RECALL_KS = (5, 20)
 RANK_CUTOFF = 20
 
@@ -89,7 +89,7 @@ def target_rank(scores: np.ndarray, target: int | np.ndarray) -> int | np.ndarra
 def category_metrics(
     ranks: np.ndarray, top1: np.ndarray, targets: np.ndarray, n_classes: int
 ) -> dict[str, float]:
-    """Next-category metrics of DESIGN §8 over N test points.
+    """Next-category metrics of docs/ARCHITECTURE.md §Evaluation over N test points.
 
     Ranking metrics come from ``ranks`` (see :func:`target_rank`); accuracy and the weighted
     precision/recall/F1 come from the arg-max prediction ``top1``. Weighted averages follow
@@ -284,7 +284,8 @@ def log_loss(p: np.ndarray, y: np.ndarray) -> float:
 
 
 def purchase_metrics(p: np.ndarray, y: np.ndarray) -> dict[str, float]:
-    """Purchase-propensity metrics of DESIGN §8 for probabilities ``p`` and 0/1 labels ``y``.
+    """Purchase-propensity metrics of docs/ARCHITECTURE.md §Evaluation for probabilities ``p`` and 0/1 labels
+    ``y``.
 
     >>> m = purchase_metrics(np.array([0.8, 0.4, 0.4, 0.1]), np.array([1, 1, 0, 0]))
     >>> m["purchase_auc"], round(m["purchase_pr_auc"], 4)

@@ -3,7 +3,8 @@
 :class:`Scorer` is the single place where events meet the network. The stream calls
 :meth:`Scorer.step` once per micro-batch round (one event per user); ``demandstream score`` and the
 evaluator call :meth:`Scorer.predict_log`, which runs the same weights over whole sequences. Both
-encode through :mod:`model.encoding`, so their outputs agree to float precision (DESIGN §6, parity).
+encode through :mod:`model.encoding`, so their outputs agree to float precision
+(docs/ARCHITECTURE.md §Semantics, parity).
 
 >>> from model.network import DemandLSTM, ModelConfig
 >>> from model.features import Vocabulary
@@ -49,7 +50,7 @@ OOV_NAMES_MAX = 1 << 17
 
 @dataclass(slots=True)
 class Prediction:
-    """The demand signal's payload for one event (DESIGN §4)."""
+    """The demand signal's payload for one event (docs/ARCHITECTURE.md §Signals)."""
 
     top_categories: list[tuple[str, float]]
     purchase_propensity: float

@@ -1,10 +1,11 @@
 """A synthetic, realistic clickstream: a catalog, shoppers with drifting intent, sessions and a funnel.
 
 Real logs cannot be shipped with tests or demos, so :func:`generate` produces events in the schema of
-DESIGN §3 whose structure a model can learn and a baseline can exploit, the same way as in real logs:
+docs/ARCHITECTURE.md §Events whose structure a model can learn and a baseline can exploit, the same way as in
+real logs:
 
-- the next category repeats the previous one about 55-65 % of the time (DESIGN §10), otherwise it
-  comes from the user's latent intent, a related/complement category or a popular one;
+- the next category repeats the previous one about 55-65 % of the time (docs/ARCHITECTURE.md §Model),
+  otherwise it comes from the user's latent intent, a related/complement category or a popular one;
 - a purchase raises the weight of the purchased category's complements (smartphone -> phone_case)
   in the user's intent, and damps buying the same category again for a while;
 - purchases follow the funnel view -> add_to_cart -> purchase, shaped by a personal propensity.
@@ -866,7 +867,8 @@ def _trim(ic: list[int], iw: list[float], keep: int) -> None:
 
 
 def write_jsonl(events: Iterable[Event], path: str | Path) -> int:
-    """Write events as JSON lines (DESIGN §3 schema, nulls included); gzip when ``path`` ends in .gz.
+    """Write events as JSON lines (docs/ARCHITECTURE.md §Events schema, nulls included); gzip when ``path``
+    ends in .gz.
 
     Returns the number of events written.
 

@@ -5,7 +5,7 @@ How records arrive: the worker's consumer hands each fetch's input records, as o
 which replaces Faust's per-record drain loop). The Faust agent declared in :func:`attach` only
 subscribes the input topic and co-partitions it with the table; no record reaches its stream.
 :meth:`Pipeline.handle_messages` cuts the list into chunks of at most ``batch_max`` records and runs
-the batch commit protocol (DESIGN §6) on each, under :attr:`Pipeline.batch_lock`:
+the batch commit protocol (docs/ARCHITECTURE.md §Protocol) on each, under :attr:`Pipeline.batch_lock`:
 
 Step 1. Compute: validate, group, read states, step the model (:class:`~stream.inference.InferenceEngine`).
 Step 2. Produce signals and dead letters to their topics, in the source partition.

@@ -1,4 +1,5 @@
-"""``demandstream bench``: every throughput, latency and size figure of DESIGN §8 in one run, on one broker.
+"""``demandstream bench``: every throughput, latency and size figure of docs/ARCHITECTURE.md §Benchmark in one
+run, on one broker.
 
 The order matters on a 2-core machine: the Kafka measurements run first, on the bench's own broker,
 with passthrough and pipeline rounds alternating so that both see the same load drift and the ratio is
@@ -34,7 +35,7 @@ from stream.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-#: Fractions of the measured pipeline max rate at which latency is measured (DESIGN §8).
+#: Fractions of the measured pipeline max rate at which latency is measured (docs/ARCHITECTURE.md §Benchmark).
 LOAD_LEVELS = (0.25, 0.50, 0.75)
 #: Apache Kafka version deploy/kafka/kafka.sh runs (reported; an external broker may differ).
 KAFKA_VERSION = "4.1.1"
@@ -117,7 +118,8 @@ def run_bench(
     Returns
     -------
     dict
-        The JSON written: the DESIGN §8 keys plus ``detail``, ``plan``, ``date`` and ``command``.
+        The JSON written: the docs/ARCHITECTURE.md §Benchmark keys plus ``detail``, ``plan``, ``date`` and
+        ``command``.
     """
     plan = plan or (QUICK if quick else FULL)
     t_start = time.monotonic()
@@ -158,7 +160,7 @@ def run_bench(
     result["command"] = "demandstream bench" + (" --quick" if quick else "")
     result["broker"] = "external " + broker.bootstrap if broker.external else f"own, port {broker.port}"
     result["bench_seconds"] = time.monotonic() - t_start
-    ordered = {k: result[k] for k in DESIGN_KEYS} | {k: v for k, v in result.items() if k not in DESIGN_KEYS}
+    ordered = {k: result[k] for k in BENCH_KEYS} | {k: v for k, v in result.items() if k not in BENCH_KEYS}
     if out:
         Path(out).write_bytes(orjson.dumps(ordered, option=orjson.OPT_INDENT_2))
     if markdown:
@@ -167,8 +169,8 @@ def run_bench(
     return ordered
 
 
-#: The top-level keys DESIGN §8 promises, in its order.
-DESIGN_KEYS = (
+#: The top-level keys docs/ARCHITECTURE.md §Benchmark promises, in its order.
+BENCH_KEYS = (
     "passthrough_events_per_s",
     "pipeline_events_per_s",
     "ratio",
@@ -444,9 +446,11 @@ def render_markdown(r: dict) -> str:
         "|---|---|---|---|---|---|",
     ]
     for L, x in r["incremental_speedup"].items():
-        lines.append(f"| {L} | {_n(x['step_us'])} | {_n(x['recompute_us'])} | {x['ratio']:.1f}× | "
-                     f"{_n(x.get('recompute_network_only_us', x['recompute_us']))} | "
-                     f"{x.get('ratio_network_only', x['ratio']):.1f}× |")
+        lines.append(
+            f"| {L} | {_n(x['step_us'])} | {_n(x['recompute_us'])} | {x['ratio']:.1f}× | "
+            f"{_n(x.get('recompute_network_only_us', x['recompute_us']))} | "
+            f"{x.get('ratio_network_only', x['ratio']):.1f}× |"
+        )
     disk, rs, tr = d["state_on_disk"], d["restore"], d["train"]
     lines += [
         "",

@@ -166,7 +166,8 @@ class OffsetWatch:
 
 
 def encode_events(events) -> list[tuple[bytes, bytes]]:
-    """(key, JSON value) of each event, as shops produce them to ``clickstream`` (DESIGN §3)."""
+    """(key, JSON value) of each event, as shops produce them to ``clickstream`` (docs/ARCHITECTURE.md
+    §Events)."""
     return [(e.user_id.encode(), orjson.dumps(e.to_dict())) for e in events]
 
 

@@ -1,7 +1,7 @@
 """Model-side benchmarks (no Kafka): step throughput, incremental vs full recompute, state size, training.
 
-Each function measures one figure of ``demandstream bench`` (DESIGN §8) in this process and returns
-plain numbers, so :mod:`stream.bench` only has to arrange them into JSON and Markdown.
+Each function measures one figure of ``demandstream bench`` (docs/ARCHITECTURE.md §Benchmark) in this process
+and returns plain numbers, so :mod:`stream.bench` only has to arrange them into JSON and Markdown.
 
 >>> events = bench_events(200, n_users=20)
 >>> ckpt = make_checkpoint(events)

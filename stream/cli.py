@@ -1,4 +1,4 @@
-"""``demandstream`` command line (DESIGN §8). Also ``python -m stream``.
+"""``demandstream`` command line (docs/ARCHITECTURE.md §CLI). Also ``python -m stream``.
 
 User mistakes (a missing file, an unreachable broker, a bad setting, a corrupt checkpoint: every
 :class:`~model.errors.UserError`) end with one line on stderr and exit status 2; every other exception

@@ -4,7 +4,7 @@ Plain synchronous code, no Faust: the agent (stream/agents.py) hands it a batch 
 function that reads stored states; it returns everything the agent must write. That keeps the
 business logic testable without a broker and keeps the agent short.
 
-Per batch (the order of DESIGN §6):
+Per batch (step 1 of docs/ARCHITECTURE.md §Protocol, in this order):
 1. *validate* every record (bad ones become dead letters with a reason code);
 2. *group* valid events by user, keeping partition-offset order inside each user;
 3. *read* the users' stored states in one call; a state of another model_version is not reused;
@@ -94,8 +94,13 @@ class Pseudonymizer:
 
 
 class InferenceEngine:
-    def __init__(self, scorer: Scorer, input_topic: str = "clickstream", pseudonym_key: str = "",
-                 clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        scorer: Scorer,
+        input_topic: str = "clickstream",
+        pseudonym_key: str = "",
+        clock: Callable[[], float] = time.time,
+    ):
         self.scorer = scorer
         self.input_topic = input_topic
         self.pseudonymizer = Pseudonymizer(pseudonym_key) if pseudonym_key else None
@@ -133,9 +138,21 @@ class InferenceEngine:
                 event = self.validate(rec, now)
             except BadEvent as bad:
                 res.reasons[bad.reason] += 1
-                res.dead_letters.append(Output(rec.key, encode_dead_letter(
-                    bad.reason, bad.detail, rec.value, self.input_topic, rec.partition, rec.offset, now),
-                    rec.partition))
+                res.dead_letters.append(
+                    Output(
+                        rec.key,
+                        encode_dead_letter(
+                            bad.reason,
+                            bad.detail,
+                            rec.value,
+                            self.input_topic,
+                            rec.partition,
+                            rec.offset,
+                            now,
+                        ),
+                        rec.partition,
+                    )
+                )
                 continue
             res.valid += 1
             uid = self.pseudonymizer.user(event.user_id) if self.pseudonymizer else event.user_id
@@ -192,8 +209,9 @@ class InferenceEngine:
                 s.partition, s.offset = rs[-1].partition, rs[-1].offset
                 uid = k.decode("utf-8")
                 for e, rec, p in zip(evs, rs, ps, strict=True):
-                    res.signals.append(Output(k, encode_signal(uid, e.event_id, e.ts, version, p, emitted),
-                                              rec.partition))
+                    res.signals.append(
+                        Output(k, encode_signal(uid, e.event_id, e.ts, version, p, emitted), rec.partition)
+                    )
                     # Latency is measured from the record's Kafka timestamp (when the shop produced
                     # it), not the event's own ts, so replays of old logs do not read as days late.
                     res.signal_ts.append(rec.timestamp or e.ts)
@@ -225,7 +243,7 @@ class InferenceEngine:
             logger.warning("discarding undecodable user state: %s", exc)
             return None
         if state.model_version != self.scorer.model_version:
-            # DESIGN §5: state made by another model is never fed to a different model.
+            # docs/ARCHITECTURE.md §State: state made by another model is never fed to a different model.
             self.version_resets += 1
             return None
         return state

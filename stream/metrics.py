@@ -1,4 +1,4 @@
-"""Prometheus metrics of a worker (DESIGN §9), all in base units (seconds, events).
+"""Prometheus metrics of a worker (docs/ARCHITECTURE.md §Metrics), all in base units (seconds, events).
 
 Faust once exported latencies scaled by 1000 (faust-streaming/faust#693); ours are observed in seconds
 straight from ``time.perf_counter()`` differences and event timestamps, and the buckets are in seconds.
@@ -34,26 +34,43 @@ class Metrics:
             platform_collector.PlatformCollector(registry=r)
             gc_collector.GCCollector(registry=r)
         p = "demandstream_"
-        self.events = Counter(p + "events", "Input records by result (valid, invalid, duplicate)", ["result"],
-                              registry=r)
+        self.events = Counter(
+            p + "events", "Input records by result (valid, invalid, duplicate)", ["result"], registry=r
+        )
         self.signals = Counter(p + "signals", "Demand signals produced", registry=r)
-        self.dead_letters = Counter(p + "dead_letters", "Records sent to the dead-letter topic", ["reason"],
-                                    registry=r)
-        self.batch_size = Histogram(p + "batch_size", "Records per micro-batch", buckets=BATCH_BUCKETS,
-                                    registry=r)
-        self.inference_seconds = Histogram(p + "inference_seconds", "Duration of one batched model step",
-                                           buckets=INFERENCE_BUCKETS, registry=r)
+        self.dead_letters = Counter(
+            p + "dead_letters", "Records sent to the dead-letter topic", ["reason"], registry=r
+        )
+        self.batch_size = Histogram(
+            p + "batch_size", "Records per micro-batch", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.inference_seconds = Histogram(
+            p + "inference_seconds",
+            "Duration of one batched model step",
+            buckets=INFERENCE_BUCKETS,
+            registry=r,
+        )
         self.event_to_signal_seconds = Histogram(
-            p + "event_to_signal_seconds", "Event timestamp to signal emitted", buckets=LATENCY_BUCKETS,
-            registry=r)
-        self.state_users = Gauge(p + "state_users", "Users with state on this worker's active partitions",
-                                 registry=r)
-        self.consumer_lag = Gauge(p + "consumer_lag", "Records behind the end of each input partition",
-                                  ["partition"], registry=r)
-        self.model_info = Gauge(p + "model_info", "The loaded model (value is always 1)",
-                                ["model_version", "device", "hidden", "categories"], registry=r)
-        self.expired_states = Counter(p + "expired_states", "User states deleted by the inactivity TTL",
-                                      registry=r)
+            p + "event_to_signal_seconds",
+            "Event timestamp to signal emitted",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.state_users = Gauge(
+            p + "state_users", "Users with state on this worker's active partitions", registry=r
+        )
+        self.consumer_lag = Gauge(
+            p + "consumer_lag", "Records behind the end of each input partition", ["partition"], registry=r
+        )
+        self.model_info = Gauge(
+            p + "model_info",
+            "The loaded model (value is always 1)",
+            ["model_version", "device", "hidden", "categories"],
+            registry=r,
+        )
+        self.expired_states = Counter(
+            p + "expired_states", "User states deleted by the inactivity TTL", registry=r
+        )
         for result in ("valid", "invalid", "duplicate"):
             self.events.labels(result)  # export zeros from the start: rate() needs a first sample
 

@@ -1,7 +1,7 @@
 """``demandstream score``: offline signals for every valid event of a file, same schema as the topic.
 
 Uses :meth:`model.scoring.Scorer.score_log`, the offline twin of the stream's step; the output is what
-a parity check compares the stream against (|Δp| ≤ 1e-4, DESIGN §6).
+a parity check compares the stream against (|Δp| ≤ 1e-4, docs/ARCHITECTURE.md §Semantics).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Settings: one object, from flags, then ``DEMANDSTREAM_*`` environment, then defaults (DESIGN §8).
+"""Settings: one object, from flags, then ``DEMANDSTREAM_*`` environment, then defaults (docs/ARCHITECTURE.md
+§CLI).
 
 Nothing else in the code reads the environment; the CLI builds a :class:`Settings` and passes it down.
 

@@ -79,7 +79,7 @@ def synth_events(n_users: int, n_events: int, seed: int) -> tuple[Event, ...]:
 
 
 def user_sequences(events: Iterable[Event]) -> dict[str, list[Event]]:
-    """Each user's events in arrival order (what the stream applies, DESIGN §6)."""
+    """Each user's events in arrival order (what the stream applies, docs/ARCHITECTURE.md §Semantics)."""
     out: dict[str, list[Event]] = collections.defaultdict(list)
     for e in events:
         out[e.user_id].append(e)

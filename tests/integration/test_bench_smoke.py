@@ -1,4 +1,5 @@
-"""Smoke test of ``demandstream bench --quick``: it runs end to end and writes every DESIGN §8 key.
+"""Smoke test of ``demandstream bench --quick``: it runs end to end and writes every docs/ARCHITECTURE.md
+§Benchmark key.
 
 It never asserts speed (the machine is shared); only that each figure was measured (a finite number > 0).
 The bench starts its own broker on a port of its own, so the session broker of the other tests is not used.
@@ -11,7 +12,7 @@ import math
 
 import pytest
 
-from stream.bench import BEGIN_MARK, DESIGN_KEYS, END_MARK, BenchPlan, run_bench
+from stream.bench import BEGIN_MARK, BENCH_KEYS, END_MARK, BenchPlan, run_bench
 from stream.settings import Settings
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
@@ -30,8 +31,16 @@ def numbers(x) -> list[float]:
 
 
 #: The smallest run that still exercises every measurement: the test checks the harness, not speed.
-SMOKE = BenchPlan(events=3_000, rounds=1, latency_s=3.0, restore_users=2_000, disk_users=5_000,
-                  train_events=3_000, step_min_s=0.02, profile_s=0.0)
+SMOKE = BenchPlan(
+    events=3_000,
+    rounds=1,
+    latency_s=3.0,
+    restore_users=2_000,
+    disk_users=5_000,
+    train_events=3_000,
+    step_min_s=0.02,
+    profile_s=0.0,
+)
 
 
 @pytest.mark.timeout(900)
@@ -45,8 +54,8 @@ def test_quick_bench_writes_every_design_key(tmp_path):
     run_bench(Settings(), out=out, quick=True, markdown=md, plan=SMOKE)
 
     r = json.loads(out.read_text())
-    assert set(DESIGN_KEYS) <= set(r)
-    for key in DESIGN_KEYS[:-1]:  # every measured figure; machine is a description
+    assert set(BENCH_KEYS) <= set(r)
+    for key in BENCH_KEYS[:-1]:  # every measured figure; machine is a description
         values = numbers(r[key])
         assert values, key
         assert all(math.isfinite(v) and v > 0 for v in values), (key, r[key])

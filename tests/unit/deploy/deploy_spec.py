@@ -1,6 +1,6 @@
 """What the deployment artifacts in deploy/ are checked against.
 
-The worker's contract (DESIGN.md sections 8 and 9) written once for the tests in this folder: the
+The worker's contract (docs/ARCHITECTURE.md §CLI and §Metrics) written once for the tests in this folder: the
 settings it reads, the metrics it exports with their label names, and a small PromQL scanner that lists
 the metric and label names an expression uses.
 """
@@ -56,7 +56,7 @@ DOCUMENTED_ENV_VARS: frozenset[str] = frozenset(
     }
 )
 
-#: Exported metric families (DESIGN.md section 9) -> their own label names.
+#: Exported metric families (docs/ARCHITECTURE.md §Metrics) -> their own label names.
 METRIC_FAMILIES: dict[str, tuple[str, frozenset[str]]] = {
     "demandstream_events_total": ("counter", frozenset({"result"})),
     "demandstream_signals_total": ("counter", frozenset()),
@@ -67,7 +67,7 @@ METRIC_FAMILIES: dict[str, tuple[str, frozenset[str]]] = {
     "demandstream_state_users": ("gauge", frozenset()),
     "demandstream_consumer_lag": ("gauge", frozenset({"partition"})),
     "demandstream_model_info": ("gauge", frozenset({"model_version", "device", "hidden", "categories"})),
-    # beyond DESIGN §9: states deleted by the inactivity TTL (issue #5)
+    # states deleted by the inactivity TTL (issue #5)
     "demandstream_expired_states_total": ("counter", frozenset()),
 }
 

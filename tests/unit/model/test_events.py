@@ -1,4 +1,4 @@
-"""Tests of model/events.py: parsing and validation of input events (DESIGN §3)."""
+"""Tests of model/events.py: parsing and validation of input events (docs/ARCHITECTURE.md §Events)."""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ pytestmark = [
 ]
 
 #: CPU and GPU kernels sum in different orders (and cuDNN's LSTM fuses gates); 1e-4 is the parity
-#: bound of DESIGN §6 for signals.
+#: bound of docs/ARCHITECTURE.md §Semantics for signals.
 GPU_TOL = 1e-4
 
 

@@ -1,5 +1,5 @@
-"""DemandLSTM: one-step streaming equals the full-sequence forward (DESIGN §6 parity); the hybrid
-next-category head ranks categories outside the vocabulary and starts out as the rule cascade."""
+"""DemandLSTM: one-step streaming equals the full-sequence forward (docs/ARCHITECTURE.md §Semantics, parity);
+the hybrid next-category head ranks categories outside the vocabulary and starts out as the rule cascade."""
 
 import numpy as np
 import pytest

@@ -18,7 +18,7 @@ from model.synth import SynthConfig, build_catalog, generate, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[3]
 START = 1_730_000_000.0
-HORIZON_S = 1800.0  # the purchase horizon of DESIGN §7
+HORIZON_S = 1800.0  # the purchase horizon of docs/ARCHITECTURE.md §Evaluation
 
 
 @pytest.fixture(scope="module")
