@@ -17,7 +17,7 @@ help:
 	@echo "make test-quick  unit tests only (no broker)"
 	@echo "make bench       measure throughput/latency, regenerate docs/BENCHMARKS.md"
 	@echo "make kafka-up / kafka-down / kafka-status   the project's own Kafka 4 broker on 127.0.0.1:$(KAFKA_PORT)"
-	@echo "make lint        ruff"
+	@echo "make lint        ruff check + ruff format --check (also run by make test)"
 
 venv: $(STAMP)
 
@@ -40,7 +40,8 @@ system-deps:
 		systemctl disable --now prometheus prometheus-node-exporter >/dev/null 2>&1 || true; \
 		pkill -x prometheus-node-exporter 2>/dev/null || true; }
 
-test: venv system-deps
+# Lint first: a tree that ruff rejects fails `make test` (and so CI) before any test runs.
+test: venv system-deps lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-quick: venv
@@ -54,6 +55,7 @@ bench: venv system-deps
 
 lint: venv
 	$(VENV)/bin/ruff check model stream tests
+	$(VENV)/bin/ruff format --check model stream tests
 
 format: venv
 	$(VENV)/bin/ruff format model stream tests

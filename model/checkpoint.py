@@ -93,7 +93,8 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
         # untrusted file; say what happened instead.
         raise CheckpointError(
             f"refusing model checkpoint {path}: it contains pickled objects other than tensors and plain "
-            "containers (demandstream never unpickles arbitrary objects)") from None
+            "containers (demandstream never unpickles arbitrary objects)"
+        ) from None
     except Exception as exc:  # torch raises many types for truncated/garbage files
         first = (str(exc).strip().splitlines() or [""])[0]
         raise CheckpointError(f"cannot read model checkpoint {path}: {type(exc).__name__}: {first}") from None
@@ -113,4 +114,6 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
             f"{payload.get('model_version')}, computed {version}): the file was modified or corrupted"
         )
     net.to(device).eval()
-    return Checkpoint(net, vocab, version, payload.get("metrics") or {}, float(payload.get("created_at", 0.0)))
+    return Checkpoint(
+        net, vocab, version, payload.get("metrics") or {}, float(payload.get("created_at", 0.0))
+    )

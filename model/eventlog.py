@@ -187,7 +187,15 @@ class EventLogBuilder:
 
     def append(self, e: Event) -> None:
         self.append_fields(
-            e.user_id, e.ts, TYPE_INDEX[e.type], e.item_id, e.category, e.price, e.query, e.event_id, e.session_id
+            e.user_id,
+            e.ts,
+            TYPE_INDEX[e.type],
+            e.item_id,
+            e.category,
+            e.price,
+            e.query,
+            e.event_id,
+            e.session_id,
         )
 
     def append_fields(
@@ -229,9 +237,7 @@ class EventLogBuilder:
 
     def build(self) -> EventLog:
         self._flush()
-        cols = {
-            k: (np.concatenate(v) if v else np.empty(0, dtype=_DTYPES[k])) for k, v in self._cols.items()
-        }
+        cols = {k: (np.concatenate(v) if v else np.empty(0, dtype=_DTYPES[k])) for k, v in self._cols.items()}
         return EventLog(
             **cols,
             users=self.users.values,

@@ -72,15 +72,17 @@ def main() -> int:
     env.setdefault("DEMANDSTREAM_BROKER", f"kafka://127.0.0.1:{port}")
     # A fresh app id and topics per run: the demo's numbers are this run's, not the last one's.
     tag = time.strftime("%Y%m%d%H%M%S")
-    env.update({
-        "DEMANDSTREAM_APP_ID": f"demandstream-demo-{tag}",
-        "DEMANDSTREAM_TOPIC_INPUT": f"clickstream-demo-{tag}",
-        "DEMANDSTREAM_TOPIC_SIGNALS": f"demand-signals-demo-{tag}",
-        "DEMANDSTREAM_TOPIC_DLQ": f"clickstream-dlq-demo-{tag}",
-        "DEMANDSTREAM_DATA_DIR": str(work / f"data-{tag}"),
-        "DEMANDSTREAM_LOG_LEVEL": env.get("DEMANDSTREAM_LOG_LEVEL", "warning"),
-        "DEMANDSTREAM_LAG_INTERVAL_S": "1",
-    })
+    env.update(
+        {
+            "DEMANDSTREAM_APP_ID": f"demandstream-demo-{tag}",
+            "DEMANDSTREAM_TOPIC_INPUT": f"clickstream-demo-{tag}",
+            "DEMANDSTREAM_TOPIC_SIGNALS": f"demand-signals-demo-{tag}",
+            "DEMANDSTREAM_TOPIC_DLQ": f"clickstream-dlq-demo-{tag}",
+            "DEMANDSTREAM_DATA_DIR": str(work / f"data-{tag}"),
+            "DEMANDSTREAM_LOG_LEVEL": env.get("DEMANDSTREAM_LOG_LEVEL", "warning"),
+            "DEMANDSTREAM_LAG_INTERVAL_S": "1",
+        }
+    )
     settings = Settings.from_env(env)
     web_port = settings.web_port
 
@@ -99,8 +101,11 @@ def main() -> int:
         write_jsonl(generate(DEMO_USERS, DEMO_EVENTS, seed=DEMO_SEED), data)
         with open(data, "ab") as fh:
             for i in range(DEMO_BAD):
-                fh.write(b'{"event_id": "bad%d", "user_id": "u1", "type": "teleport"}\n' % i if i % 2
-                         else b"this line is not JSON\n")
+                fh.write(
+                    b'{"event_id": "bad%d", "user_id": "u1", "type": "teleport"}\n' % i
+                    if i % 2
+                    else b"this line is not JSON\n"
+                )
 
         model = Path(settings.model) if settings.model else work / "model.pt"
         if not settings.model:
@@ -108,14 +113,21 @@ def main() -> int:
             from model.train import run_training
 
             summary = run_training([str(data)], "jsonl", model, device="cpu", epochs=3)
-            say(f"model {summary.get('model_version')} trained on {summary.get('n_train_events'):,} events "
-                f"at {summary.get('train_events_per_s', 0):,.0f} events/s")
+            say(
+                f"model {summary.get('model_version')} trained on {summary.get('n_train_events'):,} events "
+                f"at {summary.get('train_events_per_s', 0):,.0f} events/s"
+            )
         env["DEMANDSTREAM_MODEL"] = str(model)
 
         say(f"starting a worker (metrics on http://127.0.0.1:{web_port}/metrics)")
         log = open(work / "worker.log", "wb")
-        worker = subprocess.Popen([sys.executable, "-m", "stream", "worker"], env=env, stdout=log,
-                                  stderr=subprocess.STDOUT, start_new_session=True)
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "stream", "worker"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + READY_TIMEOUT_S
         while http_get(web_port, "/readyz")[0] != 200:
             if worker.poll() is not None or time.monotonic() > deadline:
@@ -132,8 +144,9 @@ def main() -> int:
         deadline = time.monotonic() + DRAIN_TIMEOUT_S
         done = 0.0
         while time.monotonic() < deadline:
-            done = (metric(web_port, "demandstream_signals_total")
-                    + metric(web_port, "demandstream_dead_letters_total"))
+            done = metric(web_port, "demandstream_signals_total") + metric(
+                web_port, "demandstream_dead_letters_total"
+            )
             if done >= expected:
                 break
             time.sleep(0.2)
@@ -153,8 +166,10 @@ def main() -> int:
         print(f"  events in        {expected:>10,}")
         print(f"  signals out      {int(signals):>10,}")
         print(f"  dead letters     {int(dead):>10,}")
-        print(f"  throughput       {expected / elapsed:>10,.0f} events/s  (replay start to last signal, "
-              f"{elapsed:.1f} s)")
+        print(
+            f"  throughput       {expected / elapsed:>10,.0f} events/s  (replay start to last signal, "
+            f"{elapsed:.1f} s)"
+        )
         if p50 is not None:
             print(f"  batch size p50   {p50:>10,.0f} events")
         ok = signals + dead == expected
@@ -180,7 +195,10 @@ def _show_latest(settings: Settings, n: int) -> None:
 
     c = KafkaConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=None, enable_auto_commit=False)
     try:
-        tps = [TopicPartition(settings.topic_signals, p) for p in sorted(c.partitions_for_topic(settings.topic_signals))]
+        tps = [
+            TopicPartition(settings.topic_signals, p)
+            for p in sorted(c.partitions_for_topic(settings.topic_signals))
+        ]
         c.assign(tps)
         ends = c.end_offsets(tps)
         for tp in tps:

@@ -72,15 +72,26 @@ def records(paths: Sequence[Path], fmt: str) -> Iterator[tuple[bytes | None, byt
 def make_producer(settings: Settings) -> KafkaProducer:
     try:
         return KafkaProducer(
-            bootstrap_servers=settings.bootstrap_servers, client_id="demandstream-replay", acks="all",
-            linger_ms=5, batch_size=256 * 1024, **settings.kafka_python_security(),
+            bootstrap_servers=settings.bootstrap_servers,
+            client_id="demandstream-replay",
+            acks="all",
+            linger_ms=5,
+            batch_size=256 * 1024,
+            **settings.kafka_python_security(),
         )
     except UNREACHABLE:
         raise KafkaUnavailable(unreachable_message(settings)) from None
 
 
-def replay(settings: Settings, paths: Sequence[Path], fmt: str = "jsonl", rate: float | None = None,
-           topic: str | None = None, progress: bool = True, limit: int | None = None) -> ReplayStats:
+def replay(
+    settings: Settings,
+    paths: Sequence[Path],
+    fmt: str = "jsonl",
+    rate: float | None = None,
+    topic: str | None = None,
+    progress: bool = True,
+    limit: int | None = None,
+) -> ReplayStats:
     """Send every record of the files to ``topic`` (default: the input topic); block until acknowledged."""
     topic = topic or settings.topic_input
     if topic == settings.topic_input:

@@ -20,21 +20,34 @@ def format_signal(value: bytes) -> str:
         return value[:200].decode("utf-8", "replace")
     if "top_categories" in s:
         cats = ", ".join(f"{c['category']} {c['p']:.2f}" for c in s["top_categories"][:3])
-        return (f"{s['user_id'][:16]:<16} {s['event_id'][:14]:<14} seen={s['events_seen']:<4} "
-                f"buy={s['purchase_propensity']:.3f}  {cats}")
+        return (
+            f"{s['user_id'][:16]:<16} {s['event_id'][:14]:<14} seen={s['events_seen']:<4} "
+            f"buy={s['purchase_propensity']:.3f}  {cats}"
+        )
     if "reason" in s:
         return f"DEAD LETTER {s['reason']:<14} p{s.get('partition')}@{s.get('offset')} {s.get('detail', '')[:60]}"
     return orjson.dumps(s).decode()
 
 
-def tail(settings: Settings, topic: str | None = None, from_beginning: bool = False, max_records: int | None = None,
-         timeout_s: float | None = None, out=sys.stdout, raw: bool = False) -> int:
+def tail(
+    settings: Settings,
+    topic: str | None = None,
+    from_beginning: bool = False,
+    max_records: int | None = None,
+    timeout_s: float | None = None,
+    out=sys.stdout,
+    raw: bool = False,
+) -> int:
     """Print records until ``max_records`` or ``timeout_s`` (None = forever); returns how many were printed."""
     topic = topic or settings.topic_signals
     try:
         consumer = KafkaConsumer(
-            topic, bootstrap_servers=settings.bootstrap_servers, client_id="demandstream-tail", group_id=None,
-            auto_offset_reset="earliest" if from_beginning else "latest", enable_auto_commit=False,
+            topic,
+            bootstrap_servers=settings.bootstrap_servers,
+            client_id="demandstream-tail",
+            group_id=None,
+            auto_offset_reset="earliest" if from_beginning else "latest",
+            enable_auto_commit=False,
             **settings.kafka_python_security(),
         )
     except UNREACHABLE:

@@ -24,14 +24,18 @@ WORKER_TORCH_THREADS = 1
 def build_worker(settings: Settings) -> Components:
     """Everything but running: model loaded (fails fast on a bad checkpoint), app, agent, views."""
     if not settings.model:
-        raise SettingsError("no model: pass --model or set DEMANDSTREAM_MODEL (train one with `demandstream train`)")
+        raise SettingsError(
+            "no model: pass --model or set DEMANDSTREAM_MODEL (train one with `demandstream train`)"
+        )
     device = resolve_device(settings.device)
     ckpt = load(settings.model, device)
     scorer = Scorer(ckpt, device, top_k=settings.top_k, max_batch=settings.batch_max)
     c = create_app(settings)
     pipeline = attach(c, scorer)
     attach_views(c, pipeline)
-    c.metrics.model_info.labels(ckpt.model_version, str(device), str(ckpt.cfg.hidden), str(len(ckpt.vocab))).set(1)
+    c.metrics.model_info.labels(
+        ckpt.model_version, str(device), str(ckpt.cfg.hidden), str(len(ckpt.vocab))
+    ).set(1)
     logger.info("model %s on %s, %d categories", ckpt.model_version, device, len(ckpt.vocab))
     return c
 

@@ -8,15 +8,27 @@ from collections.abc import Callable
 from kafka import KafkaConsumer, TopicPartition
 
 
-def read_topic(bootstrap: str, topic: str, until: Callable[[list], bool] | None = None, timeout: float = 120.0,
-               isolation: str = "read_uncommitted", idle_s: float | None = None) -> list:
+def read_topic(
+    bootstrap: str,
+    topic: str,
+    until: Callable[[list], bool] | None = None,
+    timeout: float = 120.0,
+    isolation: str = "read_uncommitted",
+    idle_s: float | None = None,
+) -> list:
     """All records of ``topic`` from the beginning, until ``until(records)`` is true or ``timeout``.
 
     With ``idle_s``, also stop once nothing new arrived for that long (to catch extra records after
     the expected count was reached).
     """
-    c = KafkaConsumer(bootstrap_servers=[bootstrap], group_id=None, enable_auto_commit=False,
-                      auto_offset_reset="earliest", isolation_level=isolation, consumer_timeout_ms=1000)
+    c = KafkaConsumer(
+        bootstrap_servers=[bootstrap],
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        isolation_level=isolation,
+        consumer_timeout_ms=1000,
+    )
     deadline = time.monotonic() + timeout
     while True:
         parts = c.partitions_for_topic(topic)

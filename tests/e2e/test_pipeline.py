@@ -74,10 +74,22 @@ def test_replay_through_worker(guarantee, worker_factory, stream_env, kafka_boot
     stats = replay(settings, [data], "jsonl", progress=False)
     assert stats.sent == N_EVENTS + N_BAD
 
-    signals = read_topic(kafka_bootstrap, settings.topic_signals, until=lambda r: len(r) >= N_EVENTS,
-                         timeout=180, idle_s=3, isolation=isolation)
-    dead = read_topic(kafka_bootstrap, settings.topic_dlq, until=lambda r: len(r) >= N_BAD, timeout=60, idle_s=1,
-                      isolation=isolation)
+    signals = read_topic(
+        kafka_bootstrap,
+        settings.topic_signals,
+        until=lambda r: len(r) >= N_EVENTS,
+        timeout=180,
+        idle_s=3,
+        isolation=isolation,
+    )
+    dead = read_topic(
+        kafka_bootstrap,
+        settings.topic_dlq,
+        until=lambda r: len(r) >= N_BAD,
+        timeout=60,
+        idle_s=1,
+        isolation=isolation,
+    )
 
     # exactly one signal per valid event, one dead letter per bad record
     sig = [orjson.loads(r.value) for r in signals]

@@ -24,11 +24,17 @@ def write_events(path, n_users, n_events, n_bad=0, seed=11):
     write_jsonl(generate(n_users, n_events, seed=seed), path)
     with open(path, "ab") as fh:
         for i in range(n_bad):
-            fh.write(b"{broken json %d\n" % i if i % 2 else b'{"event_id": "x", "user_id": "u1", "type": "teleport"}\n')
+            fh.write(
+                b"{broken json %d\n" % i
+                if i % 2
+                else b'{"event_id": "x", "user_id": "u1", "type": "teleport"}\n'
+            )
 
 
 @pytest.mark.prometheus
-@pytest.mark.skipif(shutil.which("prometheus") is None, reason="Debian's prometheus is installed by `make test`")
+@pytest.mark.skipif(
+    shutil.which("prometheus") is None, reason="Debian's prometheus is installed by `make test`"
+)
 def test_prometheus_reads_what_the_worker_did(worker_factory, stream_env, kafka_bootstrap, tmp_path):
     s = Settings.from_env(stream_env)
     data = tmp_path / "events.jsonl"
@@ -58,7 +64,9 @@ def test_prometheus_reads_what_the_worker_did(worker_factory, stream_env, kafka_
         prom.wait_for("up", lambda r: bool(r) and r[0]["value"][1] == "1", SCRAPE_WAIT_S)
 
 
-def test_query_api_routes_to_the_owner_with_two_workers(worker_factory, stream_env, kafka_bootstrap, tmp_path):
+def test_query_api_routes_to_the_owner_with_two_workers(
+    worker_factory, stream_env, kafka_bootstrap, tmp_path
+):
     s = Settings.from_env(stream_env)
     data = tmp_path / "events.jsonl"
     write_events(data, 60, 1200)
@@ -86,6 +94,8 @@ def test_query_api_routes_to_the_owner_with_two_workers(worker_factory, stream_e
         assert da == db
         assert da["events_seen"] == last[u]["events_seen"]
         assert abs(da["purchase_propensity"] - last[u]["purchase_propensity"]) < 1e-6
-        assert [c["category"] for c in da["top_categories"]] == [c["category"] for c in last[u]["top_categories"]]
+        assert [c["category"] for c in da["top_categories"]] == [
+            c["category"] for c in last[u]["top_categories"]
+        ]
     assert a.get("/users/nobody-here/demand")[0] == 404
     assert a.get("/healthz")[0] == 200 and b.get("/readyz")[0] == 200

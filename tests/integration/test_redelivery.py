@@ -46,11 +46,15 @@ def test_redelivered_events_are_not_applied_twice(worker_factory, stream_env, ka
 
     # Rewind the group: the next worker receives every record again.
     commit_offsets(kafka_bootstrap, s.app_id, s.topic_input, dict.fromkeys(range(s.partitions), 0))
-    w2 = worker_factory(DEMANDSTREAM_WEB_PORT=stream_env["DEMANDSTREAM_WEB_PORT"],
-                        DEMANDSTREAM_DATA_DIR=stream_env["DEMANDSTREAM_DATA_DIR"]).start()
+    w2 = worker_factory(
+        DEMANDSTREAM_WEB_PORT=stream_env["DEMANDSTREAM_WEB_PORT"],
+        DEMANDSTREAM_DATA_DIR=stream_env["DEMANDSTREAM_DATA_DIR"],
+    ).start()
     w2.wait_ready()
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and w2.metric("demandstream_events_total", result="duplicate") < N_EVENTS:
+    while (
+        time.monotonic() < deadline and w2.metric("demandstream_events_total", result="duplicate") < N_EVENTS
+    ):
         time.sleep(0.5)
     assert w2.metric("demandstream_events_total", result="duplicate") == N_EVENTS
     assert w2.metric("demandstream_events_total", result="valid") == 0

@@ -32,8 +32,12 @@ ADMIN_USER, ADMIN_PASSWORD = "admin", "admin-secret"  # created by kafka.sh at f
 def sasl_cluster(tmp_path_factory):
     run = tmp_path_factory.mktemp("kafka-sasl")
     env = dict(os.environ, DEMANDSTREAM_KAFKA_RUN=str(run), DEMANDSTREAM_KAFKA_START_TIMEOUT="150")
-    subprocess.run([str(KAFKA_SH), "up", "--fresh", "--port", str(PORT), "--sasl-ssl-port", str(SASL_PORT)],
-                   check=True, timeout=300, env=env)
+    subprocess.run(
+        [str(KAFKA_SH), "up", "--fresh", "--port", str(PORT), "--sasl-ssl-port", str(SASL_PORT)],
+        check=True,
+        timeout=300,
+        env=env,
+    )
     try:
         yield Path(run) / f"kafka-{PORT}" / "ca.pem"
     finally:
