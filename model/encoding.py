@@ -113,7 +113,15 @@ COLUMNS: dict[str, tuple[type, torch.dtype]] = {
     "hist_session": (np.float32, torch.float32),
     "streak": (np.float32, torch.float32),
 }
-_SLOT_COLUMNS = ("hist_cats", "hist_counts", "hist_ages", "hist_secs", "hist_cart", "hist_etype", "hist_session")
+_SLOT_COLUMNS = (
+    "hist_cats",
+    "hist_counts",
+    "hist_ages",
+    "hist_secs",
+    "hist_cart",
+    "hist_etype",
+    "hist_session",
+)
 _SCALAR_COLUMNS = (
     "etype",
     "item",

@@ -230,19 +230,21 @@ class DemandLSTM(nn.Module):
 
     # -- heads ----------------------------------------------------------------------------------
 
-    def markov_row(self, src: torch.Tensor, leave_out: torch.Tensor | None = None) -> torch.Tensor:
+    def markov_row(
+        self, src: torch.Tensor, own_count: torch.Tensor | None = None, own_total: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """log P(next = c | current = src) for every vocabulary category c: [..., C].
 
-        ``leave_out`` (training only) is, per row, the next category whose transition from ``src`` this
-        very row contributed to the table (0 = none): it is subtracted, so a training row never sees its
-        own target in its features (out-of-sample, as every later row will).
+        ``own_count`` [..., K] / ``own_total`` [...] (training only) are the transitions the row's own
+        user contributed to the table (counts for ``src``'s K stored successors, and in all): they are
+        subtracted, so a training row never sees its user's own transitions, its target's above all,
+        in its features (out-of-sample, as every later user will).
         """
         total = self.markov_total[src]
         nxt, count = self.markov_next[src], self.markov_count[src]
-        if leave_out is not None:
-            own = leave_out > 0
-            total = total - own.float()
-            count = count - ((nxt == leave_out.unsqueeze(-1)) & own.unsqueeze(-1)).float()
+        if own_count is not None and own_total is not None:
+            total = (total - own_total).clamp(min=0.0)
+            count = (count - own_count).clamp(min=0.0)
         denom = (total + MARKOV_ALPHA).unsqueeze(-1)
         dense = torch.log(MARKOV_ALPHA / denom) + self.pop_logp
         top = torch.log((count + MARKOV_ALPHA * self.pop_logp.exp()[nxt]) / denom)
@@ -278,7 +280,7 @@ class DemandLSTM(nn.Module):
         # the current category: the most recently seen slot (this event's, when it has one)
         recent = ages.masked_fill(~valid, float("inf")).argmin(-1, keepdim=True)
         src = hv.gather(-1, recent).squeeze(-1) * valid.any(-1).long()
-        mk = self.markov_row(src, f.get("markov_leave_out"))  # [..., C]
+        mk = self.markov_row(src, f.get("markov_own_count"), f.get("markov_own_total"))  # [..., C]
         slot_mk = mk.gather(-1, hv)
         slot_cart = f["hist_cart"]
         phi = torch.cat(

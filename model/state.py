@@ -190,7 +190,8 @@ def pack(s: UserState, model_version: str | None = None) -> bytes:
         "last_propensity": s.last_propensity,
         "n_top": len(s.last_top),
         "session_adds": s.session_adds,
-        "last_add_ts": s.last_add_ts, "streak": s.streak,
+        "last_add_ts": s.last_add_ts,
+        "streak": s.streak,
     }
     header = _HEADER.pack(*(values[name] for name, _ in HEADER_FIELDS))
     return b"".join(
@@ -244,11 +245,27 @@ def unpack(data: bytes) -> UserState:
     top_i = struct.unpack_from(f"<{ntop}i", data, o)
     top_p = struct.unpack_from(f"<{ntop}f", data, o + 4 * ntop)
     return UserState(
-        h=h, c=c, hist_cats=cols[0], hist_counts=cols[1], hist_last=cols[2], hist_ts=cols[3], hist_cart=cols[4],
-        hist_etype=cols[5], hist_session=cols[6], events_seen=hd["events_seen"], last_ts=hd["last_ts"],
-        cart=hd["cart"], purchases=hd["purchases"], session_adds=hd["session_adds"], last_add_ts=hd["last_add_ts"],
-        streak=hd["streak"], partition=hd["partition"], offset=hd["offset"], model_version=hd["model_version"].hex(),
-        last_top=list(zip(top_i, top_p, strict=True)), last_propensity=hd["last_propensity"],
+        h=h,
+        c=c,
+        hist_cats=cols[0],
+        hist_counts=cols[1],
+        hist_last=cols[2],
+        hist_ts=cols[3],
+        hist_cart=cols[4],
+        hist_etype=cols[5],
+        hist_session=cols[6],
+        events_seen=hd["events_seen"],
+        last_ts=hd["last_ts"],
+        cart=hd["cart"],
+        purchases=hd["purchases"],
+        session_adds=hd["session_adds"],
+        last_add_ts=hd["last_add_ts"],
+        streak=hd["streak"],
+        partition=hd["partition"],
+        offset=hd["offset"],
+        model_version=hd["model_version"].hex(),
+        last_top=list(zip(top_i, top_p, strict=True)),
+        last_propensity=hd["last_propensity"],
     )
 
 

@@ -84,7 +84,7 @@ class TrainConfig:
     device: str = "auto"
     calibrate: bool = True  #: Platt-scale the purchase logit on validation points after training
     cascade_init: bool = True  #: start the feature weights where the ranking equals the rule cascade
-    markov_leave_one_out: bool = True  #: a training row's own transition is left out of its Markov features
+    markov_leave_out: str = "user"  #: what a training row's Markov features leave out: "user", "row", "none"
     refit: bool = True  #: after choosing the epochs on validation, retrain on train + validation
     min_valid_category_points: int = 1000  #: below this (or the next), validate on a training hold-out
     min_valid_positives: int = 50
@@ -214,7 +214,13 @@ class _Batch(NamedTuple):
 
 
 def _full_context_batches(
-    net: DemandLSTM, feats: FeatureBuffer, log: EventLog, pts: Targets, device: torch.device, leave_out: np.ndarray | None = None):
+    net: DemandLSTM,
+    feats: FeatureBuffer,
+    log: EventLog,
+    pts: Targets,
+    device: torch.device,
+    own: OwnCounts | None = None,
+):
     """Yield a :class:`_Batch` per group of users holding a point of ``pts``; every user runs from its
     first event (eval mode, no grad)."""
     net.eval()
@@ -235,8 +241,8 @@ def _full_context_batches(
             idx[k, e - s :] = e - 1
             valid[k, : e - s] = True
         f = feats.tensors(idx, device)
-        if leave_out is not None:
-            f["markov_leave_out"] = torch.from_numpy(leave_out[idx]).to(device)
+        if own is not None:
+            own.attach(f, idx, device)
         with torch.no_grad():
             out, _ = net(f)
         yield _Batch(
@@ -457,10 +463,12 @@ def calibrate(
     return info
 
 
-def _markov_pairs(log: EventLog, cats: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(current, next) vocabulary-index pairs of consecutive ``rows`` of one user, and per row the next
-    category whose pair that row contributed (0 = none). The current category of an event without one
-    is the user's last known category, as the network's history slots have it."""
+def _markov_pairs(
+    log: EventLog, cats: np.ndarray, rows: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(current, next) vocabulary-index pairs of consecutive ``rows`` of one user, the row index of each
+    pair, and every row's current category (0 = none yet). The current category of an event without
+    one is the user's last known category, as the network's history slots have it."""
     n = len(cats)
     user_first = np.repeat(log.user_start[:-1], np.diff(log.user_start))
     known = rows & (cats > 0)
@@ -469,7 +477,70 @@ def _markov_pairs(log: EventLog, cats: np.ndarray, rows: np.ndarray) -> tuple[np
     nxt = np.r_[cats[1:], 0]
     same_user = np.r_[user_first[1:], -1] == user_first
     ok = same_user & rows & np.r_[rows[1:], False] & (current > 0) & (nxt > 0)
-    return np.stack([current[ok], nxt[ok]], axis=1), np.where(ok, nxt, 0).astype(np.int64)
+    return np.stack([current[ok], nxt[ok]], axis=1), np.flatnonzero(ok), current.astype(np.int64)
+
+
+class OwnCounts(NamedTuple):
+    """Per row, the Markov transitions its own training contributed (see :meth:`DemandLSTM.markov_row`)."""
+
+    count: (
+        np.ndarray
+    )  #: float32 [n, K]: own transitions to each stored successor of the row's current category
+    total: np.ndarray  #: float32 [n]: own transitions out of the row's current category
+
+    def attach(self, f: dict, idx: np.ndarray, device: torch.device) -> None:
+        f["markov_own_count"] = torch.from_numpy(self.count[idx]).to(device)
+        f["markov_own_total"] = torch.from_numpy(self.total[idx]).to(device)
+
+
+def own_markov_counts(
+    log: EventLog,
+    pairs: np.ndarray,
+    pair_rows: np.ndarray,
+    current: np.ndarray,
+    table_next: np.ndarray,
+    mode: str,
+) -> OwnCounts | None:
+    """What each training row must not see of the Markov table: its own transition (``mode="row"``) or
+    every transition of its own user (``"user"``: a user's later transitions are the future, and even
+    the earlier ones make the training feature stronger than it is for a user the table never saw).
+    ``"none"`` (ablation only) leaves the table as it is.
+
+    >>> from model.events import Event
+    >>> log = EventLog.from_events([Event(f"e{i}", "u", float(i), "view", "i") for i in range(3)]).sorted_by_user_time()
+    >>> pairs, rows = np.array([[1, 2], [2, 1]]), np.array([0, 1])
+    >>> oc = own_markov_counts(log, pairs, rows, np.array([1, 2, 1]), np.array([[0, 0], [0, 2], [0, 1]]), "user")
+    >>> oc.count.tolist(), oc.total.tolist()
+    ([[0.0, 1.0], [0.0, 1.0], [0.0, 1.0]], [1.0, 1.0, 1.0])
+    """
+    n, k = len(current), table_next.shape[1]
+    if mode == "none":
+        return None
+    count = np.zeros((n, k), np.float32)
+    total = np.zeros(n, np.float32)
+    if mode == "row":
+        total[pair_rows] = 1.0
+        count[pair_rows] = table_next[pairs[:, 0]] == pairs[:, 1:2]
+        return OwnCounts(count, total)
+    if mode != "user":
+        raise ValueError(f"unknown markov_leave_out {mode!r}: expected user, row or none")
+    c = int(table_next.shape[0])
+    user = np.repeat(np.arange(log.n_users, dtype=np.int64), np.diff(log.user_start))
+    pu = user[pair_rows]
+    ua, ua_n = np.unique(pu * c + pairs[:, 0], return_counts=True)
+    uab, uab_n = np.unique((pu * c + pairs[:, 0]) * c + pairs[:, 1], return_counts=True)
+
+    def lookup(keys, values, q):
+        if not len(keys):
+            return np.zeros(q.shape, np.float32)
+        pos = np.searchsorted(keys, q).clip(max=len(keys) - 1)
+        return np.where(keys[pos] == q, values[pos], 0).astype(np.float32)
+
+    has = current > 0
+    key_ua = user * c + current
+    total[has] = lookup(ua, ua_n, key_ua[has])
+    count[has] = lookup(uab, uab_n, key_ua[has, None] * c + table_next[current[has]])
+    return OwnCounts(count, total)
 
 
 #: Training points on which the cascade's scale is fitted (a 1-parameter fit: a sample suffices).
@@ -483,7 +554,9 @@ def _calibrate_cascade_scale(
     log: EventLog,
     tr: Targets,
     device: torch.device,
-    rng: np.random.Generator, leave_out: np.ndarray | None = None) -> float:
+    rng: np.random.Generator,
+    own: OwnCounts | None = None,
+) -> float:
     """Multiply the cascade's base weights by the temperature that minimises the training NLL.
 
     The cascade weights only fix an order; their scale makes the initial distribution far too sharp
@@ -511,7 +584,7 @@ def _calibrate_cascade_scale(
             np.zeros_like(tr.observable),
         ),
         device,
-        leave_out,
+        own,
     ):
         m = b.cat_t >= 0
         if bool(m.any()):
@@ -589,13 +662,13 @@ def _fit(
     n_train = int(tr_mask.sum())
     cats = feats.cat
     net = DemandLSTM(mcfg).to(device)
-    pairs, leave_out = _markov_pairs(log, cats, tr_mask)
-    net.set_tables(markov_tables(cats[tr_mask], pairs, len(vocab), mcfg.markov_top_k))
-    if not tcfg.markov_leave_one_out:  # ablation only: training rows then see their own target's count
-        leave_out = np.zeros_like(leave_out)
+    pairs, pair_rows, current = _markov_pairs(log, cats, tr_mask)
+    tables = markov_tables(cats[tr_mask], pairs, len(vocab), mcfg.markov_top_k)
+    net.set_tables(tables)
+    own = own_markov_counts(log, pairs, pair_rows, current, tables["next"], tcfg.markov_leave_out)
     if tcfg.cascade_init:
         init_like_cascade(net)
-        _calibrate_cascade_scale(net, feats, log, tr, device, rng, leave_out)
+        _calibrate_cascade_scale(net, feats, log, tr, device, rng, own)
     opt = torch.optim.AdamW(net.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     # steps per epoch are known only after dealing the lanes once; the windows do not depend on the order
     steps_per_epoch = sum(1 for _ in _lane_windows(ranges, tcfg.lanes, tcfg.bptt))
@@ -628,7 +701,8 @@ def _fit(
             h, c = (h * keep).detach(), (c * keep).detach()
             a = torch.from_numpy(active).to(device)
             f = feats.tensors(idx, device)
-            f["markov_leave_out"] = torch.from_numpy(leave_out[idx]).to(device)
+            if own is not None:
+                own.attach(f, idx, device)
             out, (h_a, c_a) = net(f, (h[:, a], c[:, a]))
             cat_t = torch.from_numpy(np.where(valid, tr.cat[idx], -1)).to(device)
             hash_t = torch.from_numpy(tr.cat_hash[idx]).to(device)

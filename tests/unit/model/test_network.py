@@ -271,9 +271,9 @@ def test_checkpoint_without_calibration_loads_as_identity_and_version_tracks_it(
     assert float(checkpoint.load(tmp_path / "b.pt").net.purchase_shift) == 0.25
 
 
-def test_markov_leave_one_out_removes_exactly_the_rows_own_transition():
-    """A training row must not see its own target in its Markov feature (target leakage): with the
-    row's transition left out, a transition seen once becomes the popularity back-off, and other
+def test_markov_features_leave_out_what_the_rows_own_user_contributed():
+    """A training row must not see its own user's transitions in its Markov feature (target leakage):
+    with them subtracted, a transition only that user made becomes the popularity back-off, and other
     successors keep their counts over the reduced total."""
     import numpy as np
 
@@ -281,29 +281,42 @@ def test_markov_leave_one_out_removes_exactly_the_rows_own_transition():
 
     net = DemandLSTM(ModelConfig(n_categories=5, hidden=4, markov_top_k=2))
     cats = np.array([1, 2, 1, 3, 1, 3])
-    t = markov_tables(cats, np.array([[1, 2], [1, 3], [1, 3]]), 5, 2)
-    net.set_tables(t)
+    net.set_tables(markov_tables(cats, np.array([[1, 2], [1, 3], [1, 3]]), 5, 2))
+    assert net.markov_next[1].tolist() == [3, 2]
     pop = torch.exp(net.pop_logp)
     src = torch.tensor([1, 1])
     with_own = net.markov_row(src).exp()
-    left_out = net.markov_row(src, torch.tensor([2, 0])).exp()
+    left_out = net.markov_row(src, torch.tensor([[0.0, 1.0], [0.0, 0.0]]), torch.tensor([1.0, 0.0])).exp()
     denom = 3 + MARKOV_ALPHA
     assert torch.allclose(with_own[0, 2], (1 + MARKOV_ALPHA * pop[2]) / denom)
     assert torch.allclose(left_out[0, 2], MARKOV_ALPHA * pop[2] / (denom - 1))  # own count gone
     assert torch.allclose(left_out[0, 3], (2 + MARKOV_ALPHA * pop[3]) / (denom - 1))  # others kept
-    assert torch.allclose(left_out[1], with_own[1])  # leave_out 0: untouched
+    assert torch.allclose(left_out[1], with_own[1])  # nothing of its own: untouched
 
 
-def test_markov_pairs_mark_the_rows_whose_transition_is_counted():
+def test_markov_pairs_and_own_counts_of_a_user():
     import numpy as np
 
     from model.eventlog import EventLog
     from model.events import Event
-    from model.train import _markov_pairs
+    from model.train import _markov_pairs, own_markov_counts
 
-    evs = [Event(f"e{i}", "u", 100.0 + i, "view", "i", c) for i, c in enumerate(["a", "b", None, "c"])]
+    evs = [
+        Event(f"e{i}", "u", 100.0 + i, "view", "i", c) for i, c in enumerate(["a", "b", None, "c", "a", "b"])
+    ]
+    evs.append(Event("x1", "v", 100.0, "view", "i", "a"))
+    evs.append(Event("x2", "v", 101.0, "view", "i", "b"))
     log = EventLog.from_events(evs).sorted_by_user_time()
-    cats = np.array([1, 2, 0, 3])
-    pairs, leave_out = _markov_pairs(log, cats, np.ones(4, bool))
-    # a->b at row 0; row 1's successor has no category; row 2 (current b, carried) -> c
-    assert pairs.tolist() == [[1, 2], [2, 3]] and leave_out.tolist() == [2, 0, 3, 0]
+    cats = np.array([1, 2, 0, 3, 1, 2, 1, 2])  # user u: a b - c a b; user v: a b
+    pairs, rows, current = _markov_pairs(log, cats, np.ones(8, bool))
+    # row 1's successor has no category; row 2 carries b as its current category
+    assert pairs.tolist() == [[1, 2], [2, 3], [3, 1], [1, 2], [1, 2]] and rows.tolist() == [0, 2, 3, 4, 6]
+    assert current.tolist() == [1, 2, 2, 3, 1, 2, 1, 2]
+    table_next = np.zeros((4, 2), np.int64)
+    table_next[1] = [2, 0]
+    by_user = own_markov_counts(log, pairs, rows, current, table_next, "user")
+    by_row = own_markov_counts(log, pairs, rows, current, table_next, "row")
+    assert by_user.total[0] == 2 and by_user.count[0, 0] == 2  # u went a->b twice
+    assert by_user.total[6] == 1 and by_user.count[6, 0] == 1  # v once
+    assert by_row.total[0] == 1 and by_row.count[0, 0] == 1 and by_row.total[1] == 0
+    assert own_markov_counts(log, pairs, rows, current, table_next, "none") is None
