@@ -784,17 +784,29 @@ def _selection_split(log: EventLog, split: Split, tcfg: TrainConfig) -> tuple[Sp
 def _prepare(
     log: EventLog, split: Split, fit_end: float, tcfg: TrainConfig, mcfg: ModelConfig, next_hash: np.ndarray
 ):
-    """Vocabulary of the rows before ``fit_end``, the encoded log, and train/valid targets of ``split``."""
+    """Vocabulary of the rows before ``fit_end``, its config, the encoded log, train/valid targets of
+    ``split``, and how many categories of those rows the vocabulary cap left out."""
     fit_rows = log.ts < fit_end
     vocab = Vocabulary.build(
         (log.categories[c] if c >= 0 else None for c in log.category[fit_rows]), max_size=tcfg.max_categories
     )
+    seen = log.category[fit_rows]
+    beyond = len(np.unique(seen[seen >= 0])) - (len(vocab) - 1)
+    if beyond > 0:
+        # Not silent: those categories are still remembered and repeated through the history slots'
+        # hashes, but the model cannot propose them to a user who never touched them.
+        logger.warning(
+            "%d categories beyond the vocabulary cap (max_categories=%d): repeatable through the "
+            "history slots, never explored",
+            beyond,
+            tcfg.max_categories,
+        )
     cfg = ModelConfig(**{**asdict(mcfg), "n_categories": len(vocab)})
     feats = encode_log(log, cfg, vocab)
     cats = category_index(log, vocab)
     tr = phase_targets(phase_points(log, split, "train", cats, tcfg.horizon_s), next_hash)
     va = phase_targets(phase_points(log, split, "valid", cats, tcfg.horizon_s), next_hash)
-    return vocab, cfg, feats, tr, va
+    return vocab, cfg, feats, tr, va, max(0, int(beyond))
 
 
 def train(
@@ -834,7 +846,9 @@ def train(
 
     sel_split, selection = _selection_split(log, split, tcfg)
     t0 = time.perf_counter()
-    vocab, cfg, feats, tr, va = _prepare(log, sel_split, sel_split.train_end, tcfg, mcfg, next_hash)
+    vocab, cfg, feats, tr, va, beyond_cap = _prepare(
+        log, sel_split, sel_split.train_end, tcfg, mcfg, next_hash
+    )
     encode_s = time.perf_counter() - t0
     logger.info(
         "choosing on %s: %d training events, %d categories, device %s",
@@ -868,7 +882,9 @@ def train(
         # sees the data the baselines see. Its validation rows are now training rows, so calibration
         # keeps the scale fitted above on the chosen model's held-out validation predictions.
         all_split = Split(split.valid_end, split.valid_end + 1.0, split.end_ts)
-        vocab, cfg, feats, tr_all, _ = _prepare(log, all_split, split.valid_end, tcfg, mcfg, next_hash)
+        vocab, cfg, feats, tr_all, _, beyond_cap = _prepare(
+            log, all_split, split.valid_end, tcfg, mcfg, next_hash
+        )
         final = _fit(
             log,
             feats,
@@ -920,6 +936,7 @@ def train(
             "n_valid_points": int(va.mask.sum()),
             "n_train_users": final.n_users,
             "n_categories": len(vocab),
+            "n_categories_beyond_cap": beyond_cap,
             "split": split.to_dict(),
             "train_config": asdict(tcfg),
             "device": str(device),

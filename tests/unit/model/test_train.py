@@ -253,3 +253,13 @@ def test_training_records_calibration_and_starts_from_the_rule_cascade():
     for name, w in CASCADE_SLOT_WEIGHTS.items():
         assert float(net.slot_w0.detach()[SLOT_FEATURES.index(name)]) == pytest.approx(w)
     assert float(net.slot_ctx.weight.detach().abs().sum()) == 0.0  # the context starts with no say
+
+
+def test_a_vocabulary_cap_is_reported_not_silent():
+    log = tiny_log()
+    n_cats = len({c for c in log.categories})
+    split = Split(float(np.quantile(log.ts, 0.8)), float(np.quantile(log.ts, 0.9)), float(log.ts.max()))
+    tcfg = TrainConfig(epochs=1, lanes=16, bptt=16, threads=1, device="cpu", max_categories=4)
+    res = train(log, tcfg, TINY_MODEL, progress=False, split=split)
+    assert len(res.vocab) == 4 and res.metrics["n_categories_beyond_cap"] > 0
+    assert res.metrics["n_categories_beyond_cap"] <= n_cats - 3
