@@ -107,6 +107,24 @@ class UserState:
     last_propensity: float = math.nan
 
 
+#: The fields of the history summary: integers that a replay, a restore or the stream must reproduce
+#: exactly (h and c are floats, compared within a tolerance; event times may be NaN).
+SUMMARY_FIELDS = (
+    "events_seen",
+    "hist_cats",
+    "hist_counts",
+    "hist_last",
+    "hist_ts",
+    "hist_cart",
+    "hist_etype",
+    "hist_session",
+    "cart",
+    "purchases",
+    "session_adds",
+    "streak",
+)
+
+
 def new_state(layers: int, hidden: int, slots: int) -> UserState:
     """The state of a user never seen before: zeros, empty history."""
     return UserState(

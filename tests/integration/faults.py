@@ -36,7 +36,7 @@ from kafka import KafkaConsumer, TopicPartition
 from model.checkpoint import load
 from model.events import REASONS, Event
 from model.scoring import Scorer
-from model.state import UserState, unpack
+from model.state import SUMMARY_FIELDS, UserState, unpack
 from model.synth import generate
 from stream.replay import replay
 from stream.settings import Settings
@@ -247,18 +247,7 @@ class FaultReport:
 
 
 #: State fields an exactly-once run must reproduce exactly (h and c are compared within a tolerance).
-EXACT_STATE_FIELDS = (
-    "events_seen",
-    "hist_cats",
-    "hist_counts",
-    "hist_last",
-    "hist_ts",
-    "hist_cart",
-    "hist_etype",
-    "cart",
-    "purchases",
-    "session_adds",
-)
+EXACT_STATE_FIELDS = SUMMARY_FIELDS
 
 
 def _same_time(a: float, b: float) -> bool:

@@ -11,6 +11,7 @@ from model.events import EVENT_TYPES, Event
 from model.features import Vocabulary
 from model.network import DemandLSTM, ModelConfig, init_like_cascade, markov_tables
 from model.scoring import Scorer
+from model.state import SUMMARY_FIELDS
 
 
 def random_events(rng, n_users=7, max_len=30, n_cats=12):
@@ -148,18 +149,7 @@ def test_step_many_equals_one_step_per_event():
     for u in users:
         assert np.abs(a[u].h - b[u].h).max() <= 1e-5 and np.abs(a[u].c - b[u].c).max() <= 1e-5
         assert [c for c, _ in a[u].last_top] == [c for c, _ in b[u].last_top]
-        for f in (
-            "hist_cats",
-            "hist_counts",
-            "hist_last",
-            "hist_ts",
-            "hist_cart",
-            "hist_etype",
-            "events_seen",
-            "cart",
-            "purchases",
-            "session_adds",
-        ):
+        for f in SUMMARY_FIELDS:
             assert getattr(a[u], f) == getattr(b[u], f), f
 
 

@@ -11,7 +11,7 @@ from model.events import Event, event_to_json
 from model.features import Vocabulary
 from model.network import DemandLSTM, ModelConfig
 from model.scoring import Scorer
-from model.state import unpack
+from model.state import SUMMARY_FIELDS, unpack
 from stream.forget import forget_record
 from stream.inference import InferenceEngine, SourceRecord
 
@@ -73,19 +73,7 @@ def test_events_of_one_user_in_one_batch_apply_in_order(scorer):
     assert a.data.keys() == b.data.keys()
     for k in a.data:
         sa, sb = unpack(a.data[k]), unpack(b.data[k])
-        for f in (
-            "events_seen",
-            "offset",
-            "hist_cats",
-            "hist_counts",
-            "hist_last",
-            "hist_ts",
-            "hist_cart",
-            "hist_etype",
-            "cart",
-            "purchases",
-            "session_adds",
-        ):
+        for f in ("offset", *SUMMARY_FIELDS):
             assert getattr(sa, f) == getattr(sb, f), f
         assert abs(sa.h - sb.h).max() <= 1e-6 and abs(sa.c - sb.c).max() <= 1e-6
     # signals of a user come out in offset order
