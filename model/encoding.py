@@ -37,8 +37,8 @@ class EncodedEvent(NamedTuple):
     query: Sequence[int]
     hist_cats: list[int]  #: category hashes of the slots (-1 = empty)
     hist_counts: list[int]
-    hist_ages: list[int]  #: events since each slot was last seen (0 = this event)
-    hist_secs: list[float]  #: seconds since each slot was last seen
+    hist_last: list[int]  #: events_seen when each slot was last seen (ages derive per batch)
+    hist_ts: list[int]  #: second when each slot was last seen (seconds-since derive per batch)
     hist_cart: list[int]
     hist_etype: list[int]
     hist_session: list[int]  #: events in each slot's category during the current session
@@ -48,6 +48,7 @@ class EncodedEvent(NamedTuple):
     session_adds: int
     add_secs: float  #: seconds since the last add-to-cart (NEVER_S when none)
     streak: int  #: consecutive events in the current category
+    now: float  #: the user's event time after this event
 
 
 def event_features(
@@ -74,8 +75,8 @@ def event_features(
         query_tokens(query, cfg.query_buckets, cfg.query_tokens) if query else (),
         s.hist_cats.copy(),
         s.hist_counts.copy(),
-        [seen - last if seen - last < _AGE_MAX else _AGE_MAX for last in s.hist_last],
-        [max(0.0, now - t) if c >= 0 else NEVER_S for c, t in zip(s.hist_cats, s.hist_ts, strict=True)],
+        s.hist_last.copy(),
+        s.hist_ts.copy(),
         s.hist_cart.copy(),
         s.hist_etype.copy(),
         s.hist_session.copy(),
@@ -85,12 +86,14 @@ def event_features(
         s.session_adds,
         NEVER_S if math.isnan(s.last_add_ts) else max(0.0, now - s.last_add_ts),
         s.streak,
+        now,
     )
 
 
 #: Columns of a FeatureBuffer: name -> (numpy dtype of storage, torch dtype handed to the network).
-#: ``hist_vocab`` is derived (vocabulary index of each slot's hash), every other column is a field of
-#: :class:`EncodedEvent`.
+#: ``hist_vocab`` (vocabulary index of each slot's hash), ``hist_ages`` (events since each slot was last
+#: seen, 0 = this event) and ``hist_secs`` (seconds since) are derived per batch with numpy; every other
+#: column is a field of :class:`EncodedEvent`.
 COLUMNS: dict[str, tuple[type, torch.dtype]] = {
     "etype": (np.int64, torch.int64),
     "item": (np.int64, torch.int64),
@@ -116,8 +119,6 @@ COLUMNS: dict[str, tuple[type, torch.dtype]] = {
 _SLOT_COLUMNS = (
     "hist_cats",
     "hist_counts",
-    "hist_ages",
-    "hist_secs",
     "hist_cart",
     "hist_etype",
     "hist_session",
@@ -172,7 +173,14 @@ class FeatureBuffer:
         for i, r in enumerate(rows):
             if r.query:
                 q[i, : len(r.query)] = r.query
-        cols["hist_vocab"][start:end] = self.vocab.index_of_hashes(cols["hist_cats"][start:end])
+        hist = cols["hist_cats"][start:end]
+        cols["hist_vocab"][start:end] = self.vocab.index_of_hashes(hist)
+        seen = np.array([r.events_seen for r in rows], np.int64)[:, None]
+        last = np.array([r.hist_last for r in rows], np.int64)
+        cols["hist_ages"][start:end] = np.minimum(seen - last, _AGE_MAX)
+        now = np.array([r.now for r in rows], np.float64)[:, None]
+        slot_ts = np.array([r.hist_ts for r in rows], np.float64)
+        cols["hist_secs"][start:end] = np.where(hist >= 0, np.maximum(0.0, now - slot_ts), NEVER_S)
 
     def tensors(
         self, rows: slice | np.ndarray, device: torch.device | str = "cpu"
