@@ -263,3 +263,34 @@ def test_a_vocabulary_cap_is_reported_not_silent():
     res = train(log, tcfg, TINY_MODEL, progress=False, split=split)
     assert len(res.vocab) == 4 and res.metrics["n_categories_beyond_cap"] > 0
     assert res.metrics["n_categories_beyond_cap"] <= n_cats - 3
+
+
+def test_selection_keeps_the_cascade_head_with_the_best_purchase_epoch_when_training_does_not_beat_it():
+    """Epoch 0 (the calibrated cascade) wins validation MRR@20: its category head is combined with the LSTM
+    and purchase head of the trained epoch with the lowest purchase BCE; otherwise one epoch is taken whole."""
+    import torch
+
+    from model.network import DemandLSTM
+    from model.train import CATEGORY_HEAD, _select
+
+    net = DemandLSTM(TINY_MODEL)
+    states = {}
+    for ep in range(3):
+        states[ep] = {
+            k: torch.full_like(v, float(ep)) if v.is_floating_point() else v.clone()
+            for k, v in net.state_dict().items()
+        }
+    hist = [
+        {"epoch": 0, "mrr@20": 0.70, "category_nll": 2.0, "purchase_bce": 0.9},
+        {"epoch": 1, "mrr@20": 0.69, "category_nll": 1.9, "purchase_bce": 0.40},
+        {"epoch": 2, "mrr@20": 0.68, "category_nll": 1.8, "purchase_bce": 0.45},
+    ]
+    epochs, cat_epoch, best = _select(net, hist, states)
+    assert (epochs, cat_epoch) == (1, 0) and best["mrr@20"] == 0.70 and best["purchase_bce"] == 0.40
+    for k, v in net.state_dict().items():
+        if v.is_floating_point():
+            assert float(v.flatten()[0]) == (0.0 if k.startswith(CATEGORY_HEAD) else 1.0), k
+    hist[2]["mrr@20"] = 0.71  # a trained epoch beats the cascade: taken whole
+    epochs, cat_epoch, _ = _select(net, hist, states)
+    assert (epochs, cat_epoch) == (2, 2)
+    assert all(float(v.flatten()[0]) == 2.0 for v in net.state_dict().values() if v.is_floating_point())
