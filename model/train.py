@@ -569,57 +569,44 @@ def _calibrate_cascade_scale(
     if not len(rows):
         return 1.0
     rows = np.sort(rng.choice(rows, size=min(SCALE_FIT_POINTS, len(rows)), replace=False))
+    sample = np.full(len(tr.cat), -1, np.int64)
+    sample[rows] = tr.cat[rows]
     was_training = net.training
     net.eval()
-    logits, targets = [], []
-    for b in _full_context_batches(
-        net,
-        feats,
-        log,
-        Targets(
-            tr.mask,
-            np.where(np.isin(np.arange(len(tr.cat)), rows), tr.cat, -1),
-            tr.cat_hash,
-            tr.purchase,
-            np.zeros_like(tr.observable),
-        ),
-        device,
-        own,
-    ):
+    logits, hist_cats, cat_t, hash_t = [], [], [], []
+    only_sample = Targets(tr.mask, sample, tr.cat_hash, tr.purchase, np.zeros_like(tr.observable))
+    for b in _full_context_batches(net, feats, log, only_sample, device, own):
         m = b.cat_t >= 0
-        if bool(m.any()):
-            fs = {k: v[m] for k, v in b.f.items()}
-            logits.append(b.out["cat_logits"][m])
-            col = net.target_columns(
-                fs, b.cat_t[m], b.hash_t[m], b.out["cat_logits"].shape[-1] - fs["hist_cats"].shape[-1]
-            )
-            # a target with no column of its own cannot be scored; an in-vocabulary target in the
-            # history is scored by its slot: find that slot's column
-            slot = (fs["hist_cats"] == b.hash_t[m].unsqueeze(-1)) & (fs["hist_cats"] > 0)
-            n_vocab = b.out["cat_logits"].shape[-1] - fs["hist_cats"].shape[-1]
-            col = torch.where(slot.any(-1), n_vocab + slot.float().argmax(-1), col)
-            targets.append(col)
+        logits.append(b.out["cat_logits"][m])
+        hist_cats.append(b.f["hist_cats"][m])
+        cat_t.append(b.cat_t[m])
+        hash_t.append(b.hash_t[m])
+    # -inf marks candidates that are never scored; a large finite value keeps them at probability 0
+    # without turning the scale's gradient into NaN
     z = torch.cat(logits).double()
-    t = torch.cat(targets)
-    ok = t >= 0
-    z, t = z[ok], t[ok]
     z = torch.where(torch.isfinite(z), z, torch.full_like(z, -1e9))
-    scale = torch.tensor([1.0], dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([scale], lr=1.0, max_iter=100, line_search_fn="strong_wolfe")
+    f = {"hist_cats": torch.cat(hist_cats)}
+    cat_t, hash_t = torch.cat(cat_t), torch.cat(hash_t)
+    ok = torch.isfinite(net.category_log_prob({"cat_logits": z}, f, cat_t, hash_t))  # rankable targets only
+    z, f, cat_t, hash_t = z[ok], {"hist_cats": f["hist_cats"][ok]}, cat_t[ok], hash_t[ok]
+    # the temperature is fitted as its log: a negative scale would turn the masked columns' -1e9 into
+    # the largest logits, and the line search does try one
+    log_scale = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([log_scale], lr=1.0, max_iter=100, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
         with torch.enable_grad():
-            loss = nn.functional.cross_entropy(scale * z, t)
+            loss = -net.category_log_prob({"cat_logits": log_scale.exp() * z}, f, cat_t, hash_t).mean()
             loss.backward()
         return loss
 
     opt.step(closure)
-    a = float(scale.detach().clamp(min=1e-3))
+    a = float(log_scale.detach().exp().clamp(min=1e-3))
     net.slot_w0.mul_(a)
     net.vocab_w0.mul_(a)
     net.train(was_training)
-    logger.info("cascade scale fitted on %d training points: %.4f", len(t), a)
+    logger.info("cascade scale fitted on %d training points: %.4f", len(cat_t), a)
     return a
 
 
