@@ -48,7 +48,7 @@ test-quick: venv
 	$(PY) -m pytest -m "not kafka and not slow and not prometheus" $(PYTEST_ARGS)
 
 demo: venv system-deps
-	$(PY) -m stream.demo
+	$(PY) -m demandstream.stream.tools.demo
 
 bench: venv system-deps
 	$(VENV)/bin/demandstream bench --out bench.json --markdown docs/BENCHMARKS.md

@@ -8,11 +8,11 @@ other exception is a bug and keeps its traceback.
 The user errors of the library also subclass the built-in exception a caller would have caught
 before (``ValueError``, ``FileNotFoundError``), so ``except ValueError`` keeps working.
 
-Where the rest of the family lives: :class:`model.checkpoint.CheckpointError`,
-:class:`stream.settings.SettingsError`, :class:`stream.admin.KafkaUnavailable` and
-:class:`stream.faust_patches.UnsupportedFaustVersion` (``stream`` imports ``model``, never the reverse).
+Where the rest of the family lives: :class:`demandstream.model.core.checkpoint.CheckpointError`,
+:class:`demandstream.stream.settings.SettingsError`, :class:`demandstream.stream.admin.KafkaUnavailable` and
+:class:`demandstream.stream.worker.faust_patches.UnsupportedFaustVersion` (``stream`` imports ``model``, never the reverse).
 
->>> from model.data import parse_time
+>>> from demandstream.model.data.split import parse_time
 >>> try:
 ...     parse_time("yesterday")
 ... except UserError as e:

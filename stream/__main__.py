@@ -1,5 +1,5 @@
 import sys
 
-from stream.cli import main
+from demandstream.stream.cli import main
 
 sys.exit(main())

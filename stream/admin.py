@@ -15,8 +15,8 @@ from kafka import KafkaAdminClient
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
-from model.errors import UserError
-from stream.settings import Settings
+from demandstream.model.errors import UserError
+from demandstream.stream.settings import Settings
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """``demandstream`` command line (docs/ARCHITECTURE.md §CLI). Also ``python -m stream``.
 
 User mistakes (a missing file, an unreachable broker, a bad setting, a corrupt checkpoint: every
-:class:`~model.errors.UserError`) end with one line on stderr and exit status 2; every other exception
+:class:`~demandstream.model.errors.UserError`) end with one line on stderr and exit status 2; every other exception
 is a bug and keeps its traceback.
 """
 
@@ -14,12 +14,17 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from model.errors import UserError
-from stream.settings import Settings
+from demandstream.model.errors import UserError
+from demandstream.stream.settings import Settings
 
 logger = logging.getLogger("demandstream")
 
-FORMATS = ("jsonl", "rees46", "retailrocket", "taobao")  # model.loaders.FORMATS (not imported: startup cost)
+FORMATS = (
+    "jsonl",
+    "rees46",
+    "retailrocket",
+    "taobao",
+)  # demandstream.model.data.loaders.FORMATS (not imported: startup cost)
 EXIT_USER_ERROR = 2
 
 
@@ -27,7 +32,7 @@ EXIT_USER_ERROR = 2
 
 
 def cmd_generate(a, settings: Settings) -> int:
-    from model.synth import generate, write_jsonl
+    from demandstream.model.data.synth import generate, write_jsonl
 
     t0 = time.perf_counter()
     n = write_jsonl(generate(a.users, a.events, seed=a.seed), a.out)
@@ -36,7 +41,7 @@ def cmd_generate(a, settings: Settings) -> int:
 
 
 def cmd_train(a, settings: Settings) -> int:
-    from model.train import run_training
+    from demandstream.model.training.train import run_training
 
     summary = run_training(
         a.data,
@@ -54,7 +59,7 @@ def cmd_train(a, settings: Settings) -> int:
 
 
 def cmd_evaluate(a, settings: Settings) -> int:
-    from model.evaluate import format_table, run_evaluation
+    from demandstream.model.evaluation.evaluate import format_table, run_evaluation
 
     report = run_evaluation(
         a.model or settings.model,
@@ -71,7 +76,7 @@ def cmd_evaluate(a, settings: Settings) -> int:
 
 
 def cmd_score(a, settings: Settings) -> int:
-    from stream.score import score_file
+    from demandstream.stream.tools.score import score_file
 
     n = score_file(
         a.model or settings.model,
@@ -87,13 +92,13 @@ def cmd_score(a, settings: Settings) -> int:
 
 
 def cmd_worker(a, settings: Settings) -> int:
-    from stream.worker import run_worker
+    from demandstream.stream.worker.run import run_worker
 
     return run_worker(settings)
 
 
 def cmd_replay(a, settings: Settings) -> int:
-    from stream.replay import replay
+    from demandstream.stream.tools.replay import replay
 
     stats = replay(
         settings, _paths(a.data), a.format, rate=a.rate, topic=a.topic, progress=not a.quiet, limit=a.limit
@@ -106,7 +111,7 @@ def cmd_replay(a, settings: Settings) -> int:
 
 
 def cmd_tail(a, settings: Settings) -> int:
-    from stream.tail import tail
+    from demandstream.stream.tools.tail import tail
 
     tail(
         settings, a.topic, from_beginning=a.from_beginning, max_records=a.max, timeout_s=a.timeout, raw=a.raw
@@ -115,7 +120,7 @@ def cmd_tail(a, settings: Settings) -> int:
 
 
 def cmd_forget(a, settings: Settings) -> int:
-    from stream.forget import forget
+    from demandstream.stream.tools.forget import forget
 
     forget(settings, a.user_id)
     print(
@@ -125,14 +130,14 @@ def cmd_forget(a, settings: Settings) -> int:
 
 
 def cmd_bench(a, settings: Settings) -> int:
-    from stream.bench import run_bench
+    from demandstream.stream.bench.runner import run_bench
 
     run_bench(settings, out=a.out, quick=a.quick, markdown=a.markdown)
     return 0
 
 
 def cmd_export(a, settings: Settings) -> int:
-    from model.export import export
+    from demandstream.model.training.export import export
 
     paths = export(a.model or settings.model, a.out)
     for kind, p in paths.items():

@@ -9,7 +9,7 @@ Nothing else in the code reads the environment; the CLI builds a :class:`Setting
 >>> Settings.from_env({"DEMANDSTREAM_GUARANTEE": "maybe"})
 Traceback (most recent call last):
 ...
-stream.settings.SettingsError: DEMANDSTREAM_GUARANTEE: must be one of at_least_once, exactly_once (got 'maybe')
+demandstream.stream.settings.SettingsError: DEMANDSTREAM_GUARANTEE: must be one of at_least_once, exactly_once (got 'maybe')
 """
 
 from __future__ import annotations
@@ -19,9 +19,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-from model.errors import UserError
+from demandstream.model.errors import UserError
 
 PREFIX = "DEMANDSTREAM_"
+#: Where deploy/kafka/kafka.sh sits when this package runs from a checkout (editable install).
+CHECKOUT_KAFKA_SCRIPT = Path(__file__).resolve().parents[1] / "deploy" / "kafka" / "kafka.sh"
 
 
 class SettingsError(UserError, ValueError):
@@ -68,6 +70,7 @@ class Settings:
     ssl_cafile: str = ""
     log_level: str = "info"
     lag_interval_s: float = 5.0
+    kafka_script: str = ""  # kafka.sh for `bench` and the demo; empty: the checkout's deploy/kafka/kafka.sh
 
     # -- building -------------------------------------------------------------------------------
 
@@ -129,9 +132,19 @@ class Settings:
     def faust_broker(self) -> str:
         return ";".join(f"kafka://{b}" for b in self.bootstrap_servers)
 
-    @property
-    def data_path(self) -> Path:
-        return Path(self.data_dir)
+    def kafka_script_path(self) -> Path:
+        """The script `demandstream bench` and the demo start their own Kafka with.
+
+        An installed package has no deploy/ folder: ``DEMANDSTREAM_KAFKA_SCRIPT`` then names the
+        ``deploy/kafka/kafka.sh`` of a checkout; from a checkout it defaults to that checkout's script.
+        """
+        path = Path(self.kafka_script) if self.kafka_script else CHECKOUT_KAFKA_SCRIPT
+        if not path.is_file():
+            raise SettingsError(
+                f"{PREFIX}KAFKA_SCRIPT: {path} not found; set it to deploy/kafka/kafka.sh of a demandstream "
+                "checkout, or give --broker to use a running Kafka"
+            )
+        return path
 
     def kafka_python_security(self) -> dict:
         """Security keyword arguments for kafka-python clients (admin, replay, tail)."""

@@ -59,10 +59,10 @@ def small_model(tmp_path_factory) -> Path:
     import numpy as np
     import torch
 
-    from model.checkpoint import save
-    from model.features import Vocabulary
-    from model.network import DemandLSTM, ModelConfig, init_like_cascade, markov_tables
-    from model.synth import generate
+    from demandstream.model.core.checkpoint import save
+    from demandstream.model.core.features import Vocabulary
+    from demandstream.model.core.network import DemandLSTM, ModelConfig, init_like_cascade, markov_tables
+    from demandstream.model.data.synth import generate
 
     events = list(generate(300, 20000, seed=123))
     vocab = Vocabulary.build(e.category for e in events)
@@ -97,7 +97,7 @@ class WorkerProcess:
     def start(self) -> WorkerProcess:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "stream", "worker"],
+            [sys.executable, "-m", "demandstream.stream", "worker"],
             env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,

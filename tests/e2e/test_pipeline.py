@@ -7,13 +7,13 @@ import collections
 import orjson
 import pytest
 
-from model.checkpoint import load
-from model.events import BadEvent, parse_event
-from model.loaders import load_log
-from model.scoring import Scorer
-from model.synth import generate, write_jsonl
-from stream.replay import replay
-from stream.settings import Settings
+from demandstream.model.core.checkpoint import load
+from demandstream.model.core.events import BadEvent, parse_event
+from demandstream.model.core.scoring import Scorer
+from demandstream.model.data.loaders import load_log
+from demandstream.model.data.synth import generate, write_jsonl
+from demandstream.stream.settings import Settings
+from demandstream.stream.tools.replay import replay
 from tests.helpers import read_topic
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow, pytest.mark.timeout(400)]

@@ -7,8 +7,8 @@ compares it with an uninterrupted reference computed offline:
   ``read_committed`` consumer (``exactly_once``);
 - *applied once, in order*: every signal of an event carries the event's position in its user's
   sequence as ``events_seen``, and the final state of every user (the latest record per key of the
-  table's changelog, decoded with :func:`model.state.unpack`) equals the state that
-  :meth:`model.scoring.Scorer.step` reaches over the same events from :meth:`~model.scoring.Scorer.new_state`;
+  table's changelog, decoded with :func:`demandstream.model.core.state.unpack`) equals the state that
+  :meth:`demandstream.model.core.scoring.Scorer.step` reaches over the same events from :meth:`~demandstream.model.core.scoring.Scorer.new_state`;
 - *accounted for*: records in = events with a signal + distinct dead letters.
 
 The figures of each run (events, faults, lost, duplicates, max state difference, recovery time) are
@@ -33,13 +33,13 @@ import numpy as np
 import orjson
 from kafka import KafkaConsumer, TopicPartition
 
-from model.checkpoint import load
-from model.events import REASONS, Event
-from model.scoring import Scorer
-from model.state import SUMMARY_FIELDS, UserState, unpack
-from model.synth import generate
-from stream.replay import replay
-from stream.settings import Settings
+from demandstream.model.core.checkpoint import load
+from demandstream.model.core.events import REASONS, Event
+from demandstream.model.core.scoring import Scorer
+from demandstream.model.core.state import SUMMARY_FIELDS, UserState, unpack
+from demandstream.model.data.synth import generate
+from demandstream.stream.settings import Settings
+from demandstream.stream.tools.replay import replay
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -110,7 +110,7 @@ def reference_states(model_path: str | Path, events: Sequence[Event]) -> dict[st
 
 
 class Replayer(threading.Thread):
-    """``stream.replay.replay`` of a file at a steady rate, in the background; errors are kept, not lost."""
+    """``demandstream.stream.tools.replay.replay`` of a file at a steady rate, in the background; errors are kept, not lost."""
 
     def __init__(self, settings: Settings, path: Path, rate: float):
         super().__init__(daemon=True, name="fault-replay")

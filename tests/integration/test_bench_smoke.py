@@ -12,8 +12,8 @@ import math
 
 import pytest
 
-from stream.bench import BEGIN_MARK, BENCH_KEYS, END_MARK, BenchPlan, run_bench
-from stream.settings import Settings
+from demandstream.stream.bench.runner import BEGIN_MARK, BENCH_KEYS, END_MARK, BenchPlan, run_bench
+from demandstream.stream.settings import Settings
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 

@@ -19,10 +19,10 @@ import orjson
 import pytest
 from kafka import KafkaProducer
 
-from model.events import BadEvent, event_to_json, parse_event
-from model.synth import write_jsonl
-from stream.records import DLQ_RAW_MAX
-from stream.settings import Settings
+from demandstream.model.core.events import BadEvent, event_to_json, parse_event
+from demandstream.model.data.synth import write_jsonl
+from demandstream.stream.engine.records import DLQ_RAW_MAX
+from demandstream.stream.settings import Settings
 from tests.integration.faults import FaultReport, check_invariants, reference_states, synth_events
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow, pytest.mark.timeout(600)]

@@ -14,8 +14,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from model.synth import write_jsonl
-from stream.settings import Settings
+from demandstream.model.data.synth import write_jsonl
+from demandstream.stream.settings import Settings
 from tests.conftest import KAFKA_SH
 from tests.integration.faults import (
     FAULT_ENV,

@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from model.synth import write_jsonl
-from stream.settings import Settings
+from demandstream.model.data.synth import write_jsonl
+from demandstream.stream.settings import Settings
 from tests.integration.faults import (
     FAULT_ENV,
     FaultReport,

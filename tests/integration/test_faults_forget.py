@@ -14,10 +14,10 @@ import time
 
 import pytest
 
-from model.state import unpack
-from model.synth import generate, write_jsonl
-from stream.replay import replay
-from stream.settings import Settings
+from demandstream.model.core.state import unpack
+from demandstream.model.data.synth import generate, write_jsonl
+from demandstream.stream.settings import Settings
+from demandstream.stream.tools.replay import replay
 from tests.conftest import REPO
 from tests.integration.faults import TopicReader, changelog_topic, latest_states, wait_until
 
@@ -51,7 +51,7 @@ def test_forget_user_end_to_end(worker_factory, stream_env, kafka_bootstrap, tmp
 
         t0 = time.time()
         proc = subprocess.run(
-            [sys.executable, "-m", "stream", "forget", victim],
+            [sys.executable, "-m", "demandstream.stream", "forget", victim],
             env=stream_env,
             cwd=REPO,
             capture_output=True,

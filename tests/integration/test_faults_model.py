@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.synth import generate, write_jsonl
+from demandstream.model.data.synth import generate, write_jsonl
 from tests.conftest import REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -78,7 +78,11 @@ def run_cli(args: list[str], model: Path, tmp_path: Path) -> subprocess.Complete
         }
     )
     return subprocess.run(
-        [sys.executable, "-m", "stream", *args], env=env, cwd=REPO, capture_output=True, timeout=CLI_TIMEOUT_S
+        [sys.executable, "-m", "demandstream.stream", *args],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        timeout=CLI_TIMEOUT_S,
     )
 
 
@@ -132,7 +136,7 @@ def test_corrupt_checkpoint_is_refused(corruption, command, small_model, tmp_pat
 @pytest.mark.parametrize("make", [malicious_zip, malicious_pickle])
 def test_malicious_payload_never_runs(make, tmp_path):
     """The safety half of the CLI test, kept separate so no xfail can hide it."""
-    from model.checkpoint import CheckpointError, load
+    from demandstream.model.core.checkpoint import CheckpointError, load
 
     marker = tmp_path / "payload-ran"
     with pytest.raises(CheckpointError):

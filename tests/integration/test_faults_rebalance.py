@@ -4,7 +4,7 @@ Partitions move between workers three times while traffic flows; each move resto
 state from the changelog (and standby replicas, DEMANDSTREAM_STANDBY_REPLICAS=1). The final state of
 every user must still equal an uninterrupted run, and no event may lose its signal (exactly one
 visible to read_committed under exactly-once). Both guarantees: under exactly-once this test found
-Faust recovering a re-assigned partition against a highwater of -1 (stream/faust_patches.py).
+Faust recovering a re-assigned partition against a highwater of -1 (stream/worker/faust_patches.py).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from model.synth import write_jsonl
-from stream.settings import Settings
+from demandstream.model.data.synth import write_jsonl
+from demandstream.stream.settings import Settings
 from tests.integration.faults import (
     FAULT_ENV,
     FaultReport,

@@ -8,9 +8,9 @@ import time
 import orjson
 import pytest
 
-from model.synth import generate, write_jsonl
-from stream.replay import replay
-from stream.settings import Settings
+from demandstream.model.data.synth import generate, write_jsonl
+from demandstream.stream.settings import Settings
+from demandstream.stream.tools.replay import replay
 from tests.helpers import read_topic
 from tests.integration.prometheus_server import PrometheusServer, free_port
 

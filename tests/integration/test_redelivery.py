@@ -12,10 +12,10 @@ import time
 
 import pytest
 
-from model.state import unpack
-from model.synth import generate, write_jsonl
-from stream.replay import replay
-from stream.settings import Settings
+from demandstream.model.core.state import unpack
+from demandstream.model.data.synth import generate, write_jsonl
+from demandstream.stream.settings import Settings
+from demandstream.stream.tools.replay import replay
 from tests.helpers import commit_offsets, latest_by_key, read_topic
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow, pytest.mark.timeout(400)]

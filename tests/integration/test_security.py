@@ -14,10 +14,10 @@ from pathlib import Path
 import orjson
 import pytest
 
-from model.synth import generate, write_jsonl
-from stream.admin import KafkaUnavailable, ensure_topics
-from stream.replay import replay
-from stream.settings import Settings
+from demandstream.model.data.synth import generate, write_jsonl
+from demandstream.stream.admin import KafkaUnavailable, ensure_topics
+from demandstream.stream.settings import Settings
+from demandstream.stream.tools.replay import replay
 from tests.conftest import KAFKA_SH
 from tests.helpers import read_topic
 

@@ -23,7 +23,7 @@ DASHBOARD = GRAFANA_DIR / "demandstream-dashboard.json"
 #: The worker's default web port (metrics, probes, user views).
 WEB_PORT = 6066
 
-#: Settings the worker documents (ops brief); stream.settings.ENV_VARS must contain at least these.
+#: Settings the worker documents (ops brief); demandstream.stream.settings.ENV_VARS must contain at least these.
 DOCUMENTED_ENV_VARS: frozenset[str] = frozenset(
     {
         "DEMANDSTREAM_BROKER",
@@ -98,9 +98,9 @@ def series_names() -> dict[str, frozenset[str]]:
 
 
 def code_env_vars() -> frozenset[str] | None:
-    """The DEMANDSTREAM_* names the worker really reads, or None while stream.settings is not written."""
+    """The DEMANDSTREAM_* names the worker really reads, or None while demandstream.stream.settings is not written."""
     try:
-        from stream.settings import ENV_VARS
+        from demandstream.stream.settings import ENV_VARS
     except ImportError:
         return None
     return frozenset(ENV_VARS)

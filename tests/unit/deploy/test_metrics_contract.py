@@ -1,4 +1,4 @@
-"""The metric contract that deploy/ is checked against matches what stream/metrics.py really exports."""
+"""The metric contract that deploy/ is checked against matches what stream/worker/metrics.py really exports."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ from deploy_spec import METRIC_FAMILIES
 
 
 def test_worker_exports_exactly_the_contract_metrics() -> None:
-    metrics_module = pytest.importorskip("stream.metrics", reason="stream/metrics.py is not written yet")
+    metrics_module = pytest.importorskip(
+        "demandstream.stream.worker.metrics", reason="stream/worker/metrics.py is not written yet"
+    )
     from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
     # A private registry leaves out the process_* and python_* collectors, which are not ours.

@@ -15,7 +15,7 @@ FILES_SETTING_ENV = (
 # Comments count too: a stale name in a comment misleads an operator as much as one in a setting.
 FILES_MENTIONING_ENV = tuple(dict.fromkeys((*FILES_SETTING_ENV, *sorted(K8S_DIR.glob("*.yaml")), OPERATIONS)))
 
-NO_SETTINGS_MODULE = "stream.settings.ENV_VARS is not importable yet (the lead provides it)"
+NO_SETTINGS_MODULE = "demandstream.stream.settings.ENV_VARS is not importable yet (the lead provides it)"
 
 
 def _names(path) -> set[str]:

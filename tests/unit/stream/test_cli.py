@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from model.errors import DemandstreamError, OptionError, UserError
-from stream import cli
+from demandstream.model.errors import DemandstreamError, OptionError, UserError
+from demandstream.stream import cli
 
 
 def test_a_user_error_is_one_line_on_stderr_and_exit_2(monkeypatch, capsys, tmp_path):
@@ -43,13 +43,13 @@ def test_the_library_s_user_errors_reach_the_user_as_one_line(monkeypatch, capsy
 
 
 def test_the_user_errors_are_one_family_that_old_callers_still_catch():
-    from model.checkpoint import CheckpointError
-    from model.data import parse_time
-    from model.scoring import resolve_device
-    from model.train import run_training
-    from stream.admin import KafkaUnavailable
-    from stream.faust_patches import UnsupportedFaustVersion
-    from stream.settings import SettingsError
+    from demandstream.model.core.checkpoint import CheckpointError
+    from demandstream.model.core.scoring import resolve_device
+    from demandstream.model.data.split import parse_time
+    from demandstream.model.training.train import run_training
+    from demandstream.stream.admin import KafkaUnavailable
+    from demandstream.stream.settings import SettingsError
+    from demandstream.stream.worker.faust_patches import UnsupportedFaustVersion
 
     for cls in (CheckpointError, SettingsError, KafkaUnavailable, UnsupportedFaustVersion, OptionError):
         assert issubclass(cls, UserError) and issubclass(cls, DemandstreamError)

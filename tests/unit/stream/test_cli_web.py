@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from model.checkpoint import Checkpoint
-from model.events import Event
-from model.features import Vocabulary, category_hash
-from model.loaders import FORMATS as LOADER_FORMATS
-from model.network import DemandLSTM, ModelConfig, init_like_cascade, markov_tables
-from model.scoring import Scorer
-from model.state import pack, unpack
-from stream import cli
-from stream.web import demand_view, recent_category_names
+from demandstream.model.core.checkpoint import Checkpoint
+from demandstream.model.core.events import Event
+from demandstream.model.core.features import Vocabulary, category_hash
+from demandstream.model.core.network import DemandLSTM, ModelConfig, init_like_cascade, markov_tables
+from demandstream.model.core.scoring import Scorer
+from demandstream.model.core.state import pack, unpack
+from demandstream.model.data.loaders import FORMATS as LOADER_FORMATS
+from demandstream.stream import cli
+from demandstream.stream.worker.web import demand_view, recent_category_names
 
 
 def test_cli_accepts_every_loader_format():
@@ -35,7 +35,7 @@ def test_train_flags_reach_run_training(monkeypatch, tmp_path, flags, refit, see
         seen.update(kw, fmt=fmt)
         return {"model_version": "0a1b2c3d", "epochs_run": 1}
 
-    monkeypatch.setattr("model.train.run_training", fake_run_training)
+    monkeypatch.setattr("demandstream.model.training.train.run_training", fake_run_training)
     assert cli.main(["train", "--data", str(data), "--out", str(tmp_path / "m.pt"), *flags]) == 0
     assert seen["refit"] is refit and seen["seed"] == seed and seen["fmt"] == "jsonl"
 

@@ -1,0 +1,448 @@
+"""DemandLSTM: a one-step-at-a-time LSTM over a user's events with two heads.
+
+**Next category: a hybrid of what the heuristics know and what the LSTM learns.** One softmax ranks two
+kinds of candidates (docs/MODEL.md §1):
+
+- each *history slot* (a category the user touched; the slot holds the category's hash, so a category
+  outside the vocabulary can be repeated too), scored by explicit features: is it the category of the
+  current event, of the previous one, is it in the cart and how many items, log count, recency in
+  events and in seconds, the type of the last event on it, the Markov probability of moving to it from
+  the current category, its popularity, whether the vocabulary knows it; plus an LSTM term;
+- every *other vocabulary category*, scored by the Markov probability from the current category
+  (a sparse top-K transition table learned from training data, backed off to popularity) and the LSTM's
+  own term ("explore").
+
+The weights of those features are not fixed: they are a base vector plus a linear function of the
+context (the LSTM output, the event type, the time gap, the cart), so the model learns *when* to copy
+the last category and when not to (RepeatNet, Ren et al., AAAI 2019; kNN/RNN hybrids, Jannach &
+Ludewig, RecSys 2017). :func:`init_like_cascade` starts the weights where the ranking equals the rule
+cascade (last category, cart, history by count, Markov successors, popularity), so training begins at
+the strongest heuristic and moves only where data says so.
+
+**Purchase**: a small MLP over the LSTM output and the funnel (event type, cart, add-to-carts in the
+session, seconds since the last add, whether the current category is in the cart, the user's purchase
+rate, the time gap), Platt-scaled by two buffers fitted on validation points (identity before).
+
+:meth:`DemandLSTM.forward` runs whole sequences (training, offline scoring); :meth:`DemandLSTM.step`
+advances a batch of users by one event each (streaming). Both use the same weights and give the same
+numbers (tests/unit/model/core/test_network.py checks max |Δ| ≤ 1e-5).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from demandstream.model.core.events import EVENT_TYPES
+from demandstream.model.core.features import N_GAP_BUCKETS, N_PRICE_BUCKETS
+
+#: Events after which the purchase head's history-length input reaches 1/2 (it saturates toward 1):
+#: about one shopping session, the scale at which a personal purchase rate starts to mean something.
+HISTORY_HALF_WEIGHT = 16.0
+
+#: Additive smoothing of the Markov table toward popularity (as the ``markov`` baseline): a rarely seen
+#: current category backs off to popularity.
+MARKOV_ALPHA = 1.0
+
+#: Seconds are fed as log1p(s) / log1p(one day), so a day is 1.0 and the input stays O(1).
+_LOG_DAY = math.log1p(86400.0)
+
+#: Names of the slot features, in order (the base weights and the "why" of a ranking use them).
+SLOT_FEATURES = (
+    "in_history",
+    "is_last",
+    "is_previous",
+    "in_cart",
+    "cart_items",
+    "log_count",
+    "log_age_events",
+    "log_age_seconds",
+    *(f"last_{t}" for t in EVENT_TYPES),
+    "markov",
+    "popularity",
+    "in_vocabulary",
+    "log_session_count",
+    "last_streak",
+)
+#: Names of the features of a vocabulary category outside the history.
+VOCAB_FEATURES = ("markov", "popularity")
+
+
+@dataclass
+class ModelConfig:
+    """Hyper-parameters of DemandLSTM; saved in every checkpoint.
+
+    The defaults keep the per-user state under 1.2 KB (hidden 96 float32 h and c = 768 bytes) while
+    leaving the history slots, not the hidden state, to remember recent categories.
+    """
+
+    n_categories: int = 2
+    hidden: int = 96
+    layers: int = 1
+    history_slots: int = 16
+    item_buckets: int = 1 << 14
+    query_buckets: int = 1 << 12
+    query_tokens: int = 8
+    emb_type: int = 8
+    emb_item: int = 32
+    emb_category: int = 32
+    emb_price: int = 4
+    emb_gap: int = 8
+    emb_query: int = 16
+    emb_repeat: int = 32
+    purchase_hidden: int = 32
+    dropout: float = 0.1
+    markov_top_k: int = 32  #: successors kept per category in the checkpoint's transition table
+    # ablation switches (docs/MODEL.md §5); the defaults are the product
+    context_weights: bool = True  #: feature weights depend on the context (else one global vector)
+    lstm_terms: bool = True  #: the LSTM's own repeat and explore terms
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+def _identity_calibration_if_missing(state_dict, prefix, *_args) -> None:
+    """Checkpoints written before calibration existed load with the identity (a=1, b=0), i.e. unchanged."""
+    state_dict.setdefault(prefix + "purchase_scale", torch.tensor(1.0))
+    state_dict.setdefault(prefix + "purchase_shift", torch.tensor(0.0))
+
+
+def markov_tables(cats: np.ndarray, nxt: np.ndarray, n_categories: int, top_k: int) -> dict[str, np.ndarray]:
+    """Popularity and sparse top-K Markov transition counts from training rows and (current, next) pairs.
+
+    ``cats`` are the vocabulary indices of every training row (popularity), ``nxt`` pairs as an [m, 2]
+    array. The network turns counts into ``P(b | a) = (n(a, b) + alpha * pop(b)) / (n(a) + alpha)``
+    (:meth:`DemandLSTM.markov_row`); successors beyond the K most frequent keep ``n(a, b) = 0``.
+    Counts, not log-probabilities, are stored so that training can leave each row's own transition out.
+
+    >>> t = markov_tables(np.array([1, 2, 1, 2, 1, 3]), np.array([[1, 2], [1, 2], [1, 3]]), 4, 1)
+    >>> t["next"][1].tolist(), t["count"][1].tolist(), float(t["total"][1])
+    ([2], [2.0], 3.0)
+    """
+    cats = np.asarray(cats, np.int64)
+    counts = np.bincount(cats[cats > 0], minlength=n_categories)[:n_categories].astype(np.float64)
+    counts[0] = 0.0
+    pop = (counts + 0.5) / (counts.sum() + 0.5 * n_categories)  # add-half: no category has probability 0
+    nxt = np.asarray(nxt, np.int64).reshape(-1, 2)
+    ok = (nxt[:, 0] > 0) & (nxt[:, 1] > 0)
+    keys, n = np.unique(nxt[ok, 0] * n_categories + nxt[ok, 1], return_counts=True)
+    src, dst = keys // n_categories, keys % n_categories
+    totals = np.bincount(src, weights=n, minlength=n_categories)[:n_categories]
+    top_next = np.zeros((n_categories, top_k), np.int64)
+    top_count = np.zeros((n_categories, top_k))
+    order = np.lexsort((dst, -n, src))  # by source, then most frequent successor first
+    src_o, dst_o, n_o = src[order], dst[order], n[order]
+    first = np.searchsorted(src_o, np.arange(n_categories))
+    rank = np.arange(len(src_o)) - first[src_o]
+    keep = rank < top_k
+    top_next[src_o[keep], rank[keep]] = dst_o[keep]
+    top_count[src_o[keep], rank[keep]] = n_o[keep]
+    return {"pop_logp": np.log(pop), "next": top_next, "count": top_count, "total": totals}
+
+
+class DemandLSTM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        n_types = len(EVENT_TYPES)
+        c, k = cfg.n_categories, cfg.markov_top_k
+        self.emb_type = nn.Embedding(n_types, cfg.emb_type)
+        self.emb_item = nn.Embedding(cfg.item_buckets, cfg.emb_item, padding_idx=0)
+        self.emb_cat = nn.Embedding(c, cfg.emb_category, padding_idx=0)
+        self.emb_price = nn.Embedding(N_PRICE_BUCKETS, cfg.emb_price)
+        self.emb_gap = nn.Embedding(N_GAP_BUCKETS, cfg.emb_gap)
+        self.emb_query = nn.Embedding(cfg.query_buckets, cfg.emb_query, padding_idx=0)
+        d_in = cfg.emb_type + cfg.emb_item + cfg.emb_category + cfg.emb_price + cfg.emb_gap + cfg.emb_query
+        self.drop = nn.Dropout(cfg.dropout)
+        self.lstm = nn.LSTM(
+            d_in,
+            cfg.hidden,
+            num_layers=cfg.layers,
+            batch_first=True,
+            dropout=cfg.dropout if cfg.layers > 1 else 0.0,
+        )
+        # context of the feature weights: LSTM output, event type, time gap, cart state
+        d_ctx = cfg.hidden + n_types + N_GAP_BUCKETS + 4
+        n_slot, n_vocab = len(SLOT_FEATURES), len(VOCAB_FEATURES)
+        self.slot_w0 = nn.Parameter(torch.zeros(n_slot))
+        self.vocab_w0 = nn.Parameter(torch.zeros(n_vocab))
+        self.slot_ctx = nn.Linear(d_ctx, n_slot)
+        self.vocab_ctx = nn.Linear(d_ctx, n_vocab)
+        # the LSTM's own terms: explore over every category, repeat affinity of a slot's category
+        self.explore = nn.Linear(cfg.hidden, c)
+        self.repeat_query = nn.Linear(cfg.hidden, cfg.emb_repeat)
+        self.repeat_emb = nn.Embedding(c, cfg.emb_repeat)
+        for lin in (self.slot_ctx, self.vocab_ctx, self.explore, self.repeat_query):
+            nn.init.zeros_(lin.weight)  # start as the explicit features alone; the LSTM earns its say
+            nn.init.zeros_(lin.bias)
+        n_funnel = n_types + 3 + N_GAP_BUCKETS + 2 + 5
+        self.purchase = nn.Sequential(
+            nn.Linear(cfg.hidden + n_funnel, cfg.purchase_hidden),
+            nn.ReLU(),
+            nn.Linear(cfg.purchase_hidden, 1),
+        )
+        # Global tables learned from training data (markov_tables): buffers, so the checkpoint (and
+        # model_version) carries them and the optimizer never moves them.
+        self.register_buffer("pop_logp", torch.full((c,), -math.log(max(c - 1, 1))))
+        self.register_buffer("markov_next", torch.zeros(c, k, dtype=torch.int64))
+        self.register_buffer("markov_count", torch.zeros(c, k))
+        self.register_buffer("markov_total", torch.zeros(c))
+        # Platt scaling of the purchase logit (demandstream.model.training.train.calibrate); identity until fitted.
+        self.register_buffer("purchase_scale", torch.tensor(1.0))
+        self.register_buffer("purchase_shift", torch.tensor(0.0))
+        self._register_load_state_dict_pre_hook(_identity_calibration_if_missing)
+
+    @torch.no_grad()
+    def set_tables(self, tables: dict[str, np.ndarray]) -> None:
+        """Install :func:`markov_tables` output (trained on training rows only)."""
+        self.pop_logp.copy_(torch.as_tensor(tables["pop_logp"], dtype=torch.float32))
+        self.markov_next.copy_(torch.as_tensor(tables["next"]))
+        self.markov_count.copy_(torch.as_tensor(tables["count"], dtype=torch.float32))
+        self.markov_total.copy_(torch.as_tensor(tables["total"], dtype=torch.float32))
+
+    # -- inputs ---------------------------------------------------------------------------------
+
+    def embed(self, f: dict[str, torch.Tensor]) -> torch.Tensor:
+        q = f["query"]
+        q_mask = (q > 0).unsqueeze(-1).float()
+        q_emb = (self.emb_query(q) * q_mask).sum(-2) / q_mask.sum(-2).clamp(min=1.0)
+        x = torch.cat(
+            [
+                self.emb_type(f["etype"]),
+                self.emb_item(f["item"]),
+                self.emb_cat(f["cat"]),
+                self.emb_price(f["price"]),
+                self.emb_gap(f["gap"]),
+                q_emb,
+            ],
+            dim=-1,
+        )
+        return self.drop(x)
+
+    # -- heads ----------------------------------------------------------------------------------
+
+    def markov_row(
+        self, src: torch.Tensor, own_count: torch.Tensor | None = None, own_total: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """log P(next = c | current = src) for every vocabulary category c: [..., C].
+
+        ``own_count`` [..., K] / ``own_total`` [...] (training only) are the transitions the row's own
+        user contributed to the table (counts for ``src``'s K stored successors, and in all): they are
+        subtracted, so a training row never sees its user's own transitions, its target's above all,
+        in its features (out-of-sample, as every later user will).
+        """
+        total = self.markov_total[src]
+        nxt, count = self.markov_next[src], self.markov_count[src]
+        if own_count is not None and own_total is not None:
+            total = (total - own_total).clamp(min=0.0)
+            count = (count - own_count).clamp(min=0.0)
+        denom = (total + MARKOV_ALPHA).unsqueeze(-1)
+        dense = torch.log(MARKOV_ALPHA / denom) + self.pop_logp
+        top = torch.log((count + MARKOV_ALPHA * self.pop_logp.exp()[nxt]) / denom)
+        return dense.scatter(-1, nxt, torch.maximum(top, dense.gather(-1, nxt)))
+
+    def heads(self, h: torch.Tensor, f: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Head outputs from LSTM outputs ``h`` [..., hidden] and the step's features.
+
+        ``cat_logits`` [..., C + K]: the first C columns score vocabulary categories outside the history
+        (-inf for those in it and for index 0), the last K score the history slots (-inf when empty).
+        """
+        cfg = self.cfg
+        hd = self.drop(h)
+        etype_1h = nn.functional.one_hot(f["etype"], len(EVENT_TYPES)).float()
+        gap_1h = nn.functional.one_hot(f["gap"], N_GAP_BUCKETS).float()
+        cart = f["cart"].unsqueeze(-1)
+        ctx = torch.cat(
+            [
+                hd,
+                etype_1h,
+                gap_1h,
+                (cart > 0).float(),
+                torch.log1p(cart),
+                (f["session_adds"] > 0).float().unsqueeze(-1),
+                torch.log1p(f["streak"]).unsqueeze(-1),
+            ],
+            dim=-1,
+        )
+
+        cats, hv = f["hist_cats"], f["hist_vocab"]
+        valid = cats > 0
+        ages = f["hist_ages"]
+        # the current category: the most recently seen slot (this event's, when it has one)
+        recent = ages.masked_fill(~valid, float("inf")).argmin(-1, keepdim=True)
+        src = hv.gather(-1, recent).squeeze(-1) * valid.any(-1).long()
+        mk = self.markov_row(src, f.get("markov_own_count"), f.get("markov_own_total"))  # [..., C]
+        slot_mk = mk.gather(-1, hv)
+        slot_cart = f["hist_cart"]
+        phi = torch.cat(
+            [
+                torch.ones_like(ages).unsqueeze(-1),
+                (ages == 0).float().unsqueeze(-1),
+                (ages == 1).float().unsqueeze(-1),
+                (slot_cart > 0).float().unsqueeze(-1),
+                torch.log1p(slot_cart).unsqueeze(-1),
+                torch.log1p(f["hist_counts"]).unsqueeze(-1),
+                torch.log1p(ages).unsqueeze(-1),
+                (torch.log1p(f["hist_secs"]) / _LOG_DAY).unsqueeze(-1),
+                nn.functional.one_hot(f["hist_etype"], len(EVENT_TYPES)).float(),
+                slot_mk.unsqueeze(-1),
+                self.pop_logp[hv].unsqueeze(-1),
+                (hv > 0).float().unsqueeze(-1),
+                torch.log1p(f["hist_session"]).unsqueeze(-1),
+                ((ages == 0).float() * torch.log1p(f["streak"]).unsqueeze(-1)).unsqueeze(-1),
+            ],
+            dim=-1,
+        )  # [..., K, F]
+        sw, vw = self.slot_w0, self.vocab_w0
+        if cfg.context_weights:
+            sw = sw + self.slot_ctx(ctx)
+            vw = vw + self.vocab_ctx(ctx)
+        else:
+            sw = sw.expand(*ctx.shape[:-1], -1)
+            vw = vw.expand(*ctx.shape[:-1], -1)
+        slot_score = (phi * sw.unsqueeze(-2)).sum(-1)
+        vocab_score = vw[..., 0:1] * mk + vw[..., 1:2] * self.pop_logp
+        if cfg.lstm_terms:
+            slot_score = slot_score + (self.repeat_emb(hv) * self.repeat_query(hd).unsqueeze(-2)).sum(-1)
+            vocab_score = vocab_score + self.explore(hd)
+        slot_score = slot_score.masked_fill(~valid, float("-inf"))
+        # a category in the history is scored once, by its slot
+        in_hist = torch.zeros_like(vocab_score, dtype=torch.bool).scatter(-1, hv, valid & (hv > 0))
+        in_hist[..., 0] = True  # index 0 = unknown category: never predicted
+        vocab_score = vocab_score.masked_fill(in_hist, float("-inf"))
+
+        in_cart_now = ((ages == 0) & (slot_cart > 0)).any(-1, keepdim=True).float()
+        add_secs = f["add_secs"].unsqueeze(-1)
+        adds = f["session_adds"].unsqueeze(-1)
+        funnel = torch.cat(
+            [
+                etype_1h,
+                torch.log1p(cart),
+                (cart > 0).float(),
+                torch.log1p(f["purchases"]).unsqueeze(-1),
+                # the user's own purchase rate and how much history backs it (bounded inputs)
+                (f["purchases"] / f["events_seen"].clamp(min=1.0)).unsqueeze(-1),
+                (f["events_seen"] / (f["events_seen"] + HISTORY_HALF_WEIGHT)).unsqueeze(-1),
+                gap_1h,
+                torch.log1p(adds),
+                (adds > 0).float(),
+                torch.log1p(add_secs) / _LOG_DAY,
+                (add_secs < 1800.0).float(),
+                in_cart_now,
+            ],
+            dim=-1,
+        )
+        purchase_logit = self.purchase(torch.cat([hd, funnel], dim=-1)).squeeze(-1)
+        purchase_logit = (
+            self.purchase_scale * purchase_logit + self.purchase_shift
+        )  # identity unless calibrated
+        return {"cat_logits": torch.cat([vocab_score, slot_score], dim=-1), "purchase_logit": purchase_logit}
+
+    @staticmethod
+    def category_probs(out: dict[str, torch.Tensor], f: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Next-category distribution [..., C + K]: vocabulary categories first, then the history slots
+        whose category is outside the vocabulary (0 for the slots of vocabulary categories, whose
+        probability is added to their vocabulary column)."""
+        p = torch.softmax(out["cat_logits"], dim=-1)
+        hv = f["hist_vocab"]
+        k = hv.shape[-1]
+        pv, ps = p[..., :-k], p[..., -k:]
+        known = hv > 0
+        pv = pv.scatter_add(-1, hv, ps * known)
+        return torch.cat([pv, ps * ~known], dim=-1)
+
+    @staticmethod
+    def category_log_prob(
+        out: dict[str, torch.Tensor],
+        f: dict[str, torch.Tensor],
+        target: torch.Tensor,
+        target_hash: torch.Tensor,
+    ) -> torch.Tensor:
+        """log P(next category) for targets given as vocabulary index and category hash (training loss).
+
+        -inf where the target can be ranked neither as a vocabulary category nor as a history slot.
+        """
+        lp = torch.log_softmax(out["cat_logits"], dim=-1)
+        k = f["hist_cats"].shape[-1]
+        lp_v = lp[..., :-k].gather(-1, target.clamp(min=0).unsqueeze(-1))
+        lp_v = lp_v.masked_fill((target <= 0).unsqueeze(-1), float("-inf"))
+        lp_s = lp[..., -k:].masked_fill(f["hist_cats"] != target_hash.unsqueeze(-1), float("-inf"))
+        return torch.logsumexp(torch.cat([lp_v, lp_s], dim=-1), dim=-1)
+
+    @staticmethod
+    def target_columns(f: dict[str, torch.Tensor], cat_t: torch.Tensor, hash_t: torch.Tensor, n_vocab: int):
+        """Column of each target in :meth:`category_probs`'s output, -1 where it has none: the vocabulary
+        index (``cat_t`` > 0), else the history slot holding the target's hash (``hash_t``) outside it."""
+        match = (f["hist_cats"] == hash_t.unsqueeze(-1)) & (f["hist_vocab"] == 0) & (hash_t > 0).unsqueeze(-1)
+        slot_col = torch.where(match.any(-1), n_vocab + match.float().argmax(-1), -1)
+        return torch.where(cat_t > 0, cat_t, slot_col)
+
+    # -- running --------------------------------------------------------------------------------
+
+    def initial_state(self, batch: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        z = torch.zeros(self.cfg.layers, batch, self.cfg.hidden, device=device)
+        return z, z.clone()
+
+    def forward(self, f: dict[str, torch.Tensor], state=None):
+        """Whole sequences: features [B, T, ...] -> (head outputs [B, T, ...], (h, c) [layers, B, hidden])."""
+        x = self.embed(f)
+        if state is None:
+            state = self.initial_state(x.shape[0], x.device)
+        out, state = self.lstm(x, state)
+        return self.heads(out, f), state
+
+    def forward_packed(
+        self, f: dict[str, torch.Tensor], lengths: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]
+    ):
+        """Sequences of different lengths [B, T] from given states: (head outputs at valid steps
+        [n_valid, ...] in row-major (user, step) order, final (h, c) of each user at its own last step).
+
+        The stream uses it when a micro-batch holds several events of one user: one call instead of
+        one ``step`` per event, with the same numbers.
+        """
+        x = self.embed(f)
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        out, state = self.lstm(packed, state)
+        out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
+        valid = torch.arange(x.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)
+        valid = valid.to(out.device)
+        return self.heads(out[valid], {k: v[valid] for k, v in f.items()}), state, valid
+
+    def step(self, f: dict[str, torch.Tensor], state: tuple[torch.Tensor, torch.Tensor]):
+        """One event per user: features [B, ...] -> (head outputs [B, ...], new (h, c))."""
+        x = self.embed(f).unsqueeze(1)
+        out, state = self.lstm(x, state)
+        return self.heads(out.squeeze(1), f), state
+
+
+#: Base weights that make the ranking equal the rule cascade (see :func:`init_like_cascade`).
+CASCADE_SLOT_WEIGHTS = {
+    "in_history": 2.0,  # any history category above every other (Markov log-probabilities are <= 0)
+    "is_last": 8.0,  # the current category first
+    "in_cart": 4.0,  # then the cart (4 > the count term of any realistic count)
+    "log_count": 0.5,  # then the rest of the history by count
+    "log_age_events": -1e-3,  # ties by recency
+}
+CASCADE_VOCAB_WEIGHTS = {"markov": 1.0}  # outside the history: Markov successors, backed off to popularity
+
+
+@torch.no_grad()
+def init_like_cascade(net: DemandLSTM) -> None:
+    """Set the base feature weights so that, before any training, the ranking is the rule cascade:
+    last category, cart, other history categories by count (recent first on ties), Markov successors of
+    the current category, popularity. The context terms and the LSTM terms start at zero."""
+    net.slot_w0.zero_()
+    net.vocab_w0.zero_()
+    for name, w in CASCADE_SLOT_WEIGHTS.items():
+        net.slot_w0[SLOT_FEATURES.index(name)] = w
+    for name, w in CASCADE_VOCAB_WEIGHTS.items():
+        net.vocab_w0[VOCAB_FEATURES.index(name)] = w

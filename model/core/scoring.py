@@ -1,0 +1,269 @@
+"""Scoring: demand predictions from a trained model, one step at a time or over a whole log.
+
+:class:`Scorer` is the single place where events meet the network. The stream calls
+:meth:`Scorer.step` once per micro-batch round (one event per user); ``demandstream score`` and the
+evaluator call :meth:`Scorer.predict_log`, which runs the same weights over whole sequences. Both
+encode through :mod:`demandstream.model.core.encoding`, so their outputs agree to float precision
+(docs/ARCHITECTURE.md §Semantics, parity).
+
+>>> from demandstream.model.core.network import DemandLSTM, ModelConfig
+>>> from demandstream.model.core.features import Vocabulary
+>>> from demandstream.model.core.checkpoint import Checkpoint
+>>> from demandstream.model.core.events import Event
+>>> torch.manual_seed(0) is not None
+True
+>>> vocab = Vocabulary(["<unk>", "shoes", "bags"])
+>>> sc = Scorer(Checkpoint(DemandLSTM(ModelConfig(n_categories=3)).eval(), vocab, "0a1b2c3d"), top_k=2)
+>>> st = sc.new_state()
+>>> [p] = sc.step([Event("e1", "u1", 1.7e9, "view", "i1", "shoes", 10.0)], [st])
+>>> [c for c, _ in p.top_categories], st.events_seen, 0.0 < p.purchase_propensity < 1.0
+(['shoes', 'bags'], 1, True)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from demandstream.model.core.checkpoint import Checkpoint
+from demandstream.model.core.encoding import FeatureBuffer, encode_event, encode_events, encode_log
+from demandstream.model.core.events import Event
+from demandstream.model.core.features import category_hash
+from demandstream.model.core.network import DemandLSTM
+from demandstream.model.core.state import UserState, new_state
+from demandstream.model.errors import OptionError
+
+if TYPE_CHECKING:  # the core runs on duck-typed logs; the data layer is never imported by it
+    from demandstream.model.data.eventlog import EventLog
+
+logger = logging.getLogger(__name__)
+
+#: Offline scoring pads users of similar length into one batch of at most this many (user, step) cells.
+OFFLINE_BATCH_CELLS = 1 << 16
+
+#: Names of out-of-vocabulary categories a Scorer remembers (LRU): enough for every category a shop has.
+OOV_NAMES_MAX = 1 << 17
+
+
+@dataclass(slots=True)
+class Prediction:
+    """The demand signal's payload for one event (docs/ARCHITECTURE.md §Signals)."""
+
+    top_categories: list[tuple[str, float]]
+    purchase_propensity: float
+    events_seen: int
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is a user error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise OptionError("device 'cuda' requested but torch sees no CUDA GPU (use --device cpu or auto)")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise OptionError(f"unknown device {name!r}: use auto, cpu or cuda")
+    return torch.device(name)
+
+
+class Scorer:
+    """A loaded model ready to score: network in eval mode on a device, vocabulary, top-k."""
+
+    def __init__(
+        self, ckpt: Checkpoint, device: str | torch.device = "cpu", top_k: int = 5, max_batch: int = 4096
+    ):
+        self.device = torch.device(device)
+        if self.device.type == "cuda":
+            # TF32 (PyTorch's default for cuDNN on Ampere and later) rounds matmul inputs to 10-bit
+            # mantissas: ~1e-3 relative error, which would break stream/offline parity (1e-4).
+            # This model is far too small for TF32 to matter for speed.
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
+        self.net: DemandLSTM = ckpt.net.to(self.device).eval()
+        self.cfg = ckpt.net.cfg
+        self.vocab = ckpt.vocab
+        self.model_version = ckpt.model_version
+        self.top_k = min(top_k, len(self.vocab) - 1)
+        self._buf = FeatureBuffer(self.cfg, max_batch, self.vocab)
+        self._names = self.vocab.names
+        #: names of categories outside the vocabulary, by hash, learned from the events scored (bounded)
+        self._oov_names: OrderedDict[int, str] = OrderedDict()
+
+    def new_state(self) -> UserState:
+        s = new_state(self.cfg.layers, self.cfg.hidden, self.cfg.history_slots)
+        s.model_version = self.model_version
+        return s
+
+    def remember(self, category: str | None) -> None:
+        """Learn the name of a category outside the vocabulary, so a prediction can name it."""
+        if category and self.vocab.index(category) == 0:
+            h = category_hash(category)
+            self._oov_names[h] = category
+            self._oov_names.move_to_end(h)
+            if len(self._oov_names) > OOV_NAMES_MAX:
+                self._oov_names.popitem(last=False)
+
+    def category_name(self, code: int) -> str:
+        """Name of a prediction code: a vocabulary index, or minus the hash of an out-of-vocabulary
+        category (``#`` and the hash in hex when this process never saw its name)."""
+        if code >= 0:
+            return self._names[code]
+        return self._oov_names.get(-code) or f"#{-code:08x}"
+
+    def _top(self, probs: torch.Tensor, hist_cats: torch.Tensor) -> tuple[list[list[int]], list[list[float]]]:
+        """Top-k (code, p) per row of a [n, C + K] distribution: codes as in :meth:`category_name`."""
+        top_p, top_i = probs.topk(self.top_k, dim=-1)
+        c = len(self._names)
+        oov = top_i >= c
+        if bool(oov.any()):
+            slot_hash = hist_cats.gather(-1, (top_i - c).clamp(min=0))
+            top_i = torch.where(oov, -slot_hash, top_i)
+        return top_i.cpu().tolist(), top_p.cpu().tolist()
+
+    def _prediction(self, codes: list[int], ps: list[float], prop: float, seen: int) -> Prediction:
+        name = self.category_name
+        return Prediction([(name(i), p) for i, p in zip(codes, ps, strict=True)], prop, seen)
+
+    @torch.inference_mode()
+    def step(self, events: Sequence[Event], states: Sequence[UserState]) -> list[Prediction]:
+        """Advance each user's state by one event (users distinct) and predict; ``states`` are updated.
+
+        One batched network call for the whole round, whatever its size.
+        """
+        n = len(events)
+        if n == 0:
+            return []
+        if n > self._buf.n:
+            self._buf = FeatureBuffer(self.cfg, max(n, 2 * self._buf.n), self.vocab)
+        for e in events:
+            self.remember(e.category)
+        encode_events(self._buf, events, states)
+        f = self._buf.tensors(slice(0, n), self.device)
+        h = torch.from_numpy(np.stack([s.h for s in states], axis=1)).to(self.device)
+        c = torch.from_numpy(np.stack([s.c for s in states], axis=1)).to(self.device)
+        out, (h2, c2) = self.net.step(f, (h, c))
+        probs = self.net.category_probs(out, f)
+        top_i, top_p = self._top(probs, f["hist_cats"])
+        prop = torch.sigmoid(out["purchase_logit"]).cpu().tolist()
+        h_np, c_np = h2.cpu().numpy(), c2.cpu().numpy()
+        preds = []
+        for j, s in enumerate(states):
+            s.h = h_np[:, j, :].copy()
+            s.c = c_np[:, j, :].copy()
+            s.last_top = list(zip(top_i[j], top_p[j], strict=True))
+            s.last_propensity = prop[j]
+            preds.append(self._prediction(top_i[j], top_p[j], prop[j], s.events_seen))
+        return preds
+
+    @torch.inference_mode()
+    def step_many(
+        self, seqs: Sequence[Sequence[Event]], states: Sequence[UserState]
+    ) -> list[list[Prediction]]:
+        """Advance each user by all of its events in order (users distinct); one network call.
+
+        Equal to calling :meth:`step` once per event (tests/unit/model/core/test_network.py checks it).
+        """
+        lengths = [len(q) for q in seqs]
+        if not seqs:
+            return []
+        t_max = max(lengths)
+        if t_max == 1:
+            return [[p] for p in self.step([q[0] for q in seqs], states)]
+        n = sum(lengths)
+        if n > self._buf.n:
+            self._buf = FeatureBuffer(self.cfg, max(n, 2 * self._buf.n), self.vocab)
+        buf, cfg, vocab = self._buf, self.cfg, self.vocab
+        idx = np.empty((len(seqs), t_max), np.int64)
+        rows = []
+        for b, (q, s) in enumerate(zip(seqs, states, strict=True)):
+            r0 = len(rows)
+            for e in q:
+                self.remember(e.category)
+                rows.append(encode_event(cfg, vocab, s, e))
+            idx[b, : len(q)] = np.arange(r0, r0 + len(q))
+            idx[b, len(q) :] = r0 + len(q) - 1  # padding repeats the last row; it is masked out
+        buf.put_rows(0, rows)
+        f = buf.tensors(idx, self.device)
+        h = torch.from_numpy(np.stack([s.h for s in states], axis=1)).to(self.device)
+        c = torch.from_numpy(np.stack([s.c for s in states], axis=1)).to(self.device)
+        out, (h2, c2), valid = self.net.forward_packed(f, torch.tensor(lengths), (h, c))
+        fv = {k: v[valid] for k, v in f.items()}
+        probs = self.net.category_probs(out, fv)
+        top_i, top_p = self._top(probs, fv["hist_cats"])
+        prop = torch.sigmoid(out["purchase_logit"]).cpu().tolist()
+        h_np, c_np = h2.cpu().numpy(), c2.cpu().numpy()
+        result, k = [], 0
+        for b, (q, s) in enumerate(zip(seqs, states, strict=True)):
+            preds = []
+            first_seen = s.events_seen - len(q)
+            for t in range(len(q)):
+                preds.append(self._prediction(top_i[k], top_p[k], prop[k], first_seen + t + 1))
+                k += 1
+            s.h = h_np[:, b, :].copy()
+            s.c = c_np[:, b, :].copy()
+            s.last_top = list(zip(top_i[k - 1], top_p[k - 1], strict=True))
+            s.last_propensity = prop[k - 1]
+            result.append(preds)
+        return result
+
+    @torch.inference_mode()
+    def predict_log(
+        self, log: EventLog, rows: np.ndarray | None = None, features: FeatureBuffer | None = None
+    ) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Offline: yield ``(row_ids, category_probs [n, C + K], purchase_propensity [n], hist_cats [n, K])``.
+
+        Columns past C are the history slots holding categories outside the vocabulary (``hist_cats``
+        gives their hashes), as :meth:`DemandLSTM.category_probs` lays them out.
+
+        Every user's whole sequence is run from a fresh state; only rows where ``rows`` (a bool mask
+        over the log) is true are yielded (all rows when None). The log must be sorted by user and time.
+        """
+        feats = features if features is not None else encode_log(log, self.cfg, self.vocab)
+        want = np.ones(len(log), bool) if rows is None else rows
+        starts, ends = log.user_start[:-1], log.user_start[1:]
+        lengths = ends - starts
+        users = [
+            u
+            for u in np.argsort(-lengths, kind="stable")
+            if lengths[u] > 0 and want[starts[u] : ends[u]].any()
+        ]
+        i = 0
+        while i < len(users):
+            t_max = int(lengths[users[i]])
+            b = max(1, OFFLINE_BATCH_CELLS // t_max)
+            batch = users[i : i + b]
+            i += b
+            # Pad each user's row indices with its own last row: an LSTM is causal, so padding after
+            # the end never changes earlier outputs.
+            idx = np.empty((len(batch), t_max), np.int64)
+            for k, u in enumerate(batch):
+                s, e = int(starts[u]), int(ends[u])
+                idx[k, : e - s] = np.arange(s, e)
+                idx[k, e - s :] = e - 1
+            f = feats.tensors(idx, self.device)
+            out, _ = self.net(f)
+            valid = np.zeros_like(idx, dtype=bool)
+            for k, u in enumerate(batch):
+                n_u = int(lengths[u])
+                valid[k, :n_u] = want[idx[k, :n_u]]
+            vt = torch.from_numpy(valid).to(self.device)
+            sel = {k: v[vt] for k, v in out.items()}
+            fv = {k: v[vt] for k, v in f.items()}
+            probs = self.net.category_probs(sel, fv)
+            yield idx[valid], probs, torch.sigmoid(sel["purchase_logit"]), fv["hist_cats"]
+
+    def score_log(self, log: EventLog) -> Iterator[tuple[int, Prediction]]:
+        """Offline signals of every row: ``(row, Prediction)``, the same numbers the stream emits."""
+        for c in log.categories:
+            self.remember(c)
+        for row_ids, probs, prop, hist_cats in self.predict_log(log):
+            ti, tp = self._top(probs, hist_cats)
+            pp = prop.cpu().tolist()
+            for j, r in enumerate(row_ids.tolist()):
+                seen = r - int(log.user_start[log.user[r]]) + 1
+                yield r, self._prediction(ti[j], tp[j], pp[j], seen)

@@ -1,0 +1,294 @@
+"""Per-user state: the LSTM (h, c) plus a small bounded summary of the user's own history.
+
+The summary is what the next-category head reads (docs/ARCHITECTURE.md, "State"): the last ``K``
+distinct categories, each slot keyed by the *hash* of the raw category name (so a category the
+vocabulary does not know can still be remembered and repeated), with its count, the event index and
+the second at which it was last seen, how many of its items are in the cart and the type of the last
+event on it and how many events it had in the current session; the streak of consecutive events in
+the current category; and funnel counters (cart, purchases, add-to-carts in the current session, time
+of the last add). It is advanced by :func:`observe`, the same pure function offline and in the stream, so the
+two cannot diverge.
+
+The binary layout (:func:`pack` / :func:`unpack`) is what the stream stores in the ``user-state`` table:
+a 57-byte header, h and c as float32, 18 bytes per history slot and the last top-k prediction; 1,153
+bytes for the default model (hidden 96, 1 layer, 16 slots, top 5), within the 1.2 KB budget.
+
+>>> s = new_state(layers=1, hidden=4, slots=3)
+>>> for cat, etype, ts in [(7, 0, 10.0), (8, 0, 20.0), (7, 2, 25.5)]:
+...     gap = observe(s, cat, etype, ts)
+>>> s.hist_cats, s.hist_counts, s.hist_last, s.hist_ts, s.hist_cart, s.hist_session, s.streak, s.cart, gap
+([7, 8, -1], [2, 1, 0], [3, 2, 0], [25, 20, 0], [1, 0, 0], [2, 1, 0], 1, 1, 5.5)
+>>> t = unpack(pack(s, model_version="0a1b2c3d"))
+>>> t.hist_cats == s.hist_cats and t.hist_ts == s.hist_ts and t.events_seen == 3 and t.model_version == "0a1b2c3d"
+True
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from demandstream.model.core.events import TYPE_INDEX
+
+EMPTY = -1
+_ADD, _REMOVE, _PURCHASE = TYPE_INDEX["add_to_cart"], TYPE_INDEX["remove_from_cart"], TYPE_INDEX["purchase"]
+_COUNT_MAX = 0xFFFF  # counters are stored as uint16 and saturate
+_SLOT_CART_MAX = 0xFF  # items of one category in the cart: uint8, saturating
+_TS_MAX = 0xFFFFFFFF  # slot times are whole unix seconds in a uint32 (until 2106)
+
+#: A gap longer than this between two events of a user starts a new session (the 30-minute rule of web
+#: analytics); the session's add-to-cart counter then restarts.
+SESSION_GAP_S = 1800.0
+
+MAGIC = b"DS"
+FORMAT = 2
+#: Header fields in order, with their struct codes: names, not positions, are how code reads them.
+HEADER_FIELDS = (
+    ("magic", "2s"),
+    ("format", "B"),
+    ("flags", "B"),
+    ("model_version", "4s"),
+    ("partition", "i"),
+    ("offset", "q"),
+    ("events_seen", "I"),
+    ("last_ts", "d"),
+    ("cart", "H"),
+    ("purchases", "H"),
+    ("hidden", "H"),
+    ("layers", "B"),
+    ("slots", "B"),
+    ("last_propensity", "f"),
+    ("n_top", "B"),
+    ("session_adds", "H"),
+    ("last_add_ts", "d"),
+    ("streak", "H"),
+)
+_HEADER = struct.Struct("<" + "".join(code for _, code in HEADER_FIELDS))
+_FIELD = {name: i for i, (name, _) in enumerate(HEADER_FIELDS)}
+#: bytes per history slot: hash int32, count uint16, last event index uint32, last second uint32,
+#: cart uint8, last event type uint8, events in the current session uint16
+SLOT_BYTES = 18
+_SLOT_STRUCT = "{k}i{k}H{k}I{k}I{k}B{k}B{k}H"
+
+
+class StateFormatError(ValueError):
+    """A stored state record that cannot be decoded (wrong magic, format or size)."""
+
+
+@dataclass(slots=True)
+class UserState:
+    """One user's state. ``partition``/``offset`` record the last applied source event (-1 = none)."""
+
+    h: np.ndarray  # float32 [layers, hidden]
+    c: np.ndarray  # float32 [layers, hidden]
+    hist_cats: list[int]  # category_hash per slot, EMPTY when unused
+    hist_counts: list[int]  # events seen in that category
+    hist_last: list[int]  # events_seen value when the category was last seen
+    hist_ts: list[int] = field(default_factory=list)  # whole unix second when last seen
+    hist_cart: list[int] = field(default_factory=list)  # items of that category in the cart
+    hist_etype: list[int] = field(default_factory=list)  # type of the last event on that category
+    hist_session: list[int] = field(default_factory=list)  # events in that category this session
+    events_seen: int = 0
+    last_ts: float = math.nan
+    cart: int = 0
+    purchases: int = 0
+    session_adds: int = 0  # add-to-carts since the session began (SESSION_GAP_S)
+    last_add_ts: float = math.nan  # time of the last add-to-cart
+    streak: int = 0  # consecutive events (with a category) in the current category
+    partition: int = -1
+    offset: int = -1
+    model_version: str = field(default="00000000")
+    #: the last prediction made from this state, so a query costs a read, not a model step: (code, p)
+    #: with code >= 0 a vocabulary index and code < 0 minus the category_hash of a category outside it
+    last_top: list[tuple[int, float]] = field(default_factory=list)
+    last_propensity: float = math.nan
+
+
+#: The fields of the history summary: integers that a replay, a restore or the stream must reproduce
+#: exactly (h and c are floats, compared within a tolerance; event times may be NaN).
+SUMMARY_FIELDS = (
+    "events_seen",
+    "hist_cats",
+    "hist_counts",
+    "hist_last",
+    "hist_ts",
+    "hist_cart",
+    "hist_etype",
+    "hist_session",
+    "cart",
+    "purchases",
+    "session_adds",
+    "streak",
+)
+
+
+def new_state(layers: int, hidden: int, slots: int) -> UserState:
+    """The state of a user never seen before: zeros, empty history."""
+    return UserState(
+        h=np.zeros((layers, hidden), dtype=np.float32),
+        c=np.zeros((layers, hidden), dtype=np.float32),
+        hist_cats=[EMPTY] * slots,
+        hist_counts=[0] * slots,
+        hist_last=[0] * slots,
+        hist_ts=[0] * slots,
+        hist_cart=[0] * slots,
+        hist_etype=[0] * slots,
+        hist_session=[0] * slots,
+    )
+
+
+def observe(s: UserState, cat: int, etype: int, ts: float) -> float | None:
+    """Advance the history summary and funnel counters by one event; return the time gap it encodes.
+
+    ``cat`` is the event's :func:`~demandstream.model.core.features.category_hash` (0 = no category). Returns None for
+    the user's first event, else the gap in seconds since the previous event (negative gaps, from
+    out-of-order timestamps, count as 0: events apply in arrival order).
+    """
+    gap = None if s.events_seen == 0 else max(0.0, ts - s.last_ts)
+    s.events_seen += 1
+    s.last_ts = ts if s.events_seen == 1 else max(ts, s.last_ts)
+    if gap is None or gap > SESSION_GAP_S:
+        s.session_adds = 0
+        s.hist_session = [0] * len(s.hist_session)
+    j = -1
+    if cat > 0:
+        cats = s.hist_cats
+        try:
+            j = cats.index(cat)
+            s.hist_counts[j] = min(_COUNT_MAX, s.hist_counts[j] + 1)
+            s.streak = min(_COUNT_MAX, s.streak + 1) if s.hist_last[j] == s.events_seen - 1 else 1
+        except ValueError:
+            # Evict the least recently seen slot (empty slots have hist_last 0, so they go first).
+            j = min(range(len(cats)), key=s.hist_last.__getitem__)
+            cats[j] = cat
+            s.hist_counts[j] = 1
+            s.hist_cart[j] = 0
+            s.hist_session[j] = 0
+            s.streak = 1
+        s.hist_session[j] = min(_COUNT_MAX, s.hist_session[j] + 1)
+        s.hist_last[j] = s.events_seen
+        s.hist_ts[j] = min(_TS_MAX, max(0, int(math.floor(s.last_ts))))
+        s.hist_etype[j] = etype
+    if etype == _ADD:
+        s.cart = min(_COUNT_MAX, s.cart + 1)
+        s.session_adds = min(_COUNT_MAX, s.session_adds + 1)
+        s.last_add_ts = ts
+        if j >= 0:
+            s.hist_cart[j] = min(_SLOT_CART_MAX, s.hist_cart[j] + 1)
+    elif etype == _REMOVE or etype == _PURCHASE:
+        s.cart = max(0, s.cart - 1)
+        if j >= 0:
+            s.hist_cart[j] = max(0, s.hist_cart[j] - 1)
+        if etype == _PURCHASE:
+            s.purchases = min(_COUNT_MAX, s.purchases + 1)
+    return gap
+
+
+def pack(s: UserState, model_version: str | None = None) -> bytes:
+    """Encode a state as compact bytes (see the module docstring for the layout)."""
+    layers, hidden = s.h.shape
+    slots = len(s.hist_cats)
+    values = {
+        "magic": MAGIC,
+        "format": FORMAT,
+        "flags": 0,
+        "model_version": bytes.fromhex(model_version or s.model_version),
+        "partition": s.partition,
+        "offset": s.offset,
+        "events_seen": s.events_seen,
+        "last_ts": s.last_ts,
+        "cart": s.cart,
+        "purchases": s.purchases,
+        "hidden": hidden,
+        "layers": layers,
+        "slots": slots,
+        "last_propensity": s.last_propensity,
+        "n_top": len(s.last_top),
+        "session_adds": s.session_adds,
+        "last_add_ts": s.last_add_ts,
+        "streak": s.streak,
+    }
+    header = _HEADER.pack(*(values[name] for name, _ in HEADER_FIELDS))
+    return b"".join(
+        (
+            header,
+            np.ascontiguousarray(s.h, dtype=np.float32).tobytes(),
+            np.ascontiguousarray(s.c, dtype=np.float32).tobytes(),
+            struct.pack(
+                "<" + _SLOT_STRUCT.format(k=slots),
+                *s.hist_cats,
+                *s.hist_counts,
+                *s.hist_last,
+                *s.hist_ts,
+                *s.hist_cart,
+                *s.hist_etype,
+                *s.hist_session,
+            ),
+            struct.pack(
+                f"<{len(s.last_top)}i{len(s.last_top)}f",
+                *(i for i, _ in s.last_top),
+                *(p for _, p in s.last_top),
+            ),
+        )
+    )
+
+
+def unpack(data: bytes) -> UserState:
+    """Decode :func:`pack`'s bytes; raises :class:`StateFormatError` on anything else."""
+    if len(data) < _HEADER.size:
+        raise StateFormatError(f"state record of {len(data)} bytes is shorter than its header")
+    hd = dict(zip((name for name, _ in HEADER_FIELDS), _HEADER.unpack_from(data), strict=True))
+    if hd["magic"] != MAGIC or hd["format"] != FORMAT:
+        raise StateFormatError(
+            f"not a demandstream state record (magic {hd['magic']!r}, format {hd['format']})"
+        )
+    layers, hidden, slots, ntop = hd["layers"], hd["hidden"], hd["slots"], hd["n_top"]
+    n = layers * hidden
+    expected = _HEADER.size + 8 * n + SLOT_BYTES * slots + 8 * ntop
+    if len(data) != expected:
+        raise StateFormatError(f"state record has {len(data)} bytes, expected {expected}")
+    buf = memoryview(data)
+    o = _HEADER.size
+    h = np.frombuffer(buf, np.float32, n, o).reshape(layers, hidden).copy()
+    o += 4 * n
+    c = np.frombuffer(buf, np.float32, n, o).reshape(layers, hidden).copy()
+    o += 4 * n
+    # struct beats numpy for these short arrays (a decode per user per batch is on the hot path)
+    slot_vals = struct.unpack_from("<" + _SLOT_STRUCT.format(k=slots), data, o)
+    cols = [list(slot_vals[k * slots : (k + 1) * slots]) for k in range(7)]
+    o += SLOT_BYTES * slots
+    top_i = struct.unpack_from(f"<{ntop}i", data, o)
+    top_p = struct.unpack_from(f"<{ntop}f", data, o + 4 * ntop)
+    return UserState(
+        h=h,
+        c=c,
+        hist_cats=cols[0],
+        hist_counts=cols[1],
+        hist_last=cols[2],
+        hist_ts=cols[3],
+        hist_cart=cols[4],
+        hist_etype=cols[5],
+        hist_session=cols[6],
+        events_seen=hd["events_seen"],
+        last_ts=hd["last_ts"],
+        cart=hd["cart"],
+        purchases=hd["purchases"],
+        session_adds=hd["session_adds"],
+        last_add_ts=hd["last_add_ts"],
+        streak=hd["streak"],
+        partition=hd["partition"],
+        offset=hd["offset"],
+        model_version=hd["model_version"].hex(),
+        last_top=list(zip(top_i, top_p, strict=True)),
+        last_propensity=hd["last_propensity"],
+    )
+
+
+def peek_last_ts(data: bytes) -> float:
+    """Event time of the last event applied to a record, without decoding the arrays (TTL scans)."""
+    if len(data) < _HEADER.size:
+        raise StateFormatError("state record shorter than its header")
+    return _HEADER.unpack_from(data)[_FIELD["last_ts"]]

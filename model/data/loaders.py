@@ -1,0 +1,644 @@
+"""Offline loaders: event files (our JSONL, REES46 CSV, RetailRocket CSV, Taobao CSV) into an EventLog.
+
+Rows are streamed, one line at a time, from plain or gzip files into an
+:class:`~demandstream.model.data.eventlog.EventLogBuilder`; every row becomes a dict in the schema of docs/ARCHITECTURE.md
+§Events and goes through :func:`~demandstream.model.core.events.validate_event`, so files and the Kafka topic obey the same
+rules. A row that fails (wrong column count, unparseable number or time, :class:`BadEvent`) is
+counted by reason in :class:`LoadStats` and skipped. The loaded log is then cleaned
+(:func:`~demandstream.model.data.cleaning.clean_log`) unless ``clean=None``.
+
+Formats
+-------
+``jsonl``
+    One event object per line, our schema.
+``rees46``
+    The public REES46 CSV (``event_time,event_type,product_id,category_id,category_code,brand,
+    price,user_id,user_session``). The category is ``category_code`` when filled, else
+    ``category_id`` (the cosmetics shop rarely fills the code); ``session_id`` is
+    ``user_session``; ``event_id`` is ``<file stem>:<line number>``, stable across loads.
+``retailrocket``
+    ``events.csv`` (``timestamp,visitorid,event,itemid,transactionid``, timestamps in ms).
+    The category comes from ``item_properties*.csv`` rows with property ``categoryid``: the
+    value in force at the event's time, or the item's earliest known value for events before
+    it. The category is the leaf ``categoryid`` string; the parent from ``category_tree.csv``
+    is not folded into the name, so one category keeps one name whatever the tree says
+    (:func:`read_category_tree` gives the tree to whoever wants parents). Side files are found
+    next to ``events.csv`` or passed explicitly.
+``taobao``
+    The Taobao UserBehavior CSV, without a header: ``user_id,item_id,category_id,behavior_type,
+    timestamp`` with behaviors ``pv``/``cart``/``fav``/``buy`` (view, add_to_cart, favorite,
+    purchase) and unix seconds; no price. The category is ``category_id``; ``event_id`` is
+    ``<file stem>:<line number>``.
+
+>>> import tempfile, pathlib
+>>> d = pathlib.Path(tempfile.mkdtemp())
+>>> _ = (d / "s.csv").write_text(
+...     "event_time,event_type,product_id,category_id,category_code,brand,price,user_id,user_session\\n"
+...     "2019-10-01 00:00:05 UTC,purchase,p1,17,,acme,2.50,u1,s1\\n"
+...     "2019-10-01 00:00:00 UTC,cart,p1,17,,acme,2.50,u1,s1\\n"
+...     "2019-10-01 00:00:00 UTC,cart,p1,17,,acme,not-a-price,u1,s1\\n")
+>>> stats = LoadStats()
+>>> log = load_log(d / "s.csv", "rees46", stats=stats)
+>>> [(e.event_id, e.type, e.category) for e in log.user_events(0)]
+[('s:3', 'add_to_cart', '17'), ('s:2', 'purchase', '17')]
+>>> stats.rows_read, stats.rows_kept, dict(stats.malformed), stats.out_of_order_fixed
+(3, 2, {'bad_number': 1}, 1)
+"""
+
+from __future__ import annotations
+
+import bisect
+import csv
+import glob
+import gzip
+import io
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import IO
+
+from demandstream.model.core.events import TYPE_INDEX, BadEvent, Event, parse_event, validate_event
+from demandstream.model.data.cleaning import CleaningConfig, clean_log
+from demandstream.model.data.eventlog import EventLog, EventLogBuilder
+from demandstream.model.data.loadstats import LoadStats
+from demandstream.model.errors import DataError, DataNotFound, OptionError
+
+logger = logging.getLogger(__name__)
+
+FORMATS: tuple[str, ...] = ("jsonl", "rees46", "retailrocket", "taobao")
+
+REES46_HEADER = (
+    "event_time",
+    "event_type",
+    "product_id",
+    "category_id",
+    "category_code",
+    "brand",
+    "price",
+    "user_id",
+    "user_session",
+)
+RR_EVENTS_HEADER = ("timestamp", "visitorid", "event", "itemid", "transactionid")
+RR_PROPERTIES_HEADER = ("timestamp", "itemid", "property", "value")
+RR_TREE_HEADER = ("categoryid", "parentid")
+
+#: Public event names of each CSV format mapped to ours (docs/ARCHITECTURE.md §Events); anything else is
+#: passed on unchanged so that validate_event rejects it with its own reason code.
+REES46_TYPES = {
+    "view": "view",
+    "cart": "add_to_cart",
+    "remove_from_cart": "remove_from_cart",
+    "purchase": "purchase",
+}
+RR_TYPES = {"view": "view", "addtocart": "add_to_cart", "transaction": "purchase"}
+TAOBAO_TYPES = {"pv": "view", "cart": "add_to_cart", "fav": "favorite", "buy": "purchase"}
+
+#: Columns of a Taobao UserBehavior row (the file has no header).
+TAOBAO_COLUMNS = ("user_id", "item_id", "category_id", "behavior_type", "timestamp")
+
+#: Reason codes of rows rejected before validation (validate_event's own codes come from BadEvent).
+COLUMN_COUNT = "column_count"
+BAD_NUMBER = "bad_number"
+BAD_TIME = "bad_time"
+BAD_CSV = "bad_csv"
+#: validate_event's code for an unknown event type, used for a Taobao behavior outside TAOBAO_TYPES.
+BAD_TYPE = "bad_type"
+
+#: RetailRocket timestamps are unix milliseconds.
+MS_PER_S = 1000.0
+
+#: The gzip magic number: files are decompressed by content, whatever their name says.
+GZIP_MAGIC = b"\x1f\x8b"
+
+DEFAULT_CLEANING = CleaningConfig()
+
+PathsArg = str | Path | Sequence[str | Path]
+
+
+# -- public entry points -----------------------------------------------------------------------
+
+
+def load_log(
+    paths: PathsArg,
+    fmt: str,
+    *,
+    keep_ids: bool = True,
+    clean: CleaningConfig | None = DEFAULT_CLEANING,
+    stats: LoadStats | None = None,
+    item_properties: Sequence[str | Path] | None = None,
+    category_tree: str | Path | None = None,
+) -> EventLog:
+    """Load event files into one :class:`EventLog`, cleaned and sorted by user and time.
+
+    Parameters
+    ----------
+    paths
+        A path, a glob, or a sequence of them; a directory stands for its data files.
+        Files are read in the given order (globs sorted); ``.gz`` is read transparently.
+    fmt
+        One of :data:`FORMATS`.
+    keep_ids
+        Keep event and session ids (about 130 more bytes a row at peak; training does not need them).
+    clean
+        Cleaning to apply; ``None`` returns the rows as read, in file order, without ``user_start``.
+    stats
+        Filled with counts when given.
+    item_properties, category_tree
+        RetailRocket side files; by default ``item_properties*.csv[.gz]`` and
+        ``category_tree.csv[.gz]`` next to each events file (or among ``paths``) are used.
+
+    Raises
+    ------
+    demandstream.model.errors.OptionError
+        Unknown format (a ``ValueError``).
+    demandstream.model.errors.DataError
+        A file whose header does not match the format (a ``ValueError``).
+    demandstream.model.errors.DataNotFound
+        A path or glob that names no file (a ``FileNotFoundError``).
+    """
+    if fmt not in FORMATS:
+        raise OptionError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    stats = stats if stats is not None else LoadStats()
+    started = time.perf_counter()
+    files = expand_paths(paths)
+    sink = _Sink(EventLogBuilder(keep_ids=keep_ids), stats)
+    if fmt == "jsonl":
+        for p in files:
+            stats.files.append(str(p))
+            _read_jsonl(p, sink)
+    elif fmt == "rees46":
+        for p in files:
+            stats.files.append(str(p))
+            _read_rees46(p, sink)
+    elif fmt == "taobao":
+        for p in files:
+            stats.files.append(str(p))
+            _read_taobao(p, sink)
+    else:
+        _load_retailrocket(files, sink, item_properties, category_tree)
+    log = sink.builder.build()
+    del sink  # the builder's chunks are copies of the log's columns: free them before cleaning
+    stats.rows_kept = len(log)
+    if clean is not None:
+        log = clean_log(log, clean, stats)
+    stats.seconds += time.perf_counter() - started
+    logger.info("loaded %s: %s", fmt, stats.summary().replace("\n", "; "))
+    return log
+
+
+def detect_format(path: str | Path) -> str:
+    """The format of a file, from its extension or its first line.
+
+    >>> import tempfile, pathlib
+    >>> p = pathlib.Path(tempfile.mkdtemp()) / "events.csv"
+    >>> _ = p.write_text("timestamp,visitorid,event,itemid,transactionid\\n")
+    >>> detect_format(p)
+    'retailrocket'
+    """
+    files = expand_paths(path)
+    p = files[0]
+    name = p.name.lower().removesuffix(".gz")
+    if name.endswith((".jsonl", ".ndjson", ".json")):
+        return "jsonl"
+    with open_text(p) as f:
+        first = f.readline().strip()
+    if first.startswith("{"):
+        return "jsonl"
+    header = _split_header(first)
+    if header == REES46_HEADER:
+        return "rees46"
+    if header in (RR_EVENTS_HEADER, RR_PROPERTIES_HEADER, RR_TREE_HEADER):
+        return "retailrocket"
+    if _looks_like_taobao(header):
+        return "taobao"
+    raise DataError(f"{p}: cannot tell the format from its first line {first[:80]!r}; pass --format")
+
+
+def expand_paths(paths: PathsArg) -> list[Path]:
+    """Paths, globs and directories as a list of files (globs and directories sorted)."""
+    items = [paths] if isinstance(paths, str | Path) else list(paths)
+    if not items:
+        raise DataNotFound("no input files given")
+    out: list[Path] = []
+    for item in items:
+        s = str(item)
+        if glob.has_magic(s):
+            matches = sorted(Path(m) for m in glob.glob(s) if Path(m).is_file())
+            if not matches:
+                raise DataNotFound(f"no files match {s}")
+            out.extend(matches)
+            continue
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(q for q in p.iterdir() if q.is_file() and _is_data_name(q.name))
+            if not found:
+                raise DataNotFound(f"no data files in directory {p}")
+            out.extend(found)
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise DataNotFound(f"no such file: {p}")
+    return out
+
+
+def open_text(path: str | Path) -> IO[str]:
+    """Open a plain or gzip file as UTF-8 text (undecodable bytes replaced, not fatal)."""
+    return io.TextIOWrapper(_open_binary(path), encoding="utf-8", errors="replace", newline="")
+
+
+def read_category_tree(path: str | Path) -> dict[str, str | None]:
+    """RetailRocket ``category_tree.csv`` as ``{categoryid: parentid or None}``.
+
+    Malformed lines are skipped (and logged): the tree is auxiliary data.
+    """
+    tree: dict[str, str | None] = {}
+    bad = 0
+    with open_text(path) as f:
+        rows = csv.reader(f)
+        _expect_header(path, next(rows, None), RR_TREE_HEADER)
+        for row in rows:
+            if len(row) != 2 or not row[0]:
+                bad += 1
+                continue
+            tree[row[0]] = row[1] or None
+    if bad:
+        logger.warning("%s: skipped %d malformed lines", path, bad)
+    return tree
+
+
+class ItemCategories:
+    """RetailRocket item -> ``categoryid`` over time, from ``item_properties*.csv`` files.
+
+    Most items never change category, so those are stored as one string; the rest keep their
+    (timestamp, value) history for a bisect at event time.
+
+    >>> ic = ItemCategories()
+    >>> ic.add("i1", 1000, "5"); ic.add("i1", 3000, "7"); ic.add("i2", 1000, "9"); ic.freeze()
+    >>> ic.at("i1", 500), ic.at("i1", 2000), ic.at("i1", 3000), ic.at("i2", 0), ic.at("i3", 0)
+    ('5', '5', '7', '9', None)
+    """
+
+    def __init__(self) -> None:
+        self._raw: dict[str, list[tuple[int, str]]] = {}
+        self._fixed: dict[str, str] = {}
+        self._history: dict[str, tuple[list[int], list[str]]] = {}
+
+    def add(self, item: str, ts_ms: int, value: str) -> None:
+        self._raw.setdefault(item, []).append((ts_ms, value))
+
+    def freeze(self) -> None:
+        """Index what was added; call once before :meth:`at`."""
+        for item, hist in self._raw.items():
+            hist.sort()
+            if all(v == hist[0][1] for _, v in hist):
+                self._fixed[item] = hist[0][1]
+            else:
+                self._history[item] = ([t for t, _ in hist], [v for _, v in hist])
+        self._raw = {}
+
+    def at(self, item: str, ts_ms: float) -> str | None:
+        """The category in force at ``ts_ms``, the earliest one before it, or None if unknown."""
+        cat = self._fixed.get(item)
+        if cat is not None or not self._history:
+            return cat
+        hist = self._history.get(item)
+        if hist is None:
+            return None
+        i = bisect.bisect_right(hist[0], ts_ms) - 1
+        return hist[1][max(i, 0)]
+
+    def __len__(self) -> int:
+        return len(self._fixed) + len(self._history)
+
+
+def read_item_categories(paths: Sequence[str | Path], stats: LoadStats | None = None) -> ItemCategories:
+    """Read the ``categoryid`` rows of RetailRocket ``item_properties`` files (other rows skipped)."""
+    ic = ItemCategories()
+    bad = 0
+    for p in paths:
+        with open_text(p) as f:
+            _expect_header(p, _split_header(f.readline()), RR_PROPERTIES_HEADER)
+            for line in f:
+                # Nine in ten property rows are other properties: skip them before splitting.
+                if ",categoryid," not in line:
+                    continue
+                parts = line.rstrip("\r\n").split(",")
+                if len(parts) != 4 or parts[2] != "categoryid" or not parts[3]:
+                    bad += 1
+                    continue
+                try:
+                    ts_ms = int(parts[0])
+                except ValueError:
+                    bad += 1
+                    continue
+                ic.add(parts[1], ts_ms, parts[3])
+    ic.freeze()
+    if bad:
+        logger.warning("item_properties: skipped %d malformed categoryid rows", bad)
+    logger.info("item_properties: categories of %d items", len(ic))
+    return ic
+
+
+# -- row sink ------------------------------------------------------------------------------------
+
+
+class _Sink:
+    """Validates dicts and appends them to the builder, counting rejects."""
+
+    def __init__(self, builder: EventLogBuilder, stats: LoadStats):
+        self.builder = builder
+        self.stats = stats
+        self.keep_ids = builder.keep_ids
+        # One "now" per load: the same upper bound for every row, and no clock read per row.
+        self.now = time.time()
+        # Sessions repeat over many rows; sharing one string per session saves ~90 bytes a row.
+        self._sessions: dict[str, str] = {}
+
+    def reject(self, reason: str) -> None:
+        self.stats.malformed[reason] += 1
+
+    def add(self, obj: object) -> None:
+        try:
+            e = validate_event(obj, now=self.now)
+        except BadEvent as exc:
+            self.stats.malformed[exc.reason] += 1
+            return
+        self.append(e)
+
+    def add_raw(self, raw: bytes) -> None:
+        try:
+            e = parse_event(raw, now=self.now)
+        except BadEvent as exc:
+            self.stats.malformed[exc.reason] += 1
+            return
+        self.append(e)
+
+    def append(self, e: Event) -> None:
+        sid = e.session_id
+        if self.keep_ids and sid is not None:
+            sid = self._sessions.setdefault(sid, sid)
+        self.builder.append_fields(
+            e.user_id, e.ts, TYPE_INDEX[e.type], e.item_id, e.category, e.price, e.query, e.event_id, sid
+        )
+
+
+# -- formats -------------------------------------------------------------------------------------
+
+
+def _read_jsonl(path: Path, sink: _Sink) -> None:
+    stats = sink.stats
+    with _open_binary(path) as f:
+        for line in f:
+            if not line.strip():
+                continue
+            stats.rows_read += 1
+            # The topic's own parser: same size limit, JSON rules and reason codes as the stream.
+            sink.add_raw(line)
+
+
+def _read_rees46(path: Path, sink: _Sink) -> None:
+    stats = sink.stats
+    stem = _stem(path)
+    keep_ids = sink.keep_ids
+    parse_time = _Rees46Time()
+    with open_text(path) as f:
+        rows = csv.reader(f)
+        _expect_header(path, next(rows, None), REES46_HEADER)
+        for row in _csv_rows(rows, sink):
+            if not row:
+                continue
+            stats.rows_read += 1
+            if len(row) != 9:
+                sink.reject(COLUMN_COUNT)
+                continue
+            event_time, etype, product, cat_id, cat_code, _brand, price_s, user, session = row
+            ts = parse_time(event_time)
+            if ts is None:
+                sink.reject(BAD_TIME)
+                continue
+            if price_s:
+                try:
+                    price: float | None = float(price_s)
+                except ValueError:
+                    sink.reject(BAD_NUMBER)
+                    continue
+            else:
+                price = None
+            sink.add(
+                {
+                    # Without ids the event id only has to pass validation, so skip formatting it.
+                    "event_id": f"{stem}:{rows.line_num}" if keep_ids else stem,
+                    "user_id": user,
+                    "ts": ts,
+                    "type": REES46_TYPES.get(etype, etype),
+                    "item_id": product or None,
+                    "category": cat_code or cat_id or None,
+                    "price": price,
+                    "session_id": session or None,
+                }
+            )
+
+
+class _Rees46Time:
+    """Parses ``2019-10-01 00:00:00 UTC`` to unix seconds, remembering the previous answer
+    (consecutive rows usually share the second)."""
+
+    __slots__ = ("last", "last_ts")
+
+    def __init__(self) -> None:
+        self.last = ""
+        self.last_ts: float | None = None
+
+    def __call__(self, s: str) -> float | None:
+        if s == self.last:
+            return self.last_ts
+        text = s[:-4] + "+00:00" if s.endswith(" UTC") else s
+        try:
+            dt = datetime.fromisoformat(text)
+        except ValueError:
+            return None
+        if dt.tzinfo is None:
+            return None  # a time without its zone is ambiguous
+        self.last, self.last_ts = s, dt.timestamp()
+        return self.last_ts
+
+
+def _read_taobao(path: Path, sink: _Sink) -> None:
+    stats = sink.stats
+    stem = _stem(path)
+    keep_ids = sink.keep_ids
+    with open_text(path) as f:
+        rows = csv.reader(f)
+        for row in _csv_rows(rows, sink):
+            if not row:
+                continue
+            stats.rows_read += 1
+            if len(row) != 5:
+                sink.reject(COLUMN_COUNT)
+                continue
+            user, item, cat_id, behavior, ts_s = row
+            etype = TAOBAO_TYPES.get(behavior)
+            if etype is None:
+                # Only the four Taobao behaviors: an alias validate_event would take is still wrong here.
+                sink.reject(BAD_TYPE)
+                continue
+            try:
+                ts = float(ts_s)
+            except ValueError:
+                sink.reject(BAD_TIME)
+                continue
+            sink.add(
+                {
+                    "event_id": f"{stem}:{rows.line_num}" if keep_ids else stem,
+                    "user_id": user,
+                    "ts": ts,
+                    "type": etype,
+                    "item_id": item or None,
+                    "category": cat_id or None,
+                }
+            )
+
+
+def _looks_like_taobao(fields: tuple[str, ...]) -> bool:
+    """A headerless Taobao row: five fields, a known behavior, a numeric timestamp."""
+    if len(fields) != len(TAOBAO_COLUMNS) or fields[3] not in TAOBAO_TYPES:
+        return False
+    try:
+        float(fields[4])
+    except ValueError:
+        return False
+    return True
+
+
+def _load_retailrocket(
+    files: list[Path],
+    sink: _Sink,
+    item_properties: Sequence[str | Path] | None,
+    category_tree: str | Path | None,
+) -> None:
+    roles: dict[tuple[str, ...], list[Path]] = {
+        RR_EVENTS_HEADER: [],
+        RR_PROPERTIES_HEADER: [],
+        RR_TREE_HEADER: [],
+    }
+    for p in files:
+        header = _first_header(p)
+        if header not in roles:
+            raise DataError(f"{p}: not a RetailRocket file (header {','.join(header)[:80]!r})")
+        roles[header].append(p)
+    events = roles[RR_EVENTS_HEADER]
+    if not events:
+        raise DataError("retailrocket: no events.csv among the inputs")
+    props = expand_paths(item_properties) if item_properties else roles[RR_PROPERTIES_HEADER]
+    trees = expand_paths(category_tree) if category_tree else roles[RR_TREE_HEADER]
+    if not item_properties and not props:
+        props = _side_files(events, "item_properties*.csv")
+    if not category_tree and not trees:
+        trees = _side_files(events, "category_tree.csv")
+
+    item_cats = read_item_categories(props) if props else ItemCategories()
+    sink.stats.files.extend(str(p) for p in props)
+    for p in events:
+        sink.stats.files.append(str(p))
+        _read_rr_events(p, sink, item_cats)
+    if trees:
+        sink.stats.files.append(str(trees[0]))
+        tree = read_category_tree(trees[0])
+        cats = sink.builder.categories.values
+        missing = sum(1 for c in cats if c not in tree)
+        logger.info("category_tree: %d of %d event categories not in the tree", missing, len(cats))
+
+
+def _read_rr_events(path: Path, sink: _Sink, item_cats: ItemCategories) -> None:
+    stats = sink.stats
+    stem = _stem(path)
+    keep_ids = sink.keep_ids
+    category_at: Callable[[str, float], str | None] = item_cats.at
+    with open_text(path) as f:
+        rows = csv.reader(f)
+        _expect_header(path, next(rows, None), RR_EVENTS_HEADER)
+        for row in _csv_rows(rows, sink):
+            if not row:
+                continue
+            stats.rows_read += 1
+            if len(row) != 5:
+                sink.reject(COLUMN_COUNT)
+                continue
+            ts_s, visitor, etype, item, _transaction = row
+            try:
+                ts_ms = int(ts_s)
+            except ValueError:
+                sink.reject(BAD_NUMBER)
+                continue
+            sink.add(
+                {
+                    "event_id": f"{stem}:{rows.line_num}" if keep_ids else stem,
+                    "user_id": visitor,
+                    "ts": ts_ms / MS_PER_S,
+                    "type": RR_TYPES.get(etype, etype),
+                    "item_id": item or None,
+                    "category": category_at(item, ts_ms) if item else None,
+                }
+            )
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+
+def _csv_rows(reader: Iterator[list[str]], sink: _Sink) -> Iterator[list[str]]:
+    """The rows of ``reader``; a line it cannot split (an oversized field, a stray NUL) counts as a
+    ``bad_csv`` row and reading goes on, instead of ending the load."""
+    while True:
+        try:
+            yield from reader
+            return
+        except csv.Error:
+            sink.stats.rows_read += 1
+            sink.reject(BAD_CSV)
+
+
+_DATA_SUFFIXES = (".csv", ".jsonl", ".ndjson", ".json")
+
+
+def _is_data_name(name: str) -> bool:
+    return name.lower().removesuffix(".gz").endswith(_DATA_SUFFIXES)
+
+
+def _open_binary(path: str | Path) -> IO[bytes]:
+    with open(path, "rb") as f:
+        magic = f.read(len(GZIP_MAGIC))
+    return gzip.open(path, "rb") if magic == GZIP_MAGIC else open(path, "rb")  # noqa: SIM115
+
+
+def _stem(path: Path) -> str:
+    """``cosmetics_2019-oct-nov.csv.gz`` -> ``cosmetics_2019-oct-nov``."""
+    name = path.name
+    for suffix in (".gz", ".csv", ".jsonl"):
+        name = name.removesuffix(suffix)
+    return name
+
+
+def _split_header(line: str) -> tuple[str, ...]:
+    return tuple(c.strip().strip('"').lower() for c in line.strip().lstrip("\ufeff").split(","))
+
+
+def _first_header(path: Path) -> tuple[str, ...]:
+    with open_text(path) as f:
+        return _split_header(f.readline())
+
+
+def _expect_header(path: str | Path, header: Sequence[str] | None, expected: tuple[str, ...]) -> None:
+    got = _split_header(",".join(header)) if header else ()
+    if got != expected:
+        raise DataError(
+            f"{path}: expected header {','.join(expected)}, got {','.join(got)[:80] or 'nothing'}"
+        )
+
+
+def _side_files(events: list[Path], pattern: str) -> list[Path]:
+    found: list[Path] = []
+    for d in dict.fromkeys(p.parent for p in events):
+        found.extend(sorted(d.glob(pattern)) + sorted(d.glob(pattern + ".gz")))
+    return found

@@ -1,0 +1,229 @@
+"""Temporal split, next-category targets and purchase labels, with no leakage across the split.
+
+docs/ARCHITECTURE.md §Evaluation fixes a global temporal split: train ``ts < T1`` ≤ validation ``< T2`` ≤
+test. Each phase has its *points* (rows whose predictions are scored or trained on) and labels that may only
+look as far as the phase allows:
+
+- train: points ``ts < T1``; the next-category target must itself be ``< T1``; purchase labels count
+  only purchases ``< T1`` and a window that reaches ``T1`` without one is censored;
+- validation: points ``T1 ≤ ts < T2``; labels only from rows ``< T2``, censored at ``T2``;
+- test: points ``ts ≥ T2``; labels from anything, censored at the end of the data.
+
+In every phase a purchase window that crosses a gap of the log (more than ``gap_s`` seconds,
+:data:`DEFAULT_GAP_S` by default, without any event of any user) and has no purchase in it is
+censored too: a hole in the data is no evidence that the user did not buy.
+
+>>> parse_time("2019-10-01"), parse_time("1569888000"), parse_time(1569888000.5)
+(1569888000.0, 1569888000.0, 1569888000.5)
+>>> next_category_targets(np.array([3, 4, 5, 6]), np.array([0, 3, 4])).tolist()
+[4, 5, -1, -1]
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+
+import numpy as np
+
+from demandstream.model.data.eventlog import EventLog
+from demandstream.model.data.labels import DEFAULT_GAP_S, PURCHASE, purchase_labels, window_covered
+from demandstream.model.errors import DataError, OptionError
+
+# DEFAULT_GAP_S (imported above, defined with the labels in demandstream.model.data.labels) is the longest
+# silence of the whole log (no event of any user) that still counts as continuous logging: a purchase window
+# crossing a longer one is censored, since the purchase may be in the hole (an outage, a missing
+# export day). ``from demandstream.model.data.split import DEFAULT_GAP_S`` works too.
+
+#: Default split of the time span: the first 80 % trains, the next 10 % validates, the rest tests.
+DEFAULT_TRAIN_FRACTION = 0.8
+DEFAULT_VALID_FRACTION = 0.9
+
+#: The three phases of the split, in time order.
+PHASES = ("train", "valid", "test")
+
+
+def parse_time(value: str | float) -> float:
+    """Unix seconds from unix seconds (number or numeric string) or an ISO-8601 date/datetime.
+
+    A date or datetime without a time zone is taken as UTC.
+
+    >>> parse_time("2019-10-01T00:00:00+02:00")
+    1569880800.0
+    >>> parse_time("2019-10-01 00:00:00 UTC")
+    1569888000.0
+    >>> parse_time("yesterday")
+    Traceback (most recent call last):
+    ...
+    demandstream.model.errors.OptionError: cannot parse time 'yesterday': expected unix seconds or an ISO-8601 date/datetime
+    """
+    if isinstance(value, bool):
+        raise OptionError(f"cannot parse time {value!r}: expected unix seconds or an ISO-8601 date/datetime")
+    if isinstance(value, int | float):
+        t = float(value)
+    else:
+        s = str(value).strip()
+        try:
+            t = float(s)
+        except ValueError:
+            if s.endswith(" UTC"):  # the REES46 spelling
+                s = s[:-4] + "+00:00"
+            try:
+                dt = datetime.fromisoformat(s.replace("Z", "+00:00"))
+            except ValueError:
+                raise OptionError(
+                    f"cannot parse time {value!r}: expected unix seconds or an ISO-8601 date/datetime"
+                ) from None
+            if dt.tzinfo is None:
+                dt = dt.replace(tzinfo=UTC)
+            t = dt.timestamp()
+    if not math.isfinite(t):
+        raise OptionError(f"cannot parse time {value!r}: not a finite number")
+    return t
+
+
+@dataclass(frozen=True)
+class Split:
+    """The global temporal split: train ``< train_end`` ≤ valid ``< valid_end`` ≤ test ≤ ``end_ts``."""
+
+    train_end: float
+    valid_end: float
+    end_ts: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def temporal_split(
+    log: EventLog, train_end: str | float | None = None, valid_end: str | float | None = None
+) -> Split:
+    """The split of docs/ARCHITECTURE.md §Evaluation; without bounds 80 % / 10 % / 10 % of the time span.
+
+    >>> from demandstream.model.core.events import Event
+    >>> log = EventLog.from_events([Event(f"e{i}", "u", 1000.0 + i, "view", "i") for i in range(11)])
+    >>> temporal_split(log)
+    Split(train_end=1008.0, valid_end=1009.0, end_ts=1010.0)
+    >>> temporal_split(log, train_end=1009, valid_end=1005)
+    Traceback (most recent call last):
+    ...
+    demandstream.model.errors.OptionError: train end (1009.0) must be before valid end (1005.0)
+    """
+    if len(log) == 0:
+        raise DataError("cannot split an empty log")
+    start, end = float(log.ts.min()), float(log.ts.max())
+    span = end - start
+    t1 = parse_time(train_end) if train_end is not None else start + DEFAULT_TRAIN_FRACTION * span
+    if valid_end is not None:
+        t2 = parse_time(valid_end)
+    elif train_end is not None:
+        # An explicit T1 alone: validation takes half of what is left after it.
+        t2 = t1 + 0.5 * (end - t1)
+    else:
+        t2 = start + DEFAULT_VALID_FRACTION * span
+    if not t1 < t2:
+        raise OptionError(f"train end ({t1}) must be before valid end ({t2})")
+    return Split(t1, t2, end)
+
+
+def next_category_targets(cat_index: np.ndarray, user_start: np.ndarray) -> np.ndarray:
+    """For every row, ``cat_index`` of the same user's next row; -1 for a user's last row.
+
+    Works on any per-row integer column: vocabulary indices (0 = unknown) or the log's raw interned
+    categories (-1 = none, so -1 then also means "next event has no category").
+    """
+    cat_index = np.asarray(cat_index)
+    n = cat_index.shape[0]
+    out = np.full(n, -1, dtype=np.int64)
+    if n > 1:
+        out[:-1] = cat_index[1:]
+    ends = np.asarray(user_start, dtype=np.int64)[1:]
+    out[ends[ends > 0] - 1] = -1
+    return out
+
+
+def next_ts(ts: np.ndarray, user_start: np.ndarray) -> np.ndarray:
+    """For every row, the time of the same user's next row; +inf for a user's last row."""
+    ts = np.asarray(ts, dtype=np.float64)
+    out = np.full(ts.shape[0], np.inf)
+    if ts.shape[0] > 1:
+        out[:-1] = ts[1:]
+    ends = np.asarray(user_start, dtype=np.int64)[1:]
+    out[ends[ends > 0] - 1] = np.inf
+    return out
+
+
+@dataclass
+class Points:
+    """The points of one phase and their labels, one entry per row of the log.
+
+    Attributes
+    ----------
+    mask : bool [n]
+        Rows that are points of the phase (predictions made after these events).
+    cat_target : int64 [n]
+        Vocabulary index of the next category at category points (0 = outside the vocabulary, a miss),
+        -1 where the row is not a category point (not in the phase, last event, next event without a
+        category, or next event beyond the phase's label horizon).
+    purchase : int8 [n]
+        1 when the user purchases within the horizon (counting only purchases the phase may see).
+    observable : bool [n]
+        Purchase points: rows of the phase whose label is known (not censored).
+    """
+
+    mask: np.ndarray
+    cat_target: np.ndarray
+    purchase: np.ndarray
+    observable: np.ndarray
+
+    @property
+    def category_points(self) -> np.ndarray:
+        return self.cat_target >= 0
+
+
+def phase_points(
+    log: EventLog,
+    split: Split,
+    phase: str,
+    cat_index: np.ndarray,
+    horizon_s: float,
+    *,
+    gap_s: float | None = DEFAULT_GAP_S,
+) -> Points:
+    """Points and labels of ``phase`` ('train', 'valid' or 'test') for a log sorted by user and time.
+
+    ``cat_index`` is the vocabulary index of every row (see :func:`demandstream.model.core.encoding.category_index`).
+    Train and validation labels never use a row at or after their phase's end (``T1``, ``T2``): a
+    next event beyond it is no target, a purchase beyond it does not count, and a purchase window
+    that reaches it without a purchase is censored. Test labels use the whole log, censored at its end.
+    In every phase a window without a visible purchase that crosses a gap of the log (more than
+    ``gap_s`` seconds without any event, see :func:`demandstream.model.evaluation.baselines.window_covered`) is censored;
+    ``gap_s=None`` turns that off.
+    """
+    if log.user_start is None:
+        raise ValueError("phase_points needs a log sorted_by_user_time()")
+    ts = log.ts
+    if phase == "train":
+        mask, cutoff = ts < split.train_end, split.train_end
+    elif phase == "valid":
+        mask, cutoff = (ts >= split.train_end) & (ts < split.valid_end), split.valid_end
+    elif phase == "test":
+        mask, cutoff = ts >= split.valid_end, math.inf
+    else:
+        raise ValueError(f"unknown phase {phase!r}: expected one of {', '.join(PHASES)}")
+    has_next_cat = next_category_targets(log.category, log.user_start) >= 0
+    cat_ok = mask & has_next_cat & (next_ts(ts, log.user_start) < cutoff)
+    cat_target = np.where(cat_ok, next_category_targets(cat_index, log.user_start), -1)
+    if math.isinf(cutoff):
+        labels, observable = purchase_labels(
+            log.etype, ts, log.user_start, horizon_s, split.end_ts, gap_s=gap_s
+        )
+    else:
+        # Purchases at or after the cutoff are invisible to this phase: drop them, then censor every
+        # window that reaches the cutoff (or crosses a gap) without a visible purchase.
+        etypes = np.where((log.etype == PURCHASE) & (ts >= cutoff), -1, log.etype)
+        labels, _ = purchase_labels(etypes, ts, log.user_start, horizon_s, split.end_ts, gap_s=None)
+        covered = (ts + horizon_s < cutoff) & window_covered(ts, horizon_s, gap_s)
+        observable = (labels > 0) | covered
+    labels = np.where(mask, labels, 0).astype(np.int8)
+    return Points(mask, cat_target.astype(np.int64), labels, mask & observable)

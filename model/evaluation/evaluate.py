@@ -1,0 +1,446 @@
+"""Evaluation (docs/ARCHITECTURE.md §Evaluation): the model and every baseline on exactly the same points.
+
+Protocol
+--------
+- Test points are rows with ``ts ≥ T2``; everything earlier is context. The model runs each user's
+  whole sequence from its first event (:meth:`demandstream.model.core.scoring.Scorer.predict_log`, the numbers the stream
+  emits); each baseline observes every earlier event of the user.
+- Category task: points whose next event (same user) has a category. A next category outside the
+  model's vocabulary is a miss for every method (counted as ``n_targets_out_of_vocab``). Ranks count
+  ties against the target (:func:`demandstream.model.evaluation.metrics.target_rank`); every category is ranked, no sampled
+  negatives.
+- Purchase task: points whose label is observable (a window past the end of the data, or across a
+  gap of the log longer than ``gap_s``, without a purchase is censored).
+- Baselines are fitted on rows ``< T2``, never on test rows.
+- ``best_baseline`` names, for every metric, the best baseline and the model's ratio to it (> 1:
+  the model is better), and :func:`aggregate_reports` folds reports of several seeds into mean,
+  std and n.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from demandstream.model.core import checkpoint as ckpt_mod
+from demandstream.model.core.checkpoint import Checkpoint
+from demandstream.model.core.features import category_hash
+from demandstream.model.core.network import DemandLSTM
+from demandstream.model.core.scoring import Scorer
+from demandstream.model.data.eventlog import EventLog
+from demandstream.model.data.split import Split, phase_points, temporal_split
+from demandstream.model.evaluation.baselines import DEFAULT_GAP_S, make_baselines
+from demandstream.model.evaluation.metrics import (
+    CATEGORY_KEYS,
+    PURCHASE_KEYS,
+    category_metrics,
+    purchase_metrics,
+    target_rank,
+)
+
+logger = logging.getLogger(__name__)
+
+METHOD_KEYS = CATEGORY_KEYS + PURCHASE_KEYS
+
+#: Metrics where lower is better; every other key of METHOD_KEYS is higher-is-better.
+LOWER_IS_BETTER = frozenset({"purchase_logloss", "purchase_ece"})
+
+
+def _score_model(
+    ckpt: Checkpoint, log: EventLog, want: np.ndarray, cat_target: np.ndarray, device: str
+) -> tuple[dict[int, tuple[int, int]], dict[int, float]]:
+    """(rank, top1) per category point and propensity per wanted row, from the model.
+
+    ``cat_target`` and the returned top-1 are in the log's raw category space (:func:`raw_categories`).
+    The model ranks its vocabulary plus the history slots of categories outside it; a target that is in
+    neither is a miss (rank past every column).
+    """
+    scorer = Scorer(ckpt, device=device)
+    vocab = ckpt.vocab
+    raw_vocab = np.array([0] + [vocab.index(c) for c in log.categories], np.int64)
+    raw_hash = np.r_[0, category_hashes_of(log.categories)]
+    vocab_raw = np.zeros(len(vocab), np.int64)
+    vocab_raw[raw_vocab[1:]] = np.arange(1, len(raw_vocab))
+    vocab_raw[0] = 0
+    hash_raw = {int(h): i + 1 for i, h in enumerate(raw_hash[1:].tolist())}
+    ranks: dict[int, tuple[int, int]] = {}
+    props: dict[int, float] = {}
+    for rows, probs, prop, hist_cats in scorer.predict_log(log, want):
+        t = cat_target[rows]
+        is_cat = t >= 0
+        if is_cat.any():
+            p = probs[torch.from_numpy(is_cat)]
+            hc = hist_cats[torch.from_numpy(is_cat)]
+            t_raw = t[is_cat]
+            n_vocab = p.shape[1] - hc.shape[1]
+            col = (
+                DemandLSTM.target_columns(
+                    {
+                        "hist_cats": hc,
+                        "hist_vocab": torch.from_numpy(vocab.index_of_hashes(hc.cpu().numpy())).to(hc.device),
+                    },
+                    torch.from_numpy(raw_vocab[t_raw]).to(p.device),
+                    torch.from_numpy(raw_hash[t_raw]).to(p.device),
+                    n_vocab,
+                )
+                .cpu()
+                .numpy()
+            )
+            pn = p.float().cpu().numpy()
+            r = target_rank(pn, np.maximum(col, 0))
+            r = np.where(col > 0, r, pn.shape[1] + 1)
+            top = pn.argmax(1)
+            slot_hash = hc.cpu().numpy()[np.arange(len(top)), np.maximum(top - n_vocab, 0)]
+            top_raw = [
+                int(vocab_raw[c]) if c < n_vocab else hash_raw.get(int(h), 0)
+                for c, h in zip(top.tolist(), slot_hash.tolist(), strict=True)
+            ]
+            for row, rk, tp in zip(rows[is_cat].tolist(), r.tolist(), top_raw, strict=True):
+                ranks[row] = (rk, tp)
+        for row, pr in zip(rows.tolist(), prop.float().cpu().numpy().tolist(), strict=True):
+            props[row] = pr
+    return ranks, props
+
+
+def raw_categories(log: EventLog) -> np.ndarray:
+    """Every row's category in the log's own space: interned id + 1 (0 = none). Baselines rank in this
+    space, so they can repeat a category no vocabulary knows, just as the model's history slots can."""
+    return (np.asarray(log.category, np.int64) + 1).astype(np.int32)
+
+
+def category_hashes_of(names) -> np.ndarray:
+    return np.array([category_hash(c) for c in names], np.int64)
+
+
+def _score_baselines(
+    log: EventLog,
+    cats: np.ndarray,
+    split: Split,
+    want: np.ndarray,
+    cat_target: np.ndarray,
+    horizon_s: float,
+    n_categories: int,
+    gap_s: float | None = DEFAULT_GAP_S,
+):
+    """Per baseline: (ranks, top1) over category points in row order, propensities over wanted rows."""
+    baselines = make_baselines()
+    fit_mask = log.ts < split.valid_end
+    for b in baselines:
+        b.fit(cats, log.etype, log.ts, log.user_start, fit_mask, horizon_s, n_categories, gap_s=gap_s)
+    out = {b.name: {"rank": {}, "top1": {}, "prop": {}} for b in baselines}
+    etypes, ts = log.etype, log.ts
+    for u in range(log.n_users):
+        s, e = int(log.user_start[u]), int(log.user_start[u + 1])
+        if e == s or not want[s:e].any():
+            continue
+        last = s + int(np.flatnonzero(want[s:e]).max())
+        for b in baselines:
+            b.start_user()
+            res = out[b.name]
+            for i in range(s, last + 1):
+                b.observe(int(cats[i]), int(etypes[i]), float(ts[i]))
+                if not want[i]:
+                    continue
+                if cat_target[i] >= 0:
+                    sc = b.category_scores()
+                    if sc is not None:
+                        res["rank"][i] = target_rank(sc, int(cat_target[i]))
+                        res["top1"][i] = int(np.argmax(sc))
+                pp = b.purchase_proba()
+                if pp is not None:
+                    res["prop"][i] = pp
+    return out
+
+
+def _method_report(
+    ranks: np.ndarray | None,
+    top1: np.ndarray | None,
+    targets: np.ndarray,
+    n_classes: int,
+    props: np.ndarray | None,
+    labels: np.ndarray,
+) -> dict:
+    rep = {}
+    if ranks is not None:
+        rep.update(category_metrics(ranks, top1, targets, n_classes))
+    if props is not None:
+        rep.update(purchase_metrics(props, labels))
+    return rep
+
+
+def evaluate(
+    ckpt: Checkpoint | str | Path,
+    log: EventLog,
+    split: Split | None = None,
+    horizon_s: float = 1800.0,
+    plots_dir: str | Path | None = None,
+    device: str = "cpu",
+    gap_s: float | None = DEFAULT_GAP_S,
+) -> dict:
+    """The evaluation report of docs/ARCHITECTURE.md §Evaluation for a checkpoint on a log (see the module
+    docstring).
+
+    Returns a dict with ``n_users``, ``n_train_events``, ``n_test_points``, ``model``, ``baselines``
+    (``popularity``, ``last_category``, ``user_history``, ``markov``, ``funnel``, ``cascade``,
+    ``funnel_cart``), ``best_baseline`` (see :func:`best_baselines`), plus ``n_category_points``,
+    ``n_purchase_points``, ``split``, ``category_coverage``, ``model_version``, ``gap_s``.
+    ``gap_s`` is the gap threshold of the purchase labels (:func:`demandstream.model.evaluation.baselines.purchase_labels`).
+    """
+    if not isinstance(ckpt, Checkpoint):
+        ckpt = ckpt_mod.load(ckpt)
+    if log.user_start is None:
+        log = log.sorted_by_user_time()
+    split = split or temporal_split(log)
+    vocab = ckpt.vocab
+    cats = raw_categories(log)
+    pts = phase_points(log, split, "test", cats, horizon_s, gap_s=gap_s)
+    cat_pts = np.flatnonzero(pts.category_points)
+    buy_pts = np.flatnonzero(pts.observable)
+    want = pts.category_points | pts.observable
+    targets = pts.cat_target[cat_pts]
+    labels = pts.purchase[buy_pts].astype(np.float64)
+    n_classes = len(log.categories) + 1
+
+    ranks, props = _score_model(ckpt, log, want, pts.cat_target, device)
+    # Per method: target ranks, top-1 predictions and propensities at the shared points (None = cannot score).
+    scored: dict[str, tuple] = {
+        "model": (
+            np.array([ranks[i][0] for i in cat_pts], np.int64),
+            np.array([ranks[i][1] for i in cat_pts], np.int64),
+            np.array([props[i] for i in buy_pts], np.float64),
+        )
+    }
+    base = _score_baselines(log, cats, split, want, pts.cat_target, horizon_s, n_classes, gap_s)
+    for name, res in base.items():
+        # A baseline scores a task at every point or at none (its method returns None).
+        has_cat = len(cat_pts) > 0 and len(res["rank"]) > 0
+        has_buy = len(buy_pts) > 0 and len(res["prop"]) > 0
+        scored[name] = (
+            np.array([res["rank"][i] for i in cat_pts], np.int64) if has_cat else None,
+            np.array([res["top1"][i] for i in cat_pts], np.int64) if has_cat else None,
+            np.array([res["prop"][i] for i in buy_pts], np.float64) if has_buy else None,
+        )
+    reports = {n: _method_report(r, t, targets, n_classes, p, labels) for n, (r, t, p) in scored.items()}
+    model_rep = reports.pop("model")
+    base_rep = reports
+
+    has_cat_row = log.category >= 0
+    in_vocab = np.array([True] + [vocab.index(c) > 0 for c in log.categories])
+    n_oov = int((~in_vocab[targets]).sum())
+    report = {
+        "n_users": int(log.n_users),
+        "n_train_events": int((log.ts < split.train_end).sum()),
+        "n_test_points": int(pts.mask.sum()),
+        "model": model_rep,
+        "baselines": base_rep,
+        "best_baseline": best_baselines(model_rep, base_rep),
+        "n_category_points": len(cat_pts),
+        "n_purchase_points": len(buy_pts),
+        "purchase_positive_rate": float(labels.mean()) if len(labels) else float("nan"),
+        "split": split.to_dict(),
+        "horizon_s": horizon_s,
+        "gap_s": gap_s,
+        "model_version": ckpt.model_version,
+        "category_coverage": {
+            "vocab_size": len(vocab) - 1,
+            "n_categories_in_data": len(log.categories),
+            "rows_with_category": float(has_cat_row.mean()) if len(log) else float("nan"),
+            "n_targets_out_of_vocab": int(n_oov),
+            "targets_in_vocab": float(1 - n_oov / len(targets)) if len(targets) else float("nan"),
+        },
+    }
+    if plots_dir is not None:
+        from demandstream.model.evaluation.plots import save_plots
+
+        curves = {}
+        for name, (r, _t, p) in scored.items():
+            curves[name] = {
+                k: v
+                for k, v in (("ranks", r), ("p", p), ("y", labels if p is not None else None))
+                if v is not None
+            }
+        report["plots"] = [str(x) for x in save_plots(curves, plots_dir)]
+    return report
+
+
+def _finite(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def best_baselines(model: dict, baselines: dict[str, dict]) -> dict[str, dict]:
+    """For every metric of :data:`METHOD_KEYS` that some baseline scores, the best baseline and the
+    model's standing against it: ``{"name", "value", "model", "ratio"}``.
+
+    The best is the highest value, except for the keys of :data:`LOWER_IS_BETTER` (log loss, ECE)
+    where it is the lowest. ``ratio`` is oriented so that **> 1 means the model is better**: it is
+    ``model / best`` for higher-is-better metrics and ``best / model`` for log loss and ECE. It is
+    ``inf`` when the denominator is 0 and the numerator is not, NaN when the model has no value or
+    both are 0. Ties between baselines go to the one listed first. NaN values are skipped.
+
+    >>> b = best_baselines({"purchase_auc": 0.8, "purchase_logloss": 0.3},
+    ...                    {"f": {"purchase_auc": 0.7, "purchase_logloss": 0.4},
+    ...                     "g": {"purchase_auc": 0.5, "purchase_logloss": 0.2}})
+    >>> b["purchase_auc"]["name"], round(b["purchase_auc"]["ratio"], 4)
+    ('f', 1.1429)
+    >>> b["purchase_logloss"]["name"], round(b["purchase_logloss"]["ratio"], 4)   # 0.2 / 0.3
+    ('g', 0.6667)
+    """
+    out: dict[str, dict] = {}
+    for key in METHOD_KEYS:
+        cands = [(n, float(m[key])) for n, m in baselines.items() if _finite(m.get(key))]
+        if not cands:
+            continue
+        lower = key in LOWER_IS_BETTER
+        name, best = min(cands, key=lambda c: c[1]) if lower else max(cands, key=lambda c: c[1])
+        mv = model.get(key)
+        mval = float(mv) if _finite(mv) else float("nan")
+        num, den = (best, mval) if lower else (mval, best)
+        if math.isnan(num) or math.isnan(den) or (num == 0 and den == 0):
+            ratio = float("nan")
+        elif den == 0:
+            ratio = math.inf
+        else:
+            ratio = num / den
+        out[key] = {"name": name, "value": best, "model": mval, "ratio": ratio}
+    return out
+
+
+def _numeric_leaves(obj, prefix: tuple[str, ...] = ()):
+    """(path, value) of every int/float leaf (not bool) of nested dicts."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _numeric_leaves(v, (*prefix, str(k)))
+    elif isinstance(obj, int | float) and not isinstance(obj, bool):
+        yield prefix, float(obj)
+
+
+def aggregate_reports(reports: list[dict]) -> dict:
+    """Mean, sample std (ddof=1) and n of every numeric leaf of ``model``, ``baselines`` and
+    ``best_baseline.<metric>.ratio`` over evaluation reports of several seeds.
+
+    The result mirrors the reports' nesting with ``{"mean", "std", "n"}`` in place of each leaf,
+    plus ``n_reports``. ``n`` counts the reports where the leaf is finite (NaN and inf are left
+    out); ``mean`` and ``std`` are NaN when ``n`` is 0, ``std`` also when ``n`` is 1. A report
+    without ``best_baseline`` has it computed from its ``model`` and ``baselines``.
+
+    >>> reps = [{"model": {"auc": 0.6}, "baselines": {"f": {"auc": 0.5}}},
+    ...         {"model": {"auc": 0.8}, "baselines": {"f": {"auc": 0.5}}}]
+    >>> agg = aggregate_reports(reps)
+    >>> agg["model"]["auc"]["mean"], round(agg["model"]["auc"]["std"], 4), agg["model"]["auc"]["n"]
+    (0.7, 0.1414, 2)
+    >>> agg["baselines"]["f"]["auc"]
+    {'mean': 0.5, 'std': 0.0, 'n': 2}
+    """
+    values: dict[tuple[str, ...], list[float]] = {}
+
+    def add(path: tuple[str, ...], v: float) -> None:
+        values.setdefault(path, []).append(v)
+
+    for rep in reports:
+        for section in ("model", "baselines"):
+            for path, v in _numeric_leaves(rep.get(section, {}), (section,)):
+                add(path, v)
+        best = rep.get("best_baseline")
+        if best is None:
+            best = best_baselines(rep.get("model", {}), rep.get("baselines", {}))
+        for key, entry in best.items():
+            r = entry.get("ratio") if isinstance(entry, dict) else None
+            if isinstance(r, int | float) and not isinstance(r, bool):
+                add(("best_baseline", key, "ratio"), float(r))
+
+    out: dict = {"n_reports": len(reports)}
+    for path, vs in values.items():
+        arr = np.array([v for v in vs if math.isfinite(v)], dtype=np.float64)
+        n = int(arr.size)
+        stats = {
+            "mean": float(arr.mean()) if n else float("nan"),
+            "std": float(arr.std(ddof=1)) if n > 1 else float("nan"),
+            "n": n,
+        }
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = stats
+    return out
+
+
+def format_table(report: dict) -> str:
+    """Methods × metrics as a fixed-width text table (NaN or absent = '-'), then the best baseline
+    of each metric and the model's ratio to it (> 1: the model is better, see :func:`best_baselines`).
+
+    >>> rep = {"model": {"category_accuracy": 0.5, "purchase_auc": 0.8},
+    ...        "baselines": {"funnel": {"purchase_auc": 0.7}}}
+    >>> lines = format_table(rep).splitlines()
+    >>> lines[0].split()
+    ['metric', 'model', 'funnel', 'best', 'ratio']
+    >>> lines[1].split()
+    ['category_accuracy', '0.5000', '-', '-', '-']
+    >>> [ln.split() for ln in lines if ln.startswith("purchase_auc")]
+    [['purchase_auc', '0.8000', '0.7000', 'funnel', '1.1429']]
+    """
+    methods = {"model": report["model"], **report["baselines"]}
+    best = report.get("best_baseline")
+    if best is None:
+        best = best_baselines(report["model"], report["baselines"])
+    names = list(methods)
+    width = max(10, *(len(n) for n in names)) + 2
+    lines = [
+        "metric".ljust(28)
+        + "".join(n.rjust(width) for n in names)
+        + "best".rjust(width)
+        + "ratio".rjust(width)
+    ]
+    for key in METHOD_KEYS:
+        cells = []
+        for n in names:
+            v = methods[n].get(key)
+            cells.append(("-" if v is None or v != v else f"{v:.4f}").rjust(width))
+        b = best.get(key)
+        ratio = None if b is None else b.get("ratio")
+        cells.append(("-" if b is None else str(b["name"])).rjust(width))
+        cells.append(("-" if ratio is None or ratio != ratio else f"{ratio:.4f}").rjust(width))
+        lines.append(key.ljust(28) + "".join(cells))
+    return "\n".join(lines)
+
+
+def run_evaluation(
+    model: str | Path,
+    data,
+    fmt: str,
+    report: str | Path,
+    plots: str | Path | None = None,
+    train_end: str | float | None = None,
+    valid_end: str | float | None = None,
+    horizon_s: float = 1800.0,
+    device: str = "cpu",
+    gap_s: float | None = DEFAULT_GAP_S,
+) -> dict:
+    """CLI entry (``demandstream evaluate``): load checkpoint and data, evaluate, write the JSON report.
+
+    Without explicit bounds the split is the one stored in the checkpoint's training metrics when
+    there is one (so evaluation tests exactly what training held out), else 80/10/10 of the data.
+    """
+    from demandstream.model.data.loaders import load_log
+
+    ck = ckpt_mod.load(model)
+    log = load_log(data, fmt, keep_ids=False)
+    stored = ck.metrics.get("split") if isinstance(ck.metrics, dict) else None
+    if train_end is None and valid_end is None and stored:
+        split = Split(float(stored["train_end"]), float(stored["valid_end"]), float(log.ts.max()))
+    else:
+        split = temporal_split(log, train_end, valid_end)
+    with torch.inference_mode():
+        rep = evaluate(ck, log, split, horizon_s=horizon_s, plots_dir=plots, device=device, gap_s=gap_s)
+    # calibration: whether the model's propensities were Platt-scaled, and why not (demandstream.model.training.train.calibrate)
+    rep["train_metrics"] = {
+        k: ck.metrics.get(k) for k in ("train_events_per_s", "epochs_run", "best_epoch", "calibration")
+    }
+    path = Path(report)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rep, indent=2, default=float))
+    return rep

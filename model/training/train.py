@@ -1,0 +1,990 @@
+"""Training DemandLSTM on a historical log: truncated BPTT over session-parallel lanes, chosen on validation.
+
+The loop follows GRU4Rec's session-parallel mini-batches (Hidasi et al., ICLR 2016): ``B`` lanes each
+hold one user; every iteration advances all lanes by a window of up to ``W`` events, carrying each lane's
+(h, c) into the next window (detached: truncated BPTT) and resetting it when the lane takes a new user.
+Users are shuffled every epoch; each window's loss is scaled by the share of its lanes × steps holding
+real events, so the end of an epoch, when only a few lanes are still busy, cannot undo what it learned.
+The learning rate warms up linearly, then follows a cosine to zero over the epoch budget.
+
+Before the first step the network ranks categories exactly like the rule cascade
+(:func:`demandstream.model.core.network.init_like_cascade`) with a Markov table learned from the training rows, so
+training starts from the strongest heuristic. Loss = next-category NLL (targets the model can rank: in
+the vocabulary, or in the user's history slots) + ``purchase_weight`` × BCE on observable purchase labels.
+
+Selection and refit (docs/MODEL.md §2): after every epoch the model is scored on validation points with
+full context; the epoch with the best validation MRR@20 is kept (ties: lower purchase log loss), and
+training stops after ``patience`` epochs without improvement. Then, unless ``refit`` is off, a fresh
+network is trained the same way on train + validation for the chosen number of epochs, so that model and
+baselines see the same data before the test start. A validation window too small to decide anything
+(< ``min_valid_category_points`` or < ``min_valid_positives``) is replaced by a hold-out of the last
+``holdout_fraction`` of the training time, and the metrics say so.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from demandstream.model.core import checkpoint
+from demandstream.model.core.encoding import FeatureBuffer, category_hashes, category_index, encode_log
+from demandstream.model.core.features import Vocabulary
+from demandstream.model.core.network import DemandLSTM, ModelConfig, init_like_cascade, markov_tables
+from demandstream.model.core.scoring import resolve_device
+from demandstream.model.data.eventlog import EventLog
+from demandstream.model.data.split import Points, Split, next_category_targets, phase_points, temporal_split
+from demandstream.model.errors import DataError, OptionError
+
+logger = logging.getLogger(__name__)
+
+#: Each window is as long as this quantile of the lanes' remaining user lengths (at most ``bptt``):
+#: padding stays small when lanes hold users of very different lengths.
+WINDOW_QUANTILE = 0.75
+
+#: Validation runs whole padded sequences in batches of at most this many (user, step) cells.
+VALID_BATCH_CELLS = 1 << 15
+
+#: Platt scaling is fitted only with at least this many positive validation points: with fewer, the two
+#: scalars follow the noise of a handful of buyers.
+MIN_CALIBRATION_POSITIVES = 20
+
+#: Ceiling on LBFGS iterations of the 2-parameter Platt fit (it is convex and converges in tens).
+CALIBRATION_MAX_ITER = 300
+
+#: Rank cut-off of the selection metric (MRR@20, the report's headline category metric).
+SELECT_K = 20
+
+
+@dataclass
+class TrainConfig:
+    """Training hyper-parameters (the network's own live in :class:`~demandstream.model.core.network.ModelConfig`)."""
+
+    epochs: int = 12  #: upper bound (and the length of the cosine schedule); early stopping ends sooner
+    lanes: int = 32  #: B, users advanced side by side (GRU4Rec's mini-batch)
+    bptt: int = 32  #: W, events per window; gradients flow at most this far back
+    lr: float = 3e-3  #: AdamW peak step size
+    warmup_fraction: float = 0.05  #: share of all steps over which the step size rises linearly
+    weight_decay: float = 1e-4  #: AdamW decoupled weight decay
+    clip_norm: float = 5.0  #: gradient-norm clip; LSTMs occasionally spike
+    purchase_weight: float = 1.0  #: weight of the purchase BCE relative to the category NLL
+    patience: int = 3  #: epochs without validation improvement before stopping
+    seed: int = 0
+    threads: int | None = None  #: torch CPU threads; None = all cores
+    max_categories: int = 50_000  #: vocabulary cap; categories beyond it are still repeated via history slots
+    horizon_s: float = 1800.0  #: purchase horizon
+    device: str = "auto"
+    calibrate: bool = True  #: Platt-scale the purchase logit on validation points after training
+    cascade_init: bool = True  #: start the feature weights where the ranking equals the rule cascade
+    markov_leave_out: str = "user"  #: what a training row's Markov features leave out: "user", "row", "none"
+    refit: bool = True  #: after choosing the epochs on validation, retrain on train + validation
+    min_valid_category_points: int = 1000  #: below this (or the next), validate on a training hold-out
+    min_valid_positives: int = 50
+    holdout_fraction: float = 0.1  #: share of the training time span held out in that case
+
+
+@dataclass
+class TrainResult:
+    net: DemandLSTM
+    vocab: Vocabulary
+    metrics: dict = field(default_factory=dict)
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % (1 << 32))
+
+
+def _user_ranges(user_start: np.ndarray, mask: np.ndarray) -> list[tuple[int, int]]:
+    """(start, end) rows of every user's masked prefix (rows are time-sorted, so a mask ts < T is one)."""
+    out = []
+    csum = np.r_[0, np.cumsum(mask)]
+    for u in range(len(user_start) - 1):
+        s, e = int(user_start[u]), int(user_start[u + 1])
+        k = int(csum[e] - csum[s])
+        if k > 0:
+            out.append((s, s + k))
+    return out
+
+
+def _epoch_order(ranges: list[tuple[int, int]], rng: np.random.Generator) -> list[tuple[int, int]]:
+    """Users in a fresh random order every epoch (SGD's assumption; GRU4Rec shuffles sessions too)."""
+    return [ranges[i] for i in rng.permutation(len(ranges))]
+
+
+def _lane_windows(ranges: list[tuple[int, int]], lanes: int, window: int):
+    """Yield (idx [B, T], valid [B, T], reset [B]) windows of GRU4Rec session-parallel lanes.
+
+    ``reset[b]`` says lane b starts a new user in this window (its state must be zeroed). A lane whose
+    user ends inside the window repeats the user's last row (masked out): the LSTM is causal, so padding
+    after the end cannot change earlier outputs. When no users remain, finished lanes go idle.
+    """
+    queue = iter(ranges)
+    cur: list[list[int] | None] = [None] * lanes  # [pos, end] per lane
+    started = [False] * lanes
+    while True:
+        reset = np.zeros(lanes, bool)
+        for b in range(lanes):
+            if cur[b] is None or cur[b][0] >= cur[b][1]:
+                nxt = next(queue, None)
+                cur[b] = None if nxt is None else [nxt[0], nxt[1]]
+                reset[b] = True
+                started[b] = nxt is not None
+        active = [b for b in range(lanes) if cur[b] is not None]
+        if not active:
+            return
+        # Window length: the WINDOW_QUANTILE of the lanes' remaining lengths (capped at W), not the
+        # maximum: a few long users then continue in the next window (state carried) instead of
+        # forcing every short lane to pad up to W.
+        rem = np.array([cur[b][1] - cur[b][0] for b in active])
+        t = int(min(window, max(1, np.ceil(np.quantile(rem, WINDOW_QUANTILE)))))
+        idx = np.zeros((len(active), t), np.int64)
+        valid = np.zeros((len(active), t), bool)
+        for k, b in enumerate(active):
+            pos, end = cur[b]
+            n = min(t, end - pos)
+            idx[k, :n] = np.arange(pos, pos + n)
+            idx[k, n:] = pos + n - 1
+            valid[k, :n] = True
+            cur[b][0] = pos + n
+        yield np.array(active), idx, valid, reset
+
+
+class Targets(NamedTuple):
+    """Per-row labels of one phase, as the loss and the validation metrics read them."""
+
+    mask: np.ndarray  #: rows of the phase
+    cat: np.ndarray  #: vocabulary index of the next category (0 = outside it), -1 = no category point
+    cat_hash: np.ndarray  #: category_hash of the next category (0 where none)
+    purchase: np.ndarray
+    observable: np.ndarray
+
+
+def phase_targets(pts: Points, next_hash: np.ndarray) -> Targets:
+    return Targets(
+        pts.mask, pts.cat_target, np.where(pts.cat_target >= 0, next_hash, 0), pts.purchase, pts.observable
+    )
+
+
+def _loss_terms(
+    net: DemandLSTM,
+    out: dict,
+    f: dict,
+    cat_t: torch.Tensor,
+    hash_t: torch.Tensor,
+    buy: torch.Tensor,
+    obs: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Summed category NLL (over rankable targets) and purchase BCE over the given cells, with counts."""
+    zero = out["purchase_logit"].sum() * 0.0
+    cat_mask = cat_t >= 0
+    nll, n_cat = zero, 0
+    if bool(cat_mask.any()):
+        sel = {k: v[cat_mask] for k, v in out.items()}
+        fs = {k: v[cat_mask] for k, v in f.items()}
+        lp = net.category_log_prob(sel, fs, cat_t[cat_mask], hash_t[cat_mask])
+        ok = torch.isfinite(lp)
+        n_cat = int(ok.sum())
+        if n_cat:
+            nll = -lp[ok].sum()
+    n_buy = int(obs.sum())
+    bce = zero
+    if n_buy:
+        bce = nn.functional.binary_cross_entropy_with_logits(
+            out["purchase_logit"][obs], buy[obs].float(), reduction="sum"
+        )
+    return nll, bce, n_cat, n_buy
+
+
+class _Batch(NamedTuple):
+    out: dict
+    f: dict
+    cat_t: torch.Tensor
+    hash_t: torch.Tensor
+    buy: torch.Tensor
+    obs: torch.Tensor
+
+
+def _full_context_batches(
+    net: DemandLSTM,
+    feats: FeatureBuffer,
+    log: EventLog,
+    pts: Targets,
+    device: torch.device,
+    own: OwnCounts | None = None,
+):
+    """Yield a :class:`_Batch` per group of users holding a point of ``pts``; every user runs from its
+    first event (eval mode, no grad)."""
+    net.eval()
+    want = (pts.cat >= 0) | pts.observable
+    starts, ends = log.user_start[:-1], log.user_start[1:]
+    lengths = ends - starts
+    users = [u for u in np.argsort(-lengths, kind="stable") if lengths[u] and want[starts[u] : ends[u]].any()]
+    i = 0
+    while i < len(users):
+        t_max = int(lengths[users[i]])
+        batch = users[i : i + max(1, VALID_BATCH_CELLS // t_max)]
+        i += len(batch)
+        idx = np.empty((len(batch), t_max), np.int64)
+        valid = np.zeros((len(batch), t_max), bool)
+        for k, u in enumerate(batch):
+            s, e = int(starts[u]), int(ends[u])
+            idx[k, : e - s] = np.arange(s, e)
+            idx[k, e - s :] = e - 1
+            valid[k, : e - s] = True
+        f = feats.tensors(idx, device)
+        if own is not None:
+            own.attach(f, idx, device)
+        with torch.no_grad():
+            out, _ = net(f)
+        yield _Batch(
+            out,
+            f,
+            torch.from_numpy(np.where(valid, pts.cat[idx], -1)).to(device),
+            torch.from_numpy(pts.cat_hash[idx]).to(device),
+            torch.from_numpy(pts.purchase[idx]).to(device),
+            torch.from_numpy(valid & pts.observable[idx]).to(device),
+        )
+
+
+def target_ranks(
+    net: DemandLSTM, out: dict, f: dict, cat_t: torch.Tensor, hash_t: torch.Tensor
+) -> torch.Tensor:
+    """Rank of each target under the model's distribution (ties count against it; a target the model
+    cannot rank gets rank ``C + K + 1``). Cells are flattened: inputs are [n, ...]."""
+    probs = net.category_probs(out, f)
+    c = probs.shape[-1] - f["hist_cats"].shape[-1]
+    col = net.target_columns(f, cat_t, hash_t, c)
+    p_t = probs.gather(-1, col.clamp(min=0).unsqueeze(-1))
+    rank = (probs >= p_t).sum(-1)
+    return torch.where(col >= 0, rank, probs.shape[-1] + 1)
+
+
+@torch.no_grad()
+def validation_metrics(
+    net: DemandLSTM,
+    feats: FeatureBuffer,
+    log: EventLog,
+    pts: Targets,
+    purchase_weight: float,
+    device: torch.device,
+) -> dict[str, float]:
+    """MRR@20, category NLL and purchase BCE on validation points, each user run from its first event."""
+    tot_nll = tot_bce = rr = 0.0
+    n_cat = n_buy = n_rank = 0
+    for b in _full_context_batches(net, feats, log, pts, device):
+        nll, bce, nc, nb = _loss_terms(net, b.out, b.f, b.cat_t, b.hash_t, b.buy, b.obs)
+        tot_nll += float(nll)
+        tot_bce += float(bce)
+        n_cat += nc
+        n_buy += nb
+        m = b.cat_t >= 0
+        if bool(m.any()):
+            ranks = target_ranks(
+                net,
+                {k: v[m] for k, v in b.out.items()},
+                {k: v[m] for k, v in b.f.items()},
+                b.cat_t[m],
+                b.hash_t[m],
+            )
+            rr += float(torch.where(ranks <= SELECT_K, 1.0 / ranks.double(), 0.0).sum())
+            n_rank += int(m.sum())
+    cat_loss = tot_nll / n_cat if n_cat else math.nan
+    buy_loss = tot_bce / n_buy if n_buy else math.nan
+    total = (0.0 if math.isnan(cat_loss) else cat_loss) + purchase_weight * (
+        0.0 if math.isnan(buy_loss) else buy_loss
+    )
+    return {
+        "loss": total,
+        "mrr@20": rr / n_rank if n_rank else math.nan,
+        "category_nll": cat_loss,
+        "purchase_bce": buy_loss,
+        "n_category_points": n_rank,
+        "n_purchase_points": n_buy,
+    }
+
+
+#: Parameters of the next-category head. At the cascade start their LSTM-dependent parts are zero, so
+#: that head can be combined with the LSTM and purchase head of any epoch without changing its output.
+CATEGORY_HEAD = ("slot_w0", "vocab_w0", "slot_ctx.", "vocab_ctx.", "explore.", "repeat_query.", "repeat_emb.")
+
+
+def _snapshot(net: DemandLSTM) -> dict:
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+def _improves(history: list[dict], val: dict) -> bool:
+    """Whether ``val`` beats every earlier epoch on validation MRR@20 or on purchase BCE."""
+    mrr = [h["mrr@20"] for h in history if not math.isnan(h.get("mrr@20", math.nan))]
+    bce = [
+        h["purchase_bce"]
+        for h in history
+        if h["epoch"] > 0 and not math.isnan(h.get("purchase_bce", math.nan))
+    ]
+    return (not math.isnan(val["mrr@20"]) and (not mrr or val["mrr@20"] > max(mrr) + 1e-9)) or (
+        not math.isnan(val["purchase_bce"]) and (not bce or val["purchase_bce"] < min(bce) - 1e-9)
+    )
+
+
+def _select(net: DemandLSTM, history: list[dict], states: dict[int, dict]) -> tuple[int, int, dict]:
+    """Load the chosen weights into ``net``; return (epochs to train, category-head epoch, its metrics).
+
+    The category head comes from the epoch with the best validation MRR@20 (earliest on ties), the
+    rest from that same epoch, except when it is epoch 0 (the untrained start): then the LSTM and the
+    purchase head come from the trained epoch with the lowest validation purchase BCE.
+    """
+
+    def key(h, name):
+        v = h.get(name, math.nan)
+        return -math.inf if math.isnan(v) else v
+
+    cat_ep = max(history, key=lambda h: (key(h, "mrr@20"), -h["epoch"]))["epoch"]
+    trained = [h for h in history if h["epoch"] > 0]
+    if cat_ep > 0 or not trained:
+        net.load_state_dict(states[cat_ep])
+        return cat_ep, cat_ep, next(h for h in history if h["epoch"] == cat_ep)
+    buy_ep = min(
+        trained,
+        key=lambda h: (
+            h["purchase_bce"] if not math.isnan(h.get("purchase_bce", math.nan)) else math.inf,
+            h["epoch"],
+        ),
+    )["epoch"]
+    merged = dict(states[buy_ep])
+    merged.update({k: v for k, v in states[0].items() if k.startswith(CATEGORY_HEAD)})
+    net.load_state_dict(merged)
+    hb = next(h for h in history if h["epoch"] == buy_ep)
+    h0 = history[0]
+    return buy_ep, 0, {**hb, "mrr@20": h0["mrr@20"], "category_nll": h0["category_nll"], "epoch": buy_ep}
+
+
+def fit_platt(
+    logits: np.ndarray, labels: np.ndarray, max_iter: int = CALIBRATION_MAX_ITER
+) -> tuple[float, float]:
+    """Platt scaling: ``(a, b)`` minimizing the mean BCE of ``sigmoid(a * logit + b)`` against ``labels``.
+
+    Parameters
+    ----------
+    logits : float array [n]
+        Uncalibrated logits.
+    labels : array of 0/1 [n]
+    max_iter : int
+        LBFGS iteration ceiling.
+
+    Examples
+    --------
+    Logits that are twice too confident and shifted by one are undone:
+
+    >>> rng = np.random.default_rng(0)
+    >>> z = rng.normal(size=20000)
+    >>> y = (rng.random(20000) < 1 / (1 + np.exp(-z))).astype(float)
+    >>> a, b = fit_platt(2 * z + 1, y)
+    >>> round(a, 1), round(b, 1)
+    (0.5, -0.5)
+    """
+    x = torch.as_tensor(np.asarray(logits, np.float64))
+    y = torch.as_tensor(np.asarray(labels, np.float64))
+    ab = torch.tensor([1.0, 0.0], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS(
+        [ab],
+        lr=1.0,
+        max_iter=max_iter,
+        tolerance_grad=1e-10,
+        tolerance_change=1e-12,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.binary_cross_entropy_with_logits(ab[0] * x + ab[1], y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    a, b = ab.detach().tolist()
+    return float(a), float(b)
+
+
+def _mean_bce(logits: np.ndarray, labels: np.ndarray, a: float = 1.0, b: float = 0.0) -> float:
+    z = torch.as_tensor(a * np.asarray(logits, np.float64) + b)
+    return float(
+        nn.functional.binary_cross_entropy_with_logits(z, torch.as_tensor(labels, dtype=torch.float64))
+    )
+
+
+def calibrate(
+    net: DemandLSTM,
+    feats: FeatureBuffer,
+    log: EventLog,
+    pts: Points,
+    device: torch.device,
+    min_positives: int = MIN_CALIBRATION_POSITIVES,
+) -> dict:
+    """Fit Platt scaling on the observable purchase points of ``pts`` (validation) and store it in ``net``.
+
+    The logits are collected with full context, as :func:`validation_metrics` does, after resetting the
+    network's calibration to the identity. The fit is skipped (identity kept) when there are fewer than
+    ``min_positives`` positives, only one class, or the fitted scale is not positive (it would invert the
+    model's ranking). Returns what was done: ``applied``, ``reason`` when skipped, ``a``, ``b``, point
+    counts and the validation BCE before and after.
+    """
+    net.purchase_scale.fill_(1.0)
+    net.purchase_shift.fill_(0.0)
+    zs, ys = [], []
+    for b in _full_context_batches(net, feats, log, pts, device):
+        zs.append(b.out["purchase_logit"][b.obs].double().cpu().numpy())
+        ys.append(b.buy[b.obs].double().cpu().numpy())
+    z = np.concatenate(zs) if zs else np.zeros(0)
+    y = np.concatenate(ys) if ys else np.zeros(0)
+    n_pos = int(y.sum())
+    info: dict = {"applied": False, "a": 1.0, "b": 0.0, "n_points": int(len(y)), "n_positive": n_pos}
+    if n_pos == 0 or n_pos == len(y):
+        info["reason"] = "validation purchase labels have a single class"
+    elif n_pos < min_positives:
+        info["reason"] = f"only {n_pos} positive validation points (< {min_positives})"
+    else:
+        a, b = fit_platt(z, y)
+        if not a > 0:  # also catches NaN
+            info["reason"] = f"fitted scale {a:.4g} is not positive"
+        else:
+            info.update(applied=True, a=a, b=b, bce_before=_mean_bce(z, y), bce_after=_mean_bce(z, y, a, b))
+            net.purchase_scale.fill_(a)
+            net.purchase_shift.fill_(b)
+    if not info["applied"]:
+        logger.info("purchase calibration skipped: %s", info["reason"])
+    return info
+
+
+def _markov_pairs(
+    log: EventLog, cats: np.ndarray, rows: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(current, next) vocabulary-index pairs of consecutive ``rows`` of one user, the row index of each
+    pair, and every row's current category (0 = none yet). The current category of an event without
+    one is the user's last known category, as the network's history slots have it."""
+    n = len(cats)
+    user_first = np.repeat(log.user_start[:-1], np.diff(log.user_start))
+    known = rows & (cats > 0)
+    last_known = np.maximum.accumulate(np.where(known, np.arange(n), -1))
+    current = np.where(last_known >= user_first, cats[np.maximum(last_known, 0)], 0)
+    nxt = np.r_[cats[1:], 0]
+    same_user = np.r_[user_first[1:], -1] == user_first
+    ok = same_user & rows & np.r_[rows[1:], False] & (current > 0) & (nxt > 0)
+    return np.stack([current[ok], nxt[ok]], axis=1), np.flatnonzero(ok), current.astype(np.int64)
+
+
+class OwnCounts(NamedTuple):
+    """Per row, the Markov transitions its own training contributed (see :meth:`DemandLSTM.markov_row`)."""
+
+    count: (
+        np.ndarray
+    )  #: float32 [n, K]: own transitions to each stored successor of the row's current category
+    total: np.ndarray  #: float32 [n]: own transitions out of the row's current category
+
+    def attach(self, f: dict, idx: np.ndarray, device: torch.device) -> None:
+        f["markov_own_count"] = torch.from_numpy(self.count[idx]).to(device)
+        f["markov_own_total"] = torch.from_numpy(self.total[idx]).to(device)
+
+
+def own_markov_counts(
+    log: EventLog,
+    pairs: np.ndarray,
+    pair_rows: np.ndarray,
+    current: np.ndarray,
+    table_next: np.ndarray,
+    mode: str,
+) -> OwnCounts | None:
+    """What each training row must not see of the Markov table: its own transition (``mode="row"``) or
+    every transition of its own user (``"user"``: a user's later transitions are the future, and even
+    the earlier ones make the training feature stronger than it is for a user the table never saw).
+    ``"none"`` (ablation only) leaves the table as it is.
+
+    >>> from demandstream.model.core.events import Event
+    >>> log = EventLog.from_events([Event(f"e{i}", "u", float(i), "view", "i") for i in range(3)]).sorted_by_user_time()
+    >>> pairs, rows = np.array([[1, 2], [2, 1]]), np.array([0, 1])
+    >>> oc = own_markov_counts(log, pairs, rows, np.array([1, 2, 1]), np.array([[0, 0], [0, 2], [0, 1]]), "user")
+    >>> oc.count.tolist(), oc.total.tolist()
+    ([[0.0, 1.0], [0.0, 1.0], [0.0, 1.0]], [1.0, 1.0, 1.0])
+    """
+    n, k = len(current), table_next.shape[1]
+    if mode == "none":
+        return None
+    count = np.zeros((n, k), np.float32)
+    total = np.zeros(n, np.float32)
+    if mode == "row":
+        total[pair_rows] = 1.0
+        count[pair_rows] = table_next[pairs[:, 0]] == pairs[:, 1:2]
+        return OwnCounts(count, total)
+    if mode != "user":
+        raise ValueError(f"unknown markov_leave_out {mode!r}: expected user, row or none")
+    c = int(table_next.shape[0])
+    user = np.repeat(np.arange(log.n_users, dtype=np.int64), np.diff(log.user_start))
+    pu = user[pair_rows]
+    ua, ua_n = np.unique(pu * c + pairs[:, 0], return_counts=True)
+    uab, uab_n = np.unique((pu * c + pairs[:, 0]) * c + pairs[:, 1], return_counts=True)
+
+    def lookup(keys, values, q):
+        if not len(keys):
+            return np.zeros(q.shape, np.float32)
+        pos = np.searchsorted(keys, q).clip(max=len(keys) - 1)
+        return np.where(keys[pos] == q, values[pos], 0).astype(np.float32)
+
+    has = current > 0
+    key_ua = user * c + current
+    total[has] = lookup(ua, ua_n, key_ua[has])
+    count[has] = lookup(uab, uab_n, key_ua[has, None] * c + table_next[current[has]])
+    return OwnCounts(count, total)
+
+
+#: Training points on which the cascade's scale is fitted (a 1-parameter fit: a sample suffices).
+SCALE_FIT_POINTS = 20_000
+
+
+@torch.no_grad()
+def _calibrate_cascade_scale(
+    net: DemandLSTM,
+    feats: FeatureBuffer,
+    log: EventLog,
+    tr: Targets,
+    device: torch.device,
+    rng: np.random.Generator,
+    own: OwnCounts | None = None,
+) -> float:
+    """Multiply the cascade's base weights by the temperature that minimises the training NLL.
+
+    The cascade weights only fix an order; their scale makes the initial distribution far too sharp
+    (NLL ~5 nats on the cosmetics sample). Left to Adam, which moves every weight by about the step
+    size whatever its gradient, the first epochs spend themselves undoing that sharpness in ways that
+    reorder the ranking. One scalar fitted by LBFGS keeps the cascade's order exactly and starts
+    gradient training from calibrated probabilities. Returns the fitted scale.
+    """
+    rows = np.flatnonzero(tr.cat >= 0)
+    if not len(rows):
+        return 1.0
+    rows = np.sort(rng.choice(rows, size=min(SCALE_FIT_POINTS, len(rows)), replace=False))
+    sample = np.full(len(tr.cat), -1, np.int64)
+    sample[rows] = tr.cat[rows]
+    was_training = net.training
+    net.eval()
+    logits, hist_cats, cat_t, hash_t = [], [], [], []
+    only_sample = Targets(tr.mask, sample, tr.cat_hash, tr.purchase, np.zeros_like(tr.observable))
+    for b in _full_context_batches(net, feats, log, only_sample, device, own):
+        m = b.cat_t >= 0
+        logits.append(b.out["cat_logits"][m])
+        hist_cats.append(b.f["hist_cats"][m])
+        cat_t.append(b.cat_t[m])
+        hash_t.append(b.hash_t[m])
+    # -inf marks candidates that are never scored; a large finite value keeps them at probability 0
+    # without turning the scale's gradient into NaN
+    z = torch.cat(logits).double()
+    z = torch.where(torch.isfinite(z), z, torch.full_like(z, -1e9))
+    f = {"hist_cats": torch.cat(hist_cats)}
+    cat_t, hash_t = torch.cat(cat_t), torch.cat(hash_t)
+    ok = torch.isfinite(net.category_log_prob({"cat_logits": z}, f, cat_t, hash_t))  # rankable targets only
+    z, f, cat_t, hash_t = z[ok], {"hist_cats": f["hist_cats"][ok]}, cat_t[ok], hash_t[ok]
+    # the temperature is fitted as its log: a negative scale would turn the masked columns' -1e9 into
+    # the largest logits, and the line search does try one
+    log_scale = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([log_scale], lr=1.0, max_iter=100, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        with torch.enable_grad():
+            loss = -net.category_log_prob({"cat_logits": log_scale.exp() * z}, f, cat_t, hash_t).mean()
+            loss.backward()
+        return loss
+
+    opt.step(closure)
+    a = float(log_scale.detach().exp().clamp(min=1e-3))
+    net.slot_w0.mul_(a)
+    net.vocab_w0.mul_(a)
+    net.train(was_training)
+    logger.info("cascade scale fitted on %d training points: %.4f", len(cat_t), a)
+    return a
+
+
+@dataclass
+class _Fit:
+    """One training run's outcome."""
+
+    net: DemandLSTM
+    history: list[dict]
+    best_epoch: int
+    best: dict | None
+    train_seconds: float
+    steps: int
+    n_train: int
+    n_users: int
+    category_epoch: int  #: epoch whose category head was kept (0 = the calibrated cascade start)
+
+
+def _fit(
+    log: EventLog,
+    feats: FeatureBuffer,
+    vocab: Vocabulary,
+    tr: Targets,
+    va: Targets | None,
+    mcfg: ModelConfig,
+    tcfg: TrainConfig,
+    device: torch.device,
+    rng: np.random.Generator,
+    epochs: int,
+    progress: bool,
+    desc: str,
+    category_from_start: bool = False,
+) -> _Fit:
+    """Train a fresh network on the ``tr`` points for up to ``epochs`` epochs; with ``va``, keep the best
+    epoch by :func:`_better` and stop after ``patience`` epochs without improvement."""
+    from tqdm import tqdm
+
+    tr_mask = tr.mask
+    ranges = _user_ranges(log.user_start, tr_mask)
+    n_train = int(tr_mask.sum())
+    cats = feats.cat
+    net = DemandLSTM(mcfg).to(device)
+    pairs, pair_rows, current = _markov_pairs(log, cats, tr_mask)
+    tables = markov_tables(cats[tr_mask], pairs, len(vocab), mcfg.markov_top_k)
+    net.set_tables(tables)
+    own = own_markov_counts(log, pairs, pair_rows, current, tables["next"], tcfg.markov_leave_out)
+    if tcfg.cascade_init:
+        init_like_cascade(net)
+        _calibrate_cascade_scale(net, feats, log, tr, device, rng, own)
+    opt = torch.optim.AdamW(net.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    # steps per epoch are known only after dealing the lanes once; the windows do not depend on the order
+    steps_per_epoch = sum(1 for _ in _lane_windows(ranges, tcfg.lanes, tcfg.bptt))
+    total = max(1, steps_per_epoch * tcfg.epochs)
+    warm = max(1, int(tcfg.warmup_fraction * total))
+
+    def lr_at(step: int) -> float:
+        if step < warm:
+            return tcfg.lr * (step + 1) / warm
+        return tcfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+
+    history: list[dict] = []
+    states: dict[int, dict] = {}
+    start = _snapshot(net)
+    if va is not None and epochs > 0:
+        # Epoch 0, the untrained start (the calibrated cascade when cascade_init), is a candidate for
+        # the category head: training must beat it on validation MRR@20 to be kept.
+        val0 = validation_metrics(net, feats, log, va, tcfg.purchase_weight, device)
+        states[0] = _snapshot(net)
+        history.append({"epoch": 0, "train_loss": math.nan, "steps": 0, **val0})
+    train_time, step, bad = 0.0, 0, 0
+    for epoch in range(1, epochs + 1):
+        net.train()
+        h, c = net.initial_state(tcfg.lanes, device)
+        run_loss, run_n = 0.0, 0
+        t_ep = time.perf_counter()
+        bar = tqdm(total=n_train, desc=f"{desc} epoch {epoch}", unit="ev", disable=not progress, leave=False)
+        for active, idx, valid, reset in _lane_windows(_epoch_order(ranges, rng), tcfg.lanes, tcfg.bptt):
+            keep = (~torch.from_numpy(reset).to(device)).float().view(1, -1, 1)
+            h, c = (h * keep).detach(), (c * keep).detach()
+            a = torch.from_numpy(active).to(device)
+            f = feats.tensors(idx, device)
+            if own is not None:
+                own.attach(f, idx, device)
+            out, (h_a, c_a) = net(f, (h[:, a], c[:, a]))
+            cat_t = torch.from_numpy(np.where(valid, tr.cat[idx], -1)).to(device)
+            hash_t = torch.from_numpy(tr.cat_hash[idx]).to(device)
+            obs = torch.from_numpy(valid & tr.observable[idx]).to(device)
+            buy = torch.from_numpy(tr.purchase[idx]).to(device)
+            nll, bce, n_cat, n_buy = _loss_terms(net, out, f, cat_t, hash_t, buy, obs)
+            # Scale by the share of the full lanes × window that holds real events, so a window where
+            # only a few lanes are still busy moves the weights proportionally less.
+            share = float(valid.sum()) / (tcfg.lanes * valid.shape[1])
+            loss = share * (nll / max(n_cat, 1) + tcfg.purchase_weight * bce / max(n_buy, 1))
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(net.parameters(), tcfg.clip_norm)
+            opt.step()
+            step += 1
+            h, c = h.clone(), c.clone()
+            h[:, a], c[:, a] = h_a.detach(), c_a.detach()
+            run_loss += float(loss.detach()) / share * int(valid.sum())
+            run_n += int(valid.sum())
+            bar.update(int(valid.sum()))
+            bar.set_postfix(loss=f"{run_loss / max(run_n, 1):.3f}")
+        bar.close()
+        train_time += time.perf_counter() - t_ep
+        entry = {"epoch": epoch, "train_loss": run_loss / max(run_n, 1), "steps": step}
+        if va is not None:
+            val = validation_metrics(net, feats, log, va, tcfg.purchase_weight, device)
+            entry.update(val)
+            if progress:
+                tqdm.write(
+                    f"{desc} epoch {epoch}: train loss {entry['train_loss']:.4f}  valid MRR@20 "
+                    f"{val['mrr@20']:.4f}  category nll {val['category_nll']:.4f}  purchase bce "
+                    f"{val['purchase_bce']:.4f}"
+                )
+            improved = _improves(history, val)
+            states[epoch] = _snapshot(net)
+            bad = 0 if improved else bad + 1
+        elif progress:
+            tqdm.write(f"{desc} epoch {epoch}: train loss {entry['train_loss']:.4f}")
+        history.append(entry)
+        logger.info("%s epoch %d: %s", desc, epoch, entry)
+        if va is not None and bad >= tcfg.patience:
+            break
+    if va is not None and states:
+        best_epoch, category_epoch, best = _select(net, history, states)
+    else:
+        best_epoch, category_epoch, best = len(history), len(history), None
+        if category_from_start:  # the refit of a model whose category head is its start
+            net.load_state_dict(
+                {**net.state_dict(), **{k: v for k, v in start.items() if k.startswith(CATEGORY_HEAD)}}
+            )
+            category_epoch = 0
+    net.eval()
+    return _Fit(net, history, best_epoch, best, train_time, step, n_train, len(ranges), category_epoch)
+
+
+def _selection_split(log: EventLog, split: Split, tcfg: TrainConfig) -> tuple[Split, dict]:
+    """The split that chooses the epochs: the given one, or a hold-out at the end of the training time
+    when the validation window is too small to decide anything (see the module docstring)."""
+    pts = phase_points(log, split, "valid", log.category, tcfg.horizon_s)
+    n_cat, n_pos = int((pts.cat_target >= 0).sum()), int(pts.purchase[pts.observable].sum())
+    info = {"source": "validation", "n_category_points": n_cat, "n_positives": n_pos}
+    if n_cat >= tcfg.min_valid_category_points and n_pos >= tcfg.min_valid_positives:
+        return split, info
+    start = float(log.ts.min())
+    t1 = start + (1.0 - tcfg.holdout_fraction) * (split.train_end - start)
+    info.update(
+        source="holdout",
+        reason=f"validation window has {n_cat} next-category points and {n_pos} positives (needs "
+        f"{tcfg.min_valid_category_points} and {tcfg.min_valid_positives}): the last "
+        f"{tcfg.holdout_fraction:.0%} of the training time chose the epochs instead",
+        holdout_start=t1,
+    )
+    logger.warning("%s", info["reason"])
+    return Split(t1, split.train_end, split.end_ts), info
+
+
+def _prepare(
+    log: EventLog, split: Split, fit_end: float, tcfg: TrainConfig, mcfg: ModelConfig, next_hash: np.ndarray
+):
+    """Vocabulary of the rows before ``fit_end``, its config, the encoded log, train/valid targets of
+    ``split``, and how many categories of those rows the vocabulary cap left out."""
+    fit_rows = log.ts < fit_end
+    vocab = Vocabulary.build(
+        (log.categories[c] if c >= 0 else None for c in log.category[fit_rows]), max_size=tcfg.max_categories
+    )
+    seen = log.category[fit_rows]
+    beyond = len(np.unique(seen[seen >= 0])) - (len(vocab) - 1)
+    if beyond > 0:
+        # Not silent: those categories are still remembered and repeated through the history slots'
+        # hashes, but the model cannot propose them to a user who never touched them.
+        logger.warning(
+            "%d categories beyond the vocabulary cap (max_categories=%d): repeatable through the "
+            "history slots, never explored",
+            beyond,
+            tcfg.max_categories,
+        )
+    cfg = ModelConfig(**{**asdict(mcfg), "n_categories": len(vocab)})
+    feats = encode_log(log, cfg, vocab)
+    cats = category_index(log, vocab)
+    tr = phase_targets(phase_points(log, split, "train", cats, tcfg.horizon_s), next_hash)
+    va = phase_targets(phase_points(log, split, "valid", cats, tcfg.horizon_s), next_hash)
+    return vocab, cfg, feats, tr, va, max(0, int(beyond))
+
+
+def train(
+    log: EventLog,
+    tcfg: TrainConfig | None = None,
+    mcfg: ModelConfig | None = None,
+    progress: bool = True,
+    split: Split | None = None,
+) -> TrainResult:
+    """Train a DemandLSTM on the rows of ``log`` before ``T2``: choose on validation, then refit.
+
+    Parameters
+    ----------
+    log : EventLog
+        Any log; it is sorted by user and time here if needed.
+    tcfg, mcfg : TrainConfig, ModelConfig, optional
+        ``mcfg.n_categories`` is replaced by the size of the vocabulary built from the fitted rows.
+    progress : bool
+        Show a tqdm bar with the running loss.
+    split : Split, optional
+        Defaults to :func:`demandstream.model.data.split.temporal_split` (80/10/10 of the time span).
+    """
+    tcfg = tcfg or TrainConfig()
+    mcfg = mcfg or ModelConfig()
+    split = split or temporal_split(log)
+    torch.set_num_threads(tcfg.threads or os.cpu_count() or 1)
+    seed_everything(tcfg.seed)
+    rng = np.random.default_rng(tcfg.seed)
+    device = resolve_device(tcfg.device)
+
+    log = log.take(
+        np.flatnonzero(log.ts < split.valid_end)
+    ).sorted_by_user_time()  # test rows never reach training
+    if not (log.ts < split.train_end).any():
+        raise DataError("no training events before the train end T1")
+    next_hash = next_category_targets(category_hashes(log), log.user_start)
+
+    sel_split, selection = _selection_split(log, split, tcfg)
+    t0 = time.perf_counter()
+    vocab, cfg, feats, tr, va, beyond_cap = _prepare(
+        log, sel_split, sel_split.train_end, tcfg, mcfg, next_hash
+    )
+    encode_s = time.perf_counter() - t0
+    logger.info(
+        "choosing on %s: %d training events, %d categories, device %s",
+        selection["source"],
+        int(tr.mask.sum()),
+        len(vocab),
+        device,
+    )
+    chosen = _fit(log, feats, vocab, tr, va, cfg, tcfg, device, rng, tcfg.epochs, progress, "choose")
+    net = chosen.net
+    if tcfg.calibrate:
+        calib = calibrate(net, feats, log, va, device)
+    else:
+        calib = {"applied": False, "reason": "disabled (TrainConfig.calibrate=False)"}
+    metrics: dict = {
+        "selection": {
+            **selection,
+            "split": sel_split.to_dict(),
+            "best_epoch": chosen.best_epoch,
+            "category_epoch": chosen.category_epoch,
+            "best": chosen.best,
+            "history": chosen.history,
+            "optimizer_steps": chosen.steps,
+            "n_train_events": chosen.n_train,
+            "train_seconds": chosen.train_seconds,
+        },
+    }
+    final, train_s = chosen, chosen.train_seconds
+    if tcfg.refit:
+        # Refit: the same recipe on everything before T2 for the chosen number of epochs, so the model
+        # sees the data the baselines see. Its validation rows are now training rows, so calibration
+        # keeps the scale fitted above on the chosen model's held-out validation predictions.
+        all_split = Split(split.valid_end, split.valid_end + 1.0, split.end_ts)
+        vocab, cfg, feats, tr_all, _, beyond_cap = _prepare(
+            log, all_split, split.valid_end, tcfg, mcfg, next_hash
+        )
+        final = _fit(
+            log,
+            feats,
+            vocab,
+            tr_all,
+            None,
+            cfg,
+            tcfg,
+            device,
+            rng,
+            chosen.best_epoch,
+            progress,
+            "refit",
+            category_from_start=chosen.category_epoch == 0,
+        )
+        with torch.no_grad():
+            final.net.purchase_scale.copy_(net.purchase_scale)
+            final.net.purchase_shift.copy_(net.purchase_shift)
+        net = final.net
+        train_s += final.train_seconds
+        metrics["refit"] = {
+            "epochs": chosen.best_epoch,
+            "category_epoch": final.category_epoch,
+            "optimizer_steps": final.steps,
+            "n_train_events": final.n_train,
+            "history": final.history,
+            "train_seconds": final.train_seconds,
+        }
+    epochs_run = len(chosen.history) + (len(final.history) if final is not chosen else 0)
+    n_ev = chosen.n_train * len(chosen.history) + (
+        final.n_train * len(final.history) if final is not chosen else 0
+    )
+    hist = chosen.history
+    metrics.update(
+        {
+            "train_events_per_s": n_ev / train_s if train_s > 0 else math.nan,
+            "encode_seconds": encode_s,
+            "train_seconds": train_s,
+            "epochs_run": epochs_run,
+            "best_epoch": chosen.best_epoch,
+            "best_valid_loss": chosen.best["loss"] if chosen.best else math.nan,
+            "best_valid_mrr@20": chosen.best["mrr@20"] if chosen.best else math.nan,
+            "valid_losses": [h.get("loss") for h in hist],
+            "valid_mrr@20": [h.get("mrr@20") for h in hist],
+            "train_losses": [h["train_loss"] for h in hist],
+            "optimizer_steps": chosen.steps + (final.steps if final is not chosen else 0),
+            "history": hist,
+            "n_train_events": final.n_train,
+            "n_valid_points": int(va.mask.sum()),
+            "n_train_users": final.n_users,
+            "n_categories": len(vocab),
+            "n_categories_beyond_cap": beyond_cap,
+            "split": split.to_dict(),
+            "train_config": asdict(tcfg),
+            "device": str(device),
+            "threads": torch.get_num_threads(),
+            "calibration": calib,
+        }
+    )
+    return TrainResult(net.cpu().eval(), vocab, metrics)
+
+
+def run_training(
+    data,
+    fmt: str,
+    out: str | Path,
+    epochs: int | None = None,
+    device: str = "auto",
+    train_end: str | float | None = None,
+    valid_end: str | float | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    **kw,
+) -> dict:
+    """CLI entry (``demandstream train``): load, split, train, save the checkpoint; return a summary.
+
+    Extra keyword arguments set :class:`TrainConfig` fields (e.g. ``lanes=128``) or
+    :class:`~demandstream.model.core.network.ModelConfig` fields (e.g. ``hidden=64``).
+    """
+    from demandstream.model.data.loaders import load_log
+
+    tkw = {k: v for k, v in kw.items() if k in TrainConfig.__dataclass_fields__}
+    mkw = {k: v for k, v in kw.items() if k in ModelConfig.__dataclass_fields__}
+    unknown = set(kw) - set(tkw) - set(mkw)
+    if unknown:
+        raise OptionError(f"unknown training option(s): {', '.join(sorted(unknown))}")
+    tcfg = TrainConfig(seed=seed, device=device, **tkw)
+    if epochs is not None:
+        tcfg.epochs = epochs
+    log = load_log(data, fmt, keep_ids=False)
+    split = temporal_split(log, train_end, valid_end)
+    res = train(log, tcfg, ModelConfig(**mkw), progress=progress, split=split)
+    version = checkpoint.save(out, res.net, res.vocab, res.metrics)
+    m = res.metrics
+    return {
+        "model": str(out),
+        "model_version": version,
+        "n_events": len(log),
+        "n_users": log.n_users,
+        **{
+            k: m[k]
+            for k in (
+                "n_train_events",
+                "n_categories",
+                "epochs_run",
+                "best_epoch",
+                "best_valid_loss",
+                "best_valid_mrr@20",
+                "optimizer_steps",
+                "train_events_per_s",
+                "train_seconds",
+                "split",
+                "device",
+            )
+        },
+    }

@@ -1,0 +1,566 @@
+"""Kafka-side benchmarks: broker, raw passthrough, worker drain, event-to-signal latency, restore, profile.
+
+Everything here talks to one real broker (normally the bench's own, started with deploy/kafka/kafka.sh on
+a dedicated port) and to ``python -m stream worker`` subprocesses, each with a fresh app id, topics, data
+dir and web port, exactly as the integration tests run them (tests/conftest.py). The plain aiokafka
+passthrough is the yardstick the worker is compared with (docs/BENCHMARKS.md, PERF-ANCHORS).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import orjson
+
+logger = logging.getLogger(__name__)
+
+#: Client port of the bench's own broker, away from the developer's 9092 and the tests' 19092.
+DEFAULT_BENCH_KAFKA_PORT = 19592
+#: A cold JVM on a busy 2-core machine takes 10-20 s; the first run also fetches the jars.
+KAFKA_UP_TIMEOUT_S = 600
+KAFKA_DOWN_TIMEOUT_S = 120
+#: Partitions of every bench topic, as the product's default topics.
+PARTITIONS = 4
+#: Records per consumer fetch in the passthrough (PERF-ANCHORS' plain aiokafka figure).
+PASSTHROUGH_MAX_RECORDS = 5000
+#: Producer linger, as the worker's (stream/worker/app.py PRODUCER_LINGER_MS), so both sides batch alike.
+LINGER_MS = 5
+#: How often readiness and topic end offsets are polled while a measurement is timed.
+POLL_S = 0.05
+#: Bounds on waiting for a worker to become ready and to emit what it owes.
+WORKER_READY_TIMEOUT_S = 600
+DRAIN_TIMEOUT_S = 900
+#: Faust recovers a few thousand records per second on 2 cores: a million takes minutes.
+RESTORE_TIMEOUT_S = 1800
+#: The latency producer releases events in ticks of this length, at the target rate on average.
+LATENCY_TICK_S = 0.01
+#: Fetch sizes large enough that one fetch carries a whole batch of 5000 small events.
+FETCH_MAX_BYTES = 16 * 1024 * 1024
+
+
+# -- broker -----------------------------------------------------------------------------------------
+
+
+class Broker:
+    """The broker the bench measures against: its own on ``port`` unless ``bootstrap`` is given.
+
+    ``start()`` launches ``kafka.sh up --fresh`` in the background (so data generation overlaps the JVM's
+    start), ``wait()`` blocks until it serves, ``stop()`` takes down only a broker this object started.
+    """
+
+    def __init__(
+        self, port: int = DEFAULT_BENCH_KAFKA_PORT, bootstrap: str | None = None, script: Path | None = None
+    ):
+        self.port = port
+        self.script = script
+        self.external = bootstrap is not None
+        self.bootstrap = bootstrap or f"127.0.0.1:{port}"
+        self.started = False
+        self._proc: subprocess.Popen | None = None
+
+    def _sh(self, *args: str, timeout: float) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(self.script), *args, "--port", str(self.port)],
+            capture_output=True,
+            timeout=timeout,
+            text=True,
+        )
+
+    def start(self) -> Broker:
+        if self.external:
+            return self
+        if self._sh("status", timeout=60).returncode == 0:
+            logger.info("reusing the broker already up on port %d (it is left running)", self.port)
+            return self
+        logger.info("starting the bench broker on port %d", self.port)
+        self._proc = subprocess.Popen(
+            [str(self.script), "up", "--fresh", "--port", str(self.port)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.started = True
+        return self
+
+    def wait(self) -> None:
+        if self._proc is None:
+            return
+        try:
+            out, _ = self._proc.communicate(timeout=KAFKA_UP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            raise RuntimeError(f"bench broker not up after {KAFKA_UP_TIMEOUT_S} s") from None
+        if self._proc.returncode != 0:
+            raise RuntimeError(f"kafka.sh up failed ({self._proc.returncode}):\n{out[-4000:]}")
+        self._proc = None
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait()
+            self._proc = None
+        if self.started:
+            self._sh("down", timeout=KAFKA_DOWN_TIMEOUT_S)
+            self.started = False
+
+
+def create_topics(bootstrap: str, names: Sequence[str], partitions: int = PARTITIONS) -> None:
+    from kafka import KafkaAdminClient
+    from kafka.admin import NewTopic
+    from kafka.errors import TopicAlreadyExistsError
+
+    admin = KafkaAdminClient(bootstrap_servers=[bootstrap], client_id="demandstream-bench")
+    try:
+        admin.create_topics([NewTopic(n, partitions, 1) for n in names])
+    except TopicAlreadyExistsError:
+        pass
+    finally:
+        admin.close()
+
+
+class OffsetWatch:
+    """Sum of a topic's end offsets (records produced so far), polled cheaply with ListOffsets."""
+
+    def __init__(self, bootstrap: str, topic: str, partitions: int = PARTITIONS):
+        from kafka import KafkaConsumer, TopicPartition
+
+        self.consumer = KafkaConsumer(bootstrap_servers=[bootstrap], group_id=None, enable_auto_commit=False)
+        self.tps = [TopicPartition(topic, p) for p in range(partitions)]
+
+    def ends(self) -> dict[int, int]:
+        return {tp.partition: o for tp, o in self.consumer.end_offsets(self.tps).items()}
+
+    def total(self) -> int:
+        return sum(self.ends().values())
+
+    def wait_for(self, target: int, timeout: float = DRAIN_TIMEOUT_S, proc=None) -> float:
+        """Block until at least ``target`` records are in the topic; return the monotonic time seen."""
+        deadline = time.monotonic() + timeout
+        while True:
+            n = self.total()
+            now = time.monotonic()
+            if n >= target:
+                return now
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"worker exited with {proc.returncode} after {n} of {target} records")
+            if now > deadline:
+                raise TimeoutError(f"{n} of {target} records after {timeout} s")
+            time.sleep(POLL_S)
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+# -- data -------------------------------------------------------------------------------------------
+
+
+def encode_events(events) -> list[tuple[bytes, bytes]]:
+    """(key, JSON value) of each event, as shops produce them to ``clickstream`` (docs/ARCHITECTURE.md
+    §Events)."""
+    return [(e.user_id.encode(), orjson.dumps(e.to_dict())) for e in events]
+
+
+async def _produce(
+    bootstrap: str, topic: str, records: Iterable[tuple[bytes, bytes]], partition_of=None
+) -> None:
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap,
+        linger_ms=20,
+        max_batch_size=512 * 1024,
+        acks=1,
+        max_request_size=FETCH_MAX_BYTES,
+    )
+    await producer.start()
+    try:
+        futures = []
+        for i, (k, v) in enumerate(records):
+            p = None if partition_of is None else partition_of(i)
+            futures.append(await producer.send(topic, v, key=k, partition=p))
+            if len(futures) >= 10_000:
+                await asyncio.gather(*futures)
+                futures.clear()
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+
+
+def produce(bootstrap: str, topic: str, records: Iterable[tuple[bytes, bytes]], spread: bool = False) -> None:
+    """Write records to ``topic`` (partition by key, or round-robin over partitions when ``spread``)."""
+    asyncio.run(_produce(bootstrap, topic, records, (lambda i: i % PARTITIONS) if spread else None))
+
+
+# -- passthrough ------------------------------------------------------------------------------------
+
+
+async def _passthrough(bootstrap: str, src: str, sink: str, n: int) -> float:
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        fetch_max_bytes=FETCH_MAX_BYTES,
+        max_partition_fetch_bytes=FETCH_MAX_BYTES,
+    )
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=LINGER_MS, acks="all")
+    await consumer.start()
+    await producer.start()
+    try:
+        consumer.assign([TopicPartition(src, p) for p in range(PARTITIONS)])
+        await consumer.seek_to_beginning()
+        copied = 0
+        t0 = None
+        while copied < n:
+            batch = await consumer.getmany(timeout_ms=1000, max_records=PASSTHROUGH_MAX_RECORDS)
+            if t0 is None and batch:
+                # The clock starts at the first records, as the pipeline's starts at /readyz: neither
+                # figure includes connecting and joining.
+                t0 = time.perf_counter()
+            futures = []
+            for tp, msgs in batch.items():
+                for m in msgs:
+                    futures.append(await producer.send(sink, m.value, key=m.key, partition=tp.partition))
+            await asyncio.gather(*futures)
+            copied += len(futures)
+        return n / (time.perf_counter() - t0)
+    finally:
+        await consumer.stop()
+        await producer.stop()
+
+
+def passthrough_events_per_s(bootstrap: str, src: str, sink: str, n: int) -> float:
+    """Copy ``n`` records of ``src`` to ``sink`` with a plain aiokafka consumer and producer; events/s.
+
+    ``getmany(max_records=5000)``, one ``send`` per record and one gather of the batch's futures:
+    the raw client's speed on this broker with no work in between.
+    """
+    create_topics(bootstrap, [sink])
+    return asyncio.run(_passthrough(bootstrap, src, sink, n))
+
+
+# -- worker -----------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class BenchWorker:
+    """A ``python -m stream worker`` subprocess with its own app id, topics, data dir and web port."""
+
+    bootstrap: str
+    model: Path
+    tag: str
+    workdir: Path
+    input_topic: str
+    device: str = "cpu"
+    extra_env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen | None = None
+    started_at: float = 0.0
+
+    @property
+    def app_id(self) -> str:
+        return f"ds-bench-{self.tag}"
+
+    @property
+    def signals_topic(self) -> str:
+        return f"bench-signals-{self.tag}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / f"worker-{self.tag}.log"
+
+    def start(self) -> BenchWorker:
+        self.port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DEMANDSTREAM_")}
+        env.update(
+            {
+                "DEMANDSTREAM_BROKER": f"kafka://{self.bootstrap}",
+                "DEMANDSTREAM_MODEL": str(self.model),
+                "DEMANDSTREAM_APP_ID": self.app_id,
+                "DEMANDSTREAM_DATA_DIR": str(self.workdir / f"data-{self.tag}"),
+                "DEMANDSTREAM_WEB_PORT": str(self.port),
+                "DEMANDSTREAM_TOPIC_INPUT": self.input_topic,
+                "DEMANDSTREAM_TOPIC_SIGNALS": self.signals_topic,
+                "DEMANDSTREAM_TOPIC_DLQ": f"bench-dlq-{self.tag}",
+                "DEMANDSTREAM_PARTITIONS": str(PARTITIONS),
+                "DEMANDSTREAM_STANDBY_REPLICAS": "0",
+                "DEMANDSTREAM_DEVICE": self.device,
+                "DEMANDSTREAM_LOG_LEVEL": "warning",
+                "DEMANDSTREAM_LAG_INTERVAL_S": "1",
+                **self.extra_env,
+            }
+        )
+        log = open(self.log_path, "ab")
+        self.started_at = time.monotonic()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "demandstream.stream", "worker"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        return self
+
+    def _get(self, path: str) -> tuple[int, bytes]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    def wait_ready(self, timeout: float = WORKER_READY_TIMEOUT_S) -> float:
+        """Block until /readyz answers 200; return the monotonic time it was first seen."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if self._get("/readyz")[0] == 200:
+                    return time.monotonic()
+            except OSError:
+                pass
+            time.sleep(POLL_S)
+        raise TimeoutError(f"worker not ready after {timeout} s:\n{self.log_tail()}")
+
+    def metric(self, name: str) -> float:
+        """Sum of a metric's samples on /metrics (0 if absent)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        _, body = self._get("/metrics")
+        return sum(
+            s.value
+            for fam in text_string_to_metric_families(body.decode())
+            for s in fam.samples
+            if s.name == name
+        )
+
+    def stop(self) -> None:
+        # SIGKILL, not a graceful stop: the bench's app ids, topics and data dirs are thrown away, and a
+        # graceful Faust shutdown would cost seconds of CPU the next measurement shares.
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(30)
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return "(no log)"
+
+
+@dataclass
+class DrainResult:
+    events_per_s: float
+    startup_s: float  # process start -> /readyz 200
+    drain_s: float  # /readyz 200 -> last signal in the topic
+
+
+def drain(worker: BenchWorker, n: int) -> DrainResult:
+    """Start ``worker`` on an input topic already holding ``n`` events; time ready -> n signals out."""
+    create_topics(worker.bootstrap, [worker.signals_topic, f"bench-dlq-{worker.tag}"])
+    watch = OffsetWatch(worker.bootstrap, worker.signals_topic)
+    try:
+        worker.start()
+        t_ready = worker.wait_ready()
+        t_end = watch.wait_for(n, proc=worker.proc)
+    finally:
+        watch.close()
+    return DrainResult(n / (t_end - t_ready), t_ready - worker.started_at, t_end - t_ready)
+
+
+# -- latency ----------------------------------------------------------------------------------------
+
+
+async def _paced_send(
+    bootstrap: str, topic: str, templates: Sequence[dict], rate: float, duration: float, tag: str
+) -> int:
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=LINGER_MS, acks="all")
+    await producer.start()
+    try:
+        sent, t0 = 0, time.monotonic()
+        while (elapsed := time.monotonic() - t0) < duration:
+            due = int(rate * elapsed)
+            while sent < due:
+                ev = dict(templates[sent % len(templates)])
+                ev["ts"] = time.time()  # the moment the shop produces it: latency starts here
+                ev["event_id"] = f"{tag}-{sent}"
+                await producer.send(topic, orjson.dumps(ev), key=ev["user_id"].encode())
+                sent += 1
+            await asyncio.sleep(LATENCY_TICK_S)
+        await producer.flush()
+        return sent
+    finally:
+        await producer.stop()
+
+
+async def _read_range(bootstrap: str, topic: str, start: dict[int, int], end: dict[int, int]) -> list[bytes]:
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False, fetch_max_bytes=FETCH_MAX_BYTES
+    )
+    await consumer.start()
+    try:
+        tps = {p: TopicPartition(topic, p) for p in start if end[p] > start[p]}
+        consumer.assign(list(tps.values()))
+        for p, tp in tps.items():
+            consumer.seek(tp, start[p])
+        out: list[bytes] = []
+        left = sum(end[p] - start[p] for p in tps)
+        while left > 0:
+            batch = await consumer.getmany(timeout_ms=1000, max_records=PASSTHROUGH_MAX_RECORDS)
+            for tp, msgs in batch.items():
+                for m in msgs:
+                    if m.offset < end[tp.partition]:
+                        out.append(m.value)
+                        left -= 1
+        return out
+    finally:
+        await consumer.stop()
+
+
+def latency_ms(
+    worker: BenchWorker, templates: Sequence[dict], rate: float, duration: float, tag: str
+) -> dict[str, float]:
+    """Event -> signal latency percentiles with events produced at ``rate`` for ``duration`` seconds.
+
+    Each event's ``ts`` is the wall clock when it is handed to the producer and each signal carries the
+    worker's ``emitted_at``, so the figure covers produce, broker, fetch, batching, the step and the
+    signal's encoding (not the signal's own trip to a consumer).
+    """
+    watch = OffsetWatch(worker.bootstrap, worker.signals_topic)
+    try:
+        start = watch.ends()
+        sent = asyncio.run(_paced_send(worker.bootstrap, worker.input_topic, templates, rate, duration, tag))
+        watch.wait_for(sum(start.values()) + sent, timeout=max(60.0, 3 * duration), proc=worker.proc)
+        end = watch.ends()
+    finally:
+        watch.close()
+    values = asyncio.run(_read_range(worker.bootstrap, worker.signals_topic, start, end))
+    lat = np.array([(s["emitted_at"] - s["ts"]) * 1000.0 for s in map(orjson.loads, values)])
+    p50, p95, p99 = np.percentile(lat, [50, 95, 99])
+    return {
+        "p50": float(p50),
+        "p95": float(p95),
+        "p99": float(p99),
+        "rate_events_per_s": rate,
+        "achieved_events_per_s": sent / duration,
+        "n": int(lat.size),
+        "max": float(lat.max()),
+    }
+
+
+# -- restore ----------------------------------------------------------------------------------------
+
+
+def restore_seconds(worker: BenchWorker, record: bytes, n: int, baseline_startup_s: float) -> dict:
+    """Pre-fill ``worker``'s changelog with ``n`` user states, start it on an empty data dir, time /readyz.
+
+    The worker's start-up without a changelog (``baseline_startup_s``, from the drain runs: imports,
+    model load, group join) is subtracted, leaving the time Faust's recovery spends on the records.
+    """
+    changelog = f"{worker.app_id}-user-state-changelog"
+    create_topics(
+        worker.bootstrap, [changelog, worker.input_topic, worker.signals_topic, f"bench-dlq-{worker.tag}"]
+    )
+    produce(worker.bootstrap, changelog, ((f"r{i:08d}".encode(), record) for i in range(n)), spread=True)
+    worker.start()
+    t_ready = worker.wait_ready(timeout=RESTORE_TIMEOUT_S)
+    startup = t_ready - worker.started_at
+    restore = max(startup - baseline_startup_s, 1e-9)
+    return {
+        "records": n,
+        "startup_seconds": startup,
+        "baseline_startup_seconds": baseline_startup_s,
+        "restore_seconds": restore,
+        "seconds_per_million_users": restore * 1e6 / n,
+    }
+
+
+# -- profile ----------------------------------------------------------------------------------------
+
+
+def profile(pid: int, seconds: float, raw_out: Path) -> None:
+    """Record ``seconds`` of py-spy samples of ``pid`` (all threads, non-blocking) as collapsed stacks."""
+    py_spy = Path(sys.executable).with_name("py-spy")
+    cmd = [
+        str(py_spy),
+        "record",
+        "--pid",
+        str(pid),
+        "--duration",
+        str(int(seconds)),
+        "--rate",
+        "100",
+        "--nonblocking",
+        "--threads",
+        "--format",
+        "raw",
+        "--output",
+        str(raw_out),
+    ]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=seconds + 60)
+
+
+_LINE = re.compile(r":\d+\)$")
+
+
+def summarize_profile(raw: str, top: int = 40) -> tuple[str, list[tuple[str, float, float]]]:
+    """Top functions of py-spy's collapsed stacks: (text table, [(frame, self %, total %)]).
+
+    >>> text, rows = summarize_profile("t;a (x.py:1);b (x.py:2) 2\\nt;a (x.py:1);b (x.py:3) 1\\nt;a (x.py:1) 1\\n")
+    >>> rows[0]
+    ('b (x.py)', 75.0, 75.0)
+    """
+    own: Counter[str] = Counter()
+    total: Counter[str] = Counter()
+    threads: Counter[str] = Counter()
+    n = 0
+    for line in raw.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        c = int(count)
+        # py-spy names frames "function (file:line)"; one function is one row, whichever line was running.
+        frames = [_LINE.sub(")", f) for f in stack.split(";")]
+        n += c
+        threads[frames[0]] += c
+        if len(frames) > 1:  # a bare thread frame is a sample outside any Python function
+            own[frames[-1]] += c
+        for f in set(frames[1:]):
+            total[f] += c
+    if n == 0:
+        return "no samples\n", []
+    rows = [(f, 100.0 * c / n, 100.0 * total[f] / n) for f, c in own.most_common(top)]
+    lines = [f"{n} samples", "", "threads (share of samples):"]
+    lines += [f"  {100.0 * c / n:6.1f} %  {t}" for t, c in threads.most_common()]
+    lines += ["", f"top {top} functions by own time (self %, total %):"]
+    lines += [f"  {s:6.1f}  {t:6.1f}  {f}" for f, s, t in rows]
+    lines += ["", f"top {top} functions by total time (total %):"]
+    lines += [f"  {100.0 * c / n:6.1f}  {f}" for f, c in total.most_common(top)]
+    return "\n".join(lines) + "\n", rows

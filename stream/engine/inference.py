@@ -1,0 +1,254 @@
+"""The micro-batch engine: Kafka records in, signals, dead letters and new user states out.
+
+Plain synchronous code, no Faust: the agent (stream/worker/agents.py) hands it a batch of records and a
+function that reads stored states; it returns everything the agent must write. That keeps the
+business logic testable without a broker and keeps the agent short.
+
+Per batch (step 1 of docs/ARCHITECTURE.md §Protocol, in this order):
+1. *validate* every record (bad ones become dead letters with a reason code);
+2. *group* valid events by user, keeping partition-offset order inside each user;
+3. *read* the users' stored states in one call; a state of another model_version is not reused;
+4. *skip* events at or below the offset already applied to a user's state (redelivery after a crash);
+5. *step*: one batched model call advances every user by all of its events in order
+   (:meth:`~demandstream.model.core.scoring.Scorer.step_many`), so several events of one user in a batch apply in order;
+6. *emit* one signal per applied event and the new state of every touched user.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import orjson
+
+from demandstream.model.core.events import BadEvent, Event, parse_event
+from demandstream.model.core.scoring import Scorer
+from demandstream.model.core.state import StateFormatError, UserState, pack, unpack
+from demandstream.stream.engine.records import encode_dead_letter, encode_signal
+
+logger = logging.getLogger(__name__)
+
+#: An erasure request travels through the input topic, keyed by the user, so it is applied in order
+#: with the user's events by the worker that owns the user's partition.
+CONTROL_FIELD = "demandstream_control"
+CONTROL_PREFIX = b'{"' + CONTROL_FIELD.encode() + b'"'
+
+
+@dataclass(slots=True)
+class SourceRecord:
+    """One consumed Kafka record (what the engine needs of it)."""
+
+    key: bytes | None
+    value: bytes | None
+    partition: int
+    offset: int
+    timestamp: float = 0.0  # broker/producer timestamp, seconds
+
+
+@dataclass
+class Output:
+    """A record to produce: ``partition`` is the source partition (co-partitioned topics)."""
+
+    key: bytes | None
+    value: bytes
+    partition: int
+
+
+@dataclass
+class BatchResult:
+    signals: list[Output] = field(default_factory=list)
+    dead_letters: list[Output] = field(default_factory=list)
+    reasons: Counter = field(default_factory=Counter)
+    #: user key -> (partition, packed state or None to delete), for every user whose state changed
+    states: dict[bytes, tuple[int, bytes | None]] = field(default_factory=dict)
+    #: produce time (Kafka record timestamp, else event ts) of each signal, for the latency histogram
+    signal_ts: list[float] = field(default_factory=list)
+    valid: int = 0
+    duplicates: int = 0
+    erasures: int = 0
+    rounds: int = 0  # model calls for the batch: 1, plus one per erasure that splits a user's events
+    new_users: int = 0
+    inference_s: list[float] = field(default_factory=list)
+
+
+StateReader = Callable[[Sequence[tuple[bytes, int]]], dict[bytes, bytes | None]]
+
+
+class Pseudonymizer:
+    """Keyed HMAC-SHA256 of user ids, so raw ids never reach state or output when a key is set.
+
+    >>> Pseudonymizer("k").user("u42") == Pseudonymizer("k").user("u42") != Pseudonymizer("k2").user("u42")
+    True
+    """
+
+    def __init__(self, key: str):
+        self._key = key.encode("utf-8")
+
+    def user(self, user_id: str) -> str:
+        return hmac.new(self._key, user_id.encode("utf-8"), hashlib.sha256).hexdigest()[:32]
+
+
+class InferenceEngine:
+    def __init__(
+        self,
+        scorer: Scorer,
+        input_topic: str = "clickstream",
+        pseudonym_key: str = "",
+        clock: Callable[[], float] = time.time,
+    ):
+        self.scorer = scorer
+        self.input_topic = input_topic
+        self.pseudonymizer = Pseudonymizer(pseudonym_key) if pseudonym_key else None
+        self.clock = clock
+        self.version_resets = 0
+
+    # -- step 1 ---------------------------------------------------------------------------------
+
+    def validate(self, rec: SourceRecord, now: float) -> Event:
+        """The record's event, or raise BadEvent (also for transport problems: key missing/mismatched)."""
+        if rec.value is None:
+            raise BadEvent("missing_field", "record has no value (tombstone)")
+        event = parse_event(rec.value, now=now)
+        if rec.key is None:
+            raise BadEvent("missing_key", "records must be keyed by user_id so a user's events stay in order")
+        if rec.key != event.user_id.encode("utf-8"):
+            raise BadEvent("key_mismatch", f"record key {rec.key[:64]!r} differs from user_id")
+        return event
+
+    # -- the batch ------------------------------------------------------------------------------
+
+    def process(self, records: Iterable[SourceRecord], read_states: StateReader) -> BatchResult:
+        now = self.clock()
+        res = BatchResult()
+        # A None event is an erasure request at that position in the user's sequence.
+        by_user: dict[bytes, list[tuple[Event | None, SourceRecord]]] = {}
+        for rec in records:
+            if rec.value is not None and rec.value.startswith(CONTROL_PREFIX):
+                uid = self._control_user(rec)
+                if uid is not None:
+                    by_user.setdefault(uid.encode("utf-8"), []).append((None, rec))
+                    res.erasures += 1
+                    continue
+            try:
+                event = self.validate(rec, now)
+            except BadEvent as bad:
+                res.reasons[bad.reason] += 1
+                res.dead_letters.append(
+                    Output(
+                        rec.key,
+                        encode_dead_letter(
+                            bad.reason,
+                            bad.detail,
+                            rec.value,
+                            self.input_topic,
+                            rec.partition,
+                            rec.offset,
+                            now,
+                        ),
+                        rec.partition,
+                    )
+                )
+                continue
+            res.valid += 1
+            uid = self.pseudonymizer.user(event.user_id) if self.pseudonymizer else event.user_id
+            by_user.setdefault(uid.encode("utf-8"), []).append((event, rec))
+        if not by_user:
+            return res
+
+        stored = read_states([(k, evs[0][1].partition) for k, evs in by_user.items()])
+        states: dict[bytes, UserState] = {}
+        pending: dict[bytes, list[tuple[Event, SourceRecord]]] = {}
+        for key, evs in by_user.items():
+            state = self._load(stored.get(key))
+            if state is None:
+                state = self.scorer.new_state()
+                res.new_users += 1
+            todo = [(e, r) for e, r in evs if e is None or not _already_applied(state, r)]
+            res.duplicates += len(evs) - len(todo)
+            if todo:
+                states[key] = state
+                pending[key] = todo
+
+        version = self.scorer.model_version
+        forgotten: set[bytes] = set()
+        rnd = 0
+        while pending:
+            # One model call for every user's events up to its next erasure request (usually all).
+            keys, seqs, recs = [], [], []
+            for k, lst in list(pending.items()):
+                i = 0
+                while i < len(lst) and lst[i][0] is None:  # erasure: drop everything applied so far
+                    states[k] = self.scorer.new_state()
+                    forgotten.add(k)
+                    i += 1
+                j = i
+                while j < len(lst) and lst[j][0] is not None:
+                    j += 1
+                if j > i:
+                    keys.append(k)
+                    seqs.append([e for e, _r in lst[i:j]])
+                    recs.append([r for _e, r in lst[i:j]])
+                if j < len(lst):
+                    pending[k] = lst[j:]
+                else:
+                    del pending[k]
+            if not keys:
+                continue
+            t0 = time.perf_counter()
+            preds = self.scorer.step_many(seqs, [states[k] for k in keys])
+            res.inference_s.append(time.perf_counter() - t0)
+            rnd += 1
+            emitted = self.clock()
+            for k, evs, rs, ps in zip(keys, seqs, recs, preds, strict=True):
+                s = states[k]
+                s.partition, s.offset = rs[-1].partition, rs[-1].offset
+                uid = k.decode("utf-8")
+                for e, rec, p in zip(evs, rs, ps, strict=True):
+                    res.signals.append(
+                        Output(k, encode_signal(uid, e.event_id, e.ts, version, p, emitted), rec.partition)
+                    )
+                    # Latency is measured from the record's Kafka timestamp (when the shop produced
+                    # it), not the event's own ts, so replays of old logs do not read as days late.
+                    res.signal_ts.append(rec.timestamp or e.ts)
+        res.rounds = rnd
+        for k, s in states.items():
+            if k in forgotten and s.events_seen == 0:
+                res.states[k] = (by_user[k][0][1].partition, None)  # tombstone in the changelog
+            else:
+                res.states[k] = (s.partition, pack(s, version))
+        return res
+
+    def _control_user(self, rec: SourceRecord) -> str | None:
+        """The user of an erasure request (``demandstream forget``), or None if it is not one."""
+        try:
+            obj = orjson.loads(rec.value)
+        except orjson.JSONDecodeError:
+            return None
+        uid = obj.get(CONTROL_FIELD) == "forget" and obj.get("user_id")
+        if not isinstance(uid, str) or rec.key != uid.encode("utf-8"):
+            return None
+        return self.pseudonymizer.user(uid) if self.pseudonymizer else uid
+
+    def _load(self, raw: bytes | None) -> UserState | None:
+        if raw is None:
+            return None
+        try:
+            state = unpack(raw)
+        except StateFormatError as exc:
+            logger.warning("discarding undecodable user state: %s", exc)
+            return None
+        if state.model_version != self.scorer.model_version:
+            # docs/ARCHITECTURE.md §State: state made by another model is never fed to a different model.
+            self.version_resets += 1
+            return None
+        return state
+
+
+def _already_applied(state: UserState, rec: SourceRecord) -> bool:
+    """A redelivered record: same partition, offset at or below the last one applied."""
+    return state.partition == rec.partition and rec.offset <= state.offset

@@ -1,0 +1,74 @@
+"""What the worker writes: demand signals (docs/ARCHITECTURE.md §Signals) and dead letters (§Dead letters), as
+JSON bytes.
+
+>>> from demandstream.model.core.scoring import Prediction
+>>> raw = encode_signal("u1", "e9", 1700000000.5, "0a1b2c3d", Prediction([("shoes", 0.5)], 0.25, 3), 1700000000.6)
+>>> orjson.loads(raw)["top_categories"]
+[{'category': 'shoes', 'p': 0.5}]
+>>> d = orjson.loads(encode_dead_letter("not_json", "bad", b"{oops", "clickstream", 2, 41, 1.0))
+>>> d["reason"], d["raw"], d["partition"], d["offset"]
+('not_json', '{oops', 2, 41)
+"""
+
+from __future__ import annotations
+
+import base64
+
+import orjson
+
+from demandstream.model.core.scoring import Prediction
+
+#: A dead letter keeps at most this much of the original payload (docs/ARCHITECTURE.md §Dead letters), so a
+#: 1 MiB blob cannot turn the DLQ topic into a copy of the attack.
+DLQ_RAW_MAX = 4096
+
+
+def encode_signal(
+    user_id: str, event_id: str, ts: float, model_version: str, pred: Prediction, emitted_at: float
+) -> bytes:
+    return orjson.dumps(
+        {
+            "user_id": user_id,
+            "event_id": event_id,
+            "ts": ts,
+            "emitted_at": emitted_at,
+            "model_version": model_version,
+            "events_seen": pred.events_seen,
+            "top_categories": [{"category": c, "p": p} for c, p in pred.top_categories],
+            "purchase_propensity": pred.purchase_propensity,
+        }
+    )
+
+
+def encode_dead_letter(
+    reason: str, detail: str, raw: bytes | None, topic: str, partition: int, offset: int, received_at: float
+) -> bytes:
+    """The raw payload is kept as text when it is valid UTF-8, else base64 (flagged by ``raw_encoding``)."""
+    chunk = (raw or b"")[:DLQ_RAW_MAX]
+    text, encoding = _as_text(chunk), "utf-8"
+    if text is None:
+        text, encoding = base64.b64encode(chunk).decode("ascii"), "base64"
+    return orjson.dumps(
+        {
+            "reason": reason,
+            "detail": detail[:512],
+            "raw": text,
+            "raw_encoding": encoding,
+            "raw_truncated": raw is not None and len(raw) > DLQ_RAW_MAX,
+            "topic": topic,
+            "partition": partition,
+            "offset": offset,
+            "received_at": received_at,
+        }
+    )
+
+
+def _as_text(chunk: bytes) -> str | None:
+    """UTF-8 text of ``chunk``, tolerating a multi-byte character cut by truncation; None if binary."""
+    for cut in range(4):  # a UTF-8 character is at most 4 bytes
+        try:
+            return chunk[: len(chunk) - cut].decode("utf-8")
+        except UnicodeDecodeError:
+            if len(chunk) < DLQ_RAW_MAX:
+                return None
+    return None

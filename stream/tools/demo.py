@@ -1,0 +1,242 @@
+"""``make demo``: the whole product once, on this machine, then everything it started is stopped.
+
+1. start the project's Kafka broker (unless one already answers on the demo port),
+2. generate a synthetic clickstream (and a few broken records, as real producers send),
+3. train a small model on it, unless ``DEMANDSTREAM_MODEL`` names one,
+4. start a worker, replay the events with a progress bar, show live signals,
+5. print a summary (events in, signals out, dead letters, events/s) and stop what it started.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+
+from demandstream.model.data.synth import generate, write_jsonl
+from demandstream.model.errors import UserError
+from demandstream.stream.settings import Settings
+
+#: The demo's files (data, model, worker state), under the directory it is run from (`make demo`: the checkout).
+DEMO_DIR = Path("var") / "demo"
+#: Demo size: enough users and events to show batching and a trained model, small enough for a minute.
+DEMO_USERS, DEMO_EVENTS, DEMO_BAD = 2_000, 60_000, 100
+DEMO_SEED = 2026
+READY_TIMEOUT_S = 180
+DRAIN_TIMEOUT_S = 300
+
+
+def say(msg: str) -> None:
+    print(f"\033[1mdemo:\033[0m {msg}", flush=True)
+
+
+def kafka(script: Path, cmd: str, port: int) -> int:
+    return subprocess.run([str(script), cmd, "--port", str(port)]).returncode
+
+
+def http_get(port: int, path: str) -> tuple[int, bytes]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=3) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, b""
+    except OSError:
+        return 0, b""
+
+
+def metric(port: int, name: str, **labels) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    status, body = http_get(port, "/metrics")
+    if status != 200:
+        return 0.0
+    total = 0.0
+    for fam in text_string_to_metric_families(body.decode()):
+        for s in fam.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                total += s.value
+    return total
+
+
+def main() -> int:
+    work = DEMO_DIR.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    port = int(os.environ.get("DEMANDSTREAM_DEMO_KAFKA_PORT", "9092"))
+    env = dict(os.environ)
+    env.setdefault("DEMANDSTREAM_BROKER", f"kafka://127.0.0.1:{port}")
+    # A fresh app id and topics per run: the demo's numbers are this run's, not the last one's.
+    tag = time.strftime("%Y%m%d%H%M%S")
+    env.update(
+        {
+            "DEMANDSTREAM_APP_ID": f"demandstream-demo-{tag}",
+            "DEMANDSTREAM_TOPIC_INPUT": f"clickstream-demo-{tag}",
+            "DEMANDSTREAM_TOPIC_SIGNALS": f"demand-signals-demo-{tag}",
+            "DEMANDSTREAM_TOPIC_DLQ": f"clickstream-dlq-demo-{tag}",
+            "DEMANDSTREAM_DATA_DIR": str(work / f"data-{tag}"),
+            "DEMANDSTREAM_LOG_LEVEL": env.get("DEMANDSTREAM_LOG_LEVEL", "warning"),
+            "DEMANDSTREAM_LAG_INTERVAL_S": "1",
+        }
+    )
+    settings = Settings.from_env(env)
+    script = settings.kafka_script_path()
+    web_port = settings.web_port
+
+    started_kafka = False
+    if settings.broker == f"kafka://127.0.0.1:{port}" and kafka(script, "status", port) != 0:
+        say(f"starting Apache Kafka on 127.0.0.1:{port} (first run fetches the jars with Maven)")
+        if kafka(script, "up", port) != 0:
+            print("demo: error: Kafka did not start (see the message above)", file=sys.stderr)
+            return 1
+        started_kafka = True
+
+    worker = None
+    try:
+        data = work / "events.jsonl"
+        say(f"generating {DEMO_EVENTS:,} events for {DEMO_USERS:,} users (+{DEMO_BAD} broken records)")
+        write_jsonl(generate(DEMO_USERS, DEMO_EVENTS, seed=DEMO_SEED), data)
+        with open(data, "ab") as fh:
+            for i in range(DEMO_BAD):
+                fh.write(
+                    b'{"event_id": "bad%d", "user_id": "u1", "type": "teleport"}\n' % i
+                    if i % 2
+                    else b"this line is not JSON\n"
+                )
+
+        model = Path(settings.model) if settings.model else work / "model.pt"
+        if not settings.model:
+            say("training a small model on the generated events")
+            from demandstream.model.training.train import run_training
+
+            summary = run_training([str(data)], "jsonl", model, device="cpu", epochs=3)
+            say(
+                f"model {summary.get('model_version')} trained on {summary.get('n_train_events'):,} events "
+                f"at {summary.get('train_events_per_s', 0):,.0f} events/s"
+            )
+        env["DEMANDSTREAM_MODEL"] = str(model)
+
+        say(f"starting a worker (metrics on http://127.0.0.1:{web_port}/metrics)")
+        log = open(work / "worker.log", "wb")
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "demandstream.stream", "worker"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while http_get(web_port, "/readyz")[0] != 200:
+            if worker.poll() is not None or time.monotonic() > deadline:
+                print(f"demo: error: worker did not become ready; see {work / 'worker.log'}", file=sys.stderr)
+                return 1
+            time.sleep(0.5)
+
+        from demandstream.stream.tools.replay import replay
+
+        say("replaying the clickstream into Kafka")
+        t0 = time.perf_counter()
+        stats = replay(settings, [data], "jsonl", progress=True)
+        expected = stats.sent
+        deadline = time.monotonic() + DRAIN_TIMEOUT_S
+        done = 0.0
+        while time.monotonic() < deadline:
+            done = metric(web_port, "demandstream_signals_total") + metric(
+                web_port, "demandstream_dead_letters_total"
+            )
+            if done >= expected:
+                break
+            time.sleep(0.2)
+        elapsed = time.perf_counter() - t0
+
+        say("live demand signals (latest 8):")
+        from demandstream.stream.tools.tail import tail
+
+        tail(settings, from_beginning=False, max_records=8, timeout_s=0.1)  # warm the consumer quietly
+        _show_latest(settings, 8)
+
+        signals = metric(web_port, "demandstream_signals_total")
+        dead = metric(web_port, "demandstream_dead_letters_total")
+        p50 = _quantile(web_port, 0.5)
+        print()
+        say("summary")
+        print(f"  events in        {expected:>10,}")
+        print(f"  signals out      {int(signals):>10,}")
+        print(f"  dead letters     {int(dead):>10,}")
+        print(
+            f"  throughput       {expected / elapsed:>10,.0f} events/s  (replay start to last signal, "
+            f"{elapsed:.1f} s)"
+        )
+        if p50 is not None:
+            print(f"  batch size p50   {p50:>10,.0f} events")
+        ok = signals + dead == expected
+        print(f"  in = signals + dead letters: {'yes' if ok else 'NO'}")
+        return 0 if ok else 1
+    finally:
+        if worker is not None and worker.poll() is None:
+            say("stopping the worker")
+            worker.terminate()
+            try:
+                worker.wait(60)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+        if started_kafka:
+            say("stopping Kafka")
+            kafka(script, "down", port)
+
+
+def _show_latest(settings: Settings, n: int) -> None:
+    from kafka import KafkaConsumer, TopicPartition
+
+    from demandstream.stream.tools.tail import format_signal
+
+    c = KafkaConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=None, enable_auto_commit=False)
+    try:
+        tps = [
+            TopicPartition(settings.topic_signals, p)
+            for p in sorted(c.partitions_for_topic(settings.topic_signals))
+        ]
+        c.assign(tps)
+        ends = c.end_offsets(tps)
+        for tp in tps:
+            c.seek(tp, max(0, ends[tp] - (n // len(tps) + 1)))
+        got = []
+        for recs in c.poll(timeout_ms=3000, max_records=n * 2).values():
+            got.extend(recs)
+        for r in sorted(got, key=lambda r: orjson.loads(r.value)["emitted_at"])[-n:]:
+            print("  " + format_signal(r.value))
+    finally:
+        c.close()
+
+
+def _quantile(port: int, q: float) -> float | None:
+    """Approximate quantile of the batch-size histogram from its cumulative buckets."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    status, body = http_get(port, "/metrics")
+    if status != 200:
+        return None
+    buckets = []
+    for fam in text_string_to_metric_families(body.decode()):
+        if fam.name == "demandstream_batch_size":
+            buckets = [(float(s.labels["le"]), s.value) for s in fam.samples if s.name.endswith("_bucket")]
+    if not buckets or buckets[-1][1] == 0:
+        return None
+    total = buckets[-1][1]
+    for le, count in buckets:
+        if count >= q * total:
+            return le
+    return None
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except UserError as e:  # a bad setting: one line, as the CLI does
+        print(f"demo: error: {e}", file=sys.stderr)
+        sys.exit(2)

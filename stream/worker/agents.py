@@ -1,0 +1,255 @@
+"""The clickstream pipeline: micro-batches in, signals out, state written, in a crash-safe order.
+
+How records arrive: the worker's consumer hands each fetch's input records, as one list, to
+:meth:`Pipeline.handle_messages` (batch delivery, :func:`demandstream.stream.worker.faust_patches.install_batch_delivery`,
+which replaces Faust's per-record drain loop). The Faust agent declared in :func:`attach` only
+subscribes the input topic and co-partitions it with the table; no record reaches its stream.
+:meth:`Pipeline.handle_messages` cuts the list into chunks of at most ``batch_max`` records and runs
+the batch commit protocol (docs/ARCHITECTURE.md §Protocol) on each, under :attr:`Pipeline.batch_lock`:
+
+Step 1. Compute: validate, group, read states, step the model (:class:`~demandstream.stream.engine.inference.InferenceEngine`).
+Step 2. Produce signals and dead letters to their topics, in the source partition.
+Step 3. ``at_least_once``: wait until the broker acknowledged every one of them (the batch futures).
+        ``exactly_once``: they join the source partition's open transaction instead.
+Step 4. Write the new user states, each carrying the offset of the last event it applied:
+        ``at_least_once``: to the changelog, wait for its acks, then to the local store (which so
+        never runs ahead of Kafka); ``exactly_once``: to the changelog inside the transaction, and to
+        the local store once Faust has committed that transaction.
+Step 5. Ack the batch's records; Faust commits their offsets later (exactly-once: with the
+        transaction, never while a batch is between steps 2 and 5, see
+        :func:`demandstream.stream.worker.faust_patches.guard_commits`), which also applies the staged states of step 4.
+
+Crash between 3 and 4: events are redelivered, the old state re-applies them (duplicate signals,
+allowed by at-least-once). Crash after the changelog acks but before the local write: recovery
+replays the changelog past the persisted offset, then redelivered events are skipped. Crash after 4:
+redelivered events are at or below the stored offset and are skipped. Exactly-once: a crash aborts
+the open transactions; nothing of them is visible or local, and the events are processed again.
+Either way every event is applied to its user's state exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from demandstream.model.core.scoring import Scorer
+from demandstream.stream.engine.inference import InferenceEngine, Output
+from demandstream.stream.worker import faust_patches
+from demandstream.stream.worker.app import Components
+from demandstream.stream.worker.store import StateStore
+
+logger = logging.getLogger(__name__)
+
+
+class Pipeline:
+    def __init__(self, c: Components, scorer: Scorer):
+        self.c = c
+        self.settings = c.settings
+        self.engine = InferenceEngine(scorer, c.settings.topic_input, c.settings.pseudonym_key)
+        self.store = StateStore(c.table)
+        self.metrics = c.metrics
+        self.exactly_once = c.settings.guarantee == "exactly_once"
+        self.last_offset: dict[int, int] = {}  # partition -> last consumed offset, for lag
+        self.batches = 0
+        #: Held while a chunk is processed and acked, and (exactly-once) by every offset commit: see
+        #: :func:`demandstream.stream.worker.faust_patches.guard_commits`.
+        self.batch_lock = asyncio.Lock()
+
+    async def handle_messages(self, messages: list) -> None:
+        """Every input record arrives here, a fetch at a time (batch delivery): process it in chunks of
+        ``batch_max`` (steps 1-4), then ack each chunk's records (step 5)."""
+        ack = self.c.app.consumer.ack
+        step = self.settings.batch_max
+        for i in range(0, len(messages), step):
+            chunk = messages[i : i + step]
+            async with self.batch_lock:
+                await self.process(chunk)
+                for m in chunk:  # Step 5
+                    ack(m)
+
+    async def process(self, records: list) -> None:
+        """Steps 1-4 for one micro-batch of Faust messages (key, value, partition, offset, timestamp)."""
+        m = self.metrics
+        for r in records:
+            self.last_offset[r.partition] = r.offset
+        # Step 1
+        res = self.engine.process(records, self.store.read)
+        if self.exactly_once:
+            await self.produce_transactional(res)
+        else:
+            # Step 2 and 3: signals and dead letters acknowledged by the broker
+            outputs = [
+                (self.settings.topic_signals, res.signals),
+                (self.settings.topic_dlq, res.dead_letters),
+            ]
+            await self.produce_acked(outputs)
+            # Step 4: the new states, durable in the changelog first, then in the local store
+            changelog = [Output(k, v, p) for k, (p, v) in res.states.items()]
+            offsets = await self.produce_acked([(self.store.changelog_topic, changelog)])
+            self.store.write_local(res.states)
+            self.store.set_persisted_offsets(offsets)
+        # metrics after the fact: they count what was made durable
+        now = time.time()
+        m.batch_size.observe(len(records))
+        m.events.labels("valid").inc(res.valid - res.duplicates)
+        m.events.labels("duplicate").inc(res.duplicates)
+        m.events.labels("invalid").inc(len(res.dead_letters))
+        m.signals.inc(len(res.signals))
+        for reason, n in res.reasons.items():
+            m.dead_letters.labels(reason).inc(n)
+        for s in res.inference_s:
+            m.inference_seconds.observe(s)
+        lat = m.event_to_signal_seconds
+        for ts in res.signal_ts:
+            lat.observe(max(0.0, now - ts))  # seconds, never ms (cf. faust-streaming/faust#693)
+        self.batches += 1
+
+    async def produce_acked(self, outputs: list[tuple[str, list[Output]]]) -> dict[int, int]:
+        """Produce records in per-partition batches; return once the broker acked all of them.
+
+        Uses the Kafka client's batch API (one append per record, one request per partition batch)
+        instead of Faust's per-message futures; the futures resolve on the broker's acknowledgement
+        (acks=all). Returns, for the last topic given, the last offset written per partition.
+        """
+        producer = self.c.app.producer._ensure_producer()
+        pending, last_topic = [], None
+        for topic, records in outputs:
+            last_topic = topic
+            batches: dict[int, object] = {}
+            for o in records:
+                b = batches.get(o.partition)
+                if b is None:
+                    b = batches[o.partition] = producer.create_batch()
+                if b.append(key=o.key, value=o.value, timestamp=None) is None:  # batch full: ship it
+                    pending.append((topic, b.record_count(), await _ship(producer, b, topic, o.partition)))
+                    b = batches[o.partition] = producer.create_batch()
+                    if b.append(key=o.key, value=o.value, timestamp=None) is None:
+                        raise ValueError(
+                            f"record of {len(o.value or b'')} bytes exceeds the producer's batch size"
+                        )
+            for p, b in batches.items():
+                if b.record_count():
+                    pending.append((topic, b.record_count(), await _ship(producer, b, topic, p)))
+        last: dict[int, int] = {}
+        if pending:
+            metas = await asyncio.gather(*(f for _t, _n, f in pending))
+            for (topic, n, _f), meta in zip(pending, metas, strict=True):
+                if topic == last_topic:
+                    last[meta.partition] = max(last.get(meta.partition, -1), meta.offset + n - 1)
+        return last
+
+    async def produce_transactional(self, res) -> None:
+        """Exactly-once: every output of a source partition joins that partition's open transaction.
+
+        Faust keeps one transactional producer per assigned source partition and commits its
+        transaction together with the consumed offsets. Its own topic routing would pick the
+        producer by the *destination* topic's partition group, which the signal and dead-letter
+        topics are not part of, so we name the source partition's transactional id ourselves. The
+        new states are staged and reach the local store only when that transaction commits
+        (:meth:`StateStore.on_commit`), so a crash never leaves uncommitted state behind.
+        """
+        app = self.c.app
+        producer = app.producer
+        group = app.assignor.group_for_topic(self.settings.topic_input)
+        changelog = [Output(k, v, p) for k, (p, v) in res.states.items()]
+        futures = []
+        for topic, records in (
+            (self.settings.topic_signals, res.signals),
+            (self.settings.topic_dlq, res.dead_letters),
+            (self.store.changelog_topic, changelog),
+        ):
+            for o in records:
+                tid = f"{app.conf.id}-{group}-{o.partition}"
+                futures.append(
+                    await producer.send(topic, o.key, o.value, o.partition, None, None, transactional_id=tid)
+                )
+        if futures:
+            await asyncio.gather(*futures)  # surface send errors now; visibility waits for the commit
+        self.store.drop_staged(
+            {tp.partition for tp in app.consumer.assignment() if tp.topic == self.settings.topic_input}
+        )
+        self.store.stage(res.states)
+
+    def on_commit(self, offsets) -> None:
+        """Faust committed these source offsets (and, exactly-once, their transactions)."""
+        if not self.exactly_once:
+            return
+        partitions = {tp.partition for tp in offsets if tp.topic == self.settings.topic_input}
+        if self.c.app.crashed:
+            # Faust reports a commit that failed on a fenced producer as done (and crashes the app):
+            # that transaction was aborted, so its states must not reach the local store.
+            logger.warning(
+                "transaction of partitions %s not committed (app crashed): dropping its states",
+                sorted(partitions),
+            )
+            self.store.discard_staged(partitions)
+            return
+        self.store.on_commit(partitions)
+
+    def update_gauges(self) -> None:
+        """Consumer lag per partition and users in state (called by a timer)."""
+        app = self.c.app
+        consumer = app.consumer
+        topic = self.settings.topic_input
+        for tp in consumer.assignment():
+            if tp.topic != topic:
+                continue
+            hw = consumer.highwater(tp)
+            if hw is None:
+                continue
+            last = self.last_offset.get(tp.partition)
+            lag = hw if last is None else max(0, hw - last - 1)
+            self.metrics.consumer_lag.labels(str(tp.partition)).set(lag)
+        self.metrics.state_users.set(self.store.estimate_count())
+
+    def expire_states(self, now: float | None = None) -> int:
+        """Right to be forgotten by default: drop states whose last event is older than the TTL."""
+        now = time.time() if now is None else now
+        n = self.store.expire(now - self.settings.state_ttl_s)
+        self.metrics.expired_states.inc(n)
+        return n
+
+
+async def _ship(producer, batch, topic: str, partition: int):
+    """Submit a finished batch. Closing it first matters: the client lets an open batch linger for
+    ``linger_ms`` waiting for more records, and each micro-batch waits on two produce round trips."""
+    batch.close()
+    return await producer.send_batch(batch, topic, partition=partition)
+
+
+def attach(c: Components, scorer: Scorer) -> Pipeline:
+    """Declare the agent and timers on the app; returns the pipeline they drive."""
+    pipeline = Pipeline(c, scorer)
+    s = c.settings
+
+    # The agent subscribes the input topic (and co-partitions it with the table). Its records never
+    # reach this stream: batch delivery gives them to pipeline.handle_messages, a fetch at a time.
+    @c.app.agent(c.input_topic, name="demandstream.process")
+    async def process(stream):
+        async for _event in stream:
+            raise RuntimeError("an input record reached the Faust stream: batch delivery is not installed")
+
+    faust_patches.install_batch_delivery(c.app, s.topic_input, pipeline.handle_messages)
+    if pipeline.exactly_once:
+        faust_patches.guard_commits(c.app.consumer, pipeline.batch_lock)
+    # Exactly-once: staged states are applied once their source partition's transaction commits.
+    faust_patches.chain_table_commit(c.app, pipeline.on_commit)
+
+    @c.app.timer(interval=s.lag_interval_s)
+    async def gauges():
+        try:
+            pipeline.update_gauges()
+        except Exception:  # a gauge must never take the worker down; but say so
+            logger.exception("updating gauges failed")
+
+    if s.state_ttl_s > 0:
+        # Scan often enough that a state outlives its TTL by at most ~10 %, but at most once a minute:
+        # a scan reads every local state.
+        @c.app.timer(interval=max(60.0, s.state_ttl_s / 10))
+        async def expire_states():
+            n = pipeline.expire_states()
+            if n:
+                logger.info("expired %d user states inactive for more than %.0f s", n, s.state_ttl_s)
+
+    return pipeline

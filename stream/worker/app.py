@@ -1,0 +1,106 @@
+"""The Faust application, built from :class:`~demandstream.stream.settings.Settings` in one place.
+
+Topics and the table are declared here with raw serializers (records are JSON bytes we encode
+ourselves with orjson, states are packed bytes); the agent lives in :mod:`demandstream.stream.worker.agents`, the HTTP
+views in :mod:`demandstream.stream.worker.web`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import faust
+
+from demandstream.stream.settings import Settings
+from demandstream.stream.worker import faust_patches
+from demandstream.stream.worker.metrics import Metrics
+
+logger = logging.getLogger(__name__)
+
+#: Producer linger: how long the client waits to fill a batch. A few ms costs little latency and
+#: lets one request carry hundreds of signals instead of one.
+PRODUCER_LINGER_MS = 5
+#: Consumer fetch sizes large enough that one fetch feeds a whole micro-batch.
+CONSUMER_MAX_FETCH_BYTES = 8 * 1024 * 1024
+
+
+@dataclass
+class Components:
+    """Everything the agent and the views share, created once per worker."""
+
+    app: faust.App
+    settings: Settings
+    input_topic: faust.TopicT
+    signals_topic: faust.TopicT
+    dlq_topic: faust.TopicT
+    table: faust.Table
+    metrics: Metrics
+
+
+def broker_credentials(settings: Settings):
+    """Faust credentials for SASL/SSL from settings (None for PLAINTEXT)."""
+    proto = settings.security_protocol
+    if proto == "PLAINTEXT":
+        return None
+    ssl_context = None
+    if proto.endswith("SSL"):
+        import ssl
+
+        ssl_context = ssl.create_default_context(cafile=settings.ssl_cafile or None)
+    if proto.startswith("SASL"):
+        from faust.auth import SASLCredentials
+
+        mechanism = settings.sasl_mechanism
+        return SASLCredentials(
+            username=settings.sasl_username,
+            password=settings.sasl_password,
+            ssl_context=ssl_context,
+            mechanism=mechanism,
+        )
+    from faust.auth import SSLCredentials
+
+    return SSLCredentials(ssl_context)
+
+
+def create_app(settings: Settings, metrics: Metrics | None = None) -> Components:
+    """Build the Faust app, its topics and table. The agent is attached by :func:`demandstream.stream.worker.agents.attach`."""
+    app = faust.App(
+        settings.app_id,
+        broker=settings.faust_broker,
+        broker_credentials=broker_credentials(settings),
+        store="rocksdb://" if settings.store == "rocksdb" else "memory://",
+        datadir=settings.data_dir,
+        processing_guarantee=settings.guarantee,
+        topic_partitions=settings.partitions,
+        topic_replication_factor=settings.replication,
+        table_standby_replicas=settings.standby_replicas,
+        web_enabled=True,
+        web_host=settings.web_host,
+        web_bind=settings.web_host,
+        web_port=settings.web_port,
+        producer_linger_ms=PRODUCER_LINGER_MS,
+        producer_acks=-1,  # acks=all: an acknowledged signal survives a broker loss
+        consumer_max_fetch_size=CONSUMER_MAX_FETCH_BYTES,
+        broker_max_poll_records=settings.batch_max,  # one poll can fill a whole micro-batch
+        stream_buffer_maxsize=max(4 * settings.batch_max, 4096),
+        # Faust's own table key TTL and web stats are not used: we expire states ourselves.
+        autodiscover=False,
+    )
+    # This app is always run as a worker. Faust caches ``app.in_transaction`` (exactly-once on/off) the
+    # first time the consumer or producer is built, and only its own Worker.on_start sets in_worker;
+    # we build both earlier (batch delivery, producer buffer), which would silently turn exactly-once
+    # into no transactions at all.
+    app.in_worker = True
+    raw = {"key_serializer": "raw", "value_serializer": "raw"}
+    input_topic = app.topic(settings.topic_input, partitions=settings.partitions, **raw)
+    signals_topic = app.topic(settings.topic_signals, partitions=settings.partitions, **raw)
+    dlq_topic = app.topic(settings.topic_dlq, partitions=settings.partitions, **raw)
+    # Faust's producer buffer warns above 100 pending messages; a micro-batch writes one changelog
+    # record per user it touched, so allow a full batch.
+    app.producer.buffer.max_messages = max(settings.batch_max, app.producer.buffer.max_messages)
+    table = app.Table(
+        settings.table, default=None, partitions=settings.partitions, key_type=bytes, value_type=bytes
+    )
+    faust_patches.install(app)
+    return Components(app, settings, input_topic, signals_topic, dlq_topic, table, metrics or Metrics())

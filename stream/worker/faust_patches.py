@@ -1,0 +1,275 @@
+"""Every place demandstream replaces a method of Faust's objects, in one module.
+
+Faust gives no public hook for what these do, so each one replaces one method on one of the app's own
+objects (never Faust's classes) and its docstring names the Faust behaviour or bug it works around:
+
+- :func:`install_batch_delivery`: the consumer's drain loop hands each fetch's input records to the
+  pipeline as one list (``Consumer._drain_messages``), instead of one Faust event per record.
+- :func:`guard_commits`: exactly-once offset commits wait for the micro-batch in flight
+  (``Consumer.commit``).
+- :func:`chain_table_commit`: the pipeline hears of every offset commit (``TableManager.on_commit``).
+- :func:`install` = :func:`fix_transactional_highwaters` (``_highwaters`` of the consumer thread,
+  faust-streaming/faust#158) + :func:`fix_stale_transactional_producers`
+  (``TransactionManager.on_rebalance``, ``Producer.maybe_begin_transaction``).
+
+They copy or wrap private code of one Faust release, so this module refuses, at import, a Faust outside
+the range they were tested on (:data:`TESTED_FROM` ≤ version < :data:`TESTED_BELOW`, the same range
+pyproject.toml pins). Before widening it, run the fault tests (``pytest tests/integration -m slow``)
+in both guarantee modes: they found these bugs and keep the patches honest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import types
+from collections.abc import Awaitable, Callable
+
+import faust
+from faust.transport.consumer import CONSUMER_FETCHING
+
+from demandstream.model.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+#: The faust-streaming releases the patches below were tested on: ``TESTED_FROM <= v < TESTED_BELOW``.
+TESTED_FROM = (0, 15, 3)
+TESTED_BELOW = (0, 16)
+
+
+class UnsupportedFaustVersion(UserError, RuntimeError):
+    """The installed faust-streaming is outside the range this module's patches were tested on."""
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """``"0.15.3"`` -> ``(0, 15, 3)``; pre-release and local suffixes are ignored.
+
+    >>> _release("0.15.3"), _release("0.16.0rc1"), _release("1.0")
+    ((0, 15, 3), (0, 16, 0), (1, 0))
+    """
+    return tuple(int(n) for n in re.findall(r"\d+", version.split("+")[0])[:3]) or (0,)
+
+
+def check_version(version: str) -> None:
+    """Raise :class:`UnsupportedFaustVersion` (one line) unless ``version`` is in the tested range.
+
+    >>> check_version("0.15.3")
+    >>> check_version("0.11.0")
+    Traceback (most recent call last):
+    ...
+    demandstream.stream.worker.faust_patches.UnsupportedFaustVersion: faust-streaming 0.11.0 is installed, but demandstream's Faust patches (stream/worker/faust_patches.py) were tested on >=0.15.3,<0.16 only: install faust-streaming>=0.15.3,<0.16
+    """
+    if not TESTED_FROM <= _release(version) < TESTED_BELOW:
+        tested = f">={'.'.join(map(str, TESTED_FROM))},<{'.'.join(map(str, TESTED_BELOW))}"
+        raise UnsupportedFaustVersion(
+            f"faust-streaming {version} is installed, but demandstream's Faust patches "
+            f"(stream/worker/faust_patches.py) were tested on {tested} only: install faust-streaming{tested}"
+        )
+
+
+check_version(faust.__version__)
+
+
+# -- fixes of Faust bugs that would corrupt or lose table state ------------------------------------
+
+
+def install(app) -> None:
+    """Apply every bug fix below to ``app`` (call once its consumer exists)."""
+    fix_transactional_highwaters(app.consumer._thread)
+    fix_stale_transactional_producers(app.consumer.transactions, app.producer)
+
+
+def fix_transactional_highwaters(thread) -> None:
+    """Ask the broker for a changelog's end under exactly-once, instead of the fetcher's cached LSO.
+
+    Under exactly-once, faust-streaming 0.15 takes a changelog partition's highwater from
+    ``AIOKafkaConsumer.last_stable_offset(tp)``, which aiokafka only knows after it has fetched that
+    partition in the current assignment; before, it is ``None`` and Faust's recovery uses -1 ("empty").
+    A live worker that is given a partition in a rebalance then either crashes with
+    ``ConsistencyError: persisted offset ... is higher than ... highwater (N > -1)`` (its standby copy
+    has a persisted offset; faust-streaming/faust#158) or, with no local offset, skips recovery and
+    applies new events to stale state. Found by the rebalance fault test under exactly-once.
+
+    ``end_offsets`` sends ListOffsets with the consumer's isolation level, so under ``read_committed``
+    the broker answers with the last stable offset: the same number, never missing.
+    """
+
+    async def _highwaters(self, partitions):
+        return await self._ensure_consumer().end_offsets(partitions)
+
+    thread._highwaters = types.MethodType(_highwaters, thread)
+
+
+def fix_stale_transactional_producers(transactions, producer) -> None:
+    """On every rebalance, stop the transactional producers of partitions this worker no longer owns.
+
+    Faust (faust-streaming 0.15, ``TransactionManager.on_rebalance``) stops the producers of revoked
+    partitions only if the partition is not a *standby* of this worker, and with standby replicas a
+    partition that moves away usually stays here as a standby. Its producer is kept, the new owner's
+    producer fences it, and when the partition comes back Faust reuses the fenced one ("Invalid state
+    transition IN_TRANSACTION -> IN_TRANSACTION" in the log): the first send raises ProducerFenced and
+    the worker crashes. Found by the rebalance fault test under exactly-once.
+
+    Before Faust starts the producers of the new assignment, every producer whose transactional id
+    is not one of the assignment's active partitions is stopped, so a partition that comes back gets
+    a fresh producer (whose initialisation fences and aborts whatever the last owner left open).
+    """
+    on_rebalance = transactions.on_rebalance
+
+    async def stop_stale_then_rebalance(assigned, revoked, newly_assigned):
+        active = transactions._tps_to_transactional_ids(assigned)
+        stale = sorted(set(producer._transaction_producers) - active)
+        if stale:
+            logger.info(
+                "stopping %d transactional producers of partitions no longer active here: %s",
+                len(stale),
+                ", ".join(stale),
+            )
+            for tid in stale:
+                await producer.stop_transaction(tid)
+        await on_rebalance(assigned, revoked, newly_assigned)
+
+    transactions.on_rebalance = stop_stale_then_rebalance
+
+    # Faust's "maybe" begin calls begin_transaction on producers that are already in one (those of the
+    # partitions this worker keeps) and logs the refusal as a WARNING on every rebalance; skip them.
+    maybe_begin = producer.maybe_begin_transaction
+
+    async def begin_unless_open(transactional_id: str) -> None:
+        txn = getattr(producer._transaction_producers.get(transactional_id), "_txn_manager", None)
+        if txn is not None and txn.is_in_transaction():
+            return
+        await maybe_begin(transactional_id)
+
+    producer.maybe_begin_transaction = begin_unless_open
+
+
+# -- the batch commit protocol's hooks into Faust ---------------------------------------------------
+
+
+def guard_commits(consumer, lock: asyncio.Lock) -> None:
+    """Exactly-once: let an offset commit happen only between two micro-batches, never inside one.
+
+    Faust commits a partition's transaction from a timer (and on rebalance and shutdown) while the
+    agent may be half-way through a batch: the transaction would then carry some of the batch's
+    signals or changelog records but not its offsets, and after a crash the batch is processed again
+    on top of them, which read_committed consumers see as duplicate signals. Faust's own per-producer
+    lock covers one send, not a batch. So every commit (``Consumer.commit``) takes the lock that
+    :meth:`demandstream.stream.worker.agents.Pipeline.handle_messages` holds from the first output of a chunk to its last
+    ack; the staged states applied by :meth:`demandstream.stream.worker.agents.Pipeline.on_commit` are then exactly those
+    of the committed transaction.
+    """
+    commit = consumer.commit
+
+    async def guarded_commit(*args, **kwargs):
+        async with lock:
+            return await commit(*args, **kwargs)
+
+    consumer.commit = guarded_commit
+
+
+def chain_table_commit(app, callback: Callable[[object], None]) -> None:
+    """Call ``callback(offsets)`` after Faust's own ``app.tables.on_commit`` on every offset commit.
+
+    Faust tells its tables, and nobody else, that offsets (and, exactly-once, their transactions) were
+    committed; the pipeline needs the same news to move its staged states into the local store.
+    """
+    tables_on_commit = app.tables.on_commit
+
+    def on_commit(offsets) -> None:
+        tables_on_commit(offsets)
+        callback(offsets)
+
+    app.tables.on_commit = on_commit
+
+
+# -- batch delivery: the input path of the worker ----------------------------------------------------
+
+BatchHandler = Callable[[list], Awaitable[None]]
+
+
+def install_batch_delivery(app, input_topic: str, handler: BatchHandler) -> None:
+    """Make ``app``'s consumer deliver ``input_topic`` records to ``handler`` in fetch-sized lists.
+
+    This is how every input record reaches the pipeline. Faust hands every record to its streams one by
+    one: its drain loop awaits ``wait_first(callback(message), suspend_flow.wait())`` per record (two
+    tasks and an ``asyncio.wait`` each), then the conductor builds an Event, queues it, and the stream
+    dequeues it. That path tops out around 2-3k records/s, an order of magnitude below the Kafka client
+    (docs/BENCHMARKS.md). Our work is batched anyway, so the consumer's drain loop
+    (``Consumer._drain_messages``) is replaced by a copy of Faust's that collects each fetch's records
+    of the *input topic* and gives them to ``handler`` as one list. Everything else is Faust's as
+    before: records of other topics (table changelogs during recovery and standby) take Faust's
+    per-record path, and input records are tracked and acked exactly as a Faust stream does
+    (``_unacked_messages``, ``Consumer.ack``), so offset commits, ``wait_empty`` on rebalance and
+    graceful shutdown keep working. No input record reaches a Faust stream or agent body.
+    """
+    consumer = app.consumer
+    consumer._drain_messages = types.MethodType(_make_drain(input_topic, handler), consumer)
+
+
+def _make_drain(input_topic: str, handler: BatchHandler):
+    async def _drain_messages(self, fetcher) -> None:  # bound to faust's Consumer
+        # Mirrors faust.transport.consumer.Consumer._drain_messages (faust-streaming 0.15) except
+        # for the batch path; keep the two in step when upgrading Faust.
+        callback = self.callback
+        getmany = self.getmany
+        consumer_should_stop = self._stopped.is_set
+        fetcher_should_stop = fetcher._stopped.is_set
+        get_read_offset = self._read_offset.__getitem__
+        set_read_offset = self._read_offset.__setitem__
+        app = self.app
+        add_unacked = self._unacked_messages.add
+        on_message_in = self._on_message_in
+        acks_enabled_for = app.topics.acks_enabled_for
+        commit_every = self._commit_every
+        try:
+            while not (consumer_should_stop() or fetcher_should_stop()):
+                self.diag.set_flag(CONSUMER_FETCHING)
+                ait = getmany(timeout=1.0)
+                await asyncio.sleep(0)
+                batch = []
+                if not self.should_stop:
+                    async for tp, message in ait:
+                        offset = message.offset
+                        r_offset = get_read_offset(tp)
+                        if r_offset is not None and offset < r_offset:
+                            continue  # already delivered (a seek back re-fetched it)
+                        if r_offset and offset - r_offset > 1 and acks_enabled_for(message.topic):
+                            # offsets skipped by the log (transaction markers, compaction) must
+                            # count as acked, or the committed offset could never pass them
+                            await self._add_gap(tp, r_offset + 1, offset)
+                        if commit_every is not None and self._n_acked >= commit_every:
+                            self._n_acked = 0
+                            await self.commit()
+                        if tp.topic == input_topic:
+                            batch.append(message)
+                        else:
+                            await self.wait_first(callback(message), self.suspend_flow.wait())
+                        set_read_offset(tp, offset)
+                self.diag.unset_flag(CONSUMER_FETCHING)
+                if batch:
+                    # A rebalance while these were in flight makes them stale: their partitions may
+                    # be someone else's now. Dropping them untracked is what Faust's streams do.
+                    generation = app.consumer_generation_id
+                    batch = [m for m in batch if m.generation_id == generation]
+                    for m in batch:
+                        m.tracked = True
+                        add_unacked(m)
+                        on_message_in(m.tp, m.offset, m)
+                    if batch:
+                        await handler(batch)
+        except self.consumer_stopped_errors:
+            if app.should_stop:
+                logger.info("broker stopped consumer, shutting down")
+                return
+            raise
+        except asyncio.CancelledError:
+            if app.should_stop:
+                return
+            raise
+        except Exception as exc:
+            logger.exception("batch delivery crashed: %r", exc)
+            raise
+
+    return _drain_messages

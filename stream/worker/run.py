@@ -1,0 +1,51 @@
+"""``demandstream worker``: load the model, make sure the topics exist, run the Faust worker."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from demandstream.model.core.checkpoint import load
+from demandstream.model.core.scoring import Scorer, resolve_device
+from demandstream.stream.admin import ensure_topics
+from demandstream.stream.settings import Settings, SettingsError
+from demandstream.stream.worker.agents import attach
+from demandstream.stream.worker.app import Components, create_app
+from demandstream.stream.worker.web import attach_views
+
+logger = logging.getLogger(__name__)
+
+#: Torch intra-op threads in a worker: micro-batch steps are small, and on a shared box extra threads
+#: mostly fight the Kafka client and the broker for cores.
+WORKER_TORCH_THREADS = 1
+
+
+def build_worker(settings: Settings) -> Components:
+    """Everything but running: model loaded (fails fast on a bad checkpoint), app, agent, views."""
+    if not settings.model:
+        raise SettingsError(
+            "no model: pass --model or set DEMANDSTREAM_MODEL (train one with `demandstream train`)"
+        )
+    device = resolve_device(settings.device)
+    ckpt = load(settings.model, device)
+    scorer = Scorer(ckpt, device, top_k=settings.top_k, max_batch=settings.batch_max)
+    c = create_app(settings)
+    pipeline = attach(c, scorer)
+    attach_views(c, pipeline)
+    c.metrics.model_info.labels(
+        ckpt.model_version, str(device), str(ckpt.cfg.hidden), str(len(ckpt.vocab))
+    ).set(1)
+    logger.info("model %s on %s, %d categories", ckpt.model_version, device, len(ckpt.vocab))
+    return c
+
+
+def run_worker(settings: Settings) -> int:
+    torch.set_num_threads(WORKER_TORCH_THREADS)
+    c = build_worker(settings)
+    ensure_topics(settings)
+    from faust.worker import Worker
+
+    worker = Worker(c.app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False)
+    worker.execute_from_commandline()
+    return 0

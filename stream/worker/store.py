@@ -1,0 +1,204 @@
+"""Per-user state in the Faust table ``user-state``: batched reads and writes by partition.
+
+Faust's table API (``table[key] = value``) takes the partition from the *current event* of the
+stream; a micro-batch spans several partitions, and Faust's RocksDB store would then file every key
+under the last event's partition (``faust/stores/rocksdb.py`` ``_set``). So this module addresses the
+store and the changelog explicitly by the source partition of each user, using Faust's own store
+objects (RocksDB by default, memory selectable) and ``Table.send_changelog``; recovery, standbys and
+rebalancing stay Faust's. Keys and values are raw bytes: the key is the (pseudonymized) user id, the
+value is :func:`demandstream.model.core.state.pack`'s record.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+
+from demandstream.model.core.state import StateFormatError, peek_last_ts
+
+logger = logging.getLogger(__name__)
+
+
+def _older(value: bytes, before_ts: float) -> bool:
+    try:
+        return peek_last_ts(value) < before_ts
+    except StateFormatError:
+        return True
+
+
+class StateStore:
+    r"""Batched access to a Faust table's local store plus its changelog.
+
+    Writes never let the local store run ahead of what Kafka holds durably: under at-least-once the
+    caller sends the changelog records and waits for the broker's acks before :meth:`write_local`;
+    under exactly-once, writes are :meth:`stage`\ d in memory and applied by :meth:`on_commit` only
+    once the source partition's transaction (which carries the changelog records) has committed.
+    A crash therefore leaves the local store at or behind the changelog, which recovery replays.
+    """
+
+    def __init__(self, table):
+        self.table = table
+        #: exactly-once: source partition -> {key: value or None}, not yet committed
+        self._staged: dict[int, dict[bytes, bytes | None]] = {}
+
+    @property
+    def _store(self):
+        return self.table.data
+
+    @property
+    def is_rocksdb(self) -> bool:
+        return hasattr(self._store, "_db_for_partition")
+
+    # -- reads ----------------------------------------------------------------------------------
+
+    def read(self, keys: Sequence[tuple[bytes, int]]) -> dict[bytes, bytes | None]:
+        """Stored values of ``(key, partition)`` pairs; one multi-get per partition on RocksDB.
+
+        Values staged by this worker's open transaction win over the local store.
+        """
+        out = self._read_local(keys)
+        if self._staged:
+            for k, p in keys:
+                staged = self._staged.get(p)
+                if staged is not None and k in staged:
+                    out[k] = staged[k]
+        return out
+
+    def _read_local(self, keys: Sequence[tuple[bytes, int]]) -> dict[bytes, bytes | None]:
+        store = self._store
+        if not self.is_rocksdb:
+            data = store.data
+            return {k: data.get(k) for k, _p in keys}
+        by_part: dict[int, list[bytes]] = defaultdict(list)
+        for k, p in keys:
+            by_part[p].append(k)
+        out: dict[bytes, bytes | None] = {}
+        for p, ks in by_part.items():
+            values = store._db_for_partition(p).get(ks)
+            out.update(zip(ks, values, strict=True))
+        return out
+
+    def get(self, key: bytes) -> bytes | None:
+        """A key's value from whichever local partition holds it (web queries, tests)."""
+        store = self._store
+        if not self.is_rocksdb:
+            return store.data.get(key)
+        for db in list(store._dbs.values()):
+            v = db.get(key)
+            if v is not None:
+                return v
+        return None
+
+    def estimate_count(self) -> int:
+        """Users in state on this worker, cheap enough for a gauge (RocksDB's key estimate)."""
+        store = self._store
+        if not self.is_rocksdb:
+            return len(store.data)
+        total = 0
+        for db in store._dbs_for_actives():
+            # includes Faust's one persisted-offset key per partition: negligible for a gauge
+            total += int(db.property_int_value("rocksdb.estimate-num-keys") or 0)
+        return total
+
+    def expired(self, before_ts: float) -> dict[bytes, int]:
+        """Keys (with their partition) whose last event is older than ``before_ts`` (event time).
+
+        Undecodable records count as expired too: they can never be used again.
+        """
+        out: dict[bytes, int] = {}
+        store = self._store
+        if self.is_rocksdb:
+            parts = [(p, db) for p, db in list(store._dbs.items()) if db in set(store._dbs_for_actives())]
+            for p, db in parts:
+                for k, v in store._visible_items(db):
+                    if _older(v, before_ts):
+                        out[k] = p
+        else:
+            for k, v in list(store.data.items()):
+                if _older(v, before_ts):
+                    out[k] = store._key_partition.get(k, 0)
+        return out
+
+    def expire(self, before_ts: float) -> int:
+        """Delete (and tombstone) every state whose last event is older than ``before_ts``."""
+        keys = self.expired(before_ts)
+        self.write({k: (p, None) for k, p in keys.items()})
+        return len(keys)
+
+    # -- writes ---------------------------------------------------------------------------------
+
+    @property
+    def changelog_topic(self) -> str:
+        return self.table.changelog_topic.get_topic_name()
+
+    def write(self, values: Mapping[bytes, tuple[int, bytes | None]]) -> None:
+        """Local store and changelog at once, through Faust's producer (TTL expiry, not the hot path)."""
+        if not values:
+            return
+        self.write_local(values)
+        send = self.table.send_changelog
+        for k, (p, v) in values.items():
+            send(p, k, v, key_serializer="raw", value_serializer="raw")
+
+    def stage(self, values: Mapping[bytes, tuple[int, bytes | None]]) -> None:
+        """Exactly-once: hold writes until the transaction of their source partition commits."""
+        for k, (p, v) in values.items():
+            self._staged.setdefault(p, {})[k] = v
+
+    def on_commit(self, partitions: set[int]) -> None:
+        """Apply the staged writes of the committed source partitions to the local store."""
+        for p in partitions:
+            staged = self._staged.pop(p, None)
+            if staged:
+                self.write_local({k: (p, v) for k, v in staged.items()})
+
+    def discard_staged(self, partitions: set[int]) -> None:
+        """Forget the staged writes of these partitions (their transaction did not commit)."""
+        for p in partitions:
+            self._staged.pop(p, None)
+
+    def drop_staged(self, keep: set[int]) -> None:
+        """Forget staged writes of partitions no longer assigned (their transaction was aborted)."""
+        self.discard_staged(set(self._staged) - keep)
+
+    def set_persisted_offsets(self, offsets: Mapping[int, int]) -> None:
+        """Record the last changelog offset applied locally per partition (recovery resumes after it)."""
+        store = self._store
+        if not hasattr(store, "set_persisted_offset"):
+            return
+        from faust.types import TP
+
+        topic = self.changelog_topic
+        for p, off in offsets.items():
+            store.set_persisted_offset(TP(topic, p), off)
+
+    def write_local(self, values: Mapping[bytes, tuple[int, bytes | None]]) -> None:
+        """Write ``key -> (partition, value or None to delete)`` to the local store only."""
+        if not values:
+            return
+        store = self._store
+        if self.is_rocksdb:
+            import rocksdict
+
+            batches: dict[int, rocksdict.WriteBatch] = {}
+            for k, (p, v) in values.items():
+                wb = batches.get(p)
+                if wb is None:
+                    wb = batches[p] = rocksdict.WriteBatch(raw_mode=True)
+                if v is None:
+                    wb.delete(k)
+                else:
+                    wb.put(k, v)
+                store._key_index[k] = p
+            for p, wb in batches.items():
+                store._db_for_partition(p).write(wb)
+        else:
+            data, parts = store.data, store._key_partition
+            for k, (p, v) in values.items():
+                if v is None:
+                    data.pop(k, None)
+                    parts.pop(k, None)
+                else:
+                    data[k] = v
+                    parts[k] = p

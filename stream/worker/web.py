@@ -1,0 +1,81 @@
+"""HTTP views on the worker's web port: /metrics, /healthz, /readyz, /users/{user_id}/demand."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from faust.web import Request, Response, View
+
+from demandstream.model.core.scoring import Scorer
+from demandstream.model.core.state import StateFormatError, UserState, unpack
+from demandstream.stream.worker.agents import Pipeline
+from demandstream.stream.worker.app import Components
+
+logger = logging.getLogger(__name__)
+
+# aiohttp refuses a charset inside content_type; Prometheus assumes UTF-8 anyway.
+PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4"
+
+
+def attach_views(c: Components, pipeline: Pipeline) -> None:
+    app = c.app
+    engine = pipeline.engine
+
+    @app.page("/metrics")
+    async def metrics(self: View, request: Request) -> Response:
+        return self.bytes(c.metrics.exposition(), content_type=PROMETHEUS_CONTENT_TYPE)
+
+    @app.page("/healthz")
+    async def healthz(self: View, request: Request) -> Response:
+        return self.json({"status": "ok"})
+
+    @app.page("/readyz")
+    async def readyz(self: View, request: Request) -> Response:
+        recovery = app.tables.recovery
+        ready = recovery.completed.is_set() and not app.rebalancing and not recovery.in_recovery
+        return self.json({"ready": ready}, status=200 if ready else 503)
+
+    @app.page("/users/{user_id}/demand")
+    @app.table_route(table=c.table, match_info="user_id")
+    async def demand(self: View, request: Request, user_id: str) -> Response:
+        key = engine.pseudonymizer.user(user_id) if engine.pseudonymizer else user_id
+        raw = pipeline.store.get(key.encode("utf-8"))
+        if raw is None:
+            return self.json({"error": "unknown user", "user_id": user_id}, status=404)
+        try:
+            s = unpack(raw)
+        except StateFormatError as exc:
+            return self.json({"error": str(exc)}, status=500)
+        return self.json(
+            {
+                "user_id": user_id,
+                "model_version": s.model_version,
+                "events_seen": s.events_seen,
+                "last_ts": s.last_ts,
+                **demand_view(engine.scorer, s),
+            }
+        )
+
+
+def recent_category_names(scorer: Scorer, s: UserState) -> list[str]:
+    """Names of the categories in a state's history slots, most recently seen first.
+
+    Slots hold category hashes: a vocabulary category is named by its index, any other by
+    :meth:`Scorer.category_name` of minus its hash (its name when this worker saw it, else ``#hash``).
+    """
+    slots = sorted(
+        ((last, h) for h, last in zip(s.hist_cats, s.hist_last, strict=True) if h > 0), reverse=True
+    )
+    hashes = [h for _last, h in slots]
+    index = scorer.vocab.index_of_hashes(np.array(hashes, dtype=np.int64)).tolist() if hashes else []
+    return [scorer.category_name(i if i > 0 else -h) for h, i in zip(hashes, index, strict=True)]
+
+
+def demand_view(scorer: Scorer, s: UserState) -> dict:
+    """The demand part of ``/users/{id}/demand``: the last prediction and the recent categories, named."""
+    return {
+        "top_categories": [{"category": scorer.category_name(code), "p": p} for code, p in s.last_top],
+        "purchase_propensity": s.last_propensity,
+        "recent_categories": recent_category_names(scorer, s),
+    }

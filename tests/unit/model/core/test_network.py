@@ -1,0 +1,312 @@
+"""DemandLSTM: one-step streaming equals the full-sequence forward (docs/ARCHITECTURE.md §Semantics, parity);
+the hybrid next-category head ranks categories outside the vocabulary and starts out as the rule cascade."""
+
+import numpy as np
+import pytest
+import torch
+
+from demandstream.model.core.checkpoint import Checkpoint
+from demandstream.model.core.events import EVENT_TYPES, Event
+from demandstream.model.core.features import Vocabulary
+from demandstream.model.core.network import DemandLSTM, ModelConfig, init_like_cascade, markov_tables
+from demandstream.model.core.scoring import Scorer
+from demandstream.model.core.state import SUMMARY_FIELDS
+from demandstream.model.data.eventlog import EventLog
+
+
+def random_events(rng, n_users=7, max_len=30, n_cats=12):
+    events = []
+    for u in range(n_users):
+        ts = 1.7e9 + rng.uniform(0, 1e5)
+        for k in range(int(rng.integers(1, max_len))):
+            ts += float(rng.exponential(300)) - 50  # some out-of-order (negative) gaps on purpose
+            etype = EVENT_TYPES[int(rng.integers(0, len(EVENT_TYPES)))]
+            cat = None if rng.random() < 0.1 else f"c{int(rng.integers(0, n_cats))}"
+            events.append(
+                Event(
+                    f"e{u}-{k}",
+                    f"u{u}",
+                    ts,
+                    etype,
+                    None if etype == "search" else f"i{int(rng.integers(0, 500))}",
+                    cat,
+                    None if rng.random() < 0.2 else float(rng.uniform(0, 300)),
+                    "red shoes size 42" if etype == "search" else None,
+                )
+            )
+    return events
+
+
+def live_net(cfg: ModelConfig, vocab: Vocabulary, events, seed: int = 0) -> DemandLSTM:
+    """A network whose every term contributes: Markov tables from ``events``, the cascade weights, then
+    noise on every parameter (the context and LSTM terms are zero at initialisation)."""
+    torch.manual_seed(seed)
+    net = DemandLSTM(cfg)
+    cats = np.array([vocab.index(e.category) for e in events])
+    pairs = np.stack([cats[:-1], cats[1:]], axis=1)
+    net.set_tables(markov_tables(cats, pairs, cfg.n_categories, cfg.markov_top_k))
+    init_like_cascade(net)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return net.eval()
+
+
+def offline_column(code: int, n_vocab: int, hist_cats) -> int:
+    """Column of a prediction code (Scorer.category_name's codes) in a predict_log row [C + K]."""
+    if code >= 0:
+        return code
+    return n_vocab + list(hist_cats).index(-code)
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_step_equals_forward(layers):
+    rng = np.random.default_rng(layers)
+    events = random_events(rng)
+    # a capped vocabulary: the rarer categories are outside it and ranked through their history slots
+    vocab = Vocabulary.build([e.category for e in events], max_size=7)
+    cfg = ModelConfig(n_categories=len(vocab), hidden=24, layers=layers, markov_top_k=4)
+    scorer = Scorer(Checkpoint(live_net(cfg, vocab, events, layers), vocab, "00000000"), top_k=8)
+    log = EventLog.from_events(events).sorted_by_user_time()
+
+    offline = {}
+    for rows, probs, prop, hist_cats in scorer.predict_log(log):
+        assert probs.shape[1] == len(vocab) + cfg.history_slots
+        for j, r in enumerate(rows.tolist()):
+            offline[log.event_ids[r]] = (probs[j].numpy(), float(prop[j]), hist_cats[j].tolist())
+
+    # Stream the same events one round at a time: round r = r-th event of every user.
+    by_user = {}
+    for e in sorted(events, key=lambda e: (e.user_id, e.ts)):
+        by_user.setdefault(e.user_id, []).append(e)
+    states = {u: scorer.new_state() for u in by_user}
+    max_diff, oov_ranked = 0.0, 0
+    for r in range(max(len(v) for v in by_user.values())):
+        round_events = [v[r] for v in by_user.values() if len(v) > r]
+        round_states = [states[e.user_id] for e in round_events]
+        preds = scorer.step(round_events, round_states)
+        for e, p, s in zip(round_events, preds, round_states, strict=True):
+            probs, prop, hist_cats = offline[e.event_id]
+            assert s.hist_cats == hist_cats
+            max_diff = max(max_diff, abs(prop - p.purchase_propensity))
+            for (code, pc), (name, pn) in zip(s.last_top, p.top_categories, strict=True):
+                assert scorer.category_name(code) == name and pn == pc
+                oov_ranked += code < 0
+                max_diff = max(max_diff, abs(pc - probs[offline_column(code, len(vocab), hist_cats)]))
+    assert max_diff <= 1e-5
+    assert oov_ranked > 0  # the comparison covered history-slot columns too
+    assert len(offline) == len(events)
+
+
+def test_distribution_sums_to_one_and_never_predicts_unknown():
+    torch.manual_seed(0)
+    events = random_events(np.random.default_rng(5), n_users=3)
+    vocab = Vocabulary.build([e.category for e in events], max_size=6)
+    net = live_net(ModelConfig(n_categories=len(vocab), hidden=16), vocab, events)
+    log = EventLog.from_events(events).sorted_by_user_time()
+    for _rows, probs, _p, hist_cats in Scorer(Checkpoint(net, vocab, "00000000")).predict_log(log):
+        assert torch.allclose(probs.sum(-1), torch.ones(probs.shape[0]), atol=1e-5)
+        assert float(probs[:, 0].abs().max()) == 0.0
+        # a history-slot column has mass only when the slot holds a category outside the vocabulary
+        slot_vocab = torch.from_numpy(vocab.index_of_hashes(hist_cats.numpy()))
+        slot_p = probs[:, len(vocab) :]
+        assert float(slot_p[(slot_vocab > 0) | (hist_cats <= 0)].sum()) == 0.0
+        assert float(slot_p.sum()) > 0.0
+
+
+def test_step_many_equals_one_step_per_event():
+    """A micro-batch with several events per user: one packed call == one step per event."""
+    rng = np.random.default_rng(3)
+    torch.manual_seed(3)
+    events = random_events(rng, n_users=6, max_len=9)
+    vocab = Vocabulary.build([e.category for e in events], max_size=6)
+    cfg = ModelConfig(n_categories=len(vocab), hidden=24)
+    scorer = Scorer(Checkpoint(live_net(cfg, vocab, events, 3), vocab, "00000000"), top_k=4)
+    by_user = {}
+    for e in events:
+        by_user.setdefault(e.user_id, []).append(e)
+    users = sorted(by_user)
+    a = {u: scorer.new_state() for u in users}
+    b = {u: scorer.new_state() for u in users}
+    # two micro-batches: first 3 events of each user, then the rest
+    packed = []
+    for lo, hi in ((0, 3), (3, None)):
+        seqs = [by_user[u][lo:hi] for u in users if by_user[u][lo:hi]]
+        us = [u for u in users if by_user[u][lo:hi]]
+        for u, preds in zip(us, scorer.step_many(seqs, [a[u] for u in us]), strict=True):
+            packed.extend((u, p) for p in preds)
+    single = []
+    for u in users:
+        for e in by_user[u]:
+            single.append((u, scorer.step([e], [b[u]])[0]))
+    packed.sort(key=lambda x: (x[0], x[1].events_seen))
+    assert len(packed) == len(single) == len(events)
+    for (u1, p), (u2, q) in zip(packed, single, strict=True):
+        assert u1 == u2 and p.events_seen == q.events_seen
+        assert abs(p.purchase_propensity - q.purchase_propensity) <= 1e-5
+        assert [c for c, _ in p.top_categories] == [c for c, _ in q.top_categories]
+        assert np.allclose([x for _, x in p.top_categories], [x for _, x in q.top_categories], atol=1e-5)
+    for u in users:
+        assert np.abs(a[u].h - b[u].h).max() <= 1e-5 and np.abs(a[u].c - b[u].c).max() <= 1e-5
+        assert [c for c, _ in a[u].last_top] == [c for c, _ in b[u].last_top]
+        for f in SUMMARY_FIELDS:
+            assert getattr(a[u], f) == getattr(b[u], f), f
+
+
+def test_a_category_outside_the_vocabulary_is_ranked_under_its_own_name():
+    """A category unseen in training (so outside the vocabulary) that the user viewed twice is predicted,
+    named, from its history slot: streaming, in the stored last_top, and offline."""
+    vocab = Vocabulary(["<unk>", "shoes", "bags", "hats"])
+    net = DemandLSTM(ModelConfig(n_categories=len(vocab), hidden=16))
+    net.set_tables(
+        markov_tables(np.array([1, 1, 2, 3]), np.array([[1, 2], [2, 3]]), len(vocab), net.cfg.markov_top_k)
+    )
+    init_like_cascade(net)
+    scorer = Scorer(Checkpoint(net.eval(), vocab, "00000000"), top_k=3)
+    s = scorer.new_state()
+    events = [
+        Event(f"e{k}", "u1", 1.7e9 + 30.0 * k, "view", f"i{k}", c, 20.0)
+        for k, c in enumerate(["shoes", "garden-gnomes", "bags", "garden-gnomes"])
+    ]
+    preds = [scorer.step([e], [s])[0] for e in events]
+    assert "garden-gnomes" not in vocab.names
+    assert preds[-1].top_categories[0][0] == "garden-gnomes"  # the current category comes first
+    assert "garden-gnomes" in [c for c, _ in preds[2].top_categories]  # and is still ranked one event later
+    code = s.last_top[0][0]
+    assert code < 0 and scorer.category_name(code) == "garden-gnomes"
+    # a scorer that never saw the name still ranks the category, by hash
+    assert Scorer(Checkpoint(net, vocab, "00000000")).category_name(code) == f"#{-code:08x}"
+    log = EventLog.from_events(events).sorted_by_user_time()
+    offline = dict(scorer.score_log(log))
+    assert offline[len(events) - 1].top_categories == preds[-1].top_categories
+
+
+def test_untrained_network_with_cascade_init_ranks_like_the_rule_cascade():
+    """set_tables + init_like_cascade: last category, then the cart, then the rest of the history by count
+    (recent first on ties; a category outside the vocabulary too), then Markov successors of the current
+    category, then popularity."""
+    names = ["<unk>", *(f"c{i}" for i in range(1, 10))]
+    vocab = Vocabulary(names)
+    c = len(vocab)
+    # popularity: c7 > c8 > c9 > the rest; Markov successors of c4: c6 (3 times), then c5 (once)
+    counts = {1: 1, 2: 1, 3: 1, 4: 4, 5: 1, 6: 3, 7: 9, 8: 7, 9: 5}
+    cats = np.repeat(list(counts), list(counts.values()))
+    pairs = np.array([[4, 6], [4, 6], [4, 6], [4, 5], [1, 2], [7, 8]])
+    torch.manual_seed(0)
+    net = DemandLSTM(ModelConfig(n_categories=c, hidden=16, markov_top_k=4))
+    net.set_tables(markov_tables(cats, pairs, c, 4))
+    init_like_cascade(net)
+    scorer = Scorer(Checkpoint(net.eval(), vocab, "00000000"), top_k=c - 1)
+    s = scorer.new_state()
+    history = [
+        ("c1", "view"),
+        ("c2", "view"),
+        ("c3", "add_to_cart"),
+        ("zz-oov", "view"),
+        ("c2", "view"),
+        ("c1", "view"),
+        ("c4", "view"),
+    ]
+    for k, (cat, etype) in enumerate(history):
+        [p] = scorer.step([Event(f"e{k}", "u1", 1.7e9 + 60.0 * k, etype, f"i{k}", cat, 5.0)], [s])
+    ranked = [n for n, _ in p.top_categories]
+    #       last  cart  history: count 2 (c1 more recent), count 1  Markov of c4  popularity
+    assert ranked == ["c4", "c3", "c1", "c2", "zz-oov", "c6", "c5", "c7", "c8"]
+
+
+def test_calibration_is_applied_inside_heads_so_step_and_forward_agree():
+    torch.manual_seed(4)
+    events = random_events(np.random.default_rng(4), n_users=4, max_len=12)
+    vocab = Vocabulary.build([e.category for e in events])
+    net = DemandLSTM(ModelConfig(n_categories=len(vocab), hidden=16)).eval()
+    assert float(net.purchase_scale) == 1.0 and float(net.purchase_shift) == 0.0  # identity by default
+    log = EventLog.from_events(events).sorted_by_user_time()
+    scorer = Scorer(Checkpoint(net, vocab, "00000000"))
+    raw = torch.cat([p for _r, _c, p, _h in scorer.predict_log(log)])
+    with torch.no_grad():
+        net.purchase_scale.fill_(0.5)
+        net.purchase_shift.fill_(-1.0)
+    cal = torch.cat([p for _r, _c, p, _h in scorer.predict_log(log)])
+    assert torch.allclose(cal, torch.sigmoid(0.5 * torch.logit(raw.double()) - 1.0).float(), atol=1e-5)
+    # the streaming step goes through the same heads: first events of every user, one round
+    firsts = {}
+    for e in sorted(events, key=lambda e: (e.user_id, e.ts)):
+        firsts.setdefault(e.user_id, e)
+    states = [scorer.new_state() for _ in firsts]
+    streamed = [p.purchase_propensity for p in scorer.step(list(firsts.values()), states)]
+    offline = []
+    for rows, _c, p, _h in scorer.predict_log(log):
+        offline.extend((int(r), float(v)) for r, v in zip(rows, p, strict=True))
+    offline = dict(offline)
+    first_row = {log.users[log.user[s]]: int(s) for s in log.user_start[:-1]}
+    for uid, p in zip(firsts, streamed, strict=True):
+        assert abs(p - offline[first_row[uid]]) <= 1e-5
+
+
+def test_checkpoint_without_calibration_loads_as_identity_and_version_tracks_it(tmp_path):
+    from demandstream.model.core import checkpoint
+
+    vocab = Vocabulary(["<unk>", "a", "b"])
+    net = DemandLSTM(ModelConfig(n_categories=3, hidden=8))
+    old = {k: v for k, v in net.state_dict().items() if not k.startswith("purchase_s")}
+    fresh = DemandLSTM(ModelConfig(n_categories=3, hidden=8))
+    fresh.load_state_dict(old)  # a state dict from before calibration existed
+    assert float(fresh.purchase_scale) == 1.0 and float(fresh.purchase_shift) == 0.0
+    assert "purchase_scale" not in old  # the caller's dict is untouched (model_version is hashed from it)
+    v1 = checkpoint.save(tmp_path / "a.pt", net, vocab)
+    with torch.no_grad():
+        net.purchase_shift.fill_(0.25)
+    v2 = checkpoint.save(tmp_path / "b.pt", net, vocab)
+    assert v1 != v2
+    assert float(checkpoint.load(tmp_path / "b.pt").net.purchase_shift) == 0.25
+
+
+def test_markov_features_leave_out_what_the_rows_own_user_contributed():
+    """A training row must not see its own user's transitions in its Markov feature (target leakage):
+    with them subtracted, a transition only that user made becomes the popularity back-off, and other
+    successors keep their counts over the reduced total."""
+    import numpy as np
+
+    from demandstream.model.core.network import MARKOV_ALPHA, markov_tables
+
+    net = DemandLSTM(ModelConfig(n_categories=5, hidden=4, markov_top_k=2))
+    cats = np.array([1, 2, 1, 3, 1, 3])
+    net.set_tables(markov_tables(cats, np.array([[1, 2], [1, 3], [1, 3]]), 5, 2))
+    assert net.markov_next[1].tolist() == [3, 2]
+    pop = torch.exp(net.pop_logp)
+    src = torch.tensor([1, 1])
+    with_own = net.markov_row(src).exp()
+    left_out = net.markov_row(src, torch.tensor([[0.0, 1.0], [0.0, 0.0]]), torch.tensor([1.0, 0.0])).exp()
+    denom = 3 + MARKOV_ALPHA
+    assert torch.allclose(with_own[0, 2], (1 + MARKOV_ALPHA * pop[2]) / denom)
+    assert torch.allclose(left_out[0, 2], MARKOV_ALPHA * pop[2] / (denom - 1))  # own count gone
+    assert torch.allclose(left_out[0, 3], (2 + MARKOV_ALPHA * pop[3]) / (denom - 1))  # others kept
+    assert torch.allclose(left_out[1], with_own[1])  # nothing of its own: untouched
+
+
+def test_markov_pairs_and_own_counts_of_a_user():
+    import numpy as np
+
+    from demandstream.model.core.events import Event
+    from demandstream.model.data.eventlog import EventLog
+    from demandstream.model.training.train import _markov_pairs, own_markov_counts
+
+    evs = [
+        Event(f"e{i}", "u", 100.0 + i, "view", "i", c) for i, c in enumerate(["a", "b", None, "c", "a", "b"])
+    ]
+    evs.append(Event("x1", "v", 100.0, "view", "i", "a"))
+    evs.append(Event("x2", "v", 101.0, "view", "i", "b"))
+    log = EventLog.from_events(evs).sorted_by_user_time()
+    cats = np.array([1, 2, 0, 3, 1, 2, 1, 2])  # user u: a b - c a b; user v: a b
+    pairs, rows, current = _markov_pairs(log, cats, np.ones(8, bool))
+    # row 1's successor has no category; row 2 carries b as its current category
+    assert pairs.tolist() == [[1, 2], [2, 3], [3, 1], [1, 2], [1, 2]] and rows.tolist() == [0, 2, 3, 4, 6]
+    assert current.tolist() == [1, 2, 2, 3, 1, 2, 1, 2]
+    table_next = np.zeros((4, 2), np.int64)
+    table_next[1] = [2, 0]
+    by_user = own_markov_counts(log, pairs, rows, current, table_next, "user")
+    by_row = own_markov_counts(log, pairs, rows, current, table_next, "row")
+    assert by_user.total[0] == 2 and by_user.count[0, 0] == 2  # u went a->b twice
+    assert by_user.total[6] == 1 and by_user.count[6, 0] == 1  # v once
+    assert by_row.total[0] == 1 and by_row.count[0, 0] == 1 and by_row.total[1] == 0
+    assert own_markov_counts(log, pairs, rows, current, table_next, "none") is None

@@ -1,0 +1,364 @@
+"""Tests of model/data/loaders.py on the small fixtures in tests/fixtures/ (expected counts by construction)."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from demandstream.model.data.cleaning import CleaningConfig
+from demandstream.model.data.loaders import (
+    FORMATS,
+    LoadStats,
+    detect_format,
+    expand_paths,
+    load_log,
+    read_category_tree,
+)
+
+REPO = Path(__file__).resolve().parents[4]
+FIXTURES = REPO / "tests" / "fixtures"
+REES46 = FIXTURES / "rees46_sample.csv"
+JSONL = FIXTURES / "events_sample.jsonl"
+RR = FIXTURES / "retailrocket"
+TAOBAO = FIXTURES / "taobao_sample.csv"
+# CI clones the repo elsewhere with shared/ beside the clone, so shared is always <repo>/../shared.
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+#: The fixture's bot (12 views in 11 s) trips a 10-event burst bound; its 15-item checkout must not.
+SMALL_BURST = CleaningConfig(burst_max_events=10)
+T0 = datetime(2019, 10, 1, tzinfo=UTC).timestamp()
+
+
+def events_by_user(log):
+    return {
+        log.users[u]: log.user_events(u)
+        for u in range(log.n_users)
+        if log.user_rows(u).stop > log.user_rows(u).start
+    }
+
+
+# -- REES46 -------------------------------------------------------------------------------------
+
+
+def test_rees46_counts_every_kind_of_reject_and_cleaning_step():
+    stats = LoadStats()
+    log = load_log(REES46, "rees46", clean=SMALL_BURST, stats=stats)
+    assert stats.rows_read == 41
+    assert dict(stats.malformed) == {
+        "column_count": 1,
+        "bad_number": 1,
+        "bad_time": 1,
+        "bad_type": 1,
+        "missing_item": 1,
+        "bad_price": 1,
+    }
+    assert stats.duplicates_dropped == 1
+    assert (stats.users_dropped_rate, stats.events_dropped_rate) == (1, 12)
+    assert stats.missing_category == 1
+    assert stats.out_of_order_fixed == 1
+    assert stats.rows_kept == len(log) == 41 - 6 - 1 - 12
+    by_user = events_by_user(log)
+    assert sorted(by_user) == ["u1", "u2", "u4"]
+    assert len(by_user["u4"]) == 16  # the 15-item checkout is one action, not a bot
+
+
+def test_rees46_maps_types_categories_prices_and_ids():
+    log = load_log(REES46, "rees46", clean=SMALL_BURST)
+    u1 = events_by_user(log)["u1"]
+    assert [(e.event_id, e.type, e.ts - T0) for e in u1] == [
+        ("rees46_sample:2", "view", 0.0),
+        ("rees46_sample:3", "add_to_cart", 60.0),
+        ("rees46_sample:5", "purchase", 120.0),
+    ]
+    assert {(e.item_id, e.category, e.price, e.session_id) for e in u1} == {
+        ("100", "electronics.smartphone", 500.0, "s1")
+    }
+    u2 = events_by_user(log)["u2"]
+    # Re-sorted into time order; category_id stands in for an empty category_code.
+    assert [(e.ts - T0, e.type, e.item_id, e.category) for e in u2] == [
+        (10.0, "view", "201", None),
+        (30.0, "view", "200", "1487580005134238553"),
+        (40.0, "remove_from_cart", "200", "1487580005134238553"),
+    ]
+    assert u2[0].price is None and u2[1].price == pytest.approx(2.62)
+    assert [e.session_id for e in u2] == ["s2", "s2", None]
+
+
+def test_rees46_gz_reads_the_same_as_plain():
+    plain = load_log(REES46, "rees46")
+    packed = load_log(REES46.with_suffix(".csv.gz"), "rees46")
+    assert len(plain) == len(packed) == 34  # default bounds keep the fixture's small bot
+    for col in ("user", "ts", "etype", "item", "category", "query"):
+        np.testing.assert_array_equal(getattr(plain, col), getattr(packed, col))
+    np.testing.assert_array_equal(plain.price, packed.price)
+    assert plain.event_ids == packed.event_ids
+
+
+def test_keep_ids_false_gives_the_same_columns_without_ids():
+    full = load_log(REES46, "rees46")
+    lean = load_log(REES46, "rees46", keep_ids=False)
+    assert lean.event_ids is None and lean.session_ids is None
+    np.testing.assert_array_equal(full.ts, lean.ts)
+    np.testing.assert_array_equal(full.user, lean.user)
+    assert full.categories == lean.categories
+
+
+def test_clean_none_returns_valid_rows_in_file_order():
+    stats = LoadStats()
+    log = load_log(REES46, "rees46", clean=None, stats=stats)
+    assert len(log) == stats.rows_kept == 35
+    assert log.user_start is None
+    assert log.event_ids[:3] == ["rees46_sample:2", "rees46_sample:3", "rees46_sample:4"]
+    assert stats.duplicates_dropped == 0
+
+
+def test_several_paths_and_globs_concatenate_in_order(tmp_path):
+    a, b = tmp_path / "a.csv", tmp_path / "b.csv.gz"
+    shutil.copy(REES46, a)
+    b.write_bytes(gzip.compress(REES46.read_bytes()))
+    stats = LoadStats()
+    log = load_log(str(tmp_path / "*.csv*"), "rees46", clean=None, stats=stats)
+    assert stats.rows_read == 82 and len(log) == 70
+    assert log.event_ids[0] == "a:2" and log.event_ids[35] == "b:2"
+    assert stats.files == [str(a), str(b)]
+    assert len(load_log([a, b], "rees46", clean=None)) == 70
+
+
+def test_unsplittable_csv_lines_and_bad_bytes_are_counted_not_fatal(tmp_path):
+    good = "2019-10-01 00:00:00 UTC,view,1,2,,b,1.00,u1,s1\n"
+    huge = "2019-10-01 00:00:01 UTC,view,1,2,,b," + "9" * 200_000 + ",u1,s1\n"  # beyond csv's field limit
+    latin1 = "2019-10-01 00:00:02 UTC,view,1,2,,caf\xe9,1.00,u1,s1\n".encode("latin-1")
+    p = tmp_path / "messy.csv"
+    p.write_bytes(REES46.read_text().splitlines(keepends=True)[0].encode() + (good + huge).encode() + latin1)
+    stats = LoadStats()
+    log = load_log(p, "rees46", clean=None, stats=stats)
+    assert stats.rows_read == 3 and dict(stats.malformed) == {"bad_csv": 1}
+    assert len(log) == 2  # the undecodable brand byte is replaced; the row is still good
+
+
+# -- JSONL --------------------------------------------------------------------------------------
+
+
+def test_jsonl_uses_the_topic_rules_and_reason_codes():
+    stats = LoadStats()
+    log = load_log(JSONL, "jsonl", stats=stats)
+    assert stats.rows_read == 13  # the blank line is not a row
+    assert dict(stats.malformed) == {
+        "not_json": 1,
+        "not_object": 1,
+        "missing_field": 1,
+        "bad_type": 1,
+        "missing_item": 1,
+        "bad_ts": 1,
+    }
+    assert stats.duplicates_dropped == 1  # j4 repeats j3 under another id
+    assert stats.missing_category == 2
+    assert stats.out_of_order_fixed == 1
+    by_user = events_by_user(log)
+    assert [(e.event_id, e.type) for e in by_user["u1"]] == [
+        ("j1", "view"),
+        ("j2", "search"),
+        ("j3", "add_to_cart"),
+        ("j5", "purchase"),
+    ]
+    assert by_user["u1"][1].query == "red shoes" and by_user["u1"][1].ts == 1700000010.0
+    assert [(e.event_id, e.type, e.item_id) for e in by_user["u2"]] == [
+        ("j7", "favorite", "i2"),
+        ("j6", "view", "17"),
+    ]
+
+
+# -- RetailRocket ------------------------------------------------------------------------------
+
+
+def test_retailrocket_discovers_side_files_and_uses_category_in_force():
+    stats = LoadStats()
+    log = load_log(RR / "events.csv", "retailrocket", stats=stats)
+    assert stats.rows_read == 12
+    assert dict(stats.malformed) == {"column_count": 1, "bad_number": 1, "bad_type": 1, "bad_ts": 1}
+    assert stats.duplicates_dropped == 1
+    assert stats.out_of_order_fixed == 1
+    assert stats.missing_category == 1
+    assert len(log) == 7
+    assert any(f.endswith("item_properties_part2.csv") for f in stats.files)
+    by_user = events_by_user(log)
+    assert [(e.type, e.item_id, e.category) for e in by_user["1"]] == [
+        ("view", "10", "1"),
+        ("add_to_cart", "10", "1"),
+        ("purchase", "10", "1"),
+    ]
+    assert by_user["1"][0].ts == 1433221000.0
+    # Item 20 is category 2 until 1433300000000 ms, then 3; before its first record the earliest value.
+    assert [(e.ts, e.item_id, e.category) for e in by_user["2"]] == [
+        (1433200000.0, "20", "2"),
+        (1433300000.0, "10", "1"),
+        (1433400000.0, "20", "3"),
+        (1433400060.0, "30", None),
+    ]
+
+
+def test_retailrocket_side_files_can_be_given_explicitly_or_left_out(tmp_path):
+    shutil.copy(RR / "events.csv", tmp_path / "events.csv")
+    bare = load_log(tmp_path / "events.csv", "retailrocket")
+    assert bare.categories == []
+    given = load_log(
+        tmp_path / "events.csv",
+        "retailrocket",
+        item_properties=[RR / "item_properties_part1.csv"],
+        category_tree=RR / "category_tree.csv",
+    )
+    # Only part 1 (item 20 -> 2): the later change to 3 is unknown.
+    assert sorted(given.categories) == ["1", "2"]
+
+
+def test_retailrocket_directory_input_routes_files_by_header():
+    log = load_log(RR, "retailrocket")
+    assert len(log) == 7 and sorted(log.categories) == ["1", "2", "3"]
+
+
+def test_read_category_tree():
+    assert read_category_tree(RR / "category_tree.csv") == {"1": "100", "2": "100", "3": None, "100": None}
+
+
+# -- Taobao UserBehavior ----------------------------------------------------------------------------
+
+
+def test_taobao_counts_rejects_and_maps_behaviors():
+    stats = LoadStats()
+    log = load_log(TAOBAO, "taobao", stats=stats)
+    assert stats.rows_read == 40
+    # a 4-column row, the unknown behavior "click", the timestamp "yesterday"
+    assert dict(stats.malformed) == {"column_count": 1, "bad_type": 1, "bad_time": 1}
+    assert stats.duplicates_dropped == 1  # user 1000's repeated view
+    assert stats.out_of_order_fixed == 1  # user 100's cart is before the view above it
+    assert stats.users_dropped_rate == 0 and stats.missing_category == 0
+    assert stats.rows_kept == len(log) == 40 - 3 - 1
+    by_user = events_by_user(log)
+    assert sorted(by_user) == ["1", "100", "1000", "10000", "100001"]
+    types = [e.type for evs in by_user.values() for e in evs]
+    assert {t: types.count(t) for t in set(types)} == {
+        "view": 23,
+        "add_to_cart": 5,
+        "favorite": 4,
+        "purchase": 4,
+    }
+    u1 = by_user["1"]
+    assert [(e.ts, e.type, e.item_id, e.category) for e in u1[5:9]] == [
+        (1511544370.0, "add_to_cart", "4606018", "2735466"),
+        (1511544430.0, "view", "230380", "411153"),
+        (1511544490.0, "favorite", "3827899", "2920476"),
+        (1511544550.0, "purchase", "4606018", "2735466"),
+    ]
+    assert u1[0].event_id == "taobao_sample:1" and u1[0].price is None and u1[0].session_id is None
+    u100 = by_user["100"]
+    assert [e.type for e in u100[:3]] == ["view", "add_to_cart", "view"]  # sorted back into time order
+    assert u100[1].event_id == "taobao_sample:14"
+
+
+def test_taobao_gz_reads_the_same_as_plain(tmp_path):
+    gz = tmp_path / "UserBehavior.csv.gz"
+    with TAOBAO.open("rb") as src, gzip.open(gz, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    plain = load_log(TAOBAO, "taobao", keep_ids=False)
+    packed = load_log(gz, "taobao", keep_ids=False)
+    assert len(packed) == len(plain) == 36
+    assert np.array_equal(packed.ts, plain.ts) and np.array_equal(packed.etype, plain.etype)
+    assert [e.category for e in packed.user_events(0)] == [e.category for e in plain.user_events(0)]
+    assert detect_format(gz) == "taobao"
+
+
+def test_taobao_non_finite_and_out_of_range_times_are_bad_ts(tmp_path):
+    p = tmp_path / "t.csv"
+    p.write_text("1,2,3,pv,nan\n1,2,3,pv,inf\n1,2,3,pv,-1\n1,2,3,Buy,1511544070\n1,2,3,pv,1511544070.5\n")
+    stats = LoadStats()
+    log = load_log(p, "taobao", stats=stats, clean=None)
+    # "Buy" is not a Taobao behavior (they are lower case), although the topic would take the alias
+    assert dict(stats.malformed) == {"bad_ts": 3, "bad_type": 1}
+    assert log.ts.tolist() == [1511544070.5]
+
+
+# -- errors and detection -----------------------------------------------------------------------
+
+
+def test_unknown_format_and_missing_files_raise_one_line_errors(tmp_path):
+    with pytest.raises(ValueError, match="unknown format 'parquet'"):
+        load_log(REES46, "parquet")
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        load_log(tmp_path / "nope.csv", "rees46")
+    with pytest.raises(FileNotFoundError, match="no files match"):
+        load_log(str(tmp_path / "*.csv"), "rees46")
+
+
+def test_a_file_of_another_format_is_a_clear_error():
+    with pytest.raises(ValueError, match="expected header event_time") as info:
+        load_log(RR / "events.csv", "rees46")
+    assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match="not a RetailRocket file"):
+        load_log(REES46, "retailrocket")
+
+
+@pytest.mark.parametrize(
+    ("path", "fmt"),
+    [
+        (REES46, "rees46"),
+        (REES46.with_suffix(".csv.gz"), "rees46"),
+        (JSONL, "jsonl"),
+        (RR / "events.csv", "retailrocket"),
+        (RR / "item_properties_part1.csv", "retailrocket"),
+        (TAOBAO, "taobao"),
+    ],
+)
+def test_detect_format(path, fmt):
+    assert detect_format(path) == fmt and fmt in FORMATS
+
+
+def test_detect_format_refuses_unknown_headers(tmp_path):
+    p = tmp_path / "x.csv"
+    p.write_text("a,b,c\n1,2,3\n")
+    with pytest.raises(ValueError, match="cannot tell the format"):
+        detect_format(p)
+    q = tmp_path / "y.txt"
+    q.write_text('{"event_id": "e"}\n')
+    assert detect_format(q) == "jsonl"
+
+
+def test_expand_paths_of_a_directory_lists_data_files_only(tmp_path):
+    (tmp_path / "b.csv").write_text("x")
+    (tmp_path / "a.jsonl.gz").write_bytes(b"")
+    (tmp_path / "README.md").write_text("x")
+    assert [p.name for p in expand_paths(tmp_path)] == ["a.jsonl.gz", "b.csv"]
+
+
+def test_summary_reports_the_counts():
+    stats = LoadStats()
+    load_log(REES46, "rees46", clean=SMALL_BURST, stats=stats)
+    text = stats.summary()
+    assert "read 41 rows from 1 files" in text and "kept 22 events" in text
+    assert "bad_number 1" in text and "bot users dropped: 1 (12 events)" in text
+
+
+# -- the real REES46 samples in shared/ ------------------------------------------------------------
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"shared data not found at {SHARED_DATA}")
+def test_shared_cosmetics_sample_loads_cleanly():
+    path = SHARED_DATA / "rees46" / "cosmetics_2019-oct-nov.csv.gz"
+    if not path.is_file():
+        pytest.skip(f"{path} is absent")
+    stats = LoadStats()
+    started = time.perf_counter()
+    log = load_log(path, "rees46", keep_ids=False, stats=stats)
+    assert time.perf_counter() - started < 20  # about 0.5 s here; a generous bound for slow CI
+    assert stats.rows_read == 42_359  # documented in shared/data/README.md
+    assert stats.malformed_total == 0
+    assert stats.duplicates_dropped > 0  # REES46 logs many rows twice
+    assert stats.missing_category > 0  # some November rows lost their category_id
+    assert stats.users_dropped_rate == 0  # no real shopper there is a bot by the default bounds
+    assert len(log) == stats.rows_kept == stats.rows_read - stats.duplicates_dropped
+    assert np.all(np.diff(log.user_start) >= 0) and log.user_start[-1] == len(log)

@@ -1,0 +1,139 @@
+"""model/data/split.py: time parsing, the temporal split, targets and leakage-free phase labels."""
+
+import numpy as np
+import pytest
+
+from demandstream.model.core.encoding import category_index
+from demandstream.model.core.events import Event
+from demandstream.model.core.features import Vocabulary
+from demandstream.model.data.eventlog import EventLog
+from demandstream.model.data.labels import log_gaps
+from demandstream.model.data.split import (
+    Split,
+    next_category_targets,
+    parse_time,
+    phase_points,
+    temporal_split,
+)
+
+T1, T2 = 10_000.0, 20_000.0
+HORIZON = 1800.0
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        (1569888000, 1569888000.0),
+        (1569888000.25, 1569888000.25),
+        ("1569888000", 1569888000.0),
+        ("2019-10-01", 1569888000.0),
+        ("2019-10-01T00:00:00", 1569888000.0),
+        ("2019-10-01T02:00:00+02:00", 1569888000.0),
+        ("2019-10-01T00:00:00Z", 1569888000.0),
+        ("2019-10-01 00:00:00 UTC", 1569888000.0),
+    ],
+)
+def test_parse_time_variants(value, expected):
+    assert parse_time(value) == expected
+
+
+@pytest.mark.parametrize("bad", ["", "soon", "2019-13-45", "nan", True])
+def test_parse_time_rejects_garbage(bad):
+    with pytest.raises(ValueError, match="cannot parse time"):
+        parse_time(bad)
+
+
+def test_default_split_is_80_10_10_and_bounds_are_validated():
+    log = EventLog.from_events([Event(f"e{i}", "u", 100.0 * i, "view", "i") for i in range(11)])
+    assert temporal_split(log) == Split(800.0, 900.0, 1000.0)
+    assert temporal_split(log, "500", 700) == Split(500.0, 700.0, 1000.0)
+    with pytest.raises(ValueError, match="before valid end"):
+        temporal_split(log, 700, 700)
+
+
+def test_next_category_targets_stop_at_user_boundaries():
+    user_start = np.array([0, 2, 2, 5])  # user 1 has no rows
+    got = next_category_targets(np.array([1, 2, 3, 0, 4]), user_start)
+    assert got.tolist() == [2, -1, 0, 4, -1]
+
+
+def leaky_log():
+    """Users whose events straddle T1 and T2; every event at or after T1 carries a unique category
+    ("late-*") and the only purchases are at or after T1, so any leakage shows up in the labels."""
+    events = []
+    for u in range(6):
+        ts = T1 - 3000.0 + 100.0 * u
+        for k in range(40):
+            late = ts >= T1
+            etype = "purchase" if late and k % 5 == 0 else ("add_to_cart" if k % 3 == 0 else "view")
+            cat = f"late-{u}-{k}" if late else f"early-{k % 4}"
+            events.append(Event(f"e{u}-{k}", f"u{u}", ts, etype, f"i{k}", cat, 5.0))
+            ts += 400.0
+    return EventLog.from_events(events).sorted_by_user_time()
+
+
+def test_training_points_never_see_events_at_or_after_t1():
+    log = leaky_log()
+    split = Split(T1, T2, float(log.ts.max()))
+    # A vocabulary over *all* categories, so a leaked late category would show up as a target.
+    vocab = Vocabulary.build(log.categories)
+    cats = category_index(log, vocab)
+    pts = phase_points(log, split, "train", cats, HORIZON)
+    late = np.array([n.startswith("late") for n in vocab.names])
+    assert pts.mask.any() and (pts.cat_target > 0).any()
+    # inputs: every training point is itself before T1
+    assert (log.ts[pts.mask] < T1).all()
+    # next-category targets: never a category first seen at or after T1
+    assert not late[pts.cat_target[pts.cat_target > 0]].any()
+    # purchase labels: the only purchases are after T1, so no positive label may exist ...
+    assert pts.purchase.sum() == 0
+    # ... and windows reaching T1 are censored, not negatives
+    assert not (pts.observable & (log.ts + HORIZON >= T1)).any()
+    assert pts.observable.any()
+
+
+def test_validation_labels_stop_at_t2_and_test_labels_are_censored_at_the_end():
+    log = leaky_log()
+    split = Split(T1, T2, float(log.ts.max()))
+    vocab = Vocabulary.build(log.categories)
+    cats = category_index(log, vocab)
+    va = phase_points(log, split, "valid", cats, HORIZON)
+    assert ((log.ts[va.mask] >= T1) & (log.ts[va.mask] < T2)).all()
+    nxt_ts = np.r_[log.ts[1:], np.inf]
+    assert (nxt_ts[va.cat_target >= 0] < T2).all()
+    assert not (va.observable & (va.purchase == 0) & (log.ts + HORIZON >= T2)).any()
+    assert va.purchase.sum() > 0  # purchases between T1 and T2 do count for validation
+    te = phase_points(log, split, "test", cats, HORIZON)
+    assert (log.ts[te.mask] >= T2).all()
+    assert not (te.observable & (te.purchase == 0) & (log.ts + HORIZON > split.end_ts)).any()
+    with pytest.raises(ValueError, match="unknown phase"):
+        phase_points(log, split, "holdout", cats, HORIZON)
+
+
+def test_phase_points_censor_windows_across_a_gap_in_every_phase():
+    """Two hours without any event in each phase: a window crossing them is no negative."""
+    gap = 7200.0
+    events = []
+    for phase_start in (0.0, T1, T2):
+        for u in range(3):
+            # a view at the start, one just before the silence, then the log resumes after it
+            for k, dt in enumerate((0.0, 500.0, 500.0 + gap, 600.0 + gap, 3000.0 + gap)):
+                etype = "purchase" if (u == 0 and k == 1) else "view"
+                events.append(
+                    Event(f"e{phase_start}-{u}-{k}", f"u{u}", phase_start + dt + u, etype, "i", "c")
+                )
+    log = EventLog.from_events(events).sorted_by_user_time()
+    split = Split(T1, T2, float(log.ts.max()))
+    cats = category_index(log, Vocabulary.build(log.categories))
+    gaps = log_gaps(log.ts)  # the last event before each silence
+    assert gaps.tolist() == [502.0, T1 + 502.0, T2 + 502.0]
+    for phase in ("train", "valid", "test"):
+        pts = phase_points(log, split, phase, cats, HORIZON)
+        negative = pts.observable & (pts.purchase == 0)
+        crosses = np.array([((gaps >= t) & (gaps < t + HORIZON)).any() for t in log.ts])
+        assert not (negative & crosses).any(), phase
+        # user 0's view at the start sees its purchase 500 s later, before the gap: still a positive
+        assert (pts.observable & (pts.purchase == 1) & crosses).any(), phase
+        off = phase_points(log, split, phase, cats, HORIZON, gap_s=None)
+        assert (off.observable & (off.purchase == 0) & crosses).any(), phase  # were negatives before
+        assert (off.observable >= pts.observable).all() and (off.purchase == pts.purchase).all()

@@ -1,0 +1,189 @@
+"""model/evaluation/evaluate.py: every report key for the model and every baseline, on the same points."""
+
+import json
+
+import numpy as np
+import pytest
+
+from demandstream.model.data.split import temporal_split
+from demandstream.model.data.synth import generate, write_jsonl
+from demandstream.model.evaluation.evaluate import (
+    LOWER_IS_BETTER,
+    METHOD_KEYS,
+    aggregate_reports,
+    best_baselines,
+    evaluate,
+    format_table,
+    run_evaluation,
+)
+from demandstream.model.evaluation.metrics import CATEGORY_KEYS, PURCHASE_KEYS
+from demandstream.model.training.train import TrainConfig, run_training, train
+from tests.unit.model.training.test_train import TINY_MODEL, TINY_RUN, tiny_log
+
+CATEGORY_METHODS = ("popularity", "last_category", "user_history", "markov", "cascade")
+PURCHASE_METHODS = ("user_history", "funnel", "funnel_cart")
+
+
+@pytest.fixture(scope="module")
+def trained():
+    log = tiny_log(2000, seed=5)
+    split = temporal_split(log)
+    res = train(
+        log, TrainConfig(epochs=1, lanes=16, bptt=16, threads=1), TINY_MODEL, progress=False, split=split
+    )
+    from demandstream.model.core.checkpoint import Checkpoint
+
+    return Checkpoint(res.net, res.vocab, "0a1b2c3d", res.metrics), log, split
+
+
+def test_report_has_every_key_for_model_and_baselines(trained):
+    ck, log, split = trained
+    rep = evaluate(ck, log, split)
+    for key in (
+        "n_users",
+        "n_train_events",
+        "n_test_points",
+        "model",
+        "baselines",
+        "n_category_points",
+        "n_purchase_points",
+        "split",
+        "category_coverage",
+    ):
+        assert key in rep
+    assert set(rep["baselines"]) == set(CATEGORY_METHODS + PURCHASE_METHODS)
+    assert set(rep["model"]) == set(CATEGORY_KEYS + PURCHASE_KEYS)
+    for name, m in rep["baselines"].items():
+        expected = set()
+        if name in CATEGORY_METHODS:
+            expected |= set(CATEGORY_KEYS)
+        if name in PURCHASE_METHODS:
+            expected |= set(PURCHASE_KEYS)
+        assert set(m) == expected, name
+    assert rep["n_test_points"] == int((log.ts >= split.valid_end).sum()) > 0
+    assert 0 < rep["n_category_points"] <= rep["n_test_points"]
+    assert 0 < rep["n_purchase_points"] <= rep["n_test_points"]
+    assert rep["n_train_events"] == int((log.ts < split.train_end).sum())
+    for m in (rep["model"], *rep["baselines"].values()):
+        for k, v in m.items():
+            assert 0.0 <= v <= (np.inf if k == "purchase_logloss" else 1.0), k
+    # popularity is the same ranking for every user: far from a perfect score on real sequences
+    assert (
+        rep["baselines"]["popularity"]["category_mrr@20"]
+        < rep["baselines"]["last_category"]["category_mrr@20"]
+    )
+    # the best baseline of every metric, and the model's ratio to it (> 1: the model is better)
+    assert set(rep["best_baseline"]) == set(METHOD_KEYS)
+    for key, best in rep["best_baseline"].items():
+        values = {n: m[key] for n, m in rep["baselines"].items() if key in m}
+        pick = min if key in LOWER_IS_BETTER else max
+        assert best["value"] == pick(values.values()) == values[best["name"]], key
+        assert best["model"] == rep["model"][key]
+    table = format_table(rep)
+    assert table.splitlines()[0].split() == ["metric", "model", *rep["baselines"], "best", "ratio"]
+    assert len(table.splitlines()) == 1 + len(CATEGORY_KEYS) + len(PURCHASE_KEYS)
+    json.dumps(rep, default=float)  # the report stays JSON-serialisable
+
+
+def test_run_evaluation_writes_the_report_and_reuses_the_training_split(tmp_path):
+    data = tmp_path / "d.jsonl"
+    write_jsonl(generate(40, 1200, seed=2), data)
+    run_training(str(data), "jsonl", tmp_path / "m.pt", **TINY_RUN)
+    rep = run_evaluation(tmp_path / "m.pt", str(data), "jsonl", tmp_path / "out" / "report.json")
+    on_disk = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert on_disk["n_test_points"] == rep["n_test_points"] > 0
+    assert on_disk["model"].keys() == rep["model"].keys()
+    from demandstream.model.core.checkpoint import load
+
+    assert rep["split"]["valid_end"] == load(tmp_path / "m.pt").metrics["split"]["valid_end"]
+    # the report says whether the propensities it scored were calibrated, and if not, why
+    calib = on_disk["train_metrics"]["calibration"]
+    assert calib["applied"] or calib["reason"]
+
+
+# -- best baseline and aggregation (pure functions) -----------------------------------------------
+
+
+def test_best_baselines_picks_per_metric_and_orients_the_ratio():
+    model = {"category_mrr@20": 0.3, "purchase_auc": 0.6, "purchase_logloss": 0.5, "purchase_ece": 0.02}
+    baselines = {
+        "popularity": {"category_mrr@20": 0.1},
+        "cascade": {"category_mrr@20": 0.4},
+        "funnel": {"purchase_auc": 0.7, "purchase_logloss": 0.4, "purchase_ece": 0.01},
+        "funnel_cart": {"purchase_auc": 0.65, "purchase_logloss": 0.45, "purchase_ece": float("nan")},
+    }
+    best = best_baselines(model, baselines)
+    assert set(best) == {"category_mrr@20", "purchase_auc", "purchase_logloss", "purchase_ece"}
+    assert best["category_mrr@20"] == {
+        "name": "cascade",
+        "value": 0.4,
+        "model": 0.3,
+        "ratio": pytest.approx(0.75),
+    }
+    assert best["purchase_auc"]["name"] == "funnel"
+    assert best["purchase_auc"]["ratio"] == pytest.approx(0.6 / 0.7)
+    # lower is better: the best is the lowest and the ratio best / model (< 1: the model is worse)
+    assert best["purchase_logloss"]["name"] == "funnel"
+    assert best["purchase_logloss"]["ratio"] == pytest.approx(0.4 / 0.5)
+    assert best["purchase_ece"]["name"] == "funnel"  # the NaN of funnel_cart is skipped
+    assert best["purchase_ece"]["ratio"] == pytest.approx(0.01 / 0.02)
+
+
+def test_best_baselines_edge_cases():
+    best = best_baselines(
+        {"category_accuracy": 0.2, "purchase_ece": 0.0, "purchase_auc": float("nan")},
+        {"a": {"category_accuracy": 0.0, "purchase_ece": 0.0, "purchase_auc": 0.5}},
+    )
+    assert best["category_accuracy"]["ratio"] == float("inf")  # every baseline at 0
+    assert np.isnan(best["purchase_ece"]["ratio"])  # 0 / 0
+    assert np.isnan(best["purchase_auc"]["ratio"]) and np.isnan(best["purchase_auc"]["model"])
+    # ties go to the baseline listed first
+    tie = best_baselines(
+        {"category_accuracy": 0.5}, {"x": {"category_accuracy": 0.4}, "y": {"category_accuracy": 0.4}}
+    )
+    assert tie["category_accuracy"]["name"] == "x"
+
+
+def test_aggregate_reports_mean_std_n_of_every_numeric_leaf():
+    def rep(mrr, auc, funnel_auc):
+        model = {"category_mrr@20": mrr, "purchase_auc": auc}
+        baselines = {"markov": {"category_mrr@20": 0.2}, "funnel": {"purchase_auc": funnel_auc}}
+        return {
+            "model": model,
+            "baselines": baselines,
+            "best_baseline": best_baselines(model, baselines),
+            "n_users": 7,
+        }
+
+    agg = aggregate_reports([rep(0.1, 0.6, 0.5), rep(0.3, float("nan"), 0.7), rep(0.2, 0.8, 0.6)])
+    assert agg["n_reports"] == 3
+    assert agg["model"]["category_mrr@20"] == {"mean": pytest.approx(0.2), "std": pytest.approx(0.1), "n": 3}
+    assert agg["model"]["purchase_auc"]["n"] == 2  # the NaN is left out
+    assert agg["model"]["purchase_auc"]["mean"] == pytest.approx(0.7)
+    assert agg["baselines"]["markov"]["category_mrr@20"] == {
+        "mean": pytest.approx(0.2),
+        "std": pytest.approx(0.0),
+        "n": 3,
+    }
+    assert agg["baselines"]["funnel"]["purchase_auc"]["std"] == pytest.approx(0.1)
+    ratio = agg["best_baseline"]["category_mrr@20"]["ratio"]
+    assert ratio["mean"] == pytest.approx(np.mean([0.5, 1.5, 1.0])) and ratio["n"] == 3
+    assert agg["best_baseline"]["purchase_auc"]["ratio"]["n"] == 2
+    assert set(agg) == {"n_reports", "model", "baselines", "best_baseline"}  # only the three sections
+
+
+def test_aggregate_reports_of_one_report_and_without_best_baseline():
+    agg = aggregate_reports([{"model": {"purchase_ece": 0.02}, "baselines": {"f": {"purchase_ece": 0.04}}}])
+    assert agg["model"]["purchase_ece"]["mean"] == 0.02 and np.isnan(agg["model"]["purchase_ece"]["std"])
+    assert agg["best_baseline"]["purchase_ece"]["ratio"]["mean"] == pytest.approx(2.0)
+    assert aggregate_reports([]) == {"n_reports": 0}
+
+
+def test_format_table_shows_the_best_baseline_and_the_ratio():
+    model = {"category_mrr@20": 0.3, "purchase_logloss": 0.5}
+    baselines = {"markov": {"category_mrr@20": 0.2}, "funnel_cart": {"purchase_logloss": 0.4}}
+    lines = format_table({"model": model, "baselines": baselines}).splitlines()
+    rows = {ln.split()[0]: ln.split() for ln in lines[1:]}
+    assert rows["category_mrr@20"] == ["category_mrr@20", "0.3000", "0.2000", "-", "markov", "1.5000"]
+    assert rows["purchase_logloss"] == ["purchase_logloss", "0.5000", "-", "0.4000", "funnel_cart", "0.8000"]
+    assert rows["purchase_auc"][-2:] == ["-", "-"]

@@ -1,0 +1,308 @@
+"""model/training/train.py: lanes, leakage-free inputs, a one-epoch run and a loadable, stable checkpoint."""
+
+import functools
+
+import numpy as np
+import pytest
+
+from demandstream.model.core import checkpoint
+from demandstream.model.core.encoding import category_hashes, category_index
+from demandstream.model.core.features import Vocabulary
+from demandstream.model.core.network import ModelConfig
+from demandstream.model.data.eventlog import EventLog
+from demandstream.model.data.split import Split, next_category_targets, phase_points
+from demandstream.model.data.synth import generate, write_jsonl
+from demandstream.model.training.train import (
+    TrainConfig,
+    _lane_windows,
+    _user_ranges,
+    phase_targets,
+    run_training,
+    train,
+)
+from tests.unit.model.data.test_split import HORIZON, T1, T2, leaky_log
+
+TINY_MODEL = ModelConfig(hidden=16, item_buckets=256, query_buckets=64, emb_item=8, emb_query=4, emb_repeat=8)
+
+#: Selection on the given validation window however small it is (tiny logs are far below the defaults).
+ANY_VALID = dict(min_valid_category_points=0, min_valid_positives=0)
+
+
+#: run_training keyword arguments for a one-epoch run of the tiny model (CLI path, seconds on CPU).
+TINY_RUN = dict(
+    epochs=1,
+    lanes=16,
+    bptt=16,
+    progress=False,
+    device="cpu",
+    threads=1,
+    **{
+        k: getattr(TINY_MODEL, k)
+        for k in ("hidden", "item_buckets", "query_buckets", "emb_item", "emb_query", "emb_repeat")
+    },
+)
+
+
+def tiny_log(n_events=1500, seed=3):
+    return EventLog.from_events(generate(60, n_events, seed=seed)).sorted_by_user_time()
+
+
+def test_lanes_cover_every_training_row_once_and_reset_on_new_users():
+    ranges = [(0, 5), (5, 6), (6, 30), (30, 33)]
+    seen = []
+    for active, idx, valid, reset in _lane_windows(ranges, lanes=2, window=4):
+        assert idx.shape == valid.shape and idx.shape[0] == len(active) <= 2
+        seen.extend(idx[valid].tolist())
+        assert reset.dtype == bool
+    assert sorted(seen) == list(range(33))
+
+
+def test_training_inputs_and_vocabulary_never_contain_events_after_t1():
+    """Choosing the epochs sees rows before T1 only; without a refit that is the whole model."""
+    log = leaky_log()
+    split = Split(T1, T2, float(log.ts.max()))
+    pts = phase_points(log, split, "train", category_index(log, Vocabulary.build(log.categories)), HORIZON)
+    rows = [
+        r
+        for _, idx, valid, _ in _lane_windows(_user_ranges(log.user_start, pts.mask), 3, 8)
+        for r in idx[valid].tolist()
+    ]
+    assert rows and (log.ts[rows] < T1).all()
+    res = train(
+        log,
+        TrainConfig(epochs=1, lanes=4, bptt=8, threads=1, refit=False, **ANY_VALID),
+        TINY_MODEL,
+        progress=False,
+        split=split,
+    )
+    assert not any(n.startswith("late") for n in res.vocab.names)
+    assert res.metrics["n_train_events"] == int((log.ts < T1).sum())
+    assert res.metrics["selection"]["source"] == "validation"
+
+
+def test_refit_trains_on_train_and_validation_for_the_chosen_epochs_and_never_on_test_rows():
+    log = leaky_log()
+    split = Split(T1, T2, float(log.ts.max()))
+    tcfg = TrainConfig(epochs=2, lanes=4, bptt=8, threads=1, patience=2, **ANY_VALID)
+    res = train(log, tcfg, TINY_MODEL, progress=False, split=split)
+    m = res.metrics
+    assert m["refit"]["epochs"] == m["selection"]["best_epoch"] == m["best_epoch"]
+    assert len(m["refit"]["history"]) == m["refit"]["epochs"]
+    assert m["selection"]["n_train_events"] == int((log.ts < T1).sum())
+    assert m["n_train_events"] == m["refit"]["n_train_events"] == int((log.ts < T2).sum())
+    assert m["optimizer_steps"] == m["selection"]["optimizer_steps"] + m["refit"]["optimizer_steps"]
+    # a category seen only in validation rows (T1 <= ts < T2) is in the refit model's vocabulary ...
+    valid_only = {log.categories[c] for c in log.category[(log.ts >= T1) & (log.ts < T2)]}
+    assert valid_only and valid_only <= set(res.vocab.names)
+    assert res.net.cfg.n_categories == len(res.vocab)
+    # ... and no category first seen in the test window is
+    test_only = {log.categories[c] for c in log.category[log.ts >= T2]} - valid_only
+    assert test_only and not test_only & set(res.vocab.names)
+
+    res = train(
+        log, TrainConfig(**{**tcfg.__dict__, "refit": False}), TINY_MODEL, progress=False, split=split
+    )
+    assert "refit" not in res.metrics and res.metrics["train_config"]["refit"] is False
+    assert not valid_only & set(res.vocab.names)
+
+
+def test_a_too_small_validation_window_falls_back_to_a_training_holdout():
+    log = tiny_log(1500)
+    t_max = float(log.ts.max())
+    split = Split(t_max - 60.0, t_max - 30.0, t_max + 1.0)  # half a minute of validation
+    res = train(
+        log,
+        TrainConfig(epochs=1, lanes=16, bptt=16, threads=1, refit=False),
+        TINY_MODEL,
+        progress=False,
+        split=split,
+    )
+    sel = res.metrics["selection"]
+    assert sel["source"] == "holdout" and "validation window" in sel["reason"]
+    assert sel["n_category_points"] < TrainConfig.min_valid_category_points
+    assert float(log.ts.min()) < sel["holdout_start"] < split.train_end
+    assert sel["split"]["train_end"] == sel["holdout_start"] and sel["split"]["valid_end"] == split.train_end
+    assert res.metrics["n_train_events"] == int((log.ts < sel["holdout_start"]).sum())
+    assert np.isfinite(res.metrics["best_valid_mrr@20"])
+
+
+def test_one_epoch_run_saves_a_loadable_checkpoint_with_stable_version(tmp_path):
+    data = tmp_path / "tiny.jsonl"
+    write_jsonl(generate(60, 1500, seed=3), data)
+    s1 = run_training(str(data), "jsonl", tmp_path / "a.pt", **TINY_RUN)
+    s2 = run_training(str(data), "jsonl", tmp_path / "b.pt", **TINY_RUN)
+    assert s1["epochs_run"] >= 1 and s1["n_train_events"] > 0 and s1["train_events_per_s"] > 0
+    assert s1["model_version"] == s2["model_version"]  # same data + seed -> same weights -> same version
+    ck = checkpoint.load(tmp_path / "a.pt")
+    assert ck.model_version == s1["model_version"]
+    assert ck.cfg.hidden == 16 and ck.cfg.n_categories == len(ck.vocab) > 1
+    m = ck.metrics
+    for key in (
+        "train_events_per_s",
+        "epochs_run",
+        "best_epoch",
+        "valid_losses",
+        "valid_mrr@20",
+        "best_valid_mrr@20",
+        "optimizer_steps",
+        "selection",
+        "refit",
+        "n_train_events",
+        "n_categories",
+        "split",
+    ):
+        assert key in m
+    assert m["split"]["train_end"] < m["split"]["valid_end"] <= m["split"]["end_ts"]
+    assert np.isfinite(m["valid_losses"][0]) and 0.0 <= m["valid_mrr@20"][0] <= 1.0
+    # one epoch trained to choose on validation, then the chosen number of epochs on train + validation
+    assert max(h["epoch"] for h in m["selection"]["history"]) == 1
+    assert m["refit"]["epochs"] == m["best_epoch"] <= 1 and len(m["refit"]["history"]) == m["best_epoch"]
+
+
+def test_training_reduces_the_loss():
+    res = train(
+        tiny_log(1500),
+        TrainConfig(epochs=2, lanes=16, bptt=16, patience=2, lr=1e-2, threads=1, refit=False),
+        TINY_MODEL,
+        progress=False,
+    )
+    losses = [h["train_loss"] for h in res.metrics["history"] if h["epoch"] >= 1]  # epochs that trained
+    assert len(losses) == 2 and losses[-1] < losses[0]
+
+
+def test_unknown_option_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="unknown training option"):
+        run_training("nothing.jsonl", "jsonl", tmp_path / "m.pt", lanez=3)
+
+
+@functools.cache  # trained once per test session; calibrate() itself resets the net's calibration
+def _calibration_case():
+    """A tiny log, its points (train phase: enough purchase labels) and a trained but overconfident net."""
+    import torch
+
+    from demandstream.model.core.encoding import encode_log
+
+    log = tiny_log(3000, seed=5)
+    split = Split(float(np.quantile(log.ts, 0.9)), float(log.ts.max()) + 1, float(log.ts.max()) + 1)
+    # A briefly trained net (its logits rank buyers), then made overconfident: p ~ 0.95 far too often.
+    # cascade_init off: the selection then keeps a trained epoch (the untrained start has no purchase skill)
+    tcfg = TrainConfig(
+        epochs=2,
+        lanes=16,
+        bptt=16,
+        threads=1,
+        calibrate=False,
+        lr=1e-2,
+        refit=False,
+        cascade_init=False,
+        **ANY_VALID,
+    )
+    res = train(log, tcfg, TINY_MODEL, progress=False, split=split)
+    net, vocab, cfg = res.net, res.vocab, res.net.cfg
+    with torch.no_grad():
+        net.purchase[-1].bias.add_(3.0)
+    pts = phase_points(log, split, "train", category_index(log, vocab), HORIZON)
+    targets = phase_targets(pts, next_category_targets(category_hashes(log), log.user_start))
+    return net, encode_log(log, cfg, vocab), log, targets
+
+
+def test_calibration_reduces_validation_log_loss_and_lives_in_the_network():
+    import torch
+
+    from demandstream.model.training.train import calibrate, validation_metrics
+
+    net, feats, log, pts = _calibration_case()
+    assert int(pts.purchase[pts.observable].sum()) >= 20  # the case exercises a real fit
+    before = validation_metrics(net, feats, log, pts, 1.0, torch.device("cpu"))
+    info = calibrate(net, feats, log, pts, torch.device("cpu"))
+    after_m = validation_metrics(net, feats, log, pts, 1.0, torch.device("cpu"))
+    # calibration is monotone in the logit: the category ranking (MRR) cannot move
+    assert after_m["mrr@20"] == pytest.approx(before["mrr@20"])
+    before, after = before["purchase_bce"], after_m["purchase_bce"]
+    assert info["applied"] and info["b"] < 0  # pulls the inflated propensities down
+    assert after < before - 0.1
+    assert info["bce_after"] == pytest.approx(after, abs=1e-4)
+    assert (float(net.purchase_scale), float(net.purchase_shift)) == pytest.approx((info["a"], info["b"]))
+
+
+def test_calibration_is_skipped_with_too_few_positives_or_one_class():
+    import torch
+
+    from demandstream.model.training.train import calibrate
+
+    net, feats, log, pts = _calibration_case()
+    info = calibrate(net, feats, log, pts, torch.device("cpu"), min_positives=10**6)
+    assert not info["applied"] and "positive" in info["reason"]
+    assert (float(net.purchase_scale), float(net.purchase_shift)) == (1.0, 0.0)
+    negatives_only = pts._replace(observable=pts.observable & (pts.purchase == 0))
+    info = calibrate(net, feats, log, negatives_only, torch.device("cpu"))
+    assert not info["applied"] and "single class" in info["reason"]
+
+
+def test_training_records_calibration_and_starts_from_the_rule_cascade():
+    import torch
+
+    from demandstream.model.core.network import (
+        CASCADE_SLOT_WEIGHTS,
+        SLOT_FEATURES,
+        DemandLSTM,
+        init_like_cascade,
+    )
+
+    res = train(
+        tiny_log(1500),
+        TrainConfig(epochs=1, lanes=16, bptt=16, threads=1, refit=False),
+        TINY_MODEL,
+        progress=False,
+    )
+    calib = res.metrics["calibration"]
+    assert calib["applied"] or calib["reason"]
+    assert res.metrics["train_config"]["cascade_init"] is True
+    # the Markov tables were learned from the training rows and travel with the network
+    assert (res.net.markov_count > 0).any() and torch.isfinite(res.net.pop_logp).all()
+    net = DemandLSTM(TINY_MODEL)
+    init_like_cascade(net)
+    for name, w in CASCADE_SLOT_WEIGHTS.items():
+        assert float(net.slot_w0.detach()[SLOT_FEATURES.index(name)]) == pytest.approx(w)
+    assert float(net.slot_ctx.weight.detach().abs().sum()) == 0.0  # the context starts with no say
+
+
+def test_a_vocabulary_cap_is_reported_not_silent():
+    log = tiny_log()
+    n_cats = len({c for c in log.categories})
+    split = Split(float(np.quantile(log.ts, 0.8)), float(np.quantile(log.ts, 0.9)), float(log.ts.max()))
+    tcfg = TrainConfig(epochs=1, lanes=16, bptt=16, threads=1, device="cpu", max_categories=4)
+    res = train(log, tcfg, TINY_MODEL, progress=False, split=split)
+    assert len(res.vocab) == 4 and res.metrics["n_categories_beyond_cap"] > 0
+    assert res.metrics["n_categories_beyond_cap"] <= n_cats - 3
+
+
+def test_selection_keeps_the_cascade_head_with_the_best_purchase_epoch_when_training_does_not_beat_it():
+    """Epoch 0 (the calibrated cascade) wins validation MRR@20: its category head is combined with the LSTM
+    and purchase head of the trained epoch with the lowest purchase BCE; otherwise one epoch is taken whole."""
+    import torch
+
+    from demandstream.model.core.network import DemandLSTM
+    from demandstream.model.training.train import CATEGORY_HEAD, _select
+
+    net = DemandLSTM(TINY_MODEL)
+    states = {}
+    for ep in range(3):
+        states[ep] = {
+            k: torch.full_like(v, float(ep)) if v.is_floating_point() else v.clone()
+            for k, v in net.state_dict().items()
+        }
+    hist = [
+        {"epoch": 0, "mrr@20": 0.70, "category_nll": 2.0, "purchase_bce": 0.9},
+        {"epoch": 1, "mrr@20": 0.69, "category_nll": 1.9, "purchase_bce": 0.40},
+        {"epoch": 2, "mrr@20": 0.68, "category_nll": 1.8, "purchase_bce": 0.45},
+    ]
+    epochs, cat_epoch, best = _select(net, hist, states)
+    assert (epochs, cat_epoch) == (1, 0) and best["mrr@20"] == 0.70 and best["purchase_bce"] == 0.40
+    for k, v in net.state_dict().items():
+        if v.is_floating_point():
+            assert float(v.flatten()[0]) == (0.0 if k.startswith(CATEGORY_HEAD) else 1.0), k
+    hist[2]["mrr@20"] = 0.71  # a trained epoch beats the cascade: taken whole
+    epochs, cat_epoch, _ = _select(net, hist, states)
+    assert (epochs, cat_epoch) == (2, 2)
+    assert all(float(v.flatten()[0]) == 2.0 for v in net.state_dict().values() if v.is_floating_point())
