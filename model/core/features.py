@@ -126,7 +126,8 @@ class Vocabulary:
         hashes = np.array([category_hash(n) for n in self.names[1:]], dtype=np.int64)
         order = np.lexsort((np.arange(len(hashes)), hashes))
         h_sorted = hashes[order]
-        first = np.r_[True, h_sorted[1:] != h_sorted[:-1]]
+        first = np.ones(len(h_sorted), dtype=bool)  # (np.r_[True, ...] would be one too long when empty)
+        first[1:] = h_sorted[1:] != h_sorted[:-1]
         self._hash_keys = h_sorted[first]
         self._hash_index = (order[first] + 1).astype(np.int64)
         self.hashes = np.r_[0, hashes]  #: category_hash of every index (0 for <unk>)
