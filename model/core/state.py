@@ -26,8 +26,10 @@ True
 from __future__ import annotations
 
 import math
+import operator
 import struct
 from dataclasses import dataclass, field
+from itertools import chain
 
 import numpy as np
 
@@ -68,10 +70,26 @@ HEADER_FIELDS = (
 )
 _HEADER = struct.Struct("<" + "".join(code for _, code in HEADER_FIELDS))
 _FIELD = {name: i for i, (name, _) in enumerate(HEADER_FIELDS)}
-#: bytes per history slot: hash int32, count uint16, last event index uint32, last second uint32,
-#: cart uint8, last event type uint8, events in the current session uint16
-SLOT_BYTES = 18
-_SLOT_STRUCT = "{k}i{k}H{k}I{k}I{k}B{k}B{k}H"
+#: Bytes of the header; h and c (float32) follow it.
+HEADER_BYTES = _HEADER.size
+#: History-slot fields in stored order, each a column of ``slots`` values with its struct code:
+#: category hash int32, count uint16, last event index uint32, last second uint32, items in the cart
+#: uint8, last event type uint8, events in the current session uint16. As for the header, names, not
+#: positions, are how code reads them.
+SLOT_FIELDS = (
+    ("hist_cats", "i"),
+    ("hist_counts", "H"),
+    ("hist_last", "I"),
+    ("hist_ts", "I"),
+    ("hist_cart", "B"),
+    ("hist_etype", "B"),
+    ("hist_session", "H"),
+)
+_SLOT_NAMES = tuple(name for name, _ in SLOT_FIELDS)
+_slot_lists = operator.attrgetter(*_SLOT_NAMES)  # a state's slot lists in stored order
+#: bytes per history slot (18)
+SLOT_BYTES = struct.calcsize("<" + "".join(code for _, code in SLOT_FIELDS))
+_SLOT_STRUCT = "".join("{k}" + code for _, code in SLOT_FIELDS)
 
 
 class StateFormatError(ValueError):
@@ -217,16 +235,7 @@ def pack(s: UserState, model_version: str | None = None) -> bytes:
             header,
             np.ascontiguousarray(s.h, dtype=np.float32).tobytes(),
             np.ascontiguousarray(s.c, dtype=np.float32).tobytes(),
-            struct.pack(
-                "<" + _SLOT_STRUCT.format(k=slots),
-                *s.hist_cats,
-                *s.hist_counts,
-                *s.hist_last,
-                *s.hist_ts,
-                *s.hist_cart,
-                *s.hist_etype,
-                *s.hist_session,
-            ),
+            struct.pack("<" + _SLOT_STRUCT.format(k=slots), *chain.from_iterable(_slot_lists(s))),
             struct.pack(
                 f"<{len(s.last_top)}i{len(s.last_top)}f",
                 *(i for i, _ in s.last_top),
@@ -238,7 +247,7 @@ def pack(s: UserState, model_version: str | None = None) -> bytes:
 
 def unpack(data: bytes) -> UserState:
     """Decode :func:`pack`'s bytes; raises :class:`StateFormatError` on anything else."""
-    if len(data) < _HEADER.size:
+    if len(data) < HEADER_BYTES:
         raise StateFormatError(f"state record of {len(data)} bytes is shorter than its header")
     hd = dict(zip((name for name, _ in HEADER_FIELDS), _HEADER.unpack_from(data), strict=True))
     if hd["magic"] != MAGIC or hd["format"] != FORMAT:
@@ -247,31 +256,25 @@ def unpack(data: bytes) -> UserState:
         )
     layers, hidden, slots, ntop = hd["layers"], hd["hidden"], hd["slots"], hd["n_top"]
     n = layers * hidden
-    expected = _HEADER.size + 8 * n + SLOT_BYTES * slots + 8 * ntop
+    expected = HEADER_BYTES + 8 * n + SLOT_BYTES * slots + 8 * ntop
     if len(data) != expected:
         raise StateFormatError(f"state record has {len(data)} bytes, expected {expected}")
     buf = memoryview(data)
-    o = _HEADER.size
+    o = HEADER_BYTES
     h = np.frombuffer(buf, np.float32, n, o).reshape(layers, hidden).copy()
     o += 4 * n
     c = np.frombuffer(buf, np.float32, n, o).reshape(layers, hidden).copy()
     o += 4 * n
     # struct beats numpy for these short arrays (a decode per user per batch is on the hot path)
     slot_vals = struct.unpack_from("<" + _SLOT_STRUCT.format(k=slots), data, o)
-    cols = [list(slot_vals[k * slots : (k + 1) * slots]) for k in range(7)]
+    hist = {name: list(slot_vals[j * slots : (j + 1) * slots]) for j, name in enumerate(_SLOT_NAMES)}
     o += SLOT_BYTES * slots
     top_i = struct.unpack_from(f"<{ntop}i", data, o)
     top_p = struct.unpack_from(f"<{ntop}f", data, o + 4 * ntop)
     return UserState(
         h=h,
         c=c,
-        hist_cats=cols[0],
-        hist_counts=cols[1],
-        hist_last=cols[2],
-        hist_ts=cols[3],
-        hist_cart=cols[4],
-        hist_etype=cols[5],
-        hist_session=cols[6],
+        **hist,
         events_seen=hd["events_seen"],
         last_ts=hd["last_ts"],
         cart=hd["cart"],
@@ -289,6 +292,6 @@ def unpack(data: bytes) -> UserState:
 
 def peek_last_ts(data: bytes) -> float:
     """Event time of the last event applied to a record, without decoding the arrays (TTL scans)."""
-    if len(data) < _HEADER.size:
+    if len(data) < HEADER_BYTES:
         raise StateFormatError("state record shorter than its header")
     return _HEADER.unpack_from(data)[_FIELD["last_ts"]]

@@ -10,12 +10,16 @@ from demandstream.model.core.features import category_hash
 from demandstream.model.core.network import ModelConfig
 from demandstream.model.core.state import (
     FORMAT,
+    HEADER_BYTES,
     SESSION_GAP_S,
+    SLOT_BYTES,
+    SLOT_FIELDS,
     StateFormatError,
     UserState,
     new_state,
     observe,
     pack,
+    peek_last_ts,
     unpack,
 )
 
@@ -104,3 +108,19 @@ def test_a_record_of_another_format_is_refused():
         unpack(bytes(data))
     with pytest.raises(StateFormatError):
         unpack(pack(new_state(1, 4, 2))[:-1])
+
+
+def test_every_history_list_is_a_stored_slot_field_of_the_documented_size():
+    """A per-slot list added to UserState without a place in SLOT_FIELDS would silently not be stored."""
+    assert [n for n in UserState.__slots__ if n.startswith("hist_")] == [n for n, _ in SLOT_FIELDS]
+    assert (HEADER_BYTES, SLOT_BYTES) == (57, 18)  # the sizes the module docstring and the budget use
+
+
+def test_peek_last_ts_reads_the_header_field_only():
+    s = _busy_state()
+    data = pack(s)
+    assert peek_last_ts(data) == s.last_ts == unpack(data).last_ts
+    assert peek_last_ts(data[:HEADER_BYTES]) == s.last_ts  # the arrays are not needed
+    assert math.isnan(peek_last_ts(pack(new_state(1, 4, 2))))
+    with pytest.raises(StateFormatError):
+        peek_last_ts(data[: HEADER_BYTES - 1])
