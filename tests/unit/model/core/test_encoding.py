@@ -9,6 +9,7 @@ import torch
 
 from demandstream.model.core.encoding import (
     COLUMNS,
+    DERIVED_COLUMNS,
     NEVER_S,
     EncodedEvent,
     FeatureBuffer,
@@ -19,16 +20,21 @@ from demandstream.model.core.encoding import (
     encode_log,
 )
 from demandstream.model.core.events import EVENT_TYPES, TYPE_INDEX, Event
-from demandstream.model.core.features import Vocabulary, category_hash, hash_bucket, query_tokens
+from demandstream.model.core.features import (
+    Vocabulary,
+    category_hash,
+    gap_bucket,
+    hash_bucket,
+    price_bucket,
+    query_tokens,
+)
 from demandstream.model.core.network import ModelConfig
-from demandstream.model.core.state import EMPTY, new_state
+from demandstream.model.core.state import EMPTY, UserState, new_state
 from demandstream.model.data.eventlog import EventLog
 
 T0 = 1.7e9
 CFG = ModelConfig(n_categories=4, hidden=8, history_slots=4, query_tokens=4)
 VOCAB = Vocabulary(["<unk>", "shoes", "bags", "hats"])
-#: Columns computed per batch from other fields rather than copied from an EncodedEvent.
-DERIVED = {"hist_vocab", "hist_ages", "hist_secs"}
 
 
 def mixed_events(seed: int = 0, n_users: int = 5, max_len: int = 25) -> list[Event]:
@@ -100,7 +106,44 @@ def test_feature_buffer_columns_shapes_and_dtypes():
 
 
 def test_every_stored_column_is_a_field_of_an_encoded_event():
-    assert set(COLUMNS) - DERIVED <= set(EncodedEvent._fields)
+    assert set(DERIVED_COLUMNS) <= set(COLUMNS)
+    assert set(COLUMNS) - set(DERIVED_COLUMNS) <= set(EncodedEvent._fields)
+
+
+def test_every_field_of_an_encoded_event_holds_what_its_name_says():
+    """event_features builds its row by position (for speed): a field must not hold its neighbour's value."""
+    s = new_state(CFG.layers, CFG.hidden, CFG.history_slots)
+    early = [("view", "shoes")]  # an earlier session: slot counts and session counts differ
+    later = [
+        ("add_to_cart", "shoes"),
+        ("add_to_cart", "shoes"),
+        ("add_to_cart", "bags"),
+        ("purchase", "shoes"),
+    ]
+    later += [("view", "hats")] * 4
+    for k, (etype, cat) in enumerate(early + later):
+        ts = T0 + 10.0 * k + (7200.0 if k >= len(early) else 0.0)
+        encode_event(CFG, VOCAB, s, Event(f"e{k}", "u", ts, etype, f"i{k}", cat, 1.0))
+    ts += 40.0
+    r = encode_event(CFG, VOCAB, s, Event("last", "u", ts, "search", "i9", "hats", 7.0, "red shoes"))
+    from_state = [n for n in EncodedEvent._fields if n in UserState.__slots__]
+    assert len(from_state) == 12
+    values = [repr(getattr(s, n)) for n in from_state]
+    assert len(set(values)) == len(values)  # all different, so a swap of two fields would show
+    for name in from_state:
+        assert getattr(r, name) == getattr(s, name), name
+    assert r.now == ts == s.last_ts
+    own = {
+        "etype": TYPE_INDEX["search"],
+        "item": hash_bucket("i9", CFG.item_buckets),
+        "cat": 3,
+        "price": price_bucket(7.0),
+        "gap": gap_bucket(40.0),
+        "add_secs": ts - s.last_add_ts,
+    }
+    assert len(set(own.values())) == len(own)
+    assert {n: getattr(r, n) for n in own} == own
+    assert list(r.query) == query_tokens("red shoes", CFG.query_buckets, CFG.query_tokens)
 
 
 def test_tensors_follow_the_shape_of_the_row_selection():
