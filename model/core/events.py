@@ -284,6 +284,36 @@ def parse_ts(value: object, *, now: float | None = None) -> float:
     return _ts_field(value, time.time() if now is None else now)
 
 
+def iso_seconds(text: str, *, naive_is_utc: bool = True, utc_word: bool = False) -> float:
+    """Unix seconds of an ISO-8601 date or date-time: the one time parser of events, loaders and options.
+
+    A time without a zone is UTC, as the event contract says (docs/ARCHITECTURE.md §Events), never the
+    machine's local zone; with ``naive_is_utc=False`` it is refused as ambiguous instead. With
+    ``utc_word``, the REES46 spelling ``2019-10-01 00:00:00 UTC`` is read too. Raises ``ValueError``
+    for anything else, a time pushed out of range by its offset included.
+
+    >>> iso_seconds("2019-10-01"), iso_seconds("2019-10-01T02:00:00+02:00"), iso_seconds("2019-10-01T00:00Z")
+    (1569888000.0, 1569888000.0, 1569888000.0)
+    >>> iso_seconds("2019-10-01 00:00:00 UTC", utc_word=True)
+    1569888000.0
+    >>> iso_seconds("2019-10-01 00:00:00", naive_is_utc=False)
+    Traceback (most recent call last):
+    ...
+    ValueError: time '2019-10-01 00:00:00' has no time zone
+    """
+    if utc_word and text.endswith(" UTC"):
+        text = text[:-4] + "+00:00"
+    try:
+        dt = datetime.fromisoformat(text)
+        if dt.tzinfo is None:
+            if not naive_is_utc:
+                raise ValueError(f"time {text!r} has no time zone")
+            dt = dt.replace(tzinfo=UTC)
+        return dt.timestamp()
+    except OverflowError:  # year 1 or 9999 shifted out of range by an offset
+        raise ValueError(f"time {text!r} is out of range") from None
+
+
 def event_to_json(e: Event) -> bytes:
     """The event as compact UTF-8 JSON in the schema of docs/ARCHITECTURE.md §Events (all fields, nulls
     included).
@@ -420,12 +450,8 @@ def _ts_field(value: object, now: float) -> float:
 
 def _iso_seconds(text: str) -> float:
     try:
-        dt = datetime.fromisoformat(text)
-        # naive times are UTC by contract (docs/ARCHITECTURE.md §Events), never the worker's local zone
-        if dt.tzinfo is None:
-            dt = dt.replace(tzinfo=UTC)
-        return dt.timestamp()
-    except (ValueError, OverflowError):  # OverflowError: year 1 or 9999 shifted out of range by an offset
+        return iso_seconds(text)
+    except ValueError:
         raise BadEvent("bad_ts", f"ts {_show(text)} is not an ISO-8601 date or time") from None
 
 

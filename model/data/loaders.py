@@ -55,11 +55,17 @@ import io
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import IO
 
-from demandstream.model.core.events import TYPE_INDEX, BadEvent, Event, parse_event, validate_event
+from demandstream.model.core.events import (
+    TYPE_INDEX,
+    BadEvent,
+    Event,
+    iso_seconds,
+    parse_event,
+    validate_event,
+)
 from demandstream.model.data.cleaning import CleaningConfig, clean_log
 from demandstream.model.data.eventlog import EventLog, EventLogBuilder
 from demandstream.model.data.loadstats import LoadStats
@@ -454,15 +460,12 @@ class _Rees46Time:
     def __call__(self, s: str) -> float | None:
         if s == self.last:
             return self.last_ts
-        text = s[:-4] + "+00:00" if s.endswith(" UTC") else s
         try:
-            dt = datetime.fromisoformat(text)
+            ts = iso_seconds(s, naive_is_utc=False, utc_word=True)  # a time without its zone is ambiguous
         except ValueError:
             return None
-        if dt.tzinfo is None:
-            return None  # a time without its zone is ambiguous
-        self.last, self.last_ts = s, dt.timestamp()
-        return self.last_ts
+        self.last, self.last_ts = s, ts
+        return ts
 
 
 def _read_taobao(path: Path, sink: _Sink) -> None:

@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
 
 import numpy as np
 
+from demandstream.model.core.events import iso_seconds
 from demandstream.model.data.eventlog import EventLog
 from demandstream.model.data.labels import DEFAULT_GAP_S, PURCHASE, purchase_labels, window_covered
 from demandstream.model.errors import DataError, OptionError
@@ -67,17 +67,12 @@ def parse_time(value: str | float) -> float:
         try:
             t = float(s)
         except ValueError:
-            if s.endswith(" UTC"):  # the REES46 spelling
-                s = s[:-4] + "+00:00"
             try:
-                dt = datetime.fromisoformat(s.replace("Z", "+00:00"))
+                t = iso_seconds(s.replace("Z", "+00:00"), utc_word=True)
             except ValueError:
                 raise OptionError(
                     f"cannot parse time {value!r}: expected unix seconds or an ISO-8601 date/datetime"
                 ) from None
-            if dt.tzinfo is None:
-                dt = dt.replace(tzinfo=UTC)
-            t = dt.timestamp()
     if not math.isfinite(t):
         raise OptionError(f"cannot parse time {value!r}: not a finite number")
     return t
