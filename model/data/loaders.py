@@ -170,20 +170,13 @@ def load_log(
     started = time.perf_counter()
     files = expand_paths(paths)
     sink = _Sink(EventLogBuilder(keep_ids=keep_ids), stats)
-    if fmt == "jsonl":
-        for p in files:
-            stats.files.append(str(p))
-            _read_jsonl(p, sink)
-    elif fmt == "rees46":
-        for p in files:
-            stats.files.append(str(p))
-            _read_rees46(p, sink)
-    elif fmt == "taobao":
-        for p in files:
-            stats.files.append(str(p))
-            _read_taobao(p, sink)
-    else:
+    if fmt == "retailrocket":  # several kinds of file, told apart by their headers
         _load_retailrocket(files, sink, item_properties, category_tree)
+    else:
+        read = _FILE_READERS[fmt]
+        for p in files:
+            stats.files.append(str(p))
+            read(p, sink)
     log = sink.builder.build()
     del sink  # the builder's chunks are copies of the log's columns: free them before cleaning
     stats.rows_kept = len(log)
@@ -192,34 +185,6 @@ def load_log(
     stats.seconds += time.perf_counter() - started
     logger.info("loaded %s: %s", fmt, stats.summary().replace("\n", "; "))
     return log
-
-
-def detect_format(path: str | Path) -> str:
-    """The format of a file, from its extension or its first line.
-
-    >>> import tempfile, pathlib
-    >>> p = pathlib.Path(tempfile.mkdtemp()) / "events.csv"
-    >>> _ = p.write_text("timestamp,visitorid,event,itemid,transactionid\\n")
-    >>> detect_format(p)
-    'retailrocket'
-    """
-    files = expand_paths(path)
-    p = files[0]
-    name = p.name.lower().removesuffix(".gz")
-    if name.endswith((".jsonl", ".ndjson", ".json")):
-        return "jsonl"
-    with open_text(p) as f:
-        first = f.readline().strip()
-    if first.startswith("{"):
-        return "jsonl"
-    header = _split_header(first)
-    if header == REES46_HEADER:
-        return "rees46"
-    if header in (RR_EVENTS_HEADER, RR_PROPERTIES_HEADER, RR_TREE_HEADER):
-        return "retailrocket"
-    if _looks_like_taobao(header):
-        return "taobao"
-    raise DataError(f"{p}: cannot tell the format from its first line {first[:80]!r}; pass --format")
 
 
 def expand_paths(paths: PathsArg) -> list[Path]:
@@ -249,9 +214,17 @@ def expand_paths(paths: PathsArg) -> list[Path]:
     return out
 
 
+def open_binary(path: str | Path) -> IO[bytes]:
+    """Open a plain or gzip file for reading bytes, decompressed; gzip is told by its magic number, not
+    by the file's name (the one place that decides, for every reader of input files)."""
+    with open(path, "rb") as f:
+        magic = f.read(len(GZIP_MAGIC))
+    return gzip.open(path, "rb") if magic == GZIP_MAGIC else open(path, "rb")  # noqa: SIM115
+
+
 def open_text(path: str | Path) -> IO[str]:
     """Open a plain or gzip file as UTF-8 text (undecodable bytes replaced, not fatal)."""
-    return io.TextIOWrapper(_open_binary(path), encoding="utf-8", errors="replace", newline="")
+    return io.TextIOWrapper(open_binary(path), encoding="utf-8", errors="replace", newline="")
 
 
 def read_category_tree(path: str | Path) -> dict[str, str | None]:
@@ -395,7 +368,7 @@ class _Sink:
 
 def _read_jsonl(path: Path, sink: _Sink) -> None:
     stats = sink.stats
-    with _open_binary(path) as f:
+    with open_binary(path) as f:
         for line in f:
             if not line.strip():
                 continue
@@ -416,7 +389,7 @@ def _read_rees46(path: Path, sink: _Sink) -> None:
             if not row:
                 continue
             stats.rows_read += 1
-            if len(row) != 9:
+            if len(row) != len(REES46_HEADER):
                 sink.reject(COLUMN_COUNT)
                 continue
             event_time, etype, product, cat_id, cat_code, _brand, price_s, user, session = row
@@ -478,7 +451,7 @@ def _read_taobao(path: Path, sink: _Sink) -> None:
             if not row:
                 continue
             stats.rows_read += 1
-            if len(row) != 5:
+            if len(row) != len(TAOBAO_COLUMNS):
                 sink.reject(COLUMN_COUNT)
                 continue
             user, item, cat_id, behavior, ts_s = row
@@ -502,17 +475,6 @@ def _read_taobao(path: Path, sink: _Sink) -> None:
                     "category": cat_id or None,
                 }
             )
-
-
-def _looks_like_taobao(fields: tuple[str, ...]) -> bool:
-    """A headerless Taobao row: five fields, a known behavior, a numeric timestamp."""
-    if len(fields) != len(TAOBAO_COLUMNS) or fields[3] not in TAOBAO_TYPES:
-        return False
-    try:
-        float(fields[4])
-    except ValueError:
-        return False
-    return True
 
 
 def _load_retailrocket(
@@ -566,7 +528,7 @@ def _read_rr_events(path: Path, sink: _Sink, item_cats: ItemCategories) -> None:
             if not row:
                 continue
             stats.rows_read += 1
-            if len(row) != 5:
+            if len(row) != len(RR_EVENTS_HEADER):
                 sink.reject(COLUMN_COUNT)
                 continue
             ts_s, visitor, etype, item, _transaction = row
@@ -585,6 +547,14 @@ def _read_rr_events(path: Path, sink: _Sink, item_cats: ItemCategories) -> None:
                     "category": category_at(item, ts_ms) if item else None,
                 }
             )
+
+
+#: The reader of one file of each format whose files are all alike (RetailRocket's are not).
+_FILE_READERS: dict[str, Callable[[Path, _Sink], None]] = {
+    "jsonl": _read_jsonl,
+    "rees46": _read_rees46,
+    "taobao": _read_taobao,
+}
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -607,12 +577,6 @@ _DATA_SUFFIXES = (".csv", ".jsonl", ".ndjson", ".json")
 
 def _is_data_name(name: str) -> bool:
     return name.lower().removesuffix(".gz").endswith(_DATA_SUFFIXES)
-
-
-def _open_binary(path: str | Path) -> IO[bytes]:
-    with open(path, "rb") as f:
-        magic = f.read(len(GZIP_MAGIC))
-    return gzip.open(path, "rb") if magic == GZIP_MAGIC else open(path, "rb")  # noqa: SIM115
 
 
 def _stem(path: Path) -> str:
