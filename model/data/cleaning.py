@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from demandstream.model.core.events import TYPE_INDEX
-from demandstream.model.data.eventlog import EventLog
+from demandstream.model.data.eventlog import EventLog, csr_offsets
 
 if TYPE_CHECKING:
     from demandstream.model.data.loadstats import LoadStats
@@ -145,8 +145,7 @@ def clean_log(log: EventLog, cfg: CleaningConfig, stats: LoadStats | None = None
 
     out_of_order = _users_out_of_file_order(log.user[kept_order], kept_order, log.n_users)
     out = log.take(kept_order)
-    counts = np.bincount(out.user, minlength=log.n_users)
-    out.user_start = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    out.user_start = csr_offsets(out.user, log.n_users)
 
     if stats is not None:
         stats.duplicates_dropped += n_dup

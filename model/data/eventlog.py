@@ -19,7 +19,7 @@ queries) in tables, so ten million rows take well under 1 GB.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -129,8 +129,7 @@ class EventLog:
 
     def _grouped(self, order: np.ndarray) -> EventLog:
         out = self.take(order)
-        counts = np.bincount(out.user, minlength=self.n_users)
-        out.user_start = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        out.user_start = csr_offsets(out.user, self.n_users)
         return out
 
     def user_rows(self, u: int) -> slice:
@@ -163,9 +162,15 @@ class EventLog:
         s = self.user_rows(u)
         return [self.event(i) for i in range(s.start, s.stop)]
 
-    def iter_events(self) -> Iterator[Event]:
-        for i in range(len(self)):
-            yield self.event(i)
+
+def csr_offsets(keys: np.ndarray, n_groups: int) -> np.ndarray:
+    """CSR offsets of rows sorted by an integer key in ``0..n_groups-1``: group g owns rows
+    ``offsets[g]:offsets[g + 1]`` (``n_groups + 1`` int64 values; a group without rows has an empty range).
+
+    >>> csr_offsets(np.array([0, 0, 2]), 4).tolist()
+    [0, 2, 2, 3, 3]
+    """
+    return np.concatenate([[0], np.cumsum(np.bincount(keys, minlength=n_groups))]).astype(np.int64)
 
 
 class EventLogBuilder:

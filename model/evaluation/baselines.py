@@ -28,6 +28,7 @@ import logging
 import numpy as np
 
 from demandstream.model.core.events import TYPE_INDEX
+from demandstream.model.data.eventlog import csr_offsets
 from demandstream.model.data.labels import (  # noqa: F401  (re-exported: evaluation reads labels here)
     DEFAULT_GAP_S,
     PURCHASE,
@@ -297,7 +298,7 @@ class Markov(Popularity):
         keys, counts = np.unique(current[ok] * n_categories + nxt[ok], return_counts=True)
         src, dst = keys // n_categories, keys % n_categories
         # CSR by current category: row a's next categories are next_cats[indptr[a]:indptr[a+1]].
-        self.indptr = np.r_[0, np.cumsum(np.bincount(src, minlength=n_categories))]
+        self.indptr = csr_offsets(src, n_categories)
         self.next_cats = dst
         self.next_counts = counts.astype(np.float64)
         self.row_totals = np.bincount(src, weights=self.next_counts, minlength=n_categories)
