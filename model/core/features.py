@@ -50,6 +50,11 @@ GAP_EDGES_S: tuple[float, ...] = (
 )
 N_GAP_BUCKETS = len(GAP_EDGES_S) + 2  # first-event bucket + one per edge + overflow
 
+#: The purchase horizon, in seconds of event time: a signal's ``purchase_propensity`` is the probability
+#: of a purchase within this long after the event (docs/ARCHITECTURE.md §Evaluation); purchase labels,
+#: training, evaluation and the network's "added to cart within the horizon" input use it.
+PURCHASE_HORIZON_S = 1800.0
+
 #: Price buckets are log2-spaced: 0 = no price, then floor(log2(1 + price)) + 1, capped.
 N_PRICE_BUCKETS = 20
 

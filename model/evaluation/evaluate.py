@@ -29,7 +29,7 @@ import torch
 
 from demandstream.model.core import checkpoint as ckpt_mod
 from demandstream.model.core.checkpoint import Checkpoint
-from demandstream.model.core.features import category_hash
+from demandstream.model.core.features import PURCHASE_HORIZON_S, category_hash
 from demandstream.model.core.network import DemandLSTM
 from demandstream.model.core.scoring import Scorer
 from demandstream.model.data.eventlog import EventLog
@@ -177,7 +177,7 @@ def evaluate(
     ckpt: Checkpoint | str | Path,
     log: EventLog,
     split: Split | None = None,
-    horizon_s: float = 1800.0,
+    horizon_s: float = PURCHASE_HORIZON_S,
     plots_dir: str | Path | None = None,
     device: str = "cpu",
     gap_s: float | None = DEFAULT_GAP_S,
@@ -416,7 +416,7 @@ def run_evaluation(
     plots: str | Path | None = None,
     train_end: str | float | None = None,
     valid_end: str | float | None = None,
-    horizon_s: float = 1800.0,
+    horizon_s: float = PURCHASE_HORIZON_S,
     device: str = "cpu",
     gap_s: float | None = DEFAULT_GAP_S,
 ) -> dict:

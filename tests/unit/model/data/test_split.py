@@ -5,7 +5,7 @@ import pytest
 
 from demandstream.model.core.encoding import category_index
 from demandstream.model.core.events import Event
-from demandstream.model.core.features import Vocabulary
+from demandstream.model.core.features import PURCHASE_HORIZON_S, Vocabulary
 from demandstream.model.data.eventlog import EventLog
 from demandstream.model.data.labels import log_gaps
 from demandstream.model.data.split import (
@@ -17,7 +17,7 @@ from demandstream.model.data.split import (
 )
 
 T1, T2 = 10_000.0, 20_000.0
-HORIZON = 1800.0
+HORIZON = PURCHASE_HORIZON_S  # (test_train imports it from here)
 
 
 @pytest.mark.parametrize(

@@ -14,11 +14,11 @@ import pytest
 
 from demandstream.model.core import events as events_module
 from demandstream.model.core.events import EVENT_TYPES, Event
+from demandstream.model.core.features import PURCHASE_HORIZON_S
 from demandstream.model.data.synth import SynthConfig, build_catalog, generate, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[4]
 START = 1_730_000_000.0
-HORIZON_S = 1800.0  # the purchase horizon of docs/ARCHITECTURE.md §Evaluation
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +208,7 @@ def test_purchase_within_horizon_depends_on_the_funnel(by_user):
         buys = [e.ts for e in es if e.type == "purchase"]
         for e in es:
             j = bisect.bisect_right(buys, e.ts)
-            hits[e.type][0] += j < len(buys) and buys[j] <= e.ts + HORIZON_S
+            hits[e.type][0] += j < len(buys) and buys[j] <= e.ts + PURCHASE_HORIZON_S
             hits[e.type][1] += 1
     rate = {t: a / b for t, (a, b) in hits.items()}
     assert rate["add_to_cart"] > 3 * rate["view"]
