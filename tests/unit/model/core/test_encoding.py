@@ -20,14 +20,7 @@ from demandstream.model.core.encoding import (
     encode_log,
 )
 from demandstream.model.core.events import EVENT_TYPES, TYPE_INDEX, Event
-from demandstream.model.core.features import (
-    Vocabulary,
-    category_hash,
-    gap_bucket,
-    hash_bucket,
-    price_bucket,
-    query_tokens,
-)
+from demandstream.model.core.features import Vocabulary, category_hash, hash_bucket
 from demandstream.model.core.network import ModelConfig
 from demandstream.model.core.state import EMPTY, UserState, new_state
 from demandstream.model.data.eventlog import EventLog
@@ -137,13 +130,13 @@ def test_every_field_of_an_encoded_event_holds_what_its_name_says():
         "etype": TYPE_INDEX["search"],
         "item": hash_bucket("i9", CFG.item_buckets),
         "cat": 3,
-        "price": price_bucket(7.0),
-        "gap": gap_bucket(40.0),
+        "price": 4,  # 1 + floor(log2(1 + 7))
+        "gap": 5,  # 40 s: over the 30 s edge, within 60 s
         "add_secs": ts - s.last_add_ts,
     }
     assert len(set(own.values())) == len(own)
     assert {n: getattr(r, n) for n in own} == own
-    assert list(r.query) == query_tokens("red shoes", CFG.query_buckets, CFG.query_tokens)
+    assert list(r.query) == [hash_bucket(w, CFG.query_buckets) for w in ("red", "shoes")]
 
 
 def test_tensors_follow_the_shape_of_the_row_selection():
@@ -189,7 +182,7 @@ def test_scalar_features_of_one_event():
     r = encode_event(CFG, VOCAB, s, e)
     assert isinstance(r, EncodedEvent)
     assert (r.etype, r.item, r.cat) == (TYPE_INDEX["search"], 0, 3)
-    assert list(r.query) == query_tokens("red shoes", CFG.query_buckets, CFG.query_tokens)
+    assert list(r.query) == [hash_bucket(w, CFG.query_buckets) for w in ("red", "shoes")]
     assert r.now == T0 and r.events_seen == 1
     r2 = encode_event(CFG, VOCAB, s, Event("e2", "u", T0 + 1, "view", "i7"))
     assert r2.item == hash_bucket("i7", CFG.item_buckets) and r2.cat == 0 and r2.price == 0
