@@ -35,6 +35,7 @@ import numpy as np
 import orjson
 
 from demandstream.model.core.events import EVENT_TYPES, TYPE_INDEX, Event
+from demandstream.model.core.state import SESSION_GAP_S
 from demandstream.model.errors import OptionError
 
 logger = logging.getLogger(__name__)
@@ -222,7 +223,7 @@ class SynthConfig:
     session_steps_median: float = 4.0  # browsing steps (views/searches) per session, log-normal
     session_steps_sigma: float = 0.9
     idle_gap_sigma: float = 1.2  # log-normal spread of gaps between sessions
-    min_idle_gap_s: float = 1800.0  # 30 min: the usual session cut
+    min_idle_gap_s: float = SESSION_GAP_S  # 30 min: the usual session cut, the one the state applies
     click_gap_median_s: float = 25.0
     click_gap_sigma: float = 1.0
     min_click_gap_s: float = 1.0
