@@ -132,7 +132,7 @@ def _score_baselines(
     fit_mask = log.ts < split.valid_end
     for b in baselines:
         b.fit(cats, log.etype, log.ts, log.user_start, fit_mask, horizon_s, n_categories, gap_s=gap_s)
-    out = {b.name: {"rank": {}, "top1": {}, "prop": {}} for b in baselines}
+    out = {b.name: {"rank": {}, "top1": {}, "prop": {}, "switch_rank": {}} for b in baselines}
     etypes, ts = log.etype, log.ts
     for u in range(log.n_users):
         s, e = int(log.user_start[u]), int(log.user_start[u + 1])
@@ -151,10 +151,44 @@ def _score_baselines(
                     if sc is not None:
                         res["rank"][i] = target_rank(sc, int(cat_target[i]))
                         res["top1"][i] = int(np.argmax(sc))
+                        if b.name == HEADROOM_BASELINE and cat_target[i] != cats[i]:
+                            rest = sc.copy()
+                            rest[int(cats[i])] = -np.inf
+                            res["switch_rank"][i] = target_rank(rest, int(cat_target[i]))
                 pp = b.purchase_proba()
                 if pp is not None:
                     res["prop"][i] = pp
     return out
+
+
+#: The baseline the report's ``headroom`` is measured on (the strongest rule on real logs).
+HEADROOM_BASELINE = "cascade"
+
+
+def repeat_headroom(
+    switch_rank: dict[int, int], cat_pts: np.ndarray, targets: np.ndarray, cats: np.ndarray, k: int = 20
+) -> dict:
+    """How much knowing *whether* each user repeats their current category would add to the cascade.
+
+    At every category point, an oracle gate puts the current category first when the next event repeats
+    it (rank 1) and drops it otherwise (the target's rank among the cascade's other candidates,
+    ``switch_rank``). Its MRR@k bounds what any model ranking the cascade's candidates in the cascade's
+    order can gain from a better copy-or-switch decision alone; beating it needs better ranking of the
+    categories a user switches to. Returned: ``repeat_share`` and ``oracle_gate_mrr@k``.
+
+    >>> repeat_headroom({1: 2}, np.array([0, 1]), np.array([5, 7]), np.array([5, 3]))
+    {'repeat_share': 0.5, 'oracle_gate_mrr@20': 0.75}
+    """
+    if len(cat_pts) == 0:
+        return {"repeat_share": math.nan, f"oracle_gate_mrr@{k}": math.nan}
+    repeat = targets == cats[cat_pts]
+    rr = np.array(
+        [
+            1.0 if rep else (1.0 / switch_rank[i] if switch_rank[i] <= k else 0.0)
+            for i, rep in zip(cat_pts.tolist(), repeat, strict=True)
+        ]
+    )
+    return {"repeat_share": float(repeat.mean()), f"oracle_gate_mrr@{k}": float(rr.mean())}
 
 
 def _method_report(
@@ -239,6 +273,10 @@ def evaluate(
         "model": model_rep,
         "baselines": base_rep,
         "best_baseline": best_baselines(model_rep, base_rep),
+        "headroom": {
+            "over": HEADROOM_BASELINE,
+            **repeat_headroom(base[HEADROOM_BASELINE]["switch_rank"], cat_pts, targets, cats),
+        },
         "n_category_points": len(cat_pts),
         "n_purchase_points": len(buy_pts),
         "purchase_positive_rate": float(labels.mean()) if len(labels) else float("nan"),

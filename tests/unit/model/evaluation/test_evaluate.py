@@ -64,6 +64,10 @@ def test_report_has_every_key_for_model_and_baselines(trained):
     assert 0 < rep["n_category_points"] <= rep["n_test_points"]
     assert 0 < rep["n_purchase_points"] <= rep["n_test_points"]
     assert rep["n_train_events"] == int((log.ts < split.train_end).sum())
+    # the oracle copy-or-switch gate can only move targets up the cascade's ranking
+    head = rep["headroom"]
+    assert head["over"] == "cascade" and 0 < head["repeat_share"] < 1
+    assert rep["baselines"]["cascade"]["category_mrr@20"] <= head["oracle_gate_mrr@20"] <= 1.0
     for m in (rep["model"], *rep["baselines"].values()):
         for k, v in m.items():
             assert 0.0 <= v <= (np.inf if k == "purchase_logloss" else 1.0), k
