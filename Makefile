@@ -29,16 +29,29 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev,plots,export]"
 	@touch $(STAMP)
 
-# Kafka needs a JDK (17+) and Maven; the Prometheus tests need Debian's prometheus package.
-system-deps:
+# Kafka needs a JDK (17+) and Maven; the Prometheus tests need Debian's prometheus package. That package is
+# *unpacked* into a cache (apt-get download + dpkg-deb -x), not installed: installing it would start the
+# prometheus and node-exporter services, and the project must not start, stop or kill processes it does not
+# own. A prometheus + promtool already on PATH are used as they are.
+PROM_DIR := $(HOME)/.cache/demandstream/prometheus
+PROM_BIN := $(PROM_DIR)/usr/bin
+export PATH := $(PROM_BIN):$(PATH)
+
+system-deps: $(if $(shell command -v prometheus 2>/dev/null),,$(PROM_BIN)/prometheus)
 	@command -v java >/dev/null || { echo "error: java (JDK 17+) is required: apt-get install openjdk-17-jdk-headless" >&2; exit 1; }
 	@command -v mvn >/dev/null || { echo "error: maven is required: apt-get install maven" >&2; exit 1; }
 	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { \
-		echo "installing Debian's prometheus package (server + promtool)"; \
-		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
-		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq prometheus >/dev/null; \
-		systemctl disable --now prometheus prometheus-node-exporter >/dev/null 2>&1 || true; \
-		pkill -x prometheus-node-exporter 2>/dev/null || true; }
+		echo "error: prometheus and promtool not found (Debian package prometheus)" >&2; exit 1; }
+
+$(PROM_BIN)/prometheus:
+	@echo "unpacking Debian's prometheus package (server + promtool) into $(PROM_DIR)"
+	@tmp=$$(mktemp -d) && cd "$$tmp" && \
+		{ apt-get download prometheus >/dev/null 2>&1 || { \
+			if [ "$$(id -u)" = 0 ]; then apt-get update -qq; else sudo apt-get update -qq; fi && \
+			apt-get download prometheus >/dev/null 2>&1; }; } && \
+		mkdir -p "$(PROM_DIR)" && dpkg-deb -x prometheus_*.deb "$(PROM_DIR)" && rm -rf "$$tmp" || { \
+		echo "error: could not fetch Debian's prometheus package (apt-get download prometheus)" >&2; rm -rf "$$tmp"; exit 1; }
+	@test -x "$@" && touch "$@"
 
 # Lint first: a tree that ruff rejects fails `make test` (and so CI) before any test runs.
 test: venv system-deps lint

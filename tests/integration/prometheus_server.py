@@ -1,6 +1,6 @@
 """A real Prometheus server on loopback for tests.
 
-The server runs Debian's ``/usr/bin/prometheus`` with a config derived from
+The server runs Debian's ``prometheus`` (the package's binary, unpacked by ``make``) with a config derived from
 ``deploy/prometheus/prometheus.yml`` (same job and alert rules) whose demandstream job scrapes the
 given targets every second. Queries go through Prometheus's HTTP API with urllib, so tests need no
 client library.
@@ -39,7 +39,8 @@ logger = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY_CONFIG = REPO / "deploy" / "prometheus" / "prometheus.yml"
-PROMETHEUS_BINARY = "/usr/bin/prometheus"
+#: Debian's prometheus: on PATH (`make` puts its unpacked copy there), else where the package installs it.
+PROMETHEUS_BINARY = shutil.which("prometheus") or "/usr/bin/prometheus"
 #: Job in prometheus.yml whose targets are replaced; alerts.yml selects up{job="demandstream"}.
 JOB_NAME = "demandstream"
 #: Tests want samples quickly; 1 s is the smallest interval Prometheus handles without complaint.
