@@ -290,10 +290,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("user_id")
     sp.set_defaults(func=cmd_forget)
 
-    sp = command("bench", help="measure throughput and latency; write JSON and docs/BENCHMARKS.md")
+    sp = command("bench", help="measure throughput and latency; write JSON (and Markdown with --markdown)")
     sp.add_argument("--out", default="bench.json")
     sp.add_argument("--quick", action="store_true")
-    sp.add_argument("--markdown", default="docs/BENCHMARKS.md")
+    sp.add_argument(
+        "--markdown",
+        default=None,
+        help="rewrite the results block of this file (make bench: docs/BENCHMARKS.md); off by default, "
+        "so a quick run never overwrites the published figures",
+    )
     sp.set_defaults(func=cmd_bench)
 
     sp = command("export", help="export the one-step model to TorchScript and ONNX")

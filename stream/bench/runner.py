@@ -95,7 +95,7 @@ def run_bench(
     settings: Settings,
     out: str | Path | None = "bench.json",
     quick: bool = False,
-    markdown: str | Path | None = "docs/BENCHMARKS.md",
+    markdown: str | Path | None = None,
     *,
     kafka_port: int | None = None,
     plan: BenchPlan | None = None,

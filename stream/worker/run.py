@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 
@@ -21,12 +22,31 @@ logger = logging.getLogger(__name__)
 WORKER_TORCH_THREADS = 1
 
 
+def prepare_data_dir(path: str) -> Path:
+    """Create the worker's data directory with its parents (Faust makes only the last level, and ends
+    with an ``os.mkdir`` traceback when a parent is missing); a path that cannot be created is a
+    setting error, said in one line.
+
+    >>> import tempfile, os
+    >>> d = prepare_data_dir(os.path.join(tempfile.mkdtemp(), "a", "b"))
+    >>> d.is_dir()
+    True
+    """
+    p = Path(path)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SettingsError(f"DEMANDSTREAM_DATA_DIR: cannot create {path!r}: {e.strerror}") from None
+    return p
+
+
 def build_worker(settings: Settings) -> Components:
     """Everything but running: model loaded (fails fast on a bad checkpoint), app, agent, views."""
     if not settings.model:
         raise SettingsError(
             "no model: pass --model or set DEMANDSTREAM_MODEL (train one with `demandstream train`)"
         )
+    prepare_data_dir(settings.data_dir)
     device = resolve_device(settings.device)
     ckpt = load(settings.model, device)
     scorer = Scorer(ckpt, device, top_k=settings.top_k, max_batch=settings.batch_max)
