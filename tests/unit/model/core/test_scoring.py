@@ -13,7 +13,7 @@ from demandstream.model.core.events import Event
 from demandstream.model.core.features import Vocabulary, category_hash
 from demandstream.model.core.network import ModelConfig
 from demandstream.model.core.scoring import Prediction, Scorer, resolve_device
-from demandstream.model.core.state import SUMMARY_FIELDS
+from demandstream.model.core.state import SUMMARY_FIELDS, UserState
 from demandstream.model.data.eventlog import EventLog
 from demandstream.model.errors import OptionError, UserError
 from tests.unit.model.core.test_network import live_net, random_events
@@ -48,33 +48,45 @@ def assert_same(p: Prediction, q: Prediction) -> None:
     assert np.allclose([x for _, x in p.top_categories], [x for _, x in q.top_categories], atol=TOL)
 
 
-def test_score_log_equals_stepping_every_event(events):
+@pytest.fixture(scope="module")
+def stepped(events) -> tuple[dict[str, Prediction], dict[str, UserState]]:
+    """The stream's reference: every user's events stepped one at a time. Returns the prediction after
+    each event (by event id) and each user's final state."""
+    scorer = make_scorer(events)
+    preds, states = {}, {}
+    for user, seq in by_user(events).items():
+        s = states[user] = scorer.new_state()
+        for e in seq:
+            [preds[e.event_id]] = scorer.step([e], [s])
+    return preds, states
+
+
+def test_score_log_equals_stepping_every_event(events, stepped):
     """The offline signal of every row is the one the stream emits after that event."""
     scorer = make_scorer(events)
     log = EventLog.from_events(events).sorted_by_user_time()
     offline = {log.event_ids[r]: p for r, p in scorer.score_log(log)}
-    assert len(offline) == len(events)
-    n_oov = 0
-    for seq in by_user(events).values():
-        s = scorer.new_state()
-        for e in seq:
-            [p] = scorer.step([e], [s])
-            assert_same(offline[e.event_id], p)
-            n_oov += any(c not in scorer.vocab.names for c, _ in p.top_categories)
-    assert n_oov > 0  # categories outside the vocabulary were ranked and named on both paths
+    preds, _ = stepped
+    assert offline.keys() == preds.keys() and len(preds) == len(events)
+    for event_id, p in preds.items():
+        assert_same(offline[event_id], p)
+    # categories outside the vocabulary were ranked and named on both paths
+    assert any(c not in scorer.vocab.names for p in preds.values() for c, _ in p.top_categories)
 
 
-def test_step_many_equals_one_step_per_event_and_grows_its_buffer(events):
+def test_step_many_equals_one_step_per_event_and_grows_its_buffer(events, stepped):
     scorer = make_scorer(events, max_batch=2)  # far fewer rows than a round holds: the buffer grows
+    users = list(by_user(events))
     seqs = list(by_user(events).values())
     packed_states = [scorer.new_state() for _ in seqs]
     packed = scorer.step_many(seqs, packed_states)
     assert scorer._buf.n >= sum(len(q) for q in seqs)
-    for seq, preds, sp in zip(seqs, packed, packed_states, strict=True):
-        s = scorer.new_state()
-        assert [p.events_seen for p in preds] == list(range(1, len(seq) + 1))
-        for e, p in zip(seq, preds, strict=True):
-            assert_same(p, scorer.step([e], [s])[0])
+    preds, states = stepped
+    for user, seq, ps, sp in zip(users, seqs, packed, packed_states, strict=True):
+        assert [p.events_seen for p in ps] == list(range(1, len(seq) + 1))
+        for e, p in zip(seq, ps, strict=True):
+            assert_same(p, preds[e.event_id])
+        s = states[user]
         assert np.abs(sp.h - s.h).max() <= TOL and np.abs(sp.c - s.c).max() <= TOL
         assert abs(sp.last_propensity - s.last_propensity) <= TOL
         assert [c for c, _ in sp.last_top] == [c for c, _ in s.last_top]
@@ -99,18 +111,18 @@ def test_nothing_to_score():
 
 def test_top_k_is_a_ranking_of_distinct_known_categories(events):
     scorer = make_scorer(events, top_k=4)
-    for seq in by_user(events).values():
-        s = scorer.new_state()
-        for e in seq:
-            [p] = scorer.step([e], [s])
+    seqs = list(by_user(events).values())
+    states = [scorer.new_state() for _ in seqs]
+    for preds, s in zip(scorer.step_many(seqs, states), states, strict=True):
+        for p in preds:
             names = [c for c, _ in p.top_categories]
             probs = [x for _, x in p.top_categories]
             assert len(names) == 4 and len(set(names)) == 4 and "<unk>" not in names
             assert probs == sorted(probs, reverse=True) and 0.0 <= probs[-1] and probs[0] <= 1.0
             assert 0.0 < p.purchase_propensity < 1.0
-            # the state keeps what was predicted, as codes
-            assert [scorer.category_name(c) for c, _ in s.last_top] == names
-            assert [x for _, x in s.last_top] == probs and s.last_propensity == p.purchase_propensity
+        # the state keeps the last prediction, as codes
+        assert [scorer.category_name(c) for c, _ in s.last_top] == names
+        assert [x for _, x in s.last_top] == probs and s.last_propensity == p.purchase_propensity
 
 
 def test_top_k_is_capped_by_the_vocabulary():
