@@ -60,9 +60,6 @@ MIN_CALIBRATION_POSITIVES = 20
 #: Ceiling on LBFGS iterations of the 2-parameter Platt fit (it is convex and converges in tens).
 CALIBRATION_MAX_ITER = 300
 
-#: Forms of purchase calibration, simplest first: none, scale only (temperature), scale and shift (Platt).
-CALIBRATION_FORMS = ("identity", "scale", "platt")
-
 #: Rank cut-off of the selection metric (MRR@20, the report's headline category metric).
 SELECT_K = 20
 
@@ -210,7 +207,6 @@ def _loss_terms(
 class _Batch(NamedTuple):
     out: dict
     f: dict
-    rows: np.ndarray  #: [users, steps] log row of every cell (padding repeats the user's last row)
     cat_t: torch.Tensor
     hash_t: torch.Tensor
     buy: torch.Tensor
@@ -252,7 +248,6 @@ def _full_context_batches(
         yield _Batch(
             out,
             f,
-            idx,
             torch.from_numpy(np.where(valid, pts.cat[idx], -1)).to(device),
             torch.from_numpy(pts.cat_hash[idx]).to(device),
             torch.from_numpy(pts.purchase[idx]).to(device),
@@ -372,12 +367,9 @@ def _select(net: DemandLSTM, history: list[dict], states: dict[int, dict]) -> tu
 
 
 def fit_platt(
-    logits: np.ndarray, labels: np.ndarray, max_iter: int = CALIBRATION_MAX_ITER, shift: bool = True
+    logits: np.ndarray, labels: np.ndarray, max_iter: int = CALIBRATION_MAX_ITER
 ) -> tuple[float, float]:
     """Platt scaling: ``(a, b)`` minimizing the mean BCE of ``sigmoid(a * logit + b)`` against ``labels``.
-
-    With ``shift=False`` only the scale ``a`` is fitted (``b = 0``: temperature scaling, which keeps the
-    base rate the network learned and corrects only its confidence).
 
     Parameters
     ----------
@@ -400,10 +392,9 @@ def fit_platt(
     """
     x = torch.as_tensor(np.asarray(logits, np.float64))
     y = torch.as_tensor(np.asarray(labels, np.float64))
-    a = torch.tensor([1.0], dtype=torch.float64, requires_grad=True)
-    b = torch.tensor([0.0], dtype=torch.float64, requires_grad=shift)
+    ab = torch.tensor([1.0, 0.0], dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS(
-        [a, b] if shift else [a],
+        [ab],
         lr=1.0,
         max_iter=max_iter,
         tolerance_grad=1e-10,
@@ -413,12 +404,13 @@ def fit_platt(
 
     def closure():
         opt.zero_grad()
-        loss = nn.functional.binary_cross_entropy_with_logits(a * x + b, y)
+        loss = nn.functional.binary_cross_entropy_with_logits(ab[0] * x + ab[1], y)
         loss.backward()
         return loss
 
     opt.step(closure)
-    return float(a.detach()), float(b.detach())
+    a, b = ab.detach().tolist()
+    return float(a), float(b)
 
 
 def _mean_bce(logits: np.ndarray, labels: np.ndarray, a: float = 1.0, b: float = 0.0) -> float:
@@ -426,47 +418,6 @@ def _mean_bce(logits: np.ndarray, labels: np.ndarray, a: float = 1.0, b: float =
     return float(
         nn.functional.binary_cross_entropy_with_logits(z, torch.as_tensor(labels, dtype=torch.float64))
     )
-
-
-def choose_calibration(
-    logits: np.ndarray, labels: np.ndarray, ts: np.ndarray, min_positives: int = MIN_CALIBRATION_POSITIVES
-) -> dict:
-    """Which calibration of the purchase logit holds *forward in time*, chosen on validation points alone.
-
-    Each form of :data:`CALIBRATION_FORMS` (none; scale only; scale and shift) is fitted on the earlier
-    half of the points (by time) and scored by mean BCE on the later half; the best form, ties going to
-    the simpler one, is then fitted on all points. A shift fitted on a short validation window also
-    learns that window's base rate (a night's, a sale's), which need not hold afterwards: this test lets
-    the data say whether it does. With too few positives in either half to compare, the full Platt fit
-    is used (the form chosen before this test existed).
-
-    Returns ``form``, ``a``, ``b`` and, when compared, ``later_half_bce`` per form.
-
-    >>> rng = np.random.default_rng(1)
-    >>> z = rng.normal(size=4000); t = np.arange(4000.0)
-    >>> p = 1 / (1 + np.exp(-(2 * z)))  # the logits are half as confident as they should be
-    >>> choose_calibration(z, (rng.random(4000) < p).astype(float), t)["form"] in ("scale", "platt")
-    True
-    """
-    z = np.asarray(logits, np.float64)
-    y = np.asarray(labels, np.float64)
-    order = np.argsort(np.asarray(ts, np.float64), kind="stable")
-    early, late = order[: len(order) // 2], order[len(order) // 2 :]
-    half_ok = all(0 < y[h].sum() < len(h) and y[h].sum() >= min_positives / 2 for h in (early, late))
-    info: dict = {}
-    if not half_ok:
-        form = "platt"
-        info["reason_no_comparison"] = "too few positives in a half of the validation points to compare"
-    else:
-        scores = {}
-        for f in CALIBRATION_FORMS:
-            a, b = (1.0, 0.0) if f == "identity" else fit_platt(z[early], y[early], shift=f == "platt")
-            scores[f] = _mean_bce(z[late], y[late], a, b) if a > 0 else math.inf
-        best = min(scores.values())
-        form = next(f for f in CALIBRATION_FORMS if scores[f] <= best + 1e-9)
-        info["later_half_bce"] = scores
-    a, b = (1.0, 0.0) if form == "identity" else fit_platt(z, y, shift=form == "platt")
-    return {"form": form, "a": a, "b": b, **info}
 
 
 def calibrate(
@@ -477,48 +428,34 @@ def calibrate(
     device: torch.device,
     min_positives: int = MIN_CALIBRATION_POSITIVES,
 ) -> dict:
-    """Calibrate the purchase logit on the observable purchase points of ``pts`` (validation), in ``net``.
+    """Fit Platt scaling on the observable purchase points of ``pts`` (validation) and store it in ``net``.
 
     The logits are collected with full context, as :func:`validation_metrics` does, after resetting the
-    network's calibration to the identity; :func:`choose_calibration` picks the form (none, scale, Platt)
-    that holds forward in time. Nothing is fitted (identity kept) when there are fewer than
+    network's calibration to the identity. The fit is skipped (identity kept) when there are fewer than
     ``min_positives`` positives, only one class, or the fitted scale is not positive (it would invert the
-    model's ranking). Returns what was done: ``applied``, ``form``, ``reason`` when skipped, ``a``, ``b``,
-    point counts and the validation BCE before and after.
+    model's ranking). Returns what was done: ``applied``, ``reason`` when skipped, ``a``, ``b``, point
+    counts and the validation BCE before and after.
     """
     net.purchase_scale.fill_(1.0)
     net.purchase_shift.fill_(0.0)
-    zs, ys, ts = [], [], []
+    zs, ys = [], []
     for b in _full_context_batches(net, feats, log, pts, device):
-        obs = b.obs.cpu().numpy()
         zs.append(b.out["purchase_logit"][b.obs].double().cpu().numpy())
         ys.append(b.buy[b.obs].double().cpu().numpy())
-        ts.append(log.ts[b.rows][obs])
     z = np.concatenate(zs) if zs else np.zeros(0)
     y = np.concatenate(ys) if ys else np.zeros(0)
-    t = np.concatenate(ts) if ts else np.zeros(0)
     n_pos = int(y.sum())
-    info: dict = {
-        "applied": False,
-        "form": "identity",
-        "a": 1.0,
-        "b": 0.0,
-        "n_points": int(len(y)),
-        "n_positive": n_pos,
-    }
+    info: dict = {"applied": False, "a": 1.0, "b": 0.0, "n_points": int(len(y)), "n_positive": n_pos}
     if n_pos == 0 or n_pos == len(y):
         info["reason"] = "validation purchase labels have a single class"
     elif n_pos < min_positives:
         info["reason"] = f"only {n_pos} positive validation points (< {min_positives})"
     else:
-        chosen = choose_calibration(z, y, t, min_positives)
-        a, b = chosen["a"], chosen["b"]
+        a, b = fit_platt(z, y)
         if not a > 0:  # also catches NaN
             info["reason"] = f"fitted scale {a:.4g} is not positive"
-        elif chosen["form"] == "identity":
-            info.update(chosen, reason="no calibration form beat the raw logit on the later validation half")
         else:
-            info.update(chosen, applied=True, bce_before=_mean_bce(z, y), bce_after=_mean_bce(z, y, a, b))
+            info.update(applied=True, a=a, b=b, bce_before=_mean_bce(z, y), bce_after=_mean_bce(z, y, a, b))
             net.purchase_scale.fill_(a)
             net.purchase_shift.fill_(b)
     if not info["applied"]:
