@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from demandstream.model.core.events import EVENT_TYPES
-from demandstream.model.core.features import N_GAP_BUCKETS, N_PRICE_BUCKETS
+from demandstream.model.core.features import N_GAP_BUCKETS, N_PRICE_BUCKETS, PURCHASE_HORIZON_S
 
 #: Events after which the purchase head's history-length input reaches 1/2 (it saturates toward 1):
 #: about one shopping session, the scale at which a personal purchase rate starts to mean something.
@@ -336,7 +336,7 @@ class DemandLSTM(nn.Module):
                 torch.log1p(adds),
                 (adds > 0).float(),
                 torch.log1p(add_secs) / _LOG_DAY,
-                (add_secs < 1800.0).float(),
+                (add_secs < PURCHASE_HORIZON_S).float(),
                 in_cart_now,
             ],
             dim=-1,

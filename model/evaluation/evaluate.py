@@ -454,7 +454,7 @@ def run_evaluation(
     plots: str | Path | None = None,
     train_end: str | float | None = None,
     valid_end: str | float | None = None,
-    horizon_s: float = PURCHASE_HORIZON_S,
+    horizon_s: float | None = None,
     device: str = "cpu",
     gap_s: float | None = DEFAULT_GAP_S,
 ) -> dict:
@@ -462,6 +462,7 @@ def run_evaluation(
 
     Without explicit bounds the split is the one stored in the checkpoint's training metrics when
     there is one (so evaluation tests exactly what training held out), else 80/10/10 of the data.
+    Without ``horizon_s`` the purchase horizon is the one the model was trained for (else the default).
     """
     from demandstream.model.data.loaders import load_log
 
@@ -472,6 +473,9 @@ def run_evaluation(
         split = Split(float(stored["train_end"]), float(stored["valid_end"]), float(log.ts.max()))
     else:
         split = temporal_split(log, train_end, valid_end)
+    if horizon_s is None:
+        trained = (ck.metrics.get("train_config") or {}) if isinstance(ck.metrics, dict) else {}
+        horizon_s = float(trained.get("horizon_s", PURCHASE_HORIZON_S))
     with torch.inference_mode():
         rep = evaluate(ck, log, split, horizon_s=horizon_s, plots_dir=plots, device=device, gap_s=gap_s)
     # calibration: whether the model's propensities were Platt-scaled, and why not (demandstream.model.training.train.calibrate)

@@ -37,7 +37,7 @@ from torch import nn
 
 from demandstream.model.core import checkpoint
 from demandstream.model.core.encoding import FeatureBuffer, category_hashes, category_index, encode_log
-from demandstream.model.core.features import Vocabulary
+from demandstream.model.core.features import PURCHASE_HORIZON_S, Vocabulary
 from demandstream.model.core.network import DemandLSTM, ModelConfig, init_like_cascade, markov_tables
 from demandstream.model.core.scoring import resolve_device
 from demandstream.model.data.eventlog import EventLog
@@ -80,7 +80,7 @@ class TrainConfig:
     seed: int = 0
     threads: int | None = None  #: torch CPU threads; None = all cores
     max_categories: int = 50_000  #: vocabulary cap; categories beyond it are still repeated via history slots
-    horizon_s: float = 1800.0  #: purchase horizon
+    horizon_s: float = PURCHASE_HORIZON_S  #: purchase horizon (the stream's signals use the same)
     device: str = "auto"
     calibrate: bool = True  #: Platt-scale the purchase logit on validation points after training
     cascade_init: bool = True  #: start the feature weights where the ranking equals the rule cascade

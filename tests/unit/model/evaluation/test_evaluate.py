@@ -92,8 +92,9 @@ def test_report_has_every_key_for_model_and_baselines(trained):
 def test_run_evaluation_writes_the_report_and_reuses_the_training_split(tmp_path):
     data = tmp_path / "d.jsonl"
     write_jsonl(generate(40, 1200, seed=2), data)
-    run_training(str(data), "jsonl", tmp_path / "m.pt", **TINY_RUN)
+    run_training(str(data), "jsonl", tmp_path / "m.pt", horizon_s=900.0, **TINY_RUN)
     rep = run_evaluation(tmp_path / "m.pt", str(data), "jsonl", tmp_path / "out" / "report.json")
+    assert rep["horizon_s"] == 900.0  # the purchase horizon the model was trained for, not the default
     on_disk = json.loads((tmp_path / "out" / "report.json").read_text())
     assert on_disk["n_test_points"] == rep["n_test_points"] > 0
     assert on_disk["model"].keys() == rep["model"].keys()
