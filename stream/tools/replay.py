@@ -7,7 +7,6 @@ converted to our schema first.
 
 from __future__ import annotations
 
-import gzip
 import logging
 import time
 from collections.abc import Iterator, Sequence
@@ -18,6 +17,7 @@ import orjson
 from kafka import KafkaProducer
 
 from demandstream.model.core.events import event_to_json
+from demandstream.model.data.loaders import open_binary
 from demandstream.stream.admin import UNREACHABLE, KafkaUnavailable, ensure_topics, unreachable_message
 from demandstream.stream.settings import Settings
 
@@ -34,11 +34,6 @@ class ReplayStats:
         return self.sent / self.seconds if self.seconds > 0 else 0.0
 
 
-def _open_text(path: Path):
-    path = Path(path)
-    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
-
-
 def user_key(line: bytes) -> bytes | None:
     """The user_id of a JSON line as the record key, or None when the line has none."""
     try:
@@ -53,7 +48,7 @@ def records(paths: Sequence[Path], fmt: str) -> Iterator[tuple[bytes | None, byt
     """(key, value) pairs to send, in file order."""
     if fmt == "jsonl":
         for p in paths:
-            with _open_text(p) as fh:
+            with open_binary(p) as fh:  # gzip told by content, as training reads it
                 for line in fh:
                     line = line.rstrip(b"\r\n")
                     if line:
