@@ -8,7 +8,7 @@ stores rows column by column. Streaming and offline encoding therefore cannot di
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
@@ -254,3 +254,38 @@ def category_hashes(log: EventLog) -> np.ndarray:
     """:func:`~demandstream.model.core.features.category_hash` of every row's raw category (0 = none)."""
     h = np.array([category_hash(c) for c in log.categories] + [0], dtype=np.int64)
     return h[log.category]
+
+
+def padded_user_batches(
+    user_start: np.ndarray, want: np.ndarray, max_cells: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Whole user sequences in padded batches, for running a log through the network offline.
+
+    Users holding at least one ``want`` row are taken longest first, as many per batch as fit in
+    ``max_cells`` (users x steps) cells, so padding stays small. Yields ``(idx, real)``: ``idx[b, t]`` is
+    the log row of step ``t`` of the batch's user ``b``, padded after the user's end with its own last
+    row (an LSTM is causal, so padding after the end never changes earlier outputs); ``real`` marks the
+    cells that are the user's rows.
+
+    >>> starts = np.array([0, 3, 4, 4])  # users of 3, 1 and 0 rows
+    >>> [(i.tolist(), r.tolist()) for i, r in padded_user_batches(starts, np.ones(4, bool), 6)]
+    [([[0, 1, 2], [3, 3, 3]], [[True, True, True], [True, False, False]])]
+    """
+    starts, ends = user_start[:-1], user_start[1:]
+    lengths = ends - starts
+    users = [
+        u for u in np.argsort(-lengths, kind="stable") if lengths[u] > 0 and want[starts[u] : ends[u]].any()
+    ]
+    i = 0
+    while i < len(users):
+        t_max = int(lengths[users[i]])
+        batch = users[i : i + max(1, max_cells // t_max)]
+        i += len(batch)
+        idx = np.empty((len(batch), t_max), np.int64)
+        real = np.zeros((len(batch), t_max), bool)
+        for k, u in enumerate(batch):
+            s, e = int(starts[u]), int(ends[u])
+            idx[k, : e - s] = np.arange(s, e)
+            idx[k, e - s :] = e - 1
+            real[k, : e - s] = True
+        yield idx, real

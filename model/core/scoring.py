@@ -32,7 +32,13 @@ import numpy as np
 import torch
 
 from demandstream.model.core.checkpoint import Checkpoint
-from demandstream.model.core.encoding import FeatureBuffer, encode_event, encode_events, encode_log
+from demandstream.model.core.encoding import (
+    FeatureBuffer,
+    encode_event,
+    encode_events,
+    encode_log,
+    padded_user_batches,
+)
 from demandstream.model.core.events import Event
 from demandstream.model.core.features import category_hash
 from demandstream.model.core.network import DemandLSTM
@@ -225,32 +231,10 @@ class Scorer:
         """
         feats = features if features is not None else encode_log(log, self.cfg, self.vocab)
         want = np.ones(len(log), bool) if rows is None else rows
-        starts, ends = log.user_start[:-1], log.user_start[1:]
-        lengths = ends - starts
-        users = [
-            u
-            for u in np.argsort(-lengths, kind="stable")
-            if lengths[u] > 0 and want[starts[u] : ends[u]].any()
-        ]
-        i = 0
-        while i < len(users):
-            t_max = int(lengths[users[i]])
-            b = max(1, OFFLINE_BATCH_CELLS // t_max)
-            batch = users[i : i + b]
-            i += b
-            # Pad each user's row indices with its own last row: an LSTM is causal, so padding after
-            # the end never changes earlier outputs.
-            idx = np.empty((len(batch), t_max), np.int64)
-            for k, u in enumerate(batch):
-                s, e = int(starts[u]), int(ends[u])
-                idx[k, : e - s] = np.arange(s, e)
-                idx[k, e - s :] = e - 1
+        for idx, real in padded_user_batches(log.user_start, want, OFFLINE_BATCH_CELLS):
             f = feats.tensors(idx, self.device)
             out, _ = self.net(f)
-            valid = np.zeros_like(idx, dtype=bool)
-            for k, u in enumerate(batch):
-                n_u = int(lengths[u])
-                valid[k, :n_u] = want[idx[k, :n_u]]
+            valid = real & want[idx]
             vt = torch.from_numpy(valid).to(self.device)
             sel = {k: v[vt] for k, v in out.items()}
             fv = {k: v[vt] for k, v in f.items()}

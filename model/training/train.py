@@ -36,7 +36,13 @@ import torch
 from torch import nn
 
 from demandstream.model.core import checkpoint
-from demandstream.model.core.encoding import FeatureBuffer, category_hashes, category_index, encode_log
+from demandstream.model.core.encoding import (
+    FeatureBuffer,
+    category_hashes,
+    category_index,
+    encode_log,
+    padded_user_batches,
+)
 from demandstream.model.core.features import PURCHASE_HORIZON_S, Vocabulary
 from demandstream.model.core.network import DemandLSTM, ModelConfig, init_like_cascade, markov_tables
 from demandstream.model.core.scoring import resolve_device
@@ -225,21 +231,7 @@ def _full_context_batches(
     first event (eval mode, no grad)."""
     net.eval()
     want = (pts.cat >= 0) | pts.observable
-    starts, ends = log.user_start[:-1], log.user_start[1:]
-    lengths = ends - starts
-    users = [u for u in np.argsort(-lengths, kind="stable") if lengths[u] and want[starts[u] : ends[u]].any()]
-    i = 0
-    while i < len(users):
-        t_max = int(lengths[users[i]])
-        batch = users[i : i + max(1, VALID_BATCH_CELLS // t_max)]
-        i += len(batch)
-        idx = np.empty((len(batch), t_max), np.int64)
-        valid = np.zeros((len(batch), t_max), bool)
-        for k, u in enumerate(batch):
-            s, e = int(starts[u]), int(ends[u])
-            idx[k, : e - s] = np.arange(s, e)
-            idx[k, e - s :] = e - 1
-            valid[k, : e - s] = True
+    for idx, valid in padded_user_batches(log.user_start, want, VALID_BATCH_CELLS):
         f = feats.tensors(idx, device)
         if own is not None:
             own.attach(f, idx, device)
