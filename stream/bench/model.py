@@ -30,7 +30,7 @@ from demandstream.model.core.events import Event
 from demandstream.model.core.features import Vocabulary
 from demandstream.model.core.network import DemandLSTM, ModelConfig
 from demandstream.model.core.scoring import Scorer
-from demandstream.model.core.state import SLOT_BYTES, pack
+from demandstream.model.core.state import HEADER_BYTES, pack
 from demandstream.model.data.eventlog import EventLog
 
 logger = logging.getLogger(__name__)
@@ -224,18 +224,15 @@ def rocksdb_bytes_per_user(ckpt: Checkpoint, n_users: int, directory: str | Path
 def filled_record(ckpt: Checkpoint) -> tuple[bytes, int, int]:
     """A packed state after one step, plus the offset and length of its h and c bytes.
 
-    The h/c block sits after the header and before the history slots and top-k (model/core/state.py
-    layout), so its offset is derived from the tail sizes rather than from the private header struct.
+    The h/c block follows the header (docs/ARCHITECTURE.md §State): offset ``HEADER_BYTES``, length
+    ``8 * h.size`` (float32 h and c).
     """
     scorer = Scorer(ckpt, "cpu", max_batch=1)
     s = scorer.new_state()
     e = Event("e1", "u1", 1.7e9, "view", "i1", ckpt.vocab.names[-1], 10.0)
     scorer.step([e], [s])
     s.partition, s.offset = 0, 123_456
-    record = pack(s)
-    hc_len = 2 * s.h.size * 4  # float32 h and c
-    tail = SLOT_BYTES * len(s.hist_cats) + 8 * len(s.last_top)  # history slots; int32 code + f32 p per top
-    return record, len(record) - tail - hc_len, hc_len
+    return pack(s), HEADER_BYTES, 8 * s.h.size
 
 
 def train_events_per_s(events: Sequence[Event], epochs: int = 1) -> dict:
