@@ -29,7 +29,7 @@ import orjson
 from demandstream.model.core.events import BadEvent, Event, parse_event
 from demandstream.model.core.scoring import Scorer
 from demandstream.model.core.state import StateFormatError, UserState, pack, unpack
-from demandstream.stream.engine.records import encode_dead_letter, encode_signal
+from demandstream.stream.engine.records import encode_dead_letter, encode_signal, state_key
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,8 @@ class BatchResult:
     signals: list[Output] = field(default_factory=list)
     dead_letters: list[Output] = field(default_factory=list)
     reasons: Counter = field(default_factory=Counter)
-    #: user key -> (partition, packed state or None to delete), for every user whose state changed
+    #: table key (:func:`~demandstream.stream.engine.records.state_key`) -> (partition, packed state or
+    #: None to delete), for every user whose state changed
     states: dict[bytes, tuple[int, bytes | None]] = field(default_factory=dict)
     #: produce time (Kafka record timestamp, else event ts) of each signal, for the latency histogram
     signal_ts: list[float] = field(default_factory=list)
@@ -125,13 +126,13 @@ class InferenceEngine:
     def process(self, records: Iterable[SourceRecord], read_states: StateReader) -> BatchResult:
         now = self.clock()
         res = BatchResult()
-        # A None event is an erasure request at that position in the user's sequence.
-        by_user: dict[bytes, list[tuple[Event | None, SourceRecord]]] = {}
+        # Per user id (or pseudonym); a None event is an erasure request at that position in its sequence.
+        by_user: dict[str, list[tuple[Event | None, SourceRecord]]] = {}
         for rec in records:
             if rec.value is not None and rec.value.startswith(CONTROL_PREFIX):
                 uid = self._control_user(rec)
                 if uid is not None:
-                    by_user.setdefault(uid.encode("utf-8"), []).append((None, rec))
+                    by_user.setdefault(uid, []).append((None, rec))
                     res.erasures += 1
                     continue
             try:
@@ -156,30 +157,32 @@ class InferenceEngine:
                 continue
             res.valid += 1
             uid = self.pseudonymizer.user(event.user_id) if self.pseudonymizer else event.user_id
-            by_user.setdefault(uid.encode("utf-8"), []).append((event, rec))
+            by_user.setdefault(uid, []).append((event, rec))
         if not by_user:
             return res
 
-        stored = read_states([(k, evs[0][1].partition) for k, evs in by_user.items()])
-        states: dict[bytes, UserState] = {}
-        pending: dict[bytes, list[tuple[Event, SourceRecord]]] = {}
-        for key, evs in by_user.items():
-            state = self._load(stored.get(key))
+        # Users' states are stored under their own namespace of keys, never under one of Faust's.
+        keys = {uid: state_key(uid) for uid in by_user}
+        stored = read_states([(keys[uid], evs[0][1].partition) for uid, evs in by_user.items()])
+        states: dict[str, UserState] = {}
+        pending: dict[str, list[tuple[Event, SourceRecord]]] = {}
+        for uid, evs in by_user.items():
+            state = self._load(stored.get(keys[uid]))
             if state is None:
                 state = self.scorer.new_state()
                 res.new_users += 1
             todo = [(e, r) for e, r in evs if e is None or not _already_applied(state, r)]
             res.duplicates += len(evs) - len(todo)
             if todo:
-                states[key] = state
-                pending[key] = todo
+                states[uid] = state
+                pending[uid] = todo
 
         version = self.scorer.model_version
-        forgotten: set[bytes] = set()
+        forgotten: set[str] = set()
         rnd = 0
         while pending:
             # One model call for every user's events up to its next erasure request (usually all).
-            keys, seqs, recs = [], [], []
+            users, seqs, recs = [], [], []
             for k, lst in list(pending.items()):
                 i = 0
                 while i < len(lst) and lst[i][0] is None:  # erasure: drop everything applied so far
@@ -190,37 +193,39 @@ class InferenceEngine:
                 while j < len(lst) and lst[j][0] is not None:
                     j += 1
                 if j > i:
-                    keys.append(k)
+                    users.append(k)
                     seqs.append([e for e, _r in lst[i:j]])
                     recs.append([r for _e, r in lst[i:j]])
                 if j < len(lst):
                     pending[k] = lst[j:]
                 else:
                     del pending[k]
-            if not keys:
+            if not users:
                 continue
             t0 = time.perf_counter()
-            preds = self.scorer.step_many(seqs, [states[k] for k in keys])
+            preds = self.scorer.step_many(seqs, [states[k] for k in users])
             res.inference_s.append(time.perf_counter() - t0)
             rnd += 1
             emitted = self.clock()
-            for k, evs, rs, ps in zip(keys, seqs, recs, preds, strict=True):
-                s = states[k]
+            for uid, evs, rs, ps in zip(users, seqs, recs, preds, strict=True):
+                s = states[uid]
                 s.partition, s.offset = rs[-1].partition, rs[-1].offset
-                uid = k.decode("utf-8")
+                out_key = uid.encode("utf-8")
                 for e, rec, p in zip(evs, rs, ps, strict=True):
                     res.signals.append(
-                        Output(k, encode_signal(uid, e.event_id, e.ts, version, p, emitted), rec.partition)
+                        Output(
+                            out_key, encode_signal(uid, e.event_id, e.ts, version, p, emitted), rec.partition
+                        )
                     )
                     # Latency is measured from the record's Kafka timestamp (when the shop produced
                     # it), not the event's own ts, so replays of old logs do not read as days late.
                     res.signal_ts.append(rec.timestamp or e.ts)
         res.rounds = rnd
-        for k, s in states.items():
-            if k in forgotten and s.events_seen == 0:
-                res.states[k] = (by_user[k][0][1].partition, None)  # tombstone in the changelog
+        for uid, s in states.items():
+            if uid in forgotten and s.events_seen == 0:
+                res.states[keys[uid]] = (by_user[uid][0][1].partition, None)  # tombstone in the changelog
             else:
-                res.states[k] = (s.partition, pack(s, version))
+                res.states[keys[uid]] = (s.partition, pack(s, version))
         return res
 
     def _control_user(self, rec: SourceRecord) -> str | None:

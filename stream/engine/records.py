@@ -1,5 +1,5 @@
-"""What the worker writes: demand signals (docs/ARCHITECTURE.md §Signals) and dead letters (§Dead letters), as
-JSON bytes.
+"""What the worker writes: demand signals (docs/ARCHITECTURE.md §Signals), dead letters (§Dead letters) and
+the keys of user states (§State keys), as bytes.
 
 >>> from demandstream.model.core.scoring import Prediction
 >>> raw = encode_signal("u1", "e9", 1700000000.5, "0a1b2c3d", Prediction([("shoes", 0.5)], 0.25, 3), 1700000000.6)
@@ -21,6 +21,28 @@ from demandstream.model.core.scoring import Prediction
 #: A dead letter keeps at most this much of the original payload (docs/ARCHITECTURE.md §Dead letters), so a
 #: 1 MiB blob cannot turn the DLQ topic into a copy of the attack.
 DLQ_RAW_MAX = 4096
+#: Table (and changelog) keys live in their own namespace (docs/ARCHITECTURE.md §State keys): Faust's
+#: RocksDB store keeps its own bookkeeping, the changelog offset under ``b"__faust\\0offset__"``, in the
+#: same key space as the table's keys, and a valid user id may be any string, that one included.
+STATE_KEY_PREFIX = b"u:"
+
+
+def state_key(user: str) -> bytes:
+    """The table and changelog key of a user id (or its pseudonym): never one of Faust's own keys.
+
+    >>> state_key("u42"), state_key("__faust\\x00offset__")
+    (b'u:u42', b'u:__faust\\x00offset__')
+    >>> user_of_state_key(state_key("__faust\\x00offset__")) == "__faust\\x00offset__"
+    True
+    """
+    return STATE_KEY_PREFIX + user.encode("utf-8")
+
+
+def user_of_state_key(key: bytes) -> str | None:
+    """The user id (or pseudonym) of a table key, None for a key outside the namespace (not a user's)."""
+    if not key.startswith(STATE_KEY_PREFIX):
+        return None
+    return key[len(STATE_KEY_PREFIX) :].decode("utf-8", "replace")
 
 
 def encode_signal(

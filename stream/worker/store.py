@@ -5,8 +5,10 @@ stream; a micro-batch spans several partitions, and Faust's RocksDB store would 
 under the last event's partition (``faust/stores/rocksdb.py`` ``_set``). So this module addresses the
 store and the changelog explicitly by the source partition of each user, using Faust's own store
 objects (RocksDB by default, memory selectable) and ``Table.send_changelog``; recovery, standbys and
-rebalancing stay Faust's. Keys and values are raw bytes: the key is the (pseudonymized) user id, the
-value is :func:`demandstream.model.core.state.pack`'s record.
+rebalancing stay Faust's. Keys and values are raw bytes: the key is
+:func:`demandstream.stream.engine.records.state_key` of the (pseudonymized) user id, in a namespace of its
+own because Faust's RocksDB store keeps its changelog offset in the same key space; the value is
+:func:`demandstream.model.core.state.pack`'s record.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ from faust.web import Request, Response, View
 
 from demandstream.model.core.scoring import Scorer
 from demandstream.model.core.state import StateFormatError, UserState, unpack
+from demandstream.stream.engine.records import state_key
 from demandstream.stream.worker.agents import Pipeline
 from demandstream.stream.worker.app import Components
 
@@ -39,8 +40,8 @@ def attach_views(c: Components, pipeline: Pipeline) -> None:
     @app.page("/users/{user_id}/demand")
     @app.table_route(table=c.table, match_info="user_id")
     async def demand(self: View, request: Request, user_id: str) -> Response:
-        key = engine.pseudonymizer.user(user_id) if engine.pseudonymizer else user_id
-        raw = pipeline.store.get(key.encode("utf-8"))
+        uid = engine.pseudonymizer.user(user_id) if engine.pseudonymizer else user_id
+        raw = pipeline.store.get(state_key(uid))
         if raw is None:
             return self.json({"error": "unknown user", "user_id": user_id}, status=404)
         try:

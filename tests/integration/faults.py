@@ -38,6 +38,7 @@ from demandstream.model.core.events import REASONS, Event
 from demandstream.model.core.scoring import Scorer
 from demandstream.model.core.state import SUMMARY_FIELDS, UserState, unpack
 from demandstream.model.data.synth import generate
+from demandstream.stream.engine.records import user_of_state_key
 from demandstream.stream.settings import Settings
 from demandstream.stream.tools.replay import replay
 
@@ -211,7 +212,7 @@ class TopicReader:
 
 def latest_states(records: Iterable) -> dict[str, bytes | None]:
     """Compacted view of a changelog: the last value per user (None = tombstone)."""
-    return {r.key.decode("utf-8"): r.value for r in records}
+    return {user_of_state_key(r.key): r.value for r in records}
 
 
 # -- checking -----------------------------------------------------------------------------------

@@ -13,9 +13,11 @@ from demandstream.model.core.network import DemandLSTM, ModelConfig
 from demandstream.model.core.scoring import Scorer
 from demandstream.model.core.state import SUMMARY_FIELDS, unpack
 from demandstream.stream.engine.inference import InferenceEngine, SourceRecord
+from demandstream.stream.engine.records import state_key
 from demandstream.stream.tools.forget import forget_record
 
 CATS = ["<unk>", "shoes", "bags", "hats"]
+U1 = state_key("u1")
 
 
 @pytest.fixture
@@ -89,7 +91,7 @@ def test_redelivered_records_are_skipped(scorer):
     again = run(InferenceEngine(scorer), store, records[2:] + [rec(ev(5, "u1"), 5)])
     assert first.valid == 5 and len(first.signals) == 5
     assert again.duplicates == 3 and len(again.signals) == 1
-    s = unpack(store.data[b"u1"])
+    s = unpack(store.data[U1])
     assert (s.events_seen, s.offset) == (6, 5)
     assert snapshot != store.data
 
@@ -116,7 +118,7 @@ def test_forget_deletes_state_in_order(scorer):
     run(InferenceEngine(scorer), store, [rec(ev(i, "u1"), i) for i in range(3)])
     forget = SourceRecord(b"u1", forget_record("u1"), 0, 3)
     res = run(InferenceEngine(scorer), store, [forget])
-    assert res.erasures == 1 and res.states[b"u1"][1] is None and store.data[b"u1"] is None
+    assert res.erasures == 1 and res.states[U1][1] is None and store.data[U1] is None
     # an event after the erasure in the same batch starts a fresh state
     run(InferenceEngine(scorer), store, [rec(ev(9, "u1"), 9)])
     res = run(
@@ -124,7 +126,7 @@ def test_forget_deletes_state_in_order(scorer):
         store,
         [rec(ev(10, "u1"), 10), SourceRecord(b"u1", forget_record("u1"), 0, 11), rec(ev(12, "u1"), 12)],
     )
-    assert unpack(store.data[b"u1"]).events_seen == 1
+    assert unpack(store.data[U1]).events_seen == 1
     assert len(res.signals) == 2
 
 
@@ -135,7 +137,7 @@ def test_state_of_another_model_version_is_not_reused(scorer):
     engine = InferenceEngine(other)
     run(engine, store, [rec(ev(3, "u1"), 3)])
     assert engine.version_resets == 1
-    s = unpack(store.data[b"u1"])
+    s = unpack(store.data[U1])
     assert (s.events_seen, s.model_version) == (1, "ffffffff")
 
 
@@ -167,5 +169,5 @@ def test_ttl_expiry_deletes_inactive_states(scorer):
     res = engine.process([rec(old, 1, partition=2), rec(new, 2, partition=3)], store.read)
     store.write(res.states)
     assert store.expire(before_ts=1.73e9 + 5_000) == 1
-    assert set(store._store.data) == {b"new"}
-    assert sent[-1] == (2, b"old", None)
+    assert set(store._store.data) == {state_key("new")}
+    assert sent[-1] == (2, state_key("old"), None)
