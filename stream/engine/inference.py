@@ -29,7 +29,13 @@ import orjson
 from demandstream.model.core.events import BadEvent, Event, parse_event
 from demandstream.model.core.scoring import Scorer
 from demandstream.model.core.state import StateFormatError, UserState, pack, unpack
-from demandstream.stream.engine.records import encode_dead_letter, encode_signal, state_key
+from demandstream.stream.engine.records import (
+    RECORD_MAX,
+    dead_letter_key,
+    encode_dead_letter,
+    encode_signal,
+    state_key,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -138,22 +144,7 @@ class InferenceEngine:
             try:
                 event = self.validate(rec, now)
             except BadEvent as bad:
-                res.reasons[bad.reason] += 1
-                res.dead_letters.append(
-                    Output(
-                        rec.key,
-                        encode_dead_letter(
-                            bad.reason,
-                            bad.detail,
-                            rec.value,
-                            self.input_topic,
-                            rec.partition,
-                            rec.offset,
-                            now,
-                        ),
-                        rec.partition,
-                    )
-                )
+                self._dead_letter(res, rec, bad.reason, bad.detail, now)
                 continue
             res.valid += 1
             uid = self.pseudonymizer.user(event.user_id) if self.pseudonymizer else event.user_id
@@ -212,11 +203,12 @@ class InferenceEngine:
                 s.partition, s.offset = rs[-1].partition, rs[-1].offset
                 out_key = uid.encode("utf-8")
                 for e, rec, p in zip(evs, rs, ps, strict=True):
-                    res.signals.append(
-                        Output(
-                            out_key, encode_signal(uid, e.event_id, e.ts, version, p, emitted), rec.partition
-                        )
-                    )
+                    value = encode_signal(uid, e.event_id, e.ts, version, p, emitted)
+                    if len(out_key) + len(value) > RECORD_MAX:  # only with a very large top-k
+                        detail = f"its signal would take {len(out_key) + len(value)} bytes > {RECORD_MAX}"
+                        self._dead_letter(res, rec, "too_large", detail, now)
+                        continue
+                    res.signals.append(Output(out_key, value, rec.partition))
                     # Latency is measured from the record's Kafka timestamp (when the shop produced
                     # it), not the event's own ts, so replays of old logs do not read as days late.
                     res.signal_ts.append(rec.timestamp or e.ts)
@@ -227,6 +219,14 @@ class InferenceEngine:
             else:
                 res.states[keys[uid]] = (s.partition, pack(s, version))
         return res
+
+    def _dead_letter(self, res: BatchResult, rec: SourceRecord, reason: str, detail: str, now: float) -> None:
+        """Add the dead letter of ``rec``: it fits the DLQ topic whatever the record held (records.py)."""
+        res.reasons[reason] += 1
+        value = encode_dead_letter(
+            reason, detail, rec.key, rec.value, self.input_topic, rec.partition, rec.offset, now
+        )
+        res.dead_letters.append(Output(dead_letter_key(rec.key), value, rec.partition))
 
     def _control_user(self, rec: SourceRecord) -> str | None:
         """The user of an erasure request (``demandstream forget``), or None if it is not one."""

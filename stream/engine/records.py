@@ -5,22 +5,46 @@ the keys of user states (§State keys), as bytes.
 >>> raw = encode_signal("u1", "e9", 1700000000.5, "0a1b2c3d", Prediction([("shoes", 0.5)], 0.25, 3), 1700000000.6)
 >>> orjson.loads(raw)["top_categories"]
 [{'category': 'shoes', 'p': 0.5}]
->>> d = orjson.loads(encode_dead_letter("not_json", "bad", b"{oops", "clickstream", 2, 41, 1.0))
->>> d["reason"], d["raw"], d["partition"], d["offset"]
-('not_json', '{oops', 2, 41)
+>>> d = orjson.loads(encode_dead_letter("not_json", "bad", b"u1", b"{oops", "clickstream", 2, 41, 1.0))
+>>> d["reason"], d["raw"], d["partition"], d["offset"], d["key_truncated"]
+('not_json', '{oops', 2, 41, False)
+
+Every record the worker writes to an output topic has at most :data:`RECORD_MAX` bytes whatever its
+input was: a dead letter by construction (its key, raw payload and detail are cut to an encoded size),
+a signal because its ids are validated and its category names bounded (the engine dead-letters the
+event of a signal that would still not fit, see :class:`~demandstream.stream.engine.inference.InferenceEngine`).
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 
 import orjson
 
+from demandstream.model.core.events import MAX_ID_CHARS
+from demandstream.model.core.features import category_hash
 from demandstream.model.core.scoring import Prediction
 
-#: A dead letter keeps at most this much of the original payload (docs/ARCHITECTURE.md §Dead letters), so a
-#: 1 MiB blob cannot turn the DLQ topic into a copy of the attack.
+#: Largest record (key + value) the worker writes to the signal and dead-letter topics. A sixteenth of
+#: what Kafka accepts by default (the broker's max.message.bytes, 1 MiB; the producer's
+#: max_request_size, 1,000,000 in Faust), so batch and header overhead never matter.
+RECORD_MAX = 64 * 1024
+#: A dead letter keeps at most this much of the original payload, counted as written in the dead letter's
+#: JSON (escapes and base64 included), so a 1 MiB blob cannot turn the DLQ topic into a copy of the attack
+#: (docs/ARCHITECTURE.md §Dead letters).
 DLQ_RAW_MAX = 4096
+#: ... and of the reason's detail, encoded.
+DLQ_DETAIL_MAX = 512
+#: Longest dead-letter key: a longer source key is cut to this many bytes (the dead letter carries the
+#: whole key's SHA-256). Every valid key fits: a user id is at most MAX_ID_CHARS characters of at most 4
+#: UTF-8 bytes.
+DLQ_KEY_MAX = 4 * MAX_ID_CHARS
+#: A category name whose JSON takes more bytes than this is written in a signal as ``#`` and its hash in
+#: hex, the name the worker gives a category whose name it does not know
+#: (:meth:`~demandstream.model.core.scoring.Scorer.category_name`). Category names are not length-checked
+#: on input (only the 16 KiB event is), and a signal names top-k of them.
+CATEGORY_NAME_MAX = 256
 #: Table (and changelog) keys live in their own namespace (docs/ARCHITECTURE.md §State keys): Faust's
 #: RocksDB store keeps its own bookkeeping, the changelog offset under ``b"__faust\\0offset__"``, in the
 #: same key space as the table's keys, and a valid user id may be any string, that one included.
@@ -56,33 +80,89 @@ def encode_signal(
             "emitted_at": emitted_at,
             "model_version": model_version,
             "events_seen": pred.events_seen,
-            "top_categories": [{"category": c, "p": p} for c, p in pred.top_categories],
+            "top_categories": [{"category": _category(c), "p": p} for c, p in pred.top_categories],
             "purchase_propensity": pred.purchase_propensity,
         }
     )
 
 
+def _category(name: str) -> str:
+    """``name``, or ``#`` and its hash in hex when its JSON would take more than CATEGORY_NAME_MAX bytes.
+
+    >>> _category("shoes"), _category("x" * 300) == f"#{category_hash('x' * 300):08x}"
+    ('shoes', True)
+    """
+    if len(name) * 6 <= CATEGORY_NAME_MAX or _json_len(name) <= CATEGORY_NAME_MAX:  # 6: longest escape
+        return name
+    return f"#{category_hash(name):08x}"
+
+
+def dead_letter_key(key: bytes | None) -> bytes | None:
+    """The key of a record's dead letter: the record's own key, cut to DLQ_KEY_MAX bytes."""
+    return key if key is None or len(key) <= DLQ_KEY_MAX else key[:DLQ_KEY_MAX]
+
+
 def encode_dead_letter(
-    reason: str, detail: str, raw: bytes | None, topic: str, partition: int, offset: int, received_at: float
+    reason: str,
+    detail: str,
+    key: bytes | None,
+    raw: bytes | None,
+    topic: str,
+    partition: int,
+    offset: int,
+    received_at: float,
 ) -> bytes:
-    """The raw payload is kept as text when it is valid UTF-8, else base64 (flagged by ``raw_encoding``)."""
-    chunk = (raw or b"")[:DLQ_RAW_MAX]
-    text, encoding = _as_text(chunk), "utf-8"
-    if text is None:
-        text, encoding = base64.b64encode(chunk).decode("ascii"), "base64"
+    """The dead letter of a record with ``key`` and payload ``raw``: about 5 KiB at most, whatever they were.
+
+    The raw payload is kept as text when it is valid UTF-8, else base64 (flagged by ``raw_encoding``);
+    either way its first bytes, as many as take at most DLQ_RAW_MAX bytes in the JSON written.
+    """
+    payload = raw or b""
+    text = _as_text(payload[:DLQ_RAW_MAX])  # JSON never writes a UTF-8 byte in less than a byte
+    if text is not None:
+        text, encoding = _json_prefix(text, DLQ_RAW_MAX), "utf-8"
+        kept = len(text.encode("utf-8"))
+    else:
+        kept = min(len(payload), DLQ_RAW_MAX // 4 * 3)  # base64 writes 4 characters per 3 bytes
+        text, encoding = base64.b64encode(payload[:kept]).decode("ascii"), "base64"
     return orjson.dumps(
         {
             "reason": reason,
-            "detail": detail[:512],
+            "detail": _json_prefix(detail, DLQ_DETAIL_MAX),
             "raw": text,
             "raw_encoding": encoding,
-            "raw_truncated": raw is not None and len(raw) > DLQ_RAW_MAX,
+            "raw_truncated": kept < len(payload),
             "topic": topic,
             "partition": partition,
             "offset": offset,
             "received_at": received_at,
+            "key_sha256": None if key is None else hashlib.sha256(key).hexdigest(),
+            "key_truncated": key is not None and len(key) > DLQ_KEY_MAX,
         }
     )
+
+
+def _json_len(text: str) -> int:
+    """Bytes ``text`` takes as a JSON string, without its quotes (escapes make a character up to 6)."""
+    return len(orjson.dumps(text)) - 2
+
+
+def _json_prefix(text: str, limit: int) -> str:
+    """The longest prefix of ``text`` that takes at most ``limit`` bytes as a JSON string.
+
+    >>> _json_prefix("\\x01" * 10, 12) == "\\x01" * 2  # a control character is written \\u0001
+    True
+    """
+    if _json_len(text) <= limit:
+        return text
+    lo, hi = 0, min(len(text), limit)  # every character takes at least one byte
+    while lo < hi:  # binary search: the encoded length grows with the prefix
+        mid = (lo + hi + 1) // 2
+        if _json_len(text[:mid]) <= limit:
+            lo = mid
+        else:
+            hi = mid - 1
+    return text[:lo]
 
 
 def _as_text(chunk: bytes) -> str | None:
