@@ -92,6 +92,10 @@ def cmd_score(a, settings: Settings) -> int:
 
 
 def cmd_worker(a, settings: Settings) -> int:
+    if settings.processes > 1:
+        from demandstream.stream.worker.processes import run_processes
+
+        return run_processes(settings)
     from demandstream.stream.worker.run import run_worker
 
     return run_worker(settings)
@@ -265,6 +269,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--guarantee", choices=("at_least_once", "exactly_once"))
     sp.add_argument("--device")
     sp.add_argument("--store", choices=("rocksdb", "memory"))
+    sp.add_argument(
+        "--processes",
+        type=int,
+        help="worker processes on this machine, one core each; each gets DATA_DIR/worker-i and "
+        "WEB_PORT+i (DEMANDSTREAM_PROCESSES)",
+    )
     sp.add_argument("--partitions", type=int)
     sp.add_argument("--batch-max", type=int)
     sp.add_argument("--batch-within-ms", type=int)
@@ -322,6 +332,7 @@ _SETTING_FLAGS = (
     "partitions",
     "batch_max",
     "batch_within_ms",
+    "processes",
 )
 
 

@@ -70,6 +70,7 @@ class Settings:
     ssl_cafile: str = ""
     log_level: str = "info"
     lag_interval_s: float = 5.0
+    processes: int = 1  # worker processes on this machine (`worker --processes N`), one core each
     kafka_script: str = ""  # kafka.sh for `bench` and the demo; empty: the checkout's deploy/kafka/kafka.sh
 
     # -- building -------------------------------------------------------------------------------
@@ -106,7 +107,7 @@ class Settings:
                 )
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise SettingsError(f"{PREFIX}DEVICE: must be auto, cpu or cuda (got {self.device!r})")
-        for name in ("partitions", "replication", "batch_max", "top_k"):
+        for name in ("partitions", "replication", "batch_max", "top_k", "processes"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{PREFIX}{name.upper()}: must be at least 1")
         if self.batch_within_ms < 0 or self.standby_replicas < 0 or self.state_ttl_s < 0:
