@@ -118,7 +118,7 @@ def encode_dead_letter(
     either way its first bytes, as many as take at most DLQ_RAW_MAX bytes in the JSON written.
     """
     payload = raw or b""
-    text = _as_text(payload[:DLQ_RAW_MAX])  # JSON never writes a UTF-8 byte in less than a byte
+    text = _as_text(payload[:DLQ_RAW_MAX])  # JSON takes at least a byte per UTF-8 byte: no more can fit
     if text is not None:
         text, encoding = _json_prefix(text, DLQ_RAW_MAX), "utf-8"
         kept = len(text.encode("utf-8"))
