@@ -108,3 +108,23 @@ def test_on_commit_applies_staged_states_only_if_the_transaction_committed(crash
     assert written == ({} if crashed else {b"u1": (0, b"s1")})
     # partition 1 did not commit either way: its state stays staged for its own transaction
     assert store._staged == {1: {b"u2": b"s2"}}
+
+
+def test_a_stopped_producer_of_another_topic_group_drops_nothing():
+    from stream.state import StateStore
+
+    store = StateStore(table=None)
+    store.stage({b"u0": (0, b"s0")})
+    pipeline = object.__new__(Pipeline)
+    pipeline.store = store
+    pipeline.settings = SimpleNamespace(topic_input="clickstream")
+    pipeline.c = SimpleNamespace(
+        app=SimpleNamespace(
+            conf=SimpleNamespace(id="app-1"), assignor=SimpleNamespace(group_for_topic=lambda t: 1)
+        )
+    )
+    pipeline.on_transaction_abandoned("app-1-0-0")  # Faust's leader topic, group 0, partition 0
+    pipeline.on_transaction_abandoned("other-1-0")
+    assert store._staged == {0: {b"u0": b"s0"}}
+    pipeline.on_transaction_abandoned("app-1-1-0")
+    assert store._staged == {}
