@@ -17,7 +17,8 @@ Step 4. Write the new user states, each carrying the offset of the last event it
         the local store once Faust has committed that transaction.
 Step 5. Ack the batch's records; Faust commits their offsets later (exactly-once: with the
         transaction, never while a batch is between steps 2 and 5, see
-        :func:`stream.faust_patches.guard_commits`), which also applies the staged states of step 4.
+        :func:`stream.faust_patches.guard_commits`; a shutdown lets a started batch finish first),
+        which also applies the staged states of step 4.
 
 Crash between 3 and 4: events are redelivered, the old state re-applies them (duplicate signals,
 allowed by at-least-once). Crash after the changelog acks but before the local write: recovery
@@ -58,15 +59,26 @@ class Pipeline:
 
     async def handle_messages(self, messages: list) -> None:
         """Every input record arrives here, a fetch at a time (batch delivery): process it in chunks of
-        ``batch_max`` (steps 1-4), then ack each chunk's records (step 5)."""
-        ack = self.c.app.consumer.ack
+        ``batch_max`` (steps 1-4), then ack each chunk's records (step 5).
+
+        A chunk, once started, runs to its last ack even if this task is cancelled: a graceful
+        shutdown stops the fetcher (cancelling this task) and then commits what was acked, and under
+        exactly-once that commit takes the source partitions' transactions with it. Cancelled half-way
+        through producing, a chunk left some of its signals (and states) in the transaction without
+        its offsets, so the next owner processed those events again and read_committed consumers saw
+        their signals twice (found by the rebalance fault test: 254 duplicates after the SIGTERM).
+        The cancellation takes effect after the chunk; the chunks after it are not started.
+        """
         step = self.settings.batch_max
         for i in range(0, len(messages), step):
-            chunk = messages[i : i + step]
-            async with self.batch_lock:
-                await self.process(chunk)
-                for m in chunk:  # Step 5
-                    ack(m)
+            await run_to_end(self._chunk(messages[i : i + step]))
+
+    async def _chunk(self, chunk: list) -> None:
+        ack = self.c.app.consumer.ack
+        async with self.batch_lock:
+            await self.process(chunk)
+            for m in chunk:  # Step 5
+                ack(m)
 
     async def process(self, records: list) -> None:
         """Steps 1-4 for one micro-batch of Faust messages (key, value, partition, offset, timestamp)."""
@@ -233,6 +245,23 @@ class Pipeline:
         n = self.store.expire(now - self.settings.state_ttl_s)
         self.metrics.expired_states.inc(n)
         return n
+
+
+async def run_to_end(aw) -> None:
+    """Await ``aw`` in a task of its own that cancelling the caller does not interrupt: the caller
+    waits for it to finish, then raises the cancellation. Its own exception, if any, propagates."""
+    task = asyncio.ensure_future(aw)
+    cancelled = False
+    while True:
+        try:
+            await asyncio.shield(task)
+            break
+        except asyncio.CancelledError:
+            if task.done():
+                raise
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
 
 
 async def _ship(producer, batch, topic: str, partition: int):
