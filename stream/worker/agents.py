@@ -17,7 +17,8 @@ Step 4. Write the new user states, each carrying the offset of the last event it
         the local store once Faust has committed that transaction.
 Step 5. Ack the batch's records; Faust commits their offsets later (exactly-once: with the
         transaction, never while a batch is between steps 2 and 5, see
-        :func:`demandstream.stream.worker.faust_patches.guard_commits`), which also applies the staged states of step 4.
+        :func:`demandstream.stream.worker.faust_patches.guard_commits`; a shutdown lets a started batch finish first),
+        which also applies the staged states of step 4.
 
 Crash between 3 and 4: events are redelivered, the old state re-applies them (duplicate signals,
 allowed by at-least-once). Crash after the changelog acks but before the local write: recovery
@@ -58,15 +59,26 @@ class Pipeline:
 
     async def handle_messages(self, messages: list) -> None:
         """Every input record arrives here, a fetch at a time (batch delivery): process it in chunks of
-        ``batch_max`` (steps 1-4), then ack each chunk's records (step 5)."""
-        ack = self.c.app.consumer.ack
+        ``batch_max`` (steps 1-4), then ack each chunk's records (step 5).
+
+        A chunk, once started, runs to its last ack even if this task is cancelled: a graceful
+        shutdown stops the fetcher (cancelling this task) and then commits what was acked, and under
+        exactly-once that commit takes the source partitions' transactions with it. Cancelled half-way
+        through producing, a chunk left some of its signals (and states) in the transaction without
+        its offsets, so the next owner processed those events again and read_committed consumers saw
+        their signals twice (found by the rebalance fault test: 254 duplicates after the SIGTERM).
+        The cancellation takes effect after the chunk; the chunks after it are not started.
+        """
         step = self.settings.batch_max
         for i in range(0, len(messages), step):
-            chunk = messages[i : i + step]
-            async with self.batch_lock:
-                await self.process(chunk)
-                for m in chunk:  # Step 5
-                    ack(m)
+            await run_to_end(self._chunk(messages[i : i + step]))
+
+    async def _chunk(self, chunk: list) -> None:
+        ack = self.c.app.consumer.ack
+        async with self.batch_lock:
+            await self.process(chunk)
+            for m in chunk:  # Step 5
+                ack(m)
 
     async def process(self, records: list) -> None:
         """Steps 1-4 for one micro-batch of Faust messages (key, value, partition, offset, timestamp)."""
@@ -149,9 +161,8 @@ class Pipeline:
         new states are staged and reach the local store only when that transaction commits
         (:meth:`StateStore.on_commit`), so a crash never leaves uncommitted state behind.
         """
-        app = self.c.app
-        producer = app.producer
-        group = app.assignor.group_for_topic(self.settings.topic_input)
+        producer = self.c.app.producer
+        prefix = self._transactional_prefix()
         changelog = [Output(k, v, p) for k, (p, v) in res.states.items()]
         futures = []
         for topic, records in (
@@ -160,16 +171,41 @@ class Pipeline:
             (self.store.changelog_topic, changelog),
         ):
             for o in records:
-                tid = f"{app.conf.id}-{group}-{o.partition}"
+                tid = f"{prefix}-{o.partition}"
                 futures.append(
                     await producer.send(topic, o.key, o.value, o.partition, None, None, transactional_id=tid)
                 )
         if futures:
             await asyncio.gather(*futures)  # surface send errors now; visibility waits for the commit
-        self.store.drop_staged(
-            {tp.partition for tp in app.consumer.assignment() if tp.topic == self.settings.topic_input}
-        )
         self.store.stage(res.states)
+
+    def _transactional_prefix(self) -> str:
+        """Faust's transactional id of source partition ``p`` is this prefix, ``-``, ``p``."""
+        app = self.c.app
+        return f"{app.conf.id}-{app.assignor.group_for_topic(self.settings.topic_input)}"
+
+    def on_transaction_abandoned(self, transactional_id: str) -> None:
+        """Exactly-once: the transactional producer of a source partition is being stopped (rebalance).
+
+        Its open transaction will never commit here: the partition's next owner aborts it and
+        processes its events again from the last committed offset. The states staged for it are
+        forgotten now. Kept, they would outlive the transaction: a partition that comes back to this
+        worker before anything else cleared them was read against them, so its redelivered events
+        were skipped as already applied (no signal anywhere, the state only in this worker's local
+        store) or its next events were applied on a state older than the one the other worker
+        committed. Found by the rebalance fault test under exactly-once (intermittent: it takes a
+        partition that leaves and comes back with no micro-batch run here in between).
+        """
+        prefix, _, partition = transactional_id.rpartition("-")
+        if prefix != self._transactional_prefix() or not partition.isdigit():
+            return  # another topic group's producer (Faust's leader topic): nothing staged for it
+        n = self.store.discard_staged({int(partition)})
+        if n:
+            logger.info(
+                "transaction of partition %s abandoned on rebalance: dropping its %d staged states",
+                partition,
+                n,
+            )
 
     def on_commit(self, offsets) -> None:
         """Faust committed these source offsets (and, exactly-once, their transactions)."""
@@ -211,6 +247,23 @@ class Pipeline:
         return n
 
 
+async def run_to_end(aw) -> None:
+    """Await ``aw`` in a task of its own that cancelling the caller does not interrupt: the caller
+    waits for it to finish, then raises the cancellation. Its own exception, if any, propagates."""
+    task = asyncio.ensure_future(aw)
+    cancelled = False
+    while True:
+        try:
+            await asyncio.shield(task)
+            break
+        except asyncio.CancelledError:
+            if task.done():
+                raise
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+
+
 async def _ship(producer, batch, topic: str, partition: int):
     """Submit a finished batch. Closing it first matters: the client lets an open batch linger for
     ``linger_ms`` waiting for more records, and each micro-batch waits on two produce round trips."""
@@ -233,6 +286,8 @@ def attach(c: Components, scorer: Scorer) -> Pipeline:
     faust_patches.install_batch_delivery(c.app, s.topic_input, pipeline.handle_messages)
     if pipeline.exactly_once:
         faust_patches.guard_commits(c.app.consumer, pipeline.batch_lock)
+        # Staged states live exactly as long as the transaction they were written into.
+        faust_patches.on_transaction_abandoned(c.app.producer, pipeline.on_transaction_abandoned)
     # Exactly-once: staged states are applied once their source partition's transaction commits.
     faust_patches.chain_table_commit(c.app, pipeline.on_commit)
 

@@ -7,6 +7,8 @@ objects (never Faust's classes) and its docstring names the Faust behaviour or b
   pipeline as one list (``Consumer._drain_messages``), instead of one Faust event per record.
 - :func:`guard_commits`: exactly-once offset commits wait for the micro-batch in flight
   (``Consumer.commit``).
+- :func:`on_transaction_abandoned`: the pipeline hears when a partition's transactional producer is
+  stopped on rebalance, abandoning its open transaction (``Producer.stop_transaction``).
 - :func:`chain_table_commit`: the pipeline hears of every offset commit (``TableManager.on_commit``).
 - :func:`install` = :func:`fix_transactional_highwaters` (``_highwaters`` of the consumer thread,
   faust-streaming/faust#158) + :func:`fix_stale_transactional_producers`
@@ -167,6 +169,28 @@ def guard_commits(consumer, lock: asyncio.Lock) -> None:
             return await commit(*args, **kwargs)
 
     consumer.commit = guarded_commit
+
+
+def on_transaction_abandoned(producer, callback: Callable[[str], None]) -> None:
+    """Call ``callback(transactional_id)`` whenever a partition's transactional producer is stopped.
+
+    On a rebalance Faust forgets the acked but uncommitted offsets of every partition (the eager
+    protocol revokes them all, ``Consumer.on_partitions_revoked``), and the producer of a partition
+    that is no longer active here is stopped (``Producer.stop_transaction``, called by
+    ``TransactionManager.on_rebalance`` and by :func:`fix_stale_transactional_producers`). The
+    transaction it had open is abandoned: it is never committed here, and the next owner's producer
+    aborts it and processes its events again from the last committed offset. Whatever this worker
+    kept on account of that transaction (the pipeline's staged states) must go at the same moment,
+    or the partition, if it comes back before anything else clears it, is read against states that
+    Kafka never committed. ``callback`` runs before the producer is stopped.
+    """
+    stop_transaction = producer.stop_transaction
+
+    async def tell_then_stop(transactional_id: str) -> None:
+        callback(transactional_id)
+        await stop_transaction(transactional_id)
+
+    producer.stop_transaction = tell_then_stop
 
 
 def chain_table_commit(app, callback: Callable[[object], None]) -> None:

@@ -35,7 +35,9 @@ class StateStore:
     Writes never let the local store run ahead of what Kafka holds durably: under at-least-once the
     caller sends the changelog records and waits for the broker's acks before :meth:`write_local`;
     under exactly-once, writes are :meth:`stage`\ d in memory and applied by :meth:`on_commit` only
-    once the source partition's transaction (which carries the changelog records) has committed.
+    once the source partition's transaction (which carries the changelog records) has committed, and
+    dropped by :meth:`discard_staged` if it never will (a fenced commit, or its producer stopped on
+    rebalance).
     A crash therefore leaves the local store at or behind the changelog, which recovery replays.
     """
 
@@ -155,14 +157,10 @@ class StateStore:
             if staged:
                 self.write_local({k: (p, v) for k, v in staged.items()})
 
-    def discard_staged(self, partitions: set[int]) -> None:
-        """Forget the staged writes of these partitions (their transaction did not commit)."""
-        for p in partitions:
-            self._staged.pop(p, None)
-
-    def drop_staged(self, keep: set[int]) -> None:
-        """Forget staged writes of partitions no longer assigned (their transaction was aborted)."""
-        self.discard_staged(set(self._staged) - keep)
+    def discard_staged(self, partitions: set[int]) -> int:
+        """Forget the staged writes of these partitions (their transaction did not or will not commit);
+        returns how many were dropped."""
+        return sum(len(self._staged.pop(p, None) or ()) for p in partitions)
 
     def set_persisted_offsets(self, offsets: Mapping[int, int]) -> None:
         """Record the last changelog offset applied locally per partition (recovery resumes after it)."""

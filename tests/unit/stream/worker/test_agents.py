@@ -87,6 +87,36 @@ def test_guarded_commit_waits_for_the_chunk_to_be_acked():
     assert commits_inside_chunks(log) == 0
 
 
+def test_a_chunk_cancelled_half_way_runs_to_its_last_ack_before_the_cancellation_and_a_commit():
+    """Shutdown cancels the fetcher, then commits: never between a chunk's first output and last ack.
+
+    A graceful stop cancels the task that runs handle_messages and then commits what was acked; under
+    exactly-once the commit takes the partitions' transactions with it. A chunk cut off half-way left
+    part of its outputs in the committed transaction without its offsets (duplicate signals).
+    """
+
+    async def scenario() -> list:
+        log: list = []
+        pipeline = make_pipeline(log, batch_max=4)
+        consumer = pipeline.c.app.consumer
+        guard_commits(consumer, pipeline.batch_lock)
+        task = asyncio.create_task(pipeline.handle_messages(list(range(12))))
+        while ("start", 4) not in log:  # the second chunk is producing its outputs
+            await asyncio.sleep(0)
+        task.cancel()
+        await asyncio.sleep(0)
+        commit = asyncio.create_task(consumer.commit())  # the shutdown's commit, waiting for the lock
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await commit
+        return log
+
+    log = asyncio.run(scenario())
+    assert [m for k, m in log if k == "ack"] == list(range(8))  # the cut chunk finished, no third one
+    assert [k for k, _ in log][-1] == "commit"
+    assert commits_inside_chunks(log) == 0
+
+
 @pytest.mark.parametrize("crashed", [False, True])
 def test_on_commit_applies_staged_states_only_if_the_transaction_committed(crashed):
     from faust.types import TP
@@ -108,3 +138,23 @@ def test_on_commit_applies_staged_states_only_if_the_transaction_committed(crash
     assert written == ({} if crashed else {b"u1": (0, b"s1")})
     # partition 1 did not commit either way: its state stays staged for its own transaction
     assert store._staged == {1: {b"u2": b"s2"}}
+
+
+def test_a_stopped_producer_of_another_topic_group_drops_nothing():
+    from demandstream.stream.worker.store import StateStore
+
+    store = StateStore(table=None)
+    store.stage({b"u0": (0, b"s0")})
+    pipeline = object.__new__(Pipeline)
+    pipeline.store = store
+    pipeline.settings = SimpleNamespace(topic_input="clickstream")
+    pipeline.c = SimpleNamespace(
+        app=SimpleNamespace(
+            conf=SimpleNamespace(id="app-1"), assignor=SimpleNamespace(group_for_topic=lambda t: 1)
+        )
+    )
+    pipeline.on_transaction_abandoned("app-1-0-0")  # Faust's leader topic, group 0, partition 0
+    pipeline.on_transaction_abandoned("other-1-0")
+    assert store._staged == {0: {b"u0": b"s0"}}
+    pipeline.on_transaction_abandoned("app-1-1-0")
+    assert store._staged == {}

@@ -11,6 +11,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import faust
+import orjson
 import pytest
 
 from demandstream.stream.worker import faust_patches
@@ -19,6 +20,7 @@ from demandstream.stream.worker.faust_patches import (
     check_version,
     fix_stale_transactional_producers,
     fix_transactional_highwaters,
+    on_transaction_abandoned,
 )
 
 
@@ -104,3 +106,85 @@ def test_a_faust_outside_the_tested_range_is_refused_in_one_line(version):
     with pytest.raises(UnsupportedFaustVersion) as e:
         check_version(version)
     assert "\n" not in str(e.value) and version in str(e.value)
+
+
+def test_an_abandoned_transaction_is_reported_before_its_producer_stops():
+    producer = FakeProducer({"app-1-0": txn(True), "app-1-1": txn(True)})
+    transactions = FakeTransactions(producer)
+    fix_stale_transactional_producers(transactions, producer)
+    on_transaction_abandoned(producer, lambda tid: producer.calls.append(("abandoned", tid)))
+
+    asyncio.run(transactions.on_rebalance({0}, set(), set()))
+    assert producer.calls == [("abandoned", "app-1-1"), ("stop", "app-1-1")]
+
+
+def test_a_partition_that_comes_back_before_a_micro_batch_reprocesses_its_abandoned_transaction():
+    """Exactly-once rebalance bug: events skipped as already applied, their signals in an aborted transaction.
+
+    This worker processed a micro-batch of partitions 0 and 1 into their open transactions (states
+    staged, nothing committed). A rebalance moves partition 0 away: Faust forgets the uncommitted acks
+    and stops its producer, so the next owner aborts that transaction and starts again from the
+    committed offset. Partition 0 comes back before this worker runs another micro-batch (the other
+    owner had not committed anything yet) and its events are delivered again. They must be applied
+    again: the states staged for the abandoned transaction used to be read instead, and the events
+    were skipped as duplicates, so their signals existed nowhere and the users' states only in this
+    worker's local store (the rebalance fault test: lost signals, users missing from the changelog).
+    Partition 1 stayed here with its transaction open, so its redelivered events are duplicates.
+    """
+    import torch
+    from faust.types import TP
+
+    from demandstream.model.core.checkpoint import Checkpoint
+    from demandstream.model.core.events import Event, event_to_json
+    from demandstream.model.core.features import Vocabulary
+    from demandstream.model.core.network import DemandLSTM, ModelConfig
+    from demandstream.model.core.scoring import Scorer
+    from demandstream.stream.engine.inference import InferenceEngine, SourceRecord
+    from demandstream.stream.engine.records import state_key
+    from demandstream.stream.worker.agents import Pipeline
+    from demandstream.stream.worker.store import StateStore
+
+    torch.manual_seed(0)
+    cats = ["<unk>", "shoes", "bags"]
+    net = DemandLSTM(ModelConfig(n_categories=len(cats), hidden=16)).eval()
+    engine = InferenceEngine(Scorer(Checkpoint(net, Vocabulary(cats), "0a1b2c3d"), top_k=2), "clickstream")
+    store = StateStore(SimpleNamespace(data=SimpleNamespace(data={}, _key_partition={})))
+    pipeline = object.__new__(Pipeline)
+    pipeline.exactly_once = True
+    pipeline.store = store
+    pipeline.settings = SimpleNamespace(topic_input="clickstream")
+    pipeline.c = SimpleNamespace(
+        app=SimpleNamespace(
+            crashed=False,
+            conf=SimpleNamespace(id="app"),
+            assignor=SimpleNamespace(group_for_topic=lambda t: 1),
+        )
+    )
+    producer = FakeProducer({"app-0-0": txn(True), "app-1-0": txn(True), "app-1-1": txn(True)})
+    transactions = FakeTransactions(producer)
+    fix_stale_transactional_producers(transactions, producer)
+    on_transaction_abandoned(producer, pipeline.on_transaction_abandoned)
+
+    def record(i: int, user: str, partition: int, offset: int) -> SourceRecord:
+        e = Event(f"e{i}", user, 1.73e9 + i, "view", f"i{i}", cats[1 + i % 2], 10.0)
+        return SourceRecord(user.encode(), event_to_json(e), partition, offset)
+
+    records = [record(i, "u0", 0, i) for i in range(5)] + [record(5 + i, "u1", 1, i) for i in range(3)]
+    first = engine.process(records, store.read)
+    store.stage(first.states)  # what produce_transactional does once the outputs are in the transactions
+    assert len(first.signals) == 8
+
+    asyncio.run(transactions.on_rebalance({1}, set(), set()))  # partition 0 moves away
+    assert ("stop", "app-1-0") in producer.calls
+    asyncio.run(transactions.on_rebalance({0, 1}, set(), {0}))  # and comes back
+
+    again = engine.process(records, store.read)  # both redelivered from their committed offsets
+    assert [orjson.loads(s.value)["events_seen"] for s in again.signals] == [1, 2, 3, 4, 5]
+    assert {orjson.loads(s.value)["event_id"] for s in again.signals} == {f"e{i}" for i in range(5)}
+    assert again.duplicates == 3  # partition 1's signals are still in its open transaction
+    store.stage(again.states)
+    pipeline.on_commit({TP("clickstream", 0): 5, TP("clickstream", 1): 3})
+    local = store._store.data
+    u0, u1 = state_key("u0"), state_key("u1")  # table keys live in their own namespace (§State keys)
+    assert local[u0] == again.states[u0][1]
+    assert local[u1] == first.states[u1][1]
