@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 from demandstream.model.core.state import StateFormatError, peek_last_ts
 
@@ -27,6 +27,117 @@ def _older(value: bytes, before_ts: float) -> bool:
         return peek_last_ts(value) < before_ts
     except StateFormatError:
         return True
+
+
+class LocalStore:
+    """The worker's local copy of the table, addressed by (key, partition): the one interface
+    :class:`StateStore` needs from Faust's store objects. :func:`local_store` picks the implementation."""
+
+    def read(self, keys: Sequence[tuple[bytes, int]]) -> dict[bytes, bytes | None]:
+        raise NotImplementedError
+
+    def get(self, key: bytes) -> bytes | None:
+        raise NotImplementedError
+
+    def estimate_count(self) -> int:
+        raise NotImplementedError
+
+    def items(self) -> Iterator[tuple[bytes, int, bytes]]:
+        """``(key, partition, value)`` of the partitions this worker actively owns."""
+        raise NotImplementedError
+
+    def write(self, values: Mapping[bytes, tuple[int, bytes | None]]) -> None:
+        raise NotImplementedError
+
+
+class RocksDBLocal(LocalStore):
+    """Faust's RocksDB store (``rocksdb://``): one database per partition, multi-gets and write batches."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def read(self, keys):
+        by_part: dict[int, list[bytes]] = defaultdict(list)
+        for k, p in keys:
+            by_part[p].append(k)
+        out: dict[bytes, bytes | None] = {}
+        for p, ks in by_part.items():
+            out.update(zip(ks, self.store._db_for_partition(p).get(ks), strict=True))
+        return out
+
+    def get(self, key):
+        for db in list(self.store._dbs.values()):
+            v = db.get(key)
+            if v is not None:
+                return v
+        return None
+
+    def estimate_count(self):
+        # includes Faust's one persisted-offset key per partition: negligible for a gauge
+        return sum(
+            int(db.property_int_value("rocksdb.estimate-num-keys") or 0)
+            for db in self.store._dbs_for_actives()
+        )
+
+    def items(self):
+        active = set(self.store._dbs_for_actives())
+        for p, db in list(self.store._dbs.items()):
+            if db in active:
+                for k, v in self.store._visible_items(db):
+                    yield k, p, v
+
+    def write(self, values):
+        import rocksdict
+
+        batches: dict[int, rocksdict.WriteBatch] = {}
+        for k, (p, v) in values.items():
+            wb = batches.get(p)
+            if wb is None:
+                wb = batches[p] = rocksdict.WriteBatch(raw_mode=True)
+            if v is None:
+                wb.delete(k)
+            else:
+                wb.put(k, v)
+            self.store._key_index[k] = p
+        for p, wb in batches.items():
+            self.store._db_for_partition(p).write(wb)
+
+
+class MemoryLocal(LocalStore):
+    """Faust's memory store (``memory://``, tests and development): a dict plus each key's partition."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def read(self, keys):
+        data = self.store.data
+        return {k: data.get(k) for k, _p in keys}
+
+    def get(self, key):
+        return self.store.data.get(key)
+
+    def estimate_count(self):
+        return len(self.store.data)
+
+    def items(self):
+        parts = self.store._key_partition
+        for k, v in list(self.store.data.items()):
+            yield k, parts.get(k, 0), v
+
+    def write(self, values):
+        data, parts = self.store.data, self.store._key_partition
+        for k, (p, v) in values.items():
+            if v is None:
+                data.pop(k, None)
+                parts.pop(k, None)
+            else:
+                data[k] = v
+                parts[k] = p
+
+
+def local_store(store) -> LocalStore:
+    """The :class:`LocalStore` over one of Faust's table stores (``Table.data``)."""
+    return RocksDBLocal(store) if hasattr(store, "_db_for_partition") else MemoryLocal(store)
 
 
 class StateStore:
@@ -51,8 +162,9 @@ class StateStore:
         return self.table.data
 
     @property
-    def is_rocksdb(self) -> bool:
-        return hasattr(self._store, "_db_for_partition")
+    def local(self) -> LocalStore:
+        # Faust creates Table.data lazily (and may replace it on rebalance): wrap it at each use
+        return local_store(self.table.data)
 
     # -- reads ----------------------------------------------------------------------------------
 
@@ -61,7 +173,7 @@ class StateStore:
 
         Values staged by this worker's open transaction win over the local store.
         """
-        out = self._read_local(keys)
+        out = self.local.read(keys)
         if self._staged:
             for k, p in keys:
                 staged = self._staged.get(p)
@@ -69,60 +181,20 @@ class StateStore:
                     out[k] = staged[k]
         return out
 
-    def _read_local(self, keys: Sequence[tuple[bytes, int]]) -> dict[bytes, bytes | None]:
-        store = self._store
-        if not self.is_rocksdb:
-            data = store.data
-            return {k: data.get(k) for k, _p in keys}
-        by_part: dict[int, list[bytes]] = defaultdict(list)
-        for k, p in keys:
-            by_part[p].append(k)
-        out: dict[bytes, bytes | None] = {}
-        for p, ks in by_part.items():
-            values = store._db_for_partition(p).get(ks)
-            out.update(zip(ks, values, strict=True))
-        return out
-
     def get(self, key: bytes) -> bytes | None:
         """A key's value from whichever local partition holds it (web queries, tests)."""
-        store = self._store
-        if not self.is_rocksdb:
-            return store.data.get(key)
-        for db in list(store._dbs.values()):
-            v = db.get(key)
-            if v is not None:
-                return v
-        return None
+        return self.local.get(key)
 
     def estimate_count(self) -> int:
         """Users in state on this worker, cheap enough for a gauge (RocksDB's key estimate)."""
-        store = self._store
-        if not self.is_rocksdb:
-            return len(store.data)
-        total = 0
-        for db in store._dbs_for_actives():
-            # includes Faust's one persisted-offset key per partition: negligible for a gauge
-            total += int(db.property_int_value("rocksdb.estimate-num-keys") or 0)
-        return total
+        return self.local.estimate_count()
 
     def expired(self, before_ts: float) -> dict[bytes, int]:
         """Keys (with their partition) whose last event is older than ``before_ts`` (event time).
 
         Undecodable records count as expired too: they can never be used again.
         """
-        out: dict[bytes, int] = {}
-        store = self._store
-        if self.is_rocksdb:
-            parts = [(p, db) for p, db in list(store._dbs.items()) if db in set(store._dbs_for_actives())]
-            for p, db in parts:
-                for k, v in store._visible_items(db):
-                    if _older(v, before_ts):
-                        out[k] = p
-        else:
-            for k, v in list(store.data.items()):
-                if _older(v, before_ts):
-                    out[k] = store._key_partition.get(k, 0)
-        return out
+        return {k: p for k, p, v in self.local.items() if _older(v, before_ts)}
 
     def expire(self, before_ts: float) -> int:
         """Delete (and tombstone) every state whose last event is older than ``before_ts``."""
@@ -175,30 +247,5 @@ class StateStore:
 
     def write_local(self, values: Mapping[bytes, tuple[int, bytes | None]]) -> None:
         """Write ``key -> (partition, value or None to delete)`` to the local store only."""
-        if not values:
-            return
-        store = self._store
-        if self.is_rocksdb:
-            import rocksdict
-
-            batches: dict[int, rocksdict.WriteBatch] = {}
-            for k, (p, v) in values.items():
-                wb = batches.get(p)
-                if wb is None:
-                    wb = batches[p] = rocksdict.WriteBatch(raw_mode=True)
-                if v is None:
-                    wb.delete(k)
-                else:
-                    wb.put(k, v)
-                store._key_index[k] = p
-            for p, wb in batches.items():
-                store._db_for_partition(p).write(wb)
-        else:
-            data, parts = store.data, store._key_partition
-            for k, (p, v) in values.items():
-                if v is None:
-                    data.pop(k, None)
-                    parts.pop(k, None)
-                else:
-                    data[k] = v
-                    parts[k] = p
+        if values:
+            self.local.write(values)
