@@ -1,8 +1,10 @@
 """Kafka administration with kafka-python: create the product's topics, inspect them.
 
-The input, signal and dead-letter topics are created with the same partition count: signals and dead
-letters are produced to the partition of their source record, which keeps a user's signals in order
-and lets exactly-once transactions cover one source partition at a time.
+The input, control, signal and dead-letter topics are created with the same partition count: signals
+and dead letters are produced to the partition of their source record, which keeps a user's signals in
+order and lets exactly-once transactions cover one source partition at a time; a user's erasure
+requests on the control topic land in the partition number of the user's events, which the same worker
+owns (docs/ARCHITECTURE.md §Topics).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ UNREACHABLE = tuple(
 
 
 class TopicMismatch(UserError, ValueError):
-    """The existing input, signal and dead-letter topics have different partition counts."""
+    """The existing input, control, signal and dead-letter topics have different partition counts."""
 
 
 def unreachable_message(settings: Settings) -> str:
@@ -65,14 +67,14 @@ def admin_client(settings: Settings, timeout_s: float = 10.0) -> KafkaAdminClien
 
 
 def ensure_topics(settings: Settings) -> dict[str, int]:
-    """Create input, signal and dead-letter topics if missing; return their partition counts.
+    """Create input, control, signal and dead-letter topics if missing; return their partition counts.
 
     Raises :class:`TopicMismatch` (a ``ValueError``) when existing topics disagree on partition counts
     (signals could not stay co-partitioned with their input).
     """
     admin = admin_client(settings)
     try:
-        names = [settings.topic_input, settings.topic_signals, settings.topic_dlq]
+        names = [settings.topic_input, settings.topic_control, settings.topic_signals, settings.topic_dlq]
         existing = set(admin.list_topics())
         new = [NewTopic(n, settings.partitions, settings.replication) for n in names if n not in existing]
         if new:

@@ -126,9 +126,10 @@ def cmd_tail(a, settings: Settings) -> int:
 def cmd_forget(a, settings: Settings) -> int:
     from demandstream.stream.tools.forget import forget
 
-    forget(settings, a.user_id)
+    partition = forget(settings, a.user_id, wait_s=a.wait_s)
     print(
-        f"erasure of user {a.user_id!r} requested; the owning worker deletes its state and tombstones the changelog"
+        f"erasure of user {a.user_id!r} requested on {settings.topic_control} partition {partition}; the owning "
+        "worker deletes its state and tombstones the changelog"
     )
     return 0
 
@@ -298,6 +299,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = command("forget", help="erase a user's state (right to erasure)")
     sp.add_argument("user_id")
+    sp.add_argument(
+        "--wait-s",
+        type=float,
+        default=60.0,
+        help="how long to wait for the workers to consume the user's earlier events before sending (default 60)",
+    )
     sp.set_defaults(func=cmd_forget)
 
     sp = command("bench", help="measure throughput and latency; write JSON (and Markdown with --markdown)")

@@ -53,6 +53,8 @@ class Settings:
     topic_input: str = "clickstream"
     topic_signals: str = "demand-signals"
     topic_dlq: str = "clickstream-dlq"
+    #: erasure requests (`demandstream forget`), the only ones obeyed: restrict writes to it by ACL
+    topic_control: str = "clickstream-control"
     table: str = "user-state"
     partitions: int = 4
     replication: int = 1
@@ -63,6 +65,10 @@ class Settings:
     top_k: int = 5
     state_ttl_s: float = 0.0  # 0 = keep user state forever
     pseudonym_key: str = field(default="", repr=False)
+    #: the key before the last rotation: `forget` also erases the state kept under the old pseudonym
+    pseudonym_key_previous: str = field(default="", repr=False)
+    #: bound on how long an erased or expired state stays in the changelog's log segments (1 day)
+    changelog_max_compaction_lag_s: float = 86400.0
     security_protocol: str = "PLAINTEXT"
     sasl_mechanism: str = "SCRAM-SHA-512"
     sasl_username: str = ""
@@ -110,6 +116,12 @@ class Settings:
         for name in ("partitions", "replication", "batch_max", "top_k", "processes"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{PREFIX}{name.upper()}: must be at least 1")
+        if self.changelog_max_compaction_lag_s <= 0:
+            raise SettingsError(f"{PREFIX}CHANGELOG_MAX_COMPACTION_LAG_S: must be positive")
+        if self.topic_control in (self.topic_input, self.topic_signals, self.topic_dlq):
+            raise SettingsError(
+                f"{PREFIX}TOPIC_CONTROL: must be a topic of its own (got {self.topic_control!r})"
+            )
         if self.batch_within_ms < 0 or self.standby_replicas < 0 or self.state_ttl_s < 0:
             raise SettingsError("batch_within_ms, standby_replicas and state_ttl_s must not be negative")
         if not 0 < self.web_port < 65536:

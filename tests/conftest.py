@@ -176,6 +176,7 @@ def stream_env(kafka_bootstrap, small_model, tmp_path) -> dict[str, str]:
             "DEMANDSTREAM_TOPIC_INPUT": f"clickstream-{tag}",
             "DEMANDSTREAM_TOPIC_SIGNALS": f"demand-signals-{tag}",
             "DEMANDSTREAM_TOPIC_DLQ": f"clickstream-dlq-{tag}",
+            "DEMANDSTREAM_TOPIC_CONTROL": f"clickstream-control-{tag}",
             "DEMANDSTREAM_PARTITIONS": "4",
             "DEMANDSTREAM_STANDBY_REPLICAS": "0",
             "DEMANDSTREAM_DEVICE": "cpu",

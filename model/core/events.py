@@ -66,6 +66,7 @@ REASONS: dict[str, str] = {
     # Transport reasons: raised by the stream, which sees the Kafka record around the payload.
     "missing_key": "Kafka record has no key",
     "key_mismatch": "record key differs from user_id",
+    "bad_control": "control-topic record that is not an erasure request of its key's user",
 }
 
 #: Largest accepted payload (docs/ARCHITECTURE.md §Events); checked first, so nothing bigger is ever decoded.

@@ -304,6 +304,7 @@ class BenchWorker:
                 "DEMANDSTREAM_TOPIC_INPUT": self.input_topic,
                 "DEMANDSTREAM_TOPIC_SIGNALS": self.signals_topic,
                 "DEMANDSTREAM_TOPIC_DLQ": f"bench-dlq-{self.tag}",
+                "DEMANDSTREAM_TOPIC_CONTROL": f"bench-control-{self.tag}",
                 "DEMANDSTREAM_PARTITIONS": str(PARTITIONS),
                 "DEMANDSTREAM_STANDBY_REPLICAS": "0",
                 "DEMANDSTREAM_DEVICE": self.device,

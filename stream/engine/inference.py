@@ -33,16 +33,18 @@ from demandstream.stream.engine.records import (
     RECORD_MAX,
     dead_letter_key,
     encode_dead_letter,
+    encode_redacted_dead_letter,
     encode_signal,
     state_key,
 )
 
 logger = logging.getLogger(__name__)
 
-#: An erasure request travels through the input topic, keyed by the user, so it is applied in order
-#: with the user's events by the worker that owns the user's partition.
+#: An erasure request (``demandstream forget``) is a record of the control topic, keyed by the user and
+#: in the partition number of the user's events, whose value has this field. Only the control topic is
+#: obeyed (docs/ARCHITECTURE.md §Topics): a record like it on the input topic, which every shop may
+#: write, is not an event and becomes a dead letter.
 CONTROL_FIELD = "demandstream_control"
-CONTROL_PREFIX = b'{"' + CONTROL_FIELD.encode() + b'"'
 
 
 @dataclass(slots=True)
@@ -54,6 +56,7 @@ class SourceRecord:
     partition: int
     offset: int
     timestamp: float = 0.0  # broker/producer timestamp, seconds
+    topic: str = ""  # the input topic unless it names the engine's control topic
 
 
 @dataclass
@@ -77,7 +80,8 @@ class BatchResult:
     signal_ts: list[float] = field(default_factory=list)
     valid: int = 0
     duplicates: int = 0
-    erasures: int = 0
+    erasures: int = 0  # erasure requests (control records) obeyed
+    undecodable: int = 0  # stored states that could not be decoded and were reset
     rounds: int = 0  # model calls for the batch: 1, plus one per erasure that splits a user's events
     new_users: int = 0
     inference_s: list[float] = field(default_factory=list)
@@ -97,7 +101,15 @@ class Pseudonymizer:
         self._key = key.encode("utf-8")
 
     def user(self, user_id: str) -> str:
-        return hmac.new(self._key, user_id.encode("utf-8"), hashlib.sha256).hexdigest()[:32]
+        return self.raw(user_id.encode("utf-8"))
+
+    def raw(self, data: bytes) -> str:
+        """The pseudonym of any bytes (a record key that is no valid id): ``user(u) == raw(u.encode())``."""
+        return self.digest(data)[:32]
+
+    def digest(self, data: bytes) -> str:
+        """The whole keyed hash in hex (a dead letter's ``raw_hmac``)."""
+        return hmac.new(self._key, data, hashlib.sha256).hexdigest()
 
 
 class InferenceEngine:
@@ -107,12 +119,23 @@ class InferenceEngine:
         input_topic: str = "clickstream",
         pseudonym_key: str = "",
         clock: Callable[[], float] = time.time,
+        control_topic: str = "clickstream-control",
+        previous_pseudonym_key: str = "",
     ):
         self.scorer = scorer
         self.input_topic = input_topic
+        self.control_topic = control_topic
         self.pseudonymizer = Pseudonymizer(pseudonym_key) if pseudonym_key else None
+        #: the key before a rotation: an erasure also deletes the state kept under the old pseudonym
+        self.previous = (
+            Pseudonymizer(previous_pseudonym_key)
+            if pseudonym_key and previous_pseudonym_key and previous_pseudonym_key != pseudonym_key
+            else None
+        )
         self.clock = clock
         self.version_resets = 0
+        #: partitions whose undecodable states were already logged (then only counted)
+        self.undecodable_logged: set[int] = set()
 
     # -- step 1 ---------------------------------------------------------------------------------
 
@@ -135,12 +158,17 @@ class InferenceEngine:
         # Per user id (or pseudonym); a None event is an erasure request at that position in its sequence.
         by_user: dict[str, list[tuple[Event | None, SourceRecord]]] = {}
         for rec in records:
-            if rec.value is not None and rec.value.startswith(CONTROL_PREFIX):
-                uid = self._control_user(rec)
-                if uid is not None:
-                    by_user.setdefault(uid, []).append((None, rec))
-                    res.erasures += 1
+            if rec.topic == self.control_topic:
+                uids = self._control_users(rec)
+                if not uids:
+                    self._dead_letter(
+                        res, rec, "bad_control", "not an erasure request of its key's user", now
+                    )
                     continue
+                for uid in uids:
+                    by_user.setdefault(uid, []).append((None, rec))
+                res.erasures += 1
+                continue
             try:
                 event = self.validate(rec, now)
             except BadEvent as bad:
@@ -158,7 +186,7 @@ class InferenceEngine:
         states: dict[str, UserState] = {}
         pending: dict[str, list[tuple[Event, SourceRecord]]] = {}
         for uid, evs in by_user.items():
-            state = self._load(stored.get(keys[uid]))
+            state = self._load(stored.get(keys[uid]), evs[0][1].partition, res)
             if state is None:
                 state = self.scorer.new_state()
                 res.new_users += 1
@@ -223,29 +251,62 @@ class InferenceEngine:
     def _dead_letter(self, res: BatchResult, rec: SourceRecord, reason: str, detail: str, now: float) -> None:
         """Add the dead letter of ``rec``: it fits the DLQ topic whatever the record held (records.py)."""
         res.reasons[reason] += 1
-        value = encode_dead_letter(
-            reason, detail, rec.key, rec.value, self.input_topic, rec.partition, rec.offset, now
+        topic = rec.topic or self.input_topic
+        p = self.pseudonymizer
+        if p is None:
+            value = encode_dead_letter(
+                reason, detail, rec.key, rec.value, topic, rec.partition, rec.offset, now
+            )
+            res.dead_letters.append(Output(dead_letter_key(rec.key), value, rec.partition))
+            return
+        # Pseudonymised: no raw id and no raw payload in the dead-letter topic (it is not the shop's).
+        pseudonym = None if rec.key is None else p.raw(rec.key)
+        raw_hmac = None if rec.value is None else p.digest(rec.value)
+        value = encode_redacted_dead_letter(
+            reason, pseudonym, rec.value, raw_hmac, topic, rec.partition, rec.offset, now
         )
-        res.dead_letters.append(Output(dead_letter_key(rec.key), value, rec.partition))
+        res.dead_letters.append(
+            Output(None if pseudonym is None else pseudonym.encode(), value, rec.partition)
+        )
 
-    def _control_user(self, rec: SourceRecord) -> str | None:
-        """The user of an erasure request (``demandstream forget``), or None if it is not one."""
+    def _control_users(self, rec: SourceRecord) -> list[str]:
+        """The users (ids or pseudonyms, the previous key's included) whose states an erasure request of
+        the control topic deletes; empty if the record is not a well-formed request of its key's user."""
+        if rec.value is None:
+            return []
         try:
             obj = orjson.loads(rec.value)
         except orjson.JSONDecodeError:
-            return None
+            return []
+        if not isinstance(obj, dict):
+            return []
         uid = obj.get(CONTROL_FIELD) == "forget" and obj.get("user_id")
-        if not isinstance(uid, str) or rec.key != uid.encode("utf-8"):
-            return None
-        return self.pseudonymizer.user(uid) if self.pseudonymizer else uid
+        if not isinstance(uid, str) or not uid or rec.key != uid.encode("utf-8"):
+            return []
+        if self.pseudonymizer is None:
+            return [uid]
+        return [self.pseudonymizer.user(uid)] + ([self.previous.user(uid)] if self.previous else [])
 
-    def _load(self, raw: bytes | None) -> UserState | None:
+    def _load(
+        self, raw: bytes | None, partition: int = -1, res: BatchResult | None = None
+    ) -> UserState | None:
         if raw is None:
             return None
         try:
             state = unpack(raw)
         except StateFormatError as exc:
-            logger.warning("discarding undecodable user state: %s", exc)
+            # The user starts fresh. Counted (demandstream_undecodable_states_total), logged once per
+            # partition: a table written by an incompatible release would otherwise log every user.
+            if res is not None:
+                res.undecodable += 1
+            if partition not in self.undecodable_logged:
+                self.undecodable_logged.add(partition)
+                logger.warning(
+                    "partition %d: discarding an undecodable user state (%s); the user starts fresh. "
+                    "Further ones on this partition are only counted (demandstream_undecodable_states_total)",
+                    partition,
+                    exc,
+                )
             return None
         if state.model_version != self.scorer.model_version:
             # docs/ARCHITECTURE.md §State: state made by another model is never fed to a different model.

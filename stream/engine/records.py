@@ -1,4 +1,5 @@
-"""What the worker writes: demand signals (docs/ARCHITECTURE.md §Signals), dead letters (§Dead letters) and
+"""What the worker writes: demand signals (docs/ARCHITECTURE.md §Signals), dead letters (§Dead letters; with
+a pseudonym key :func:`encode_redacted_dead_letter`, which holds no raw id or payload) and
 the keys of user states (§State keys), as bytes.
 
 >>> from demandstream.model.core.scoring import Prediction
@@ -138,6 +139,48 @@ def encode_dead_letter(
             "received_at": received_at,
             "key_sha256": None if key is None else hashlib.sha256(key).hexdigest(),
             "key_truncated": key is not None and len(key) > DLQ_KEY_MAX,
+        }
+    )
+
+
+def encode_redacted_dead_letter(
+    reason: str,
+    key_pseudonym: str | None,
+    raw: bytes | None,
+    raw_hmac: str | None,
+    topic: str,
+    partition: int,
+    offset: int,
+    received_at: float,
+) -> bytes:
+    """The dead letter of a record when user ids are pseudonymised (docs/ARCHITECTURE.md §Dead letters).
+
+    Nothing of the record's key or payload is written: the payload may hold the raw user id (and the
+    detail may quote it), and an unkeyed hash of an id is no protection (ids are guessable). It keeps the
+    reason code, the payload's size, a keyed hash of the payload (``raw_hmac``: who holds the pseudonym
+    key can match a payload they have) and the key's pseudonym (the same as the user's signals and state
+    key carry when the key is the user's id). The caller computes both hashes with the pseudonym key.
+
+    >>> d = orjson.loads(encode_redacted_dead_letter("not_json", "9f" * 16, b"{oops", "ab" * 32, "clickstream", 2, 41, 1.0))
+    >>> d["raw"], d["raw_encoding"], d["raw_bytes"], d["detail"], d["key_sha256"], d["key_pseudonym"] == "9f" * 16
+    ('', 'redacted', 5, '', None, True)
+    """
+    return orjson.dumps(
+        {
+            "reason": reason,
+            "detail": "",
+            "raw": "",
+            "raw_encoding": "redacted",
+            "raw_truncated": bool(raw),
+            "raw_bytes": None if raw is None else len(raw),
+            "raw_hmac": raw_hmac,
+            "topic": topic,
+            "partition": partition,
+            "offset": offset,
+            "received_at": received_at,
+            "key_sha256": None,
+            "key_pseudonym": key_pseudonym,
+            "key_truncated": False,
         }
     )
 

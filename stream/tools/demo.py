@@ -79,6 +79,7 @@ def main() -> int:
             "DEMANDSTREAM_TOPIC_INPUT": f"clickstream-demo-{tag}",
             "DEMANDSTREAM_TOPIC_SIGNALS": f"demand-signals-demo-{tag}",
             "DEMANDSTREAM_TOPIC_DLQ": f"clickstream-dlq-demo-{tag}",
+            "DEMANDSTREAM_TOPIC_CONTROL": f"clickstream-control-demo-{tag}",
             "DEMANDSTREAM_DATA_DIR": str(work / f"data-{tag}"),
             "DEMANDSTREAM_LOG_LEVEL": env.get("DEMANDSTREAM_LOG_LEVEL", "warning"),
             "DEMANDSTREAM_LAG_INTERVAL_S": "1",

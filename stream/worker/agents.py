@@ -47,7 +47,14 @@ class Pipeline:
     def __init__(self, c: Components, scorer: Scorer):
         self.c = c
         self.settings = c.settings
-        self.engine = InferenceEngine(scorer, c.settings.topic_input, c.settings.pseudonym_key)
+        s = c.settings
+        self.engine = InferenceEngine(
+            scorer,
+            s.topic_input,
+            s.pseudonym_key,
+            control_topic=s.topic_control,
+            previous_pseudonym_key=s.pseudonym_key_previous,
+        )
         self.store = StateStore(c.table)
         self.metrics = c.metrics
         self.exactly_once = c.settings.guarantee == "exactly_once"
@@ -83,8 +90,10 @@ class Pipeline:
     async def process(self, records: list) -> None:
         """Steps 1-4 for one micro-batch of Faust messages (key, value, partition, offset, timestamp)."""
         m = self.metrics
+        input_topic = self.settings.topic_input
         for r in records:
-            self.last_offset[r.partition] = r.offset
+            if r.topic == input_topic:  # lag is measured on the input topic only
+                self.last_offset[r.partition] = r.offset
         # Step 1
         res = self.engine.process(records, self.store.read)
         if self.exactly_once:
@@ -108,6 +117,8 @@ class Pipeline:
         m.events.labels("duplicate").inc(res.duplicates)
         m.events.labels("invalid").inc(len(res.dead_letters))
         m.signals.inc(len(res.signals))
+        if res.undecodable:
+            m.undecodable_states.inc(res.undecodable)
         for reason, n in res.reasons.items():
             m.dead_letters.labels(reason).inc(n)
         for s in res.inference_s:
@@ -211,7 +222,8 @@ class Pipeline:
         """Faust committed these source offsets (and, exactly-once, their transactions)."""
         if not self.exactly_once:
             return
-        partitions = {tp.partition for tp in offsets if tp.topic == self.settings.topic_input}
+        sources = (self.settings.topic_input, self.settings.topic_control)
+        partitions = {tp.partition for tp in offsets if tp.topic in sources}
         if self.c.app.crashed:
             # Faust reports a commit that failed on a fenced producer as done (and crashes the app):
             # that transaction was aborted, so its states must not reach the local store.
@@ -238,6 +250,19 @@ class Pipeline:
             lag = hw if last is None else max(0, hw - last - 1)
             self.metrics.consumer_lag.labels(str(tp.partition)).set(lag)
         self.metrics.state_users.set(self.store.estimate_count())
+
+    def on_partitions_revoked(self, revoked) -> None:
+        """Drop the lag gauge of every revoked input partition: it is another worker's to report now
+        (kept, the last value stayed exported for good, and sums over workers counted it twice). A
+        partition that stays here is set again by the next :meth:`update_gauges`."""
+        topic = self.settings.topic_input
+        for tp in revoked:
+            if tp.topic != topic:
+                continue
+            try:
+                self.metrics.consumer_lag.remove(str(tp.partition))
+            except KeyError:
+                pass  # never set here
 
     def expire_states(self, now: float | None = None) -> int:
         """Right to be forgotten by default: drop states whose last event is older than the TTL."""
@@ -276,20 +301,25 @@ def attach(c: Components, scorer: Scorer) -> Pipeline:
     pipeline = Pipeline(c, scorer)
     s = c.settings
 
-    # The agent subscribes the input topic (and co-partitions it with the table). Its records never
-    # reach this stream: batch delivery gives them to pipeline.handle_messages, a fetch at a time.
-    @c.app.agent(c.input_topic, name="demandstream.process")
+    # The agent subscribes the input and control topics (and co-partitions them with the table). Their
+    # records never reach this stream: batch delivery gives them to pipeline.handle_messages, a fetch
+    # at a time, in one list (docs/ARCHITECTURE.md §Topics: how an erasure is ordered with events).
+    @c.app.agent(c.source_topics or c.input_topic, name="demandstream.process")
     async def process(stream):
         async for _event in stream:
             raise RuntimeError("an input record reached the Faust stream: batch delivery is not installed")
 
-    faust_patches.install_batch_delivery(c.app, s.topic_input, pipeline.handle_messages)
+    faust_patches.install_batch_delivery(c.app, (s.topic_input, s.topic_control), pipeline.handle_messages)
     if pipeline.exactly_once:
         faust_patches.guard_commits(c.app.consumer, pipeline.batch_lock)
         # Staged states live exactly as long as the transaction they were written into.
         faust_patches.on_transaction_abandoned(c.app.producer, pipeline.on_transaction_abandoned)
     # Exactly-once: staged states are applied once their source partition's transaction commits.
     faust_patches.chain_table_commit(c.app, pipeline.on_commit)
+
+    @c.app.on_partitions_revoked.connect
+    async def clear_revoked_gauges(app, revoked, **kwargs):
+        pipeline.on_partitions_revoked(revoked)
 
     @c.app.timer(interval=s.lag_interval_s)
     async def gauges():

@@ -36,6 +36,8 @@ class Components:
     dlq_topic: faust.TopicT
     table: faust.Table
     metrics: Metrics
+    #: the input and control topics together: what the agent subscribes (one co-partitioned group)
+    source_topics: faust.TopicT | None = None
 
 
 def broker_credentials(settings: Settings):
@@ -96,11 +98,35 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Components
     input_topic = app.topic(settings.topic_input, partitions=settings.partitions, **raw)
     signals_topic = app.topic(settings.topic_signals, partitions=settings.partitions, **raw)
     dlq_topic = app.topic(settings.topic_dlq, partitions=settings.partitions, **raw)
+    # Erasure requests come on a topic of their own (ACLs decide who may write it), with the input's
+    # partition count and subscribed by the same agent, so Faust's assignor puts partition p of both in
+    # one co-partitioned group: the worker owning a user's events also owns its erasure requests.
+    source_topics = app.topic(
+        settings.topic_input, settings.topic_control, partitions=settings.partitions, **raw
+    )
     # Faust's producer buffer warns above 100 pending messages; a micro-batch writes one changelog
     # record per user it touched, so allow a full batch.
     app.producer.buffer.max_messages = max(settings.batch_max, app.producer.buffer.max_messages)
     table = app.Table(
-        settings.table, default=None, partitions=settings.partitions, key_type=bytes, value_type=bytes
+        settings.table,
+        default=None,
+        partitions=settings.partitions,
+        key_type=bytes,
+        value_type=bytes,
+        # Applies when Faust creates the changelog topic: an erased or expired state's record may stay in
+        # the log's segments at most this long (plus a segment roll; docs/OPERATIONS.md §4 Privacy).
+        extra_topic_configs=changelog_topic_configs(settings),
     )
     faust_patches.install(app)
-    return Components(app, settings, input_topic, signals_topic, dlq_topic, table, metrics or Metrics())
+    return Components(
+        app, settings, input_topic, signals_topic, dlq_topic, table, metrics or Metrics(), source_topics
+    )
+
+
+def changelog_topic_configs(settings: Settings) -> dict[str, str]:
+    """Topic configs of the table's changelog beyond Faust's (``cleanup.policy=compact``).
+
+    >>> changelog_topic_configs(Settings())
+    {'max.compaction.lag.ms': '86400000'}
+    """
+    return {"max.compaction.lag.ms": str(int(settings.changelog_max_compaction_lag_s * 1000))}

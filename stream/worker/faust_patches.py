@@ -213,8 +213,9 @@ def chain_table_commit(app, callback: Callable[[object], None]) -> None:
 BatchHandler = Callable[[list], Awaitable[None]]
 
 
-def install_batch_delivery(app, input_topic: str, handler: BatchHandler) -> None:
-    """Make ``app``'s consumer deliver ``input_topic`` records to ``handler`` in fetch-sized lists.
+def install_batch_delivery(app, input_topics, handler: BatchHandler) -> None:
+    """Make ``app``'s consumer deliver the records of ``input_topics`` (a name or several: the input and
+    control topics) to ``handler`` in fetch-sized lists, in the order the fetch returned them.
 
     This is how every input record reaches the pipeline. Faust hands every record to its streams one by
     one: its drain loop awaits ``wait_first(callback(message), suspend_flow.wait())`` per record (two
@@ -229,10 +230,11 @@ def install_batch_delivery(app, input_topic: str, handler: BatchHandler) -> None
     graceful shutdown keep working. No input record reaches a Faust stream or agent body.
     """
     consumer = app.consumer
-    consumer._drain_messages = types.MethodType(_make_drain(input_topic, handler), consumer)
+    topics = frozenset([input_topics] if isinstance(input_topics, str) else input_topics)
+    consumer._drain_messages = types.MethodType(_make_drain(topics, handler), consumer)
 
 
-def _make_drain(input_topic: str, handler: BatchHandler):
+def _make_drain(input_topics: frozenset[str], handler: BatchHandler):
     async def _drain_messages(self, fetcher) -> None:  # bound to faust's Consumer
         # Mirrors faust.transport.consumer.Consumer._drain_messages (faust-streaming 0.15) except
         # for the batch path; keep the two in step when upgrading Faust.
@@ -266,7 +268,7 @@ def _make_drain(input_topic: str, handler: BatchHandler):
                         if commit_every is not None and self._n_acked >= commit_every:
                             self._n_acked = 0
                             await self.commit()
-                        if tp.topic == input_topic:
+                        if tp.topic in input_topics:
                             batch.append(message)
                         else:
                             await self.wait_first(callback(message), self.suspend_flow.wait())

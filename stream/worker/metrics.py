@@ -71,6 +71,11 @@ class Metrics:
         self.expired_states = Counter(
             p + "expired_states", "User states deleted by the inactivity TTL", registry=r
         )
+        self.undecodable_states = Counter(
+            p + "undecodable_states",
+            "Stored user states that could not be decoded and were reset (the user starts fresh)",
+            registry=r,
+        )
         for result in ("valid", "invalid", "duplicate"):
             self.events.labels(result)  # export zeros from the start: rate() needs a first sample
 

@@ -37,6 +37,7 @@ DOCUMENTED_ENV_VARS: frozenset[str] = frozenset(
         "DEMANDSTREAM_TOPIC_INPUT",
         "DEMANDSTREAM_TOPIC_SIGNALS",
         "DEMANDSTREAM_TOPIC_DLQ",
+        "DEMANDSTREAM_TOPIC_CONTROL",
         "DEMANDSTREAM_TABLE",
         "DEMANDSTREAM_PARTITIONS",
         "DEMANDSTREAM_REPLICATION",
@@ -69,6 +70,8 @@ METRIC_FAMILIES: dict[str, tuple[str, frozenset[str]]] = {
     "demandstream_model_info": ("gauge", frozenset({"model_version", "device", "hidden", "categories"})),
     # states deleted by the inactivity TTL (issue #5)
     "demandstream_expired_states_total": ("counter", frozenset()),
+    # stored states that could not be decoded and were reset (issue #13 item 7)
+    "demandstream_undecodable_states_total": ("counter", frozenset()),
 }
 
 #: Labels Prometheus adds to every scraped series.

@@ -160,7 +160,7 @@ def test_bad_input_has_exact_reason(payload: bytes, reason: str) -> None:
 
 
 def test_bad_table_covers_every_payload_and_field_reason() -> None:
-    transport = {"missing_key", "key_mismatch"}
+    transport = {"missing_key", "key_mismatch", "bad_control"}
     assert {c[2] for c in BAD_INPUTS} == set(REASONS) - transport
 
 

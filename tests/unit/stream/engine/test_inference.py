@@ -12,7 +12,7 @@ from demandstream.model.core.features import Vocabulary
 from demandstream.model.core.network import DemandLSTM, ModelConfig
 from demandstream.model.core.scoring import Scorer
 from demandstream.model.core.state import SUMMARY_FIELDS, unpack
-from demandstream.stream.engine.inference import InferenceEngine, SourceRecord
+from demandstream.stream.engine.inference import InferenceEngine, Pseudonymizer, SourceRecord
 from demandstream.stream.engine.records import state_key
 from demandstream.stream.tools.forget import forget_record
 
@@ -113,10 +113,19 @@ def test_bad_records_become_dead_letters_with_reasons(scorer):
     assert (d["raw"], d["partition"], d["offset"]) == ("{not json", 0, 1)
 
 
+CONTROL = "clickstream-control"
+
+
+def control(user: str, offset: int, partition: int = 0, value: bytes | None = None) -> SourceRecord:
+    """An erasure request of the control topic (``demandstream forget``)."""
+    v = forget_record(user) if value is None else value
+    return SourceRecord(user.encode(), v, partition, offset, topic=CONTROL)
+
+
 def test_forget_deletes_state_in_order(scorer):
     store = MemoryStates()
     run(InferenceEngine(scorer), store, [rec(ev(i, "u1"), i) for i in range(3)])
-    forget = SourceRecord(b"u1", forget_record("u1"), 0, 3)
+    forget = control("u1", 0)
     res = run(InferenceEngine(scorer), store, [forget])
     assert res.erasures == 1 and res.states[U1][1] is None and store.data[U1] is None
     # an event after the erasure in the same batch starts a fresh state
@@ -124,10 +133,101 @@ def test_forget_deletes_state_in_order(scorer):
     res = run(
         InferenceEngine(scorer),
         store,
-        [rec(ev(10, "u1"), 10), SourceRecord(b"u1", forget_record("u1"), 0, 11), rec(ev(12, "u1"), 12)],
+        [rec(ev(10, "u1"), 10), control("u1", 1), rec(ev(12, "u1"), 12)],
     )
     assert unpack(store.data[U1]).events_seen == 1
     assert len(res.signals) == 2
+
+
+def test_a_forget_record_on_the_input_topic_is_not_obeyed(scorer):
+    """Anyone who may write events could forge it: it is a dead letter, the state stays."""
+    store = MemoryStates()
+    run(InferenceEngine(scorer), store, [rec(ev(i, "u1"), i) for i in range(3)])
+    res = run(InferenceEngine(scorer), store, [SourceRecord(b"u1", forget_record("u1"), 0, 3)])
+    assert res.erasures == 0 and [orjson.loads(d.value)["reason"] for d in res.dead_letters] == [
+        "missing_field"
+    ]
+    assert unpack(store.data[U1]).events_seen == 3
+
+
+def test_a_malformed_control_record_is_a_bad_control_dead_letter(scorer):
+    store = MemoryStates()
+    run(InferenceEngine(scorer), store, [rec(ev(i, "u1"), i) for i in range(2)])
+    bad = [
+        control("u1", 0, value=b"{oops"),
+        control("u1", 1, value=forget_record("u2")),  # key and user differ
+        control("u1", 2, value=b'{"demandstream_control": "remember", "user_id": "u1"}'),
+        control("u1", 3, value=b"[1]"),
+        SourceRecord(b"u1", None, 0, 4, topic=CONTROL),
+    ]
+    res = run(InferenceEngine(scorer), store, bad)
+    assert res.erasures == 0 and res.reasons == {"bad_control": 5}
+    assert all(orjson.loads(d.value)["topic"] == CONTROL for d in res.dead_letters)
+    assert unpack(store.data[U1]).events_seen == 2
+
+
+def test_forget_reaches_the_state_kept_under_the_previous_pseudonym_key(scorer):
+    store = MemoryStates()
+    old = InferenceEngine(scorer, pseudonym_key="old")
+    run(old, store, [rec(ev(i, "u1"), i) for i in range(3)])
+    new = InferenceEngine(scorer, pseudonym_key="new", previous_pseudonym_key="old")
+    run(new, store, [rec(ev(3, "u1"), 3)])
+    old_key, new_key = state_key(Pseudonymizer("old").user("u1")), state_key(Pseudonymizer("new").user("u1"))
+    assert store.data[old_key] is not None and store.data[new_key] is not None
+    res = run(new, store, [control("u1", 0)])
+    assert res.erasures == 1 and store.data[old_key] is None and store.data[new_key] is None
+    # without the previous key, the old state is orphaned (it stays until the TTL or a forget with it)
+    store2 = MemoryStates()
+    run(old, store2, [rec(ev(0, "u1"), 0)])
+    run(InferenceEngine(scorer, pseudonym_key="new"), store2, [control("u1", 0)])
+    assert store2.data[old_key] is not None
+
+
+def test_pseudonymised_dead_letters_hold_no_raw_id_or_payload(scorer):
+    raw = orjson.dumps(
+        {"event_id": "e1", "user_id": "secret-id", "ts": 1.73e9, "type": "view", "item_id": "i"}
+    )
+    records = [
+        SourceRecord(b"secret-id", raw[:20], 0, 1),  # not_json
+        SourceRecord(b"other-secret-id", raw, 0, 2),  # key_mismatch: detail quotes the key
+        SourceRecord(None, raw, 0, 3),  # missing_key
+        SourceRecord(b"secret-id", None, 0, 4),  # tombstone
+        SourceRecord(b"secret-id", b"{bad", 0, 5, topic=CONTROL),  # bad_control
+    ]
+    p = Pseudonymizer("k")
+    res = InferenceEngine(scorer, pseudonym_key="k").process(records, MemoryStates().read)
+    assert len(res.dead_letters) == 5
+    for d in res.dead_letters:
+        assert b"secret" not in (d.key or b"") + d.value
+        v = orjson.loads(d.value)
+        assert (v["raw"], v["raw_encoding"], v["detail"], v["key_sha256"]) == ("", "redacted", "", None)
+    keys = [d.key for d in res.dead_letters]
+    assert (
+        keys
+        == [p.user("secret-id").encode(), p.user("other-secret-id").encode(), None]
+        + [p.user("secret-id").encode()] * 2
+    )
+    first = orjson.loads(res.dead_letters[0].value)
+    assert first["raw_bytes"] == 20 and first["raw_hmac"] == p.digest(raw[:20])
+    assert first["key_pseudonym"] == p.user("secret-id")
+    # without a pseudonym key the dead letter keeps the key and the payload's start, as before
+    plain = InferenceEngine(scorer).process(records[:1], MemoryStates().read).dead_letters[0]
+    assert plain.key == b"secret-id" and orjson.loads(plain.value)["raw"] == raw[:20].decode()
+
+
+def test_undecodable_states_are_counted_and_logged_once_per_partition(scorer, caplog):
+    store = MemoryStates()
+    for u in ("u1", "u2", "u3"):
+        store.data[state_key(u)] = b"garbage"
+    engine = InferenceEngine(scorer)
+    with caplog.at_level("WARNING", logger="demandstream.stream.engine.inference"):
+        res = run(engine, store, [rec(ev(0, "u1"), 0), rec(ev(1, "u2"), 1), rec(ev(2, "u3"), 0, partition=1)])
+        res2 = run(engine, store, [rec(ev(3, "u4"), 2)])
+    assert res.undecodable == 3 and res.new_users == 3 and len(res.signals) == 3
+    assert res2.undecodable == 0
+    warnings = [r for r in caplog.records if "undecodable" in r.getMessage()]
+    assert sorted(r.args[0] for r in warnings) == [0, 1]  # one per partition
+    assert unpack(store.data[U1]).events_seen == 1  # reset, then the event applied
 
 
 def test_state_of_another_model_version_is_not_reused(scorer):

@@ -130,7 +130,7 @@ def test_on_commit_applies_staged_states_only_if_the_transaction_committed(crash
     pipeline = object.__new__(Pipeline)
     pipeline.exactly_once = True
     pipeline.store = store
-    pipeline.settings = SimpleNamespace(topic_input="clickstream")
+    pipeline.settings = SimpleNamespace(topic_input="clickstream", topic_control="clickstream-control")
     pipeline.c = SimpleNamespace(app=SimpleNamespace(crashed=crashed))
 
     pipeline.on_commit({TP("clickstream", 0): 10})
@@ -158,3 +158,22 @@ def test_a_stopped_producer_of_another_topic_group_drops_nothing():
     assert store._staged == {0: {b"u0": b"s0"}}
     pipeline.on_transaction_abandoned("app-1-1-0")
     assert store._staged == {}
+
+
+def test_revoked_partitions_lose_their_lag_gauge():
+    """A revoked partition's lag is another worker's to report: its gauge label goes (issue #13 item 7)."""
+    from faust.types import TP
+
+    from demandstream.stream.worker.metrics import Metrics
+
+    pipeline = object.__new__(Pipeline)
+    pipeline.metrics = Metrics()
+    pipeline.settings = SimpleNamespace(topic_input="clickstream")
+    for p in (0, 1, 2):
+        pipeline.metrics.consumer_lag.labels(str(p)).set(10 + p)
+    pipeline.on_partitions_revoked(
+        {TP("clickstream", 0), TP("clickstream", 2), TP("other", 1), TP("clickstream", 3)}
+    )
+    exported = pipeline.metrics.exposition().decode()
+    assert 'demandstream_consumer_lag{partition="1"} 11.0' in exported
+    assert 'partition="0"' not in exported and 'partition="2"' not in exported

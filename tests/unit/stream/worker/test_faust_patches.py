@@ -152,7 +152,7 @@ def test_a_partition_that_comes_back_before_a_micro_batch_reprocesses_its_abando
     pipeline = object.__new__(Pipeline)
     pipeline.exactly_once = True
     pipeline.store = store
-    pipeline.settings = SimpleNamespace(topic_input="clickstream")
+    pipeline.settings = SimpleNamespace(topic_input="clickstream", topic_control="clickstream-control")
     pipeline.c = SimpleNamespace(
         app=SimpleNamespace(
             crashed=False,
