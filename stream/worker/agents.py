@@ -186,9 +186,13 @@ class Pipeline:
                 futures.append(
                     await producer.send(topic, o.key, o.value, o.partition, None, None, transactional_id=tid)
                 )
-        if futures:
-            await asyncio.gather(*futures)  # surface send errors now; visibility waits for the commit
-        self.store.stage(res.states)
+        # surface send errors now (visibility waits for the commit); the changelog records, sent last,
+        # tell the offsets that become the persisted changelog offsets once the transaction commits
+        metas = await asyncio.gather(*futures) if futures else []
+        offsets: dict[int, int] = {}
+        for meta in metas[len(metas) - len(changelog) :] if changelog else ():
+            offsets[meta.partition] = max(meta.offset, offsets.get(meta.partition, -1))
+        self.store.stage(res.states, offsets)
 
     def _transactional_prefix(self) -> str:
         """Faust's transactional id of source partition ``p`` is this prefix, ``-``, ``p``."""

@@ -156,6 +156,8 @@ class StateStore:
         self.table = table
         #: exactly-once: source partition -> {key: value or None}, not yet committed
         self._staged: dict[int, dict[bytes, bytes | None]] = {}
+        #: exactly-once: changelog partition -> last offset written by the open transaction
+        self._staged_offsets: dict[int, int] = {}
 
     @property
     def _store(self):
@@ -217,21 +219,40 @@ class StateStore:
         for k, (p, v) in values.items():
             send(p, k, v, key_serializer="raw", value_serializer="raw")
 
-    def stage(self, values: Mapping[bytes, tuple[int, bytes | None]]) -> None:
-        """Exactly-once: hold writes until the transaction of their source partition commits."""
+    def stage(
+        self,
+        values: Mapping[bytes, tuple[int, bytes | None]],
+        changelog_offsets: Mapping[int, int] | None = None,
+    ) -> None:
+        """Exactly-once: hold writes until the transaction of their source partition commits.
+
+        ``changelog_offsets`` are the offsets the transaction's changelog records got (a state of source
+        partition ``p`` is written to changelog partition ``p``); they become the persisted offsets with
+        the commit, so a restart replays the changelog only past them.
+        """
         for k, (p, v) in values.items():
             self._staged.setdefault(p, {})[k] = v
+        for p, off in (changelog_offsets or {}).items():
+            self._staged_offsets[p] = max(off, self._staged_offsets.get(p, -1))
 
     def on_commit(self, partitions: set[int]) -> None:
-        """Apply the staged writes of the committed source partitions to the local store."""
+        """Apply the staged writes of the committed source partitions to the local store, then their
+        changelog offsets (never ahead of the writes they cover)."""
+        offsets = {}
         for p in partitions:
             staged = self._staged.pop(p, None)
             if staged:
                 self.write_local({k: (p, v) for k, v in staged.items()})
+            if p in self._staged_offsets:
+                offsets[p] = self._staged_offsets.pop(p)
+        if offsets:
+            self.set_persisted_offsets(offsets)
 
     def discard_staged(self, partitions: set[int]) -> int:
         """Forget the staged writes of these partitions (their transaction did not or will not commit);
         returns how many were dropped."""
+        for p in partitions:
+            self._staged_offsets.pop(p, None)
         return sum(len(self._staged.pop(p, None) or ()) for p in partitions)
 
     def set_persisted_offsets(self, offsets: Mapping[int, int]) -> None:
