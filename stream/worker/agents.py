@@ -32,13 +32,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 
 from demandstream.model.core.scoring import Scorer
+from demandstream.model.core.state import StateFormatError, peek_last_ts
 from demandstream.stream.engine.inference import InferenceEngine, Output
 from demandstream.stream.worker import faust_patches
 from demandstream.stream.worker.app import Components
 from demandstream.stream.worker.store import StateStore
+
+#: TTL expiry examines at most this many stored states of each partition per micro-batch: a full pass
+#: over a partition of N users takes N / 2000 batches, and a batch never waits on a long scan.
+TTL_SCAN_PER_BATCH = 2000
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +65,7 @@ class Pipeline:
         self.metrics = c.metrics
         self.exactly_once = c.settings.guarantee == "exactly_once"
         self.last_offset: dict[int, int] = {}  # partition -> last consumed offset, for lag
+        self.watermark: dict[int, float] = {}  # partition -> newest event time seen (TTL expiry)
         self.batches = 0
         #: Held while a chunk is processed and acked, and (exactly-once) by every offset commit: see
         #: :func:`demandstream.stream.worker.faust_patches.guard_commits`.
@@ -96,6 +103,8 @@ class Pipeline:
                 self.last_offset[r.partition] = r.offset
         # Step 1
         res = self.engine.process(records, self.store.read)
+        expired = self.expire_slice(res) if self.settings.state_ttl_s > 0 else {}
+        res.states.update(expired)  # deletions ride on the batch's own acknowledged/transactional writes
         if self.exactly_once:
             await self.produce_transactional(res)
         else:
@@ -117,6 +126,8 @@ class Pipeline:
         m.events.labels("duplicate").inc(res.duplicates)
         m.events.labels("invalid").inc(len(res.dead_letters))
         m.signals.inc(len(res.signals))
+        if expired:
+            m.expired_states.inc(len(expired))
         if res.undecodable:
             m.undecodable_states.inc(res.undecodable)
         for reason, n in res.reasons.items():
@@ -268,12 +279,33 @@ class Pipeline:
             except KeyError:
                 pass  # never set here
 
-    def expire_states(self, now: float | None = None) -> int:
-        """Right to be forgotten by default: drop states whose last event is older than the TTL."""
-        now = time.time() if now is None else now
-        n = self.store.expire(now - self.settings.state_ttl_s)
-        self.metrics.expired_states.inc(n)
-        return n
+    def expire_slice(self, res) -> dict[bytes, tuple[int, None]]:
+        """Deletions of states idle longer than the TTL, a bounded slice per partition of this batch.
+
+        Expiry is part of the batch protocol (docs/ARCHITECTURE.md §Protocol): its tombstones are written
+        with the batch's states (acknowledged, or in the source partition's transaction), never while
+        another batch is in flight, and never for a user of this batch or one staged by an open
+        transaction. Idle is measured in **event time**: against the newest event seen on the partition
+        (its watermark), not the wall clock, so replaying old data does not wipe it as it arrives. Each
+        batch examines at most :data:`TTL_SCAN_PER_BATCH` states of each of its partitions, continuing
+        where the previous one stopped, so the scan never stalls the event loop.
+        """
+        ttl = self.settings.state_ttl_s
+        for _k, (p, v) in res.states.items():
+            if v is not None:
+                try:
+                    ts = peek_last_ts(v)
+                except StateFormatError:
+                    continue
+                if ts > self.watermark.get(p, -math.inf):
+                    self.watermark[p] = ts
+        out: dict[bytes, tuple[int, None]] = {}
+        keep = set(res.states)
+        for p in sorted({p for _k, (p, _v) in res.states.items()}):  # partitions of this batch: owned now
+            out.update(self.store.expired_slice(p, self.watermark[p] - ttl, TTL_SCAN_PER_BATCH, keep))
+        if out:
+            logger.info("expiring %d user states idle for more than %.0f s of event time", len(out), ttl)
+        return out
 
 
 async def run_to_end(aw) -> None:
@@ -331,14 +363,5 @@ def attach(c: Components, scorer: Scorer) -> Pipeline:
             pipeline.update_gauges()
         except Exception:  # a gauge must never take the worker down; but say so
             logger.exception("updating gauges failed")
-
-    if s.state_ttl_s > 0:
-        # Scan often enough that a state outlives its TTL by at most ~10 %, but at most once a minute:
-        # a scan reads every local state.
-        @c.app.timer(interval=max(60.0, s.state_ttl_s / 10))
-        async def expire_states():
-            n = pipeline.expire_states()
-            if n:
-                logger.info("expired %d user states inactive for more than %.0f s", n, s.state_ttl_s)
 
     return pipeline

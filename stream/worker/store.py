@@ -46,6 +46,10 @@ class LocalStore:
         """``(key, partition, value)`` of the partitions this worker actively owns."""
         raise NotImplementedError
 
+    def scan(self, partition: int, after: bytes | None, limit: int) -> list[tuple[bytes, bytes]]:
+        """Up to ``limit`` ``(key, value)`` of one partition in key order, starting after ``after``."""
+        raise NotImplementedError
+
     def write(self, values: Mapping[bytes, tuple[int, bytes | None]]) -> None:
         raise NotImplementedError
 
@@ -86,6 +90,17 @@ class RocksDBLocal(LocalStore):
                 for k, v in self.store._visible_items(db):
                     yield k, p, v
 
+    def scan(self, partition, after, limit):
+        db = self.store._db_for_partition(partition)
+        out: list[tuple[bytes, bytes]] = []
+        for k, v in db.items(from_key=after) if after is not None else db.items():
+            if k == after or k == self.store.offset_key:
+                continue
+            out.append((k, v))
+            if len(out) >= limit:
+                break
+        return out
+
     def write(self, values):
         import rocksdict
 
@@ -124,6 +139,13 @@ class MemoryLocal(LocalStore):
         for k, v in list(self.store.data.items()):
             yield k, parts.get(k, 0), v
 
+    def scan(self, partition, after, limit):
+        parts = self.store._key_partition
+        keys = sorted(
+            k for k in self.store.data if parts.get(k, 0) == partition and (after is None or k > after)
+        )
+        return [(k, self.store.data[k]) for k in keys[:limit]]
+
     def write(self, values):
         data, parts = self.store.data, self.store._key_partition
         for k, (p, v) in values.items():
@@ -158,6 +180,8 @@ class StateStore:
         self._staged: dict[int, dict[bytes, bytes | None]] = {}
         #: exactly-once: changelog partition -> last offset written by the open transaction
         self._staged_offsets: dict[int, int] = {}
+        #: TTL: partition -> the last key examined (the next slice starts after it)
+        self._ttl_cursor: dict[int, bytes | None] = {}
 
     @property
     def _store(self):
@@ -191,33 +215,31 @@ class StateStore:
         """Users in state on this worker, cheap enough for a gauge (RocksDB's key estimate)."""
         return self.local.estimate_count()
 
-    def expired(self, before_ts: float) -> dict[bytes, int]:
-        """Keys (with their partition) whose last event is older than ``before_ts`` (event time).
+    def expired_slice(
+        self, partition: int, before_ts: float, limit: int, keep: set[bytes] | frozenset = frozenset()
+    ) -> dict[bytes, tuple[int, None]]:
+        """The next ``limit`` states of ``partition`` in key order (a cursor per partition wraps around),
+        as deletions of those whose last event is older than ``before_ts`` (event time).
 
-        Undecodable records count as expired too: they can never be used again.
+        Keys in ``keep`` (users of the batch in hand) and keys staged by an open transaction are never
+        expired; undecodable records are (they can never be used again). Returned in the shape of the
+        engine's state writes, so they go through the batch protocol's acknowledged or transactional
+        writes like any other state (docs/ARCHITECTURE.md §Protocol).
         """
-        return {k: p for k, p, v in self.local.items() if _older(v, before_ts)}
-
-    def expire(self, before_ts: float) -> int:
-        """Delete (and tombstone) every state whose last event is older than ``before_ts``."""
-        keys = self.expired(before_ts)
-        self.write({k: (p, None) for k, p in keys.items()})
-        return len(keys)
+        rows = self.local.scan(partition, self._ttl_cursor.get(partition), limit)
+        self._ttl_cursor[partition] = rows[-1][0] if len(rows) == limit else None  # None: wrap around
+        staged = self._staged.get(partition, {})
+        return {
+            k: (partition, None)
+            for k, v in rows
+            if k not in keep and k not in staged and _older(v, before_ts)
+        }
 
     # -- writes ---------------------------------------------------------------------------------
 
     @property
     def changelog_topic(self) -> str:
         return self.table.changelog_topic.get_topic_name()
-
-    def write(self, values: Mapping[bytes, tuple[int, bytes | None]]) -> None:
-        """Local store and changelog at once, through Faust's producer (TTL expiry, not the hot path)."""
-        if not values:
-            return
-        self.write_local(values)
-        send = self.table.send_changelog
-        for k, (p, v) in values.items():
-            send(p, k, v, key_serializer="raw", value_serializer="raw")
 
     def stage(
         self,

@@ -250,24 +250,24 @@ def test_pseudonymized_ids_never_reach_state_or_signals(scorer):
 
 
 def test_ttl_expiry_deletes_inactive_states(scorer):
-    """StateStore.expire on the memory store: old users go (with a tombstone), recent ones stay."""
+    """StateStore.expired_slice on the memory store: old users become deletions, recent ones stay."""
     from demandstream.stream.worker.store import StateStore
-
-    sent = []
 
     class Table:
         class data:  # noqa: N801 - stands in for Faust's memory Store
             data: dict = {}
             _key_partition: dict = {}
 
-        def send_changelog(self, p, k, v, **kw):
-            sent.append((p, k, v))
-
     store = StateStore(Table())
     engine = InferenceEngine(scorer)
     old, new = ev(1, "old"), Event("e2", "new", 1.73e9 + 10_000, "view", "i1", "shoes", 1.0)
     res = engine.process([rec(old, 1, partition=2), rec(new, 2, partition=3)], store.read)
-    store.write(res.states)
-    assert store.expire(before_ts=1.73e9 + 5_000) == 1
-    assert set(store._store.data) == {state_key("new")}
-    assert sent[-1] == (2, state_key("old"), None)
+    store.write_local(res.states)
+    cutoff = 1.73e9 + 5_000
+    assert store.expired_slice(2, cutoff, limit=10) == {state_key("old"): (2, None)}
+    assert store.expired_slice(3, cutoff, limit=10) == {}
+    # a user of the batch in hand, or one staged by an open transaction, is never expired
+    assert store.expired_slice(2, cutoff, limit=10, keep={state_key("old")}) == {}
+    store.stage({state_key("old"): (2, b"newer")})
+    assert store.expired_slice(2, cutoff, limit=10) == {}
+

@@ -49,7 +49,20 @@ def test_staged_values_win_until_their_partition_commits(table):
 def test_undecodable_records_count_as_expired(table):
     s = StateStore(table)
     s.write_local({b"u:junk": (1, b"not a state")})
-    assert s.expired(before_ts=0.0) == {b"u:junk": 1}
+    assert s.expired_slice(1, before_ts=0.0, limit=10) == {b"u:junk": (1, None)}
+
+
+def test_expiry_scans_a_partition_in_bounded_slices_and_wraps_around(table):
+    s = StateStore(table)
+    keys = [f"u:{i:02d}".encode() for i in range(7)]
+    s.write_local({k: (0, b"junk") for k in keys})  # undecodable: all expire
+    s.write_local({b"u:other": (1, b"junk")})
+    seen = []
+    for _ in range(4):
+        got = s.expired_slice(0, before_ts=0.0, limit=3)
+        assert len(got) <= 3 and all(p == 0 for p, _v in got.values())
+        seen.extend(got)
+    assert seen == keys + keys[:3]  # slices of 3, 3 and 1, then the cursor starts over
 
 
 def test_a_committed_transaction_moves_the_persisted_changelog_offset(table):
