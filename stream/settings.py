@@ -15,9 +15,11 @@ demandstream.stream.settings.SettingsError: DEMANDSTREAM_GUARANTEE: must be one 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from demandstream.model.errors import UserError
 
@@ -33,6 +35,7 @@ class SettingsError(UserError, ValueError):
 _CHOICES = {
     "guarantee": ("at_least_once", "exactly_once"),
     "store": ("rocksdb", "memory"),
+    "fault_at": ("", "after_signals", "mid_transaction", "after_state"),
     "security_protocol": ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"),
     "sasl_mechanism": ("SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN"),
 }
@@ -48,6 +51,12 @@ class Settings:
     data_dir: str = "var/data"
     web_host: str = "127.0.0.1"  # metrics and queries stay on loopback unless configured
     web_port: int = 6066
+    #: the URL other workers reach this one at (Faust's canonical URL: requests for users another worker
+    #: owns are forwarded there); empty: http://web_host:web_port, refused when web_host is a wildcard
+    web_advertised_url: str = ""
+    #: bearer token that /users/{id}/demand requires; empty: none. Prefer web_token_file (a mounted Secret)
+    web_token: str = field(default="", repr=False)
+    web_token_file: str = ""
     guarantee: str = "at_least_once"
     device: str = "auto"
     topic_input: str = "clickstream"
@@ -78,6 +87,10 @@ class Settings:
     lag_interval_s: float = 5.0
     processes: int = 1  # worker processes on this machine (`worker --processes N`), one core each
     kafka_script: str = ""  # kafka.sh for `bench` and the demo; empty: the checkout's deploy/kafka/kafka.sh
+    # Fault tests only (tests/integration/test_faults_steps.py): exit at this step of the batch protocol,
+    # once this many batches have completed. Empty (the default) disables the failpoints.
+    fault_at: str = ""
+    fault_after_batches: int = 3
 
     # -- building -------------------------------------------------------------------------------
 
@@ -126,6 +139,12 @@ class Settings:
             raise SettingsError("batch_within_ms, standby_replicas and state_ttl_s must not be negative")
         if not 0 < self.web_port < 65536:
             raise SettingsError(f"{PREFIX}WEB_PORT: not a port: {self.web_port}")
+        if self.web_advertised_url:
+            _check_advertised_url(self.web_advertised_url)
+        if self.web_token and self.web_token_file:
+            raise SettingsError(f"{PREFIX}WEB_TOKEN and {PREFIX}WEB_TOKEN_FILE: set one of them, not both")
+        if self.web_token:
+            _check_token(f"{PREFIX}WEB_TOKEN", self.web_token)
 
     # -- derived --------------------------------------------------------------------------------
 
@@ -144,6 +163,55 @@ class Settings:
     @property
     def faust_broker(self) -> str:
         return ";".join(f"kafka://{b}" for b in self.bootstrap_servers)
+
+    def web_url(self) -> str:
+        """The URL this worker advertises to the others (Faust's ``canonical_url``); the router forwards
+        a request for a user this worker does not own to the owner's advertised URL, and treats a request
+        as its own when the owner's URL is this one. The bind address (``web_host``) is separate: a
+        wildcard such as ``0.0.0.0`` is no address another worker can reach, and advertising it would
+        make every worker answer every user itself (404 for the users of the others), so it needs an
+        explicit ``web_advertised_url``.
+
+        >>> Settings(web_port=7000).web_url()
+        'http://127.0.0.1:7000'
+        >>> Settings(web_host="0.0.0.0", web_advertised_url="http://w-0.w-headless:6066/").web_url()
+        'http://w-0.w-headless:6066'
+        >>> Settings(web_host="::1").web_url()
+        'http://[::1]:6066'
+        """
+        if self.web_advertised_url:
+            return self.web_advertised_url.rstrip("/")
+        if self.web_host.strip("[]") in WILDCARD_HOSTS:
+            raise SettingsError(
+                f"{PREFIX}WEB_HOST is {self.web_host!r}, which no other worker can reach: set "
+                f"{PREFIX}WEB_ADVERTISED_URL to the URL other workers reach this one at "
+                f"(e.g. http://<pod>.<headless service>:{self.web_port}; http://localhost:{self.web_port} "
+                "for a single worker)"
+            )
+        host = f"[{self.web_host}]" if ":" in self.web_host else self.web_host
+        return f"http://{host}:{self.web_port}"
+
+    def read_web_token(self) -> bytes | None:
+        """The bearer token /users/{id}/demand requires, or None when none is configured.
+
+        Read once, at start (restart the worker to rotate it). A file's surrounding whitespace (the
+        newline of ``echo token > file``) is dropped. The token itself never appears in a message.
+        """
+        if self.web_token:
+            return self.web_token.encode("ascii")
+        if not self.web_token_file:
+            return None
+        name = f"{PREFIX}WEB_TOKEN_FILE"
+        try:
+            raw = Path(self.web_token_file).read_bytes()
+        except OSError as e:
+            raise SettingsError(f"{name}: cannot read {self.web_token_file!r}: {e.strerror}") from None
+        try:
+            token = raw.decode("ascii").strip()
+        except UnicodeDecodeError:
+            raise SettingsError(f"{name}: {self.web_token_file!r} is not an ASCII token") from None
+        _check_token(f"{name} ({self.web_token_file})", token)
+        return token.encode("ascii")
 
     def kafka_script_path(self) -> Path:
         """The script `demandstream bench` and the demo start their own Kafka with.
@@ -173,6 +241,52 @@ class Settings:
         if self.security_protocol.endswith("SSL") and self.ssl_cafile:
             kw["ssl_cafile"] = self.ssl_cafile
         return kw
+
+
+#: Bind addresses that mean "every interface": never an address to advertise.
+WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::", "*"})
+#: A bearer token (RFC 6750 ``b64token``) of at least this many characters.
+TOKEN_MIN_LEN = 16
+_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+
+
+def _check_token(name: str, token: str) -> None:
+    """A token is one RFC 6750 word of at least 16 characters; the message never shows it."""
+    if not _TOKEN.fullmatch(token) or len(token) < TOKEN_MIN_LEN:
+        raise SettingsError(
+            f"{name}: the token must be at least {TOKEN_MIN_LEN} characters of A-Z a-z 0-9 - . _ ~ + / "
+            "(e.g. `openssl rand -hex 32`)"
+        )
+
+
+def _check_advertised_url(url: str) -> None:
+    """``http://host:port``, nothing else: Faust routes to the host and port, and keeps the request's path.
+
+    >>> _check_advertised_url("http://demandstream-0.demandstream-headless:6066")
+    >>> _check_advertised_url("http://0.0.0.0:6066")
+    Traceback (most recent call last):
+    ...
+    demandstream.stream.settings.SettingsError: DEMANDSTREAM_WEB_ADVERTISED_URL: must be http://host:port with a host other workers can reach (got 'http://0.0.0.0:6066')
+    """
+    bad = SettingsError(
+        f"{PREFIX}WEB_ADVERTISED_URL: must be http://host:port with a host other workers can reach (got {url!r})"
+    )
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise bad from None
+    if (
+        parts.scheme != "http"
+        or not parts.hostname
+        or parts.hostname in WILDCARD_HOSTS
+        or port is None
+        or parts.username is not None
+        or parts.path not in ("", "/")
+        or parts.query
+        or parts.fragment
+    ):
+        raise bad
 
 
 def _convert(name: str, typ, raw: str):

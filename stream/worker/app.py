@@ -11,6 +11,7 @@ import logging
 from dataclasses import dataclass
 
 import faust
+from yarl import URL
 
 from demandstream.stream.settings import Settings
 from demandstream.stream.worker import faust_patches
@@ -67,6 +68,7 @@ def broker_credentials(settings: Settings):
 
 def create_app(settings: Settings, metrics: Metrics | None = None) -> Components:
     """Build the Faust app, its topics and table. The agent is attached by :func:`demandstream.stream.worker.agents.attach`."""
+    advertised = settings.web_url()  # refuses a wildcard bind address with nothing to advertise
     app = faust.App(
         settings.app_id,
         broker=settings.faust_broker,
@@ -78,9 +80,19 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Components
         topic_replication_factor=settings.replication,
         table_standby_replicas=settings.standby_replicas,
         web_enabled=True,
-        web_host=settings.web_host,
+        # Bound on web_host, advertised as web_url() (docs/ARCHITECTURE.md §HTTP): the partition assignor
+        # tells the other workers this URL, and the router forwards a user's request to its owner's URL.
         web_bind=settings.web_host,
         web_port=settings.web_port,
+        web_host=URL(advertised).host,
+        canonical_url=advertised,
+        # Faust's own views are not served: /table/* reads any table key (user state), /router/* maps
+        # keys to workers, the statistics and graph views describe the app. Only ours (web.py) are.
+        web_tables_enabled=False,
+        web_router_enabled=False,
+        web_stats_enabled=False,
+        web_graph_enabled=False,
+        web_metrics_enabled=False,
         producer_linger_ms=PRODUCER_LINGER_MS,
         producer_acks=-1,  # acks=all: an acknowledged signal survives a broker loss
         consumer_max_fetch_size=CONSUMER_MAX_FETCH_BYTES,

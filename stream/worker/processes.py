@@ -20,6 +20,8 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
+from yarl import URL
+
 from demandstream.stream.settings import PREFIX, Settings, SettingsError
 
 logger = logging.getLogger(__name__)
@@ -32,17 +34,24 @@ POLL_S = 0.5
 
 def child_settings_env(settings: Settings, i: int, base: dict[str, str]) -> dict[str, str]:
     """The environment of child ``i``: every setting of ``settings`` (flags included) as
-    ``DEMANDSTREAM_*``, with its own data directory and web port, and one process.
+    ``DEMANDSTREAM_*``, with its own data directory and web port, and one process. An advertised URL's
+    port moves with the web port (``web_port + i``), so each child advertises its own.
 
     >>> env = child_settings_env(Settings(data_dir="var/d", web_port=7000, processes=2), 1, {})
     >>> env["DEMANDSTREAM_DATA_DIR"], env["DEMANDSTREAM_WEB_PORT"], env["DEMANDSTREAM_PROCESSES"]
     ('var/d/worker-1', '7001', '1')
+    >>> s = Settings(web_host="0.0.0.0", web_port=7000, web_advertised_url="http://node-a:7000", processes=2)
+    >>> child_settings_env(s, 1, {})["DEMANDSTREAM_WEB_ADVERTISED_URL"]
+    'http://node-a:7001'
     """
     env = {k: v for k, v in base.items() if not k.startswith(PREFIX)}
     for f in fields(Settings):
         env[PREFIX + f.name.upper()] = str(getattr(settings, f.name))
     env[PREFIX + "DATA_DIR"] = str(Path(settings.data_dir) / f"worker-{i}")
     env[PREFIX + "WEB_PORT"] = str(settings.web_port + i)
+    if settings.web_advertised_url:
+        url = URL(settings.web_advertised_url)
+        env[PREFIX + "WEB_ADVERTISED_URL"] = str(url.with_port(url.port + i))
     env[PREFIX + "PROCESSES"] = "1"
     return env
 

@@ -1,8 +1,18 @@
-"""HTTP views on the worker's web port: /metrics, /healthz, /readyz, /users/{user_id}/demand."""
+"""HTTP views on the worker's web port: /metrics, /healthz, /readyz, /users/{user_id}/demand.
+
+These four are all the port serves (Faust's own views are off, see ``create_app``). With a token configured
+(``DEMANDSTREAM_WEB_TOKEN_FILE`` or ``DEMANDSTREAM_WEB_TOKEN``), ``/users/{id}/demand`` answers 401 unless
+the request carries ``Authorization: Bearer <token>``; it is checked before the request is forwarded to the
+user's owner and again by the owner (the forwarded request keeps its headers). The probes and ``/metrics``
+stay open: kubelet and Prometheus call them, and they show no user's data (docs/OPERATIONS.md §Security).
+"""
 
 from __future__ import annotations
 
+import hmac
 import logging
+from collections.abc import Awaitable, Callable
+from functools import wraps
 
 import numpy as np
 from faust.web import Request, Response, View
@@ -19,9 +29,65 @@ logger = logging.getLogger(__name__)
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4"
 
 
+#: The challenge of a 401 (RFC 6750).
+WWW_AUTHENTICATE = 'Bearer realm="demandstream"'
+
+#: Bind addresses that only this machine reaches: no warning about an open /users view there.
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+Handler = Callable[..., Awaitable[Response]]
+
+
+def bearer_token_matches(header: str | None, token: bytes) -> bool:
+    """Whether an ``Authorization`` header value is ``Bearer <token>`` (scheme in any case), compared in
+    constant time.
+
+    >>> bearer_token_matches("Bearer abc", b"abc"), bearer_token_matches("Basic abc", b"abc")
+    (True, False)
+    """
+    if not header:
+        return False
+    scheme, _, credentials = header.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    try:
+        given = credentials.strip().encode("ascii")
+    except UnicodeEncodeError:
+        return False
+    return hmac.compare_digest(given, token)
+
+
+def require_token(token: bytes | None) -> Callable[[Handler], Handler]:
+    """A view decorator answering 401 to a request without the bearer token (nothing when ``token`` is None).
+
+    Neither the token nor the request's header is logged or echoed.
+    """
+
+    def decorate(fun: Handler) -> Handler:
+        if token is None:
+            return fun
+
+        @wraps(fun)
+        async def checked(self: View, request: Request, *args, **kwargs) -> Response:
+            if not bearer_token_matches(request.headers.get("Authorization"), token):
+                return self.json(
+                    {"error": "unauthorized"}, status=401, headers={"WWW-Authenticate": WWW_AUTHENTICATE}
+                )
+            return await fun(self, request, *args, **kwargs)
+
+        return checked
+
+    return decorate
+
+
 def attach_views(c: Components, pipeline: Pipeline) -> None:
     app = c.app
     engine = pipeline.engine
+    token = c.settings.read_web_token()
+    if token is None and c.settings.web_host not in LOOPBACK_HOSTS:
+        logger.warning(
+            "/users/{id}/demand is open: no DEMANDSTREAM_WEB_TOKEN_FILE or DEMANDSTREAM_WEB_TOKEN is set"
+        )
 
     @app.page("/metrics")
     async def metrics(self: View, request: Request) -> Response:
@@ -38,6 +104,7 @@ def attach_views(c: Components, pipeline: Pipeline) -> None:
         return self.json({"ready": ready}, status=200 if ready else 503)
 
     @app.page("/users/{user_id}/demand")
+    @require_token(token)  # outermost: a request without the token is never forwarded
     @app.table_route(table=c.table, match_info="user_id")
     async def demand(self: View, request: Request, user_id: str) -> Response:
         uid = engine.pseudonymizer.user(user_id) if engine.pseudonymizer else user_id

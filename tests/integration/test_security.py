@@ -1,27 +1,35 @@
-"""Kafka security from settings: a worker, replay and admin over SASL_SSL (SCRAM-SHA-512 + TLS).
+"""Security on the real broker: Kafka over SASL_SSL, and the worker's HTTP API (token, routing, views).
 
-The broker is the project's own, started with a SASL_SSL listener whose certificate is generated for
-this test (deploy/kafka/kafka.sh --sasl-ssl-port: a fresh CA per cluster, the SCRAM user created at
-format time). The PLAINTEXT listener stays for reading results back.
+Kafka: a worker, replay and admin over SASL_SSL (SCRAM-SHA-512 + TLS). The broker is the project's own,
+started with a SASL_SSL listener whose certificate is generated for this test (deploy/kafka/kafka.sh
+--sasl-ssl-port: a fresh CA per cluster, the SCRAM user created at format time). The PLAINTEXT listener
+stays for reading results back.
+
+HTTP: two workers on the same port at two addresses (as two pods), each advertising its own URL, with a
+bearer token: a request for a user is answered by either worker (the one that does not own the user forwards it
+to the owner's advertised URL) with the token, 401 without it; Faust's /table and /router views are gone.
 """
 
 from __future__ import annotations
 
 import os
 import subprocess
+import time
+import urllib.request
 from pathlib import Path
 
 import orjson
 import pytest
+from kafka.partitioner.default import murmur2
 
 from demandstream.model.data.synth import generate, write_jsonl
 from demandstream.stream.admin import KafkaUnavailable, ensure_topics
 from demandstream.stream.settings import Settings
 from demandstream.stream.tools.replay import replay
-from tests.conftest import KAFKA_SH
+from tests.conftest import KAFKA_SH, free_port
 from tests.helpers import read_topic
 
-pytestmark = [pytest.mark.kafka, pytest.mark.slow, pytest.mark.timeout(400)]
+pytestmark = [pytest.mark.kafka, pytest.mark.timeout(400)]
 
 PORT = int(os.environ.get("DEMANDSTREAM_TEST_SASL_KAFKA_PORT", "19792"))
 SASL_PORT = PORT + 100
@@ -44,6 +52,7 @@ def sasl_cluster(tmp_path_factory):
         subprocess.run([str(KAFKA_SH), "down", "--port", str(PORT)], timeout=120, env=env)
 
 
+@pytest.mark.slow
 def test_worker_and_tools_over_sasl_ssl(sasl_cluster, worker_factory, stream_env, tmp_path):
     ca = sasl_cluster
     assert ca.is_file()
@@ -71,3 +80,102 @@ def test_worker_and_tools_over_sasl_ssl(sasl_cluster, worker_factory, stream_env
     bad = s.with_(sasl_password="wrong")
     with pytest.raises(KafkaUnavailable, match="authenticate"):
         ensure_topics(bad)
+
+
+WEB_TOKEN = "test-token-0123456789abcdef"
+N_USERS, N_EVENTS = 40, 600
+ROUTED_WAIT_S = 120
+
+
+def _get(w, path: str, token: str | None = None) -> tuple[int, bytes]:
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+    req = urllib.request.Request(w.url(path), headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def _partition(user_id: str, partitions: int) -> int:
+    # the producer's default partitioner (murmur2, as Kafka's Java client): the table's partition of a user
+    return (murmur2(user_id.encode()) & 0x7FFFFFFF) % partitions
+
+
+@pytest.mark.timeout(300)
+def test_two_workers_on_one_port_forward_to_the_owner_by_its_advertised_url_with_the_token(
+    worker_factory, stream_env, kafka_bootstrap, tmp_path
+):
+    token_file = tmp_path / "web-token"
+    token_file.write_text(WEB_TOKEN + "\n")
+    s = Settings.from_env(stream_env)
+    data = tmp_path / "events.jsonl"
+    write_jsonl(generate(N_USERS, N_EVENTS, seed=5), data)
+
+    port = free_port()
+
+    def start(host: str):
+        # Like two pods: the same port on two addresses (127.0.0.2 and .3; the whole 127/8 is this
+        # machine), each worker advertising its own, so only the host tells them apart and a forwarded
+        # request reaches the owner through the owner's advertised URL alone.
+        w = worker_factory(
+            DEMANDSTREAM_WEB_HOST=host,
+            DEMANDSTREAM_WEB_PORT=str(port),
+            DEMANDSTREAM_WEB_ADVERTISED_URL=f"http://{host}:{port}",
+            DEMANDSTREAM_WEB_TOKEN_FILE=str(token_file),
+        )
+        w.url = lambda path: f"http://{host}:{port}{path}"
+        return w.start()
+
+    a = start("127.0.0.2")
+    a.wait_ready()
+    replay(s, [data], "jsonl", progress=False)
+    signals = read_topic(kafka_bootstrap, s.topic_signals, until=lambda r: len(r) >= N_EVENTS, timeout=180)
+    last = {}
+    for r in signals:
+        sig = orjson.loads(r.value)
+        last[sig["user_id"]] = sig
+    users = sorted(last)[:20]
+    # the users asked for lie in every partition, so each worker owns some of them and forwards the rest
+    assert {_partition(u, s.partitions) for u in users} == set(range(s.partitions))
+
+    b = start("127.0.0.3")
+    b.wait_ready()
+    deadline = time.monotonic() + ROUTED_WAIT_S
+    answers: dict = {}
+    while time.monotonic() < deadline:  # until the rebalance has settled and both answer for everyone
+        answers = {
+            u: (_get(a, f"/users/{u}/demand", WEB_TOKEN), _get(b, f"/users/{u}/demand", WEB_TOKEN))
+            for u in users
+        }
+        if all(x[0] == 200 and y[0] == 200 for x, y in answers.values()):
+            break
+        time.sleep(1)
+    for u, ((sa, ba), (sb, bb)) in answers.items():
+        assert sa == sb == 200, (u, sa, sb, ba, bb, a.log_tail(20), b.log_tail(20))
+        da, db = orjson.loads(ba), orjson.loads(bb)
+        assert da == db
+        assert da["events_seen"] == last[u]["events_seen"]
+        assert abs(da["purchase_propensity"] - last[u]["purchase_propensity"]) < 1e-6
+
+    for w in (a, b):
+        for u in users[:4]:  # owned or not: no token, a wrong one, another scheme -> 401, nothing forwarded
+            assert _get(w, f"/users/{u}/demand")[0] == 401
+            assert _get(w, f"/users/{u}/demand", "wrong-token-0123456789")[0] == 401
+        status, body = _get(w, "/users/nobody-here/demand", WEB_TOKEN)
+        assert status == 404 and b"unknown user" in body
+        # probes and metrics stay open (kubelet, Prometheus)
+        assert _get(w, "/healthz")[0] == 200 and _get(w, "/readyz")[0] in (200, 503)  # 503: rebalancing
+        assert _get(w, "/metrics")[0] == 200
+        # Faust's own views, which read any table key or map keys to workers, are not served
+        for path in ("/table/", f"/table/{s.table}/", f"/table/{s.table}/u:{users[0]}/", "/router/"):
+            assert _get(w, path, WEB_TOKEN)[0] == 404, path
+        assert WEB_TOKEN not in w.log_path.read_text(errors="replace")
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_on_every_interface_with_nothing_to_advertise_refuses_to_start(worker_factory):
+    w = worker_factory(DEMANDSTREAM_WEB_HOST="0.0.0.0").start()
+    assert w.proc.wait(90) != 0
+    log = w.log_path.read_text(errors="replace")
+    assert "DEMANDSTREAM_WEB_ADVERTISED_URL" in log and "Traceback" not in log

@@ -1,10 +1,11 @@
-"""deploy/k8s/: manifests checked structurally (no cluster here): wiring, ports, probes, data volume."""
+"""deploy/k8s/: manifests checked structurally (no cluster here): wiring, ports, probes, data volume, the web
+token and advertised URL, the NetworkPolicy."""
 
 from __future__ import annotations
 
 from deploy_spec import K8S_DIR, WEB_PORT, load_yaml_documents
 
-MANIFESTS = ("configmap.yaml", "service.yaml", "statefulset.yaml", "pdb.yaml")
+MANIFESTS = ("configmap.yaml", "service.yaml", "statefulset.yaml", "pdb.yaml", "networkpolicy.yaml")
 
 
 def _objects() -> dict[tuple[str, str], dict]:
@@ -36,7 +37,13 @@ def _config() -> dict[str, str]:
 
 def test_manifests_are_namespace_agnostic_and_listed_in_kustomization() -> None:
     objects = _objects()
-    assert {kind for kind, _ in objects} == {"ConfigMap", "Service", "StatefulSet", "PodDisruptionBudget"}
+    assert {kind for kind, _ in objects} == {
+        "ConfigMap",
+        "Service",
+        "StatefulSet",
+        "PodDisruptionBudget",
+        "NetworkPolicy",
+    }
     for (kind, name), doc in objects.items():
         assert "namespace" not in doc["metadata"], f"{kind}/{name}"
     (kustomization,) = load_yaml_documents(K8S_DIR / "kustomization.yaml")
@@ -105,6 +112,7 @@ def test_selectors_match_the_pods() -> None:
     pod_labels = statefulset["spec"]["template"]["metadata"]["labels"]
     selectors = [statefulset["spec"]["selector"]["matchLabels"]]
     selectors += [pdb["spec"]["selector"]["matchLabels"] for pdb in _by_kind("PodDisruptionBudget")]
+    selectors += [policy["spec"]["podSelector"]["matchLabels"] for policy in _by_kind("NetworkPolicy")]
     selectors += [service["spec"]["selector"] for service in _by_kind("Service")]
     for selector in selectors:
         assert selector.items() <= pod_labels.items()
@@ -120,3 +128,70 @@ def test_pods_run_as_the_image_user() -> None:
     pod = _statefulset()["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["runAsUser"] == pod["securityContext"]["fsGroup"] != 0
+
+
+def test_each_worker_advertises_its_headless_service_name_not_its_bind_address() -> None:
+    # Faust forwards a request for a user another worker owns to that worker's advertised URL; with the
+    # bind address 0.0.0.0 advertised, every pod would think every user is its own (404 for the others').
+    env = {item["name"]: item for item in _worker()["env"]}
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    url = env["DEMANDSTREAM_WEB_ADVERTISED_URL"]["value"]
+    service = _statefulset()["spec"]["serviceName"]
+    assert url == f"http://$(POD_NAME).{service}:$(DEMANDSTREAM_WEB_PORT)"
+    # $(VAR) is expanded only from variables defined before it (envFrom first, then env in order)
+    names = [item["name"] for item in _worker()["env"]]
+    assert names.index("POD_NAME") < names.index("DEMANDSTREAM_WEB_ADVERTISED_URL")
+    assert "DEMANDSTREAM_WEB_PORT" in _config()
+
+
+def test_the_web_token_is_a_file_from_a_required_secret() -> None:
+    env = {item["name"]: item for item in _worker()["env"]}
+    assert "DEMANDSTREAM_WEB_TOKEN" not in env and "DEMANDSTREAM_WEB_TOKEN" not in _config()
+    token_file = env["DEMANDSTREAM_WEB_TOKEN_FILE"]["value"]
+    mounts = {mount["mountPath"]: mount for mount in _worker()["volumeMounts"]}
+    mount = mounts[token_file.rsplit("/", 1)[0]]
+    assert mount["readOnly"] is True
+    volumes = {volume["name"]: volume for volume in _statefulset()["spec"]["template"]["spec"]["volumes"]}
+    secret = volumes[mount["name"]]["secret"]
+    assert secret["secretName"] == "demandstream-web"
+    assert secret.get("optional", False) is False  # no Secret, no pod: never an open API by accident
+    assert secret["defaultMode"] & 0o007 == 0  # not world-readable
+    assert token_file.rsplit("/", 1)[1] == "token"
+
+
+def _policy() -> dict:
+    (policy,) = _by_kind("NetworkPolicy")
+    return policy["spec"]
+
+
+def test_network_policy_opens_only_the_web_port_to_the_namespace_ingress_and_prometheus() -> None:
+    spec = _policy()
+    assert sorted(spec["policyTypes"]) == ["Egress", "Ingress"]
+    (rule,) = spec["ingress"]
+    assert rule["ports"] == [{"port": "web", "protocol": "TCP"}]
+    peers = rule["from"]
+    assert {"podSelector": {}} in peers  # this namespace's pods (no namespaceSelector: same namespace)
+    assert all("ipBlock" not in peer for peer in peers)
+    others = [peer for peer in peers if "namespaceSelector" in peer]
+    assert {tuple(p["namespaceSelector"]["matchLabels"].values()) for p in others} == {
+        ("ingress-nginx",),
+        ("monitoring",),
+    }
+    (prometheus,) = [
+        p
+        for p in others
+        if p["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "monitoring"}
+    ]
+    assert prometheus["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "prometheus"}
+
+
+def test_network_policy_lets_workers_reach_kafka_dns_and_each_other() -> None:
+    egress = _policy()["egress"]
+    ports = [(port["port"], port.get("protocol", "TCP")) for rule in egress for port in rule["ports"]]
+    broker_port = int(_config()["DEMANDSTREAM_BROKER"].rsplit(":", 1)[1])
+    assert (broker_port, "TCP") in ports
+    assert (53, "UDP") in ports and (53, "TCP") in ports
+    (to_workers,) = [rule for rule in egress if rule["ports"] == [{"port": "web", "protocol": "TCP"}]]
+    pod_labels = _statefulset()["spec"]["template"]["metadata"]["labels"]
+    (peer,) = to_workers["to"]
+    assert peer["podSelector"]["matchLabels"].items() <= pod_labels.items()
