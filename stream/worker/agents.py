@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import time
 
 from demandstream.model.core.scoring import Scorer
@@ -45,6 +46,8 @@ from demandstream.stream.worker.store import StateStore
 #: TTL expiry examines at most this many stored states of each partition per micro-batch: a full pass
 #: over a partition of N users takes N / 2000 batches, and a batch never waits on a long scan.
 TTL_SCAN_PER_BATCH = 2000
+#: Exit status of a worker ended by a failpoint (:meth:`Pipeline.failpoint`), distinct from a crash's.
+FAULT_EXIT_STATUS = 70
 
 logger = logging.getLogger(__name__)
 
@@ -114,11 +117,13 @@ class Pipeline:
                 (self.settings.topic_dlq, res.dead_letters),
             ]
             await self.produce_acked(outputs)
+            self.failpoint("after_signals")
             # Step 4: the new states, durable in the changelog first, then in the local store
             changelog = [Output(k, v, p) for k, (p, v) in res.states.items()]
             offsets = await self.produce_acked([(self.store.changelog_topic, changelog)])
             self.store.write_local(res.states)
             self.store.set_persisted_offsets(offsets)
+            self.failpoint("after_state")
         # metrics after the fact: they count what was made durable
         now = time.time()
         m.batch_size.observe(len(records))
@@ -197,6 +202,8 @@ class Pipeline:
                 futures.append(
                     await producer.send(topic, o.key, o.value, o.partition, None, None, transactional_id=tid)
                 )
+            if topic == self.settings.topic_signals:
+                self.failpoint("mid_transaction")  # signals in the open transaction, states not yet
         # surface send errors now (visibility waits for the commit); the changelog records, sent last,
         # tell the offsets that become the persisted changelog offsets once the transaction commits
         metas = await asyncio.gather(*futures) if futures else []
@@ -204,6 +211,16 @@ class Pipeline:
         for meta in metas[len(metas) - len(changelog) :] if changelog else ():
             offsets[meta.partition] = max(meta.offset, offsets.get(meta.partition, -1))
         self.store.stage(res.states, offsets)
+        self.failpoint("after_state")  # everything in the open transaction, nothing committed
+
+    def failpoint(self, step: str) -> None:
+        """Fault tests only: end the process at ``step`` of the batch protocol, as a SIGKILL there would
+        (``DEMANDSTREAM_FAULT_AT``, once ``DEMANDSTREAM_FAULT_AFTER_BATCHES`` batches have completed)."""
+        s = self.settings
+        if s.fault_at == step and self.batches >= s.fault_after_batches:
+            logger.error("fault injection: exiting at %s of batch %d", step, self.batches + 1)
+            logging.shutdown()
+            os._exit(FAULT_EXIT_STATUS)
 
     def _transactional_prefix(self) -> str:
         """Faust's transactional id of source partition ``p`` is this prefix, ``-``, ``p``."""
