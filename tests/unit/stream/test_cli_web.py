@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
-import torch
 
-from demandstream.model.core.checkpoint import Checkpoint
 from demandstream.model.core.events import Event
-from demandstream.model.core.features import Vocabulary, category_hash
-from demandstream.model.core.network import DemandLSTM, ModelConfig, init_like_cascade, markov_tables
-from demandstream.model.core.scoring import Scorer
+from demandstream.model.core.features import category_hash
 from demandstream.model.core.state import pack, unpack
 from demandstream.model.data.loaders import FORMATS as LOADER_FORMATS
 from demandstream.stream import cli
 from demandstream.stream.worker.web import demand_view, recent_category_names
+from tests.unit.stream.scorers import tiny_scorer
 
 
 def test_cli_accepts_every_loader_format():
@@ -40,17 +36,8 @@ def test_train_flags_reach_run_training(monkeypatch, tmp_path, flags, refit, see
     assert seen["refit"] is refit and seen["seed"] == seed and seen["fmt"] == "jsonl"
 
 
-def _scorer() -> Scorer:
-    vocab = Vocabulary(["<unk>", "shoes", "bags"])
-    torch.manual_seed(0)
-    net = DemandLSTM(ModelConfig(n_categories=len(vocab), hidden=8))
-    net.set_tables(markov_tables(np.array([1, 2]), np.array([[1, 2]]), len(vocab), net.cfg.markov_top_k))
-    init_like_cascade(net)
-    return Scorer(Checkpoint(net.eval(), vocab, "00000000"), top_k=3)
-
-
 def test_demand_view_names_vocabulary_and_out_of_vocabulary_categories():
-    scorer = _scorer()
+    scorer = tiny_scorer()
     s = scorer.new_state()
     for k, cat in enumerate(["shoes", "garden-gnomes", "garden-gnomes", "bags"]):
         scorer.step([Event(f"e{k}", "u1", 1.7e9 + k, "view", f"i{k}", cat, 3.0)], [s])
@@ -60,6 +47,6 @@ def test_demand_view_names_vocabulary_and_out_of_vocabulary_categories():
     assert view["recent_categories"] == ["bags", "garden-gnomes", "shoes"]
     assert 0.0 < view["purchase_propensity"] < 1.0
     # a worker that never saw an out-of-vocabulary name still answers, with the hash
-    fresh = _scorer()
+    fresh = tiny_scorer()
     assert recent_category_names(fresh, s) == ["bags", f"#{category_hash('garden-gnomes'):08x}", "shoes"]
     assert recent_category_names(fresh, fresh.new_state()) == []

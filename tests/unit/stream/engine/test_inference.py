@@ -270,4 +270,3 @@ def test_ttl_expiry_deletes_inactive_states(scorer):
     assert store.expired_slice(2, cutoff, limit=10, keep={state_key("old")}) == {}
     store.stage({state_key("old"): (2, b"newer")})
     assert store.expired_slice(2, cutoff, limit=10) == {}
-

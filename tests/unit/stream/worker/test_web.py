@@ -12,33 +12,19 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import numpy as np
 import pytest
-import torch
 from aiohttp.test_utils import TestClient, TestServer
 from faust.exceptions import SameNode
 
-from demandstream.model.core.checkpoint import Checkpoint
-from demandstream.model.core.features import Vocabulary
-from demandstream.model.core.network import DemandLSTM, ModelConfig, init_like_cascade, markov_tables
-from demandstream.model.core.scoring import Scorer
 from demandstream.stream.settings import Settings, SettingsError
 from demandstream.stream.worker.agents import attach
 from demandstream.stream.worker.app import create_app
 from demandstream.stream.worker.web import attach_views, bearer_token_matches
+from tests.unit.stream.scorers import tiny_scorer
 
 pytestmark = pytest.mark.timeout(60)
 
 TOKEN = "s3cret-token-for-tests"
-
-
-def _scorer() -> Scorer:
-    vocab = Vocabulary(["<unk>", "shoes", "bags"])
-    torch.manual_seed(0)
-    net = DemandLSTM(ModelConfig(n_categories=len(vocab), hidden=8))
-    net.set_tables(markov_tables(np.array([1, 2]), np.array([[1, 2]]), len(vocab), net.cfg.markov_top_k))
-    init_like_cascade(net)
-    return Scorer(Checkpoint(net.eval(), vocab, "00000000"), top_k=3)
 
 
 def _settings(tmp_path, **kw) -> Settings:
@@ -48,7 +34,7 @@ def _settings(tmp_path, **kw) -> Settings:
 def _get_all(settings: Settings, requests: list[tuple[str, dict]]) -> list[tuple[int, str, dict]]:
     """Serve the worker's views and GET each (path, headers): [(status, body, response headers)]."""
     c = create_app(settings)
-    attach_views(c, attach(c, _scorer()))
+    attach_views(c, attach(c, tiny_scorer()))
 
     async def every_key_is_local(*args, **kwargs):
         raise SameNode()
