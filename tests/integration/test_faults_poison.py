@@ -284,7 +284,7 @@ def test_oversized_records(guarantee, worker_factory, stream_env, kafka_bootstra
 
 #: Generated batches sent to one worker: each waits for its outputs (a few seconds), so the whole test,
 #: worker start included, stays under a minute. No shrinking: a failure reports the batch as drawn.
-GENERATED_BATCHES = 5
+GENERATED_BATCHES = 3
 
 
 def test_generated_poison_through_a_worker(worker_factory, stream_env, kafka_bootstrap, small_model):

@@ -33,7 +33,7 @@ from tests.integration.faults import (
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow, pytest.mark.timeout(420)]
 
-N_USERS, N_EVENTS, SEED = 300, 4000, 23
+N_USERS, N_EVENTS, SEED = 200, 1600, 23
 RATE = 800  # events/s: the failpoint fires a few batches into the stream, with most of it still to come
 CASES = [
     ("at_least_once", "after_signals"),

@@ -97,7 +97,7 @@ def test_status_and_down_without_a_cluster(tmp_path: Path) -> None:
 STRESS_PORT = int(os.environ.get("DEMANDSTREAM_TEST_KAFKA_SH_STRESS_PORT", "29092"))
 STRESS_PORT_3 = STRESS_PORT + 1
 STRESS_CONTROLLER_OFFSET = 50
-ONE_NODE_CYCLES = 8
+ONE_NODE_CYCLES = 5
 THREE_NODE_CYCLES = 2
 FALSE_DEATH = "exited while starting"
 # How long test_a_node_slow_to_exec_is_not_taken_for_dead holds the forked node before its exec.
@@ -163,7 +163,7 @@ def busy_cores() -> Iterator[None]:
 def test_start_stop_under_cpu_load_never_reports_a_false_death(tmp_path: Path, busy_cores: None) -> None:
     """Issue #10: kafka.sh took a node that had not yet exec'd the JVM for dead and SIGKILLed it.
 
-    Starts (`up`) a 1-node cluster 8 times and a 3-node cluster twice, plus one stop-broker/start-broker
+    Starts (`up`) a 1-node cluster 5 times and a 3-node cluster twice, plus one stop-broker/start-broker
     on the 3-node cluster (11 starts, 15 JVM starts), all while both cores are busy; any non-zero exit
     or any "exited while starting" fails. Runs before the module's 3-node `cluster`
     fixture is set up, so that only one cluster runs at a time.
