@@ -66,15 +66,12 @@ def admin_client(settings: Settings, timeout_s: float = 10.0) -> KafkaAdminClien
         raise KafkaUnavailable(unreachable_message(settings)) from None
 
 
-def ensure_topics(settings: Settings) -> dict[str, int]:
-    """Create input, control, signal and dead-letter topics if missing; return their partition counts.
-
-    Raises :class:`TopicMismatch` (a ``ValueError``) when existing topics disagree on partition counts
-    (signals could not stay co-partitioned with their input).
-    """
+def create_topics(settings: Settings, names: list[str]) -> dict[str, int]:
+    """Create the topics of ``names`` that are missing (``settings.partitions``, ``settings.replication``)
+    and wait until every broker knows them; return the partition count of each. The one topic creator of
+    the product (the worker's topics, the bench's)."""
     admin = admin_client(settings)
     try:
-        names = [settings.topic_input, settings.topic_control, settings.topic_signals, settings.topic_dlq]
         existing = set(admin.list_topics())
         new = [NewTopic(n, settings.partitions, settings.replication) for n in names if n not in existing]
         if new:
@@ -83,9 +80,19 @@ def ensure_topics(settings: Settings) -> dict[str, int]:
             except TopicAlreadyExistsError:
                 pass  # another worker created it between list and create
             logger.info("created topics %s", [t.name for t in new])
-        counts = wait_for_topics(admin, names)
+        return wait_for_topics(admin, names)
     finally:
         admin.close()
+
+
+def ensure_topics(settings: Settings) -> dict[str, int]:
+    """Create input, control, signal and dead-letter topics if missing; return their partition counts.
+
+    Raises :class:`TopicMismatch` (a ``ValueError``) when existing topics disagree on partition counts
+    (signals could not stay co-partitioned with their input).
+    """
+    names = [settings.topic_input, settings.topic_control, settings.topic_signals, settings.topic_dlq]
+    counts = create_topics(settings, names)
     if len(set(counts.values())) != 1:
         raise TopicMismatch(f"topics must have equal partition counts, found {counts}")
     return counts

@@ -120,17 +120,13 @@ class Broker:
 
 
 def create_topics(bootstrap: str, names: Sequence[str], partitions: int = PARTITIONS) -> None:
-    from kafka import KafkaAdminClient
-    from kafka.admin import NewTopic
-    from kafka.errors import TopicAlreadyExistsError
+    """The bench's topics on its broker, through the product's one topic creator (replication 1)."""
+    from demandstream.stream.admin import create_topics as admin_create_topics
+    from demandstream.stream.settings import Settings
 
-    admin = KafkaAdminClient(bootstrap_servers=[bootstrap], client_id="demandstream-bench")
-    try:
-        admin.create_topics([NewTopic(n, partitions, 1) for n in names])
-    except TopicAlreadyExistsError:
-        pass
-    finally:
-        admin.close()
+    admin_create_topics(
+        Settings(broker=f"kafka://{bootstrap}", partitions=partitions, replication=1), list(names)
+    )
 
 
 class OffsetWatch:
