@@ -7,17 +7,14 @@ The broker is the project's own (deploy/kafka/kafka.sh) on a test port, so a dev
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
-import sys
-import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from demandstream.stream.worker.launcher import WorkerLauncher, free_port, worker_env
 
 REPO = Path(__file__).resolve().parents[1]
 KAFKA_SH = REPO / "deploy" / "kafka" / "kafka.sh"
@@ -25,12 +22,6 @@ TEST_KAFKA_PORT = int(os.environ.get("DEMANDSTREAM_TEST_KAFKA_PORT", "19092"))
 #: Bounds for everything that waits on a broker or worker; generous because CI shares 2 cores.
 KAFKA_UP_TIMEOUT_S = 300
 WORKER_READY_TIMEOUT_S = 120
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -85,88 +76,21 @@ def small_model(tmp_path_factory) -> Path:
     return path
 
 
-class WorkerProcess:
-    """A ``demandstream worker`` subprocess with its own app id, topics, data dir and web port."""
+class WorkerProcess(WorkerLauncher):
+    """A ``demandstream worker`` subprocess with its own app id, topics, data dir and web port.
+
+    The shared launcher (stream/worker/launcher.py) with the tests' bounds, run from the checkout.
+    """
 
     def __init__(self, env: dict[str, str], log_path: Path):
-        self.env = env
-        self.log_path = log_path
-        self.proc: subprocess.Popen | None = None
-        self.port = int(env["DEMANDSTREAM_WEB_PORT"])
-
-    def start(self) -> WorkerProcess:
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "demandstream.stream", "worker"],
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            cwd=REPO,
-        )
-        return self
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    def get(self, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
-        try:
-            with urllib.request.urlopen(self.url(path), timeout=timeout) as r:
-                return r.status, r.read()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read()
-
-    def wait_ready(self, timeout: float = WORKER_READY_TIMEOUT_S) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if self.get("/readyz", timeout=2)[0] == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.5)
-        raise TimeoutError(f"worker not ready after {timeout} s:\n{self.log_tail()}")
-
-    def metric(self, name: str, **labels) -> float:
-        """Current value of one sample from /metrics (0 if absent)."""
-        from prometheus_client.parser import text_string_to_metric_families
-
-        _, body = self.get("/metrics")
-        for fam in text_string_to_metric_families(body.decode()):
-            for s in fam.samples:
-                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                    return s.value
-        return 0.0
-
-    def stop(self, timeout: float = 60) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(30)
-
-    def log_tail(self, n: int = 60) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return "(no log)"
+        super().__init__(env, log_path, cwd=REPO, ready_timeout_s=WORKER_READY_TIMEOUT_S)
 
 
 @pytest.fixture
 def stream_env(kafka_bootstrap, small_model, tmp_path) -> dict[str, str]:
     """Environment for one isolated pipeline: unique app id and topic names on the session broker."""
     tag = uuid.uuid4().hex[:8]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DEMANDSTREAM_")}
-    env.update(
+    return worker_env(
         {
             "DEMANDSTREAM_BROKER": f"kafka://{kafka_bootstrap}",
             "DEMANDSTREAM_MODEL": str(small_model),
@@ -185,7 +109,6 @@ def stream_env(kafka_bootstrap, small_model, tmp_path) -> dict[str, str]:
             "DEMANDSTREAM_LAG_INTERVAL_S": "1",
         }
     )
-    return env
 
 
 @pytest.fixture

@@ -10,15 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import orjson
+
+from demandstream.stream.worker.launcher import WorkerLauncher, free_port, worker_env
 
 logger = logging.getLogger(__name__)
 
@@ -255,15 +252,12 @@ def passthrough_events_per_s(bootstrap: str, src: str, sink: str, n: int) -> flo
 # -- worker -----------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class BenchWorker:
-    """A ``python -m stream worker`` subprocess with its own app id, topics, data dir and web port."""
+    """A ``python -m stream worker`` subprocess with its own app id, topics, data dir and web port.
+
+    Started through the shared launcher (stream/worker/launcher.py); its web port is picked at ``start``.
+    """
 
     bootstrap: str
     model: Path
@@ -272,8 +266,7 @@ class BenchWorker:
     input_topic: str
     device: str = "cpu"
     extra_env: dict[str, str] = field(default_factory=dict)
-    proc: subprocess.Popen | None = None
-    started_at: float = 0.0
+    launcher: WorkerLauncher | None = None
 
     @property
     def app_id(self) -> str:
@@ -287,16 +280,31 @@ class BenchWorker:
     def log_path(self) -> Path:
         return self.workdir / f"worker-{self.tag}.log"
 
+    @property
+    def proc(self) -> subprocess.Popen | None:
+        """The worker's process once started (its pid is what ``profile`` samples)."""
+        return None if self.launcher is None else self.launcher.proc
+
+    @property
+    def port(self) -> int | None:
+        """The worker's web port once started."""
+        return None if self.launcher is None else self.launcher.port
+
+    @property
+    def started_at(self) -> float:
+        """Monotonic time of the process's start (0 before ``start``)."""
+        return 0.0 if self.launcher is None else self.launcher.started_at
+
     def start(self) -> BenchWorker:
-        self.port = free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DEMANDSTREAM_")}
-        env.update(
+        """Start the worker on a web port free now, every other setting the bench's."""
+        port = free_port()
+        env = worker_env(
             {
                 "DEMANDSTREAM_BROKER": f"kafka://{self.bootstrap}",
                 "DEMANDSTREAM_MODEL": str(self.model),
                 "DEMANDSTREAM_APP_ID": self.app_id,
                 "DEMANDSTREAM_DATA_DIR": str(self.workdir / f"data-{self.tag}"),
-                "DEMANDSTREAM_WEB_PORT": str(self.port),
+                "DEMANDSTREAM_WEB_PORT": str(port),
                 "DEMANDSTREAM_TOPIC_INPUT": self.input_topic,
                 "DEMANDSTREAM_TOPIC_SIGNALS": self.signals_topic,
                 "DEMANDSTREAM_TOPIC_DLQ": f"bench-dlq-{self.tag}",
@@ -309,63 +317,37 @@ class BenchWorker:
                 **self.extra_env,
             }
         )
-        log = open(self.log_path, "ab")
-        self.started_at = time.monotonic()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "demandstream.stream", "worker"],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        log.close()
+        # POLL_S, not the launcher's half second: the drain's start-up figure ends at the first 200.
+        self.launcher = WorkerLauncher(
+            env, self.log_path, ready_timeout_s=WORKER_READY_TIMEOUT_S, poll_s=POLL_S
+        ).start()
         return self
 
-    def _get(self, path: str) -> tuple[int, bytes]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as r:
-                return r.status, r.read()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read()
+    def _started(self) -> WorkerLauncher:
+        if self.launcher is None:
+            raise RuntimeError(f"bench worker {self.tag} not started")
+        return self.launcher
 
     def wait_ready(self, timeout: float = WORKER_READY_TIMEOUT_S) -> float:
         """Block until /readyz answers 200; return the monotonic time it was first seen."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if self._get("/readyz")[0] == 200:
-                    return time.monotonic()
-            except OSError:
-                pass
-            time.sleep(POLL_S)
-        raise TimeoutError(f"worker not ready after {timeout} s:\n{self.log_tail()}")
+        return self._started().wait_ready(timeout)
 
     def metric(self, name: str) -> float:
         """Sum of a metric's samples on /metrics (0 if absent)."""
-        from prometheus_client.parser import text_string_to_metric_families
-
-        _, body = self._get("/metrics")
-        return sum(
-            s.value
-            for fam in text_string_to_metric_families(body.decode())
-            for s in fam.samples
-            if s.name == name
-        )
+        return self._started().metric(name)
 
     def stop(self) -> None:
+        """Kill the worker's process group, if it runs."""
         # SIGKILL, not a graceful stop: the bench's app ids, topics and data dirs are thrown away, and a
         # graceful Faust shutdown would cost seconds of CPU the next measurement shares.
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(30)
+        if self.launcher is not None:
+            self.launcher.kill()
 
     def log_tail(self, n: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
+        """The last ``n`` lines of the worker's log."""
+        if self.launcher is None:
             return "(no log)"
+        return self.launcher.log_tail(n)
 
 
 @dataclass

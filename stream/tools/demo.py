@@ -20,6 +20,7 @@ import orjson
 from demandstream.model.data.synth import generate, write_jsonl
 from demandstream.model.errors import UserError
 from demandstream.stream.settings import Settings
+from demandstream.stream.worker.launcher import WorkerLauncher
 
 #: The demo's files (data, model, worker state), under the directory it is run from (`make demo`: the checkout).
 DEMO_DIR = Path("var") / "demo"
@@ -38,31 +39,13 @@ def kafka(script: Path, cmd: str, port: int) -> int:
     return subprocess.run([str(script), cmd, "--port", str(port)]).returncode
 
 
-def http_get(port: int, path: str) -> tuple[int, bytes]:
-    import urllib.error
-    import urllib.request
-
+def metric(worker: WorkerLauncher, name: str) -> float:
+    """Sum of a metric's samples on the worker's /metrics; 0 while the worker does not answer."""
+    # The demo polls a worker busy with the replay: a scrape that fails reads as nothing counted yet.
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=3) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, b""
-    except OSError:
-        return 0, b""
-
-
-def metric(port: int, name: str, **labels) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    status, body = http_get(port, "/metrics")
-    if status != 200:
+        return worker.metric(name)
+    except (OSError, RuntimeError):
         return 0.0
-    total = 0.0
-    for fam in text_string_to_metric_families(body.decode()):
-        for s in fam.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                total += s.value
-    return total
 
 
 def main() -> int:
@@ -123,20 +106,14 @@ def main() -> int:
         env["DEMANDSTREAM_MODEL"] = str(model)
 
         say(f"starting a worker (metrics on http://127.0.0.1:{web_port}/metrics)")
-        log = open(work / "worker.log", "wb")
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "demandstream.stream", "worker"],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while http_get(web_port, "/readyz")[0] != 200:
-            if worker.poll() is not None or time.monotonic() > deadline:
-                print(f"demo: error: worker did not become ready; see {work / 'worker.log'}", file=sys.stderr)
-                return 1
-            time.sleep(0.5)
+        log_path = work / "worker.log"
+        log_path.unlink(missing_ok=True)  # the launcher appends: the log is this run's alone
+        worker = WorkerLauncher(env, log_path, port=web_port, ready_timeout_s=READY_TIMEOUT_S).start()
+        try:
+            worker.wait_ready()
+        except (RuntimeError, TimeoutError):
+            print(f"demo: error: worker did not become ready; see {log_path}", file=sys.stderr)
+            return 1
 
         from demandstream.stream.tools.replay import replay
 
@@ -147,8 +124,8 @@ def main() -> int:
         deadline = time.monotonic() + DRAIN_TIMEOUT_S
         done = 0.0
         while time.monotonic() < deadline:
-            done = metric(web_port, "demandstream_signals_total") + metric(
-                web_port, "demandstream_dead_letters_total"
+            done = metric(worker, "demandstream_signals_total") + metric(
+                worker, "demandstream_dead_letters_total"
             )
             if done >= expected:
                 break
@@ -161,9 +138,9 @@ def main() -> int:
         tail(settings, from_beginning=False, max_records=8, timeout_s=0.1)  # warm the consumer quietly
         _show_latest(settings, 8)
 
-        signals = metric(web_port, "demandstream_signals_total")
-        dead = metric(web_port, "demandstream_dead_letters_total")
-        p50 = _quantile(web_port, 0.5)
+        signals = metric(worker, "demandstream_signals_total")
+        dead = metric(worker, "demandstream_dead_letters_total")
+        p50 = _quantile(worker, 0.5)
         print()
         say("summary")
         print(f"  events in        {expected:>10,}")
@@ -181,11 +158,7 @@ def main() -> int:
     finally:
         if worker is not None and worker.poll() is None:
             say("stopping the worker")
-            worker.terminate()
-            try:
-                worker.wait(60)
-            except subprocess.TimeoutExpired:
-                worker.kill()
+            worker.stop(timeout=60)
         if started_kafka:
             say("stopping Kafka")
             kafka(script, "down", port)
@@ -215,11 +188,14 @@ def _show_latest(settings: Settings, n: int) -> None:
         c.close()
 
 
-def _quantile(port: int, q: float) -> float | None:
+def _quantile(worker: WorkerLauncher, q: float) -> float | None:
     """Approximate quantile of the batch-size histogram from its cumulative buckets."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    status, body = http_get(port, "/metrics")
+    try:
+        status, body = worker.get("/metrics")
+    except OSError:
+        return None
     if status != 200:
         return None
     buckets = []

@@ -2,13 +2,15 @@
 
 Imports point one way: the model's runtime core imports nothing of data, training or evaluation (the
 worker loads it alone); the stream's Kafka-free engine imports neither Faust nor the worker; ``model``
-never imports ``stream``, Faust or Kafka. Imports under ``if TYPE_CHECKING:`` are annotations, not
+never imports ``stream``, Faust or Kafka; the worker launcher, which the demo and the bench load, imports
+only the standard library and prometheus_client. Imports under ``if TYPE_CHECKING:`` are annotations, not
 dependencies, and are not counted.
 """
 
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
@@ -43,6 +45,9 @@ ALLOWED: dict[str, set[str]] = {
         "demandstream.model.core",
         "demandstream.stream.engine",
     },
+    # The launcher is a leaf the bench and the demo load without Faust: standard library and
+    # prometheus_client only (LAUNCHER_THIRD_PARTY).
+    "demandstream.stream.worker.launcher": set(),
     "demandstream.stream.worker": {
         "demandstream.model.errors",
         "demandstream.model.core",
@@ -59,6 +64,7 @@ ALLOWED: dict[str, set[str]] = {
         "demandstream.stream.settings",
         "demandstream.stream.admin",
         "demandstream.stream.engine",
+        "demandstream.stream.worker.launcher",  # the demo starts its worker
         "demandstream.stream.tools",
     },
 }
@@ -66,6 +72,8 @@ ALLOWED: dict[str, set[str]] = {
 STREAMING_ONLY = ("faust", "aiokafka", "kafka", "mode", "demandstream.stream")
 #: The Kafka-free engine runs without Faust or a Kafka client.
 ENGINE_FORBIDDEN = ("faust", "aiokafka", "kafka", "mode")
+#: The only third-party package the worker launcher imports.
+LAUNCHER_THIRD_PARTY = {"prometheus_client"}
 
 
 def _module_name(path: Path) -> str:
@@ -124,6 +132,11 @@ def test_imports_point_one_way(path):
     if name.startswith("demandstream.stream.engine"):
         leaks = [i for i in imports if i.split(".")[0] in ENGINE_FORBIDDEN]
         assert not leaks, f"{name} (Kafka-free engine) imports {leaks}"
+    if name == "demandstream.stream.worker.launcher":
+        roots = {i.split(".")[0] for i in imports} - set(sys.stdlib_module_names) - LAUNCHER_THIRD_PARTY
+        assert not roots, (
+            f"{name} (the launcher) imports {sorted(roots)}: standard library and prometheus_client only"
+        )
     layer = _layer(name)
     if layer is None:  # cli, bench, __main__, package roots: the top, allowed to use every layer
         return
