@@ -83,7 +83,9 @@ def category_hash(category: str | None) -> int:
     """
     if category is None or category == "":
         return 0
-    return zlib.crc32(category.encode("utf-8")) % CATEGORY_HASH_SPACE + 1
+    # surrogatepass: a str with a lone surrogate (never valid input, see events.py) still hashes
+    # instead of raising; every other str encodes exactly as in UTF-8
+    return zlib.crc32(category.encode("utf-8", "surrogatepass")) % CATEGORY_HASH_SPACE + 1
 
 
 def price_bucket(price: float | None) -> int:

@@ -88,13 +88,19 @@ def encode_signal(
 
 
 def _category(name: str) -> str:
-    """``name``, or ``#`` and its hash in hex when its JSON would take more than CATEGORY_NAME_MAX bytes.
+    """``name``, or ``#`` and its hash in hex when its JSON would take more than CATEGORY_NAME_MAX bytes
+    (or it could not be JSON at all).
 
     >>> _category("shoes"), _category("x" * 300) == f"#{category_hash('x' * 300):08x}"
     ('shoes', True)
     """
-    if len(name) * 6 <= CATEGORY_NAME_MAX or _json_len(name) <= CATEGORY_NAME_MAX:  # 6: longest escape
-        return name
+    try:
+        if len(name) * 6 <= CATEGORY_NAME_MAX and name.isascii():  # 6: the longest escape
+            return name
+        if _json_len(name) <= CATEGORY_NAME_MAX:
+            return name
+    except TypeError:  # lone surrogates: not UTF-8, so not JSON; only a checkpoint could hold one
+        pass
     return f"#{category_hash(name):08x}"
 
 
