@@ -188,3 +188,80 @@ def test_a_partition_that_comes_back_before_a_micro_batch_reprocesses_its_abando
     u0, u1 = state_key("u0"), state_key("u1")  # table keys live in their own namespace (§State keys)
     assert local[u0] == again.states[u0][1]
     assert local[u1] == first.states[u1][1]
+
+
+class FakeRecovery:
+    """The parts of Faust's ``Recovery`` that :class:`RecoveryTail` reads and ends."""
+
+    def __init__(self, offsets: dict, highwaters: dict):
+        self.in_recovery = True
+        self.active_offsets = dict(offsets)
+        self.active_highwaters = dict(highwaters)
+        self.flushed = 0
+        self.signal_recovery_end = asyncio.Event()
+
+    def need_recovery(self) -> bool:
+        return any(hw - self.active_offsets[tp] > 0 for tp, hw in self.active_highwaters.items())
+
+    def flush_buffers(self) -> None:
+        self.flushed += 1
+
+    def _set_recovery_ended(self) -> None:
+        self.in_recovery = False
+
+
+def tail_app(recovery: FakeRecovery, positions: dict, *, queued: int = 0, in_transaction: bool = True):
+    async def position(tp):
+        return positions[tp]
+
+    queue: asyncio.Queue = asyncio.Queue()
+    for _ in range(queued):
+        queue.put_nowait(object())
+    return SimpleNamespace(
+        in_transaction=in_transaction,
+        tables=SimpleNamespace(recovery=recovery, changelog_queue=queue),
+        consumer=SimpleNamespace(position=position),
+    )
+
+
+def test_recovery_ends_on_the_second_round_past_the_changelogs_end_marker():
+    # partition 0: last data record 8, marker at 9 (end offset 10, Faust's target 9); the consumer is at 10
+    recovery = FakeRecovery({"p0": 8, "p1": 4}, {"p0": 9, "p1": 4})
+    tail = faust_patches.RecoveryTail(tail_app(recovery, {"p0": 10, "p1": 5}))
+    asyncio.run(tail.check())
+    assert recovery.in_recovery, "one round is not enough: a record may still be on its way"
+    asyncio.run(tail.check())
+    assert not recovery.in_recovery and recovery.signal_recovery_end.is_set()
+    assert recovery.active_offsets == {"p0": 9, "p1": 4} and recovery.flushed == 1
+
+
+@pytest.mark.parametrize(
+    "positions, queued, in_transaction",
+    [
+        ({"p0": 9}, 0, True),  # at the marker's offset: the record at 9 may be data not yet fetched
+        ({"p0": None}, 0, True),  # no position yet
+        ({"p0": 10}, 1, True),  # fetched, but the recovery has not counted everything it was given
+        ({"p0": 10}, 0, False),  # at-least-once: no markers, Faust's own end is exact
+    ],
+)
+def test_recovery_is_left_to_faust_unless_everything_below_the_end_was_fetched_and_counted(
+    positions, queued, in_transaction
+):
+    recovery = FakeRecovery({"p0": 8}, {"p0": 9})
+    tail = faust_patches.RecoveryTail(
+        tail_app(recovery, positions, queued=queued, in_transaction=in_transaction)
+    )
+    for _ in range(3):
+        asyncio.run(tail.check())
+    assert recovery.in_recovery and recovery.active_offsets == {"p0": 8} and recovery.flushed == 0
+
+
+def test_a_record_counted_between_two_rounds_restarts_the_confirmation():
+    recovery = FakeRecovery({"p0": 7}, {"p0": 9})
+    tail = faust_patches.RecoveryTail(tail_app(recovery, {"p0": 10}))
+    asyncio.run(tail.check())
+    recovery.active_offsets["p0"] = 8  # the recovery applied one more record meanwhile
+    asyncio.run(tail.check())
+    assert recovery.in_recovery
+    asyncio.run(tail.check())
+    assert not recovery.in_recovery and recovery.active_offsets == {"p0": 9}
