@@ -25,6 +25,7 @@ import math
 import os
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -58,6 +59,11 @@ FAULT_ENV: dict[str, str] = {
 #: Largest |Δ| allowed between streamed and reference h/c: batched and unbatched float32 sums differ in
 #: the last bits (the issue's bound).
 STATE_TOL = 1e-5
+#: Users whose served view (``/users/{id}/demand``) is compared with their final signal, per fault run.
+SERVED_SAMPLE = 200
+#: Largest |Δp| between the served view and the final signal (both come from the same prediction; the
+#: state stores it with less precision than the signal's JSON).
+SERVED_TOL = 1e-4
 #: A reader stops once nothing new arrived for this long after its condition holds (to see late extras).
 IDLE_S = 3.0
 #: ... and gives up when nothing new arrived for this long while its condition does not hold: longer than
@@ -236,6 +242,7 @@ class FaultReport:
     max_state_diff: float = 0.0
     recovery_s: list[float] = field(default_factory=list)
     runtime_s: float = 0.0
+    served_users: int = 0  # users whose /users/{id}/demand was compared with their final signal
     problems: list[str] = field(default_factory=list)
 
     def save(self) -> None:
@@ -254,6 +261,68 @@ EXACT_STATE_FIELDS = SUMMARY_FIELDS
 def _same_time(a: float, b: float) -> bool:
     """Equal event times, NaN (never happened) equal to NaN."""
     return a == b or (math.isnan(a) and math.isnan(b))
+
+
+def served_view_problems(
+    get: Callable[[str], tuple[int, bytes]], signals: Sequence[dict], seqs: dict, timeout: float = 60.0
+) -> tuple[int, list[str]]:
+    """Compare ``/users/{id}/demand`` of a sample of users with each one's final signal.
+
+    Returns (users compared, problems found).
+
+    The final signal (``events_seen`` = the user's number of events) is what the offline reference
+    was checked against; the served view is read from the worker's local store, which is a separate
+    path (the store after restore, rebalance and commit, and Faust's routing to the owning worker),
+    so a worker that signals right but serves a stale or lost state fails here. A view is polled
+    until it shows the final event count (states reach the store at commit), then compared.
+    """
+    final = {}
+    for sig in signals:
+        if sig["events_seen"] == len(seqs.get(sig["user_id"], ())):
+            final[sig["user_id"]] = sig
+    users = sorted(final)[:: max(1, len(final) // SERVED_SAMPLE)]
+    problems, pending = [], list(users)
+    deadline = time.monotonic() + timeout
+    while pending and time.monotonic() < deadline:
+        waiting = []
+        for u in pending:
+            try:
+                status, body = get(f"/users/{urllib.parse.quote(u, safe='')}/demand")
+            except OSError:
+                status, body = 0, b""
+            view = orjson.loads(body) if status == 200 else None
+            if view is None or view["events_seen"] < final[u]["events_seen"]:
+                waiting.append(u)
+                continue
+            problems.extend(f"served view of {u}: {p}" for p in _view_differences(view, final[u]))
+        pending = waiting
+        if pending:
+            time.sleep(0.5)
+    if pending:
+        problems.append(
+            f"{len(pending)} of {len(users)} sampled users not served with their final state within "
+            f"{timeout:.0f} s, e.g. {pending[:3]}"
+        )
+    if not users:
+        problems.append("no user has a final signal to compare the served view with")
+    return len(users), problems
+
+
+def _view_differences(view: dict, sig: dict) -> list[str]:
+    out = []
+    if view["events_seen"] != sig["events_seen"]:
+        out.append(f"events_seen {view['events_seen']} != {sig['events_seen']}")
+    names = [t["category"] for t in view["top_categories"]]
+    if names != [t["category"] for t in sig["top_categories"]]:
+        out.append(f"top categories {names} != {[t['category'] for t in sig['top_categories']]}")
+    elif any(
+        abs(a["p"] - b["p"]) > SERVED_TOL
+        for a, b in zip(view["top_categories"], sig["top_categories"], strict=True)
+    ):
+        out.append("top category probabilities differ from the final signal's")
+    if abs(view["purchase_propensity"] - sig["purchase_propensity"]) > SERVED_TOL:
+        out.append(f"propensity {view['purchase_propensity']} != {sig['purchase_propensity']}")
+    return out
 
 
 def state_difference(actual: UserState, ref: UserState) -> tuple[float, list[str]]:
@@ -300,11 +369,14 @@ def check_invariants(
     timeout: float = 240.0,
     started: float | None = None,
     check_dead: Callable[[list[dict]], list[str]] | None = None,
+    served: Callable[[str], tuple[int, bytes]] | None = None,
 ) -> FaultReport:
     """Read signals, dead letters and the changelog; fill ``report``; assert every invariant.
 
     ``records_in`` is the number of records produced to the input topic (valid + garbage);
-    ``check_dead``, given the dead letters read, returns a list of problems found in them.
+    ``check_dead``, given the dead letters read, returns a list of problems found in them;
+    ``served``, a live worker's HTTP GET (path -> status, body), adds the check that the worker's
+    query API serves every sampled user's final state (:func:`served_view_problems`).
     """
     exactly_once = settings.guarantee == "exactly_once"
     isolation = "read_committed" if exactly_once else "read_uncommitted"
@@ -424,6 +496,9 @@ def check_invariants(
             problems.append(f"dead-letter reasons {dict(got)} != expected {dict(expected_reasons)}")
     if check_dead is not None:
         problems.extend(check_dead(dead))
+    if served is not None:
+        report.served_users, served_problems = served_view_problems(served, signals, seqs)
+        problems.extend(served_problems)
     report.save()
     assert not problems, "invariants violated:\n- " + "\n- ".join(problems)
     assert report.max_state_diff <= STATE_TOL

@@ -166,6 +166,7 @@ def test_garbage_under_load(worker_factory, stream_env, kafka_bootstrap, small_m
         expected_reasons=expected,
         started=started,
         check_dead=check_dead,
+        served=w.get,
     )
     assert report.duplicates == 0 and report.duplicate_dead_letters == 0  # no fault, so no redelivery
     assert w.proc.poll() is None, "the worker died"

@@ -1,5 +1,8 @@
 """Broker loss: one of three brokers is SIGKILLed mid-stream and restarted later; nothing is lost.
 
+Under both guarantees: under exactly_once the dead broker may also lead the transaction coordinator's
+partitions, so the worker's open transactions must survive a coordinator move.
+
 A separate 3-broker KRaft cluster (its own port, started and stopped by this module) holds every topic
 with replication factor 3 (min.insync.replicas 2, acks=all), so losing one broker costs leader
 elections and retries, never an acknowledged record.
@@ -52,9 +55,11 @@ def cluster3() -> Iterator[list[str]]:
         kafka_sh("down", timeout=180)
 
 
-def test_broker_loss(cluster3, worker_factory, stream_env, small_model, tmp_path):
+@pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
+def test_broker_loss(guarantee, cluster3, worker_factory, stream_env, small_model, tmp_path):
     started = time.time()
     env = {
+        "DEMANDSTREAM_GUARANTEE": guarantee,
         "DEMANDSTREAM_BROKER": "kafka://" + ",".join(cluster3),
         "DEMANDSTREAM_REPLICATION": "3",
         **FAULT_ENV,
@@ -90,5 +95,6 @@ def test_broker_loss(cluster3, worker_factory, stream_env, small_model, tmp_path
         records_in=sent,
         kill_times=[kill_t],
         started=started,
+        served=w.get,
     )
     assert w.proc.poll() is None, "the worker died with the broker"

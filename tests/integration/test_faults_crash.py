@@ -87,6 +87,7 @@ def test_worker_crash(guarantee, worker_factory, stream_env, kafka_bootstrap, sm
         records_in=sent,
         kill_times=kills,
         started=started,
+        served=worker.get,
     )
     assert all(t < 120 for t in report.recovery_s), report.recovery_s
     assert worker.proc.poll() is None, f"the last worker died:\n{worker.log_tail()}"

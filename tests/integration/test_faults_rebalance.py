@@ -85,5 +85,6 @@ def test_rebalance(guarantee, worker_factory, stream_env, kafka_bootstrap, small
         records_in=sent,
         kill_times=[kill_t],
         started=started,
+        served=b2.get,
     )
     assert b2.proc.poll() is None, f"the surviving worker died:\n{b2.log_tail()}"

@@ -82,5 +82,6 @@ def test_crash_at_a_step_of_the_batch_protocol(
         records_in=sent,
         kill_times=[died],
         started=started,
+        served=worker.get,
     )
     assert worker.proc.poll() is None, f"the restarted worker died:\n{worker.log_tail()}"
