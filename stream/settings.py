@@ -68,6 +68,9 @@ class Settings:
     partitions: int = 4
     replication: int = 1
     standby_replicas: int = 1
+    #: changelog records a standby copy buffers per partition before writing them to its disk (Faust's
+    #: default): how far a standby's disk may trail, an erasure included, until promotion or stop
+    standby_buffer: int = 1000
     store: str = "rocksdb"
     batch_max: int = 2000
     batch_within_ms: int = 50
@@ -126,7 +129,7 @@ class Settings:
                 )
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise SettingsError(f"{PREFIX}DEVICE: must be auto, cpu or cuda (got {self.device!r})")
-        for name in ("partitions", "replication", "batch_max", "top_k", "processes"):
+        for name in ("partitions", "replication", "standby_buffer", "batch_max", "top_k", "processes"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{PREFIX}{name.upper()}: must be at least 1")
         if self.changelog_max_compaction_lag_s <= 0:

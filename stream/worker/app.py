@@ -123,6 +123,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Components
         settings.table,
         default=None,
         partitions=settings.partitions,
+        standby_buffer_size=settings.standby_buffer,
         key_type=bytes,
         value_type=bytes,
         # Applies when Faust creates the changelog topic: an erased or expired state's record may stay in

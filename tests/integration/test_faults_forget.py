@@ -1,8 +1,9 @@
 """``demandstream forget USER`` end to end: a tombstone in the changelog and a 404 from the worker.
 
-The erasure request travels through the input topic behind the user's events; afterwards the user's
-latest changelog record is a tombstone (so compaction removes the state from Kafka), the worker answers
-404 for the user, and every other user keeps its state.
+The erasure request travels through the control topic; afterwards the user's latest changelog record
+is a tombstone (so compaction removes the state from Kafka), the worker answers 404 for the user, and
+every other user keeps its state. With standby replicas, the copy a second worker keeps of the user's
+partition is deleted from its disk too.
 """
 
 from __future__ import annotations
@@ -11,11 +12,14 @@ import collections
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
+from rocksdict import AccessType, Options, Rdict
 
 from demandstream.model.core.state import unpack
 from demandstream.model.data.synth import generate, write_jsonl
+from demandstream.stream.engine.records import user_of_state_key
 from demandstream.stream.settings import Settings
 from demandstream.stream.tools.replay import replay
 from tests.conftest import REPO
@@ -74,3 +78,73 @@ def test_forget_user_end_to_end(worker_factory, stream_env, kafka_bootstrap, tmp
     print(
         f"\nFAULT FIGURES forget: {counts[victim]} events of the user erased, tombstone + 404 in {erased_s:.1f} s"
     )
+
+
+def users_on_disk(data_dir: str) -> set[str] | None:
+    """Users whose state a worker's RocksDB holds, active and standby partitions alike (None: unreadable now).
+
+    Opened read-only beside the running worker (RocksDB allows it; the WAL is replayed, so unflushed
+    writes are seen); a file the worker compacts away meanwhile makes it unreadable for this round.
+    """
+    users: set[str] = set()
+    for db_path in sorted(Path(data_dir).glob("v1/tables/*.db")):
+        try:
+            db = Rdict(str(db_path), Options(raw_mode=True), access_type=AccessType.read_only())
+        except Exception:  # noqa: BLE001 - rocksdict raises its own generic exception
+            return None
+        try:
+            users.update(u for u in map(user_of_state_key, db.keys()) if u is not None)
+        finally:
+            db.close()
+    return users
+
+
+def test_forget_reaches_the_standby_copy(worker_factory, stream_env, kafka_bootstrap, tmp_path):
+    # A standby writes its copy to disk every DEMANDSTREAM_STANDBY_BUFFER changelog records of a partition
+    # (and when promoted or stopped); 1 makes every record visible on disk at once, so the test can
+    # watch the copy appear and go instead of stopping the workers to flush it.
+    env = {"DEMANDSTREAM_STANDBY_REPLICAS": "1", "DEMANDSTREAM_STANDBY_BUFFER": "1"}
+    s = Settings.from_env(stream_env | env)
+    events = list(generate(N_USERS, N_EVENTS, seed=5))
+    data = tmp_path / "events.jsonl"
+    write_jsonl(events, data)
+    counts = collections.Counter(e.user_id for e in events)
+    victim = counts.most_common(1)[0][0]
+
+    workers = [worker_factory(**env).start() for _ in range(2)]
+    for w in workers:
+        w.wait_ready()
+    dirs = [w.env["DEMANDSTREAM_DATA_DIR"] for w in workers]
+    replay(s, [data], "jsonl", progress=False)
+
+    # Two workers, four partitions, one standby: each worker's disk holds every user, half of them as
+    # standby copies. Only then does "the standby's copy is gone" say anything.
+    wait_until(
+        lambda: all((users_on_disk(d) or set()) >= set(counts) for d in dirs),
+        120,
+        "both workers' disks to hold every user (active or standby)",
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "demandstream.stream", "forget", victim],
+        env=stream_env | env,
+        cwd=REPO,
+        capture_output=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+    reader = TopicReader(kafka_bootstrap, changelog_topic(s))
+    try:
+        reader.read_until(lambda recs: latest_states(recs).get(victim, b"") is None, 60, idle_s=1)
+    finally:
+        reader.close()
+
+    def erased_everywhere() -> bool:
+        on_disk = [users_on_disk(d) for d in dirs]
+        return all(u is not None and victim not in u for u in on_disk)
+
+    wait_until(erased_everywhere, 30, "the forgotten user to leave both workers' disks")
+    others = set(counts) - {victim}
+    assert all((users_on_disk(d) or set()) >= others for d in dirs), "other users lost from a worker's disk"
+    for w in workers:
+        assert w.get(f"/users/{victim}/demand")[0] == 404
+        assert w.proc.poll() is None, w.log_tail()
