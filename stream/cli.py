@@ -135,10 +135,14 @@ def cmd_forget(a, settings: Settings) -> int:
 
 
 def cmd_bench(a, settings: Settings) -> int:
-    from demandstream.stream.bench.runner import run_bench
+    """Run the bench; it always writes what it measured, and exits 1 (one line per failed part on
+    stderr) if any part failed, so a script or CI sees a partial run."""
+    from demandstream.stream.bench.runner import EXIT_PARTS_FAILED, run_bench
 
-    run_bench(settings, out=a.out, quick=a.quick, markdown=a.markdown)
-    return 0
+    result = run_bench(settings, out=a.out, quick=a.quick, markdown=a.markdown)
+    for f in result["failed"]:
+        print(f"demandstream bench: {f['part']} failed: {f['error']}", file=sys.stderr)
+    return EXIT_PARTS_FAILED if result["failed"] else 0
 
 
 def cmd_export(a, settings: Settings) -> int:

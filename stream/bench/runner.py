@@ -7,6 +7,11 @@ taken pair by pair; the broker is then stopped and the in-process model measurem
 machine. The measurements themselves live in :mod:`demandstream.stream.bench.kafka` and :mod:`demandstream.stream.bench.model`;
 this module plans them, gathers the machine description and writes the JSON and docs/BENCHMARKS.md.
 
+Each round measures two plain-client passthrough copies (PERF-ANCHORS' method and the fastest copy with
+the pipeline's acks) and the pipeline; the ratio divides the pipeline by the faster copy of its round.
+Every part runs through :class:`Parts`, so one that fails (the broker, a round, the profile) is recorded
+in the JSON's ``failed`` list and the Markdown while the rest is still measured and written.
+
 >>> summary([3.0, 1.0, 2.0])
 {'median': 2.0, 'min': 1.0, 'max': 3.0, 'runs': [3.0, 1.0, 2.0]}
 """
@@ -23,9 +28,11 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import TypeVar
 
 import orjson
 
@@ -34,6 +41,7 @@ from demandstream.stream.bench import model as bm
 from demandstream.stream.settings import Settings
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: Fractions of the measured pipeline max rate at which latency is measured (docs/ARCHITECTURE.md §Benchmark).
 LOAD_LEVELS = (0.25, 0.50, 0.75)
@@ -45,6 +53,15 @@ END_MARK = "<!-- bench:end -->"
 #: Load for the profile: enough pre-loaded events to keep the warm worker busy this much longer than
 #: the profile lasts, so every sample is taken under full load.
 PROFILE_SLACK_S = 10.0
+#: Distinct events the latency load cycles through (re-stamped on each send): enough that a user's
+#: events are not one template repeated.
+LATENCY_TEMPLATES = 20_000
+#: A failed part's error in the JSON and the Markdown is one line of at most this many characters (the
+#: log has the whole traceback).
+ERROR_CHARS = 300
+#: Exit status of ``demandstream bench`` when a part failed (its JSON and Markdown are still written);
+#: not 2, which the CLI keeps for a user's mistake.
+EXIT_PARTS_FAILED = 1
 
 
 @dataclass(frozen=True)
@@ -91,6 +108,67 @@ def summary(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": list(values)}
 
 
+def error_line(exc: BaseException) -> str:
+    """``"ExceptionType: message"`` on one line, cut to :data:`ERROR_CHARS`.
+
+    >>> error_line(RuntimeError("kafka.sh up failed (1):\\n  port in use"))
+    'RuntimeError: kafka.sh up failed (1): port in use'
+    """
+    text = f"{type(exc).__name__}: {' '.join(str(exc).split())}".rstrip(": ")
+    return text if len(text) <= ERROR_CHARS else text[: ERROR_CHARS - 1] + "…"
+
+
+class Parts:
+    """Runs the bench's parts; a part that raises is logged, recorded as failed, and the bench goes on.
+
+    Only :class:`Exception` is caught: Ctrl-C (``KeyboardInterrupt``) and ``SystemExit`` still stop the
+    bench. A part that cannot run because one it needs failed is recorded with :meth:`skip`.
+
+    >>> parts = Parts()
+    >>> parts.run("sizes", lambda: 2)
+    2
+    >>> parts.run("broken", lambda: 1 / 0) is None
+    True
+    >>> parts.failed
+    [{'part': 'broken', 'error': 'ZeroDivisionError: division by zero'}]
+    """
+
+    def __init__(self) -> None:
+        self.failed: list[dict] = []  #: ``{"part", "error"}`` of each part that raised
+        self.skipped: list[dict] = []  #: ``{"part", "reason"}`` of each part not run
+
+    def run(self, name: str, fn: Callable[..., T], *args, **kwargs) -> T | None:
+        """``fn(*args, **kwargs)``, or ``None`` (recorded under ``name``) when it raises an Exception."""
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            logger.exception("bench part %r failed; going on with the others", name)
+            self.failed.append({"part": name, "error": error_line(exc)})
+            return None
+
+    def skip(self, name: str, reason: str) -> None:
+        """Record that ``name`` was not measured, and why."""
+        logger.warning("bench part %r not measured: %s", name, reason)
+        self.skipped.append({"part": name, "reason": reason})
+
+    def reason(self, name: str) -> str:
+        """``"<name> failed: <error>"``: the reason given for the parts that needed ``name``."""
+        for f in self.failed:
+            if f["part"] == name:
+                return f"{name} failed: {f['error']}"
+        return f"{name} failed"
+
+
+@dataclass
+class _Data:
+    """What every measurement shares: generated events, the model, one packed state record."""
+
+    events: list
+    ckpt: object
+    model: Path
+    record: bytes
+
+
 def run_bench(
     settings: Settings,
     out: str | Path | None = "bench.json",
@@ -101,6 +179,13 @@ def run_bench(
     plan: BenchPlan | None = None,
 ) -> dict:
     """Run every measurement, write the JSON to ``out`` and the results block of ``markdown``.
+
+    Each part (broker start, data, each round, each latency level, profile, restore, each model figure)
+    runs through :class:`Parts`: one that fails is recorded in the JSON's ``failed`` list and the
+    Markdown, the figures it would have given are ``None``, and the rest is still measured and written.
+    A failed broker skips the Kafka parts but not the in-process model parts; a failed round is left out
+    of the medians; latency and the profile need the last round's warm worker, restore a round's
+    start-up time, and each is recorded in ``skipped`` with the reason when that is missing.
 
     Parameters
     ----------
@@ -118,8 +203,8 @@ def run_bench(
     Returns
     -------
     dict
-        The JSON written: the docs/ARCHITECTURE.md §Benchmark keys plus ``detail``, ``plan``, ``date`` and
-        ``command``.
+        The JSON written: the docs/ARCHITECTURE.md §Benchmark keys (``None`` where not measured), then
+        ``failed``, ``skipped``, ``detail``, ``plan``, ``date`` and ``command``.
     """
     plan = plan or (QUICK if quick else FULL)
     t_start = time.monotonic()
@@ -129,44 +214,69 @@ def run_bench(
         port = kafka_port or int(os.environ.get("DEMANDSTREAM_BENCH_KAFKA_PORT", bk.DEFAULT_BENCH_KAFKA_PORT))
         broker = bk.Broker(port=port, script=settings.kafka_script_path())
     markdown = Path(markdown) if markdown else None
-    result: dict = {}
+    parts = Parts()
+    result: dict = dict.fromkeys(BENCH_KEYS)
+    detail: dict = {}
     with tempfile.TemporaryDirectory(prefix="ds-bench-") as tmp:
         work = Path(tmp)
-        broker.start()
         try:
+            starting = parts.run("broker start", broker.start) is not None
             # While the broker's JVM starts: data, model and the (untimed-headline) RocksDB size.
-            events = bm.bench_events(max(plan.events, max(bm.HISTORY_LENGTHS), max(bm.STEP_BATCH_SIZES)))
-            ckpt = bm.make_checkpoint(events)
-            model = Path(settings.model) if settings.model else bm.save_model(work / "model.pt", events)
-            record = bm.filled_record(ckpt)[0]
-            disk = bm.rocksdb_bytes_per_user(ckpt, plan.disk_users, work)
-            broker.wait()
-            kafka = _kafka_measurements(
-                broker.bootstrap, settings, plan, events[: plan.events], model, record, work, markdown
-            )
+            data = parts.run("data", _prepare, plan, settings, work)
+            if data is None:
+                parts.skip("state on disk", parts.reason("data"))
+            else:
+                detail["state_on_disk"] = parts.run(
+                    "state on disk", bm.rocksdb_bytes_per_user, data.ckpt, plan.disk_users, work
+                )
+            up = starting and parts.run("broker start", broker.wait) is not None
+            kafka_parts = _kafka_part_names(plan, markdown)
+            if not up:
+                for name in kafka_parts:
+                    parts.skip(name, parts.reason("broker start"))
+            elif data is None:
+                for name in kafka_parts:
+                    parts.skip(name, parts.reason("data"))
+            else:
+                kafka = _kafka_measurements(parts, broker.bootstrap, settings, plan, data, work, markdown)
+                detail.update(kafka.pop("detail"))
+                result.update(kafka)
         finally:
-            broker.stop()
-        result = _model_measurements(plan, events, ckpt)
-    detail = {**kafka.pop("detail"), **result.pop("detail")}
-    result.update(kafka)
+            parts.run("broker stop", broker.stop)
+        if data is None:
+            for name in ("step", "incremental", "train"):
+                parts.skip(name, parts.reason("data"))
+        else:
+            model = _model_measurements(parts, plan, data)
+            detail.update(model.pop("detail"))
+            result.update(model)
+    if data is not None:
+        result["state_bytes_per_user"] = len(data.record)
+        if detail.get("state_on_disk"):
+            detail["state_on_disk"]["record_bytes"] = len(data.record)
+    result["machine"] = parts.run("machine", machine)
+    result["failed"] = parts.failed
+    result["skipped"] = parts.skipped
     result["detail"] = detail
-    result["state_bytes_per_user"] = len(record)
-    result["detail"]["state_on_disk"] = disk
-    result["detail"]["state_on_disk"]["record_bytes"] = len(record)
-    result["machine"] = machine()
     result["plan"] = asdict(plan)
     result["quick"] = plan is QUICK or quick
     result["date"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     result["command"] = "demandstream bench" + (" --quick" if quick else "")
     result["broker"] = "external " + broker.bootstrap if broker.external else f"own, port {broker.port}"
     result["bench_seconds"] = time.monotonic() - t_start
-    ordered = {k: result[k] for k in BENCH_KEYS} | {k: v for k, v in result.items() if k not in BENCH_KEYS}
     if out:
-        Path(out).write_bytes(orjson.dumps(ordered, option=orjson.OPT_INDENT_2))
+        Path(out).write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
     if markdown:
-        write_markdown(markdown, ordered)
-    logger.info("bench finished in %.0f s", ordered["bench_seconds"])
-    return ordered
+        write_markdown(markdown, result)
+    if parts.failed:
+        logger.warning(
+            "bench finished in %.0f s; failed: %s",
+            result["bench_seconds"],
+            ", ".join(f["part"] for f in parts.failed),
+        )
+    else:
+        logger.info("bench finished in %.0f s", result["bench_seconds"])
+    return result
 
 
 #: The top-level keys docs/ARCHITECTURE.md §Benchmark promises, in its order.
@@ -184,79 +294,197 @@ BENCH_KEYS = (
 )
 
 
+def _prepare(plan: BenchPlan, settings: Settings, work: Path) -> _Data:
+    events = bm.bench_events(max(plan.events, max(bm.HISTORY_LENGTHS), max(bm.STEP_BATCH_SIZES)))
+    ckpt = bm.make_checkpoint(events)
+    model = Path(settings.model) if settings.model else bm.save_model(work / "model.pt", events)
+    return _Data(events, ckpt, model, bm.filled_record(ckpt)[0])
+
+
+def _latency_key(level: float) -> str:
+    return f"{round(level * 100)}%"
+
+
+def _kafka_part_names(plan: BenchPlan, markdown: Path | None) -> list[str]:
+    """The Kafka parts this plan runs, in order (what a failed broker leaves unmeasured)."""
+    names = [f"round {i + 1}" for i in range(plan.rounds)]
+    names += [f"latency {_latency_key(level)}" for level in LOAD_LEVELS]
+    if plan.profile_s > 0 and markdown is not None:
+        names.append("profile")
+    return [*names, "restore"]
+
+
+def throughput(rounds: list[dict]) -> dict:
+    """Passthrough, pipeline and ratio over the rounds that worked, the ratio taken pair by pair.
+
+    Each round's passthrough is the faster of its :data:`~demandstream.stream.bench.kafka.PASSTHROUGH_METHODS`,
+    so the ratio (pipeline / passthrough of the same round) is never flattered by the slower yardstick.
+    Every figure is ``None`` when no round worked.
+
+    >>> t = throughput([
+    ...     {"perf_anchors": 60.0, "fastest_copy": 80.0, "pipeline": 20.0},
+    ...     {"perf_anchors": 50.0, "fastest_copy": 40.0, "pipeline": 10.0},
+    ... ])
+    >>> t["passthrough_events_per_s"]["runs"], t["ratio"]["runs"], t["passthrough"]["faster"]
+    ([80.0, 50.0], [0.25, 0.2], ['fastest_copy', 'perf_anchors'])
+    """
+    if not rounds:
+        return {
+            "passthrough_events_per_s": None,
+            "pipeline_events_per_s": None,
+            "ratio": None,
+            "passthrough": None,
+        }
+    faster = [max(bk.PASSTHROUGH_METHODS, key=lambda m, r=r: r[m]) for r in rounds]
+    anchors = [r[m] for r, m in zip(rounds, faster, strict=True)]
+    pipeline = [r["pipeline"] for r in rounds]
+    return {
+        "passthrough_events_per_s": summary(anchors),
+        "pipeline_events_per_s": summary(pipeline),
+        "ratio": summary([p / a for p, a in zip(pipeline, anchors, strict=True)]),
+        "passthrough": {
+            "faster": faster,
+            "methods": {
+                m: {**spec, "events_per_s": summary([r[m] for r in rounds])}
+                for m, spec in bk.PASSTHROUGH_METHODS.items()
+            },
+        },
+    }
+
+
+def _round(
+    i: int, bootstrap: str, src: str, run: str, n: int, data: _Data, work: Path, device: str
+) -> tuple[dict, bk.BenchWorker]:
+    """One round: both passthrough copies, then a fresh worker's drain; returns its figures and the worker.
+
+    The two copies swap order from one round to the next, so neither always runs on the colder broker.
+    """
+    methods = list(bk.PASSTHROUGH_METHODS)
+    if i % 2:
+        methods.reverse()
+    figures: dict = {"round": i + 1}
+    for m in methods:
+        figures[m] = bk.passthrough_events_per_s(m, bootstrap, src, f"bench-sink-{run}-{i}-{m}", n)
+    worker = bk.BenchWorker(bootstrap, data.model, f"{run}-{i}", work, src, device=device)
+    try:
+        d = bk.drain(worker, n)
+    except BaseException:
+        worker.stop()
+        raise
+    figures.update(pipeline=d.events_per_s, startup_s=d.startup_s, drain_s=d.drain_s)
+    logger.info(
+        "round %d: passthrough %s, pipeline %.0f ev/s",
+        i + 1,
+        ", ".join(f"{m} {figures[m]:.0f} ev/s" for m in bk.PASSTHROUGH_METHODS),
+        d.events_per_s,
+    )
+    return figures, worker
+
+
+def _load_input(bootstrap: str, src: str, events) -> bool:
+    bk.create_topics(bootstrap, [src])
+    bk.produce(bootstrap, src, bk.encode_events(events))
+    return True
+
+
 def _kafka_measurements(
+    parts: Parts,
     bootstrap: str,
     settings: Settings,
     plan: BenchPlan,
-    events,
-    model: Path,
-    record: bytes,
+    data: _Data,
     work: Path,
     markdown: Path | None,
 ) -> dict:
     run = uuid.uuid4().hex[:6]
     src = f"bench-input-{run}"
-    bk.create_topics(bootstrap, [src])
-    bk.produce(bootstrap, src, bk.encode_events(events))
+    events = data.events[: plan.events]
     n = len(events)
     device = "cpu" if settings.device == "auto" and not _cuda() else settings.device
-    passthrough, pipeline, ratios, drains = [], [], [], []
+    levels = [_latency_key(level) for level in LOAD_LEVELS]
+    profiled = plan.profile_s > 0 and markdown is not None
+    latency: dict = dict.fromkeys(levels)
+    prof = restore = None
+    rounds: list[dict] = []
     worker = None
+    loaded = parts.run("input topic", _load_input, bootstrap, src, events) is not None
+    if not loaded:
+        for name in _kafka_part_names(plan, markdown):
+            parts.skip(name, parts.reason("input topic"))
     try:
-        for i in range(plan.rounds):
-            passthrough.append(bk.passthrough_events_per_s(bootstrap, src, f"bench-sink-{run}-{i}", n))
+        for i in range(plan.rounds if loaded else 0):
+            # The previous round's worker goes first: the copies get the machine to themselves.
             if worker is not None:
                 worker.stop()
-            worker = bk.BenchWorker(bootstrap, model, f"{run}-{i}", work, src, device=device)
-            d = bk.drain(worker, n)
-            drains.append(d)
-            pipeline.append(d.events_per_s)
-            ratios.append(d.events_per_s / passthrough[-1])
-            logger.info(
-                "round %d: passthrough %.0f ev/s, pipeline %.0f ev/s", i + 1, passthrough[-1], pipeline[-1]
-            )
-        # Latency on the last round's worker: warm, every user's state already in its store.
-        max_rate = statistics.median(pipeline)
-        templates = [e.to_dict() for e in events[: min(n, 20_000)]]
-        latency = {}
-        for level in LOAD_LEVELS:
-            key = f"{round(level * 100)}%"
-            latency[key] = bk.latency_ms(
-                worker, templates, level * max_rate, plan.latency_s, f"lat{run}{key[:-1]}"
-            )
-            logger.info("latency at %s load: %s", key, latency[key])
-        prof = None
-        if plan.profile_s > 0 and markdown is not None:
-            prof = _profile(
-                worker, bootstrap, src, events, max_rate, plan, markdown.parent / "profile-pipeline.txt"
-            )
-        worker.stop()
-        baseline = statistics.median(d.startup_s for d in drains)
-        rw = bk.BenchWorker(
-            bootstrap, model, f"{run}-restore", work, f"bench-restore-input-{run}", device=device
-        )
-        try:
-            restore = bk.restore_seconds(rw, record, plan.restore_users, baseline)
-        finally:
-            rw.stop()
+                worker = None
+            done = parts.run(f"round {i + 1}", _round, i, bootstrap, src, run, n, data, work, device)
+            if done is not None:
+                figures, worker = done
+                rounds.append(figures)
+        t = throughput(rounds)
+        # Latency and the profile run on the last round's worker: warm, every user's state in its store.
+        if loaded and worker is None:
+            why = "needs the last round's warm worker: " + parts.reason(f"round {plan.rounds}")
+            for key in levels:
+                parts.skip(f"latency {key}", why)
+            if profiled:
+                parts.skip("profile", why)
+        elif worker is not None:
+            max_rate = t["pipeline_events_per_s"]["median"]
+            templates = [e.to_dict() for e in events[:LATENCY_TEMPLATES]]
+            for level, key in zip(LOAD_LEVELS, levels, strict=True):
+                latency[key] = parts.run(
+                    f"latency {key}",
+                    bk.latency_ms,
+                    worker,
+                    templates,
+                    level * max_rate,
+                    plan.latency_s,
+                    f"lat{run}{key[:-1]}",
+                )
+                logger.info("latency at %s load: %s", key, latency[key])
+            if profiled:
+                out = markdown.parent / "profile-pipeline.txt"
+                prof = parts.run("profile", _profile, worker, bootstrap, src, events, max_rate, plan, out)
+            worker.stop()
+            worker = None
+        if rounds:
+            baseline = statistics.median(r["startup_s"] for r in rounds)
+            restore = parts.run("restore", _restore, bootstrap, data, plan, run, work, device, baseline)
+        elif loaded:
+            parts.skip("restore", "needs a worker's start-up time without changelog, and no round worked")
     finally:
         if worker is not None:
             worker.stop()
     return {
-        "passthrough_events_per_s": summary(passthrough),
-        "pipeline_events_per_s": summary(pipeline),
-        "ratio": summary(ratios),
+        "passthrough_events_per_s": t["passthrough_events_per_s"],
+        "pipeline_events_per_s": t["pipeline_events_per_s"],
+        "ratio": t["ratio"],
         "latency_ms": latency,
-        "restore_seconds_per_million_users": restore["seconds_per_million_users"],
+        "restore_seconds_per_million_users": restore["seconds_per_million_users"] if restore else None,
         "detail": {
             "events_per_round": n,
             "worker_device": device,
-            "pipeline_startup_seconds": [d.startup_s for d in drains],
-            "pipeline_drain_seconds": [d.drain_s for d in drains],
+            "passthrough": t["passthrough"],
+            "rounds": rounds,
+            "pipeline_startup_seconds": [r["startup_s"] for r in rounds],
+            "pipeline_drain_seconds": [r["drain_s"] for r in rounds],
             "restore": restore,
             "profile": prof,
         },
     }
+
+
+def _restore(
+    bootstrap: str, data: _Data, plan: BenchPlan, run: str, work: Path, device: str, baseline: float
+) -> dict:
+    rw = bk.BenchWorker(
+        bootstrap, data.model, f"{run}-restore", work, f"bench-restore-input-{run}", device=device
+    )
+    try:
+        return bk.restore_seconds(rw, data.record, plan.restore_users, baseline)
+    finally:
+        rw.stop()
 
 
 def _profile(
@@ -287,27 +515,36 @@ def _profile(
     }
 
 
-def _model_measurements(plan: BenchPlan, events, ckpt) -> dict:
+def _model_measurements(parts: Parts, plan: BenchPlan, data: _Data) -> dict:
     import torch
 
+    events, ckpt = data.events, data.ckpt
     threads = torch.get_num_threads()
     # One intra-op thread, as in the worker (stream/worker/run.py), so the step figures match what it gets.
     torch.set_num_threads(1)
     try:
-        step = {"cpu": bm.step_events_per_s(ckpt, events, "cpu", min_s=plan.step_min_s)}
+        step = {
+            "cpu": parts.run("step cpu", bm.step_events_per_s, ckpt, events, "cpu", min_s=plan.step_min_s)
+        }
         if _cuda():
-            step["cuda"] = bm.step_events_per_s(ckpt, events, "cuda", min_s=plan.step_min_s)
-        incremental = bm.incremental_speedup(ckpt, events, min_s=plan.step_min_s)
+            step["cuda"] = parts.run(
+                "step cuda", bm.step_events_per_s, ckpt, events, "cuda", min_s=plan.step_min_s
+            )
+        incremental = parts.run("incremental", bm.incremental_speedup, ckpt, events, min_s=plan.step_min_s)
     finally:
         torch.set_num_threads(threads)
-    train_events = events if len(events) >= plan.train_events else bm.bench_events(plan.train_events)
-    train = bm.train_events_per_s(train_events[: plan.train_events])
+    train = parts.run("train", _train, plan, events)
     return {
         "step_events_per_s": step,
         "incremental_speedup": incremental,
-        "train_events_per_s": train["events_per_s"],
+        "train_events_per_s": train["events_per_s"] if train else None,
         "detail": {"step_torch_threads": 1, "train": train},
     }
+
+
+def _train(plan: BenchPlan, events) -> dict:
+    train_events = events if len(events) >= plan.train_events else bm.bench_events(plan.train_events)
+    return bm.train_events_per_s(train_events[: plan.train_events])
 
 
 def _cuda() -> bool:
@@ -394,46 +631,141 @@ def _mmm(s: dict) -> str:
     return f"{_n(s['median'])} ({' · '.join(_n(v) for v in s['runs'])})"
 
 
+def _cell(text: str) -> str:
+    """Text safe inside a Markdown table cell."""
+    return text.replace("|", "\\|")
+
+
+def _why(r: dict, *names: str) -> str:
+    """What stands in for a missing figure: ``failed: <error>`` or ``not measured: <reason>`` of the first
+    of ``names`` the run recorded (a name also covers its numbered parts: ``round`` covers ``round 2``).
+
+    >>> _why({"failed": [{"part": "round 2", "error": "TimeoutError: 10 of 20"}], "skipped": []}, "round")
+    'failed: TimeoutError: 10 of 20'
+    >>> _why({"failed": [], "skipped": [{"part": "restore", "reason": "no round worked"}]}, "restore")
+    'not measured: no round worked'
+    """
+
+    for name in names:
+        for f in r.get("failed") or []:
+            if f["part"] == name or f["part"].startswith(name + " "):
+                return f"failed: {f['error']}"
+        for sk in r.get("skipped") or []:
+            if sk["part"] == name or sk["part"].startswith(name + " "):
+                return f"not measured: {sk['reason']}"
+    return "not measured"
+
+
+def _settings_text(settings: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in settings.items() if not isinstance(v, str) or k == "acks")
+
+
 def render_markdown(r: dict) -> str:
-    """The results block: machine, date and command, then one table per measured section."""
-    m = r["machine"]
-    d = r["detail"]
+    """The results block: machine, date and command, failed parts, then one table per measured section.
+
+    A figure that is missing (its part failed or could not run) reads ``failed: <error>`` or
+    ``not measured: <reason>``; the block is always written.
+    """
+    m = r.get("machine")
+    d = r.get("detail") or {}
     lines = [
         "## Latest results" + (" (quick run: reduced sizes, indicative only)" if r.get("quick") else ""),
         "",
         f"- date: {r['date']}; command: `{r['command']}`; took {r['bench_seconds']:.0f} s; broker: {r['broker']}",
-        f"- machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB"
-        + (f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU"),
-        f"- software: Python {m['python']}, torch {m['torch']}, faust-streaming {m['faust']}, aiokafka "
-        f"{m['aiokafka']}, kafka-python {m['kafka_python']}, Apache Kafka {m['kafka_broker']}",
-        f"- data: {d['events_per_round']:,} generated events (demandstream.model.data.synth, {bm.BENCH_USERS:,} users), "
-        f"{bk.PARTITIONS} partitions; worker device {d['worker_device']}",
+    ]
+    if m:
+        lines += [
+            f"- machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB"
+            + (f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU"),
+            f"- software: Python {m['python']}, torch {m['torch']}, faust-streaming {m['faust']}, aiokafka "
+            f"{m['aiokafka']}, kafka-python {m['kafka_python']}, Apache Kafka {m['kafka_broker']}",
+        ]
+    else:
+        lines.append(f"- machine: {_why(r, 'machine')}")
+    if "events_per_round" in d:
+        lines.append(
+            f"- data: {d['events_per_round']:,} generated events (demandstream.model.data.synth, "
+            f"{bm.BENCH_USERS:,} users), {bk.PARTITIONS} partitions; worker device {d['worker_device']}"
+        )
+    lines += _failed_lines(r)
+    lines += _throughput_lines(r, d)
+    lines += _latency_lines(r)
+    lines += _step_lines(r)
+    lines += _state_lines(r, d)
+    lines += _profile_lines(d)
+    return "\n".join(lines)
+
+
+def _failed_lines(r: dict) -> list[str]:
+    failed, skipped = r.get("failed") or [], r.get("skipped") or []
+    if not failed and not skipped:
+        return []
+    lines = ["", "### Failed parts", ""]
+    lines += [f"- `{f['part']}` failed: {f['error']}" for f in failed]
+    lines += [f"- `{sk['part']}` not measured: {sk['reason']}" for sk in skipped]
+    return lines
+
+
+def _throughput_lines(r: dict, d: dict) -> list[str]:
+    lines = ["", "### Throughput (median, runs in brackets)", "", "| measure | events/s |", "|---|---|"]
+    methods = (d.get("passthrough") or {}).get("methods") or {}
+    for name, spec in bk.PASSTHROUGH_METHODS.items():
+        x = methods.get(name, spec)
+        value = _mmm(x["events_per_s"]) if x.get("events_per_s") else _why(r, "round")
+        lines.append(
+            f"| passthrough `{name}`: {x['description']} ({_settings_text(x['settings'])}) | {_cell(value)} |"
+        )
+    p, pl, ratio = r.get("passthrough_events_per_s"), r.get("pipeline_events_per_s"), r.get("ratio")
+    faster = (d.get("passthrough") or {}).get("faster")
+    lines += [
+        "| passthrough for the ratio: the faster of the two in each round"
+        + (f" ({', '.join(faster)})" if faster else "")
+        + f" | {_cell(_mmm(p) if p else _why(r, 'round'))} |",
+        f"| pipeline: `demandstream worker` drain, /readyz → last signal | {_cell(_mmm(pl) if pl else _why(r, 'round'))} |",
         "",
-        "### Throughput (median, runs in brackets)",
-        "",
-        "| measure | events/s |",
-        "|---|---|",
-        f"| passthrough: plain aiokafka consumer → producer, no work | {_mmm(r['passthrough_events_per_s'])} |",
-        f"| pipeline: `demandstream worker` drain, /readyz → last signal | {_mmm(r['pipeline_events_per_s'])} |",
-        "",
-        f"Ratio pipeline / passthrough, pair by pair: median {r['ratio']['median']:.3f} "
-        f"(min {r['ratio']['min']:.3f}, max {r['ratio']['max']:.3f}).",
+    ]
+    if ratio:
+        lines.append(
+            f"Ratio pipeline / the faster passthrough of the same round, pair by pair: median "
+            f"{ratio['median']:.3f} (min {ratio['min']:.3f}, max {ratio['max']:.3f})."
+        )
+    else:
+        lines.append(f"Ratio pipeline / passthrough: {_why(r, 'round')}.")
+    return lines
+
+
+def _latency_lines(r: dict) -> list[str]:
+    lines = [
         "",
         "### Event → signal latency (warm worker, paced load)",
         "",
         "| load | events/s | p50 ms | p95 ms | p99 ms | signals |",
         "|---|---|---|---|---|---|",
     ]
-    for level, x in r["latency_ms"].items():
-        lines.append(
-            f"| {level} of pipeline max | {_n(x['rate_events_per_s'])} | {_n(x['p50'])} | {_n(x['p95'])} "
-            f"| {_n(x['p99'])} | {x['n']:,} |"
-        )
-    lines += ["", "### Scorer.step throughput (events/s, one intra-op thread)", ""]
-    devices = list(r["step_events_per_s"])
-    lines += ["| batch | " + " | ".join(devices) + " |", "|---" * (len(devices) + 1) + "|"]
-    for b in r["step_events_per_s"][devices[0]]:
-        lines.append(f"| {b} | " + " | ".join(_n(r["step_events_per_s"][dv][b]) for dv in devices) + " |")
+    latency = r.get("latency_ms") or {_latency_key(level): None for level in LOAD_LEVELS}
+    for level, x in latency.items():
+        if x:
+            lines.append(
+                f"| {level} of pipeline max | {_n(x['rate_events_per_s'])} | {_n(x['p50'])} | {_n(x['p95'])} "
+                f"| {_n(x['p99'])} | {x['n']:,} |"
+            )
+        else:
+            lines.append(
+                f"| {level} of pipeline max | {_cell(_why(r, f'latency {level}', 'round'))} | | | | |"
+            )
+    return lines
+
+
+def _step_lines(r: dict) -> list[str]:
+    lines = ["", "### Scorer.step throughput (events/s, one intra-op thread)", ""]
+    steps = r.get("step_events_per_s") or {}
+    devices = [dv for dv, x in steps.items() if x]
+    if devices:
+        lines += ["| batch | " + " | ".join(devices) + " |", "|---" * (len(devices) + 1) + "|"]
+        for b in steps[devices[0]]:
+            lines.append(f"| {b} | " + " | ".join(_n(steps[dv][b]) for dv in devices) + " |")
+    for dv in [dv for dv, x in steps.items() if not x] or ([] if steps else ["cpu"]):
+        lines += ["", f"{dv}: {_why(r, f'step {dv}', 'step')}."]
     lines += [
         "",
         "### Incremental step vs recomputing the history (CPU, per new event, batches of users)",
@@ -442,6 +774,10 @@ def render_markdown(r: dict) -> str:
         " and updating the state; recomputing includes encoding the raw history (a stateless service must)"
         " and, in the last columns, the network forward alone.",
         "",
+    ]
+    if not r.get("incremental_speedup"):
+        return [*lines, f"Incremental speedup: {_why(r, 'incremental')}."]
+    lines += [
         "| history length | one step µs | recompute µs | speedup | network-only µs | speedup |",
         "|---|---|---|---|---|---|",
     ]
@@ -451,34 +787,59 @@ def render_markdown(r: dict) -> str:
             f"{_n(x.get('recompute_network_only_us', x['recompute_us']))} | "
             f"{x.get('ratio_network_only', x['ratio']):.1f}× |"
         )
-    disk, rs, tr = d["state_on_disk"], d["restore"], d["train"]
-    lines += [
+    return lines
+
+
+def _state_lines(r: dict, d: dict) -> list[str]:
+    disk, rs, tr = d.get("state_on_disk"), d.get("restore"), d.get("train")
+    record = r.get("state_bytes_per_user")
+    lines = [
         "",
         "### State and recovery",
         "",
         "| measure | value |",
         "|---|---|",
-        f"| packed state record (default model) | {r['state_bytes_per_user']} bytes |",
-        f"| RocksDB on disk, {disk['users']:,} users, compacted | {disk['bytes_per_user']:.0f} bytes/user |",
-        f"| changelog restore, {rs['records']:,} users (start-up {rs['startup_seconds']:.1f} s minus "
-        f"{rs['baseline_startup_seconds']:.1f} s without changelog) | "
-        f"{r['restore_seconds_per_million_users']:.1f} s per million users |",
-        "",
-        "### Training",
-        "",
-        f"One epoch on {tr['n_train_events']:,} training events ({tr['threads']} threads, {tr['device']}): "
-        f"{_n(r['train_events_per_s'])} events/s.",
-        "",
+        "| packed state record (default model) | "
+        + (f"{record} bytes" if record else _cell(_why(r, "data")))
+        + " |",
     ]
+    if disk:
+        lines.append(
+            f"| RocksDB on disk, {disk['users']:,} users, compacted | {disk['bytes_per_user']:.0f} bytes/user |"
+        )
+    else:
+        lines.append(f"| RocksDB on disk, compacted | {_cell(_why(r, 'state on disk'))} |")
+    if rs and r.get("restore_seconds_per_million_users") is not None:
+        lines.append(
+            f"| changelog restore, {rs['records']:,} users (start-up {rs['startup_seconds']:.1f} s minus "
+            f"{rs['baseline_startup_seconds']:.1f} s without changelog) | "
+            f"{r['restore_seconds_per_million_users']:.1f} s per million users |"
+        )
+    else:
+        lines.append(f"| changelog restore | {_cell(_why(r, 'restore'))} |")
+    lines += ["", "### Training", ""]
+    if tr and r.get("train_events_per_s") is not None:
+        lines.append(
+            f"One epoch on {tr['n_train_events']:,} training events ({tr['threads']} threads, {tr['device']}): "
+            f"{_n(r['train_events_per_s'])} events/s."
+        )
+    else:
+        lines.append(f"Training: {_why(r, 'train')}.")
+    lines.append("")
+    return lines
+
+
+def _profile_lines(d: dict) -> list[str]:
     prof = d.get("profile")
-    if prof:
-        lines += [
-            f"Profile of the worker under load: `{Path(prof['file']).name}` ({prof['seconds']:.0f} s, "
-            "py-spy); top frames by own time:",
-            "",
-            "| self % | total % | frame |",
-            "|---|---|---|",
-        ]
-        lines += [f"| {t['self_pct']:.1f} | {t['total_pct']:.1f} | `{t['frame']}` |" for t in prof["top"]]
-        lines.append("")
-    return "\n".join(lines)
+    if not prof:
+        return []
+    lines = [
+        f"Profile of the worker under load: `{Path(prof['file']).name}` ({prof['seconds']:.0f} s, "
+        "py-spy); top frames by own time:",
+        "",
+        "| self % | total % | frame |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {t['self_pct']:.1f} | {t['total_pct']:.1f} | `{t['frame']}` |" for t in prof["top"]]
+    lines.append("")
+    return lines

@@ -1,7 +1,8 @@
 """Smoke test of ``demandstream bench --quick``: it runs end to end and writes every docs/ARCHITECTURE.md
 §Benchmark key.
 
-It never asserts speed (the machine is shared); only that each figure was measured (a finite number > 0).
+It never asserts speed (the machine is shared); only that each figure was measured (a finite number > 0),
+that no part failed, and that both passthrough anchors ran with the ratio taken on the faster.
 The bench starts its own broker on a port of its own, so the session broker of the other tests is not used.
 """
 
@@ -12,6 +13,7 @@ import math
 
 import pytest
 
+from demandstream.stream.bench.kafka import PASSTHROUGH_METHODS
 from demandstream.stream.bench.runner import BEGIN_MARK, BENCH_KEYS, END_MARK, BenchPlan, run_bench
 from demandstream.stream.settings import Settings
 
@@ -54,6 +56,7 @@ def test_quick_bench_writes_every_design_key(tmp_path):
     run_bench(Settings(), out=out, quick=True, markdown=md, plan=SMOKE)
 
     r = json.loads(out.read_text())
+    assert r["failed"] == [] and r["skipped"] == [], (r["failed"], r["skipped"])
     assert set(BENCH_KEYS) <= set(r)
     for key in BENCH_KEYS[:-1]:  # every measured figure; machine is a description
         values = numbers(r[key])
@@ -65,6 +68,19 @@ def test_quick_bench_writes_every_design_key(tmp_path):
     assert set(r["incremental_speedup"]) == {"10", "100", "1000"}
     assert r["machine"]["cores"] > 0 and r["machine"]["python"]
 
+    # Both anchors were measured in the round, and the ratio divides by the faster (#14 item 1).
+    anchors = r["detail"]["passthrough"]["methods"]
+    assert set(anchors) == set(PASSTHROUGH_METHODS)
+    for spec in anchors.values():
+        assert spec["settings"] and spec["events_per_s"]["runs"][0] > 0
+    (faster,) = r["detail"]["passthrough"]["faster"]
+    assert r["passthrough_events_per_s"]["runs"] == anchors[faster]["events_per_s"]["runs"]
+    assert faster == max(anchors, key=lambda m: anchors[m]["events_per_s"]["runs"][0])
+    (pipeline,), (ratio,) = r["pipeline_events_per_s"]["runs"], r["ratio"]["runs"]
+    assert ratio == pytest.approx(pipeline / anchors[faster]["events_per_s"]["runs"][0])
+
     text = md.read_text()
     assert "kept" in text and "old" not in text
     assert text.count(BEGIN_MARK) == 1 and "Throughput" in text
+    assert all(f"passthrough `{m}`" in text for m in PASSTHROUGH_METHODS)
+    assert "failed:" not in text and "Failed parts" not in text
