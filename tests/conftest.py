@@ -18,7 +18,14 @@ from demandstream.stream.worker.launcher import WorkerLauncher, free_port, worke
 
 REPO = Path(__file__).resolve().parents[1]
 KAFKA_SH = REPO / "deploy" / "kafka" / "kafka.sh"
-TEST_KAFKA_PORT = int(os.environ.get("DEMANDSTREAM_TEST_KAFKA_PORT", "19092"))
+#: pytest-xdist runs ``make test`` in several processes (gw0, gw1, ...); each starts its own session broker,
+#: XDIST_PORT_STRIDE ports above the previous one (a node uses its port and port + 1000), clear of the
+#: fixed ports of the cluster, SASL and bench tests (19392 and up) for up to six processes.
+XDIST_PORT_STRIDE = 50
+XDIST_WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+TEST_KAFKA_PORT = (
+    int(os.environ.get("DEMANDSTREAM_TEST_KAFKA_PORT", "19092")) + XDIST_PORT_STRIDE * XDIST_WORKER
+)
 #: Bounds for everything that waits on a broker or worker; generous because CI shares 2 cores.
 KAFKA_UP_TIMEOUT_S = 300
 WORKER_READY_TIMEOUT_S = 120
