@@ -1,7 +1,7 @@
 """Privacy promises the topics must keep (issue #13 item 5), on the real broker.
 
-- With a pseudonym key set, no raw user id (nor the raw payload) is in any key or value of the
-  dead-letter topic.
+- With a pseudonym key set, no raw user id is in any key or value of the signal topic, the
+  dead-letter topic (nor the raw payload) or the changelog, for valid events and bad records alike.
 - An erasure request is obeyed only from the control topic: a forged ``forget`` record on the input
   topic (which every shop front-end may write) is a dead letter; ``demandstream forget`` (control
   topic) erases the user.
@@ -32,6 +32,7 @@ pytestmark = [pytest.mark.kafka, pytest.mark.slow, pytest.mark.timeout(300)]
 
 PSEUDONYM_KEY = "test-pseudonym-key"
 N_BAD = 30
+N_USERS, N_EVENTS = 20, 400
 
 
 def _bad_records(n: int) -> list[tuple[bytes | None, bytes | None, str]]:
@@ -69,28 +70,51 @@ def _changelog_config(bootstrap: str, topic: str, name: str) -> str | None:
     return None
 
 
-def test_pseudonymised_dead_letters_hold_no_raw_id(worker_factory, stream_env, kafka_bootstrap):
+def _raw_ids_in(records, raw_ids: list[str]) -> list[str]:
+    """The raw ids found anywhere in the keys or values of ``records``."""
+    found = []
+    for r in records:
+        blob = (r.key or b"") + b"\0" + (r.value or b"")
+        found += [uid for uid in raw_ids if uid.encode() in blob]
+    return found
+
+
+def test_pseudonymised_topics_hold_no_raw_id(worker_factory, stream_env, kafka_bootstrap):
     env = {**stream_env, "DEMANDSTREAM_PSEUDONYM_KEY": PSEUDONYM_KEY}
     s = Settings.from_env(env)
     w = worker_factory(DEMANDSTREAM_PSEUDONYM_KEY=PSEUDONYM_KEY).start()
     w.wait_ready()
     bad = _bad_records(N_BAD)
+    # valid events too, of users whose ids cannot occur by chance in a pseudonym or an event id
+    rename = {}
+    events = []
+    for e in generate(N_USERS, N_EVENTS, seed=17):
+        uid = rename.setdefault(e.user_id, f"rawuser-{len(rename):04d}-secret")
+        events.append(e.to_dict() | {"user_id": uid})
     producer = KafkaProducer(bootstrap_servers=kafka_bootstrap)
     for k, v, _uid in bad:
         producer.send(s.topic_input, key=k, value=v)
+    for e in events:
+        producer.send(s.topic_input, key=e["user_id"].encode(), value=orjson.dumps(e))
     producer.flush(30)
     producer.close()
-    dlq = TopicReader(kafka_bootstrap, s.topic_dlq)
-    try:
-        recs = dlq.read_until(lambda r: len(r) >= N_BAD, 120, idle_s=1)
-    finally:
-        dlq.close()
+    raw_ids = [uid for _k, _v, uid in bad] + list(rename.values())
+    read, leaks = {}, {}
+    for topic, n, name in (
+        (s.topic_dlq, N_BAD, "dead letters"),
+        (s.topic_signals, len(events), "signals"),
+        (changelog_topic(s), len(rename), "changelog records"),
+    ):
+        reader = TopicReader(kafka_bootstrap, topic)
+        try:
+            read[name] = reader.read_until(lambda r, n=n: len(r) >= n, 120, idle_s=1)
+        finally:
+            reader.close()
+        assert len(read[name]) >= n, f"{len(read[name])} {name}, expected at least {n}"
+        leaks[name] = _raw_ids_in(read[name], raw_ids)
+    assert not any(leaks.values()), f"raw ids found: { {k: v[:3] for k, v in leaks.items() if v} }"
+    recs = read["dead letters"]
     assert len(recs) == N_BAD, f"{len(recs)} dead letters of {N_BAD} bad records"
-    leaks = []
-    for r in recs:
-        blob = (r.key or b"") + b"\0" + r.value
-        leaks += [uid for _k, _v, uid in bad if uid.encode() in blob]
-    assert not leaks, f"{len(leaks)} raw ids in {N_BAD} dead letters, e.g. {leaks[:3]}"
     for r in recs:
         d = orjson.loads(r.value)
         assert d["raw_encoding"] == "redacted" and d["raw"] == "" and d["reason"], d
