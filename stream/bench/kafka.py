@@ -10,6 +10,7 @@ the yardstick the worker is compared with (docs/BENCHMARKS.md).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import subprocess
@@ -288,15 +289,27 @@ async def _source(bootstrap: str, src: str):
     return consumer
 
 
-async def _anchor_copy(bootstrap: str, src: str, sink: str, n: int) -> float:
+@contextlib.asynccontextmanager
+async def _copy_clients(bootstrap: str, src: str, **producer_options):
+    """A started producer (``producer_options`` as given) and a consumer of ``src`` from the beginning;
+    both stopped on exit, the consumer first."""
     from aiokafka import AIOKafkaProducer
 
-    # Nothing set: PERF-ANCHORS measured aiokafka's defaults (acks=1, linger 0, 16 KiB batches).
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, **producer_options)
     await producer.start()
     consumer = None
     try:
         consumer = await _source(bootstrap, src)
+        yield producer, consumer
+    finally:
+        if consumer is not None:
+            await consumer.stop()
+        await producer.stop()
+
+
+async def _anchor_copy(bootstrap: str, src: str, sink: str, n: int) -> float:
+    # Nothing set: PERF-ANCHORS measured aiokafka's defaults (acks=1, linger 0, 16 KiB batches).
+    async with _copy_clients(bootstrap, src) as (producer, consumer):
         # The clock starts once both clients are connected, as the pipeline's starts at /readyz: neither
         # figure includes connecting and joining, both include fetching.
         copied, t0 = 0, time.perf_counter()
@@ -308,10 +321,6 @@ async def _anchor_copy(bootstrap: str, src: str, sink: str, n: int) -> float:
                 copied += len(msgs)
         await producer.flush()
         return n / (time.perf_counter() - t0)
-    finally:
-        if consumer is not None:
-            await consumer.stop()
-        await producer.stop()
 
 
 async def _ship(producer, batch, topic: str, partition: int):
@@ -321,20 +330,14 @@ async def _ship(producer, batch, topic: str, partition: int):
 
 
 async def _fastest_copy(bootstrap: str, src: str, sink: str, n: int) -> float:
-    from aiokafka import AIOKafkaProducer
-
-    producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap,
-        acks="all",
-        linger_ms=COPY_LINGER_MS,
-        max_batch_size=COPY_BATCH_BYTES,
-        max_request_size=FETCH_MAX_BYTES,
-        compression_type=None,
-    )
-    await producer.start()
-    consumer = None
-    try:
-        consumer = await _source(bootstrap, src)
+    options = {
+        "acks": "all",
+        "linger_ms": COPY_LINGER_MS,
+        "max_batch_size": COPY_BATCH_BYTES,
+        "max_request_size": FETCH_MAX_BYTES,
+        "compression_type": None,
+    }
+    async with _copy_clients(bootstrap, src, **options) as (producer, consumer):
         copied, t0 = 0, time.perf_counter()
         while copied < n:
             batch = await consumer.getmany(timeout_ms=FETCH_TIMEOUT_MS, max_records=COPY_MAX_RECORDS)
@@ -353,10 +356,6 @@ async def _fastest_copy(bootstrap: str, src: str, sink: str, n: int) -> float:
             # it; letting up to four fetches or all of them wait bought nothing measurable.
             await asyncio.gather(*futures)
         return n / (time.perf_counter() - t0)
-    finally:
-        if consumer is not None:
-            await consumer.stop()
-        await producer.stop()
 
 
 _COPIES = {"perf_anchors": _anchor_copy, "fastest_copy": _fastest_copy}
