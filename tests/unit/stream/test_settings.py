@@ -1,0 +1,19 @@
+"""Settings from the environment: counts that must be positive are refused in one line."""
+
+from __future__ import annotations
+
+import pytest
+
+from demandstream.stream.settings import Settings, SettingsError
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "abc", "1e3", " "])
+def test_a_standby_buffer_that_is_not_a_positive_count_is_refused(value):
+    with pytest.raises(SettingsError, match="DEMANDSTREAM_STANDBY_BUFFER") as e:
+        Settings.from_env({"DEMANDSTREAM_STANDBY_BUFFER": value})
+    assert "\n" not in str(e.value)
+
+
+def test_the_standby_buffer_defaults_to_fausts_and_takes_a_positive_count():
+    assert Settings.from_env({}).standby_buffer == 1000
+    assert Settings.from_env({"DEMANDSTREAM_STANDBY_BUFFER": "1"}).standby_buffer == 1
