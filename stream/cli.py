@@ -86,6 +86,7 @@ def cmd_score(a, settings: Settings) -> int:
         device=a.device or settings.device,
         top_k=settings.top_k,
         pseudonym_key=settings.pseudonym_key,
+        why_top=settings.why_top,
     )
     print(f"wrote {n} signals to {a.out}")
     return 0
@@ -118,7 +119,13 @@ def cmd_tail(a, settings: Settings) -> int:
     from demandstream.stream.tools.tail import tail
 
     tail(
-        settings, a.topic, from_beginning=a.from_beginning, max_records=a.max, timeout_s=a.timeout, raw=a.raw
+        settings,
+        a.topic,
+        from_beginning=a.from_beginning,
+        max_records=a.max,
+        timeout_s=a.timeout,
+        raw=a.raw,
+        why=a.why,
     )
     return 0
 
@@ -299,6 +306,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max", type=int)
     sp.add_argument("--timeout", type=float)
     sp.add_argument("--raw", action="store_true")
+    sp.add_argument(
+        "--why",
+        action="store_true",
+        help="show each top category's reasons (workers run with DEMANDSTREAM_WHY_TOP)",
+    )
     sp.set_defaults(func=cmd_tail)
 
     sp = command("forget", help="erase a user's state (right to erasure)")

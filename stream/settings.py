@@ -24,6 +24,8 @@ from urllib.parse import urlsplit
 from demandstream.model.errors import UserError
 
 PREFIX = "DEMANDSTREAM_"
+#: The ``why`` of a top category has at most one entry per reason (demandstream.model.core.explain.REASONS).
+WHY_TOP_MAX = 10
 #: Where deploy/kafka/kafka.sh sits when this package runs from a checkout (editable install).
 CHECKOUT_KAFKA_SCRIPT = Path(__file__).resolve().parents[1] / "deploy" / "kafka" / "kafka.sh"
 
@@ -75,6 +77,9 @@ class Settings:
     batch_max: int = 2000
     batch_within_ms: int = 50
     top_k: int = 5
+    #: per top category, the signal's ``why`` lists this many named contributions (docs/ARCHITECTURE.md
+    #: §Signals); 0, the default, leaves ``why`` out and keeps the signal small
+    why_top: int = 0
     state_ttl_s: float = 0.0  # 0 = keep user state forever
     pseudonym_key: str = field(default="", repr=False)
     #: the key before the last rotation: `forget` also erases the state kept under the old pseudonym
@@ -132,6 +137,10 @@ class Settings:
         for name in ("partitions", "replication", "standby_buffer", "batch_max", "top_k", "processes"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{PREFIX}{name.upper()}: must be at least 1")
+        if not 0 <= self.why_top <= WHY_TOP_MAX:
+            raise SettingsError(
+                f"{PREFIX}WHY_TOP: must be between 0 (off) and {WHY_TOP_MAX} (got {self.why_top})"
+            )
         if self.changelog_max_compaction_lag_s <= 0:
             raise SettingsError(f"{PREFIX}CHANGELOG_MAX_COMPACTION_LAG_S: must be positive")
         if self.topic_control in (self.topic_input, self.topic_signals, self.topic_dlq):

@@ -250,11 +250,15 @@ class DemandLSTM(nn.Module):
         top = torch.log((count + MARKOV_ALPHA * self.pop_logp.exp()[nxt]) / denom)
         return dense.scatter(-1, nxt, torch.maximum(top, dense.gather(-1, nxt)))
 
-    def heads(self, h: torch.Tensor, f: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def heads(
+        self, h: torch.Tensor, f: dict[str, torch.Tensor], explain: bool = False
+    ) -> dict[str, torch.Tensor]:
         """Head outputs from LSTM outputs ``h`` [..., hidden] and the step's features.
 
         ``cat_logits`` [..., C + K]: the first C columns score vocabulary categories outside the history
         (-inf for those in it and for index 0), the last K score the history slots (-inf when empty).
+        With ``explain``, the terms those logits are sums of are returned too, under keys starting with
+        ``x_`` (:mod:`demandstream.model.core.explain` names them); they cost nothing otherwise.
         """
         cfg = self.cfg
         hd = self.drop(h)
@@ -311,9 +315,12 @@ class DemandLSTM(nn.Module):
             vw = vw.expand(*ctx.shape[:-1], -1)
         slot_score = (phi * sw.unsqueeze(-2)).sum(-1)
         vocab_score = vw[..., 0:1] * mk + vw[..., 1:2] * self.pop_logp
+        repeat = explore = None
         if cfg.lstm_terms:
-            slot_score = slot_score + (self.repeat_emb(hv) * self.repeat_query(hd).unsqueeze(-2)).sum(-1)
-            vocab_score = vocab_score + self.explore(hd)
+            repeat = (self.repeat_emb(hv) * self.repeat_query(hd).unsqueeze(-2)).sum(-1)
+            explore = self.explore(hd)
+            slot_score = slot_score + repeat
+            vocab_score = vocab_score + explore
         slot_score = slot_score.masked_fill(~valid, float("-inf"))
         # a category in the history is scored once, by its slot
         in_hist = torch.zeros_like(vocab_score, dtype=torch.bool).scatter(-1, hv, valid & (hv > 0))
@@ -345,7 +352,18 @@ class DemandLSTM(nn.Module):
         purchase_logit = (
             self.purchase_scale * purchase_logit + self.purchase_shift
         )  # identity unless calibrated
-        return {"cat_logits": torch.cat([vocab_score, slot_score], dim=-1), "purchase_logit": purchase_logit}
+        out = {"cat_logits": torch.cat([vocab_score, slot_score], dim=-1), "purchase_logit": purchase_logit}
+        if explain:
+            out.update(
+                x_phi=phi,
+                x_sw=sw,
+                x_repeat=torch.zeros_like(slot_score) if repeat is None else repeat,
+                x_mk=mk,
+                x_vw=vw,
+                x_explore=torch.zeros_like(mk) if explore is None else explore,
+                x_src=src,
+            )
+        return out
 
     @staticmethod
     def category_probs(out: dict[str, torch.Tensor], f: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -392,16 +410,20 @@ class DemandLSTM(nn.Module):
         z = torch.zeros(self.cfg.layers, batch, self.cfg.hidden, device=device)
         return z, z.clone()
 
-    def forward(self, f: dict[str, torch.Tensor], state=None):
+    def forward(self, f: dict[str, torch.Tensor], state=None, explain: bool = False):
         """Whole sequences: features [B, T, ...] -> (head outputs [B, T, ...], (h, c) [layers, B, hidden])."""
         x = self.embed(f)
         if state is None:
             state = self.initial_state(x.shape[0], x.device)
         out, state = self.lstm(x, state)
-        return self.heads(out, f), state
+        return self.heads(out, f, explain), state
 
     def forward_packed(
-        self, f: dict[str, torch.Tensor], lengths: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]
+        self,
+        f: dict[str, torch.Tensor],
+        lengths: torch.Tensor,
+        state: tuple[torch.Tensor, torch.Tensor],
+        explain: bool = False,
     ):
         """Sequences of different lengths [B, T] from given states: (head outputs at valid steps
         [n_valid, ...] in row-major (user, step) order, final (h, c) of each user at its own last step).
@@ -415,13 +437,15 @@ class DemandLSTM(nn.Module):
         out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
         valid = torch.arange(x.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)
         valid = valid.to(out.device)
-        return self.heads(out[valid], {k: v[valid] for k, v in f.items()}), state, valid
+        return self.heads(out[valid], {k: v[valid] for k, v in f.items()}, explain), state, valid
 
-    def step(self, f: dict[str, torch.Tensor], state: tuple[torch.Tensor, torch.Tensor]):
+    def step(
+        self, f: dict[str, torch.Tensor], state: tuple[torch.Tensor, torch.Tensor], explain: bool = False
+    ):
         """One event per user: features [B, ...] -> (head outputs [B, ...], new (h, c))."""
         x = self.embed(f).unsqueeze(1)
         out, state = self.lstm(x, state)
-        return self.heads(out.squeeze(1), f), state
+        return self.heads(out.squeeze(1), f, explain), state
 
 
 #: Base weights that make the ranking equal the rule cascade (see :func:`init_like_cascade`).

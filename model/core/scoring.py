@@ -40,6 +40,7 @@ from demandstream.model.core.encoding import (
     padded_user_batches,
 )
 from demandstream.model.core.events import Event
+from demandstream.model.core.explain import contributions, top_reasons
 from demandstream.model.core.features import category_hash
 from demandstream.model.core.network import DemandLSTM
 from demandstream.model.core.state import UserState, new_state
@@ -64,6 +65,9 @@ class Prediction:
     top_categories: list[tuple[str, float]]
     purchase_propensity: float
     events_seen: int
+    #: per top category, its largest contributions (:func:`demandstream.model.core.explain.top_reasons`);
+    #: None unless the Scorer explains (``why_top`` > 0)
+    why: list[list[dict]] | None = None
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -78,10 +82,19 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 class Scorer:
-    """A loaded model ready to score: network in eval mode on a device, vocabulary, top-k."""
+    """A loaded model ready to score: network in eval mode on a device, vocabulary, top-k.
+
+    ``why_top`` > 0 adds to each prediction, per top category, its ``why_top`` largest named
+    contributions (:mod:`demandstream.model.core.explain`); 0, the default, costs nothing.
+    """
 
     def __init__(
-        self, ckpt: Checkpoint, device: str | torch.device = "cpu", top_k: int = 5, max_batch: int = 4096
+        self,
+        ckpt: Checkpoint,
+        device: str | torch.device = "cpu",
+        top_k: int = 5,
+        max_batch: int = 4096,
+        why_top: int = 0,
     ):
         self.device = torch.device(device)
         if self.device.type == "cuda":
@@ -95,6 +108,7 @@ class Scorer:
         self.vocab = ckpt.vocab
         self.model_version = ckpt.model_version
         self.top_k = min(top_k, len(self.vocab) - 1)
+        self.why_top = why_top
         self._buf = FeatureBuffer(self.cfg, max_batch, self.vocab)
         self._names = self.vocab.names
         #: names of categories outside the vocabulary, by hash, learned from the events scored (bounded)
@@ -121,19 +135,38 @@ class Scorer:
             return self._names[code]
         return self._oov_names.get(-code) or f"#{-code:08x}"
 
-    def _top(self, probs: torch.Tensor, hist_cats: torch.Tensor) -> tuple[list[list[int]], list[list[float]]]:
-        """Top-k (code, p) per row of a [n, C + K] distribution: codes as in :meth:`category_name`."""
-        top_p, top_i = probs.topk(self.top_k, dim=-1)
+    def _top(
+        self, probs: torch.Tensor, hist_cats: torch.Tensor
+    ) -> tuple[list[list[int]], list[list[float]], torch.Tensor]:
+        """Top-k (code, p) per row of a [n, C + K] distribution: codes as in :meth:`category_name`;
+        and the top columns themselves [n, k] (what :meth:`_why` explains)."""
+        top_p, cols = probs.topk(self.top_k, dim=-1)
         c = len(self._names)
-        oov = top_i >= c
+        top_i = cols
+        oov = cols >= c
         if bool(oov.any()):
-            slot_hash = hist_cats.gather(-1, (top_i - c).clamp(min=0))
-            top_i = torch.where(oov, -slot_hash, top_i)
-        return top_i.cpu().tolist(), top_p.cpu().tolist()
+            slot_hash = hist_cats.gather(-1, (cols - c).clamp(min=0))
+            top_i = torch.where(oov, -slot_hash, cols)
+        return top_i.cpu().tolist(), top_p.cpu().tolist(), cols
 
-    def _prediction(self, codes: list[int], ps: list[float], prop: float, seen: int) -> Prediction:
+    def _why(self, out: dict, f: dict, cols: torch.Tensor) -> list[list[list[dict]]] | None:
+        """Per row, per top column, its largest named contributions; None when not explaining."""
+        if not self.why_top:
+            return None
+        terms, count = contributions(out, f, self.net.pop_logp, cols)
+        names = self._names
+        src = [names[i] if i > 0 else None for i in out["x_src"].cpu().tolist()]
+        n = self.why_top
+        return [
+            [top_reasons(t, k, source, n) for t, k in zip(row_t, row_k, strict=True)]
+            for row_t, row_k, source in zip(terms.cpu().tolist(), count.cpu().tolist(), src, strict=True)
+        ]
+
+    def _prediction(
+        self, codes: list[int], ps: list[float], prop: float, seen: int, why: list[list[dict]] | None = None
+    ) -> Prediction:
         name = self.category_name
-        return Prediction([(name(i), p) for i, p in zip(codes, ps, strict=True)], prop, seen)
+        return Prediction([(name(i), p) for i, p in zip(codes, ps, strict=True)], prop, seen, why)
 
     @torch.inference_mode()
     def step(self, events: Sequence[Event], states: Sequence[UserState]) -> list[Prediction]:
@@ -152,9 +185,10 @@ class Scorer:
         f = self._buf.tensors(slice(0, n), self.device)
         h = torch.from_numpy(np.stack([s.h for s in states], axis=1)).to(self.device)
         c = torch.from_numpy(np.stack([s.c for s in states], axis=1)).to(self.device)
-        out, (h2, c2) = self.net.step(f, (h, c))
+        out, (h2, c2) = self.net.step(f, (h, c), explain=bool(self.why_top))
         probs = self.net.category_probs(out, f)
-        top_i, top_p = self._top(probs, f["hist_cats"])
+        top_i, top_p, cols = self._top(probs, f["hist_cats"])
+        why = self._why(out, f, cols) or [None] * n
         prop = torch.sigmoid(out["purchase_logit"]).cpu().tolist()
         h_np, c_np = h2.cpu().numpy(), c2.cpu().numpy()
         preds = []
@@ -163,7 +197,7 @@ class Scorer:
             s.c = c_np[:, j, :].copy()
             s.last_top = list(zip(top_i[j], top_p[j], strict=True))
             s.last_propensity = prop[j]
-            preds.append(self._prediction(top_i[j], top_p[j], prop[j], s.events_seen))
+            preds.append(self._prediction(top_i[j], top_p[j], prop[j], s.events_seen, why[j]))
         return preds
 
     @torch.inference_mode()
@@ -197,10 +231,13 @@ class Scorer:
         f = buf.tensors(idx, self.device)
         h = torch.from_numpy(np.stack([s.h for s in states], axis=1)).to(self.device)
         c = torch.from_numpy(np.stack([s.c for s in states], axis=1)).to(self.device)
-        out, (h2, c2), valid = self.net.forward_packed(f, torch.tensor(lengths), (h, c))
+        out, (h2, c2), valid = self.net.forward_packed(
+            f, torch.tensor(lengths), (h, c), explain=bool(self.why_top)
+        )
         fv = {k: v[valid] for k, v in f.items()}
         probs = self.net.category_probs(out, fv)
-        top_i, top_p = self._top(probs, fv["hist_cats"])
+        top_i, top_p, cols = self._top(probs, fv["hist_cats"])
+        why = self._why(out, fv, cols) or [None] * n
         prop = torch.sigmoid(out["purchase_logit"]).cpu().tolist()
         h_np, c_np = h2.cpu().numpy(), c2.cpu().numpy()
         result, k = [], 0
@@ -208,7 +245,7 @@ class Scorer:
             preds = []
             first_seen = s.events_seen - len(q)
             for t in range(len(q)):
-                preds.append(self._prediction(top_i[k], top_p[k], prop[k], first_seen + t + 1))
+                preds.append(self._prediction(top_i[k], top_p[k], prop[k], first_seen + t + 1, why[k]))
                 k += 1
             s.h = h_np[:, b, :].copy()
             s.c = c_np[:, b, :].copy()
@@ -229,25 +266,32 @@ class Scorer:
         Every user's whole sequence is run from a fresh state; only rows where ``rows`` (a bool mask
         over the log) is true are yielded (all rows when None). The log must be sorted by user and time.
         """
+        for row_ids, probs, prop, _out, fv in self._predict_batches(log, rows, features):
+            yield row_ids, probs, prop, fv["hist_cats"]
+
+    def _predict_batches(self, log: EventLog, rows: np.ndarray | None, features: FeatureBuffer | None):
+        """:meth:`predict_log`'s batches with the selected head outputs and features (for ``why``)."""
         feats = features if features is not None else encode_log(log, self.cfg, self.vocab)
         want = np.ones(len(log), bool) if rows is None else rows
         for idx, real in padded_user_batches(log.user_start, want, OFFLINE_BATCH_CELLS):
             f = feats.tensors(idx, self.device)
-            out, _ = self.net(f)
+            out, _ = self.net(f, explain=bool(self.why_top))
             valid = real & want[idx]
             vt = torch.from_numpy(valid).to(self.device)
             sel = {k: v[vt] for k, v in out.items()}
             fv = {k: v[vt] for k, v in f.items()}
             probs = self.net.category_probs(sel, fv)
-            yield idx[valid], probs, torch.sigmoid(sel["purchase_logit"]), fv["hist_cats"]
+            yield idx[valid], probs, torch.sigmoid(sel["purchase_logit"]), sel, fv
 
+    @torch.inference_mode()
     def score_log(self, log: EventLog) -> Iterator[tuple[int, Prediction]]:
         """Offline signals of every row: ``(row, Prediction)``, the same numbers the stream emits."""
         for c in log.categories:
             self.remember(c)
-        for row_ids, probs, prop, hist_cats in self.predict_log(log):
-            ti, tp = self._top(probs, hist_cats)
+        for row_ids, probs, prop, out, fv in self._predict_batches(log, None, None):
+            ti, tp, cols = self._top(probs, fv["hist_cats"])
+            why = self._why(out, fv, cols) or [None] * len(ti)
             pp = prop.cpu().tolist()
             for j, r in enumerate(row_ids.tolist()):
                 seen = r - int(log.user_start[log.user[r]]) + 1
-                yield r, self._prediction(ti[j], tp[j], pp[j], seen)
+                yield r, self._prediction(ti[j], tp[j], pp[j], seen, why[j])

@@ -37,6 +37,7 @@ from demandstream.stream.engine.records import (
     encode_signal,
     state_key,
 )
+from demandstream.stream.engine.why import LatestWhy
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +137,8 @@ class InferenceEngine:
         self.version_resets = 0
         #: partitions whose undecodable states were already logged (then only counted)
         self.undecodable_logged: set[int] = set()
+        #: the ``why`` of each recently active user's latest signal, for the query API (``why_top`` > 0)
+        self.latest_why = LatestWhy()
 
     # -- step 1 ---------------------------------------------------------------------------------
 
@@ -240,7 +243,12 @@ class InferenceEngine:
                     # Latency is measured from the record's Kafka timestamp (when the shop produced
                     # it), not the event's own ts, so replays of old logs do not read as days late.
                     res.signal_ts.append(rec.timestamp or e.ts)
+                if ps[-1].why is not None:
+                    self.latest_why.put(uid, s.events_seen, version, ps[-1].why)
         res.rounds = rnd
+        for uid in forgotten:
+            if states[uid].events_seen == 0:  # forgotten, and no event since the erasure
+                self.latest_why.forget(uid)
         for uid, s in states.items():
             if uid in forgotten and s.events_seen == 0:
                 res.states[keys[uid]] = (by_user[uid][0][1].partition, None)  # tombstone in the changelog

@@ -81,10 +81,27 @@ def encode_signal(
             "emitted_at": emitted_at,
             "model_version": model_version,
             "events_seen": pred.events_seen,
-            "top_categories": [{"category": _category(c), "p": p} for c, p in pred.top_categories],
+            "top_categories": _top_categories(pred),
             "purchase_propensity": pred.purchase_propensity,
         }
     )
+
+
+def _top_categories(pred: Prediction) -> list[dict]:
+    """The signal's ``top_categories``; each with its ``why`` when the prediction carries one."""
+    if pred.why is None:
+        return [{"category": _category(c), "p": p} for c, p in pred.top_categories]
+    return [
+        {"category": _category(c), "p": p, "why": [_named_source(r) for r in why]}
+        for (c, p), why in zip(pred.top_categories, pred.why, strict=True)
+    ]
+
+
+def _named_source(reason: dict) -> dict:
+    """A reason whose ``from`` category name is written as the signal writes category names."""
+    if "from" in reason:
+        return {**reason, "from": _category(reason["from"])}
+    return reason
 
 
 def _category(name: str) -> str:

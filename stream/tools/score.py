@@ -25,9 +25,10 @@ def score_file(
     device: str = "auto",
     top_k: int = 5,
     pseudonym_key: str = "",
+    why_top: int = 0,
 ) -> int:
     dev = resolve_device(device)
-    scorer = Scorer(load(model_path, dev), dev, top_k=top_k)
+    scorer = Scorer(load(model_path, dev), dev, top_k=top_k, why_top=why_top)
     log = load_log(list(data), fmt, keep_ids=True, clean=None).sorted_by_user_arrival()
     pseudo = Pseudonymizer(pseudonym_key) if pseudonym_key else None
     n = 0

@@ -49,7 +49,9 @@ def build_worker(settings: Settings) -> Components:
     prepare_data_dir(settings.data_dir)
     device = resolve_device(settings.device)
     ckpt = load(settings.model, device)
-    scorer = Scorer(ckpt, device, top_k=settings.top_k, max_batch=settings.batch_max)
+    scorer = Scorer(
+        ckpt, device, top_k=settings.top_k, max_batch=settings.batch_max, why_top=settings.why_top
+    )
     c = create_app(settings)
     pipeline = attach(c, scorer)
     attach_views(c, pipeline)

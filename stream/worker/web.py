@@ -121,7 +121,7 @@ def attach_views(c: Components, pipeline: Pipeline) -> None:
                 "model_version": s.model_version,
                 "events_seen": s.events_seen,
                 "last_ts": s.last_ts,
-                **demand_view(engine.scorer, s),
+                **demand_view(engine.scorer, s, engine.latest_why.get(uid, s.events_seen, s.model_version)),
             }
         )
 
@@ -140,10 +140,18 @@ def recent_category_names(scorer: Scorer, s: UserState) -> list[str]:
     return [scorer.category_name(i if i > 0 else -h) for h, i in zip(hashes, index, strict=True)]
 
 
-def demand_view(scorer: Scorer, s: UserState) -> dict:
-    """The demand part of ``/users/{id}/demand``: the last prediction and the recent categories, named."""
+def demand_view(scorer: Scorer, s: UserState, why: list[list[dict]] | None = None) -> dict:
+    """The demand part of ``/users/{id}/demand``: the last prediction and the recent categories, named.
+
+    With ``why_top`` > 0 each top category has a ``why``: its explanation when this worker made the
+    prediction the state holds (:class:`~demandstream.stream.engine.why.LatestWhy`), else null.
+    """
+    top = [{"category": scorer.category_name(code), "p": p} for code, p in s.last_top]
+    if scorer.why_top:
+        for i, t in enumerate(top):
+            t["why"] = why[i] if why is not None and i < len(why) else None
     return {
-        "top_categories": [{"category": scorer.category_name(code), "p": p} for code, p in s.last_top],
+        "top_categories": top,
         "purchase_propensity": s.last_propensity,
         "recent_categories": recent_category_names(scorer, s),
     }

@@ -17,3 +17,15 @@ def test_a_standby_buffer_that_is_not_a_positive_count_is_refused(value):
 def test_the_standby_buffer_defaults_to_fausts_and_takes_a_positive_count():
     assert Settings.from_env({}).standby_buffer == 1000
     assert Settings.from_env({"DEMANDSTREAM_STANDBY_BUFFER": "1"}).standby_buffer == 1
+
+
+@pytest.mark.parametrize("value", ["-1", "11", "three"])
+def test_why_top_outside_zero_to_ten_is_refused(value):
+    with pytest.raises(SettingsError, match="DEMANDSTREAM_WHY_TOP") as e:
+        Settings.from_env({"DEMANDSTREAM_WHY_TOP": value})
+    assert "\n" not in str(e.value)
+
+
+def test_why_is_off_by_default():
+    assert Settings.from_env({}).why_top == 0
+    assert Settings.from_env({"DEMANDSTREAM_WHY_TOP": "3"}).why_top == 3
