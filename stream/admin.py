@@ -131,3 +131,46 @@ def partition_counts(admin: KafkaAdminClient, names: list[str]) -> dict[str, int
             raise KafkaError(f"describe {name}: error {code}")
         out[name] = len(t["partitions"])
     return out
+
+
+def changelog_topic(settings: Settings, app_id: str | None = None) -> str:
+    """The state table's changelog topic, as Faust names it for an app id (default: the configured one).
+
+    >>> changelog_topic(Settings(), "demandstream-v2")
+    'demandstream-v2-user-state-changelog'
+    """
+    return f"{app_id or settings.app_id}-{settings.table}-changelog"
+
+
+def changelog_topic_configs(settings: Settings) -> dict[str, str]:
+    """The configs a worker's Faust gives the changelog it creates: compacted (one record per user),
+    with ``stream/worker/app.py``'s ``changelog_topic_configs`` (tests/unit/stream/tools/test_migrate.py
+    checks that the two agree); ``demandstream migrate`` creates a green table's changelog with them.
+
+    >>> changelog_topic_configs(Settings())
+    {'cleanup.policy': 'compact', 'max.compaction.lag.ms': '86400000'}
+    """
+    return {
+        "cleanup.policy": "compact",
+        "max.compaction.lag.ms": str(int(settings.changelog_max_compaction_lag_s * 1000)),
+    }
+
+
+def create_changelog_topic(settings: Settings, name: str, partitions: int) -> None:
+    """Create a table changelog as the worker would (:func:`changelog_topic_configs`,
+    ``settings.replication``), with the input topic's partition count; wait until it is known."""
+    admin = admin_client(settings)
+    try:
+        admin.create_topics(
+            {
+                name: {
+                    "num_partitions": partitions,
+                    "replication_factor": settings.replication,
+                    "configs": changelog_topic_configs(settings),
+                }
+            }
+        )
+        logger.info("created changelog topic %s (%d partitions)", name, partitions)
+        wait_for_topics(admin, [name])
+    finally:
+        admin.close()

@@ -8,6 +8,7 @@ is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -138,6 +139,25 @@ def cmd_forget(a, settings: Settings) -> int:
         f"erasure of user {a.user_id!r} requested on {settings.topic_control} partition {partition}; the owning "
         "worker deletes its state and tombstones the changelog"
     )
+    return 0
+
+
+def cmd_migrate(a, settings: Settings) -> int:
+    from demandstream.stream.tools.migrate import format_report, migrate
+
+    report = migrate(
+        settings,
+        a.model,
+        a.to_app_id,
+        dry_run=a.dry_run,
+        force=a.force,
+        accept_lost_erasures=a.accept_lost_erasures,
+        progress=not a.quiet,
+        **({} if a.max_lag is None else {"max_lag": a.max_lag}),
+    )
+    if a.report:
+        Path(a.report).write_bytes(json.dumps(report.as_dict(), indent=2).encode() + b"\n")
+    print(format_report(report, settings.data_dir))
     return 0
 
 
@@ -322,6 +342,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long to wait for the workers to consume the user's earlier events before sending (default 60)",
     )
     sp.set_defaults(func=cmd_forget)
+
+    sp = command("migrate", help="rebuild users' states with a new model into a new app id (blue/green)")
+    sp.add_argument("--model", required=True, help="the new checkpoint")
+    sp.add_argument("--to-app-id", required=True, help="the green workers' app id (a new table)")
+    sp.add_argument("--app-id", help="the running (blue) workers' app id (DEMANDSTREAM_APP_ID)")
+    sp.add_argument("--device")
+    sp.add_argument("--dry-run", action="store_true", help="read and compute everything, write nothing")
+    sp.add_argument("--force", action="store_true", help="delete the target app id's table and offsets first")
+    sp.add_argument(
+        "--accept-lost-erasures",
+        action="store_true",
+        help="migrate although retention deleted erasure requests that may cover retained events",
+    )
+    sp.add_argument(
+        "--max-lag",
+        type=int,
+        help="follow until fewer input events than this are left (default 10,000: migrate.MAX_LAG)",
+    )
+    sp.add_argument("--report", help="also write the report as JSON to this file")
+    sp.add_argument("--quiet", action="store_true", help="no progress line")
+    sp.set_defaults(func=cmd_migrate)
 
     sp = command("bench", help="measure throughput and latency; write JSON (and Markdown with --markdown)")
     sp.add_argument("--out", default="bench.json")

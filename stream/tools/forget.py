@@ -30,15 +30,22 @@ from demandstream.stream.tools.replay import make_producer
 
 #: How long ``forget`` waits for the workers to consume the user's events written before the request.
 FORGET_WAIT_S = 60.0
+#: The request's field holding the end offset of the user's input partition when the request was made:
+#: every event below it was applied before the request was sent, so a rebuild of the table
+#: (``demandstream migrate``) applies the erasure exactly after them (docs/ARCHITECTURE.md §Topics).
+INPUT_END_FIELD = "input_end"
 
 
 class ErasureNotSent(UserError, TimeoutError):
     """The workers did not consume the user's earlier events in time; the request was not sent."""
 
 
-def forget_record(user_id: str) -> bytes:
-    """The control record's value."""
-    return orjson.dumps({CONTROL_FIELD: "forget", "user_id": user_id, "requested_at": time.time()})
+def forget_record(user_id: str, input_end: int | None = None) -> bytes:
+    """The control record's value; ``input_end``: the input partition's end offset at the request."""
+    request = {CONTROL_FIELD: "forget", "user_id": user_id, "requested_at": time.time()}
+    if input_end is not None:
+        request[INPUT_END_FIELD] = input_end
+    return orjson.dumps(request)
 
 
 def key_partition(key: bytes, n_partitions: int) -> int:
@@ -57,19 +64,19 @@ def forget(settings: Settings, user_id: str, wait_s: float = FORGET_WAIT_S) -> i
     counts = ensure_topics(settings)  # the control topic exists, with the input's partition count
     key = user_id.encode("utf-8")
     partition = key_partition(key, counts[settings.topic_input])
-    wait_until_consumed(settings, TopicPartition(settings.topic_input, partition), wait_s, user_id)
+    end = wait_until_consumed(settings, TopicPartition(settings.topic_input, partition), wait_s, user_id)
     producer = make_producer(settings)
     try:
-        producer.send(settings.topic_control, key=key, value=forget_record(user_id), partition=partition).get(
-            timeout=30
-        )
+        producer.send(
+            settings.topic_control, key=key, value=forget_record(user_id, end), partition=partition
+        ).get(timeout=30)
     finally:
         producer.close()
     return partition
 
 
-def wait_until_consumed(settings: Settings, tp: TopicPartition, wait_s: float, user_id: str) -> None:
-    """Return once the workers' group (``app_id``) committed ``tp`` up to its current end."""
+def wait_until_consumed(settings: Settings, tp: TopicPartition, wait_s: float, user_id: str) -> int:
+    """Return ``tp``'s current end once the workers' group (``app_id``) committed ``tp`` up to it."""
     try:
         consumer = KafkaConsumer(
             bootstrap_servers=settings.bootstrap_servers,
@@ -87,7 +94,7 @@ def wait_until_consumed(settings: Settings, tp: TopicPartition, wait_s: float, u
         while end > 0:
             committed = consumer.committed(tp)
             if committed is not None and committed >= end:
-                return
+                return end
             if time.monotonic() > deadline:
                 raise ErasureNotSent(
                     f"erasure of {user_id!r} not sent: the workers (group {settings.app_id}) have consumed "
@@ -96,5 +103,6 @@ def wait_until_consumed(settings: Settings, tp: TopicPartition, wait_s: float, u
                     "the lag is gone"
                 )
             time.sleep(0.5)
+        return end
     finally:
         consumer.close()
