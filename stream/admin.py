@@ -92,6 +92,8 @@ def ensure_topics(settings: Settings) -> dict[str, int]:
     (signals could not stay co-partitioned with their input).
     """
     names = [settings.topic_input, settings.topic_control, settings.topic_signals, settings.topic_dlq]
+    if settings.demand_window_s:  # closed windows go to their source partition (§Category demand)
+        names.append(settings.topic_demand)
     counts = create_topics(settings, names)
     if len(set(counts.values())) != 1:
         raise TopicMismatch(f"topics must have equal partition counts, found {counts}")

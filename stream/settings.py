@@ -66,6 +66,8 @@ class Settings:
     topic_dlq: str = "clickstream-dlq"
     #: erasure requests (`demandstream forget`), the only ones obeyed: restrict writes to it by ACL
     topic_control: str = "clickstream-control"
+    #: closed windows of category demand, per source partition (docs/ARCHITECTURE.md §Category demand)
+    topic_demand: str = "category-demand"
     table: str = "user-state"
     partitions: int = 4
     replication: int = 1
@@ -81,6 +83,22 @@ class Settings:
     #: §Signals); 0, the default, leaves ``why`` out and keeps the signal small
     why_top: int = 0
     state_ttl_s: float = 0.0  # 0 = keep user state forever
+    #: live model quality (docs/OPERATIONS.md §8): the evaluation report (`demandstream evaluate`) of the
+    #: loaded model whose prequential figures the drift alert compares with (empty: none); the relative
+    #: drop below them the alert allows; open purchase propensities kept per partition (memory: ~250
+    #: bytes each); and the event-time silence of a partition that censors the windows it falls in
+    #: (demandstream.model.data.labels.DEFAULT_GAP_S, the offline evaluation's)
+    quality_report: str = ""
+    quality_drift_margin: float = 0.1
+    quality_pending_max: int = 50000
+    quality_gap_s: float = 3600.0
+    #: category demand: tumbling event-time window (0 = off), how long after its end a window still
+    #: takes events, and when a category is marked rising (docs/ARCHITECTURE.md §Category demand)
+    demand_window_s: int = 300
+    demand_lateness_s: float = 60.0
+    demand_rising_ratio: float = 1.5
+    demand_rising_windows: int = 3
+    demand_rising_min: float = 1.0
     pseudonym_key: str = field(default="", repr=False)
     #: the key before the last rotation: `forget` also erases the state kept under the old pseudonym
     pseudonym_key_previous: str = field(default="", repr=False)
@@ -141,6 +159,25 @@ class Settings:
             raise SettingsError(
                 f"{PREFIX}WHY_TOP: must be between 0 (off) and {WHY_TOP_MAX} (got {self.why_top})"
             )
+        if self.demand_window_s < 0 or self.demand_lateness_s < 0 or self.demand_rising_min < 0:
+            raise SettingsError(
+                f"{PREFIX}DEMAND_WINDOW_S, {PREFIX}DEMAND_LATENESS_S and {PREFIX}DEMAND_RISING_MIN must not be negative"
+            )
+        if self.demand_rising_ratio <= 1 or self.demand_rising_windows < 1:
+            raise SettingsError(
+                f"{PREFIX}DEMAND_RISING_RATIO must be above 1 and {PREFIX}DEMAND_RISING_WINDOWS at least 1"
+            )
+        if self.topic_demand in (self.topic_input, self.topic_signals, self.topic_dlq, self.topic_control):
+            raise SettingsError(
+                f"{PREFIX}TOPIC_DEMAND: must be a topic of its own (got {self.topic_demand!r})"
+            )
+        for name, ok, rule in (
+            ("QUALITY_DRIFT_MARGIN", 0 <= self.quality_drift_margin < 1, "must be in [0, 1)"),
+            ("QUALITY_PENDING_MAX", self.quality_pending_max >= 0, "must not be negative"),
+            ("QUALITY_GAP_S", self.quality_gap_s > 0, "must be positive"),
+        ):
+            if not ok:
+                raise SettingsError(f"{PREFIX}{name}: {rule} (got {getattr(self, name.lower())})")
         if self.changelog_max_compaction_lag_s <= 0:
             raise SettingsError(f"{PREFIX}CHANGELOG_MAX_COMPACTION_LAG_S: must be positive")
         if self.topic_control in (self.topic_input, self.topic_signals, self.topic_dlq):

@@ -42,6 +42,7 @@ from demandstream.model.evaluation.metrics import (
     purchase_metrics,
     target_rank,
 )
+from demandstream.model.evaluation.prequential import prequential_report
 
 logger = logging.getLogger(__name__)
 
@@ -292,6 +293,8 @@ def evaluate(
             "targets_in_vocab": float(1 - n_oov / len(targets)) if len(targets) else float("nan"),
         },
     }
+    # The figures a live worker exports for the same events (docs/ARCHITECTURE.md §Metrics, "quality").
+    report["prequential"] = prequential_report(ckpt, log, split.valid_end, horizon_s, gap_s, device)
     if plots_dir is not None:
         from demandstream.model.evaluation.plots import save_plots
 

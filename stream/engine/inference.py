@@ -86,6 +86,10 @@ class BatchResult:
     rounds: int = 0  # model calls for the batch: 1, plus one per erasure that splits a user's events
     new_users: int = 0
     inference_s: list[float] = field(default_factory=list)
+    #: per model round, per user: (the state's previous event as ``(last_ts, last_top, last_propensity,
+    #: partition, offset)``, None for a fresh state; the events; their records; their predictions), for
+    #: category demand (stream/engine/demand.py)
+    applied: list[tuple] = field(default_factory=list)
 
 
 StateReader = Callable[[Sequence[tuple[bytes, int]]], dict[bytes, bytes | None]]
@@ -224,9 +228,14 @@ class InferenceEngine:
                     del pending[k]
             if not users:
                 continue
+            prev = [
+                (s.last_ts, s.last_top, s.last_propensity, s.partition, s.offset) if s.events_seen else None
+                for s in (states[k] for k in users)
+            ]
             t0 = time.perf_counter()
             preds = self.scorer.step_many(seqs, [states[k] for k in users])
             res.inference_s.append(time.perf_counter() - t0)
+            res.applied.extend(zip(prev, seqs, recs, preds, strict=True))
             rnd += 1
             emitted = self.clock()
             for uid, evs, rs, ps in zip(users, seqs, recs, preds, strict=True):

@@ -63,6 +63,7 @@ def tail(
 ) -> int:
     """Print records until ``max_records`` or ``timeout_s`` (None = forever); returns how many were printed."""
     topic = topic or settings.topic_signals
+    demand = topic == settings.topic_demand and not raw  # rendered as tables of windows
     try:
         consumer = KafkaConsumer(
             topic,
@@ -71,10 +72,14 @@ def tail(
             group_id=None,
             auto_offset_reset="earliest" if from_beginning else "latest",
             enable_auto_commit=False,
+            # exactly-once workers write demand windows in transactions: never show an aborted one
+            isolation_level="read_committed" if demand else "read_uncommitted",
             **settings.kafka_python_security(),
         )
     except UNREACHABLE:
         raise KafkaUnavailable(unreachable_message(settings)) from None
+    if demand:
+        return tail_demand(consumer, settings, max_records, timeout_s, out)
     n = 0
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     try:
@@ -91,3 +96,80 @@ def tail(
     finally:
         consumer.close()
     return n
+
+
+# -- category demand (`tail --topic category-demand`) ------------------------------------------------
+
+#: Categories per window in ``tail --topic category-demand``'s tables (the view's default top).
+DEMAND_TABLE_TOP = 20
+
+
+def tail_demand(consumer, settings: Settings, max_records: int | None, timeout_s: float | None, out) -> int:
+    """Follow the ``category-demand`` topic, merging the partitions' records; print each window's table
+    once every partition has closed it, and at the end the windows still incomplete. Returns how many
+    records were read."""
+    from demandstream.stream.engine.demand import DemandBoard, Rising
+
+    parts = None
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while not parts and (deadline is None or time.monotonic() < deadline):
+        parts = consumer.partitions_for_topic(settings.topic_demand)
+        if not parts:
+            consumer.poll(timeout_ms=200)
+    rising = Rising(settings.demand_rising_ratio, settings.demand_rising_windows, settings.demand_rising_min)
+    board = DemandBoard(len(parts or ()) or settings.partitions, rising)
+    printed: set[int] = set()
+    n = 0
+    try:
+        while (max_records is None or n < max_records) and (deadline is None or time.monotonic() < deadline):
+            polled = consumer.poll(timeout_ms=200, max_records=5000)
+            for recs in polled.values():
+                for r in recs:
+                    board.add(r.value)
+                    n += 1
+            for w in board.windows():
+                if w not in printed and board.complete(w):
+                    printed.add(w)
+                    print(format_demand_table(board.view(DEMAND_TABLE_TOP, w)), file=out)
+    finally:
+        consumer.close()
+    for w in board.windows():
+        if w not in printed:
+            print(format_demand_table(board.view(DEMAND_TABLE_TOP, w)), file=out)
+    return n
+
+
+def format_demand_table(view: dict) -> str:
+    """One window of ``GET /categories/demand`` (or the tail's merge) as a text table.
+
+    >>> print(format_demand_table({"window_start": 0, "window_end": 300, "complete": True,
+    ...     "partitions": 4, "partitions_reported": 4, "users": 3, "events": 7, "categories": [
+    ...     {"category": "shoes", "expected": 1.5, "propensity": 0.25, "observed": 4, "purchases": 1,
+    ...      "ratio": 2.0, "rising": True}]}))
+    window 1970-01-01 00:00:00 to 00:05:00 UTC, 4/4 partitions, 3 users, 7 events
+    category                              expected  propensity  observed  purchases   ratio  rising
+    shoes                                    1.500       0.250         4          1    2.00  rising
+    """
+    import datetime as dt
+
+    start, end = view["window_start"], view["window_end"]
+    t0 = dt.datetime.fromtimestamp(start, dt.UTC)
+    t1 = dt.datetime.fromtimestamp(end, dt.UTC)
+    span = (
+        f"{t0:%Y-%m-%d %H:%M:%S} to {t1:%H:%M:%S}"
+        if t0.date() == t1.date()
+        else f"{t0:%Y-%m-%d %H:%M:%S} to {t1:%Y-%m-%d %H:%M:%S}"
+    )
+    state = "" if view["complete"] else " (incomplete)"
+    lines = [
+        f"window {span} UTC, {view['partitions_reported']}/{view['partitions']} partitions{state}, "
+        f"{view['users']} users, {view['events']} events",
+        f"{'category':<36}{'expected':>10}{'propensity':>12}{'observed':>10}{'purchases':>11}{'ratio':>8}  rising",
+    ]
+    for c in view["categories"]:
+        ratio = "-" if c["ratio"] is None else f"{c['ratio']:.2f}"
+        lines.append(
+            f"{c['category'][:35]:<36}{c['expected']:>10.3f}{c['propensity']:>12.3f}{c['observed']:>10}"
+            f"{c['purchases']:>11}{ratio:>8}  {'rising' if c['rising'] else ''}".rstrip()
+        )
+    return "\n".join(lines)

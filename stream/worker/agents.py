@@ -39,8 +39,11 @@ import time
 from demandstream.model.core.scoring import Scorer
 from demandstream.model.core.state import StateFormatError, peek_last_ts
 from demandstream.stream.engine.inference import InferenceEngine, Output
+from demandstream.stream.engine.records import STATE_KEY_PREFIX
 from demandstream.stream.worker import faust_patches
 from demandstream.stream.worker.app import Components
+from demandstream.stream.worker.demand import DemandStage
+from demandstream.stream.worker.quality import LiveQuality
 from demandstream.stream.worker.store import StateStore
 
 #: TTL expiry examines at most this many stored states of each partition per micro-batch: a full pass
@@ -53,6 +56,9 @@ logger = logging.getLogger(__name__)
 
 
 class Pipeline:
+    #: live model quality (stream/worker/quality.py); set by ``build_worker``, which knows the model
+    quality: LiveQuality | None = None
+
     def __init__(self, c: Components, scorer: Scorer):
         self.c = c
         self.settings = c.settings
@@ -65,6 +71,8 @@ class Pipeline:
             previous_pseudonym_key=s.pseudonym_key_previous,
         )
         self.store = StateStore(c.table)
+        #: category demand (docs/ARCHITECTURE.md §Category demand): partial aggregates ride the protocol
+        self.demand = DemandStage(s, scorer.category_name) if s.demand_window_s else None
         self.metrics = c.metrics
         self.exactly_once = c.settings.guarantee == "exactly_once"
         self.last_offset: dict[int, int] = {}  # partition -> last consumed offset, for lag
@@ -106,15 +114,18 @@ class Pipeline:
                 self.last_offset[r.partition] = r.offset
         # Step 1
         res = self.engine.process(records, self.store.read)
+        # closed demand windows for their topic; the partial aggregates join res.states, ahead of the users
+        demand = self.demand.process(res, self.store.read) if self.demand else []
         expired = self.expire_slice(res) if self.settings.state_ttl_s > 0 else {}
         res.states.update(expired)  # deletions ride on the batch's own acknowledged/transactional writes
         if self.exactly_once:
-            await self.produce_transactional(res)
+            await self.produce_transactional(res, demand)
         else:
             # Step 2 and 3: signals and dead letters acknowledged by the broker
             outputs = [
                 (self.settings.topic_signals, res.signals),
                 (self.settings.topic_dlq, res.dead_letters),
+                (self.settings.topic_demand, demand),  # acked before the aggregate that drops their windows
             ]
             await self.produce_acked(outputs)
             self.failpoint("after_signals")
@@ -142,6 +153,8 @@ class Pipeline:
         lat = m.event_to_signal_seconds
         for ts in res.signal_ts:
             lat.observe(max(0.0, now - ts))  # seconds, never ms (cf. faust-streaming/faust#693)
+        if self.quality is not None:  # live model quality (stream/worker/quality.py), once durable too
+            self.quality.observe(res.applied)
         self.batches += 1
 
     async def produce_acked(self, outputs: list[tuple[str, list[Output]]]) -> dict[int, int]:
@@ -178,7 +191,7 @@ class Pipeline:
                     last[meta.partition] = max(last.get(meta.partition, -1), meta.offset + n - 1)
         return last
 
-    async def produce_transactional(self, res) -> None:
+    async def produce_transactional(self, res, demand: list[Output] = ()) -> None:
         """Exactly-once: every output of a source partition joins that partition's open transaction.
 
         Faust keeps one transactional producer per assigned source partition and commits its
@@ -195,6 +208,7 @@ class Pipeline:
         for topic, records in (
             (self.settings.topic_signals, res.signals),
             (self.settings.topic_dlq, res.dead_letters),
+            (self.settings.topic_demand, demand),
             (self.store.changelog_topic, changelog),
         ):
             for o in records:
@@ -295,6 +309,8 @@ class Pipeline:
                 self.metrics.consumer_lag.remove(str(tp.partition))
             except KeyError:
                 pass  # never set here
+        if self.quality is not None:
+            self.quality.revoke(tp.partition for tp in revoked if tp.topic == topic)
 
     def expire_slice(self, res) -> dict[bytes, tuple[int, None]]:
         """Deletions of states idle longer than the TTL, a bounded slice per partition of this batch.
@@ -308,8 +324,8 @@ class Pipeline:
         where the previous one stopped, so the scan never stalls the event loop.
         """
         ttl = self.settings.state_ttl_s
-        for _k, (p, v) in res.states.items():
-            if v is not None:
+        for k, (p, v) in res.states.items():
+            if v is not None and k.startswith(STATE_KEY_PREFIX):  # not a partial demand aggregate
                 try:
                     ts = peek_last_ts(v)
                 except StateFormatError:

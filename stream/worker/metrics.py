@@ -76,8 +76,71 @@ class Metrics:
             "Stored user states that could not be decoded and were reset (the user starts fresh)",
             registry=r,
         )
+        self._quality(r, p + "quality_")
         for result in ("valid", "invalid", "duplicate"):
             self.events.labels(result)  # export zeros from the start: rate() needs a first sample
+
+    def _quality(self, r: CollectorRegistry, q: str) -> None:
+        """Live model quality (stream/worker/quality.py, docs/OPERATIONS.md §8): prequential counts and
+        sums per model version, from which PromQL derives hit@k, MRR, log loss and calibration."""
+        v = ["model_version"]
+        self.quality_category_points = Counter(
+            q + "category_points", "Predictions scored by the user's next category", v, registry=r
+        )
+        self.quality_category_hits = Counter(
+            q + "category_hits", "Next categories within the first k of the stored top", v + ["k"], registry=r
+        )
+        self.quality_category_reciprocal_rank = Counter(
+            q + "category_reciprocal_rank",
+            "Sum of 1/rank of the next category in the stored top (0 outside)",
+            v,
+            registry=r,
+        )
+        self.quality_purchase_points = Counter(
+            q + "purchase_points", "Purchase propensities whose horizon was resolved", v, registry=r
+        )
+        self.quality_purchase_positives = Counter(
+            q + "purchase_positives",
+            "Resolved propensities followed by a purchase within the horizon",
+            v,
+            registry=r,
+        )
+        self.quality_purchase_logloss = Counter(
+            q + "purchase_logloss", "Sum of the log loss of the resolved propensities", v, registry=r
+        )
+        vb = v + ["bucket"]
+        self.quality_calibration_points = Counter(
+            q + "calibration_points", "Resolved propensities per bucket (its lower edge)", vb, registry=r
+        )
+        self.quality_calibration_predicted = Counter(
+            q + "calibration_predicted", "Sum of the resolved propensities per bucket", vb, registry=r
+        )
+        self.quality_calibration_positives = Counter(
+            q + "calibration_positives",
+            "Resolved propensities per bucket followed by a purchase",
+            vb,
+            registry=r,
+        )
+        self.quality_purchase_unresolved = Counter(
+            q + "purchase_unresolved",
+            "Propensities never scored, by reason (capacity, gap, revoked)",
+            v + ["reason"],
+            registry=r,
+        )
+        self.quality_purchase_pending = Gauge(
+            q + "purchase_pending", "Propensities waiting for their horizon to pass", registry=r
+        )
+        self.quality_offline = Gauge(
+            q + "offline",
+            "The loaded model's offline prequential figure (DEMANDSTREAM_QUALITY_REPORT)",
+            ["model_version", "metric"],
+            registry=r,
+        )
+        self.quality_drift_margin = Gauge(
+            q + "drift_margin",
+            "Relative drop below the offline figure that the quality alert allows (DEMANDSTREAM_QUALITY_DRIFT_MARGIN)",
+            registry=r,
+        )
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -13,6 +13,7 @@ from demandstream.stream.admin import ensure_topics
 from demandstream.stream.settings import Settings, SettingsError
 from demandstream.stream.worker.agents import attach
 from demandstream.stream.worker.app import Components, create_app
+from demandstream.stream.worker.quality import live_quality, model_horizon_s
 from demandstream.stream.worker.web import attach_views
 
 logger = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ def build_worker(settings: Settings) -> Components:
     )
     c = create_app(settings)
     pipeline = attach(c, scorer)
+    pipeline.quality = live_quality(settings, c.metrics, scorer, model_horizon_s(ckpt))
     attach_views(c, pipeline)
     c.metrics.model_info.labels(
         ckpt.model_version, str(device), str(ckpt.cfg.hidden), str(len(ckpt.vocab))

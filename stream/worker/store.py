@@ -18,6 +18,7 @@ from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 
 from demandstream.model.core.state import StateFormatError, peek_last_ts
+from demandstream.stream.engine.records import STATE_KEY_PREFIX
 
 logger = logging.getLogger(__name__)
 
@@ -232,7 +233,8 @@ class StateStore:
         return {
             k: (partition, None)
             for k, v in rows
-            if k not in keep and k not in staged and _older(v, before_ts)
+            # users' states only: the table also holds each partition's partial demand aggregate (d:)
+            if k.startswith(STATE_KEY_PREFIX) and k not in keep and k not in staged and _older(v, before_ts)
         }
 
     # -- writes ---------------------------------------------------------------------------------

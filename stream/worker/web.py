@@ -1,6 +1,7 @@
-"""HTTP views on the worker's web port: /metrics, /healthz, /readyz, /users/{user_id}/demand.
+"""HTTP views on the worker's web port: /metrics, /healthz, /readyz, /users/{user_id}/demand, and
+/categories/demand (stream/worker/demand.py, the same token rule).
 
-These four are all the port serves (Faust's own views are off, see ``create_app``). With a token configured
+These five are all the port serves (Faust's own views are off, see ``create_app``). With a token configured
 (``DEMANDSTREAM_WEB_TOKEN_FILE`` or ``DEMANDSTREAM_WEB_TOKEN``), ``/users/{id}/demand`` answers 401 unless
 the request carries ``Authorization: Bearer <token>``; it is checked before the request is forwarded to the
 user's owner and again by the owner (the forwarded request keeps its headers). The probes and ``/metrics``
@@ -22,6 +23,7 @@ from demandstream.model.core.state import StateFormatError, UserState, unpack
 from demandstream.stream.engine.records import state_key
 from demandstream.stream.worker.agents import Pipeline
 from demandstream.stream.worker.app import Components
+from demandstream.stream.worker.demand import attach_demand_view
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +126,9 @@ def attach_views(c: Components, pipeline: Pipeline) -> None:
                 **demand_view(engine.scorer, s, engine.latest_why.get(uid, s.events_seen, s.model_version)),
             }
         )
+
+    # GET /categories/demand: the merged category demand of every worker, same token rule
+    attach_demand_view(c, require_token(token))
 
 
 def recent_category_names(scorer: Scorer, s: UserState) -> list[str]:

@@ -75,6 +75,20 @@ METRIC_FAMILIES: dict[str, tuple[str, frozenset[str]]] = {
     "demandstream_expired_states_total": ("counter", frozenset()),
     # stored states that could not be decoded and were reset (issue #13 item 7)
     "demandstream_undecodable_states_total": ("counter", frozenset()),
+    # live model quality (issue #15 item 1): prequential counts per model version
+    "demandstream_quality_category_points_total": ("counter", frozenset({"model_version"})),
+    "demandstream_quality_category_hits_total": ("counter", frozenset({"model_version", "k"})),
+    "demandstream_quality_category_reciprocal_rank_total": ("counter", frozenset({"model_version"})),
+    "demandstream_quality_purchase_points_total": ("counter", frozenset({"model_version"})),
+    "demandstream_quality_purchase_positives_total": ("counter", frozenset({"model_version"})),
+    "demandstream_quality_purchase_logloss_total": ("counter", frozenset({"model_version"})),
+    "demandstream_quality_calibration_points_total": ("counter", frozenset({"model_version", "bucket"})),
+    "demandstream_quality_calibration_predicted_total": ("counter", frozenset({"model_version", "bucket"})),
+    "demandstream_quality_calibration_positives_total": ("counter", frozenset({"model_version", "bucket"})),
+    "demandstream_quality_purchase_unresolved_total": ("counter", frozenset({"model_version", "reason"})),
+    "demandstream_quality_purchase_pending": ("gauge", frozenset()),
+    "demandstream_quality_offline": ("gauge", frozenset({"model_version", "metric"})),
+    "demandstream_quality_drift_margin": ("gauge", frozenset()),
 }
 
 #: Labels Prometheus adds to every scraped series.

@@ -18,6 +18,8 @@ EXPECTED_ALERTS = {
     "DeadLetterRateHigh",
     "SignalLatencyP99High",
     "NoSignalsWhileInputFlows",
+    "CategoryQualityBelowOffline",
+    "PurchaseLogLossAboveOffline",
 }
 SEVERITIES = {"critical", "warning"}
 
