@@ -92,9 +92,13 @@ class Settings:
     quality_drift_margin: float = 0.1
     quality_pending_max: int = 50000
     quality_gap_s: float = 3600.0
-    #: category demand: tumbling event-time window (0 = off), how long after its end a window still
-    #: takes events, and when a category is marked rising (docs/ARCHITECTURE.md §Category demand)
-    demand_window_s: int = 300
+    #: category demand: tumbling event-time window (0 = off, the default: set 300 for 5-minute windows),
+    #: how long after its end a window still takes events, and when a category is marked rising
+    #: (docs/ARCHITECTURE.md §Category demand). Off by default because a window emits one record per
+    #: category and partition: live, thousands of events share one; a replay of a month-long log in
+    #: minutes closes thousands of windows and emits more demand records than signals (measured:
+    #: 1.8 per event, half the worker's throughput; docs/BENCHMARKS.md)
+    demand_window_s: int = 0
     demand_lateness_s: float = 60.0
     demand_rising_ratio: float = 1.5
     demand_rising_windows: int = 3
