@@ -15,7 +15,8 @@ Reasons (docs/ARCHITECTURE.md §Signals, the ``why`` field):
 - ``frequency``: how often the user touched it (``count`` events), overall and in this session;
 - ``recency``: how long ago, in events and in seconds;
 - ``last_action``: the type of the user's last event on it (view, add to cart, ...);
-- ``transition``: users who were in the current category (``from``) moved to it next (the Markov table);
+- ``transition``: users who were in the current category (``from``), or in the user's other recent
+  categories, moved to it next (the Markov table and its mixture over the user's history);
 - ``popularity``: how common it is in the shop;
 - ``history``: the base weight of any category the user touched;
 - ``lstm``: what the recurrent state adds beyond the explicit features.
@@ -62,6 +63,7 @@ def _slot_reason(feature: str) -> str:
         "log_age_events": "recency",
         "log_age_seconds": "recency",
         "markov": "transition",
+        "markov_history": "transition",
         "popularity": "popularity",
     }[feature]
 
@@ -98,7 +100,9 @@ def contributions(
     from_slot = slot_terms.gather(1, slot_idx.unsqueeze(-1).expand(-1, -1, n_reasons))
     vw = out["x_vw"]
     from_vocab = torch.zeros_like(from_slot)
-    from_vocab[..., _R["transition"]] = vw[..., 0:1] * out["x_mk"].gather(-1, vocab_col)
+    from_vocab[..., _R["transition"]] = vw[..., 0:1] * out["x_mk"].gather(-1, vocab_col) + vw[..., 2:3] * out[
+        "x_mix"
+    ].gather(-1, vocab_col)
     from_vocab[..., _R["popularity"]] = vw[..., 1:2] * pop_logp[vocab_col]
     from_vocab[..., _R["lstm"]] = out["x_explore"].gather(-1, vocab_col)
     terms = torch.where(use_slot.unsqueeze(-1), from_slot, from_vocab)

@@ -67,9 +67,14 @@ SLOT_FEATURES = (
     "in_vocabulary",
     "log_session_count",
     "last_streak",
+    "markov_history",
 )
 #: Names of the features of a vocabulary category outside the history.
-VOCAB_FEATURES = ("markov", "popularity")
+VOCAB_FEATURES = ("markov", "popularity", "markov_history")
+
+#: Initial recency decay of the history mixture (:meth:`DemandLSTM.markov_history`): the k-th most recent
+#: category of the user weighs decay**k. Learned in training (a sigmoid keeps it in (0, 1)).
+MIX_DECAY_INIT = 0.5
 
 
 @dataclass
@@ -100,6 +105,7 @@ class ModelConfig:
     # ablation switches (docs/MODEL.md §5); the defaults are the product
     context_weights: bool = True  #: feature weights depend on the context (else one global vector)
     lstm_terms: bool = True  #: the LSTM's own repeat and explore terms
+    markov_history: bool = True  #: the Markov mixture over all the user's categories as a feature
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -175,6 +181,7 @@ class DemandLSTM(nn.Module):
         n_slot, n_vocab = len(SLOT_FEATURES), len(VOCAB_FEATURES)
         self.slot_w0 = nn.Parameter(torch.zeros(n_slot))
         self.vocab_w0 = nn.Parameter(torch.zeros(n_vocab))
+        self.mix_decay = nn.Parameter(torch.tensor(math.log(MIX_DECAY_INIT / (1.0 - MIX_DECAY_INIT))))
         self.slot_ctx = nn.Linear(d_ctx, n_slot)
         self.vocab_ctx = nn.Linear(d_ctx, n_vocab)
         # the LSTM's own terms: explore over every category, repeat affinity of a slot's category
@@ -250,6 +257,37 @@ class DemandLSTM(nn.Module):
         top = torch.log((count + MARKOV_ALPHA * self.pop_logp.exp()[nxt]) / denom)
         return dense.scatter(-1, nxt, torch.maximum(top, dense.gather(-1, nxt)))
 
+    def markov_history(
+        self,
+        hv: torch.Tensor,
+        known: torch.Tensor,
+        ages: torch.Tensor,
+        own_count: torch.Tensor | None = None,
+        own_total: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """log sum_s w_s P(next = c | category of slot s) for every vocabulary category c: [..., C].
+
+        The Markov rows of *all* the user's known categories (``hv`` [..., K] where ``known``), mixed with
+        weights decaying by recency rank (the most recent, ``ages`` smallest, weighs 1, the next
+        ``decay``, ...; normalised): where a user's recent categories point together, like a session
+        kNN (Jannach & Ludewig, RecSys 2017) over the stored transition table. Popularity when the user
+        has no known category. ``own_count`` [..., K, top-K] / ``own_total`` [..., K] (training only)
+        are the user's own transitions, left out as in :meth:`markov_row`.
+        """
+        rank = ages.masked_fill(~known, float("inf")).argsort(-1).argsort(-1).float()
+        w = torch.where(known, torch.sigmoid(self.mix_decay) ** rank, torch.zeros_like(rank))
+        wsum = w.sum(-1, keepdim=True)
+        w = w / wsum.clamp(min=1e-12)
+        total, nxt, count = self.markov_total[hv], self.markov_next[hv], self.markov_count[hv]
+        if own_count is not None and own_total is not None:
+            total = (total - own_total).clamp(min=0.0)
+            count = (count - own_count).clamp(min=0.0)
+        denom = total + MARKOV_ALPHA
+        pop = self.pop_logp.exp()
+        dense = (w * MARKOV_ALPHA / denom).sum(-1, keepdim=True) * pop
+        mix = dense.scatter_add(-1, nxt.flatten(-2), ((w / denom).unsqueeze(-1) * count).flatten(-2))
+        return torch.log(torch.where(wsum > 0, mix, pop))
+
     def heads(
         self, h: torch.Tensor, f: dict[str, torch.Tensor], explain: bool = False
     ) -> dict[str, torch.Tensor]:
@@ -286,6 +324,12 @@ class DemandLSTM(nn.Module):
         src = hv.gather(-1, recent).squeeze(-1) * valid.any(-1).long()
         mk = self.markov_row(src, f.get("markov_own_count"), f.get("markov_own_total"))  # [..., C]
         slot_mk = mk.gather(-1, hv)
+        if cfg.markov_history:
+            mix = self.markov_history(
+                hv, valid & (hv > 0), ages, f.get("markov_own_slot_count"), f.get("markov_own_slot_total")
+            )
+        else:
+            mix = torch.zeros_like(mk)
         slot_cart = f["hist_cart"]
         phi = torch.cat(
             [
@@ -303,6 +347,7 @@ class DemandLSTM(nn.Module):
                 (hv > 0).float().unsqueeze(-1),
                 torch.log1p(f["hist_session"]).unsqueeze(-1),
                 ((ages == 0).float() * torch.log1p(f["streak"]).unsqueeze(-1)).unsqueeze(-1),
+                mix.gather(-1, hv).unsqueeze(-1),
             ],
             dim=-1,
         )  # [..., K, F]
@@ -314,7 +359,7 @@ class DemandLSTM(nn.Module):
             sw = sw.expand(*ctx.shape[:-1], -1)
             vw = vw.expand(*ctx.shape[:-1], -1)
         slot_score = (phi * sw.unsqueeze(-2)).sum(-1)
-        vocab_score = vw[..., 0:1] * mk + vw[..., 1:2] * self.pop_logp
+        vocab_score = vw[..., 0:1] * mk + vw[..., 1:2] * self.pop_logp + vw[..., 2:3] * mix
         repeat = explore = None
         if cfg.lstm_terms:
             repeat = (self.repeat_emb(hv) * self.repeat_query(hd).unsqueeze(-2)).sum(-1)
@@ -359,6 +404,7 @@ class DemandLSTM(nn.Module):
                 x_sw=sw,
                 x_repeat=torch.zeros_like(slot_score) if repeat is None else repeat,
                 x_mk=mk,
+                x_mix=mix,
                 x_vw=vw,
                 x_explore=torch.zeros_like(mk) if explore is None else explore,
                 x_src=src,

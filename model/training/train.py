@@ -95,6 +95,9 @@ class TrainConfig:
     min_valid_category_points: int = 1000  #: below this (or the next), validate on a training hold-out
     min_valid_positives: int = 50
     holdout_fraction: float = 0.1  #: share of the training time span held out in that case
+    #: after the joint epochs, up to this many epochs of the purchase head alone (the rest frozen), as
+    #: many as lower the validation purchase log loss; 0 turns the phase off
+    purchase_epochs: int = 8
 
 
 @dataclass
@@ -306,7 +309,16 @@ def validation_metrics(
 
 #: Parameters of the next-category head. At the cascade start their LSTM-dependent parts are zero, so
 #: that head can be combined with the LSTM and purchase head of any epoch without changing its output.
-CATEGORY_HEAD = ("slot_w0", "vocab_w0", "slot_ctx.", "vocab_ctx.", "explore.", "repeat_query.", "repeat_emb.")
+CATEGORY_HEAD = (
+    "slot_w0",
+    "vocab_w0",
+    "slot_ctx.",
+    "vocab_ctx.",
+    "explore.",
+    "repeat_query.",
+    "repeat_emb.",
+    "mix_decay",
+)
 
 
 def _snapshot(net: DemandLSTM) -> dict:
@@ -473,16 +485,49 @@ def _markov_pairs(
 
 
 class OwnCounts(NamedTuple):
-    """Per row, the Markov transitions its own training contributed (see :meth:`DemandLSTM.markov_row`)."""
+    """Per row, the Markov transitions its own training contributed (see :meth:`DemandLSTM.markov_row`),
+    for the row's current category and, computed per batch from the batch's history slots, for every
+    category in its history (:meth:`DemandLSTM.markov_history`)."""
 
     count: (
         np.ndarray
     )  #: float32 [n, K]: own transitions to each stored successor of the row's current category
     total: np.ndarray  #: float32 [n]: own transitions out of the row's current category
+    current: np.ndarray  #: int64 [n]: the row's current category
+    table_next: np.ndarray  #: int64 [C, K]: the stored successors of each category
+    #: ``"user"`` mode: the row's user [n] and sorted keys/counts of its (user, a) and (user, a, b) pairs;
+    #: None in ``"row"`` mode, where only the current category's own transition is left out
+    by_user: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
 
     def attach(self, f: dict, idx: np.ndarray, device: torch.device) -> None:
         f["markov_own_count"] = torch.from_numpy(self.count[idx]).to(device)
         f["markov_own_total"] = torch.from_numpy(self.total[idx]).to(device)
+        hv = f["hist_vocab"].cpu().numpy()  # [..., slots]
+        c = int(self.table_next.shape[0])
+        if self.by_user is not None:
+            user, ua, ua_n, uab, uab_n = self.by_user
+            key = user[idx][..., None] * c + hv
+            slot_total = _lookup(ua, ua_n, key)
+            slot_count = _lookup(uab, uab_n, key[..., None] * c + self.table_next[hv])
+            known = hv > 0
+            slot_total *= known
+            slot_count *= known[..., None]
+        else:
+            is_current = (hv == self.current[idx][..., None]) & (hv > 0)
+            slot_total = np.where(is_current, self.total[idx][..., None], 0.0).astype(np.float32)
+            slot_count = np.where(is_current[..., None], self.count[idx][..., None, :], 0.0).astype(
+                np.float32
+            )
+        f["markov_own_slot_count"] = torch.from_numpy(slot_count).to(device)
+        f["markov_own_slot_total"] = torch.from_numpy(slot_total).to(device)
+
+
+def _lookup(keys: np.ndarray, values: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """``values`` at the positions of ``q`` in the sorted ``keys``; 0 where absent (float32)."""
+    if not len(keys):
+        return np.zeros(q.shape, np.float32)
+    pos = np.searchsorted(keys, q).clip(max=len(keys) - 1)
+    return np.where(keys[pos] == q, values[pos], 0).astype(np.float32)
 
 
 def own_markov_counts(
@@ -513,7 +558,7 @@ def own_markov_counts(
     if mode == "row":
         total[pair_rows] = 1.0
         count[pair_rows] = table_next[pairs[:, 0]] == pairs[:, 1:2]
-        return OwnCounts(count, total)
+        return OwnCounts(count, total, current, table_next)
     if mode != "user":
         raise ValueError(f"unknown markov_leave_out {mode!r}: expected user, row or none")
     c = int(table_next.shape[0])
@@ -521,18 +566,11 @@ def own_markov_counts(
     pu = user[pair_rows]
     ua, ua_n = np.unique(pu * c + pairs[:, 0], return_counts=True)
     uab, uab_n = np.unique((pu * c + pairs[:, 0]) * c + pairs[:, 1], return_counts=True)
-
-    def lookup(keys, values, q):
-        if not len(keys):
-            return np.zeros(q.shape, np.float32)
-        pos = np.searchsorted(keys, q).clip(max=len(keys) - 1)
-        return np.where(keys[pos] == q, values[pos], 0).astype(np.float32)
-
     has = current > 0
     key_ua = user * c + current
-    total[has] = lookup(ua, ua_n, key_ua[has])
-    count[has] = lookup(uab, uab_n, key_ua[has, None] * c + table_next[current[has]])
-    return OwnCounts(count, total)
+    total[has] = _lookup(ua, ua_n, key_ua[has])
+    count[has] = _lookup(uab, uab_n, key_ua[has, None] * c + table_next[current[has]])
+    return OwnCounts(count, total, current, table_next, (user, ua, ua_n, uab, uab_n))
 
 
 #: Training points on which the cascade's scale is fitted (a 1-parameter fit: a sample suffices).
@@ -615,6 +653,8 @@ class _Fit:
     n_train: int
     n_users: int
     category_epoch: int  #: epoch whose category head was kept (0 = the calibrated cascade start)
+    purchase_epochs: int = 0  #: epochs of the purchase head alone after the joint ones
+    purchase_history: list[dict] = field(default_factory=list)
 
 
 def _fit(
@@ -631,9 +671,11 @@ def _fit(
     progress: bool,
     desc: str,
     category_from_start: bool = False,
+    purchase_epochs: int | None = None,
 ) -> _Fit:
     """Train a fresh network on the ``tr`` points for up to ``epochs`` epochs; with ``va``, keep the best
-    epoch by :func:`_better` and stop after ``patience`` epochs without improvement."""
+    epoch by :func:`_better` and stop after ``patience`` epochs without improvement. Then the purchase
+    head alone (:func:`_fit_purchase_head`): as many epochs as ``va`` chooses, or ``purchase_epochs``."""
     from tqdm import tqdm
 
     tr_mask = tr.mask
@@ -735,8 +777,133 @@ def _fit(
                 {**net.state_dict(), **{k: v for k, v in start.items() if k.startswith(CATEGORY_HEAD)}}
             )
             category_epoch = 0
+    p_epochs, p_history, p_seconds = _fit_purchase_head(
+        net, feats, log, tr, va, tcfg, device, rng, ranges, purchase_epochs, progress, desc
+    )
     net.eval()
-    return _Fit(net, history, best_epoch, best, train_time, step, n_train, len(ranges), category_epoch)
+    return _Fit(
+        net,
+        history,
+        best_epoch,
+        best,
+        train_time + p_seconds,
+        step,
+        n_train,
+        len(ranges),
+        category_epoch,
+        p_epochs,
+        p_history,
+    )
+
+
+def _fit_purchase_head(
+    net: DemandLSTM,
+    feats: FeatureBuffer,
+    log: EventLog,
+    tr: Targets,
+    va: Targets | None,
+    tcfg: TrainConfig,
+    device: torch.device,
+    rng: np.random.Generator,
+    ranges: list[tuple[int, int]],
+    epochs: int | None,
+    progress: bool,
+    desc: str,
+) -> tuple[int, list[dict], float]:
+    """Epochs of the purchase MLP alone, everything else frozen; returns (epochs kept, history, seconds).
+
+    The joint epochs are chosen by the category head (validation MRR@20), and the purchase head then
+    has had only as many epochs as the categories needed (often 1-2: a 25k-event shop overfits its
+    categories after that), while its log loss keeps falling for longer. Training it alone on the
+    chosen recurrent state cannot change a ranking. With ``va`` the phase keeps the epoch count with
+    the lowest validation purchase BCE (0: none) and stops after ``patience`` epochs without one;
+    without, it runs ``epochs``, the count a validated run chose (the refit).
+    """
+    budget = tcfg.purchase_epochs
+    if epochs is None:
+        epochs = budget if va is not None else 0
+    if epochs <= 0 or budget <= 0:
+        return 0, [], 0.0
+    from tqdm import tqdm
+
+    frozen = [(p, p.requires_grad) for p in net.parameters()]
+    for p in net.parameters():
+        p.requires_grad_(False)
+    params = list(net.purchase.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    steps_per_epoch = sum(1 for _ in _lane_windows(ranges, tcfg.lanes, tcfg.bptt))
+    total = max(1, steps_per_epoch * budget)  # the same schedule whether chosen or replayed
+    history: list[dict] = []
+    best_bce, best_n, best_state, bad = math.inf, 0, None, 0
+    if va is not None:
+        best_bce = validation_metrics(net, feats, log, va, tcfg.purchase_weight, device)["purchase_bce"]
+        best_state = {k: v.clone() for k, v in net.purchase.state_dict().items()}
+        history.append({"epoch": 0, "purchase_bce": best_bce})
+    step, seconds = 0, 0.0
+    for epoch in range(1, epochs + 1):
+        net.train()
+        t_ep = time.perf_counter()
+        h, c = net.initial_state(tcfg.lanes, device)
+        bar = tqdm(
+            total=int(tr.mask.sum()),
+            desc=f"{desc} purchase {epoch}",
+            unit="ev",
+            disable=not progress,
+            leave=False,
+        )
+        run, run_n = 0.0, 0
+        for active, idx, valid, reset in _lane_windows(_epoch_order(ranges, rng), tcfg.lanes, tcfg.bptt):
+            keep = (~torch.from_numpy(reset).to(device)).float().view(1, -1, 1)
+            h, c = h * keep, c * keep
+            a = torch.from_numpy(active).to(device)
+            f = feats.tensors(idx, device)
+            out, (h_a, c_a) = net(f, (h[:, a], c[:, a]))
+            obs = torch.from_numpy(valid & tr.observable[idx]).to(device)
+            h, c = h.clone(), c.clone()
+            h[:, a], c[:, a] = h_a.detach(), c_a.detach()
+            bar.update(int(valid.sum()))
+            n_buy = int(obs.sum())
+            if not n_buy:
+                continue
+            buy = torch.from_numpy(tr.purchase[idx]).to(device)
+            loss = nn.functional.binary_cross_entropy_with_logits(
+                out["purchase_logit"][obs], buy[obs].float()
+            )
+            for g in opt.param_groups:
+                g["lr"] = tcfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, step / total)))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(params, tcfg.clip_norm)
+            opt.step()
+            step += 1
+            run += float(loss.detach()) * n_buy
+            run_n += n_buy
+            bar.set_postfix(bce=f"{run / max(run_n, 1):.4f}")
+        bar.close()
+        seconds += time.perf_counter() - t_ep
+        entry = {"epoch": epoch, "train_bce": run / max(run_n, 1)}
+        if va is not None:
+            entry["purchase_bce"] = validation_metrics(net, feats, log, va, tcfg.purchase_weight, device)[
+                "purchase_bce"
+            ]
+            if entry["purchase_bce"] < best_bce:
+                best_bce, best_n, bad = entry["purchase_bce"], epoch, 0
+                best_state = {k: v.clone() for k, v in net.purchase.state_dict().items()}
+            else:
+                bad += 1
+        history.append(entry)
+        logger.info("%s purchase head epoch %d: %s", desc, epoch, entry)
+        if va is not None and bad >= tcfg.patience:
+            break
+    if va is None:
+        best_n = epochs
+    elif best_state is not None:
+        net.purchase.load_state_dict(best_state)
+    for p, flag in frozen:
+        p.requires_grad_(flag)
+    return best_n, history, seconds
 
 
 def _selection_split(log: EventLog, split: Split, tcfg: TrainConfig) -> tuple[Split, dict]:
@@ -848,6 +1015,8 @@ def train(
             "split": sel_split.to_dict(),
             "best_epoch": chosen.best_epoch,
             "category_epoch": chosen.category_epoch,
+            "purchase_epochs": chosen.purchase_epochs,
+            "purchase_history": chosen.purchase_history,
             "best": chosen.best,
             "history": chosen.history,
             "optimizer_steps": chosen.steps,
@@ -878,6 +1047,7 @@ def train(
             progress,
             "refit",
             category_from_start=chosen.category_epoch == 0,
+            purchase_epochs=chosen.purchase_epochs,
         )
         with torch.no_grad():
             final.net.purchase_scale.copy_(net.purchase_scale)

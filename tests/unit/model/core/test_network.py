@@ -310,3 +310,57 @@ def test_markov_pairs_and_own_counts_of_a_user():
     assert by_user.total[6] == 1 and by_user.count[6, 0] == 1  # v once
     assert by_row.total[0] == 1 and by_row.count[0, 0] == 1 and by_row.total[1] == 0
     assert own_markov_counts(log, pairs, rows, current, table_next, "none") is None
+
+
+def test_markov_history_mixes_the_rows_of_the_users_categories_by_recency():
+    """The history mixture is the Markov row of the current category when the user has one category,
+    the recency-weighted mean of the rows otherwise, popularity with no known category; and a training
+    row's own transitions are left out of every row it mixes."""
+    import numpy as np
+
+    from demandstream.model.core.network import markov_tables
+
+    net = DemandLSTM(ModelConfig(n_categories=5, hidden=4, markov_top_k=2))
+    cats = np.array([1, 2, 1, 3, 1, 3, 4, 2])
+    net.set_tables(markov_tables(cats, np.array([[1, 2], [1, 3], [1, 3], [4, 2]]), 5, 2))
+    d = float(torch.sigmoid(net.mix_decay))
+    hv = torch.tensor([[1, 0, 0], [4, 1, 0], [0, 0, 0]])
+    known = hv > 0
+    ages = torch.tensor([[0.0, 0.0, 0.0], [0.0, 3.0, 0.0], [0.0, 0.0, 0.0]])
+    mix = net.markov_history(hv, known, ages).exp()
+    rows = net.markov_row(torch.tensor([1, 4])).exp()
+    assert torch.allclose(mix[0], rows[0], atol=1e-6)  # one category: its own row
+    assert torch.allclose(mix[1], (rows[1] + d * rows[0]) / (1 + d), atol=1e-6)  # 4 most recent, then 1
+    assert torch.allclose(mix[2], net.pop_logp.exp())  # nothing known: popularity
+    # leaving out a user's own 1->3 (the slot of category 1) equals markov_row's leave-out
+    own_count = torch.tensor([[[1.0, 0.0], [0.0, 0.0], [0.0, 0.0]]])
+    own_total = torch.tensor([[1.0, 0.0, 0.0]])
+    left = net.markov_history(hv[:1], known[:1], ages[:1], own_count, own_total).exp()
+    assert torch.allclose(
+        left[0], net.markov_row(torch.tensor([1]), own_count[:, 0], own_total[:, 0]).exp()[0]
+    )
+
+
+def test_own_counts_of_every_history_slot():
+    """attach() gives each history slot its user's own transitions (user mode) or, in row mode, only the
+    current category's slot the row's own transition; the current category's slot equals the row's."""
+    import numpy as np
+
+    from demandstream.model.core.events import Event
+    from demandstream.model.data.eventlog import EventLog
+    from demandstream.model.training.train import _markov_pairs, own_markov_counts
+
+    evs = [Event(f"e{i}", "u", 100.0 + i, "view", "i", c) for i, c in enumerate(["a", "b", "a", "b"])]
+    log = EventLog.from_events(evs).sorted_by_user_time()
+    cats = np.array([1, 2, 1, 2])
+    pairs, rows, current = _markov_pairs(log, cats, np.ones(4, bool))
+    table_next = np.array([[0, 0], [2, 0], [1, 0]])
+    hv = torch.tensor([[1, 0], [2, 1], [1, 2], [2, 1]])  # slots at each row, current first
+    for mode, expect_other in (("user", True), ("row", False)):
+        own = own_markov_counts(log, pairs, rows, current, table_next, mode)
+        f = {"hist_vocab": hv}
+        own.attach(f, np.arange(4), torch.device("cpu"))
+        assert torch.equal(f["markov_own_slot_total"][:, 0], f["markov_own_total"])
+        assert torch.equal(f["markov_own_slot_count"][:, 0], f["markov_own_count"])
+        # row 1: the other slot (a) holds u's a->b transitions (2) in user mode, nothing in row mode
+        assert float(f["markov_own_slot_total"][1, 1]) == (2.0 if expect_other else 0.0)

@@ -306,3 +306,49 @@ def test_selection_keeps_the_cascade_head_with_the_best_purchase_epoch_when_trai
     epochs, cat_epoch, _ = _select(net, hist, states)
     assert (epochs, cat_epoch) == (2, 2)
     assert all(float(v.flatten()[0]) == 2.0 for v in net.state_dict().values() if v.is_floating_point())
+
+
+def test_the_purchase_head_phase_moves_only_the_purchase_head_and_is_replayed_by_the_refit():
+    """After the joint epochs, epochs of the purchase head alone: nothing the category head reads moves, the
+    count kept is the one with the lowest validation purchase BCE (0 when none is lower), and the refit
+    runs exactly that many."""
+    import torch
+
+    from demandstream.model.training.train import _fit_purchase_head, _user_ranges
+
+    log = leaky_log()
+    split = Split(T1, T2, float(log.ts.max()))
+    tcfg = TrainConfig(epochs=1, lanes=4, bptt=8, threads=1, patience=2, purchase_epochs=3, **ANY_VALID)
+    res = train(log, tcfg, TINY_MODEL, progress=False, split=split)
+    sel = res.metrics["selection"]
+    bces = [h["purchase_bce"] for h in sel["purchase_history"]]
+    assert 0 <= sel["purchase_epochs"] <= 3 and sel["purchase_history"][0]["epoch"] == 0
+    assert bces[sel["purchase_epochs"]] == min(bces)
+    assert len(res.metrics["refit"]["history"]) == res.metrics["refit"]["epochs"]
+
+    # one phase on a trained network: only purchase.* changes
+    net = res.net
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    from demandstream.model.training.train import _prepare
+
+    all_split = Split(T2, T2 + 1.0, split.end_ts)
+    next_hash = next_category_targets(category_hashes(log), log.user_start)
+    vocab, _cfg, feats, tr, _va, _ = _prepare(log, all_split, T2, tcfg, net.cfg, next_hash)
+    n, hist, _s = _fit_purchase_head(
+        net,
+        feats,
+        log,
+        tr,
+        None,
+        tcfg,
+        torch.device("cpu"),
+        np.random.default_rng(0),
+        _user_ranges(log.user_start, tr.mask),
+        2,
+        False,
+        "test",
+    )
+    assert n == 2 and len(hist) == 2
+    changed = {k for k, v in net.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith("purchase.") for k in changed), changed
+    assert all(p.requires_grad for p in net.parameters())  # the freeze is undone
