@@ -7,6 +7,7 @@ tests/integration/test_faults_rebalance.py against a real broker.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -265,3 +266,170 @@ def test_a_record_counted_between_two_rounds_restarts_the_confirmation():
     assert recovery.in_recovery
     asyncio.run(tail.check())
     assert not recovery.in_recovery and recovery.active_offsets == {"p0": 9}
+
+
+def test_events_taken_from_the_queue_but_not_yet_counted_keep_the_recovery_open():
+    recovery = FakeRecovery({"p0": 8}, {"p0": 9})
+    slurp = faust_patches.ChunkedSlurp()
+    slurp.in_hand = 2  # the chunked loop holds two events it has not counted yet
+    tail = faust_patches.RecoveryTail(tail_app(recovery, {"p0": 10}), slurp)
+    for _ in range(3):
+        asyncio.run(tail.check())
+    assert recovery.in_recovery and recovery.active_offsets == {"p0": 8}
+    slurp.in_hand = 0
+    asyncio.run(tail.check())
+    asyncio.run(tail.check())
+    assert not recovery.in_recovery
+
+
+# -- the chunked recovery loop against Faust's own, on the same stand-in -------------------------------
+
+
+class DictTable:
+    """A table whose store is a dict: puts and tombstones as Faust's stores apply a changelog batch."""
+
+    def __init__(self, recovery_buffer_size: int = 3, standby_buffer_size: int = 2, fail_on: bytes = b""):
+        self.recovery_buffer_size = recovery_buffer_size
+        self.standby_buffer_size = standby_buffer_size
+        self.fail_on = fail_on
+        self.data: dict[bytes, bytes] = {}
+        self.batches: list[list[int]] = []
+        self.seen: list[int] = []
+
+    async def on_changelog_event(self, event) -> None:
+        self.seen.append(event.message.offset)
+        if event.message.key == self.fail_on:
+            raise RuntimeError("a failing changelog callback")
+
+    def apply_changelog_batch(self, batch) -> None:
+        self.batches.append([e.message.offset for e in batch])
+        for e in batch:
+            if e.message.value is None:
+                self.data.pop(e.message.key, None)
+            else:
+                self.data[e.message.key] = e.message.value
+
+
+class SlurpRecovery:
+    """The parts of Faust's ``Recovery`` its changelog loop reads and writes, over a real mode queue."""
+
+    def __init__(self, table: DictTable, active, standby, highwaters: dict):
+        from collections import Counter, defaultdict, deque
+
+        from mode.utils.queues import FlowControlEvent, ThrowableQueue
+
+        queue = ThrowableQueue(maxsize=0, flow_control=FlowControlEvent())
+        self.tables = SimpleNamespace(
+            changelog_queue=queue, standbys_ready=True, on_standbys_ready=lambda: None
+        )
+        self.app = SimpleNamespace(in_transaction=False)
+        self.tp_to_table = {tp: table for tp in (*active, *standby)}
+        self.active_tps, self.standby_tps = set(active), set(standby)
+        self.active_offsets: Counter = Counter({tp: -1 for tp in active})
+        self.standby_offsets: Counter = Counter({tp: -1 for tp in standby})
+        self.active_highwaters = dict(highwaters)
+        self._active_events_received_at: dict = {}
+        self._standby_events_received_at: dict = {}
+        self.buffers = defaultdict(list)
+        self.buffer_sizes: dict = {}
+        self._processing_times: deque = deque()
+        self.num_samples_required_for_estimate = 5
+        self._last_active_event_processed_at = None
+        self._last_flush_at = None
+        self._actives_span = self._standbys_span = None
+        self.signal_recovery_end = asyncio.Event()
+        self.in_recovery = True
+        self.ended = 0
+        self.should_stop = False
+
+    def need_recovery(self) -> bool:
+        return any(hw > self.active_offsets[tp] for tp, hw in self.active_highwaters.items())
+
+    def flush_buffers(self) -> None:
+        for table, buffer in self.buffers.items():
+            table.apply_changelog_batch(buffer)
+            buffer.clear()
+
+    def _set_recovery_ended(self) -> None:
+        self.in_recovery = False
+        self.ended += 1
+
+    def standby_remaining_total(self) -> int:
+        return 0
+
+
+def changelog_events():
+    """Two active partitions and a standby: overwrites, tombstones, a re-delivered old offset."""
+    from faust.types import TP
+
+    a0, a1, s2 = TP("cl", 0), TP("cl", 1), TP("cl", 2)
+    records = [
+        (a0, 0, b"u1", b"v1"),
+        (a0, 1, b"u2", b"v1"),
+        (a1, 0, b"u3", b"v1"),
+        (a0, 2, b"u1", b"v2"),
+        (s2, 0, b"u9", b"s1"),
+        (a0, 3, b"u2", None),  # tombstone: u2 erased
+        (a1, 1, b"u3", b"v2"),
+        (a0, 1, b"u2", b"stale"),  # an offset already applied, delivered again: ignored
+        (a1, 2, b"bad", b"v1"),
+        (a0, 4, b"u4", b"v1"),
+        (s2, 1, b"u9", None),
+        (a1, 3, b"u5", b"v1"),
+    ]
+    events = [
+        SimpleNamespace(message=SimpleNamespace(tp=tp, offset=o, key=k, value=v)) for tp, o, k, v in records
+    ]
+    return events, (a0, a1), (s2,), {a0: 4, a1: 3}
+
+
+async def run_loop(loop_fn, events):
+    _, active, standby, highwaters = changelog_events()
+    table = DictTable(fail_on=b"bad")
+    recovery = SlurpRecovery(table, active, standby, highwaters)
+    for e in events:
+        recovery.tables.changelog_queue.put_nowait(e)
+    task = asyncio.ensure_future(loop_fn(recovery))
+    await asyncio.wait_for(recovery.signal_recovery_end.wait(), 5)
+    while recovery.tables.changelog_queue.qsize():
+        await asyncio.sleep(0)  # Faust's loop goes on taking what was queued after the end
+    for _ in range(10):
+        await asyncio.sleep(0)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    recovery.flush_buffers()
+    return table, recovery
+
+
+@pytest.mark.parametrize("chunk_max", [1, 4, 1000])
+def test_the_chunked_recovery_loop_restores_what_fausts_own_loop_restores(monkeypatch, chunk_max):
+    from faust.tables.recovery import Recovery
+
+    monkeypatch.setattr(faust_patches, "RECOVERY_CHUNK_MAX", chunk_max)
+    events, *_ = changelog_events()
+    theirs, their_recovery = asyncio.run(run_loop(Recovery._slurp_changelogs.fun, events))
+    ours, our_recovery = asyncio.run(run_loop(faust_patches.ChunkedSlurp(), events))
+
+    # the last value of every key, tombstones deleting, the stale re-delivery ignored
+    expected = {b"u1": b"v2", b"u3": b"v2", b"bad": b"v1", b"u4": b"v1", b"u5": b"v1"}
+    assert theirs.data == ours.data == expected
+    # a failing callback costs that event's buffer entry nothing and the other events nothing
+    assert theirs.seen == ours.seen
+    assert their_recovery.active_offsets == our_recovery.active_offsets
+    assert their_recovery.standby_offsets == our_recovery.standby_offsets
+    assert our_recovery.ended == their_recovery.ended == 1 and not our_recovery.in_recovery
+    # the same batches reach the store: a full buffer (recovery_buffer_size 3) at once, the rest at the end
+    assert ours.batches == theirs.batches
+    assert ours.batches[0] == [0, 1, 0]
+
+
+def test_deliver_hands_every_record_to_the_callback_in_order():
+    got = []
+
+    async def callback(message):
+        await asyncio.sleep(0)
+        got.append(message)
+
+    asyncio.run(faust_patches.deliver(callback, [3, 1, 2]))
+    assert got == [3, 1, 2]

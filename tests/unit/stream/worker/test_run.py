@@ -21,3 +21,22 @@ def test_a_data_dir_that_cannot_exist_is_one_user_error(tmp_path):
         prepare_data_dir(str(blocker / "data"))
     msg = str(e.value)
     assert "DEMANDSTREAM_DATA_DIR" in msg and "\n" not in msg
+
+
+def test_a_quiet_worker_keeps_the_root_logger_at_its_level():
+    import logging
+
+    import faust
+
+    from demandstream.stream.worker.run import faust_worker
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        worker = faust_worker(faust.App("test-quiet-worker", store="memory://"), "warning")
+        worker._setup_logging()  # what the Worker does on start
+        assert root.level == logging.WARNING  # Faust's spinner would have set DEBUG
+        assert not logging.getLogger("faust.tables.recovery").isEnabledFor(logging.DEBUG)
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
