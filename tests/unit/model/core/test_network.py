@@ -323,7 +323,7 @@ def test_markov_history_mixes_the_rows_of_the_users_categories_by_recency():
     net = DemandLSTM(ModelConfig(n_categories=5, hidden=4, markov_top_k=2))
     cats = np.array([1, 2, 1, 3, 1, 3, 4, 2])
     net.set_tables(markov_tables(cats, np.array([[1, 2], [1, 3], [1, 3], [4, 2]]), 5, 2))
-    d = float(torch.sigmoid(net.mix_decay))
+    d = float(torch.sigmoid(net.mix_decay.detach()))
     hv = torch.tensor([[1, 0, 0], [4, 1, 0], [0, 0, 0]])
     known = hv > 0
     ages = torch.tensor([[0.0, 0.0, 0.0], [0.0, 3.0, 0.0], [0.0, 0.0, 0.0]])
