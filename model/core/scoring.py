@@ -111,6 +111,8 @@ class Scorer:
         self.why_top = why_top
         self._buf = FeatureBuffer(self.cfg, max_batch, self.vocab)
         self._names = self.vocab.names
+        #: the names as an object array: a batch's top-k are named by one fancy index, not per element
+        self._names_arr = np.array(self._names, dtype=object)
         #: names of categories outside the vocabulary, by hash, learned from the events scored (bounded)
         self._oov_names: OrderedDict[int, str] = OrderedDict()
 
@@ -137,17 +139,28 @@ class Scorer:
 
     def _top(
         self, probs: torch.Tensor, hist_cats: torch.Tensor
-    ) -> tuple[list[list[int]], list[list[float]], torch.Tensor]:
-        """Top-k (code, p) per row of a [n, C + K] distribution: codes as in :meth:`category_name`;
-        and the top columns themselves [n, k] (what :meth:`_why` explains)."""
+    ) -> tuple[list[list[int]], list[list[float]], torch.Tensor, list[list[str]]]:
+        """Top-k per row of a [n, C + K] distribution: codes as in :meth:`category_name`, probabilities,
+        the top columns themselves [n, k] (what :meth:`_why` explains) and the categories' names.
+
+        The names of a whole batch come from one index into the vocabulary's names (the per-event
+        naming was the top frame of the worker's profile, docs/BENCHMARKS.md); only categories outside
+        the vocabulary are looked up one by one.
+        """
         top_p, cols = probs.topk(self.top_k, dim=-1)
         c = len(self._names)
         top_i = cols
         oov = cols >= c
-        if bool(oov.any()):
+        any_oov = bool(oov.any())
+        if any_oov:
             slot_hash = hist_cats.gather(-1, (cols - c).clamp(min=0))
             top_i = torch.where(oov, -slot_hash, cols)
-        return top_i.cpu().tolist(), top_p.cpu().tolist(), cols
+        codes = top_i.cpu().numpy()
+        names = self._names_arr[np.maximum(codes, 0)]
+        if any_oov:
+            for r, k in zip(*np.nonzero(codes < 0), strict=True):
+                names[r, k] = self.category_name(int(codes[r, k]))
+        return codes.tolist(), top_p.cpu().tolist(), cols, names.tolist()
 
     def _why(self, out: dict, f: dict, cols: torch.Tensor) -> list[list[list[dict]]] | None:
         """Per row, per top column, its largest named contributions; None when not explaining."""
@@ -162,11 +175,11 @@ class Scorer:
             for row_t, row_k, source in zip(terms.cpu().tolist(), count.cpu().tolist(), src, strict=True)
         ]
 
+    @staticmethod
     def _prediction(
-        self, codes: list[int], ps: list[float], prop: float, seen: int, why: list[list[dict]] | None = None
+        names: list[str], ps: list[float], prop: float, seen: int, why: list[list[dict]] | None = None
     ) -> Prediction:
-        name = self.category_name
-        return Prediction([(name(i), p) for i, p in zip(codes, ps, strict=True)], prop, seen, why)
+        return Prediction(list(zip(names, ps, strict=True)), prop, seen, why)
 
     @torch.inference_mode()
     def step(self, events: Sequence[Event], states: Sequence[UserState]) -> list[Prediction]:
@@ -187,7 +200,7 @@ class Scorer:
         c = torch.from_numpy(np.stack([s.c for s in states], axis=1)).to(self.device)
         out, (h2, c2) = self.net.step(f, (h, c), explain=bool(self.why_top))
         probs = self.net.category_probs(out, f)
-        top_i, top_p, cols = self._top(probs, f["hist_cats"])
+        top_i, top_p, cols, names = self._top(probs, f["hist_cats"])
         why = self._why(out, f, cols) or [None] * n
         prop = torch.sigmoid(out["purchase_logit"]).cpu().tolist()
         h_np, c_np = h2.cpu().numpy(), c2.cpu().numpy()
@@ -197,7 +210,7 @@ class Scorer:
             s.c = c_np[:, j, :].copy()
             s.last_top = list(zip(top_i[j], top_p[j], strict=True))
             s.last_propensity = prop[j]
-            preds.append(self._prediction(top_i[j], top_p[j], prop[j], s.events_seen, why[j]))
+            preds.append(self._prediction(names[j], top_p[j], prop[j], s.events_seen, why[j]))
         return preds
 
     @torch.inference_mode()
@@ -236,7 +249,7 @@ class Scorer:
         )
         fv = {k: v[valid] for k, v in f.items()}
         probs = self.net.category_probs(out, fv)
-        top_i, top_p, cols = self._top(probs, fv["hist_cats"])
+        top_i, top_p, cols, names = self._top(probs, fv["hist_cats"])
         why = self._why(out, fv, cols) or [None] * n
         prop = torch.sigmoid(out["purchase_logit"]).cpu().tolist()
         h_np, c_np = h2.cpu().numpy(), c2.cpu().numpy()
@@ -245,7 +258,7 @@ class Scorer:
             preds = []
             first_seen = s.events_seen - len(q)
             for t in range(len(q)):
-                preds.append(self._prediction(top_i[k], top_p[k], prop[k], first_seen + t + 1, why[k]))
+                preds.append(self._prediction(names[k], top_p[k], prop[k], first_seen + t + 1, why[k]))
                 k += 1
             s.h = h_np[:, b, :].copy()
             s.c = c_np[:, b, :].copy()
@@ -289,9 +302,9 @@ class Scorer:
         for c in log.categories:
             self.remember(c)
         for row_ids, probs, prop, out, fv in self._predict_batches(log, None, None):
-            ti, tp, cols = self._top(probs, fv["hist_cats"])
+            ti, tp, cols, names = self._top(probs, fv["hist_cats"])
             why = self._why(out, fv, cols) or [None] * len(ti)
             pp = prop.cpu().tolist()
             for j, r in enumerate(row_ids.tolist()):
                 seen = r - int(log.user_start[log.user[r]]) + 1
-                yield r, self._prediction(ti[j], tp[j], pp[j], seen, why[j])
+                yield r, self._prediction(names[j], tp[j], pp[j], seen, why[j])
