@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from pathlib import Path
 
@@ -21,6 +22,15 @@ logger = logging.getLogger(__name__)
 #: Torch intra-op threads in a worker: micro-batch steps are small, and on a shared box extra threads
 #: mostly fight the Kafka client and the broker for cores.
 WORKER_TORCH_THREADS = 1
+
+#: Python's cyclic garbage collector thresholds in a worker. The default (700, 10, 10) runs a young
+#: collection every 700 net allocations; a worker allocates several objects per event (records, events,
+#: predictions, JSON), so at thousands of events per second it collected hundreds of times a second,
+#: and every 100th time the whole heap (torch, Faust, the model). Measured: ``Scorer.step_many`` on
+#: 30,000 generated events in batches of 2,000, 17,388 -> 24,558 events/s with the young threshold at
+#: 50,000. Together with :func:`gc.freeze` after start-up (what start-up built lives as long as the
+#: process) as large services do (Instagram's "Dismissing Python Garbage Collection", 2017).
+WORKER_GC_THRESHOLDS = (50_000, 50, 100)
 
 
 def prepare_data_dir(path: str) -> Path:
@@ -68,8 +78,17 @@ def run_worker(settings: Settings) -> int:
     torch.set_num_threads(WORKER_TORCH_THREADS)
     c = build_worker(settings)
     ensure_topics(settings)
+    tune_gc()
     faust_worker(c.app, settings.log_level).execute_from_commandline()
     return 0
+
+
+def tune_gc() -> None:
+    """Fewer cyclic collections in a worker, none of them over what start-up built (see
+    :data:`WORKER_GC_THRESHOLDS`); reference counting still frees everything acyclic at once."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*WORKER_GC_THRESHOLDS)
 
 
 def faust_worker(app, log_level: str):

@@ -40,3 +40,22 @@ def test_a_quiet_worker_keeps_the_root_logger_at_its_level():
     finally:
         root.handlers[:] = handlers
         root.setLevel(level)
+
+
+def test_tune_gc_freezes_start_up_objects_and_raises_the_thresholds():
+    import gc
+
+    from demandstream.stream.worker.run import WORKER_GC_THRESHOLDS, tune_gc
+
+    before = gc.get_threshold()
+    try:
+        tune_gc()
+        assert gc.get_threshold() == WORKER_GC_THRESHOLDS
+        assert gc.get_freeze_count() > 0  # what was alive at start-up is out of every collection
+        garbage = []
+        garbage.append(garbage)  # a cycle made after start-up is still collected
+        del garbage
+        assert gc.collect() >= 1
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
