@@ -144,6 +144,20 @@ class InferenceEngine:
         #: the ``why`` of each recently active user's latest signal, for the query API (``why_top`` > 0)
         self.latest_why = LatestWhy()
 
+    @classmethod
+    def from_settings(cls, scorer: Scorer, settings) -> InferenceEngine:
+        """The engine a worker runs for ``settings`` (a :class:`demandstream.stream.settings.Settings`; not
+        imported: the engine layer stays free of the application's settings): its topics and pseudonym
+        keys. ``demandstream migrate`` builds its engine here too, so a rebuilt state is what the worker
+        would have made."""
+        return cls(
+            scorer,
+            settings.topic_input,
+            settings.pseudonym_key,
+            control_topic=settings.topic_control,
+            previous_pseudonym_key=settings.pseudonym_key_previous,
+        )
+
     # -- step 1 ---------------------------------------------------------------------------------
 
     def validate(self, rec: SourceRecord, now: float) -> Event:

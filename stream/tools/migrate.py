@@ -432,13 +432,7 @@ class Migration:
         device = resolve_device(settings.device)
         ckpt = load(model_path, device)  # a file that is no checkpoint: CheckpointError, one line
         scorer = Scorer(ckpt, device, top_k=settings.top_k, max_batch=settings.batch_max)
-        engine = InferenceEngine(
-            scorer,
-            settings.topic_input,
-            settings.pseudonym_key,
-            control_topic=settings.topic_control,
-            previous_pseudonym_key=settings.pseudonym_key_previous,
-        )
+        engine = InferenceEngine.from_settings(scorer, settings)
         self.rebuild = Rebuild(engine, settings.batch_max, settings.state_ttl_s)
         self.changelog = changelog_topic(settings, target_app_id)
         self.report = MigrationReport(

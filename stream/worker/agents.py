@@ -63,13 +63,7 @@ class Pipeline:
         self.c = c
         self.settings = c.settings
         s = c.settings
-        self.engine = InferenceEngine(
-            scorer,
-            s.topic_input,
-            s.pseudonym_key,
-            control_topic=s.topic_control,
-            previous_pseudonym_key=s.pseudonym_key_previous,
-        )
+        self.engine = InferenceEngine.from_settings(scorer, s)
         self.store = StateStore(c.table)
         #: category demand (docs/ARCHITECTURE.md §Category demand): partial aggregates ride the protocol
         self.demand = DemandStage(s, scorer.category_name) if s.demand_window_s else None

@@ -270,3 +270,18 @@ def test_ttl_expiry_deletes_inactive_states(scorer):
     assert store.expired_slice(2, cutoff, limit=10, keep={state_key("old")}) == {}
     store.stage({state_key("old"): (2, b"newer")})
     assert store.expired_slice(2, cutoff, limit=10) == {}
+
+
+def test_the_engine_built_from_settings_uses_their_topics_and_pseudonym_keys(scorer):
+    from demandstream.stream.settings import Settings
+
+    s = Settings(
+        topic_input="in-x",
+        topic_control="ctl-x",
+        pseudonym_key="k-now",
+        pseudonym_key_previous="k-before",
+    )
+    engine = InferenceEngine.from_settings(scorer, s)
+    assert (engine.input_topic, engine.control_topic) == ("in-x", "ctl-x")
+    assert engine.pseudonymizer.user("u1") == Pseudonymizer("k-now").user("u1")
+    assert engine.previous.user("u1") == Pseudonymizer("k-before").user("u1")
