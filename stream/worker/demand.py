@@ -40,6 +40,8 @@ logger = logging.getLogger(__name__)
 VIEW_LOOKBACK_S = 86400.0
 #: Windows the view keeps in memory (the newest): 48 five-minute windows are four hours.
 VIEW_KEEP_WINDOWS = 48
+#: The largest ``window`` the view takes: the largest unix time a JSON number of the answer can carry.
+WINDOW_START_MAX = 2**63 - 1
 #: The view's ``top`` when the request gives none, and the most it returns.
 VIEW_TOP_DEFAULT, VIEW_TOP_MAX = 20, 1000
 #: How long one poll of the view's consumer waits for records.
@@ -220,6 +222,11 @@ def attach_demand_view(c, require_token) -> DemandBoardReader | None:
             return self.json({"error": "top and window must be integers"}, status=400)
         if not 1 <= top <= VIEW_TOP_MAX:
             return self.json({"error": f"top must be between 1 and {VIEW_TOP_MAX}"}, status=400)
+        if start is not None and not 0 <= start <= WINDOW_START_MAX:
+            # beyond it the answer, which echoes the window, could not even be written as JSON
+            return self.json(
+                {"error": f"window must be a unix time in seconds (0 to {WINDOW_START_MAX})"}, status=400
+            )
         return self.json(reader.view(top, start))
 
     return reader

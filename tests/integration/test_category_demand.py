@@ -185,6 +185,12 @@ def test_two_workers_aggregate_category_demand(
     status, top3 = get_json(workers[1].port, "/categories/demand?top=3", TOKEN)
     assert status == 200 and len(top3["categories"]) == 3 and top3["window_start"] == newest
     assert get_json(workers[1].port, "/categories/demand?top=x", TOKEN)[0] == 400
+    # hostile queries: out of range, empty, control characters, an absurd window; never a 500
+    for query in ("top=0", "top=-3", "top=100000", "top=", "window=%00", "window=1e9", "top=3%00"):
+        assert get_json(workers[1].port, f"/categories/demand?{query}", TOKEN)[0] == 400, query
+    assert get_json(workers[1].port, "/categories/demand?window=99999999999999999999", TOKEN)[0] == 400
+    status, unknown = get_json(workers[1].port, "/categories/demand?window=1", TOKEN)  # no such window
+    assert status == 200 and unknown["categories"] == []
 
     # `demandstream tail --topic category-demand` prints one table per closed window.
     proc = subprocess.run(
