@@ -11,14 +11,35 @@ from kafka import KafkaConsumer
 from demandstream.stream.admin import UNREACHABLE, KafkaUnavailable, unreachable_message
 from demandstream.stream.settings import Settings
 
+#: Characters of a record that ``tail`` cannot render that it prints as they are.
+RAW_PREVIEW = 200
+
+#: What a record of the wrong shape raises while it is rendered (a producer other than the worker, a
+#: truncated or hand-written record): tail prints it raw, marked, and goes on.
+_MALFORMED = (KeyError, TypeError, ValueError, AttributeError, IndexError)
+
 
 def format_signal(value: bytes, why: bool = False) -> str:
     """One line per signal: user, event, propensity, top categories; with ``why``, one more line per top
-    category with its reasons (when the signal carries them)."""
+    category with its reasons (when the signal carries them). A record that is not JSON is printed as it
+    is; JSON of the wrong shape is printed raw after ``MALFORMED``, so one bad record never stops tail.
+
+    >>> format_signal(b'{"top_categories": [{"category": "a"}], "user_id": "u"}')
+    'MALFORMED {"top_categories": [{"category": "a"}], "user_id": "u"}'
+    """
     try:
         s = orjson.loads(value)
     except orjson.JSONDecodeError:
-        return value[:200].decode("utf-8", "replace")
+        return value[:RAW_PREVIEW].decode("utf-8", "replace")
+    try:
+        return _format_signal(s, why)
+    except _MALFORMED:
+        return "MALFORMED " + value[:RAW_PREVIEW].decode("utf-8", "replace")
+
+
+def _format_signal(s, why: bool) -> str:
+    if not isinstance(s, dict):
+        raise TypeError(f"a record is a JSON object, not {type(s).__name__}")
     if "top_categories" in s:
         cats = ", ".join(f"{c['category']} {c['p']:.2f}" for c in s["top_categories"][:3])
         line = (
@@ -119,14 +140,17 @@ def tail_demand(consumer, settings: Settings, max_records: int | None, timeout_s
     rising = Rising(settings.demand_rising_ratio, settings.demand_rising_windows, settings.demand_rising_min)
     board = DemandBoard(len(parts or ()) or settings.partitions, rising)
     printed: set[int] = set()
-    n = 0
+    n = malformed = 0
     try:
         while (max_records is None or n < max_records) and (deadline is None or time.monotonic() < deadline):
             polled = consumer.poll(timeout_ms=200, max_records=5000)
             for recs in polled.values():
                 for r in recs:
-                    board.add(r.value)
                     n += 1
+                    try:
+                        board.add(r.value)
+                    except _MALFORMED:  # also orjson.JSONDecodeError, a ValueError
+                        malformed += 1
             for w in board.windows():
                 if w not in printed and board.complete(w):
                     printed.add(w)
@@ -136,6 +160,8 @@ def tail_demand(consumer, settings: Settings, max_records: int | None, timeout_s
     for w in board.windows():
         if w not in printed:
             print(format_demand_table(board.view(DEMAND_TABLE_TOP, w)), file=out)
+    if malformed:
+        print(f"skipped {malformed} malformed record(s) of {settings.topic_demand}", file=out)
     return n
 
 

@@ -1,0 +1,86 @@
+"""tail renders what the worker writes and survives what it does not (records of other producers)."""
+
+from __future__ import annotations
+
+import io
+from types import SimpleNamespace
+
+import orjson
+import pytest
+
+from demandstream.stream.settings import Settings
+from demandstream.stream.tools.tail import RAW_PREVIEW, format_signal, tail_demand
+
+SIGNAL = {
+    "user_id": "u-1",
+    "event_id": "e-1",
+    "events_seen": 3,
+    "purchase_propensity": 0.25,
+    "top_categories": [
+        {"category": "lipstick", "p": 0.6, "why": [{"reason": "last_category", "logit": 8.0}]},
+        {"category": "bags", "p": 0.2, "why": [{"reason": "transition", "logit": -1.2, "from": "shoes"}]},
+    ],
+}
+
+
+def test_a_signal_renders_with_its_reasons():
+    line = format_signal(orjson.dumps(SIGNAL), why=True)
+    assert line.startswith("u-1") and "buy=0.250" and "lipstick 0.60, bags 0.20" in line
+    assert "because last_category +8.00" in line and "transition -1.20 (from shoes)" in line
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        {**SIGNAL, "top_categories": [{"category": "a"}]},  # no p
+        {**SIGNAL, "top_categories": "lipstick"},  # not a list
+        {**SIGNAL, "purchase_propensity": None},
+        {k: v for k, v in SIGNAL.items() if k != "user_id"},
+        {**SIGNAL, "top_categories": [{"category": "a", "p": 0.1, "why": [{"logit": 1.0}]}]},
+        [1, 2, 3],
+        "just a string",
+    ],
+)
+def test_a_record_of_the_wrong_shape_is_printed_raw_not_raised(record):
+    raw = orjson.dumps(record)
+    assert format_signal(raw, why=True) == "MALFORMED " + raw[:RAW_PREVIEW].decode()
+
+
+def test_bytes_that_are_not_json_are_printed_as_they_are():
+    assert format_signal(b"\xffnot json") == "\ufffdnot json"
+
+
+class _Consumer:
+    """The two calls tail_demand makes of a KafkaConsumer, over a fixed list of record values."""
+
+    def __init__(self, values):
+        self.batches = [{0: [SimpleNamespace(value=v) for v in values]}]
+
+    def partitions_for_topic(self, _topic):
+        return {0}
+
+    def poll(self, timeout_ms=0, max_records=None):
+        return self.batches.pop(0) if self.batches else {}
+
+    def close(self):
+        pass
+
+
+def test_demand_tail_skips_malformed_records_and_says_how_many():
+    good = {
+        "kind": "category",
+        "partition": 0,
+        "window_start": 0,
+        "window_end": 300,
+        "category": "shoes",
+        "expected": 1.5,
+        "propensity": 0.25,
+        "observed": 4,
+        "purchases": 1,
+    }
+    values = [b"{not json", orjson.dumps({"kind": "category"}), orjson.dumps([1]), orjson.dumps(good)]
+    out = io.StringIO()
+    n = tail_demand(_Consumer(values), Settings(), None, 1.0, out)
+    assert n == 4
+    text = out.getvalue()
+    assert "shoes" in text and "skipped 3 malformed record(s)" in text
