@@ -27,9 +27,15 @@ help:
 
 venv: $(STAMP)
 
+# The install (torch with its CUDA libraries) takes about 6 GB; pip's own error on a full disk is easy to
+# miss in its output, so say it first when there is clearly not enough room.
+VENV_NEEDS_KB := 6500000
+
 # pip's cache makes the second install of torch a copy, not a 5 GB download. Keep pip's byte-compiling:
 # where PYTHONDONTWRITEBYTECODE is set (CI here), every worker process would otherwise compile torch.
 $(STAMP): pyproject.toml
+	@free=$$(df -Pk . | awk 'NR==2 {print $$4}'); if [ -n "$$free" ] && [ "$$free" -lt $(VENV_NEEDS_KB) ]; then \
+		echo "warning: $$((free / 1024 / 1024)) GB free here; installing .venv (torch and its CUDA libraries) needs about 6 GB" >&2; fi
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[dev,plots,export]"
