@@ -12,7 +12,8 @@ objects (never Faust's classes) and its docstring names the Faust behaviour or b
 - :func:`chain_table_commit`: the pipeline hears of every offset commit (``TableManager.on_commit``).
 - :func:`install` = :func:`fix_transactional_highwaters` (``_highwaters`` of the consumer thread,
   faust-streaming/faust#158) + :func:`fix_stale_transactional_producers`
-  (``TransactionManager.on_rebalance``, ``Producer.maybe_begin_transaction``).
+  (``TransactionManager.on_rebalance``, ``Producer.maybe_begin_transaction``) +
+  :func:`keep_changelog_queue_on_resume` (``clear`` of the table manager's changelog queue).
 - :class:`RecoveryTail`: exactly-once recovery ends as soon as the consumer has read past a changelog's
   last offset, instead of after Faust's two idle 5-second polls (``Recovery._slurp_changelogs``).
 
@@ -82,6 +83,7 @@ def install(app) -> None:
     """Apply every bug fix below to ``app`` (call once its consumer exists)."""
     fix_transactional_highwaters(app.consumer._thread)
     fix_stale_transactional_producers(app.consumer.transactions, app.producer)
+    keep_changelog_queue_on_resume(app.tables.changelog_queue, app.flow_control)
 
 
 def fix_transactional_highwaters(thread) -> None:
@@ -147,6 +149,38 @@ def fix_stale_transactional_producers(transactions, producer) -> None:
         await maybe_begin(transactional_id)
 
     producer.maybe_begin_transaction = begin_unless_open
+
+
+def keep_changelog_queue_on_resume(queue, flow_control) -> None:
+    """Empty the changelog queue when the flow is suspended (rebalance, stop), never when it resumes.
+
+    Faust's changelog queue (``TableManager.changelog_queue``) is a ``FlowControlQueue`` made with
+    ``clear_on_resume=True``, so every ``app.flow_control.resume()`` throws away what it holds. The
+    recovery resumes the flow after it has resumed the standby partitions (faust-streaming 0.15,
+    ``Recovery._restart_recovery``: "Starting standby partitions...", then ``on_recovery_completed``
+    seeks the stream partitions and calls ``flow_control.resume()``). Standby changelog records the
+    consumer delivered in between and the recovery had not taken yet are dropped, though the
+    consumer's position is past them; the standby then applies the records after them, its persisted
+    offset passes the gap, and no later recovery reads it again. When that standby is promoted (its
+    active worker dies), a user whose last record was dropped gets an older state back: signals with
+    the wrong ``events_seen``. Seen in the rebalance fault test under exactly-once, on the worker
+    that is promoted after the SIGKILL (the logged queue held one standby record when the recovery
+    that followed its rejoin resumed the flow); the drop does not depend on the guarantee.
+
+    Faust also empties the queue with ``flow_control.clear()`` after suspending the flow, on every
+    rebalance and on stop (``App._on_partitions_revoked``, ``App._stop_consumer``). That stays: the
+    next recovery seeks every changelog partition back to the offsets it has counted, so whatever is
+    dropped there is read again, and records of partitions that moved away must not be applied. A
+    clear while the flow runs (the one ``resume`` does) is skipped: the queue was emptied when the
+    flow was suspended, and nothing is delivered into it until the flow resumes.
+    """
+    clear = queue.clear
+
+    def clear_unless_flowing() -> None:
+        if not flow_control.is_active():
+            clear()
+
+    queue.clear = clear_unless_flowing
 
 
 # -- the batch commit protocol's hooks into Faust ---------------------------------------------------
@@ -234,17 +268,27 @@ class RecoveryTail:
     holds on two consecutive rounds, with nothing new counted in between, are the partitions marked
     recovered and the recovery ended, exactly as Faust's idle path does. Anything short of that
     leaves Faust's own path in charge, so the worst case is today's 10 s.
+
+    Both rounds must see the same recovery reading: the flow running and no rebalance pending
+    (``Consumer.flow_active``, ``Recovery.signal_recovery_start``), and the same start
+    (``Recovery._recovery_started_at``, set again by each recovery just before it resumes the flow).
+    ``in_recovery`` alone does not say that: a rebalance stops the flow without ending the recovery,
+    and the next one sets it before it has built its highwaters and offsets. A confirmation begun
+    before a rebalance and completed during it ended a recovery that was already abandoned, and left
+    ``signal_recovery_end`` set, so the next recovery returned from its wait at once and read none of
+    its changelog (partitions that moved here kept their standby's lag).
     """
 
     def __init__(self, app) -> None:
         self.app = app
-        self._seen: dict | None = None  # offsets at the previous round's "at the end" verdict
+        # (recovery start, offsets) at the previous round's "at the end" verdict
+        self._seen: tuple | None = None
 
     async def check(self) -> None:
         """One drain round's check; a no-op unless an exactly-once recovery is in progress."""
         app = self.app
         recovery = app.tables.recovery
-        if not (app.in_transaction and recovery.in_recovery):
+        if not (app.in_transaction and recovery.in_recovery and self._reading()):
             self._seen = None
             return
         offsets, highwaters = recovery.active_offsets, recovery.active_highwaters
@@ -262,11 +306,12 @@ class RecoveryTail:
         if not at_end:
             self._seen = None
             return
-        snapshot = {tp: offsets[tp] for tp in behind}
+        snapshot = (recovery._recovery_started_at, {tp: offsets[tp] for tp in behind})
         if self._seen != snapshot:
             self._seen = snapshot  # first round at the end: confirm on the next one
             return
-        if not (recovery.in_recovery and app.tables.changelog_queue.empty()):
+        if not (recovery.in_recovery and self._reading() and app.tables.changelog_queue.empty()):
+            self._seen = None
             return
         logger.info("changelog recovery at the end of %d partitions (transaction markers last)", len(behind))
         for tp, hw in behind.items():
@@ -277,6 +322,10 @@ class RecoveryTail:
             recovery._set_recovery_ended()
             recovery.signal_recovery_end.set()
         self._seen = None
+
+    def _reading(self) -> bool:
+        """The recovery is reading its changelogs: flow resumed, no rebalance waiting to restart it."""
+        return self.app.consumer.flow_active and not self.app.tables.recovery.signal_recovery_start.is_set()
 
 
 def install_batch_delivery(app, input_topics, handler: BatchHandler) -> None:

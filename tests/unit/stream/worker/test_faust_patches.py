@@ -20,6 +20,7 @@ from demandstream.stream.worker.faust_patches import (
     check_version,
     fix_stale_transactional_producers,
     fix_transactional_highwaters,
+    keep_changelog_queue_on_resume,
     on_transaction_abandoned,
 )
 
@@ -199,6 +200,8 @@ class FakeRecovery:
         self.active_highwaters = dict(highwaters)
         self.flushed = 0
         self.signal_recovery_end = asyncio.Event()
+        self.signal_recovery_start = asyncio.Event()  # set by Faust's on_rebalance: a new recovery is due
+        self._recovery_started_at = 1.0  # monotonic() of the recovery's last _set_recovery_started
 
     def need_recovery(self) -> bool:
         return any(hw - self.active_offsets[tp] > 0 for tp, hw in self.active_highwaters.items())
@@ -220,7 +223,7 @@ def tail_app(recovery: FakeRecovery, positions: dict, *, queued: int = 0, in_tra
     return SimpleNamespace(
         in_transaction=in_transaction,
         tables=SimpleNamespace(recovery=recovery, changelog_queue=queue),
-        consumer=SimpleNamespace(position=position),
+        consumer=SimpleNamespace(position=position, flow_active=True),
     )
 
 
@@ -265,3 +268,103 @@ def test_a_record_counted_between_two_rounds_restarts_the_confirmation():
     assert recovery.in_recovery
     asyncio.run(tail.check())
     assert not recovery.in_recovery and recovery.active_offsets == {"p0": 9}
+
+
+def test_a_confirmation_begun_before_a_rebalance_never_ends_the_recovery_during_it():
+    """The race: one round at the end, then a rebalance; the next round used to end the recovery.
+
+    Round 1 sees the recovery at the end of its changelogs and waits for confirmation. A rebalance
+    starts: Faust stops the flow and empties the changelog queue but leaves ``in_recovery`` set, and
+    the drain loop's round that was waiting for records still runs its check, with the offsets,
+    highwaters and positions unchanged. It used to confirm and end the recovery there, leaving
+    ``signal_recovery_end`` set: the next recovery (the partitions assigned by this rebalance) then
+    returned from its wait at once and restored nothing. Nor may a verdict of one recovery count for
+    the next: it starts again (``_set_recovery_started``) before it resumes the flow.
+    """
+    recovery = FakeRecovery({"p0": 8}, {"p0": 9})
+    app = tail_app(recovery, {"p0": 10})
+    tail = faust_patches.RecoveryTail(app)
+    asyncio.run(tail.check())  # at the end: the first of two rounds
+
+    app.consumer.flow_active = False  # a rebalance: App._on_partitions_revoked -> Consumer.stop_flow
+    asyncio.run(tail.check())  # the round that was in flight
+    recovery.signal_recovery_start.set()  # Recovery.on_rebalance: the next recovery is due
+    asyncio.run(tail.check())
+    assert recovery.in_recovery and not recovery.signal_recovery_end.is_set()
+    assert recovery.active_offsets == {"p0": 8} and recovery.flushed == 0
+
+    # the next recovery starts, finds the same offsets (nothing new for p0) and resumes the flow
+    recovery.signal_recovery_start.clear()
+    recovery._recovery_started_at = 2.0
+    app.consumer.flow_active = True
+    asyncio.run(tail.check())
+    assert recovery.in_recovery, "the first round of a recovery is never its confirmation"
+    asyncio.run(tail.check())
+    assert not recovery.in_recovery and recovery.signal_recovery_end.is_set()
+
+
+def test_a_rebalance_between_the_rounds_of_one_recovery_restarts_the_confirmation():
+    recovery = FakeRecovery({"p0": 8}, {"p0": 9})
+    app = tail_app(recovery, {"p0": 10})
+    tail = faust_patches.RecoveryTail(app)
+    asyncio.run(tail.check())
+    recovery.signal_recovery_start.set()  # assigned, flow not stopped yet (RebalanceAgain is coming)
+    asyncio.run(tail.check())
+    recovery.signal_recovery_start.clear()
+    asyncio.run(tail.check())
+    assert recovery.in_recovery
+    asyncio.run(tail.check())
+    assert not recovery.in_recovery
+
+
+def changelog_event(partition: int, offset: int):
+    return SimpleNamespace(message=SimpleNamespace(tp=("changelog", partition), offset=offset))
+
+
+def faust_changelog_queue():
+    """The changelog queue as Faust builds it (``TableManager.changelog_queue``) and the app's flow control."""
+    from mode.utils.queues import FlowControlEvent, ThrowableQueue
+
+    flow_control = FlowControlEvent()  # initially suspended, as the app's
+    queue = ThrowableQueue(maxsize=8000, flow_control=flow_control, clear_on_resume=True)
+    return queue, flow_control
+
+
+def test_faust_drops_standby_records_queued_when_the_recovery_resumes_the_flow():
+    """The race, on Faust's own queue: what the standby phase of a recovery delivered is thrown away.
+
+    faust-streaming 0.15 ``Recovery._restart_recovery`` resumes the standby partitions (and the flow),
+    then ``on_recovery_completed`` seeks the stream partitions and calls ``flow_control.resume()``
+    again, which empties the changelog queue. The consumer has already delivered (and moved past) the
+    standby records in it, so the standby replica never applies them.
+    """
+    queue, flow_control = faust_changelog_queue()
+    flow_control.resume()  # "Resume standby partitions"
+    for offset in (911, 912):
+        queue.put_nowait(changelog_event(2, offset))  # the drain loop delivers two standby records
+    flow_control.resume()  # on_recovery_completed, before the recovery took them
+    assert queue.qsize() == 0  # lost: the next records are applied past them and the gap is never read
+
+
+def test_changelog_records_delivered_while_the_flow_runs_survive_a_resume():
+    queue, flow_control = faust_changelog_queue()
+    keep_changelog_queue_on_resume(queue, flow_control)
+    flow_control.resume()
+    events = [changelog_event(2, offset) for offset in (911, 912)]
+    for e in events:
+        queue.put_nowait(e)
+    flow_control.resume()  # on_recovery_completed
+    assert [queue.get_nowait() for _ in range(queue.qsize())] == events
+
+
+def test_a_rebalance_still_empties_the_changelog_queue():
+    """App._on_partitions_revoked: suspend, then clear. The next recovery seeks back to what it counted."""
+    queue, flow_control = faust_changelog_queue()
+    keep_changelog_queue_on_resume(queue, flow_control)
+    flow_control.resume()
+    queue.put_nowait(changelog_event(0, 5))
+    flow_control.suspend()
+    flow_control.clear()
+    assert queue.empty()
+    flow_control.resume()  # the next recovery starts reading on an empty queue
+    assert queue.empty()
