@@ -19,9 +19,12 @@ Ludewig, RecSys 2017). :func:`init_like_cascade` starts the weights where the ra
 cascade (last category, cart, history by count, Markov successors, popularity), so training begins at
 the strongest heuristic and moves only where data says so.
 
-**Purchase**: a small MLP over the LSTM output and the funnel (event type, cart, add-to-carts in the
-session, seconds since the last add, whether the current category is in the cart, the user's purchase
-rate, the time gap), Platt-scaled by two buffers fitted on validation points (identity before).
+**Purchase**: the cart-aware funnel's log-odds (a table of P(purchase | event type, cart non-empty) learned
+from training labels, the ``funnel_cart`` baseline) plus a small MLP over the LSTM output and the funnel
+(event type, cart, add-to-carts in the session, seconds since the last add, whether the current category
+is in the cart, the user's purchase rate, the time gap) that corrects it; the MLP's output layer starts
+at zero, so training starts at the counter. Platt-scaled by two buffers fitted on validation points
+(identity before).
 
 :meth:`DemandLSTM.forward` runs whole sequences (training, offline scoring); :meth:`DemandLSTM.step`
 advances a batch of users by one event each (streaming). Both use the same weights and give the same
@@ -106,6 +109,7 @@ class ModelConfig:
     context_weights: bool = True  #: feature weights depend on the context (else one global vector)
     lstm_terms: bool = True  #: the LSTM's own repeat and explore terms
     markov_history: bool = True  #: the Markov mixture over all the user's categories as a feature
+    funnel_base: bool = True  #: the purchase logit is the funnel table's log-odds plus the MLP's correction
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -120,6 +124,8 @@ def _identity_calibration_if_missing(state_dict, prefix, *_args) -> None:
     """Checkpoints written before calibration existed load with the identity (a=1, b=0), i.e. unchanged."""
     state_dict.setdefault(prefix + "purchase_scale", torch.tensor(1.0))
     state_dict.setdefault(prefix + "purchase_shift", torch.tensor(0.0))
+    # and before the funnel base existed with a zero one: the MLP alone, as they were trained
+    state_dict.setdefault(prefix + "funnel_logit", torch.zeros(len(EVENT_TYPES), 2))
 
 
 def markov_tables(cats: np.ndarray, nxt: np.ndarray, n_categories: int, top_k: int) -> dict[str, np.ndarray]:
@@ -153,6 +159,23 @@ def markov_tables(cats: np.ndarray, nxt: np.ndarray, n_categories: int, top_k: i
     top_next[src_o[keep], rank[keep]] = dst_o[keep]
     top_count[src_o[keep], rank[keep]] = n_o[keep]
     return {"pop_logp": np.log(pop), "next": top_next, "count": top_count, "total": totals}
+
+
+def funnel_table(etype: np.ndarray, has_cart: np.ndarray, label: np.ndarray) -> np.ndarray:
+    """Log-odds of P(purchase within the horizon | event type, cart non-empty) [n_types, 2], Laplace
+    smoothed ``(k + 1) / (n + 2)`` per cell as the ``funnel_cart`` baseline, from observable training
+    points (censored ones left out by the caller). The purchase head adds the MLP's correction to it.
+
+    >>> t = funnel_table(np.array([2, 2, 2, 0]), np.array([True, True, True, False]), np.array([1, 1, 0, 0]))
+    >>> round(float(t[2, 1]), 4), round(float(t[0, 0]), 4), float(t[1, 0])   # 3/5, 1/3, unseen 1/2
+    (0.4055, -0.6931, 0.0)
+    """
+    cell = np.asarray(etype, np.int64) * 2 + np.asarray(has_cart, bool)
+    n_cells = 2 * len(EVENT_TYPES)
+    n = np.bincount(cell, minlength=n_cells).astype(np.float64)
+    k = np.bincount(cell, weights=np.asarray(label, np.float64), minlength=n_cells)
+    p = (k + 1.0) / (n + 2.0)
+    return np.log(p / (1.0 - p)).reshape(len(EVENT_TYPES), 2)
 
 
 class DemandLSTM(nn.Module):
@@ -197,12 +220,17 @@ class DemandLSTM(nn.Module):
             nn.ReLU(),
             nn.Linear(cfg.purchase_hidden, 1),
         )
+        if cfg.funnel_base:  # a correction of the funnel table: zero until trained
+            nn.init.zeros_(self.purchase[-1].weight)
+            nn.init.zeros_(self.purchase[-1].bias)
         # Global tables learned from training data (markov_tables): buffers, so the checkpoint (and
         # model_version) carries them and the optimizer never moves them.
         self.register_buffer("pop_logp", torch.full((c,), -math.log(max(c - 1, 1))))
         self.register_buffer("markov_next", torch.zeros(c, k, dtype=torch.int64))
         self.register_buffer("markov_count", torch.zeros(c, k))
         self.register_buffer("markov_total", torch.zeros(c))
+        # log-odds of P(purchase within the horizon | event type, cart non-empty) (funnel_table)
+        self.register_buffer("funnel_logit", torch.zeros(n_types, 2))
         # Platt scaling of the purchase logit (demandstream.model.training.train.calibrate); identity until fitted.
         self.register_buffer("purchase_scale", torch.tensor(1.0))
         self.register_buffer("purchase_shift", torch.tensor(0.0))
@@ -215,6 +243,8 @@ class DemandLSTM(nn.Module):
         self.markov_next.copy_(torch.as_tensor(tables["next"]))
         self.markov_count.copy_(torch.as_tensor(tables["count"], dtype=torch.float32))
         self.markov_total.copy_(torch.as_tensor(tables["total"], dtype=torch.float32))
+        if "funnel_logit" in tables and self.cfg.funnel_base:
+            self.funnel_logit.copy_(torch.as_tensor(tables["funnel_logit"], dtype=torch.float32))
 
     # -- inputs ---------------------------------------------------------------------------------
 
@@ -394,6 +424,8 @@ class DemandLSTM(nn.Module):
             dim=-1,
         )
         purchase_logit = self.purchase(torch.cat([hd, funnel], dim=-1)).squeeze(-1)
+        cell = f["etype"] * 2 + (f["cart"] > 0).long()
+        purchase_logit = purchase_logit + self.funnel_logit.reshape(-1)[cell]
         purchase_logit = (
             self.purchase_scale * purchase_logit + self.purchase_shift
         )  # identity unless calibrated

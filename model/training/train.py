@@ -44,7 +44,13 @@ from demandstream.model.core.encoding import (
     padded_user_batches,
 )
 from demandstream.model.core.features import PURCHASE_HORIZON_S, Vocabulary
-from demandstream.model.core.network import DemandLSTM, ModelConfig, init_like_cascade, markov_tables
+from demandstream.model.core.network import (
+    DemandLSTM,
+    ModelConfig,
+    funnel_table,
+    init_like_cascade,
+    markov_tables,
+)
 from demandstream.model.core.scoring import resolve_device
 from demandstream.model.data.eventlog import EventLog
 from demandstream.model.data.split import Points, Split, next_category_targets, phase_points, temporal_split
@@ -98,6 +104,10 @@ class TrainConfig:
     #: after the joint epochs, up to this many epochs of the purchase head alone (the rest frozen), as
     #: many as lower the validation purchase log loss; 0 turns the phase off
     purchase_epochs: int = 8
+    #: the category head is the earliest epoch whose validation MRR@20 is within this many standard
+    #: errors of the best epoch's (the paired difference over the same points; Breiman's one-standard-
+    #: error rule); 0 takes the best epoch itself
+    select_se: float = 1.0
 
 
 @dataclass
@@ -271,8 +281,12 @@ def validation_metrics(
     pts: Targets,
     purchase_weight: float,
     device: torch.device,
+    rr_out: list | None = None,
 ) -> dict[str, float]:
-    """MRR@20, category NLL and purchase BCE on validation points, each user run from its first event."""
+    """MRR@20, category NLL and purchase BCE on validation points, each user run from its first event.
+
+    With ``rr_out``, each category point's reciprocal rank (0 beyond rank 20) is appended to it, in an
+    order that is the same on every call with the same ``pts``."""
     tot_nll = tot_bce = rr = 0.0
     n_cat = n_buy = n_rank = 0
     for b in _full_context_batches(net, feats, log, pts, device):
@@ -290,7 +304,10 @@ def validation_metrics(
                 b.cat_t[m],
                 b.hash_t[m],
             )
-            rr += float(torch.where(ranks <= SELECT_K, 1.0 / ranks.double(), 0.0).sum())
+            point_rr = torch.where(ranks <= SELECT_K, 1.0 / ranks.double(), 0.0)
+            rr += float(point_rr.sum())
+            if rr_out is not None:
+                rr_out.append(point_rr.cpu().numpy())
             n_rank += int(m.sum())
     cat_loss = tot_nll / n_cat if n_cat else math.nan
     buy_loss = tot_bce / n_buy if n_buy else math.nan
@@ -338,19 +355,58 @@ def _improves(history: list[dict], val: dict) -> bool:
     )
 
 
-def _select(net: DemandLSTM, history: list[dict], states: dict[int, dict]) -> tuple[int, int, dict]:
-    """Load the chosen weights into ``net``; return (epochs to train, category-head epoch, its metrics).
+def one_se_epoch(history: list[dict], rr: dict[int, np.ndarray], n_se: float) -> int:
+    """The earliest epoch whose validation MRR@20 is within ``n_se`` standard errors of the best one's.
 
-    The category head comes from the epoch with the best validation MRR@20 (earliest on ties), the
-    rest from that same epoch, except when it is epoch 0 (the untrained start): then the LSTM and the
-    purchase head come from the trained epoch with the lowest validation purchase BCE.
+    The standard error is that of the mean paired difference of reciprocal ranks (``rr[epoch]``, the
+    same points in the same order), so it measures how much two epochs really differ on these points.
+    Without ``rr`` for an epoch, or with ``n_se`` 0, the best epoch itself (earliest on ties). Why: the
+    refit replays the chosen count on more data, and an epoch on the edge of overfitting (validation
+    MRR falling off a cliff one epoch later, as on the cosmetics sample from epoch 4) lands there less
+    reliably than an earlier one that validation cannot tell from it (Hastie, Tibshirani & Friedman,
+    *Elements of Statistical Learning*, §7.10: the one-standard-error rule).
+
+    >>> h = [{"epoch": 0, "mrr@20": 0.60}, {"epoch": 1, "mrr@20": 0.70}, {"epoch": 2, "mrr@20": 0.71}]
+    >>> rr = {0: np.full(100, 0.6), 1: np.r_[np.full(50, 0.55), np.full(50, 0.85)], 2: np.full(100, 0.71)}
+    >>> one_se_epoch(h, rr, 1.0), one_se_epoch(h, rr, 0.0)
+    (1, 2)
     """
 
-    def key(h, name):
-        v = h.get(name, math.nan)
+    def key(h):
+        v = h.get("mrr@20", math.nan)
         return -math.inf if math.isnan(v) else v
 
-    cat_ep = max(history, key=lambda h: (key(h, "mrr@20"), -h["epoch"]))["epoch"]
+    best = max(history, key=lambda h: (key(h), -h["epoch"]))
+    if n_se <= 0 or best["epoch"] not in rr:
+        return best["epoch"]
+    for h in sorted(history, key=lambda h: h["epoch"]):
+        e = h["epoch"]
+        if e == best["epoch"]:
+            break
+        if e not in rr or len(rr[e]) != len(rr[best["epoch"]]) or not len(rr[e]):
+            continue
+        d = rr[best["epoch"]] - rr[e]
+        se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else 0.0
+        if key(h) >= key(best) - n_se * se:
+            return e
+    return best["epoch"]
+
+
+def _select(
+    net: DemandLSTM,
+    history: list[dict],
+    states: dict[int, dict],
+    rr: dict[int, np.ndarray] | None = None,
+    n_se: float = 0.0,
+) -> tuple[int, int, dict]:
+    """Load the chosen weights into ``net``; return (epochs to train, category-head epoch, its metrics).
+
+    The category head comes from the epoch :func:`one_se_epoch` picks (the best validation MRR@20
+    with ``n_se`` 0, earliest on ties), the rest from that same epoch, except when it is epoch 0 (the
+    untrained start): then the LSTM and the purchase head come from the trained epoch with the lowest
+    validation purchase BCE.
+    """
+    cat_ep = one_se_epoch(history, rr or {}, n_se)
     trained = [h for h in history if h["epoch"] > 0]
     if cat_ep > 0 or not trained:
         net.load_state_dict(states[cat_ep])
@@ -655,6 +711,8 @@ class _Fit:
     category_epoch: int  #: epoch whose category head was kept (0 = the calibrated cascade start)
     purchase_epochs: int = 0  #: epochs of the purchase head alone after the joint ones
     purchase_history: list[dict] = field(default_factory=list)
+    #: the purchase phase started from the funnel table alone (the MLP's correction reset to zero)
+    purchase_from_funnel: bool = False
 
 
 def _fit(
@@ -672,10 +730,12 @@ def _fit(
     desc: str,
     category_from_start: bool = False,
     purchase_epochs: int | None = None,
+    purchase_from_funnel: bool = False,
 ) -> _Fit:
     """Train a fresh network on the ``tr`` points for up to ``epochs`` epochs; with ``va``, keep the best
     epoch by :func:`_better` and stop after ``patience`` epochs without improvement. Then the purchase
-    head alone (:func:`_fit_purchase_head`): as many epochs as ``va`` chooses, or ``purchase_epochs``."""
+    head alone (:func:`_fit_purchase_head`): as many epochs as ``va`` chooses, or ``purchase_epochs``
+    (from the funnel table alone when ``purchase_from_funnel``, as a validated run chose)."""
     from tqdm import tqdm
 
     tr_mask = tr.mask
@@ -685,6 +745,8 @@ def _fit(
     net = DemandLSTM(mcfg).to(device)
     pairs, pair_rows, current = _markov_pairs(log, cats, tr_mask)
     tables = markov_tables(cats[tr_mask], pairs, len(vocab), mcfg.markov_top_k)
+    obs = tr_mask & tr.observable
+    tables["funnel_logit"] = funnel_table(feats.etype[obs], feats.cart[obs] > 0, tr.purchase[obs])
     net.set_tables(tables)
     own = own_markov_counts(log, pairs, pair_rows, current, tables["next"], tcfg.markov_leave_out)
     if tcfg.cascade_init:
@@ -703,11 +765,14 @@ def _fit(
 
     history: list[dict] = []
     states: dict[int, dict] = {}
+    rr_by_epoch: dict[int, np.ndarray] = {}  # validation reciprocal ranks per epoch (one_se_epoch)
     start = _snapshot(net)
     if va is not None and epochs > 0:
         # Epoch 0, the untrained start (the calibrated cascade when cascade_init), is a candidate for
         # the category head: training must beat it on validation MRR@20 to be kept.
-        val0 = validation_metrics(net, feats, log, va, tcfg.purchase_weight, device)
+        rr0: list = []
+        val0 = validation_metrics(net, feats, log, va, tcfg.purchase_weight, device, rr0)
+        rr_by_epoch[0] = np.concatenate(rr0) if rr0 else np.zeros(0)
         states[0] = _snapshot(net)
         history.append({"epoch": 0, "train_loss": math.nan, "steps": 0, **val0})
     train_time, step, bad = 0.0, 0, 0
@@ -751,7 +816,9 @@ def _fit(
         train_time += time.perf_counter() - t_ep
         entry = {"epoch": epoch, "train_loss": run_loss / max(run_n, 1), "steps": step}
         if va is not None:
-            val = validation_metrics(net, feats, log, va, tcfg.purchase_weight, device)
+            rr_e: list = []
+            val = validation_metrics(net, feats, log, va, tcfg.purchase_weight, device, rr_e)
+            rr_by_epoch[epoch] = np.concatenate(rr_e) if rr_e else np.zeros(0)
             entry.update(val)
             if progress:
                 tqdm.write(
@@ -769,7 +836,7 @@ def _fit(
         if va is not None and bad >= tcfg.patience:
             break
     if va is not None and states:
-        best_epoch, category_epoch, best = _select(net, history, states)
+        best_epoch, category_epoch, best = _select(net, history, states, rr_by_epoch, tcfg.select_se)
     else:
         best_epoch, category_epoch, best = len(history), len(history), None
         if category_from_start:  # the refit of a model whose category head is its start
@@ -777,8 +844,20 @@ def _fit(
                 {**net.state_dict(), **{k: v for k, v in start.items() if k.startswith(CATEGORY_HEAD)}}
             )
             category_epoch = 0
-    p_epochs, p_history, p_seconds = _fit_purchase_head(
-        net, feats, log, tr, va, tcfg, device, rng, ranges, purchase_epochs, progress, desc
+    p_epochs, p_from_funnel, p_history, p_seconds = _fit_purchase_head(
+        net,
+        feats,
+        log,
+        tr,
+        va,
+        tcfg,
+        device,
+        rng,
+        ranges,
+        purchase_epochs,
+        purchase_from_funnel,
+        progress,
+        desc,
     )
     net.eval()
     return _Fit(
@@ -793,6 +872,7 @@ def _fit(
         category_epoch,
         p_epochs,
         p_history,
+        p_from_funnel,
     )
 
 
@@ -807,10 +887,12 @@ def _fit_purchase_head(
     rng: np.random.Generator,
     ranges: list[tuple[int, int]],
     epochs: int | None,
+    from_funnel: bool,
     progress: bool,
     desc: str,
-) -> tuple[int, list[dict], float]:
-    """Epochs of the purchase MLP alone, everything else frozen; returns (epochs kept, history, seconds).
+) -> tuple[int, bool, list[dict], float]:
+    """Epochs of the purchase MLP alone, everything else frozen; returns (epochs kept, whether it started
+    from the funnel table alone, history, seconds).
 
     The joint epochs are chosen by the category head (validation MRR@20), and the purchase head then
     has had only as many epochs as the categories needed (often 1-2: a 25k-event shop overfits its
@@ -818,12 +900,33 @@ def _fit_purchase_head(
     chosen recurrent state cannot change a ranking. With ``va`` the phase keeps the epoch count with
     the lowest validation purchase BCE (0: none) and stops after ``patience`` epochs without one;
     without, it runs ``epochs``, the count a validated run chose (the refit).
+
+    Before that, the funnel table alone (the MLP's output layer reset to zero) competes with the joint
+    epochs' purchase head on validation BCE, so a recurrent state that hurts purchases on held-out
+    users falls back to the counter; ``from_funnel`` replays that choice without ``va``.
     """
+    if net.cfg.funnel_base and va is not None:
+        joint_bce = validation_metrics(net, feats, log, va, tcfg.purchase_weight, device)["purchase_bce"]
+        joint = {k: v.clone() for k, v in net.purchase.state_dict().items()}
+        _reset_purchase_correction(net)
+        funnel_bce = validation_metrics(net, feats, log, va, tcfg.purchase_weight, device)["purchase_bce"]
+        from_funnel = funnel_bce < joint_bce
+        if not from_funnel:
+            net.purchase.load_state_dict(joint)
+        logger.info(
+            "%s purchase head: validation BCE %.4f after the joint epochs, %.4f for the funnel table alone",
+            desc,
+            joint_bce,
+            funnel_bce,
+        )
+    elif net.cfg.funnel_base and from_funnel:
+        _reset_purchase_correction(net)
+    from_funnel = bool(from_funnel and net.cfg.funnel_base)
     budget = tcfg.purchase_epochs
     if epochs is None:
         epochs = budget if va is not None else 0
     if epochs <= 0 or budget <= 0:
-        return 0, [], 0.0
+        return 0, from_funnel, [], 0.0
     from tqdm import tqdm
 
     frozen = [(p, p.requires_grad) for p in net.parameters()]
@@ -903,7 +1006,14 @@ def _fit_purchase_head(
         net.purchase.load_state_dict(best_state)
     for p, flag in frozen:
         p.requires_grad_(flag)
-    return best_n, history, seconds
+    return best_n, from_funnel, history, seconds
+
+
+@torch.no_grad()
+def _reset_purchase_correction(net: DemandLSTM) -> None:
+    """Zero the purchase MLP's output layer: the purchase logit is then the funnel table's alone."""
+    nn.init.zeros_(net.purchase[-1].weight)
+    nn.init.zeros_(net.purchase[-1].bias)
 
 
 def _selection_split(log: EventLog, split: Split, tcfg: TrainConfig) -> tuple[Split, dict]:
@@ -1017,6 +1127,7 @@ def train(
             "category_epoch": chosen.category_epoch,
             "purchase_epochs": chosen.purchase_epochs,
             "purchase_history": chosen.purchase_history,
+            "purchase_from_funnel": chosen.purchase_from_funnel,
             "best": chosen.best,
             "history": chosen.history,
             "optimizer_steps": chosen.steps,
@@ -1048,6 +1159,7 @@ def train(
             "refit",
             category_from_start=chosen.category_epoch == 0,
             purchase_epochs=chosen.purchase_epochs,
+            purchase_from_funnel=chosen.purchase_from_funnel,
         )
         with torch.no_grad():
             final.net.purchase_scale.copy_(net.purchase_scale)

@@ -8,7 +8,13 @@ import torch
 from demandstream.model.core.checkpoint import Checkpoint
 from demandstream.model.core.events import EVENT_TYPES, Event
 from demandstream.model.core.features import Vocabulary
-from demandstream.model.core.network import DemandLSTM, ModelConfig, init_like_cascade, markov_tables
+from demandstream.model.core.network import (
+    DemandLSTM,
+    ModelConfig,
+    funnel_table,
+    init_like_cascade,
+    markov_tables,
+)
 from demandstream.model.core.scoring import Scorer
 from demandstream.model.core.state import SUMMARY_FIELDS
 from demandstream.model.data.eventlog import EventLog
@@ -49,6 +55,7 @@ def live_net(cfg: ModelConfig, vocab: Vocabulary, events, seed: int = 0) -> Dema
     with torch.no_grad():
         for p in net.parameters():
             p.add_(0.05 * torch.randn_like(p))
+        net.funnel_logit.normal_()  # every (event type, cart) cell differs
     return net.eval()
 
 
@@ -241,6 +248,30 @@ def test_calibration_is_applied_inside_heads_so_step_and_forward_agree():
     first_row = {log.users[log.user[s]]: int(s) for s in log.user_start[:-1]}
     for uid, p in zip(firsts, streamed, strict=True):
         assert abs(p - offline[first_row[uid]]) <= 1e-5
+
+
+def test_an_untrained_purchase_head_is_the_funnel_table():
+    """The MLP's correction starts at zero: before training, the propensity after every event is the
+    table's P(purchase | event type, cart non-empty), whatever the LSTM state."""
+    from demandstream.model.core.encoding import encode_log
+
+    events = random_events(np.random.default_rng(5), n_users=6, max_len=20)
+    vocab = Vocabulary.build([e.category for e in events])
+    cfg = ModelConfig(n_categories=len(vocab), hidden=16)
+    net = DemandLSTM(cfg).eval()
+    n = len(EVENT_TYPES)
+    table = funnel_table(np.repeat(np.arange(n), 4), np.tile([0, 1, 1, 1], n), np.arange(4 * n) % 3 == 0)
+    net.set_tables(
+        {**markov_tables(np.zeros(0), np.zeros((0, 2)), len(vocab), cfg.markov_top_k), "funnel_logit": table}
+    )
+    log = EventLog.from_events(events).sorted_by_user_time()
+    feats = encode_log(log, cfg, vocab)
+    scorer = Scorer(Checkpoint(net, vocab, "00000000"))
+    rows = np.concatenate([r for r, _c, _p, _h in scorer.predict_log(log)])
+    got = np.concatenate([p.double().numpy() for _r, _c, p, _h in scorer.predict_log(log)])
+    want = 1.0 / (1.0 + np.exp(-table[feats.etype[rows], (feats.cart[rows] > 0).astype(int)]))
+    assert (feats.cart[rows] > 0).any() and (feats.cart[rows] == 0).any()
+    np.testing.assert_allclose(got, want, atol=1e-6)
 
 
 def test_checkpoint_without_calibration_loads_as_identity_and_version_tracks_it(tmp_path):

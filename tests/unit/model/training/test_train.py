@@ -306,6 +306,14 @@ def test_selection_keeps_the_cascade_head_with_the_best_purchase_epoch_when_trai
     epochs, cat_epoch, _ = _select(net, hist, states)
     assert (epochs, cat_epoch) == (2, 2)
     assert all(float(v.flatten()[0]) == 2.0 for v in net.state_dict().values() if v.is_floating_point())
+    # the one-standard-error rule: epoch 2's lead over epoch 0 (paired differences 0.05 and -0.03, standard
+    # error 0.004 over 100 points) is real, so it is kept; with differences of 0.29 and -0.27 (standard
+    # error 0.028) validation cannot tell epoch 0 from it, and the earliest such epoch is chosen
+    rr = {0: np.full(100, 0.70), 1: np.full(100, 0.69), 2: np.r_[np.full(50, 0.75), np.full(50, 0.67)]}
+    assert _select(net, hist, states, rr, 1.0)[:2] == (2, 2)
+    rr[2] = np.r_[np.full(50, 0.99), np.full(50, 0.43)]
+    assert _select(net, hist, states, rr, 1.0)[:2] == (1, 0)  # the cascade head, epoch 1's purchase head
+    assert _select(net, hist, states, rr, 0.0)[:2] == (2, 2)  # 0 standard errors: the best epoch
 
 
 def test_the_purchase_head_phase_moves_only_the_purchase_head_and_is_replayed_by_the_refit():
@@ -334,7 +342,7 @@ def test_the_purchase_head_phase_moves_only_the_purchase_head_and_is_replayed_by
     all_split = Split(T2, T2 + 1.0, split.end_ts)
     next_hash = next_category_targets(category_hashes(log), log.user_start)
     vocab, _cfg, feats, tr, _va, _ = _prepare(log, all_split, T2, tcfg, net.cfg, next_hash)
-    n, hist, _s = _fit_purchase_head(
+    n, from_funnel, hist, _s = _fit_purchase_head(
         net,
         feats,
         log,
@@ -346,9 +354,30 @@ def test_the_purchase_head_phase_moves_only_the_purchase_head_and_is_replayed_by
         _user_ranges(log.user_start, tr.mask),
         2,
         False,
+        False,
         "test",
     )
-    assert n == 2 and len(hist) == 2
+    assert n == 2 and len(hist) == 2 and not from_funnel
     changed = {k for k, v in net.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and all(k.startswith("purchase.") for k in changed), changed
     assert all(p.requires_grad for p in net.parameters())  # the freeze is undone
+
+    # a validated run that chose the funnel table alone is replayed with the correction reset
+    n, from_funnel, hist, _s = _fit_purchase_head(
+        net,
+        feats,
+        log,
+        tr,
+        None,
+        tcfg,
+        torch.device("cpu"),
+        np.random.default_rng(0),
+        _user_ranges(log.user_start, tr.mask),
+        0,
+        True,
+        False,
+        "test",
+    )
+    assert (n, from_funnel, hist) == (0, True, [])
+    assert not net.purchase[-1].weight.any() and not net.purchase[-1].bias.any()
+    assert isinstance(sel["purchase_from_funnel"], bool)
