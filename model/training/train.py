@@ -324,6 +324,20 @@ def validation_metrics(
     }
 
 
+def _validation_with_ranks(
+    net: DemandLSTM,
+    feats: FeatureBuffer,
+    log: EventLog,
+    pts: Targets,
+    tcfg: TrainConfig,
+    device: torch.device,
+) -> tuple[dict[str, float], np.ndarray]:
+    """:func:`validation_metrics` and every category point's reciprocal rank, for :func:`one_se_epoch`."""
+    parts: list = []
+    val = validation_metrics(net, feats, log, pts, tcfg.purchase_weight, device, parts)
+    return val, np.concatenate(parts) if parts else np.zeros(0)
+
+
 #: Parameters of the next-category head. At the cascade start their LSTM-dependent parts are zero, so
 #: that head can be combined with the LSTM and purchase head of any epoch without changing its output.
 CATEGORY_HEAD = (
@@ -770,9 +784,7 @@ def _fit(
     if va is not None and epochs > 0:
         # Epoch 0, the untrained start (the calibrated cascade when cascade_init), is a candidate for
         # the category head: training must beat it on validation MRR@20 to be kept.
-        rr0: list = []
-        val0 = validation_metrics(net, feats, log, va, tcfg.purchase_weight, device, rr0)
-        rr_by_epoch[0] = np.concatenate(rr0) if rr0 else np.zeros(0)
+        val0, rr_by_epoch[0] = _validation_with_ranks(net, feats, log, va, tcfg, device)
         states[0] = _snapshot(net)
         history.append({"epoch": 0, "train_loss": math.nan, "steps": 0, **val0})
     train_time, step, bad = 0.0, 0, 0
@@ -816,9 +828,7 @@ def _fit(
         train_time += time.perf_counter() - t_ep
         entry = {"epoch": epoch, "train_loss": run_loss / max(run_n, 1), "steps": step}
         if va is not None:
-            rr_e: list = []
-            val = validation_metrics(net, feats, log, va, tcfg.purchase_weight, device, rr_e)
-            rr_by_epoch[epoch] = np.concatenate(rr_e) if rr_e else np.zeros(0)
+            val, rr_by_epoch[epoch] = _validation_with_ranks(net, feats, log, va, tcfg, device)
             entry.update(val)
             if progress:
                 tqdm.write(
@@ -905,6 +915,7 @@ def _fit_purchase_head(
     epochs' purchase head on validation BCE, so a recurrent state that hurts purchases on held-out
     users falls back to the counter; ``from_funnel`` replays that choice without ``va``.
     """
+    start_bce = None  # validation BCE of the head the phase starts from, when already measured
     if net.cfg.funnel_base and va is not None:
         joint_bce = validation_metrics(net, feats, log, va, tcfg.purchase_weight, device)["purchase_bce"]
         joint = {k: v.clone() for k, v in net.purchase.state_dict().items()}
@@ -913,6 +924,7 @@ def _fit_purchase_head(
         from_funnel = funnel_bce < joint_bce
         if not from_funnel:
             net.purchase.load_state_dict(joint)
+        start_bce = funnel_bce if from_funnel else joint_bce
         logger.info(
             "%s purchase head: validation BCE %.4f after the joint epochs, %.4f for the funnel table alone",
             desc,
@@ -941,7 +953,9 @@ def _fit_purchase_head(
     history: list[dict] = []
     best_bce, best_n, best_state, bad = math.inf, 0, None, 0
     if va is not None:
-        best_bce = validation_metrics(net, feats, log, va, tcfg.purchase_weight, device)["purchase_bce"]
+        if start_bce is None:
+            start_bce = validation_metrics(net, feats, log, va, tcfg.purchase_weight, device)["purchase_bce"]
+        best_bce = start_bce
         best_state = {k: v.clone() for k, v in net.purchase.state_dict().items()}
         history.append({"epoch": 0, "purchase_bce": best_bce})
     step, seconds = 0, 0.0

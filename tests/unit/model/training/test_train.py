@@ -342,42 +342,32 @@ def test_the_purchase_head_phase_moves_only_the_purchase_head_and_is_replayed_by
     all_split = Split(T2, T2 + 1.0, split.end_ts)
     next_hash = next_category_targets(category_hashes(log), log.user_start)
     vocab, _cfg, feats, tr, _va, _ = _prepare(log, all_split, T2, tcfg, net.cfg, next_hash)
-    n, from_funnel, hist, _s = _fit_purchase_head(
-        net,
-        feats,
-        log,
-        tr,
-        None,
-        tcfg,
-        torch.device("cpu"),
-        np.random.default_rng(0),
-        _user_ranges(log.user_start, tr.mask),
-        2,
-        False,
-        False,
-        "test",
-    )
+
+    def phase(epochs: int, from_funnel: bool):  # a refit's purchase phase (no validation points)
+        return _fit_purchase_head(
+            net,
+            feats,
+            log,
+            tr,
+            None,
+            tcfg,
+            torch.device("cpu"),
+            np.random.default_rng(0),
+            _user_ranges(log.user_start, tr.mask),
+            epochs,
+            from_funnel,
+            False,
+            "test",
+        )
+
+    n, from_funnel, hist, _s = phase(2, False)
     assert n == 2 and len(hist) == 2 and not from_funnel
     changed = {k for k, v in net.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and all(k.startswith("purchase.") for k in changed), changed
     assert all(p.requires_grad for p in net.parameters())  # the freeze is undone
 
     # a validated run that chose the funnel table alone is replayed with the correction reset
-    n, from_funnel, hist, _s = _fit_purchase_head(
-        net,
-        feats,
-        log,
-        tr,
-        None,
-        tcfg,
-        torch.device("cpu"),
-        np.random.default_rng(0),
-        _user_ranges(log.user_start, tr.mask),
-        0,
-        True,
-        False,
-        "test",
-    )
+    n, from_funnel, hist, _s = phase(0, True)
     assert (n, from_funnel, hist) == (0, True, [])
     assert not net.purchase[-1].weight.any() and not net.purchase[-1].bias.any()
     assert isinstance(sel["purchase_from_funnel"], bool)
