@@ -13,9 +13,11 @@ import asyncio
 import contextlib
 import logging
 import re
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -24,7 +26,14 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from demandstream.stream.worker.launcher import WorkerLauncher, free_port, worker_env
+from demandstream.stream.worker.launcher import (
+    HTTP_TIMEOUT_S,
+    READY_PROBE_TIMEOUT_S,
+    WorkerLauncher,
+    free_port,
+    metric_sum,
+    worker_env,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +57,17 @@ DRAIN_TIMEOUT_S = 900
 RESTORE_TIMEOUT_S = 1800
 #: The latency producer releases events in ticks of this length, at the target rate on average.
 LATENCY_TICK_S = 0.01
+#: A latency level whose generator achieved less than this share of its target rate is flagged.
+ACHIEVED_MIN_SHARE = 0.95
 #: Fetch sizes large enough that one fetch carries a whole batch of 5000 small events.
 FETCH_MAX_BYTES = 16 * 1024 * 1024
+#: Bounds on counting a topic's committed records (exactly-once drain): in all, and without a new record.
+COUNT_TIMEOUT_S = 120.0
+COUNT_IDLE_S = 2.0
+#: Seconds a just-ready worker is left before its resident memory is read (state-less / restored).
+MEMORY_SETTLE_S = 1.0
+#: Tries at finding ``worker --processes N``'s N consecutive free web ports.
+PORT_TRIES = 50
 
 
 # -- broker -----------------------------------------------------------------------------------------
@@ -131,12 +149,22 @@ def create_topics(bootstrap: str, names: Sequence[str], partitions: int = PARTIT
 
 
 class OffsetWatch:
-    """Sum of a topic's end offsets (records produced so far), polled cheaply with ListOffsets."""
+    """Sum of a topic's end offsets (records produced so far), polled cheaply with ListOffsets.
 
-    def __init__(self, bootstrap: str, topic: str, partitions: int = PARTITIONS):
+    With ``isolation="read_committed"`` the broker answers each partition's last stable offset: the end
+    of what a read_committed consumer can see, which also counts the transactions' commit markers (see
+    :func:`wait_committed`).
+    """
+
+    def __init__(
+        self, bootstrap: str, topic: str, partitions: int = PARTITIONS, isolation: str = "read_uncommitted"
+    ):
         from kafka import KafkaConsumer, TopicPartition
 
-        self.consumer = KafkaConsumer(bootstrap_servers=[bootstrap], group_id=None, enable_auto_commit=False)
+        self.bootstrap, self.topic = bootstrap, topic
+        self.consumer = KafkaConsumer(
+            bootstrap_servers=[bootstrap], group_id=None, enable_auto_commit=False, isolation_level=isolation
+        )
         self.tps = [TopicPartition(topic, p) for p in range(partitions)]
 
     def ends(self) -> dict[int, int]:
@@ -161,6 +189,114 @@ class OffsetWatch:
 
     def close(self) -> None:
         self.consumer.close()
+
+
+def count_committed(bootstrap: str, topic: str, start: dict[int, int], end: dict[int, int]) -> int:
+    """Records a ``read_committed`` consumer reads in ``[start[p], end[p])`` of each partition ``p``:
+    committed records only, without the transactions' markers and aborted records."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    tps = {p: TopicPartition(topic, p) for p in end if end[p] > start.get(p, 0)}
+    if not tps:
+        return 0
+    consumer = KafkaConsumer(
+        bootstrap_servers=[bootstrap],
+        group_id=None,
+        enable_auto_commit=False,
+        isolation_level="read_committed",
+        fetch_max_bytes=FETCH_MAX_BYTES,
+        max_partition_fetch_bytes=FETCH_MAX_BYTES,
+    )
+    try:
+        consumer.assign(list(tps.values()))
+        for p, tp in tps.items():
+            consumer.seek(tp, start.get(p, 0))
+        n, deadline, last_new = 0, time.monotonic() + COUNT_TIMEOUT_S, time.monotonic()
+        while any(consumer.position(tp) < end[p] for p, tp in tps.items()):
+            polled = consumer.poll(timeout_ms=200, max_records=PASSTHROUGH_MAX_RECORDS)
+            got = sum(1 for tp, recs in polled.items() for r in recs if r.offset < end[tp.partition])
+            n += got
+            now = time.monotonic()
+            last_new = now if got else last_new
+            # A range that ends with a commit marker and nothing after it may leave the position short
+            # of the end: once nothing new comes for a while, everything visible has been counted.
+            if now - last_new > COUNT_IDLE_S:
+                break
+            if now > deadline:
+                raise TimeoutError(f"counted {n} committed records of {topic} in {COUNT_TIMEOUT_S} s")
+        return n
+    finally:
+        consumer.close()
+
+
+def wait_committed(watch: OffsetWatch, target: int, timeout: float = DRAIN_TIMEOUT_S, proc=None) -> float:
+    """Block until ``target`` committed records are visible in ``watch``'s topic (a ``read_committed``
+    watch); return the monotonic time of the last-stable-offset poll that made them visible.
+
+    Under exactly-once every transaction leaves a commit marker in each partition it wrote, which takes
+    an offset, so the end offsets alone would be reached before the last records are committed. The
+    watch polls the last stable offsets as cheaply as :meth:`OffsetWatch.wait_for`; once their sum
+    reaches ``target`` (markers only add to it), the records up to them are counted, then only those of
+    each later advance, until the count reaches ``target``.
+    """
+    deadline = time.monotonic() + timeout
+    counted, upto = 0, dict.fromkeys(range(len(watch.tps)), 0)
+    while True:
+        ends = watch.ends()
+        now = time.monotonic()
+        if sum(ends.values()) >= target and ends != upto:
+            counted += count_committed(watch.bootstrap, watch.topic, upto, ends)
+            upto = ends
+            if counted >= target:
+                return now
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"worker exited with {proc.returncode} after {counted} of {target} records")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{counted} of {target} committed records after {timeout} s")
+        time.sleep(POLL_S)
+
+
+# -- memory -----------------------------------------------------------------------------------------
+
+
+def vmrss_kib(status: str) -> int:
+    """The resident set size in KiB from the text of ``/proc/<pid>/status``.
+
+    >>> vmrss_kib("Name:\\tpython\\nVmPeak:\\t 900 kB\\nVmRSS:\\t  524288 kB\\nThreads:\\t9\\n")
+    524288
+    """
+    m = re.search(r"^VmRSS:\s*(\d+)\s*kB", status, re.M)
+    if m is None:
+        raise ValueError("no VmRSS line (the process has ended or is a zombie)")
+    return int(m.group(1))
+
+
+def rss_mib(pid: int) -> float:
+    """Resident memory of process ``pid`` in MiB (VmRSS of ``/proc/<pid>/status``)."""
+    return vmrss_kib(Path(f"/proc/{pid}/status").read_text()) / 1024
+
+
+def parent_pid(stat: str) -> int:
+    """The parent's pid from the text of ``/proc/<pid>/stat`` (the command name may hold spaces).
+
+    >>> parent_pid("4242 (python -m x) S 4200 4200 17 0 -1")
+    4200
+    """
+    return int(stat.rpartition(")")[2].split()[1])
+
+
+def child_pids(pid: int) -> list[int]:
+    """The pids of the live children of ``pid``, ascending (``worker --processes N``'s workers)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            if parent_pid((d / "stat").read_text()) == pid:
+                out.append(int(d.name))
+        except (OSError, ValueError, IndexError):  # ended meanwhile
+            continue
+    return sorted(out)
 
 
 # -- data -------------------------------------------------------------------------------------------
@@ -329,7 +465,9 @@ async def _ship(producer, batch, topic: str, partition: int):
     return await producer.send_batch(batch, topic, partition=partition)
 
 
-async def _fastest_copy(bootstrap: str, src: str, sink: str, n: int) -> float:
+async def _fastest_copy(
+    bootstrap: str, src: str, sink: str, n: int, started: list[float] | None = None
+) -> float:
     options = {
         "acks": "all",
         "linger_ms": COPY_LINGER_MS,
@@ -339,6 +477,8 @@ async def _fastest_copy(bootstrap: str, src: str, sink: str, n: int) -> float:
     }
     async with _copy_clients(bootstrap, src, **options) as (producer, consumer):
         copied, t0 = 0, time.perf_counter()
+        if started is not None:  # the monotonic time of the first fetch, for a drain fed by this copy
+            started.append(time.monotonic())
         while copied < n:
             batch = await consumer.getmany(timeout_ms=FETCH_TIMEOUT_MS, max_records=COPY_MAX_RECORDS)
             futures = []
@@ -385,6 +525,8 @@ class BenchWorker:
     """A ``python -m stream worker`` subprocess with its own app id, topics, data dir and web port.
 
     Started through the shared launcher (stream/worker/launcher.py); its web port is picked at ``start``.
+    With ``processes`` > 1 it is ``worker --processes N``: a supervisor whose N children (one consumer
+    group) take the web ports ``port`` … ``port + N - 1`` and the data dirs ``…/worker-i``.
     """
 
     bootstrap: str
@@ -395,6 +537,9 @@ class BenchWorker:
     device: str = "cpu"
     extra_env: dict[str, str] = field(default_factory=dict)
     launcher: WorkerLauncher | None = None
+    processes: int = 1
+    guarantee: str = "at_least_once"
+    ready_at: float = 0.0  #: monotonic time of the last ``wait_ready``'s answer (every process ready)
 
     @property
     def app_id(self) -> str:
@@ -424,8 +569,9 @@ class BenchWorker:
         return 0.0 if self.launcher is None else self.launcher.started_at
 
     def start(self) -> BenchWorker:
-        """Start the worker on a web port free now, every other setting the bench's."""
-        port = free_port()
+        """Start the worker on a web port free now (N consecutive ones for N processes), every other
+        setting the bench's."""
+        port = free_ports(self.processes)
         env = worker_env(
             {
                 "DEMANDSTREAM_BROKER": f"kafka://{self.bootstrap}",
@@ -442,6 +588,8 @@ class BenchWorker:
                 "DEMANDSTREAM_DEVICE": self.device,
                 "DEMANDSTREAM_LOG_LEVEL": "warning",
                 "DEMANDSTREAM_LAG_INTERVAL_S": "1",
+                "DEMANDSTREAM_GUARANTEE": self.guarantee,
+                "DEMANDSTREAM_PROCESSES": str(self.processes),
                 **self.extra_env,
             }
         )
@@ -457,8 +605,57 @@ class BenchWorker:
         return self.launcher
 
     def wait_ready(self, timeout: float = WORKER_READY_TIMEOUT_S) -> float:
-        """Block until /readyz answers 200; return the monotonic time it was first seen."""
-        return self._started().wait_ready(timeout)
+        """Block until /readyz answers 200; return the monotonic time it was first seen.
+
+        With N processes: until every child's /readyz answers 200 in one sweep (a child that joins late
+        sends the others back into a rebalance, where they answer 503); the time is that sweep's end.
+        """
+        launcher = self._started()
+        self.ready_at = launcher.wait_ready(timeout)
+        if self.processes == 1:
+            return self.ready_at
+        deadline = time.monotonic() + timeout
+        while True:
+            if all(self._child_ready(i) for i in range(self.processes)):
+                self.ready_at = time.monotonic()
+                return self.ready_at
+            if launcher.poll() is not None:
+                raise RuntimeError(f"worker exited with {launcher.returncode}:\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"not every worker process ready after {timeout} s:\n{self.log_tail()}")
+            time.sleep(POLL_S)
+
+    def _child_ready(self, i: int) -> bool:
+        launcher = self._started()
+        try:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{launcher.port + i}/readyz", timeout=READY_PROBE_TIMEOUT_S
+            ) as r:
+                return r.status == 200
+        except OSError:  # an HTTP 503 (HTTPError), not listening yet, or too busy to answer
+            return False
+
+    def events_per_process(self) -> list[float]:
+        """Events each process has taken in (``demandstream_events_total`` on its /metrics), in order:
+        with N processes, proof that each got its share of the partitions."""
+        launcher = self._started()
+        out = []
+        for i in range(self.processes):
+            url = f"http://127.0.0.1:{launcher.port + i}/metrics"
+            with urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S) as r:
+                out.append(metric_sum(r.read().decode(), "demandstream_events_total"))
+        return out
+
+    def worker_pids(self) -> list[int]:
+        """The pids of the processes doing the stream work: the worker's own, or for N processes its
+        children's (not the supervisor's)."""
+        proc = self._started().proc
+        if self.processes == 1:
+            return [proc.pid]
+        pids = child_pids(proc.pid)
+        if len(pids) != self.processes:
+            raise RuntimeError(f"{len(pids)} worker processes under pid {proc.pid}, not {self.processes}")
+        return pids
 
     def metric(self, name: str) -> float:
         """Sum of a metric's samples on /metrics (0 if absent)."""
@@ -481,21 +678,93 @@ class BenchWorker:
 @dataclass
 class DrainResult:
     events_per_s: float
-    startup_s: float  # process start -> /readyz 200
-    drain_s: float  # /readyz 200 -> last signal in the topic
+    startup_s: float  # process start -> /readyz 200 (of every process)
+    drain_s: float  # /readyz 200 (or the feed's first fetch) -> last signal in the topic
+    rss_mib: list[float] = field(default_factory=list)  # each worker process's resident memory after
+    supervisor_rss_mib: float | None = None  # worker --processes N: the supervisor's own
+    signals_at_ready: int = 0  # signal offsets already in the topic when the clock started
+    feed_s: float | None = None  # fed drain: seconds the copy into the worker's input topic took
+    committed_s: float | None = None  # exactly-once: clock start -> n signals committed (visible)
+    events_per_process: list[float] = field(default_factory=list)  # worker --processes N: each one's share
 
 
-def drain(worker: BenchWorker, n: int) -> DrainResult:
-    """Start ``worker`` on an input topic already holding ``n`` events; time ready -> n signals out."""
-    create_topics(worker.bootstrap, [worker.signals_topic, f"bench-dlq-{worker.tag}"])
+def drain(worker: BenchWorker, n: int, feed_from: str | None = None) -> DrainResult:
+    """Start ``worker`` on an input topic already holding ``n`` events; time ready -> n signals out.
+
+    With ``feed_from``, the worker's own input topic starts empty: once every process is ready, the
+    ``n`` events of ``feed_from`` are copied into it with the fastest passthrough copy, and the clock
+    starts at the copy's first fetch. ``worker --processes N`` needs this: its children do not become
+    ready together, and the first one ready would drain a pre-loaded topic alone before the others join.
+
+    The end is when the signal topic's end offsets reach ``n``. Under exactly-once the transactions'
+    commit markers take offsets too (a few per commit, so the clock stops at most that many records
+    early); ``committed_s`` adds the time until ``n`` committed signals are visible to a
+    read_committed consumer (:func:`wait_committed`), which includes the last transaction's commit.
+    Each worker process's resident memory is read once all its signals are out.
+    """
+    topics = [worker.signals_topic, f"bench-dlq-{worker.tag}"]
+    create_topics(worker.bootstrap, topics + ([worker.input_topic] if feed_from else []))
+    eo = worker.guarantee == "exactly_once"
     watch = OffsetWatch(worker.bootstrap, worker.signals_topic)
+    committed = (
+        OffsetWatch(worker.bootstrap, worker.signals_topic, isolation="read_committed") if eo else None
+    )
+    feed_s = t_committed = None
     try:
         worker.start()
-        t_ready = worker.wait_ready()
+        t_start = worker.wait_ready()
+        if feed_from:
+            started: list[float] = []
+            asyncio.run(_fastest_copy(worker.bootstrap, feed_from, worker.input_topic, n, started))
+            t_start, feed_s = started[0], time.monotonic() - started[0]
+        at_ready = watch.total()
         t_end = watch.wait_for(n, proc=worker.proc)
+        if committed is not None:
+            t_committed = wait_committed(committed, n, proc=worker.proc)
     finally:
         watch.close()
-    return DrainResult(n / (t_end - t_ready), t_ready - worker.started_at, t_end - t_ready)
+        if committed is not None:
+            committed.close()
+    rss = [rss_mib(pid) for pid in worker.worker_pids()]
+    supervisor = rss_mib(worker.proc.pid) if worker.processes > 1 else None
+    shares = worker.events_per_process() if worker.processes > 1 else []
+    return DrainResult(
+        n / (t_end - t_start),
+        worker.ready_at - worker.started_at,
+        t_end - t_start,
+        rss,
+        supervisor,
+        at_ready,
+        feed_s,
+        None if t_committed is None else t_committed - t_start,
+        shares,
+    )
+
+
+def ready_rss_mib(worker: BenchWorker, settle_s: float = MEMORY_SETTLE_S, **ready) -> dict:
+    """Start ``worker`` and wait for /readyz, then ``settle_s`` more; its start-up seconds and resident
+    memory (MiB). The caller stops it."""
+    worker.start()
+    t_ready = worker.wait_ready(**ready)
+    time.sleep(settle_s)
+    return {"startup_seconds": t_ready - worker.started_at, "rss_mib": rss_mib(worker.proc.pid)}
+
+
+def free_ports(n: int = 1) -> int:
+    """The first of ``n`` consecutive TCP ports on 127.0.0.1 that nothing listens on now."""
+    for _ in range(PORT_TRIES):
+        base = free_port()
+        if base + n - 1 > 65535:
+            continue
+        try:
+            with contextlib.ExitStack() as stack:
+                for port in range(base + 1, base + n):
+                    sock = stack.enter_context(socket.socket())
+                    sock.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError(f"no {n} consecutive free ports found in {PORT_TRIES} tries")
 
 
 # -- latency ----------------------------------------------------------------------------------------
@@ -503,7 +772,8 @@ def drain(worker: BenchWorker, n: int) -> DrainResult:
 
 async def _paced_send(
     bootstrap: str, topic: str, templates: Sequence[dict], rate: float, duration: float, tag: str
-) -> int:
+) -> tuple[int, float]:
+    """Send at ``rate`` for ``duration`` s; (events sent, seconds from the first send to the last ack)."""
     from aiokafka import AIOKafkaProducer
 
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=LINGER_MS, acks="all")
@@ -520,7 +790,7 @@ async def _paced_send(
                 sent += 1
             await asyncio.sleep(LATENCY_TICK_S)
         await producer.flush()
-        return sent
+        return sent, time.monotonic() - t0
     finally:
         await producer.stop()
 
@@ -551,6 +821,28 @@ async def _read_range(bootstrap: str, topic: str, start: dict[int, int], end: di
         await consumer.stop()
 
 
+def achieved_load(target: float, produced: int, seconds: float, sent: int | None = None) -> dict:
+    """The load generator's own figures: its target rate, the rate it achieved (events the broker holds
+    from it / seconds from its first send to its last acknowledgement), and whether that fell below
+    :data:`ACHIEVED_MIN_SHARE` of the target (a level whose load was not what it says).
+
+    >>> achieved_load(1000.0, 7_400, 8.0)
+    {'target_events_per_s': 1000.0, 'achieved_events_per_s': 925.0, 'achieved_share': 0.925, 'produced': 7400, 'send_seconds': 8.0, 'below_target': True}
+    """
+    achieved = produced / seconds
+    out = {
+        "target_events_per_s": target,
+        "achieved_events_per_s": achieved,
+        "achieved_share": achieved / target,
+        "produced": produced,
+        "send_seconds": seconds,
+        "below_target": achieved < ACHIEVED_MIN_SHARE * target,
+    }
+    if sent is not None and sent != produced:
+        out["sent"] = sent
+    return out
+
+
 def latency_ms(
     worker: BenchWorker, templates: Sequence[dict], rate: float, duration: float, tag: str
 ) -> dict[str, float]:
@@ -558,16 +850,22 @@ def latency_ms(
 
     Each event's ``ts`` is the wall clock when it is handed to the producer and each signal carries the
     worker's ``emitted_at``, so the figure covers produce, broker, fetch, batching, the step and the
-    signal's encoding (not the signal's own trip to a consumer).
+    signal's encoding (not the signal's own trip to a consumer). The load actually offered is verified
+    on the broker: the input topic's end offsets before and after the send (:func:`achieved_load`).
     """
     watch = OffsetWatch(worker.bootstrap, worker.signals_topic)
+    inputs = OffsetWatch(worker.bootstrap, worker.input_topic)
     try:
-        start = watch.ends()
-        sent = asyncio.run(_paced_send(worker.bootstrap, worker.input_topic, templates, rate, duration, tag))
+        start, in_start = watch.ends(), inputs.total()
+        sent, seconds = asyncio.run(
+            _paced_send(worker.bootstrap, worker.input_topic, templates, rate, duration, tag)
+        )
+        produced = inputs.total() - in_start
         watch.wait_for(sum(start.values()) + sent, timeout=max(60.0, 3 * duration), proc=worker.proc)
         end = watch.ends()
     finally:
         watch.close()
+        inputs.close()
     values = asyncio.run(_read_range(worker.bootstrap, worker.signals_topic, start, end))
     lat = np.array([(s["emitted_at"] - s["ts"]) * 1000.0 for s in map(orjson.loads, values)])
     p50, p95, p99 = np.percentile(lat, [50, 95, 99])
@@ -576,7 +874,7 @@ def latency_ms(
         "p95": float(p95),
         "p99": float(p99),
         "rate_events_per_s": rate,
-        "achieved_events_per_s": sent / duration,
+        **achieved_load(rate, produced, seconds, sent),
         "n": int(lat.size),
         "max": float(lat.max()),
     }
@@ -596,9 +894,8 @@ def restore_seconds(worker: BenchWorker, record: bytes, n: int, baseline_startup
         worker.bootstrap, [changelog, worker.input_topic, worker.signals_topic, f"bench-dlq-{worker.tag}"]
     )
     produce(worker.bootstrap, changelog, ((f"r{i:08d}".encode(), record) for i in range(n)), spread=True)
-    worker.start()
-    t_ready = worker.wait_ready(timeout=RESTORE_TIMEOUT_S)
-    startup = t_ready - worker.started_at
+    ready = ready_rss_mib(worker, timeout=RESTORE_TIMEOUT_S)
+    startup = ready["startup_seconds"]
     restore = max(startup - baseline_startup_s, 1e-9)
     return {
         "records": n,
@@ -606,6 +903,7 @@ def restore_seconds(worker: BenchWorker, record: bytes, n: int, baseline_startup
         "baseline_startup_seconds": baseline_startup_s,
         "restore_seconds": restore,
         "seconds_per_million_users": restore * 1e6 / n,
+        "rss_mib": ready["rss_mib"],  # MEMORY_SETTLE_S after /readyz, all n states restored
     }
 
 

@@ -9,6 +9,9 @@ this module plans them, gathers the machine description and writes the JSON and 
 
 Each round measures two plain-client passthrough copies (PERF-ANCHORS' method and the fastest copy with
 the pipeline's acks) and the pipeline; the ratio divides the pipeline by the faster copy of its round.
+Each round also drains the same topic with ``worker --processes N`` (N = the machine's cores) and with
+one exactly-once worker, so the all-cores ratio and exactly-once's cost are taken on the same rounds; the
+drained workers' resident memory is read before they are stopped (issue #14).
 Every part runs through :class:`Parts`, so one that fails (the broker, a round, the profile) is recorded
 in the JSON's ``failed`` list and the Markdown while the rest is still measured and written.
 
@@ -38,6 +41,7 @@ import orjson
 
 from demandstream.stream.bench import kafka as bk
 from demandstream.stream.bench import model as bm
+from demandstream.stream.bench import plot as bp
 from demandstream.stream.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -59,6 +63,10 @@ LATENCY_TEMPLATES = 20_000
 #: A failed part's error in the JSON and the Markdown is one line of at most this many characters (the
 #: log has the whole traceback).
 ERROR_CHARS = 300
+#: Issue #14's target for exactly-once's cost against at-least-once throughput (reported beside it).
+EXACTLY_ONCE_COST_TARGET = 0.10
+#: Users the memory figure is given per: MiB per this many users' restored states.
+MEMORY_PER_USERS = 100_000
 #: Exit status of ``demandstream bench`` when a part failed (its JSON and Markdown are still written);
 #: not 2, which the CLI keeps for a user's mistake.
 EXIT_PARTS_FAILED = 1
@@ -215,8 +223,14 @@ def run_bench(
         broker = bk.Broker(port=port, script=settings.kafka_script_path())
     markdown = Path(markdown) if markdown else None
     parts = Parts()
-    result: dict = dict.fromkeys(BENCH_KEYS)
+    result: dict = dict.fromkeys(BENCH_KEYS + SCALING_KEYS)
     detail: dict = {}
+    cores = _cores()
+    if cores < 2:
+        for i in range(plan.rounds):
+            parts.skip(
+                f"processes round {i + 1}", f"os.cpu_count() is {cores}: no second core to spread over"
+            )
     with tempfile.TemporaryDirectory(prefix="ds-bench-") as tmp:
         work = Path(tmp)
         try:
@@ -230,7 +244,7 @@ def run_bench(
                     "state on disk", bm.rocksdb_bytes_per_user, data.ckpt, plan.disk_users, work
                 )
             up = starting and parts.run("broker start", broker.wait) is not None
-            kafka_parts = _kafka_part_names(plan, markdown)
+            kafka_parts = _kafka_part_names(plan, markdown, cores)
             if not up:
                 for name in kafka_parts:
                     parts.skip(name, parts.reason("broker start"))
@@ -238,11 +252,14 @@ def run_bench(
                 for name in kafka_parts:
                     parts.skip(name, parts.reason("data"))
             else:
-                kafka = _kafka_measurements(parts, broker.bootstrap, settings, plan, data, work, markdown)
+                kafka = _kafka_measurements(
+                    parts, broker.bootstrap, settings, plan, data, work, markdown, cores
+                )
                 detail.update(kafka.pop("detail"))
                 result.update(kafka)
         finally:
             parts.run("broker stop", broker.stop)
+        result["latency_plot"] = _latency_plot(parts, result, out, markdown)
         if data is None:
             for name in ("step", "incremental", "train"):
                 parts.skip(name, parts.reason("data"))
@@ -294,6 +311,19 @@ BENCH_KEYS = (
 )
 
 
+#: Issue #14's figures beyond BENCH_KEYS, after them in the JSON: the pipeline with ``worker
+#: --processes N`` (N = cores) and its ratio, exactly-once's throughput and cost, the workers' resident
+#: memory and the latency curve's PNG.
+SCALING_KEYS = (
+    "pipeline_processes_events_per_s",
+    "ratio_processes",
+    "exactly_once_events_per_s",
+    "exactly_once_cost",
+    "memory_mib",
+    "latency_plot",
+)
+
+
 def _prepare(plan: BenchPlan, settings: Settings, work: Path) -> _Data:
     events = bm.bench_events(max(plan.events, max(bm.HISTORY_LENGTHS), max(bm.STEP_BATCH_SIZES)))
     ckpt = bm.make_checkpoint(events)
@@ -305,13 +335,49 @@ def _latency_key(level: float) -> str:
     return f"{round(level * 100)}%"
 
 
-def _kafka_part_names(plan: BenchPlan, markdown: Path | None) -> list[str]:
+def _cores() -> int:
+    """The machine's cores, the N of ``worker --processes N``."""
+    return os.cpu_count() or 1
+
+
+def _kafka_part_names(plan: BenchPlan, markdown: Path | None, cores: int = 1) -> list[str]:
     """The Kafka parts this plan runs, in order (what a failed broker leaves unmeasured)."""
-    names = [f"round {i + 1}" for i in range(plan.rounds)]
+    names = []
+    for i in range(plan.rounds):
+        names += [f"processes round {i + 1}"] if cores > 1 else []
+        names += [f"exactly_once round {i + 1}", f"round {i + 1}"]
     names += [f"latency {_latency_key(level)}" for level in LOAD_LEVELS]
     if plan.profile_s > 0 and markdown is not None:
         names.append("profile")
-    return [*names, "restore"]
+    return [*names, "memory no state", "restore"]
+
+
+def latency_plot_path(out: str | Path | None, markdown: Path | None) -> Path | None:
+    """Where the latency curve goes: next to the JSON (``bench.json`` → ``bench-latency.png``), else
+    next to the Markdown, else nowhere.
+
+    >>> latency_plot_path("/tmp/b/bench.json", None), latency_plot_path(None, Path("docs/BENCHMARKS.md"))
+    (PosixPath('/tmp/b/bench-latency.png'), PosixPath('docs/bench-latency.png'))
+    """
+    if out:
+        return Path(out).with_name(Path(out).stem + "-latency.png")
+    return markdown.parent / "bench-latency.png" if markdown else None
+
+
+def _latency_plot(parts: Parts, result: dict, out, markdown: Path | None) -> str | None:
+    path = latency_plot_path(out, markdown)
+    latency = result.get("latency_ms") or {}
+    if path is None:
+        parts.skip("latency plot", "neither --out nor --markdown: nowhere to write it")
+    elif not any(latency.values()):
+        parts.skip("latency plot", "no latency level was measured")
+    elif not bp.have_matplotlib():
+        parts.skip("latency plot", "matplotlib is not installed (pip install 'demandstream[plots]')")
+    else:
+        pipeline = result.get("pipeline_events_per_s") or {}
+        done = parts.run("latency plot", bp.latency_curve_png, latency, path, pipeline.get("median"))
+        return str(done) if done else None
+    return None
 
 
 def throughput(rounds: list[dict]) -> dict:
@@ -352,6 +418,156 @@ def throughput(rounds: list[dict]) -> dict:
     }
 
 
+def scaling(rounds: list[dict], procs: list[dict], eo: list[dict]) -> dict:
+    """All-cores and exactly-once figures beside the 1-process pipeline of the same rounds.
+
+    ``rounds`` are the 1-process rounds (as :func:`throughput`), ``procs`` the ``worker --processes N``
+    drains and ``eo`` the exactly-once drains, each ``{"round", "events_per_s", …}``; a drain is paired
+    with the passthrough and the 1-process pipeline of its own round, and a figure whose inputs are
+    missing is ``None``. exactly-once's cost is ``1 − median(eo) / median(at_least_once)``.
+
+    >>> s = scaling([{"round": 1, "perf_anchors": 50.0, "fastest_copy": 100.0, "pipeline": 10.0}],
+    ...             [{"round": 1, "events_per_s": 18.0}], [{"round": 1, "events_per_s": 9.5}])
+    >>> s["ratio_processes"]["median"], s["processes_speedup"]["median"], round(s["exactly_once_cost"], 3)
+    (0.18, 1.8, 0.05)
+    """
+    anchors = {r["round"]: max(r[m] for m in bk.PASSTHROUGH_METHODS) for r in rounds}
+    pipeline = {r["round"]: r["pipeline"] for r in rounds}
+    out: dict = dict.fromkeys(
+        (
+            "pipeline_processes_events_per_s",
+            "ratio_processes",
+            "processes_speedup",
+            "exactly_once_events_per_s",
+            "exactly_once_cost",
+            "exactly_once_committed_events_per_s",
+            "exactly_once_committed_cost",
+        )
+    )
+    if procs:
+        out["pipeline_processes_events_per_s"] = summary([p["events_per_s"] for p in procs])
+        paired = [p for p in procs if p["round"] in anchors]
+        if paired:
+            out["ratio_processes"] = summary([p["events_per_s"] / anchors[p["round"]] for p in paired])
+            out["processes_speedup"] = summary([p["events_per_s"] / pipeline[p["round"]] for p in paired])
+    if eo:
+        out["exactly_once_events_per_s"] = summary([e["events_per_s"] for e in eo])
+        committed = [e["committed_events_per_s"] for e in eo if e.get("committed_events_per_s")]
+        out["exactly_once_committed_events_per_s"] = summary(committed) if committed else None
+        if pipeline:
+            alo = statistics.median(pipeline.values())
+            out["exactly_once_cost"] = exactly_once_cost(out["exactly_once_events_per_s"]["median"], alo)
+            if committed:
+                out["exactly_once_committed_cost"] = exactly_once_cost(statistics.median(committed), alo)
+    return out
+
+
+def exactly_once_cost(eo_events_per_s: float, alo_events_per_s: float) -> float:
+    """Throughput exactly-once gives up against at-least-once: ``1 − eo / alo`` (negative if faster).
+
+    >>> exactly_once_cost(9_000.0, 10_000.0)
+    0.09999999999999998
+    """
+    return 1.0 - eo_events_per_s / alo_events_per_s
+
+
+def per_users_mib(restored_mib: float, empty_mib: float, users: int, per: int = MEMORY_PER_USERS) -> float:
+    """Resident memory per ``per`` users: ``(RSS after restoring users − RSS with no state) / users × per``.
+
+    >>> per_users_mib(420.0, 400.0, 25_000)
+    80.0
+    """
+    return (restored_mib - empty_mib) / users * per
+
+
+def memory(
+    rounds: list[dict], procs: list[dict], eo: list[dict], no_state: dict | None, restore: dict | None
+) -> dict:
+    """The workers' resident memory (MiB): each drain's worker after its drain (``worker --processes N``:
+    the mean of its children, the supervisor not counted), the state-less and the restored worker, and
+    what ``MEMORY_PER_USERS`` restored states add. ``None`` where a figure's part did not run.
+
+    >>> m = memory([{"rss_mib": [300.0]}], [{"rss_mib": [250.0, 270.0]}], [], {"rss_mib": 200.0},
+    ...            {"rss_mib": 220.0, "records": 25_000})
+    >>> m["pipeline_per_process"]["median"], m["processes_per_process"]["median"], m["per_100k_users"]
+    (300.0, 260.0, 80.0)
+    """
+
+    def per_process(drains: list[dict]) -> dict | None:
+        values = [statistics.fmean(d["rss_mib"]) for d in drains if d.get("rss_mib")]
+        return summary(values) if values else None
+
+    empty = no_state["rss_mib"] if no_state else None
+    restored = restore.get("rss_mib") if restore else None
+    users = restore["records"] if restore else None
+    return {
+        "pipeline_per_process": per_process(rounds),
+        "processes_per_process": per_process(procs),
+        "exactly_once_per_process": per_process(eo),
+        "no_state": empty,
+        "restored": restored,
+        "restored_users": users,
+        "per_100k_users": (
+            per_users_mib(restored, empty, users) if None not in (restored, empty) and users else None
+        ),
+    }
+
+
+def _drain(
+    i: int,
+    bootstrap: str,
+    src: str,
+    run: str,
+    n: int,
+    data: _Data,
+    work: Path,
+    device: str,
+    *,
+    processes: int = 1,
+    guarantee: str = "at_least_once",
+) -> dict:
+    """One extra drain of round ``i`` (``worker --processes N`` or exactly-once), stopped once measured.
+
+    ``worker --processes N`` gets an empty input topic of its own, fed from ``src`` once every process
+    is ready (:func:`~demandstream.stream.bench.kafka.drain`); the exactly-once worker drains ``src``
+    pre-loaded, as the round's.
+    """
+    kind = "eo" if guarantee == "exactly_once" else f"procs{processes}"
+    tag = f"{run}-{kind}-{i}"
+    fed = processes > 1
+    worker = bk.BenchWorker(
+        bootstrap,
+        data.model,
+        tag,
+        work,
+        f"bench-feed-{tag}" if fed else src,
+        device=device,
+        processes=processes,
+        guarantee=guarantee,
+    )
+    try:
+        d = bk.drain(worker, n, feed_from=src) if fed else bk.drain(worker, n)
+    finally:
+        worker.stop()
+    logger.info(
+        "round %d: %s drain %.0f ev/s, %s MiB", i + 1, kind, d.events_per_s, [f"{x:.0f}" for x in d.rss_mib]
+    )
+    return {
+        "round": i + 1,
+        "processes": processes,
+        "guarantee": guarantee,
+        "events_per_s": d.events_per_s,
+        "startup_s": d.startup_s,
+        "drain_s": d.drain_s,
+        "rss_mib": d.rss_mib,
+        "supervisor_rss_mib": d.supervisor_rss_mib,
+        "signals_at_ready": d.signals_at_ready,
+        "feed_s": d.feed_s,
+        "events_per_process": d.events_per_process,
+        "committed_events_per_s": n / d.committed_s if d.committed_s else None,
+    }
+
+
 def _round(
     i: int, bootstrap: str, src: str, run: str, n: int, data: _Data, work: Path, device: str
 ) -> tuple[dict, bk.BenchWorker]:
@@ -371,7 +587,13 @@ def _round(
     except BaseException:
         worker.stop()
         raise
-    figures.update(pipeline=d.events_per_s, startup_s=d.startup_s, drain_s=d.drain_s)
+    figures.update(
+        pipeline=d.events_per_s,
+        startup_s=d.startup_s,
+        drain_s=d.drain_s,
+        rss_mib=d.rss_mib,
+        signals_at_ready=d.signals_at_ready,
+    )
     logger.info(
         "round %d: passthrough %s, pipeline %.0f ev/s",
         i + 1,
@@ -395,6 +617,7 @@ def _kafka_measurements(
     data: _Data,
     work: Path,
     markdown: Path | None,
+    cores: int = 1,
 ) -> dict:
     run = uuid.uuid4().hex[:6]
     src = f"bench-input-{run}"
@@ -404,12 +627,14 @@ def _kafka_measurements(
     levels = [_latency_key(level) for level in LOAD_LEVELS]
     profiled = plan.profile_s > 0 and markdown is not None
     latency: dict = dict.fromkeys(levels)
-    prof = restore = None
+    prof = restore = no_state = None
     rounds: list[dict] = []
+    procs: list[dict] = []
+    eo: list[dict] = []
     worker = None
     loaded = parts.run("input topic", _load_input, bootstrap, src, events) is not None
     if not loaded:
-        for name in _kafka_part_names(plan, markdown):
+        for name in _kafka_part_names(plan, markdown, cores):
             parts.skip(name, parts.reason("input topic"))
     try:
         for i in range(plan.rounds if loaded else 0):
@@ -417,7 +642,15 @@ def _kafka_measurements(
             if worker is not None:
                 worker.stop()
                 worker = None
-            done = parts.run(f"round {i + 1}", _round, i, bootstrap, src, run, n, data, work, device)
+            # The extra drains go before the round, each stopped once measured, so the round's own
+            # worker (the last round's serves latency and the profile) is the one left running.
+            args = (i, bootstrap, src, run, n, data, work, device)
+            if cores > 1:
+                drained = parts.run(f"processes round {i + 1}", _drain, *args, processes=cores)
+                procs += [drained] if drained else []
+            drained = parts.run(f"exactly_once round {i + 1}", _drain, *args, guarantee="exactly_once")
+            eo += [drained] if drained else []
+            done = parts.run(f"round {i + 1}", _round, *args)
             if done is not None:
                 figures, worker = done
                 rounds.append(figures)
@@ -448,6 +681,8 @@ def _kafka_measurements(
                 prof = parts.run("profile", _profile, worker, bootstrap, src, events, max_rate, plan, out)
             worker.stop()
             worker = None
+        if loaded:
+            no_state = parts.run("memory no state", _no_state, bootstrap, data, run, work, device)
         if rounds:
             baseline = statistics.median(r["startup_s"] for r in rounds)
             restore = parts.run("restore", _restore, bootstrap, data, plan, run, work, device, baseline)
@@ -456,12 +691,18 @@ def _kafka_measurements(
     finally:
         if worker is not None:
             worker.stop()
+    sc = scaling(rounds, procs, eo)
     return {
         "passthrough_events_per_s": t["passthrough_events_per_s"],
         "pipeline_events_per_s": t["pipeline_events_per_s"],
         "ratio": t["ratio"],
         "latency_ms": latency,
         "restore_seconds_per_million_users": restore["seconds_per_million_users"] if restore else None,
+        "pipeline_processes_events_per_s": sc["pipeline_processes_events_per_s"],
+        "ratio_processes": sc["ratio_processes"],
+        "exactly_once_events_per_s": sc["exactly_once_events_per_s"],
+        "exactly_once_cost": sc["exactly_once_cost"],
+        "memory_mib": memory(rounds, procs, eo, no_state, restore),
         "detail": {
             "events_per_round": n,
             "worker_device": device,
@@ -469,10 +710,27 @@ def _kafka_measurements(
             "rounds": rounds,
             "pipeline_startup_seconds": [r["startup_s"] for r in rounds],
             "pipeline_drain_seconds": [r["drain_s"] for r in rounds],
+            "processes": cores,
+            "processes_speedup": sc["processes_speedup"],
+            "exactly_once_committed_events_per_s": sc["exactly_once_committed_events_per_s"],
+            "exactly_once_committed_cost": sc["exactly_once_committed_cost"],
+            "processes_rounds": procs,
+            "exactly_once_rounds": eo,
+            "memory_no_state": no_state,
             "restore": restore,
             "profile": prof,
         },
     }
+
+
+def _no_state(bootstrap: str, data: _Data, run: str, work: Path, device: str) -> dict:
+    """A fresh worker on empty topics: its resident memory once ready, with no user state."""
+    w = bk.BenchWorker(bootstrap, data.model, f"{run}-empty", work, f"bench-empty-input-{run}", device=device)
+    bk.create_topics(bootstrap, [w.input_topic, w.signals_topic, f"bench-dlq-{w.tag}"])
+    try:
+        return bk.ready_rss_mib(w)
+    finally:
+        w.stop()
 
 
 def _restore(
@@ -690,6 +948,7 @@ def render_markdown(r: dict) -> str:
     lines += _failed_lines(r)
     lines += _throughput_lines(r, d)
     lines += _latency_lines(r)
+    lines += _memory_lines(r, d)
     lines += _step_lines(r)
     lines += _state_lines(r, d)
     lines += _profile_lines(d)
@@ -715,23 +974,94 @@ def _throughput_lines(r: dict, d: dict) -> list[str]:
         lines.append(
             f"| passthrough `{name}`: {x['description']} ({_settings_text(x['settings'])}) | {_cell(value)} |"
         )
-    p, pl, ratio = r.get("passthrough_events_per_s"), r.get("pipeline_events_per_s"), r.get("ratio")
+    p, pl = r.get("passthrough_events_per_s"), r.get("pipeline_events_per_s")
     faster = (d.get("passthrough") or {}).get("faster")
+    procs, eo = r.get("pipeline_processes_events_per_s"), r.get("exactly_once_events_per_s")
+    n = d.get("processes") or (r.get("machine") or {}).get("cores") or "N"
     lines += [
         "| passthrough for the ratio: the faster of the two in each round"
         + (f" ({', '.join(faster)})" if faster else "")
         + f" | {_cell(_mmm(p) if p else _why(r, 'round'))} |",
         f"| pipeline: `demandstream worker` drain, /readyz → last signal | {_cell(_mmm(pl) if pl else _why(r, 'round'))} |",
+        f"| pipeline, all cores: `demandstream worker --processes {n}` drain, /readyz of every process → last "
+        f"signal | {_cell(_mmm(procs) if procs else _why(r, 'processes'))} |",
+        "| pipeline, exactly-once: `demandstream worker --guarantee exactly_once` drain (1 process), /readyz → "
+        f"last signal | {_cell(_mmm(eo) if eo else _why(r, 'exactly_once'))} |",
         "",
     ]
-    if ratio:
-        lines.append(
-            f"Ratio pipeline / the faster passthrough of the same round, pair by pair: median "
-            f"{ratio['median']:.3f} (min {ratio['min']:.3f}, max {ratio['max']:.3f})."
-        )
-    else:
-        lines.append(f"Ratio pipeline / passthrough: {_why(r, 'round')}.")
+    lines += [ratio_line(r, n), "", exactly_once_line(r)]
     return lines
+
+
+def ratio_line(r: dict, n: object = "N") -> str:
+    """The headline ratio (pipeline with all cores / the faster passthrough of its round) and the
+    1-process ratio beside it; a missing one reads ``failed: …`` or ``not measured: …``.
+
+    >>> ratio_line({"ratio_processes": {"median": 0.15, "min": 0.14, "max": 0.16},
+    ...             "ratio": {"median": 0.08, "min": 0.07, "max": 0.09}}, 2)
+    'Ratio pipeline / the faster passthrough of the same round, pair by pair: **0.150** with all 2 cores (`--processes 2`; min 0.140, max 0.160); 0.080 with 1 process (min 0.070, max 0.090).'
+    """
+    rp, r1 = r.get("ratio_processes"), r.get("ratio")
+    all_cores = (
+        f"**{rp['median']:.3f}** with all {n} cores (`--processes {n}`; min {rp['min']:.3f}, max {rp['max']:.3f})"
+        if rp
+        else f"all {n} cores: {_why(r, 'processes', 'round')}"
+    )
+    one = (
+        f"{r1['median']:.3f} with 1 process (min {r1['min']:.3f}, max {r1['max']:.3f})"
+        if r1
+        else f"1 process: {_why(r, 'round')}"
+    )
+    if not rp and not r1:
+        return f"Ratio pipeline / passthrough: {_why(r, 'round')}."
+    return f"Ratio pipeline / the faster passthrough of the same round, pair by pair: {all_cores}; {one}."
+
+
+def exactly_once_line(r: dict) -> str:
+    """exactly-once's cost against at-least-once, with the issue's target beside it.
+
+    >>> exactly_once_line({"exactly_once_cost": 0.123, "exactly_once_events_per_s": {"median": 7017.0},
+    ...                    "pipeline_events_per_s": {"median": 8000.0}})
+    'exactly-once costs 12.3 % of at-least-once throughput (1 − 7,017 / 8,000 events/s, medians, 1 process; target ≤ 10 %: missed).'
+    """
+    cost = r.get("exactly_once_cost")
+    if cost is None:
+        return f"exactly-once's cost against at-least-once: {_why(r, 'exactly_once', 'round')}."
+    eo, alo = r["exactly_once_events_per_s"]["median"], r["pipeline_events_per_s"]["median"]
+    verdict = "met" if cost <= EXACTLY_ONCE_COST_TARGET else "missed"
+    d = r.get("detail") or {}
+    committed, committed_cost = (
+        d.get("exactly_once_committed_events_per_s"),
+        d.get("exactly_once_committed_cost"),
+    )
+    visible = (
+        f" Counted to the last signal visible to a read_committed consumer (the last transaction's commit "
+        f"included): {_n(committed['median'])} events/s, a cost of {100 * committed_cost:.1f} %."
+        if committed and committed_cost is not None
+        else ""
+    )
+    return (
+        f"exactly-once costs {100 * cost:.1f} % of at-least-once throughput (1 − {_n(eo)} / {_n(alo)} "
+        f"events/s, medians, 1 process; target ≤ {100 * EXACTLY_ONCE_COST_TARGET:.0f} %: {verdict})."
+        + visible
+    )
+
+
+def achieved_cell(x: dict) -> str:
+    """The generator's achieved rate and its share of the target, flagged below 95 %.
+
+    >>> achieved_cell({"achieved_events_per_s": 1890.0, "achieved_share": 0.9})
+    '1,890 (90 % of target; below 95 %)'
+    >>> achieved_cell({"rate_events_per_s": 2000.0})
+    'not measured'
+    """
+    if x.get("achieved_events_per_s") is None:
+        return "not measured"
+    share = x.get("achieved_share")
+    if share is None:
+        return _n(x["achieved_events_per_s"])
+    flag = f"; below {100 * bk.ACHIEVED_MIN_SHARE:.0f} %" if share < bk.ACHIEVED_MIN_SHARE else ""
+    return f"{_n(x['achieved_events_per_s'])} ({100 * share:.0f} % of target{flag})"
 
 
 def _latency_lines(r: dict) -> list[str]:
@@ -739,21 +1069,74 @@ def _latency_lines(r: dict) -> list[str]:
         "",
         "### Event → signal latency (warm worker, paced load)",
         "",
-        "| load | events/s | p50 ms | p95 ms | p99 ms | signals |",
-        "|---|---|---|---|---|---|",
+        "| load | target events/s | achieved events/s | p50 ms | p95 ms | p99 ms | signals |",
+        "|---|---|---|---|---|---|---|",
     ]
     latency = r.get("latency_ms") or {_latency_key(level): None for level in LOAD_LEVELS}
     for level, x in latency.items():
         if x:
             lines.append(
-                f"| {level} of pipeline max | {_n(x['rate_events_per_s'])} | {_n(x['p50'])} | {_n(x['p95'])} "
-                f"| {_n(x['p99'])} | {x['n']:,} |"
+                f"| {level} of pipeline max | {_n(x['rate_events_per_s'])} | {achieved_cell(x)} | {_n(x['p50'])} "
+                f"| {_n(x['p95'])} | {_n(x['p99'])} | {x['n']:,} |"
             )
         else:
             lines.append(
-                f"| {level} of pipeline max | {_cell(_why(r, f'latency {level}', 'round'))} | | | | |"
+                f"| {level} of pipeline max | {_cell(_why(r, f'latency {level}', 'round'))} | | | | | |"
             )
+    short = [level for level, x in latency.items() if x and x.get("below_target")]
+    if short:
+        lines += [
+            "",
+            f"The load generator fell below {100 * bk.ACHIEVED_MIN_SHARE:.0f} % of its target at "
+            f"{', '.join(short)}: those rows measure a lighter load than they name.",
+        ]
+    plot = r.get("latency_plot")
+    lines += [
+        "",
+        f"Latency versus achieved load (p50, p95, p99): `{Path(plot).name}`, next to the JSON."
+        if plot
+        else f"Latency versus achieved load: {_why(r, 'latency plot')}.",
+    ]
     return lines
+
+
+def _memory_lines(r: dict, d: dict) -> list[str]:
+    """The workers' resident memory table; a missing figure reads ``failed: …`` or ``not measured: …``."""
+    m = r.get("memory_mib") or {}
+    n = d.get("processes") or "N"
+    rs = d.get("restore") or {}
+    users = m.get("restored_users") or rs.get("records")
+
+    def mib(key: str, *why: str) -> str:
+        x = m.get(key)
+        if x is None:
+            return _cell(_why(r, *why))
+        if isinstance(x, dict):
+            return f"{x['median']:,.1f} ({' · '.join(f'{v:,.1f}' for v in x['runs'])})"
+        return f"{x:,.1f}"
+
+    per = m.get("per_100k_users")
+    per_text = (
+        f"{per:,.1f} MiB per {MEMORY_PER_USERS:,} users ((restored − no state) / {users:,} × {MEMORY_PER_USERS:,})"
+        if per is not None
+        else _cell(_why(r, "memory no state", "restore"))
+    )
+    return [
+        "",
+        "### Worker memory (resident set, VmRSS, MiB per process)",
+        "",
+        "| measure | MiB |",
+        "|---|---|",
+        f"| pipeline worker after its drain (1 process, {bm.BENCH_USERS:,} users) | {mib('pipeline_per_process', 'round')} |",
+        f"| `--processes {n}`: each worker process after the drain (mean of the children; supervisor not counted) "
+        f"| {mib('processes_per_process', 'processes')} |",
+        f"| exactly-once worker after its drain (1 process) | {mib('exactly_once_per_process', 'exactly_once')} |",
+        f"| worker with no state (ready on empty topics) | {mib('no_state', 'memory no state')} |",
+        f"| restore worker after restoring {users:,} states | {mib('restored', 'restore')} |"
+        if users
+        else f"| restore worker after restoring its states | {mib('restored', 'restore')} |",
+        f"| per {MEMORY_PER_USERS:,} users | {per_text} |",
+    ]
 
 
 def _step_lines(r: dict) -> list[str]:

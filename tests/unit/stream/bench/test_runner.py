@@ -20,10 +20,15 @@ from demandstream.stream.bench.runner import (
     BEGIN_MARK,
     BENCH_KEYS,
     END_MARK,
+    SCALING_KEYS,
     BenchPlan,
     Parts,
+    exactly_once_cost,
+    memory,
+    per_users_mib,
     render_markdown,
     run_bench,
+    scaling,
     throughput,
 )
 from demandstream.stream.settings import Settings
@@ -138,8 +143,20 @@ class FakeBroker:
 class FakeWorker:
     started: list[FakeWorker] = []
 
-    def __init__(self, bootstrap, model, tag, workdir, input_topic, device="cpu"):
-        self.tag, self.stopped = tag, False
+    def __init__(
+        self,
+        bootstrap,
+        model,
+        tag,
+        workdir,
+        input_topic,
+        device="cpu",
+        processes=1,
+        guarantee="at_least_once",
+    ):
+        self.tag, self.stopped, self.input_topic = tag, False, input_topic
+        self.processes, self.guarantee = processes, guarantee
+        self.signals_topic = f"bench-signals-{tag}"
         FakeWorker.started.append(self)
 
     def stop(self):
@@ -153,6 +170,8 @@ def fakes(monkeypatch):
     class Fakes:
         fail: dict[str, BaseException] = {}
         latency_on: list[str] = []
+        achieved_share = 1.0
+        fed: dict[str, tuple] = {}
 
     FakeBroker.fail_wait, FakeBroker.instances, FakeWorker.started = None, [], []
 
@@ -167,15 +186,34 @@ def fakes(monkeypatch):
     def passthrough(method, bootstrap, src, sink, n):
         return {"perf_anchors": 60_000.0, "fastest_copy": 80_000.0}[method]
 
-    def drain(worker, n):
-        maybe_fail(f"drain {worker.tag.rsplit('-', 1)[1]}")
-        i = int(worker.tag.rsplit("-", 1)[1])
-        return bk.DrainResult(events_per_s=8_000.0 * (i + 1), startup_s=5.0 + i, drain_s=1.0)
+    def drain(worker, n, feed_from=None):
+        # tags: "<run>-<i>" (the round), "<run>-procs2-<i>" (--processes 2), "<run>-eo-<i>" (exactly-once)
+        kind = worker.tag.split("-", 1)[1]
+        maybe_fail(f"drain {kind}")
+        Fakes.fed[kind] = (worker.input_topic, feed_from)
+        i = int(kind.rsplit("-", 1)[-1])
+        if worker.processes > 1:
+            return bk.DrainResult(15_000.0 * (i + 1), 6.0, 1.0, [250.0, 270.0], 40.0, feed_s=0.1)
+        if worker.guarantee == "exactly_once":
+            return bk.DrainResult(7_200.0 * (i + 1), 5.5, 1.0, [310.0], committed_s=n / (6_000.0 * (i + 1)))
+        return bk.DrainResult(events_per_s=8_000.0 * (i + 1), startup_s=5.0 + i, drain_s=1.0, rss_mib=[300.0])
 
     def latency(worker, templates, rate, duration, tag):
         maybe_fail("latency")
         Fakes.latency_on.append(worker.tag)
-        return {"p50": 5.0, "p95": 9.0, "p99": 12.0, "rate_events_per_s": rate, "n": 100}
+        share = Fakes.achieved_share
+        return {
+            "p50": 5.0,
+            "p95": 9.0,
+            "p99": 12.0,
+            "rate_events_per_s": rate,
+            **bk.achieved_load(rate, round(rate * share * 8.0), 8.0),
+            "n": 100,
+        }
+
+    def no_state(worker, **ready):
+        maybe_fail("no state")
+        return {"startup_seconds": 4.0, "rss_mib": 200.0}
 
     def restore(worker, record, n, baseline):
         return {
@@ -184,6 +222,7 @@ def fakes(monkeypatch):
             "baseline_startup_seconds": baseline,
             "restore_seconds": 2.0,
             "seconds_per_million_users": 2.0e6 / n,
+            "rss_mib": 200.0 + 0.004,  # 10 states: 40 MiB per 100k users
         }
 
     def step(ckpt, events, device, min_s):
@@ -199,6 +238,8 @@ def fakes(monkeypatch):
     monkeypatch.setattr(bk, "drain", drain)
     monkeypatch.setattr(bk, "latency_ms", latency)
     monkeypatch.setattr(bk, "restore_seconds", restore)
+    monkeypatch.setattr(bk, "ready_rss_mib", no_state)
+    monkeypatch.setattr(runner, "_cores", lambda: 2)
     monkeypatch.setattr(runner, "_prepare", prepare)
     monkeypatch.setattr(runner, "_cuda", lambda: False)
     monkeypatch.setattr(
@@ -246,15 +287,18 @@ def test_a_failed_broker_skips_the_kafka_parts_but_not_the_model(fakes, tmp_path
         == [{"part": "broker start", "error": "RuntimeError: bench broker not up after 600 s"}]
     )
     assert [s["part"] for s in r["skipped"]] == [
-        "round 1",
-        "round 2",
-        "round 3",
+        *(f"{kind}round {i}" for i in (1, 2, 3) for kind in ("processes ", "exactly_once ", "")),
         "latency 25%",
         "latency 50%",
         "latency 75%",
+        "memory no state",
         "restore",
+        "latency plot",
     ]
-    assert all("broker start failed" in s["reason"] for s in r["skipped"])
+    assert all("broker start failed" in s["reason"] for s in r["skipped"][:-1])
+    assert r["skipped"][-1]["reason"] == "no latency level was measured"
+    assert r["pipeline_processes_events_per_s"] is None and r["exactly_once_cost"] is None
+    assert r["memory_mib"] is None and r["latency_plot"] is None
     assert set(BENCH_KEYS) <= set(r)
     assert r["passthrough_events_per_s"] is None and r["ratio"] is None
     assert r["step_events_per_s"]["cpu"]["4096"] == 50_000.0 and r["train_events_per_s"] == 1000.0
@@ -282,7 +326,7 @@ def test_latency_needs_the_last_round_s_worker(fakes, tmp_path):
     _, r, text = bench(tmp_path)
 
     assert [f["part"] for f in r["failed"]] == ["round 3"]
-    assert [s["part"] for s in r["skipped"]] == ["latency 25%", "latency 50%", "latency 75%"]
+    assert [s["part"] for s in r["skipped"]] == ["latency 25%", "latency 50%", "latency 75%", "latency plot"]
     assert "round 3 failed" in r["skipped"][0]["reason"]
     assert r["latency_ms"] == {"25%": None, "50%": None, "75%": None}
     assert r["restore_seconds_per_million_users"] is not None
@@ -294,6 +338,7 @@ def test_every_failed_model_part_and_a_failed_latency_still_write_both_files(fak
     _, r, text = bench(tmp_path)
 
     assert [f["part"] for f in r["failed"]] == ["latency 25%", "latency 50%", "latency 75%", "step cpu"]
+    assert [s["part"] for s in r["skipped"]] == ["latency plot"]
     assert r["step_events_per_s"] == {"cpu": None}
     assert "cpu: failed: ValueError: bad batch" in text
     assert text.count("failed: OSError: connection reset") >= 3
@@ -375,3 +420,216 @@ def test_the_bench_command_exits_1_with_one_line_per_failed_part(monkeypatch, ca
         assert err == "demandstream bench: round 2 failed: TimeoutError: slow\n"
     else:
         assert rc == 0 and err == ""
+
+
+# -- issue #14: all cores, exactly-once, memory, latency curve ------------------------------------
+
+
+def test_a_clean_run_measures_all_cores_exactly_once_memory_and_the_curve(fakes, tmp_path):
+    _, r, text = bench(tmp_path)
+
+    keys = list(r)
+    assert keys[: len(BENCH_KEYS)] == list(BENCH_KEYS)
+    assert keys[len(BENCH_KEYS) : len(BENCH_KEYS) + len(SCALING_KEYS)] == list(SCALING_KEYS)
+    # --processes 2 (the fake machine's cores), paired with the same round's faster copy (80k)
+    assert r["pipeline_processes_events_per_s"]["runs"] == [15_000.0, 30_000.0, 45_000.0]
+    assert r["ratio_processes"]["runs"] == pytest.approx([0.1875, 0.375, 0.5625])
+    assert r["detail"]["processes"] == 2
+    assert r["detail"]["processes_speedup"]["median"] == pytest.approx(1.875)
+    assert [w.processes for w in FakeWorker.started[:3]] == [2, 1, 1]
+    assert [w.guarantee for w in FakeWorker.started[:3]] == ["at_least_once", "exactly_once", "at_least_once"]
+    # --processes gets an input topic of its own, fed from the round's once every process is ready
+    src = FakeWorker.started[2].input_topic
+    assert fakes.fed["procs2-0"] == (f"bench-feed-{FakeWorker.started[0].tag}", src)
+    assert fakes.fed["eo-0"] == fakes.fed["0"] == (src, None)
+    # exactly-once: 1 - median(eo) / median(alo) = 1 - 14,400 / 16,000; to the last committed: 12,000
+    assert r["exactly_once_cost"] == pytest.approx(0.1)
+    assert r["detail"]["exactly_once_committed_cost"] == pytest.approx(0.25)
+    m = r["memory_mib"]
+    assert m["pipeline_per_process"]["runs"] == [300.0] * 3
+    assert m["processes_per_process"]["runs"] == [260.0] * 3  # the children's mean, not the supervisor
+    assert r["detail"]["processes_rounds"][0]["supervisor_rss_mib"] == 40.0
+    assert m["no_state"] == 200.0 and m["restored_users"] == 10
+    assert m["per_100k_users"] == pytest.approx(40.0)
+    # the latency curve next to the JSON, named in the Markdown
+    png = tmp_path / "bench-latency.png"
+    assert r["latency_plot"] == str(png) and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "`bench-latency.png`" in text
+    assert "**0.375** with all 2 cores (`--processes 2`" in text and "0.200 with 1 process" in text
+    assert "exactly-once costs 10.0 % of at-least-once throughput" in text
+    assert (
+        "read_committed consumer (the last transaction's commit included): 12,000 events/s, a cost of 25.0 %"
+        in text
+    )
+    assert "| per 100,000 users | 40.0 MiB per 100,000 users" in text
+    assert all(w.stopped for w in FakeWorker.started)
+
+
+def test_a_failed_all_cores_drain_is_recorded_and_the_rest_still_measured(fakes, tmp_path):
+    fakes.fail = {"drain procs2-1": RuntimeError("worker exited with 1 after 3 of 10 records")}
+    _, r, text = bench(tmp_path)
+
+    assert r["failed"] == [
+        {"part": "processes round 2", "error": "RuntimeError: worker exited with 1 after 3 of 10 records"}
+    ]
+    assert r["pipeline_processes_events_per_s"]["runs"] == [15_000.0, 45_000.0]
+    assert r["ratio_processes"]["runs"] == pytest.approx([0.1875, 0.5625])
+    assert r["pipeline_events_per_s"]["runs"] == [8_000.0, 16_000.0, 24_000.0]  # its round still ran
+    assert r["exactly_once_cost"] == pytest.approx(0.1)
+    assert "`processes round 2` failed: RuntimeError" in text
+    assert all(w.stopped for w in FakeWorker.started)
+
+
+def test_failed_exactly_once_drains_and_memory_baseline_read_failed_in_place(fakes, tmp_path):
+    fakes.fail = {f"drain eo-{i}": TimeoutError("9 of 10 committed records") for i in range(3)}
+    fakes.fail["no state"] = OSError("no /proc")
+    _, r, text = bench(tmp_path)
+
+    assert [f["part"] for f in r["failed"]] == [
+        "exactly_once round 1",
+        "exactly_once round 2",
+        "exactly_once round 3",
+        "memory no state",
+    ]
+    assert r["exactly_once_events_per_s"] is None and r["exactly_once_cost"] is None
+    assert r["memory_mib"]["per_100k_users"] is None and r["memory_mib"]["restored"] is not None
+    assert "exactly-once's cost against at-least-once: failed: TimeoutError: 9 of 10 committed" in text
+    assert "| worker with no state (ready on empty topics) | failed: OSError: no /proc |" in text
+    assert "| per 100,000 users | failed: OSError: no /proc |" in text
+
+
+def test_one_core_skips_the_all_cores_drain_with_its_reason(fakes, tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "_cores", lambda: 1)
+    _, r, text = bench(tmp_path)
+
+    assert r["failed"] == []
+    assert [s["part"] for s in r["skipped"]] == [
+        "processes round 1",
+        "processes round 2",
+        "processes round 3",
+    ]
+    assert "os.cpu_count() is 1" in r["skipped"][0]["reason"]
+    assert r["pipeline_processes_events_per_s"] is None and r["ratio_processes"] is None
+    assert all(w.processes == 1 for w in FakeWorker.started)
+    assert "all 1 cores: not measured: os.cpu_count() is 1" in text and "0.200 with 1 process" in text
+
+
+def test_a_level_below_95_percent_of_its_target_is_flagged(fakes, tmp_path):
+    fakes.achieved_share = 0.9
+    _, r, text = bench(tmp_path)
+
+    level = r["latency_ms"]["50%"]
+    assert level["below_target"] and level["achieved_share"] == pytest.approx(0.9)
+    assert level["target_events_per_s"] == level["rate_events_per_s"] == 8_000.0
+    assert "| 50% of pipeline max | 8,000 | 7,200 (90 % of target; below 95 %) |" in text
+    assert "fell below 95 % of its target at 25%, 50%, 75%" in text
+
+
+def test_scaling_pairs_each_drain_with_its_own_round():
+    rounds = [
+        {"round": 1, "perf_anchors": 60.0, "fastest_copy": 100.0, "pipeline": 10.0},
+        {"round": 3, "perf_anchors": 80.0, "fastest_copy": 50.0, "pipeline": 20.0},
+    ]
+    procs = [
+        {"round": 1, "events_per_s": 19.0},
+        {"round": 2, "events_per_s": 30.0},  # its round failed: no passthrough to divide by
+        {"round": 3, "events_per_s": 36.0},
+    ]
+    eo = [{"round": 1, "events_per_s": 9.0}, {"round": 2, "events_per_s": 12.0}]
+    s = scaling(rounds, procs, eo)
+    assert s["pipeline_processes_events_per_s"]["runs"] == [19.0, 30.0, 36.0]
+    assert s["ratio_processes"]["runs"] == pytest.approx([0.19, 0.45])
+    assert s["processes_speedup"]["runs"] == pytest.approx([1.9, 1.8])
+    # medians: eo 10.5, at-least-once 15
+    assert s["exactly_once_cost"] == pytest.approx(0.3)
+    assert exactly_once_cost(11_000.0, 10_000.0) == pytest.approx(-0.1)  # faster: a negative cost
+
+
+def test_scaling_without_drains_or_rounds_is_none():
+    assert all(v is None for v in scaling([], [], []).values())
+    only_eo = scaling([], [], [{"round": 1, "events_per_s": 9.0}])
+    assert only_eo["exactly_once_events_per_s"]["median"] == 9.0 and only_eo["exactly_once_cost"] is None
+
+
+def test_memory_arithmetic():
+    assert per_users_mib(400.0 + 12.5, 400.0, 25_000) == pytest.approx(50.0)
+    assert per_users_mib(600.0, 400.0, 1_000_000, per=1_000_000) == pytest.approx(200.0)
+    m = memory(
+        [{"rss_mib": [300.0]}, {"rss_mib": [320.0]}, {"rss_mib": []}],
+        [{"rss_mib": [200.0, 240.0]}],
+        [],
+        None,
+        {"rss_mib": 450.0, "records": 1000},
+    )
+    assert m["pipeline_per_process"]["runs"] == [300.0, 320.0]
+    assert m["processes_per_process"]["median"] == 220.0
+    assert m["exactly_once_per_process"] is None
+    assert m["restored"] == 450.0 and m["no_state"] is None and m["per_100k_users"] is None
+
+
+def test_render_markdown_of_the_new_tables_with_missing_figures():
+    r = dict.fromkeys(BENCH_KEYS + SCALING_KEYS)
+    r |= {
+        "failed": [{"part": "processes round 1", "error": "TimeoutError: not every worker process ready"}],
+        "skipped": [{"part": "latency plot", "reason": "matplotlib is not installed"}],
+        "ratio": {"median": 0.08, "min": 0.07, "max": 0.09, "runs": [0.07, 0.08, 0.09]},
+        "pipeline_events_per_s": {"median": 8_000.0, "min": 7_000.0, "max": 9_000.0, "runs": [8_000.0]},
+        "exactly_once_events_per_s": {"median": 7_800.0, "min": 7_800.0, "max": 7_800.0, "runs": [7_800.0]},
+        "exactly_once_cost": 0.025,
+        "latency_ms": {
+            "25%": {
+                "p50": 11.0,
+                "p95": 15.8,
+                "p99": 22.9,
+                "rate_events_per_s": 2_000.0,
+                **bk.achieved_load(2_000.0, 15_920, 8.0),
+                "n": 15_920,
+            },
+            "50%": None,
+            "75%": None,
+        },
+        "memory_mib": {
+            "pipeline_per_process": {"median": 512.25, "min": 512.25, "max": 512.25, "runs": [512.25]},
+            "processes_per_process": None,
+            "exactly_once_per_process": None,
+            "no_state": 480.0,
+            "restored": 492.5,
+            "restored_users": 25_000,
+            "per_100k_users": 50.0,
+        },
+        "detail": {"processes": 2, "restore": {"records": 25_000}},
+        "date": "2026-12-01T00:00:00+00:00",
+        "command": "demandstream bench --quick",
+        "bench_seconds": 12.0,
+        "broker": "own, port 49592",
+    }
+    text = render_markdown(r)
+    assert (
+        "| pipeline, all cores: `demandstream worker --processes 2` drain, /readyz of every process → last "
+        "signal | failed: TimeoutError: not every worker process ready |" in text
+    )
+    assert (
+        "pair by pair: all 2 cores: failed: TimeoutError: not every worker process ready; 0.080 with 1 process "
+        "(min 0.070, max 0.090)." in text
+    )
+    assert "exactly-once costs 2.5 % of at-least-once throughput (1 − 7,800 / 8,000 events/s" in text
+    assert "target ≤ 10 %: met" in text
+    assert (
+        "| 25% of pipeline max | 2,000 | 1,990 (100 % of target) | 11.00 | 15.80 | 22.90 | 15,920 |" in text
+    )
+    assert "fell below" not in text
+    assert "Latency versus achieved load: not measured: matplotlib is not installed." in text
+    assert "| pipeline worker after its drain (1 process, 2,000 users) | 512.2 (512.2) |" in text
+    assert "| `--processes 2`: each worker process after the drain" in text
+    assert "| worker with no state (ready on empty topics) | 480.0 |" in text
+    assert "| restore worker after restoring 25,000 states | 492.5 |" in text
+    assert (
+        "| per 100,000 users | 50.0 MiB per 100,000 users ((restored − no state) / 25,000 × 100,000) |"
+        in text
+    )
+
+
+def test_the_latency_plot_goes_next_to_the_json():
+    assert runner.latency_plot_path(Path("out/b.json"), None) == Path("out/b-latency.png")
+    assert runner.latency_plot_path(None, Path("docs/BENCHMARKS.md")) == Path("docs/bench-latency.png")
+    assert runner.latency_plot_path(None, None) is None
