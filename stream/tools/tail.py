@@ -14,6 +14,32 @@ from demandstream.stream.settings import Settings
 #: Characters of a record that ``tail`` cannot render that it prints as they are.
 RAW_PREVIEW = 200
 
+#: C0 and C1 control characters (and DEL) as visible escapes: a record's strings come from whoever wrote
+#: the input (event ids, category names) or the topic, and an escape sequence printed as it is would
+#: drive the reader's terminal (clear it, rewrite earlier lines, set its title).
+_CONTROL_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+
+
+def printable(text: str) -> str:
+    r"""``text`` with every control character escaped, so printing it can only show it.
+
+    >>> print(printable("u1\x1b[2J\nnext\x9b"))
+    u1\x1b[2J\x0anext\x9b
+    """
+    return text.translate(_CONTROL_ESCAPES)
+
+
+def _printable_json(x):
+    """A decoded record with :func:`printable` applied to every string in it (keys too)."""
+    if isinstance(x, str):
+        return printable(x)
+    if isinstance(x, dict):
+        return {printable(k): _printable_json(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_printable_json(v) for v in x]
+    return x
+
+
 #: What a record of the wrong shape raises while it is rendered (a producer other than the worker, a
 #: truncated or hand-written record): tail prints it raw, marked, and goes on.
 _MALFORMED = (KeyError, TypeError, ValueError, AttributeError, IndexError)
@@ -23,18 +49,23 @@ def format_signal(value: bytes, why: bool = False) -> str:
     """One line per signal: user, event, propensity, top categories; with ``why``, one more line per top
     category with its reasons (when the signal carries them). A record that is not JSON is printed as it
     is; JSON of the wrong shape is printed raw after ``MALFORMED``, so one bad record never stops tail.
+    Control characters are printed as escapes (:func:`printable`) wherever they come from.
 
     >>> format_signal(b'{"top_categories": [{"category": "a"}], "user_id": "u"}')
     'MALFORMED {"top_categories": [{"category": "a"}], "user_id": "u"}'
     """
     try:
-        s = orjson.loads(value)
+        s = _printable_json(orjson.loads(value))
     except orjson.JSONDecodeError:
-        return value[:RAW_PREVIEW].decode("utf-8", "replace")
+        return _preview(value)
     try:
         return _format_signal(s, why)
     except _MALFORMED:
-        return "MALFORMED " + value[:RAW_PREVIEW].decode("utf-8", "replace")
+        return "MALFORMED " + _preview(value)
+
+
+def _preview(value: bytes) -> str:
+    return printable(value[:RAW_PREVIEW].decode("utf-8", "replace"))
 
 
 def _format_signal(s, why: bool) -> str:
@@ -109,7 +140,8 @@ def tail(
             for recs in polled.values():
                 for r in recs:
                     print(
-                        r.value.decode("utf-8", "replace") if raw else format_signal(r.value, why), file=out
+                        printable(r.value.decode("utf-8", "replace")) if raw else format_signal(r.value, why),
+                        file=out,
                     )
                     n += 1
                     if max_records is not None and n >= max_records:
@@ -195,7 +227,7 @@ def format_demand_table(view: dict) -> str:
     for c in view["categories"]:
         ratio = "-" if c["ratio"] is None else f"{c['ratio']:.2f}"
         lines.append(
-            f"{c['category'][:35]:<36}{c['expected']:>10.3f}{c['propensity']:>12.3f}{c['observed']:>10}"
+            f"{printable(c['category'])[:35]:<36}{c['expected']:>10.3f}{c['propensity']:>12.3f}{c['observed']:>10}"
             f"{c['purchases']:>11}{ratio:>8}  {'rising' if c['rising'] else ''}".rstrip()
         )
     return "\n".join(lines)

@@ -84,3 +84,40 @@ def test_demand_tail_skips_malformed_records_and_says_how_many():
     assert n == 4
     text = out.getvalue()
     assert "shoes" in text and "skipped 3 malformed record(s)" in text
+
+
+HOSTILE = "\x1b]0;owned\x07\x1b[2J\r\n\x9b31m"  # set the title, clear the screen, CR/LF, C1 CSI
+
+
+def _controls(text: str) -> set[str]:
+    return {c for c in text if ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0} - {"\n"}
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        orjson.dumps({**SIGNAL, "user_id": HOSTILE, "event_id": HOSTILE}),
+        orjson.dumps({**SIGNAL, "top_categories": [{"category": HOSTILE, "p": 0.5, "why": []}]}),
+        orjson.dumps({"reason": HOSTILE, "detail": HOSTILE}),
+        orjson.dumps({"user_id": HOSTILE}),  # malformed: printed raw
+        HOSTILE.encode(),  # not JSON
+    ],
+)
+def test_control_characters_of_a_record_never_reach_the_terminal(value):
+    for why in (False, True):
+        line = format_signal(value, why=why)
+        assert not _controls(line), repr(line)
+        assert "\\x1b" in line  # shown, not dropped
+    # the only newlines are tail's own (one line per top category with why), never the record's
+    assert "\n" not in format_signal(value)
+
+
+def test_control_characters_of_a_category_never_reach_the_demand_table():
+    from demandstream.stream.tools.tail import format_demand_table
+
+    view = {"window_start": 0, "window_end": 300, "complete": True, "partitions": 1,
+            "partitions_reported": 1, "users": 1, "events": 1, "categories": [
+                {"category": HOSTILE, "expected": 1.0, "propensity": 0.1, "observed": 1, "purchases": 0,
+                 "ratio": None, "rising": False}]}  # fmt: skip
+    text = format_demand_table(view)
+    assert not _controls(text) and text.count("\n") == 2
