@@ -23,6 +23,7 @@ baselines see the same data before the test start. A validation window too small
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -55,6 +56,7 @@ from demandstream.model.core.scoring import resolve_device
 from demandstream.model.data.eventlog import EventLog
 from demandstream.model.data.split import Points, Split, next_category_targets, phase_points, temporal_split
 from demandstream.model.errors import DataError, OptionError
+from demandstream.model.training.averaging import WeightAverage
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +110,9 @@ class TrainConfig:
     #: errors of the best epoch's (the paired difference over the same points; Breiman's one-standard-
     #: error rule); 0 takes the best epoch itself
     select_se: float = 1.0
+    #: weights are measured, kept and shipped as an exponential moving average of the optimizer's
+    #: iterates with this decay per step (Polyak averaging, model/training/averaging.py; 0 turns it off)
+    ema_decay: float = 0.995
 
 
 @dataclass
@@ -788,6 +793,7 @@ def _fit(
         states[0] = _snapshot(net)
         history.append({"epoch": 0, "train_loss": math.nan, "steps": 0, **val0})
     train_time, step, bad = 0.0, 0, 0
+    ema = WeightAverage(net, tcfg.ema_decay) if tcfg.ema_decay > 0 else None
     for epoch in range(1, epochs + 1):
         net.train()
         h, c = net.initial_state(tcfg.lanes, device)
@@ -817,6 +823,8 @@ def _fit(
             loss.backward()
             nn.utils.clip_grad_norm_(net.parameters(), tcfg.clip_norm)
             opt.step()
+            if ema is not None:
+                ema.update()
             step += 1
             h, c = h.clone(), c.clone()
             h[:, a], c[:, a] = h_a.detach(), c_a.detach()
@@ -827,8 +835,12 @@ def _fit(
         bar.close()
         train_time += time.perf_counter() - t_ep
         entry = {"epoch": epoch, "train_loss": run_loss / max(run_n, 1), "steps": step}
+        # the average, not the iterate, is what is measured and kept; training goes on from the iterate
+        averaged = ema.swapped() if ema is not None else contextlib.nullcontext()
         if va is not None:
-            val, rr_by_epoch[epoch] = _validation_with_ranks(net, feats, log, va, tcfg, device)
+            with averaged:
+                val, rr_by_epoch[epoch] = _validation_with_ranks(net, feats, log, va, tcfg, device)
+                states[epoch] = _snapshot(net)
             entry.update(val)
             if progress:
                 tqdm.write(
@@ -837,7 +849,6 @@ def _fit(
                     f"{val['purchase_bce']:.4f}"
                 )
             improved = _improves(history, val)
-            states[epoch] = _snapshot(net)
             bad = 0 if improved else bad + 1
         elif progress:
             tqdm.write(f"{desc} epoch {epoch}: train loss {entry['train_loss']:.4f}")
@@ -845,6 +856,8 @@ def _fit(
         logger.info("%s epoch %d: %s", desc, epoch, entry)
         if va is not None and bad >= tcfg.patience:
             break
+    if ema is not None and va is None:  # a replay (the refit) keeps the average of its last epoch
+        ema.install()
     if va is not None and states:
         best_epoch, category_epoch, best = _select(net, history, states, rr_by_epoch, tcfg.select_se)
     else:
