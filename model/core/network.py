@@ -285,7 +285,8 @@ class DemandLSTM(nn.Module):
         denom = (total + MARKOV_ALPHA).unsqueeze(-1)
         dense = torch.log(MARKOV_ALPHA / denom) + self.pop_logp
         top = torch.log((count + MARKOV_ALPHA * self.pop_logp.exp()[nxt]) / denom)
-        return dense.scatter(-1, nxt, torch.maximum(top, dense.gather(-1, nxt)))
+        # in place: with thousands of categories every [..., C] pass counts (docs/BENCHMARKS.md)
+        return dense.scatter_(-1, nxt, torch.maximum(top, dense.gather(-1, nxt)))
 
     def markov_history(
         self,
@@ -315,7 +316,7 @@ class DemandLSTM(nn.Module):
         denom = total + MARKOV_ALPHA
         pop = self.pop_logp.exp()
         dense = (w * MARKOV_ALPHA / denom).sum(-1, keepdim=True) * pop
-        mix = dense.scatter_add(-1, nxt.flatten(-2), ((w / denom).unsqueeze(-1) * count).flatten(-2))
+        mix = dense.scatter_add_(-1, nxt.flatten(-2), ((w / denom).unsqueeze(-1) * count).flatten(-2))
         return torch.log(torch.where(wsum > 0, mix, pop))
 
     def heads(
@@ -389,18 +390,19 @@ class DemandLSTM(nn.Module):
             sw = sw.expand(*ctx.shape[:-1], -1)
             vw = vw.expand(*ctx.shape[:-1], -1)
         slot_score = (phi * sw.unsqueeze(-2)).sum(-1)
-        vocab_score = vw[..., 0:1] * mk + vw[..., 1:2] * self.pop_logp + vw[..., 2:3] * mix
+        # the same sums as vw0 * mk + vw1 * pop + vw2 * mix, accumulated in place (fewer [..., C] passes)
+        vocab_score = vw[..., 0:1] * mk
+        vocab_score.add_(vw[..., 1:2] * self.pop_logp).add_(vw[..., 2:3] * mix)
         repeat = explore = None
         if cfg.lstm_terms:
             repeat = (self.repeat_emb(hv) * self.repeat_query(hd).unsqueeze(-2)).sum(-1)
             explore = self.explore(hd)
             slot_score = slot_score + repeat
-            vocab_score = vocab_score + explore
+            vocab_score.add_(explore)
         slot_score = slot_score.masked_fill(~valid, float("-inf"))
-        # a category in the history is scored once, by its slot
-        in_hist = torch.zeros_like(vocab_score, dtype=torch.bool).scatter(-1, hv, valid & (hv > 0))
-        in_hist[..., 0] = True  # index 0 = unknown category: never predicted
-        vocab_score = vocab_score.masked_fill(in_hist, float("-inf"))
+        # a category in the history is scored once, by its slot; index 0 (unknown) is never predicted
+        vocab_score.scatter_(-1, torch.where(valid, hv, 0), float("-inf"))
+        vocab_score[..., 0] = float("-inf")
 
         in_cart_now = ((ages == 0) & (slot_cart > 0)).any(-1, keepdim=True).float()
         add_secs = f["add_secs"].unsqueeze(-1)
