@@ -36,6 +36,8 @@ import math
 import os
 import time
 
+from faust.exceptions import ProducerSendError
+
 from demandstream.model.core.scoring import Scorer
 from demandstream.model.core.state import StateFormatError, peek_last_ts
 from demandstream.stream.engine.inference import InferenceEngine, Output
@@ -195,31 +197,57 @@ class Pipeline:
         new states are staged and reach the local store only when that transaction commits
         (:meth:`StateStore.on_commit`), so a crash never leaves uncommitted state behind.
         """
-        producer = self.c.app.producer
         prefix = self._transactional_prefix()
         changelog = [Output(k, v, p) for k, (p, v) in res.states.items()]
-        futures = []
+        pending = []
         for topic, records in (
             (self.settings.topic_signals, res.signals),
             (self.settings.topic_dlq, res.dead_letters),
             (self.settings.topic_demand, demand),
             (self.store.changelog_topic, changelog),
         ):
-            for o in records:
-                tid = f"{prefix}-{o.partition}"
-                futures.append(
-                    await producer.send(topic, o.key, o.value, o.partition, None, None, transactional_id=tid)
-                )
+            pending += await self._send_in_transactions(prefix, topic, records)
             if topic == self.settings.topic_signals:
                 self.failpoint("mid_transaction")  # signals in the open transaction, states not yet
         # surface send errors now (visibility waits for the commit); the changelog records, sent last,
         # tell the offsets that become the persisted changelog offsets once the transaction commits
-        metas = await asyncio.gather(*futures) if futures else []
+        metas = await asyncio.gather(*(f for _t, _n, f in pending)) if pending else []
         offsets: dict[int, int] = {}
-        for meta in metas[len(metas) - len(changelog) :] if changelog else ():
-            offsets[meta.partition] = max(meta.offset, offsets.get(meta.partition, -1))
+        for (topic, n, _f), meta in zip(pending, metas, strict=True):
+            if topic == self.store.changelog_topic:
+                offsets[meta.partition] = max(offsets.get(meta.partition, -1), meta.offset + n - 1)
         self.store.stage(res.states, offsets)
         self.failpoint("after_state")  # everything in the open transaction, nothing committed
+
+    async def _send_in_transactions(self, prefix: str, topic: str, records: list[Output]) -> list:
+        """Send ``records`` to ``topic``, those of source partition ``p`` through ``p``'s transactional
+        producer in closed batches (the batch API, as :meth:`produce_acked`): Faust's ``send`` takes
+        that producer's lock and awaits the client once per record, which cost exactly-once a third
+        of the worker's throughput (docs/BENCHMARKS.md). Returns ``(topic, records, future)`` per batch.
+        """
+        transport = self.c.app.producer
+        by_partition: dict[int, list[Output]] = {}
+        for o in records:
+            by_partition.setdefault(o.partition, []).append(o)
+        pending = []
+        for p, outs in by_partition.items():
+            tid = f"{prefix}-{p}"
+            producer = transport._transaction_producers.get(tid)
+            if producer is None:  # as Faust's own send: the partition is no longer ours
+                raise ProducerSendError(f"No transaction producer found for : {tid}")
+            async with transport._trn_locks[tid]:
+                batch = producer.create_batch()
+                for o in outs:
+                    if batch.append(key=o.key, value=o.value, timestamp=None) is None:  # full: ship it
+                        pending.append((topic, batch.record_count(), await _ship(producer, batch, topic, p)))
+                        batch = producer.create_batch()
+                        if batch.append(key=o.key, value=o.value, timestamp=None) is None:
+                            raise ValueError(
+                                f"record of {len(o.value or b'')} bytes exceeds the producer's batch size"
+                            )
+                if batch.record_count():
+                    pending.append((topic, batch.record_count(), await _ship(producer, batch, topic, p)))
+        return pending
 
     def failpoint(self, step: str) -> None:
         """Fault tests only: end the process at ``step`` of the batch protocol, as a SIGKILL there would
