@@ -13,9 +13,14 @@ objects (never Faust's classes) and its docstring names the Faust behaviour or b
 - :func:`install` = :func:`fix_transactional_highwaters` (``_highwaters`` of the consumer thread,
   faust-streaming/faust#158) + :func:`fix_stale_transactional_producers`
   (``TransactionManager.on_rebalance``, ``Producer.maybe_begin_transaction``) +
-  :func:`keep_changelog_queue_on_resume` (``clear`` of the table manager's changelog queue).
+  :func:`keep_changelog_queue_on_resume` (``clear`` of the table manager's changelog queue) +
+  :func:`fetch_only_active_partitions` (``Consumer._getmany``).
 - :class:`RecoveryTail`: exactly-once recovery ends as soon as the consumer has read past a changelog's
   last offset, instead of after Faust's two idle 5-second polls (``Recovery._slurp_changelogs``).
+- :class:`ChunkedSlurp` (:func:`install_chunked_recovery`): the recovery takes the changelog events
+  already queued in chunks, not one ``wait_for`` each (``Recovery._slurp_changelogs``); with
+  :func:`deliver`, the drain loop hands a fetch round's changelog records to Faust's consumer callback
+  under one ``wait_first`` instead of one per record (``Consumer._drain_messages``).
 
 They copy or wrap private code of one Faust release, so this module refuses, at import, a Faust outside
 the range they were tested on (:data:`TESTED_FROM` ≤ version < :data:`TESTED_BELOW`, the same range
@@ -30,9 +35,12 @@ import logging
 import re
 import types
 from collections.abc import Awaitable, Callable
+from time import monotonic
 
 import faust
 from faust.transport.consumer import CONSUMER_FETCHING
+from faust.utils.tracing import finish_span
+from mode.services import ServiceTask
 
 from demandstream.model.errors import UserError
 
@@ -84,6 +92,7 @@ def install(app) -> None:
     fix_transactional_highwaters(app.consumer._thread)
     fix_stale_transactional_producers(app.consumer.transactions, app.producer)
     keep_changelog_queue_on_resume(app.tables.changelog_queue, app.flow_control)
+    fetch_only_active_partitions(app.consumer)
 
 
 def fix_transactional_highwaters(thread) -> None:
@@ -183,6 +192,64 @@ def keep_changelog_queue_on_resume(queue, flow_control) -> None:
     queue.clear = clear_unless_flowing
 
 
+class ActivePartitions:
+    """The consumer's live set of active partitions as aiokafka's fetch reads it: never false.
+
+    aiokafka (``Fetcher.fetched_records``) skips a buffered partition only ``if partitions and tp not
+    in partitions``: an empty set means "every partition". Membership is the live set's, so a
+    partition paused while the fetch waits is still left out.
+    """
+
+    __slots__ = ("live",)
+
+    def __init__(self, live) -> None:
+        self.live = live
+
+    def __contains__(self, tp) -> bool:
+        return tp in self.live
+
+    def __bool__(self) -> bool:
+        return True
+
+    def __iter__(self):
+        return iter(list(self.live))
+
+    def __len__(self) -> int:
+        return len(self.live)
+
+
+def fetch_only_active_partitions(consumer) -> None:
+    """Never hand Faust's getmany records of partitions that are paused, even when none is active.
+
+    Faust (faust-streaming 0.15, ``Consumer._wait_next_records``) passes the consumer thread its
+    *live* set of active partitions, and aiokafka's ``Fetcher.fetched_records`` reads it on every pass
+    of its wait (up to the 1-s timeout) but takes an *empty* set to mean "all partitions". A recovery
+    empties the set for a moment: "Done reading from changelog topics" pauses the active changelog
+    partitions, and the standby ones are resumed only after their seek and highwaters, the input
+    partitions even later. A fetch begun before and woken in between returned every record aiokafka
+    had buffered, of paused input and standby changelog partitions too; Faust's getmany drops records
+    of partitions not active, and their positions had moved past them. Input records were then
+    fetched from the later position once the input partitions resumed, before the seek to the
+    committed offsets took effect, and read again after it: a user's newer events were applied first,
+    its older ones skipped as already applied, with no signal (the rebalance fault test under
+    exactly-once: lost events and wrong ``events_seen``); standby records dropped after the standby
+    seek would leave a gap in the standby copy. Found with the chunked recovery loop, which ends a
+    recovery while the drain loop's next fetch is in flight (3 failures in 4 runs of that test); the
+    race is Faust's and was logged without the chunked loop too, harmless there only while the seek
+    came first. Here the thread gets :class:`ActivePartitions`, the same live set but never false:
+    records of paused partitions stay buffered in aiokafka, at their position, until their partition
+    is active again.
+    """
+    getmany = consumer._getmany
+
+    async def getmany_of_active_partitions(active_partitions, timeout):
+        if active_partitions is not None:
+            active_partitions = ActivePartitions(active_partitions)
+        return await getmany(active_partitions=active_partitions, timeout=timeout)
+
+    consumer._getmany = getmany_of_active_partitions
+
+
 # -- the batch commit protocol's hooks into Faust ---------------------------------------------------
 
 
@@ -277,12 +344,21 @@ class RecoveryTail:
     before a rebalance and completed during it ended a recovery that was already abandoned, and left
     ``signal_recovery_end`` set, so the next recovery returned from its wait at once and read none of
     its changelog (partitions that moved here kept their standby's lag).
+
+    With the chunked recovery loop (:class:`ChunkedSlurp`), events it has taken from the queue but not
+    yet counted (``slurp.in_hand``) count as queued.
     """
 
-    def __init__(self, app) -> None:
+    def __init__(self, app, slurp: ChunkedSlurp | None = None) -> None:
         self.app = app
+        self.slurp = slurp
         # (recovery start, offsets) at the previous round's "at the end" verdict
         self._seen: tuple | None = None
+
+    def _queue_empty(self) -> bool:
+        # events the recovery has taken from its queue but not yet counted are still queued here
+        in_hand = self.slurp.in_hand if self.slurp is not None else 0
+        return self.app.tables.changelog_queue.empty() and not in_hand
 
     async def check(self) -> None:
         """One drain round's check; a no-op unless an exactly-once recovery is in progress."""
@@ -297,7 +373,7 @@ class RecoveryTail:
             for tp, hw in highwaters.items()
             if hw is not None and offsets.get(tp) is not None and offsets[tp] < hw
         }
-        at_end = bool(behind) and app.tables.changelog_queue.empty()
+        at_end = bool(behind) and self._queue_empty()
         for tp, hw in behind.items() if at_end else ():
             position = await app.consumer.position(tp)
             if position is None or position <= hw:
@@ -310,7 +386,7 @@ class RecoveryTail:
         if self._seen != snapshot:
             self._seen = snapshot  # first round at the end: confirm on the next one
             return
-        if not (recovery.in_recovery and self._reading() and app.tables.changelog_queue.empty()):
+        if not (recovery.in_recovery and self._reading() and self._queue_empty()):
             self._seen = None
             return
         logger.info("changelog recovery at the end of %d partitions (transaction markers last)", len(behind))
@@ -339,14 +415,215 @@ def install_batch_delivery(app, input_topics, handler: BatchHandler) -> None:
     (docs/BENCHMARKS.md). Our work is batched anyway, so the consumer's drain loop
     (``Consumer._drain_messages``) is replaced by a copy of Faust's that collects each fetch's records
     of the *input topic* and gives them to ``handler`` as one list. Everything else is Faust's as
-    before: records of other topics (table changelogs during recovery and standby) take Faust's
-    per-record path, and input records are tracked and acked exactly as a Faust stream does
-    (``_unacked_messages``, ``Consumer.ack``), so offset commits, ``wait_empty`` on rebalance and
-    graceful shutdown keep working. No input record reaches a Faust stream or agent body.
+    before: records of other topics (table changelogs during recovery and standby) go to Faust's
+    consumer callback one by one, in fetch order, though under one ``wait_first`` per fetch round
+    rather than one per record (:func:`deliver`: a rebalance or stop interrupts the round's rest, as
+    it makes Faust's drop each remaining record), and the recovery takes them from its queue in
+    chunks (:func:`install_chunked_recovery`). Input records are tracked and acked exactly as a Faust
+    stream does (``_unacked_messages``, ``Consumer.ack``), so offset commits, ``wait_empty`` on
+    rebalance and graceful shutdown keep working. No input record reaches a Faust stream or agent body.
     """
     consumer = app.consumer
     topics = frozenset([input_topics] if isinstance(input_topics, str) else input_topics)
-    consumer._drain_messages = types.MethodType(_make_drain(topics, handler, RecoveryTail(app)), consumer)
+    slurp = install_chunked_recovery(app.tables.recovery)
+    tail = RecoveryTail(app, slurp)
+    consumer._drain_messages = types.MethodType(_make_drain(topics, handler, tail), consumer)
+
+
+async def deliver(callback, messages: list) -> None:
+    """Hand ``messages`` to Faust's consumer callback one after the other, in order.
+
+    One task for a fetch round's changelog records instead of Faust's four per record
+    (``Service.wait_first``, plus an ``asyncio.wait``): those were about a sixth of a worker's restore
+    time (docs/OPERATIONS.md §4 "How long recovery takes"). The caller runs it under
+    ``wait_first(..., suspend_flow.wait())`` as Faust does each record: a rebalance or stop cancels it,
+    and the records not yet queued are dropped, as Faust's ``flow_control.clear()`` drops those queued
+    (the next recovery seeks every changelog partition back to what it has counted).
+    """
+    for message in messages:
+        await callback(message)
+
+
+#: Most changelog events the recovery takes from its queue per wake-up. A chunk is applied without a
+#: pause (some 15 µs an event on the 2-core reference machine), so this bounds how long it holds the
+#: event loop to tens of ms; it equals Faust's default ``recovery_buffer_size``.
+RECOVERY_CHUNK_MAX = 1000
+
+
+class ChunkedSlurp:
+    """The recovery's changelog loop (``Recovery._slurp_changelogs``), taking what is queued in chunks.
+
+    Faust (faust-streaming 0.15) takes each changelog event with its own
+    ``asyncio.wait_for(queue.get(), 5.0)`` (a task, a future and a timer per event) and after each one
+    recomputes every partition's remaining records to see whether the recovery has ended. That loop
+    was close to a third of a worker's restore time (docs/OPERATIONS.md §4 "How long recovery takes").
+    This copy waits for the first event exactly as Faust does, then also takes every event already
+    queued, up to :data:`RECOVERY_CHUNK_MAX`, applies each one exactly as Faust's loop body does (same
+    offsets, buffers, flushes at ``recovery_buffer_size``, same per-event error handling), and checks
+    for the end once per chunk. Events, their order and what reaches the store are unchanged; only
+    the end check comes after the chunk instead of after its every event.
+
+    Two departures from Faust's body, both for events Faust itself could not place:
+
+    - an event of a partition that is neither active nor standby here is skipped (Faust logs it and
+      then applies it to the table, offsets and buffer size of the *previous* event);
+    - if the flow is suspended or the consumer's generation changes while a chunk is being applied
+      (a rebalance or a stop; only possible if a table's ``on_changelog_event`` really awaits, which
+      no demandstream table does), the rest of the chunk is dropped uncounted: had those events still
+      been queued, ``flow_control.clear()`` would have dropped them, and the next recovery seeks every
+      changelog partition back to the offsets counted.
+
+    ``in_hand`` counts events taken from the queue and not yet counted in the recovery's offsets:
+    :class:`RecoveryTail` treats them as still queued.
+    """
+
+    def __init__(self) -> None:
+        self.in_hand = 0
+
+    async def __call__(self, recovery) -> None:
+        await _slurp_changelogs_chunked(recovery, self)
+
+
+async def _slurp_changelogs_chunked(self, chunked: ChunkedSlurp) -> None:  # self: Faust's Recovery
+    # Mirrors faust.tables.recovery.Recovery._slurp_changelogs (faust-streaming 0.15.3) except for the
+    # chunk, the two departures of ChunkedSlurp's docstring and the per-event debug logs; keep the two
+    # in step when upgrading Faust.
+    changelog_queue = self.tables.changelog_queue
+    tp_to_table = self.tp_to_table
+    app = self.app
+    flow_is_active = app.flow_control.is_active
+
+    active_tps = self.active_tps
+    standby_tps = self.standby_tps
+    active_offsets = self.active_offsets
+    standby_offsets = self.standby_offsets
+    active_events_received_at = self._active_events_received_at
+    standby_events_received_at = self._standby_events_received_at
+
+    buffers = self.buffers
+    buffer_sizes = self.buffer_sizes
+    processing_times = self._processing_times
+
+    async def _maybe_signal_recovery_end(timeout: bool = False, timeout_count: int = 0) -> None:
+        # Faust waits for two consecutive idle polls before it looks for aborted transactions
+        if timeout and app.in_transaction and timeout_count > 1:
+            await detect_aborted_tx()
+        if self.in_recovery and not self.need_recovery():
+            self.flush_buffers()
+            self._set_recovery_ended()
+            if self._actives_span is not None:
+                self._actives_span.set_tag("Actives-Ready", True)
+            logger.debug("Setting recovery end")
+            self.signal_recovery_end.set()
+
+    async def detect_aborted_tx() -> None:
+        highwaters = self.active_highwaters
+        offsets = self.active_offsets
+        for tp, highwater in highwaters.items():
+            if highwater is not None and offsets[tp] is not None and offsets[tp] < highwater:
+                # a position of None raises TypeError, logged below, exactly as in Faust
+                if await app.consumer.position(tp) >= highwater:
+                    logger.info(f"Aborted tx until highwater for {tp}")
+                    offsets[tp] = highwater
+
+    timeout_count = 0
+    while not self.should_stop:
+        try:
+            self.signal_recovery_end.clear()
+            try:
+                event = await asyncio.wait_for(changelog_queue.get(), timeout=5.0)
+            except TimeoutError:
+                timeout_count += 1
+                if self.should_stop:
+                    return
+                await _maybe_signal_recovery_end(timeout=True, timeout_count=timeout_count)
+                continue
+            timeout_count = 0
+            generation = app.consumer_generation_id
+            chunk = [event]
+            error = None
+            while len(chunk) < RECOVERY_CHUNK_MAX and changelog_queue.qsize():
+                try:
+                    chunk.append(changelog_queue.get_nowait())
+                except Exception as exc:  # an error thrown into the queue: Faust's get raises it
+                    error = exc
+                    break
+            chunked.in_hand = len(chunk)
+            for event in chunk:
+                if not flow_is_active() or app.consumer_generation_id != generation:
+                    logger.info(
+                        "rebalance or stop during a changelog chunk: %d events dropped uncounted",
+                        chunked.in_hand,
+                    )
+                    break
+                chunked.in_hand -= 1
+                try:
+                    now = monotonic()
+                    message = event.message
+                    tp = message.tp
+                    offset = message.offset
+                    bufsize = buffer_sizes.get(tp)
+                    is_active = False
+                    if tp in active_tps:
+                        is_active = True
+                        table = tp_to_table[tp]
+                        offsets = active_offsets
+                        if bufsize is None:
+                            bufsize = buffer_sizes[tp] = table.recovery_buffer_size
+                        active_events_received_at[tp] = now
+                    elif tp in standby_tps:
+                        table = tp_to_table[tp]
+                        offsets = standby_offsets
+                        if bufsize is None:
+                            bufsize = buffer_sizes[tp] = table.standby_buffer_size
+                            standby_events_received_at[tp] = now
+                    else:
+                        logger.warning(f"recovery unknown topic {tp} offset {offset}: skipped")
+                        continue
+                    seen_offset = offsets.get(tp, None)
+                    if seen_offset is None or offset > seen_offset:
+                        offsets[tp] = offset
+                        buf = buffers[table]
+                        buf.append(event)
+                        await table.on_changelog_event(event)
+                        if len(buf) >= bufsize:
+                            table.apply_changelog_batch(buf)
+                            buf.clear()
+                            self._last_flush_at = now
+                        now_after = monotonic()
+                        if is_active:
+                            last_processed_at = self._last_active_event_processed_at
+                            if last_processed_at is not None:
+                                processing_times.append(now_after - last_processed_at)
+                                if len(processing_times) > self.num_samples_required_for_estimate:
+                                    processing_times.popleft()
+                            self._last_active_event_processed_at = now_after
+                except Exception as ex:
+                    logger.warning(f"Error in recovery {ex}")
+            chunked.in_hand = 0
+
+            await _maybe_signal_recovery_end()
+
+            standby_ready = self._standbys_span is None and self.tables.standbys_ready
+            if not standby_ready and not self.standby_remaining_total():
+                logger.debug("Completed standby partition fetch")
+                if self._standbys_span:
+                    finish_span(self._standbys_span)
+                    self._standbys_span = None
+                self.tables.on_standbys_ready()
+            if error is not None:
+                raise error
+        except Exception as ex:
+            logger.warning(f"Error in recovery {ex}")
+
+
+def install_chunked_recovery(recovery) -> ChunkedSlurp:
+    """Run ``recovery``'s changelog loop as :class:`ChunkedSlurp` (call before the recovery starts)."""
+    slurp = ChunkedSlurp()
+    # Service tasks are looked up by attribute name when the service starts (mode's
+    # Service._get_tasks): an instance attribute of the same name replaces the class's task.
+    recovery._slurp_changelogs = ServiceTask(slurp)
+    return slurp
 
 
 def _make_drain(input_topics: frozenset[str], handler: BatchHandler, recovery_tail: RecoveryTail):
@@ -370,6 +647,7 @@ def _make_drain(input_topics: frozenset[str], handler: BatchHandler, recovery_ta
                 ait = getmany(timeout=1.0)
                 await asyncio.sleep(0)
                 batch = []
+                others = []  # records of other topics: changelogs (recovery, standbys)
                 if not self.should_stop:
                     async for tp, message in ait:
                         offset = message.offset
@@ -386,9 +664,11 @@ def _make_drain(input_topics: frozenset[str], handler: BatchHandler, recovery_ta
                         if tp.topic in input_topics:
                             batch.append(message)
                         else:
-                            await self.wait_first(callback(message), self.suspend_flow.wait())
+                            others.append(message)
                         set_read_offset(tp, offset)
                 self.diag.unset_flag(CONSUMER_FETCHING)
+                if others:
+                    await self.wait_first(deliver(callback, others), self.suspend_flow.wait())
                 await recovery_tail.check()
                 if batch:
                     # A rebalance while these were in flight makes them stale: their partitions may

@@ -7,6 +7,7 @@ tests/integration/test_faults_rebalance.py against a real broker.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,6 +19,7 @@ from demandstream.stream.worker import faust_patches
 from demandstream.stream.worker.faust_patches import (
     UnsupportedFaustVersion,
     check_version,
+    fetch_only_active_partitions,
     fix_stale_transactional_producers,
     fix_transactional_highwaters,
     keep_changelog_queue_on_resume,
@@ -368,3 +370,316 @@ def test_a_rebalance_still_empties_the_changelog_queue():
     assert queue.empty()
     flow_control.resume()  # the next recovery starts reading on an empty queue
     assert queue.empty()
+
+
+def test_events_taken_from_the_queue_but_not_yet_counted_keep_the_recovery_open():
+    recovery = FakeRecovery({"p0": 8}, {"p0": 9})
+    slurp = faust_patches.ChunkedSlurp()
+    slurp.in_hand = 2  # the chunked loop holds two events it has not counted yet
+    tail = faust_patches.RecoveryTail(tail_app(recovery, {"p0": 10}), slurp)
+    for _ in range(3):
+        asyncio.run(tail.check())
+    assert recovery.in_recovery and recovery.active_offsets == {"p0": 8}
+    slurp.in_hand = 0
+    asyncio.run(tail.check())
+    assert recovery.in_recovery, "the first round without events in hand is never the confirmation"
+    asyncio.run(tail.check())
+    assert not recovery.in_recovery
+
+
+# -- the chunked recovery loop against Faust's own, on the same stand-in -------------------------------
+
+
+class DictTable:
+    """A table whose store is a dict: puts and tombstones as Faust's stores apply a changelog batch."""
+
+    def __init__(
+        self,
+        recovery_buffer_size: int = 3,
+        standby_buffer_size: int = 2,
+        fail_on: bytes = b"",
+        on_event=None,
+    ):
+        self.recovery_buffer_size = recovery_buffer_size
+        self.standby_buffer_size = standby_buffer_size
+        self.fail_on = fail_on
+        self.on_event = on_event  # an awaitable hook per event, as a table's on_changelog_event callback
+        self.data: dict[bytes, bytes] = {}
+        self.batches: list[list[int]] = []
+        self.seen: list[int] = []
+
+    async def on_changelog_event(self, event) -> None:
+        self.seen.append(event.message.offset)
+        if self.on_event is not None:
+            await self.on_event(event)
+        if event.message.key == self.fail_on:
+            raise RuntimeError("a failing changelog callback")
+
+    def apply_changelog_batch(self, batch) -> None:
+        self.batches.append([e.message.offset for e in batch])
+        for e in batch:
+            if e.message.value is None:
+                self.data.pop(e.message.key, None)
+            else:
+                self.data[e.message.key] = e.message.value
+
+
+class SlurpRecovery:
+    """The parts of Faust's ``Recovery`` its changelog loop reads and writes, over Faust's own queue."""
+
+    def __init__(self, table: DictTable, active, standby, highwaters: dict):
+        from collections import Counter, defaultdict, deque
+
+        queue, flow_control = faust_changelog_queue()
+        keep_changelog_queue_on_resume(queue, flow_control)
+        flow_control.resume()
+        self.tables = SimpleNamespace(
+            changelog_queue=queue, standbys_ready=True, on_standbys_ready=lambda: None
+        )
+        self.app = SimpleNamespace(in_transaction=False, flow_control=flow_control, consumer_generation_id=1)
+        self.tp_to_table = {tp: table for tp in (*active, *standby)}
+        self.active_tps, self.standby_tps = set(active), set(standby)
+        self.active_offsets: Counter = Counter({tp: -1 for tp in active})
+        self.standby_offsets: Counter = Counter({tp: -1 for tp in standby})
+        self.active_highwaters = dict(highwaters)
+        self._active_events_received_at: dict = {}
+        self._standby_events_received_at: dict = {}
+        self.buffers = defaultdict(list)
+        self.buffer_sizes: dict = {}
+        self._processing_times: deque = deque()
+        self.num_samples_required_for_estimate = 5
+        self._last_active_event_processed_at = None
+        self._last_flush_at = None
+        self._actives_span = self._standbys_span = None
+        self.signal_recovery_end = asyncio.Event()
+        self.in_recovery = True
+        self.ended = 0
+        self.should_stop = False
+
+    def need_recovery(self) -> bool:
+        return any(hw > self.active_offsets[tp] for tp, hw in self.active_highwaters.items())
+
+    def flush_buffers(self) -> None:
+        for table, buffer in self.buffers.items():
+            table.apply_changelog_batch(buffer)
+            buffer.clear()
+
+    def _set_recovery_ended(self) -> None:
+        self.in_recovery = False
+        self.ended += 1
+
+    def standby_remaining_total(self) -> int:
+        return 0
+
+
+def changelog_events():
+    """Two active partitions and a standby: overwrites, tombstones, a re-delivered old offset."""
+    from faust.types import TP
+
+    a0, a1, s2 = TP("cl", 0), TP("cl", 1), TP("cl", 2)
+    records = [
+        (a0, 0, b"u1", b"v1"),
+        (a0, 1, b"u2", b"v1"),
+        (a1, 0, b"u3", b"v1"),
+        (a0, 2, b"u1", b"v2"),
+        (s2, 0, b"u9", b"s1"),
+        (a0, 3, b"u2", None),  # tombstone: u2 erased
+        (a1, 1, b"u3", b"v2"),
+        (a0, 1, b"u2", b"stale"),  # an offset already applied, delivered again: ignored
+        (a1, 2, b"bad", b"v1"),
+        (a0, 4, b"u4", b"v1"),
+        (s2, 1, b"u9", None),
+        (a1, 3, b"u5", b"v1"),
+    ]
+    events = [
+        SimpleNamespace(message=SimpleNamespace(tp=tp, offset=o, key=k, value=v)) for tp, o, k, v in records
+    ]
+    return events, (a0, a1), (s2,), {a0: 4, a1: 3}
+
+
+async def run_loop(loop_fn, events):
+    _, active, standby, highwaters = changelog_events()
+    table = DictTable(fail_on=b"bad")
+    recovery = SlurpRecovery(table, active, standby, highwaters)
+    for e in events:
+        recovery.tables.changelog_queue.put_nowait(e)
+    task = asyncio.ensure_future(loop_fn(recovery))
+    await asyncio.wait_for(recovery.signal_recovery_end.wait(), 5)
+    while recovery.tables.changelog_queue.qsize():
+        await asyncio.sleep(0)  # Faust's loop goes on taking what was queued after the end
+    for _ in range(10):
+        await asyncio.sleep(0)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    recovery.flush_buffers()
+    return table, recovery
+
+
+@pytest.mark.parametrize("chunk_max", [1, 4, 1000])
+def test_the_chunked_recovery_loop_restores_what_fausts_own_loop_restores(monkeypatch, chunk_max):
+    from faust.tables.recovery import Recovery
+
+    monkeypatch.setattr(faust_patches, "RECOVERY_CHUNK_MAX", chunk_max)
+    events, *_ = changelog_events()
+    theirs, their_recovery = asyncio.run(run_loop(Recovery._slurp_changelogs.fun, events))
+    slurp = faust_patches.ChunkedSlurp()
+    ours, our_recovery = asyncio.run(run_loop(slurp, events))
+
+    # the last value of every key, tombstones deleting, the stale re-delivery ignored
+    expected = {b"u1": b"v2", b"u3": b"v2", b"bad": b"v1", b"u4": b"v1", b"u5": b"v1"}
+    assert theirs.data == ours.data == expected
+    # a failing callback costs that event's buffer entry nothing and the other events nothing
+    assert theirs.seen == ours.seen
+    assert their_recovery.active_offsets == our_recovery.active_offsets
+    assert their_recovery.standby_offsets == our_recovery.standby_offsets
+    assert our_recovery.ended == their_recovery.ended == 1 and not our_recovery.in_recovery
+    # the same batches reach the store: a full buffer (recovery_buffer_size 3) at once, the rest at the end
+    assert ours.batches == theirs.batches
+    assert ours.batches[0] == [0, 1, 0]
+    assert slurp.in_hand == 0
+
+
+def test_an_event_of_a_partition_not_assigned_here_is_skipped_not_applied_to_the_previous_ones_table():
+    """Faust's loop logs "recovery unknown topic" and then applies the event with the previous event's
+    table, offsets and buffer size; the chunked loop skips it."""
+    from faust.types import TP
+
+    events, *_ = changelog_events()
+    stray = SimpleNamespace(message=SimpleNamespace(tp=TP("cl", 7), offset=50, key=b"x", value=b"stray"))
+    table, recovery = asyncio.run(run_loop(faust_patches.ChunkedSlurp(), [*events[:3], stray, *events[3:]]))
+    assert b"x" not in table.data and 50 not in table.seen
+    assert TP("cl", 7) not in recovery.active_offsets and TP("cl", 7) not in recovery.standby_offsets
+    assert table.data == {b"u1": b"v2", b"u3": b"v2", b"bad": b"v1", b"u4": b"v1", b"u5": b"v1"}
+
+
+def test_a_rebalance_during_a_chunk_drops_its_rest_uncounted_as_fausts_clear_drops_the_queue():
+    """A table whose changelog callback awaits lets a rebalance run in the middle of a chunk.
+
+    The events of the chunk not yet applied must not be counted or applied: had they still been in the
+    queue, ``App._on_partitions_revoked`` would have emptied it, and the next recovery seeks back to the
+    offsets counted, so they are read again. No event is applied twice and none is skipped.
+    """
+    from faust.types import TP
+
+    a0 = TP("cl", 0)
+    recovery_box: list = []
+
+    async def rebalance_after_offset_1(event):
+        if event.message.offset == 1:
+            await asyncio.sleep(0)
+            recovery = recovery_box[0]
+            # App._on_partitions_revoked: flush, stop the flow, suspend, clear the queues
+            recovery.flush_buffers()
+            recovery.app.flow_control.suspend()
+            recovery.app.flow_control.clear()
+            recovery.app.consumer_generation_id += 1
+
+    table = DictTable(recovery_buffer_size=100, on_event=rebalance_after_offset_1)
+    recovery = SlurpRecovery(table, (a0,), (), {a0: 5})
+    recovery_box.append(recovery)
+    slurp = faust_patches.ChunkedSlurp()
+    events = [
+        SimpleNamespace(message=SimpleNamespace(tp=a0, offset=o, key=f"u{o}".encode(), value=b"v"))
+        for o in range(6)
+    ]
+
+    async def scenario():
+        for e in events[:4]:
+            recovery.tables.changelog_queue.put_nowait(e)
+        task = asyncio.ensure_future(slurp(recovery))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert recovery.active_offsets[a0] == 1 and slurp.in_hand == 0
+        assert table.seen == [0, 1] and table.batches == [[0, 1]]  # 2 and 3 dropped uncounted
+        # the next recovery: flow resumed, the consumer seeks back to offset 1 and reads on
+        recovery.app.flow_control.resume()
+        for e in events[1:]:
+            recovery.tables.changelog_queue.put_nowait(e)
+        await asyncio.wait_for(recovery.signal_recovery_end.wait(), 5)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    asyncio.run(scenario())
+    assert recovery.active_offsets[a0] == 5
+    assert table.seen == [0, 1, 2, 3, 4, 5]  # offset 1 re-read and ignored, each event applied once
+    assert [o for batch in table.batches for o in batch] == [0, 1, 2, 3, 4, 5]
+    assert table.data == {f"u{o}".encode(): b"v" for o in range(6)}
+
+
+def test_the_chunked_loop_replaces_the_recoverys_task_and_the_drain_hands_the_tail_its_slurp():
+    recovery = SimpleNamespace()
+    slurp = faust_patches.install_chunked_recovery(recovery)
+    assert isinstance(slurp, faust_patches.ChunkedSlurp)
+    assert recovery._slurp_changelogs.fun is slurp
+
+
+def test_deliver_hands_every_record_to_the_callback_in_order():
+    got = []
+
+    async def callback(message):
+        await asyncio.sleep(0)
+        got.append(message)
+
+    asyncio.run(faust_patches.deliver(callback, [3, 1, 2]))
+    assert got == [3, 1, 2]
+
+
+# -- the consumer thread's fetch and the live set of active partitions ---------------------------------
+
+
+class FetchingConsumer:
+    """Faust's consumer as far as ``_getmany`` goes: the thread's fetch filters its buffer as aiokafka's
+    ``Fetcher.fetched_records`` does, reading the partition set after it has waited for data."""
+
+    def __init__(self, buffered: dict):
+        self.buffered = buffered
+        self.while_waiting = lambda: None  # what the main thread does meanwhile (a recovery's pause)
+
+    async def _getmany(self, active_partitions, timeout):
+        self.while_waiting()
+        await asyncio.sleep(0)
+        partitions = active_partitions
+        return {tp: r for tp, r in self.buffered.items() if not (partitions and tp not in partitions)}
+
+
+def test_aiokafka_takes_an_empty_partition_set_for_all_partitions():
+    """The premise of fetch_only_active_partitions, in the installed aiokafka's own code."""
+    import inspect
+
+    from aiokafka.consumer.fetcher import Fetcher
+
+    assert "if partitions and tp not in partitions" in inspect.getsource(Fetcher.fetched_records)
+
+
+def test_a_fetch_in_flight_when_the_recovery_pauses_the_last_active_partition_returns_nothing_paused():
+    """A recovery ("Done reading from changelog topics") empties the active set while a fetch waits.
+
+    Unpatched, the fetch returned every buffered record (input and standby partitions, all paused), and
+    Faust's getmany dropped them with their positions already past them.
+    """
+    buffered = {"changelog-0": [5, 6], "clickstream-3": [771, 772], "changelog-2": [9]}
+    active = {"changelog-2"}
+
+    def recovery_done():  # Recovery._restart_recovery: consumer.pause_partitions(active_tps)
+        active.discard("changelog-2")
+
+    unpatched = FetchingConsumer(buffered)
+    unpatched.while_waiting = recovery_done
+    assert asyncio.run(unpatched._getmany(active_partitions=active, timeout=1.0)) == buffered  # the race
+
+    active.add("changelog-2")
+    consumer = FetchingConsumer(buffered)
+    consumer.while_waiting = recovery_done
+    fetch_only_active_partitions(consumer)
+    assert asyncio.run(consumer._getmany(active_partitions=active, timeout=1.0)) == {}
+
+    # the live set still decides: what is active when the fetch reads it is returned, nothing else
+    active.add("clickstream-3")
+    consumer.while_waiting = lambda: active.add("changelog-0")
+    assert asyncio.run(consumer._getmany(active_partitions=active, timeout=1.0)) == {
+        "changelog-0": [5, 6],
+        "clickstream-3": [771, 772],
+    }
+    assert asyncio.run(consumer._getmany(active_partitions=None, timeout=1.0)) == buffered  # client-only
