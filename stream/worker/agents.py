@@ -161,31 +161,12 @@ class Pipeline:
         (acks=all). Returns, for the last topic given, the last offset written per partition.
         """
         producer = self.c.app.producer._ensure_producer()
-        pending, last_topic = [], None
+        pending = []
         for topic, records in outputs:
-            last_topic = topic
-            batches: dict[int, object] = {}
-            for o in records:
-                b = batches.get(o.partition)
-                if b is None:
-                    b = batches[o.partition] = producer.create_batch()
-                if b.append(key=o.key, value=o.value, timestamp=None) is None:  # batch full: ship it
-                    pending.append((topic, b.record_count(), await _ship(producer, b, topic, o.partition)))
-                    b = batches[o.partition] = producer.create_batch()
-                    if b.append(key=o.key, value=o.value, timestamp=None) is None:
-                        raise ValueError(
-                            f"record of {len(o.value or b'')} bytes exceeds the producer's batch size"
-                        )
-            for p, b in batches.items():
-                if b.record_count():
-                    pending.append((topic, b.record_count(), await _ship(producer, b, topic, p)))
-        last: dict[int, int] = {}
-        if pending:
-            metas = await asyncio.gather(*(f for _t, _n, f in pending))
-            for (topic, n, _f), meta in zip(pending, metas, strict=True):
-                if topic == last_topic:
-                    last[meta.partition] = max(last.get(meta.partition, -1), meta.offset + n - 1)
-        return last
+            for p, outs in _by_partition(records).items():
+                pending += await _send_batches(producer, topic, p, outs)
+        metas = await asyncio.gather(*(f for _t, _n, f in pending)) if pending else []
+        return _last_offsets(pending, metas, outputs[-1][0]) if outputs else {}
 
     async def produce_transactional(self, res, demand: list[Output] = ()) -> None:
         """Exactly-once: every output of a source partition joins that partition's open transaction.
@@ -212,10 +193,7 @@ class Pipeline:
         # surface send errors now (visibility waits for the commit); the changelog records, sent last,
         # tell the offsets that become the persisted changelog offsets once the transaction commits
         metas = await asyncio.gather(*(f for _t, _n, f in pending)) if pending else []
-        offsets: dict[int, int] = {}
-        for (topic, n, _f), meta in zip(pending, metas, strict=True):
-            if topic == self.store.changelog_topic:
-                offsets[meta.partition] = max(offsets.get(meta.partition, -1), meta.offset + n - 1)
+        offsets = _last_offsets(pending, metas, self.store.changelog_topic)
         self.store.stage(res.states, offsets)
         self.failpoint("after_state")  # everything in the open transaction, nothing committed
 
@@ -226,27 +204,14 @@ class Pipeline:
         of the worker's throughput (docs/BENCHMARKS.md). Returns ``(topic, records, future)`` per batch.
         """
         transport = self.c.app.producer
-        by_partition: dict[int, list[Output]] = {}
-        for o in records:
-            by_partition.setdefault(o.partition, []).append(o)
         pending = []
-        for p, outs in by_partition.items():
+        for p, outs in _by_partition(records).items():
             tid = f"{prefix}-{p}"
             producer = transport._transaction_producers.get(tid)
             if producer is None:  # as Faust's own send: the partition is no longer ours
                 raise ProducerSendError(f"No transaction producer found for : {tid}")
             async with transport._trn_locks[tid]:
-                batch = producer.create_batch()
-                for o in outs:
-                    if batch.append(key=o.key, value=o.value, timestamp=None) is None:  # full: ship it
-                        pending.append((topic, batch.record_count(), await _ship(producer, batch, topic, p)))
-                        batch = producer.create_batch()
-                        if batch.append(key=o.key, value=o.value, timestamp=None) is None:
-                            raise ValueError(
-                                f"record of {len(o.value or b'')} bytes exceeds the producer's batch size"
-                            )
-                if batch.record_count():
-                    pending.append((topic, batch.record_count(), await _ship(producer, batch, topic, p)))
+                pending += await _send_batches(producer, topic, p, outs)
         return pending
 
     def failpoint(self, step: str) -> None:
@@ -385,6 +350,40 @@ async def _ship(producer, batch, topic: str, partition: int):
     ``linger_ms`` waiting for more records, and each micro-batch waits on two produce round trips."""
     batch.close()
     return await producer.send_batch(batch, topic, partition=partition)
+
+
+def _by_partition(records: list[Output]) -> dict[int, list[Output]]:
+    """``records`` grouped by their partition, each group in the given order."""
+    groups: dict[int, list[Output]] = {}
+    for o in records:
+        groups.setdefault(o.partition, []).append(o)
+    return groups
+
+
+async def _send_batches(producer, topic: str, partition: int, records: list[Output]) -> list:
+    """Submit ``records`` to one partition in as few closed batches as fit; ``(topic, records, future)``
+    per batch, the future resolving to the batch's metadata (its first record's offset)."""
+    pending = []
+    batch = producer.create_batch()
+    for o in records:
+        if batch.append(key=o.key, value=o.value, timestamp=None) is None:  # batch full: ship it
+            pending.append((topic, batch.record_count(), await _ship(producer, batch, topic, partition)))
+            batch = producer.create_batch()
+            if batch.append(key=o.key, value=o.value, timestamp=None) is None:
+                raise ValueError(f"record of {len(o.value or b'')} bytes exceeds the producer's batch size")
+    if batch.record_count():
+        pending.append((topic, batch.record_count(), await _ship(producer, batch, topic, partition)))
+    return pending
+
+
+def _last_offsets(pending: list, metas: list, topic: str) -> dict[int, int]:
+    """The last offset written per partition of ``topic``, from :func:`_send_batches`' batches and
+    their metadata."""
+    last: dict[int, int] = {}
+    for (t, n, _f), meta in zip(pending, metas, strict=True):
+        if t == topic:
+            last[meta.partition] = max(last.get(meta.partition, -1), meta.offset + n - 1)
+    return last
 
 
 def attach(c: Components, scorer: Scorer) -> Pipeline:
