@@ -66,14 +66,20 @@ def admin_client(settings: Settings, timeout_s: float = 10.0) -> KafkaAdminClien
         raise KafkaUnavailable(unreachable_message(settings)) from None
 
 
-def create_topics(settings: Settings, names: list[str]) -> dict[str, int]:
-    """Create the topics of ``names`` that are missing (``settings.partitions``, ``settings.replication``)
-    and wait until every broker knows them; return the partition count of each. The one topic creator of
-    the product (the worker's topics, the bench's)."""
+def create_topics(
+    settings: Settings, names: list[str], configs: dict[str, str] | None = None
+) -> dict[str, int]:
+    """Create the topics of ``names`` that are missing (``settings.partitions``, ``settings.replication``,
+    the topic ``configs`` given) and wait until every broker knows them; return the partition count of
+    each. The one topic creator of the product (the worker's topics, the bench's)."""
     admin = admin_client(settings)
     try:
         existing = set(admin.list_topics())
-        new = [NewTopic(n, settings.partitions, settings.replication) for n in names if n not in existing]
+        new = [
+            NewTopic(n, settings.partitions, settings.replication, topic_configs=dict(configs or {}))
+            for n in names
+            if n not in existing
+        ]
         if new:
             try:
                 admin.create_topics(new)

@@ -57,6 +57,13 @@ DRAIN_TIMEOUT_S = 900
 RESTORE_TIMEOUT_S = 1800
 #: The latency producer releases events in ticks of this length, at the target rate on average.
 LATENCY_TICK_S = 0.01
+#: Topic configs of the bench's input topic: the broker stamps each record with its append time, which
+#: splits every event's latency into the generator's leg (send -> append) and the worker's (append ->
+#: signal), see :func:`latency_breakdown`. The worker itself does not read record timestamps for its
+#: work (only for its latency metric, which then also counts from the append).
+INPUT_TOPIC_CONFIGS = {"message.timestamp.type": "LogAppendTime"}
+#: aiokafka's ``ConsumerRecord.timestamp_type`` of a broker-stamped record.
+LOG_APPEND_TIME = 1
 #: A latency level whose generator achieved less than this share of its target rate is flagged.
 ACHIEVED_MIN_SHARE = 0.95
 #: Fetch sizes large enough that one fetch carries a whole batch of 5000 small events.
@@ -138,13 +145,15 @@ class Broker:
             self.started = False
 
 
-def create_topics(bootstrap: str, names: Sequence[str], partitions: int = PARTITIONS) -> None:
+def create_topics(
+    bootstrap: str, names: Sequence[str], partitions: int = PARTITIONS, configs: dict[str, str] | None = None
+) -> None:
     """The bench's topics on its broker, through the product's one topic creator (replication 1)."""
     from demandstream.stream.admin import create_topics as admin_create_topics
     from demandstream.stream.settings import Settings
 
     admin_create_topics(
-        Settings(broker=f"kafka://{bootstrap}", partitions=partitions, replication=1), list(names)
+        Settings(broker=f"kafka://{bootstrap}", partitions=partitions, replication=1), list(names), configs
     )
 
 
@@ -795,7 +804,23 @@ async def _paced_send(
         await producer.stop()
 
 
-async def _read_range(bootstrap: str, topic: str, start: dict[int, int], end: dict[int, int]) -> list[bytes]:
+async def _append_times(
+    bootstrap: str, topic: str, start: dict[int, int], end: dict[int, int]
+) -> dict[str, float]:
+    """Event id -> the broker's append time (s) of the input records in ``[start, end)``; empty when the
+    topic keeps the producer's timestamps (an input topic the bench did not create)."""
+    records = await _read_range(bootstrap, topic, start, end, records=True)
+    return {
+        orjson.loads(r.value)["event_id"]: r.timestamp / 1000.0
+        for r in records
+        if r.timestamp_type == LOG_APPEND_TIME
+    }
+
+
+async def _read_range(
+    bootstrap: str, topic: str, start: dict[int, int], end: dict[int, int], records: bool = False
+) -> list:
+    """The values (the consumer records with ``records``) of ``topic`` in ``[start, end)`` per partition."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
     consumer = AIOKafkaConsumer(
@@ -807,14 +832,14 @@ async def _read_range(bootstrap: str, topic: str, start: dict[int, int], end: di
         consumer.assign(list(tps.values()))
         for p, tp in tps.items():
             consumer.seek(tp, start[p])
-        out: list[bytes] = []
+        out: list = []
         left = sum(end[p] - start[p] for p in tps)
         while left > 0:
             batch = await consumer.getmany(timeout_ms=1000, max_records=PASSTHROUGH_MAX_RECORDS)
             for tp, msgs in batch.items():
                 for m in msgs:
                     if m.offset < end[tp.partition]:
-                        out.append(m.value)
+                        out.append(m if records else m.value)
                         left -= 1
         return out
     finally:
@@ -856,19 +881,23 @@ def latency_ms(
     watch = OffsetWatch(worker.bootstrap, worker.signals_topic)
     inputs = OffsetWatch(worker.bootstrap, worker.input_topic)
     try:
-        start, in_start = watch.ends(), inputs.total()
+        start, in_start = watch.ends(), inputs.ends()
         sent, seconds = asyncio.run(
             _paced_send(worker.bootstrap, worker.input_topic, templates, rate, duration, tag)
         )
-        produced = inputs.total() - in_start
+        in_end = inputs.ends()
+        produced = sum(in_end.values()) - sum(in_start.values())
         watch.wait_for(sum(start.values()) + sent, timeout=max(60.0, 3 * duration), proc=worker.proc)
         end = watch.ends()
     finally:
         watch.close()
         inputs.close()
-    values = asyncio.run(_read_range(worker.bootstrap, worker.signals_topic, start, end))
-    lat = np.array([(s["emitted_at"] - s["ts"]) * 1000.0 for s in map(orjson.loads, values)])
+    signals = [
+        orjson.loads(v) for v in asyncio.run(_read_range(worker.bootstrap, worker.signals_topic, start, end))
+    ]
+    lat = np.array([(s["emitted_at"] - s["ts"]) * 1000.0 for s in signals])
     p50, p95, p99 = np.percentile(lat, [50, 95, 99])
+    appended = asyncio.run(_append_times(worker.bootstrap, worker.input_topic, in_start, in_end))
     return {
         "p50": float(p50),
         "p95": float(p95),
@@ -877,7 +906,32 @@ def latency_ms(
         **achieved_load(rate, produced, seconds, sent),
         "n": int(lat.size),
         "max": float(lat.max()),
+        **latency_breakdown(signals, appended, seconds),
     }
+
+
+def latency_breakdown(signals: Sequence[dict], appended: dict[str, float], seconds: float) -> dict:
+    """Where each event's latency went: the generator's leg (``ts`` -> the broker's append time) and the
+    worker's (append -> ``emitted_at``: waiting for the fetch and the micro-batch before it, then its
+    own batch's step), p50 and p99 of each in ms; and the worker's micro-batches (signals sharing one
+    ``emitted_at`` were stepped together) per second and their median size. ``appended`` maps event
+    ids to append times (s); without them (a topic that keeps the producer's timestamps) only the
+    batch figures are given.
+
+    >>> sig = [{"event_id": "a", "ts": 0.0, "emitted_at": 0.030}, {"event_id": "b", "ts": 0.010, "emitted_at": 0.030}]
+    >>> b = latency_breakdown(sig, {"a": 0.005, "b": 0.012}, seconds=1.0)
+    >>> round(b["produce_p50"], 1), round(b["worker_p99"], 1), b["batches_per_s"], b["batch_events_median"]
+    (3.5, 24.9, 1.0, 2.0)
+    """
+    emitted = np.array([s["emitted_at"] for s in signals])
+    _, sizes = np.unique(emitted, return_counts=True)
+    out = {"batches_per_s": float(len(sizes) / seconds), "batch_events_median": float(np.median(sizes))}
+    both = [(s["ts"], appended[s["event_id"]], s["emitted_at"]) for s in signals if s["event_id"] in appended]
+    if both:
+        ts, at, em = (np.array(c) for c in zip(*both, strict=True))
+        for name, leg in (("produce", (at - ts) * 1000.0), ("worker", (em - at) * 1000.0)):
+            out[f"{name}_p50"], out[f"{name}_p99"] = (float(v) for v in np.percentile(leg, [50, 99]))
+    return out
 
 
 # -- restore ----------------------------------------------------------------------------------------

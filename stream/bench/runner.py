@@ -604,7 +604,7 @@ def _round(
 
 
 def _load_input(bootstrap: str, src: str, events) -> bool:
-    bk.create_topics(bootstrap, [src])
+    bk.create_topics(bootstrap, [src], configs=bk.INPUT_TOPIC_CONFIGS)
     bk.produce(bootstrap, src, bk.encode_events(events))
     return True
 
@@ -1083,6 +1083,7 @@ def _latency_lines(r: dict) -> list[str]:
             lines.append(
                 f"| {level} of pipeline max | {_cell(_why(r, f'latency {level}', 'round'))} | | | | | |"
             )
+    lines += _latency_legs_lines(latency)
     short = [level for level, x in latency.items() if x and x.get("below_target")]
     if short:
         lines += [
@@ -1097,6 +1098,30 @@ def _latency_lines(r: dict) -> list[str]:
         if plot
         else f"Latency versus achieved load: {_why(r, 'latency plot')}.",
     ]
+    return lines
+
+
+def _latency_legs_lines(latency: dict) -> list[str]:
+    """Where the latency went at each measured level (:func:`bk.latency_breakdown`); nothing when no
+    level has the broker's append times."""
+    legs = {level: x for level, x in latency.items() if x and "worker_p50" in x}
+    if not legs:
+        return []
+    lines = [
+        "",
+        "Where it goes: the generator's leg (`ts` → the broker's append time; the input topic is",
+        "`LogAppendTime`) and the worker's (append → `emitted_at`: the wait for the fetch and the",
+        "micro-batch in progress, then the event's own batch); micro-batches are signals sharing one",
+        "`emitted_at`.",
+        "",
+        "| load | generator p50 / p99 ms | worker p50 / p99 ms | micro-batches/s | events per batch (median) |",
+        "|---|---|---|---|---|",
+    ]
+    for level, x in legs.items():
+        lines.append(
+            f"| {level} | {_n(x['produce_p50'])} / {_n(x['produce_p99'])} | {_n(x['worker_p50'])} / "
+            f"{_n(x['worker_p99'])} | {_n(x['batches_per_s'])} | {_n(x['batch_events_median'])} |"
+        )
     return lines
 
 

@@ -95,6 +95,23 @@ def test_achieved_load_flags_a_generator_below_95_percent():
     assert short["below_target"] and short["sent"] == 19_000 and short["produced"] == 18_990
 
 
+def test_latency_breakdown_splits_each_event_at_the_brokers_append_time():
+    signals = [
+        {"event_id": "a", "ts": 10.000, "emitted_at": 10.040},  # one micro-batch of three
+        {"event_id": "b", "ts": 10.010, "emitted_at": 10.040},
+        {"event_id": "c", "ts": 10.020, "emitted_at": 10.040},
+        {"event_id": "d", "ts": 10.030, "emitted_at": 10.070},  # a batch of one, its append not read
+    ]
+    appended = {"a": 10.005, "b": 10.012, "c": 10.021}
+    b = bk.latency_breakdown(signals, appended, seconds=2.0)
+    assert b["batches_per_s"] == 1.0 and b["batch_events_median"] == 2.0  # sizes 3 and 1
+    assert b["produce_p50"] == pytest.approx(2.0) and b["worker_p50"] == pytest.approx(28.0)
+    # every joined event's legs add up to its latency
+    assert b["produce_p99"] + b["worker_p99"] < 40.0 + 1e-9
+    only_batches = bk.latency_breakdown(signals, {}, seconds=2.0)
+    assert set(only_batches) == {"batches_per_s", "batch_events_median"}
+
+
 def test_the_latency_curve_is_a_png(tmp_path):
     latency = {
         "25%": {"p50": 11.0, "p95": 15.8, "p99": 22.9, "rate_events_per_s": 2_000.0,
