@@ -272,9 +272,30 @@ def test_a_clean_run_records_no_failure(fakes, tmp_path):
     assert list(r)[: len(BENCH_KEYS)] == list(BENCH_KEYS)
     assert r["ratio"]["runs"] == pytest.approx([0.1, 0.2, 0.3])  # pipeline / the faster copy, 80k
     assert r["detail"]["passthrough"]["faster"] == ["fastest_copy"] * 3
-    assert fakes.latency_on == ["{}-2".format(FakeWorker.started[2].tag.rsplit("-", 1)[0])] * 3
+    assert fakes.latency_on == ["{}-2".format(FakeWorker.started[3].tag.rsplit("-", 1)[0])] * 3
     assert all(w.stopped for w in FakeWorker.started) and FakeBroker.instances[0].stopped
     assert "Failed parts" not in text and "failed:" not in text and "kept" in text
+
+
+def test_an_uncounted_exactly_once_drain_warms_the_broker_up_first(fakes, tmp_path):
+    _, r, _ = bench(tmp_path)
+    first = FakeWorker.started[0]
+    assert first.tag.endswith("-warmup-0") and first.guarantee == "exactly_once" and first.stopped
+    assert fakes.fed["warmup-0"] == (FakeWorker.started[3].input_topic, None)  # the rounds' input
+    assert r["detail"]["warm_up"] == {"guarantee": "exactly_once", "events_per_s": 7_200.0}
+    # its figure is in no median: exactly-once drains are the three rounds' own
+    assert r["exactly_once_events_per_s"]["runs"] == [7_200.0, 14_400.0, 21_600.0]
+
+
+def test_a_failed_warm_up_is_recorded_and_every_round_still_measured(fakes, tmp_path):
+    fakes.fail = {"drain warmup-0": RuntimeError("worker exited with 1 after 0 of 10 records")}
+    _, r, text = bench(tmp_path)
+    assert r["failed"] == [
+        {"part": "warm-up", "error": "RuntimeError: worker exited with 1 after 0 of 10 records"}
+    ]
+    assert r["skipped"] == [] and r["detail"]["warm_up"] is None
+    assert len(r["pipeline_events_per_s"]["runs"]) == 3 and FakeWorker.started[0].stopped
+    assert "`warm-up` failed: RuntimeError" in text
 
 
 def test_a_failed_broker_skips_the_kafka_parts_but_not_the_model(fakes, tmp_path):
@@ -287,6 +308,7 @@ def test_a_failed_broker_skips_the_kafka_parts_but_not_the_model(fakes, tmp_path
         == [{"part": "broker start", "error": "RuntimeError: bench broker not up after 600 s"}]
     )
     assert [s["part"] for s in r["skipped"]] == [
+        "warm-up",
         *(f"{kind}round {i}" for i in (1, 2, 3) for kind in ("processes ", "exactly_once ", "")),
         "latency 25%",
         "latency 50%",
@@ -436,11 +458,16 @@ def test_a_clean_run_measures_all_cores_exactly_once_memory_and_the_curve(fakes,
     assert r["ratio_processes"]["runs"] == pytest.approx([0.1875, 0.375, 0.5625])
     assert r["detail"]["processes"] == 2
     assert r["detail"]["processes_speedup"]["median"] == pytest.approx(1.875)
-    assert [w.processes for w in FakeWorker.started[:3]] == [2, 1, 1]
-    assert [w.guarantee for w in FakeWorker.started[:3]] == ["at_least_once", "exactly_once", "at_least_once"]
+    # after the warm-up (started[0]), each round: --processes 2, exactly-once, the round's own worker
+    assert [w.processes for w in FakeWorker.started[1:4]] == [2, 1, 1]
+    assert [w.guarantee for w in FakeWorker.started[1:4]] == [
+        "at_least_once",
+        "exactly_once",
+        "at_least_once",
+    ]
     # --processes gets an input topic of its own, fed from the round's once every process is ready
-    src = FakeWorker.started[2].input_topic
-    assert fakes.fed["procs2-0"] == (f"bench-feed-{FakeWorker.started[0].tag}", src)
+    src = FakeWorker.started[3].input_topic
+    assert fakes.fed["procs2-0"] == (f"bench-feed-{FakeWorker.started[1].tag}", src)
     assert fakes.fed["eo-0"] == fakes.fed["0"] == (src, None)
     # exactly-once: 1 - median(eo) / median(alo) = 1 - 14,400 / 16,000; to the last committed: 12,000
     assert r["exactly_once_cost"] == pytest.approx(0.1)
