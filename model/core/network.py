@@ -248,6 +248,9 @@ class DemandLSTM(nn.Module):
 
     # -- inputs ---------------------------------------------------------------------------------
 
+    #: The features :meth:`embed` reads; the heads read the others (history slots, cart, Markov).
+    EMBED_FEATURES = ("query", "etype", "item", "cat", "price", "gap")
+
     def embed(self, f: dict[str, torch.Tensor]) -> torch.Tensor:
         q = f["query"]
         q_mask = (q > 0).unsqueeze(-1).float()
@@ -504,12 +507,16 @@ class DemandLSTM(nn.Module):
         lengths: torch.Tensor,
         state: tuple[torch.Tensor, torch.Tensor],
         explain: bool = False,
+        rows: dict[str, torch.Tensor] | None = None,
     ):
         """Sequences of different lengths [B, T] from given states: (head outputs at valid steps
-        [n_valid, ...] in row-major (user, step) order, final (h, c) of each user at its own last step).
+        [n_valid, ...] in row-major (user, step) order, final (h, c) of each user at its own last step,
+        the [B, T] mask of valid steps).
 
-        The stream uses it when a micro-batch holds several events of one user: one call instead of
-        one ``step`` per event, with the same numbers.
+        ``f`` needs only the inputs :meth:`embed` reads (:data:`EMBED_FEATURES`) when ``rows`` gives
+        every feature of the valid steps already in that order ([n_valid, ...]); without ``rows`` they
+        are taken from ``f``. The stream uses it when a micro-batch holds several events of one user:
+        one call instead of one ``step`` per event, with the same numbers.
         """
         x = self.embed(f)
         packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
@@ -517,7 +524,9 @@ class DemandLSTM(nn.Module):
         out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
         valid = torch.arange(x.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)
         valid = valid.to(out.device)
-        return self.heads(out[valid], {k: v[valid] for k, v in f.items()}, explain), state, valid
+        if rows is None:
+            rows = {k: v[valid] for k, v in f.items()}
+        return self.heads(out[valid], rows, explain), state, valid
 
     def step(
         self, f: dict[str, torch.Tensor], state: tuple[torch.Tensor, torch.Tensor], explain: bool = False

@@ -241,13 +241,16 @@ class Scorer:
             idx[b, : len(q)] = np.arange(r0, r0 + len(q))
             idx[b, len(q) :] = r0 + len(q) - 1  # padding repeats the last row; it is masked out
         buf.put_rows(0, rows)
-        f = buf.tensors(idx, self.device)
+        # The rows were written in (user, step) order, the order of the valid steps the heads see:
+        # they take the rows as they are, and only the embedded inputs are laid out [B, T].
+        fv = buf.tensors(slice(0, n), self.device)
+        pad = torch.from_numpy(idx).to(self.device)
+        f = {k: fv[k][pad] for k in self.net.EMBED_FEATURES}
         h = torch.from_numpy(np.stack([s.h for s in states], axis=1)).to(self.device)
         c = torch.from_numpy(np.stack([s.c for s in states], axis=1)).to(self.device)
-        out, (h2, c2), valid = self.net.forward_packed(
-            f, torch.tensor(lengths), (h, c), explain=bool(self.why_top)
+        out, (h2, c2), _valid = self.net.forward_packed(
+            f, torch.tensor(lengths), (h, c), explain=bool(self.why_top), rows=fv
         )
-        fv = {k: v[valid] for k, v in f.items()}
         probs = self.net.category_probs(out, fv)
         top_i, top_p, cols, names = self._top(probs, fv["hist_cats"])
         why = self._why(out, fv, cols) or [None] * n
