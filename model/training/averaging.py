@@ -15,9 +15,9 @@ of modern training recipes), and costs nothing in the stream: the shipped networ
 ...     _ = net.weight.fill_(1.0)
 >>> avg.update()
 >>> with avg.swapped():
-...     float(net.weight)
+...     net.weight.item()
 0.5
->>> float(net.weight)
+>>> net.weight.item()
 1.0
 """
 

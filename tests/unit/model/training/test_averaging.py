@@ -24,7 +24,7 @@ def test_the_average_is_the_exponential_moving_average_of_the_iterates():
         expected = d * expected + (1 - d) * w
     with avg.swapped():
         assert net.weight.flatten().tolist() == pytest.approx([expected] * 2)
-        assert float(net.bias) == pytest.approx(expected)
+        assert net.bias.item() == pytest.approx(expected)
     assert net.weight.flatten().tolist() == [0.5, 0.5]  # the iterate is back
 
 
