@@ -504,29 +504,25 @@ class DemandLSTM(nn.Module):
     def forward_packed(
         self,
         f: dict[str, torch.Tensor],
+        rows: dict[str, torch.Tensor],
         lengths: torch.Tensor,
         state: tuple[torch.Tensor, torch.Tensor],
         explain: bool = False,
-        rows: dict[str, torch.Tensor] | None = None,
     ):
-        """Sequences of different lengths [B, T] from given states: (head outputs at valid steps
-        [n_valid, ...] in row-major (user, step) order, final (h, c) of each user at its own last step,
-        the [B, T] mask of valid steps).
+        """Sequences of different lengths from given states: (head outputs at the valid steps
+        [n_valid, ...] in row-major (user, step) order, final (h, c) of each user at its own last step).
 
-        ``f`` needs only the inputs :meth:`embed` reads (:data:`EMBED_FEATURES`) when ``rows`` gives
-        every feature of the valid steps already in that order ([n_valid, ...]); without ``rows`` they
-        are taken from ``f``. The stream uses it when a micro-batch holds several events of one user:
-        one call instead of one ``step`` per event, with the same numbers.
+        ``f`` holds the inputs :meth:`embed` reads (:data:`EMBED_FEATURES`) laid out [B, T]; ``rows``
+        every feature of the valid steps, already in (user, step) order [n_valid, ...]. The stream uses
+        it when a micro-batch holds several events of one user: one call instead of one ``step`` per
+        event, with the same numbers.
         """
         x = self.embed(f)
         packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
         out, state = self.lstm(packed, state)
         out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
         valid = torch.arange(x.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)
-        valid = valid.to(out.device)
-        if rows is None:
-            rows = {k: v[valid] for k, v in f.items()}
-        return self.heads(out[valid], rows, explain), state, valid
+        return self.heads(out[valid.to(out.device)], rows, explain), state
 
     def step(
         self, f: dict[str, torch.Tensor], state: tuple[torch.Tensor, torch.Tensor], explain: bool = False

@@ -248,8 +248,8 @@ class Scorer:
         f = {k: fv[k][pad] for k in self.net.EMBED_FEATURES}
         h = torch.from_numpy(np.stack([s.h for s in states], axis=1)).to(self.device)
         c = torch.from_numpy(np.stack([s.c for s in states], axis=1)).to(self.device)
-        out, (h2, c2), _valid = self.net.forward_packed(
-            f, torch.tensor(lengths), (h, c), explain=bool(self.why_top), rows=fv
+        out, (h2, c2) = self.net.forward_packed(
+            f, fv, torch.tensor(lengths), (h, c), explain=bool(self.why_top)
         )
         probs = self.net.category_probs(out, fv)
         top_i, top_p, cols, names = self._top(probs, fv["hist_cats"])

@@ -105,9 +105,9 @@ def test_latency_breakdown_splits_each_event_at_the_brokers_append_time():
     appended = {"a": 10.005, "b": 10.012, "c": 10.021}
     b = bk.latency_breakdown(signals, appended, seconds=2.0)
     assert b["batches_per_s"] == 1.0 and b["batch_events_median"] == 2.0  # sizes 3 and 1
+    # legs of the three joined events: generator 5, 2, 1 ms; worker 35, 28, 19 ms (numpy's linear p99)
     assert b["produce_p50"] == pytest.approx(2.0) and b["worker_p50"] == pytest.approx(28.0)
-    # every joined event's legs add up to its latency
-    assert b["produce_p99"] + b["worker_p99"] < 40.0 + 1e-9
+    assert b["produce_p99"] == pytest.approx(4.94) and b["worker_p99"] == pytest.approx(34.86)
     only_batches = bk.latency_breakdown(signals, {}, seconds=2.0)
     assert set(only_batches) == {"batches_per_s", "batch_events_median"}
 
