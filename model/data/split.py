@@ -21,8 +21,10 @@ censored too: a hole in the data is no evidence that the user did not buy.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 
 import numpy as np
 
@@ -30,6 +32,8 @@ from demandstream.model.core.events import iso_seconds
 from demandstream.model.data.eventlog import EventLog
 from demandstream.model.data.labels import DEFAULT_GAP_S, PURCHASE, purchase_labels, window_covered
 from demandstream.model.errors import DataError, OptionError
+
+logger = logging.getLogger(__name__)
 
 # DEFAULT_GAP_S (imported above, defined with the labels in demandstream.model.data.labels) is the longest
 # silence of the whole log (no event of any user) that still counts as continuous logging: a purchase window
@@ -39,6 +43,13 @@ from demandstream.model.errors import DataError, OptionError
 #: Default split of the time span: the first 80 % trains, the next 10 % validates, the rest tests.
 DEFAULT_TRAIN_FRACTION = 0.8
 DEFAULT_VALID_FRACTION = 0.9
+
+#: A shop logs continuously, so a week without a single event of any user separates a log's main body
+#: from rows that are not part of it: clock errors (a client whose clock is a year off still passes
+#: validation) or a separate export appended to the file. The default split measures its fractions on
+#: the main body only (:func:`main_span`); the rows outside it stay in the log (before the body: train
+#: context; after it: test).
+OUTLIER_GAP_S = 7 * 86400.0
 
 #: The three phases of the split, in time order.
 PHASES = ("train", "valid", "test")
@@ -90,10 +101,33 @@ class Split:
         return asdict(self)
 
 
+def main_span(ts: np.ndarray, outlier_gap_s: float = OUTLIER_GAP_S) -> tuple[float, float, int]:
+    """``(start, end, n_outside)``: the time span of the log's main body and the rows outside it.
+
+    The main body is the run of the sorted timestamps without a silence longer than ``outlier_gap_s``
+    that holds the most rows (the earliest such run on ties).
+
+    >>> main_span(np.array([0.0, 1e9, 1e9 + 60, 1e9 + 120, 4e9]))  # 1970 and 2096 are not the body
+    (1000000000.0, 1000000120.0, 2)
+    >>> main_span(np.array([5.0, 1.0, 3.0]))
+    (1.0, 5.0, 0)
+    """
+    t = np.sort(np.asarray(ts, dtype=np.float64))
+    cuts = np.flatnonzero(np.diff(t) > outlier_gap_s) + 1
+    bounds = np.r_[0, cuts, t.shape[0]]
+    k = int(np.argmax(np.diff(bounds)))
+    lo, hi = int(bounds[k]), int(bounds[k + 1])
+    return float(t[lo]), float(t[hi - 1]), t.shape[0] - (hi - lo)
+
+
 def temporal_split(
     log: EventLog, train_end: str | float | None = None, valid_end: str | float | None = None
 ) -> Split:
     """The split of docs/ARCHITECTURE.md §Evaluation; without bounds 80 % / 10 % / 10 % of the time span.
+
+    The fractions are of the log's main body (:func:`main_span`): rows separated from it by a silence
+    of more than :data:`OUTLIER_GAP_S` do not stretch the span (one row stamped a few years early would
+    otherwise put every real event in the test window). ``end_ts`` is still the last row of the whole log.
 
     >>> from demandstream.model.core.events import Event
     >>> log = EventLog.from_events([Event(f"e{i}", "u", 1000.0 + i, "view", "i") for i in range(11)])
@@ -106,19 +140,37 @@ def temporal_split(
     """
     if len(log) == 0:
         raise DataError("cannot split an empty log")
-    start, end = float(log.ts.min()), float(log.ts.max())
+    start, end, outside = main_span(log.ts)
+    if outside and (train_end is None or valid_end is None):
+        logger.warning(
+            "%d events lie more than %.0f days away from the rest of the log (%s to %s): "
+            "the default split measures its fractions without them",
+            outside,
+            OUTLIER_GAP_S / 86400,
+            _utc(start),
+            _utc(end),
+        )
     span = end - start
     t1 = parse_time(train_end) if train_end is not None else start + DEFAULT_TRAIN_FRACTION * span
     if valid_end is not None:
         t2 = parse_time(valid_end)
     elif train_end is not None:
-        # An explicit T1 alone: validation takes half of what is left after it.
-        t2 = t1 + 0.5 * (end - t1)
+        # An explicit T1 alone: validation takes half of what is left after it (of the main body when
+        # T1 falls inside it, else of the rest of the log).
+        last = end if end > t1 else float(log.ts.max())
+        t2 = t1 + 0.5 * (last - t1)
     else:
         t2 = start + DEFAULT_VALID_FRACTION * span
     if not t1 < t2:
         raise OptionError(f"train end ({t1}) must be before valid end ({t2})")
-    return Split(t1, t2, end)
+    return Split(t1, t2, float(log.ts.max()))
+
+
+def _utc(ts: float) -> str:
+    try:
+        return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (OverflowError, OSError, ValueError):
+        return repr(ts)
 
 
 def next_category_targets(cat_index: np.ndarray, user_start: np.ndarray) -> np.ndarray:

@@ -54,7 +54,14 @@ from demandstream.model.core.network import (
 )
 from demandstream.model.core.scoring import resolve_device
 from demandstream.model.data.eventlog import EventLog
-from demandstream.model.data.split import Points, Split, next_category_targets, phase_points, temporal_split
+from demandstream.model.data.split import (
+    Points,
+    Split,
+    main_span,
+    next_category_targets,
+    phase_points,
+    temporal_split,
+)
 from demandstream.model.errors import DataError, OptionError
 from demandstream.model.training.averaging import WeightAverage
 
@@ -1051,7 +1058,9 @@ def _selection_split(log: EventLog, split: Split, tcfg: TrainConfig) -> tuple[Sp
     info = {"source": "validation", "n_category_points": n_cat, "n_positives": n_pos}
     if n_cat >= tcfg.min_valid_category_points and n_pos >= tcfg.min_valid_positives:
         return split, info
-    start = float(log.ts.min())
+    # the training time of the main body: a row stamped years early must not make the hold-out years long
+    train_ts = log.ts[log.ts < split.train_end]
+    start = main_span(train_ts)[0] if train_ts.size else float(log.ts.min())
     t1 = start + (1.0 - tcfg.holdout_fraction) * (split.train_end - start)
     info.update(
         source="holdout",

@@ -9,7 +9,9 @@ from demandstream.model.core.features import PURCHASE_HORIZON_S, Vocabulary
 from demandstream.model.data.eventlog import EventLog
 from demandstream.model.data.labels import log_gaps
 from demandstream.model.data.split import (
+    OUTLIER_GAP_S,
     Split,
+    main_span,
     next_category_targets,
     parse_time,
     phase_points,
@@ -49,6 +51,49 @@ def test_default_split_is_80_10_10_and_bounds_are_validated():
     assert temporal_split(log, "500", 700) == Split(500.0, 700.0, 1000.0)
     with pytest.raises(ValueError, match="before valid end"):
         temporal_split(log, 700, 700)
+
+
+DAY = 86400.0
+BODY0 = 1_511_568_000.0  # 2017-11-25, Taobao UserBehavior's first day
+
+
+def _log(times):
+    return EventLog.from_events([Event(f"e{i}", f"u{i % 3}", t, "view", "i") for i, t in enumerate(times)])
+
+
+def test_rows_stamped_far_from_the_log_do_not_stretch_the_default_split(caplog):
+    """A few rows stamped years away from a nine-day log: without the main-body rule they stretch the
+    span, and every real event lands on one side of T1 (an empty training set or an empty test)."""
+    body = [BODY0 + DAY * 9 * k / 99 for k in range(100)]
+    log = _log([0.0, -3e8, *body, 2_147_483_647.0])
+    with caplog.at_level("WARNING"):
+        split = temporal_split(log)
+    assert split.train_end == pytest.approx(BODY0 + 0.8 * 9 * DAY)
+    assert split.valid_end == pytest.approx(BODY0 + 0.9 * 9 * DAY)
+    assert split.end_ts == 2_147_483_647.0  # labels are still censored at the log's real end
+    assert "3 events lie more than 7 days away" in caplog.text
+    # explicit bounds are taken as given, and say nothing
+    caplog.clear()
+    assert temporal_split(log, BODY0 + DAY, BODY0 + 2 * DAY) == Split(
+        BODY0 + DAY, BODY0 + 2 * DAY, 2_147_483_647.0
+    )
+    assert caplog.text == ""
+    # an explicit T1 alone: validation is half of the body after it
+    assert temporal_split(log, BODY0 + DAY).valid_end == pytest.approx(BODY0 + 5 * DAY)
+
+
+def test_main_span_keeps_the_busiest_run_and_ignores_silences_up_to_the_bound():
+    week = OUTLIER_GAP_S
+    # two runs: 3 rows, a silence longer than the bound, 4 rows: the second is the body
+    assert main_span(np.array([0.0, 1.0, 2.0, 2.0 + week + 1, 3.0 + week, 4.0 + week, 5.0 + week])) == (
+        2.0 + week + 1,
+        5.0 + week,
+        3,
+    )
+    # a silence of exactly the bound does not split the log
+    assert main_span(np.array([0.0, week, 2 * week])) == (0.0, 2 * week, 0)
+    # a log without outliers: the default split is unchanged (80 / 10 / 10 of the whole span)
+    assert main_span(np.array([5.0])) == (5.0, 5.0, 0)
 
 
 def test_next_category_targets_stop_at_user_boundaries():
