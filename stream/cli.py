@@ -309,7 +309,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--partitions", type=int)
     sp.add_argument("--batch-max", type=int)
-    sp.add_argument("--batch-within-ms", type=int)
     sp.set_defaults(func=cmd_worker)
 
     sp = command("replay", help="send a log file to the input topic")
@@ -395,7 +394,6 @@ _SETTING_FLAGS = (
     "store",
     "partitions",
     "batch_max",
-    "batch_within_ms",
     "processes",
 )
 

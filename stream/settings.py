@@ -14,6 +14,7 @@ demandstream.stream.settings.SettingsError: DEMANDSTREAM_GUARANTEE: must be one 
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Mapping
@@ -24,6 +25,17 @@ from urllib.parse import urlsplit
 from demandstream.model.errors import UserError
 
 PREFIX = "DEMANDSTREAM_"
+
+logger = logging.getLogger(__name__)
+
+#: Variables that no longer set anything, and why: a deployment that still carries one is told so
+#: (a warning, not an error, so that the worker still starts from an old configuration).
+REMOVED_ENV_VARS: dict[str, str] = {
+    PREFIX + "BATCH_WITHIN_MS": (
+        "a micro-batch is one fetch of the consumer (docs/ARCHITECTURE.md §Flow) and nothing waits to fill "
+        "it; DEMANDSTREAM_BATCH_MAX bounds its size"
+    ),
+}
 #: The ``why`` of a top category has at most one entry per reason (demandstream.model.core.explain.REASONS).
 WHY_TOP_MAX = 10
 #: Where deploy/kafka/kafka.sh sits when this package runs from a checkout (editable install).
@@ -77,7 +89,6 @@ class Settings:
     standby_buffer: int = 1000
     store: str = "rocksdb"
     batch_max: int = 2000
-    batch_within_ms: int = 50
     top_k: int = 5
     #: per top category, the signal's ``why`` lists this many named contributions (docs/ARCHITECTURE.md
     #: §Signals); 0, the default, leaves ``why`` out and keeps the signal small
@@ -128,6 +139,9 @@ class Settings:
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> Settings:
         """Defaults, overridden by ``DEMANDSTREAM_*`` in ``env``, overridden by non-None ``overrides``."""
         env = os.environ if env is None else env
+        for name, why in REMOVED_ENV_VARS.items():
+            if env.get(name):
+                logger.warning("%s is ignored: %s", name, why)
         values: dict = {}
         for f in fields(cls):
             name = PREFIX + f.name.upper()
@@ -188,8 +202,8 @@ class Settings:
             raise SettingsError(
                 f"{PREFIX}TOPIC_CONTROL: must be a topic of its own (got {self.topic_control!r})"
             )
-        if self.batch_within_ms < 0 or self.standby_replicas < 0 or self.state_ttl_s < 0:
-            raise SettingsError("batch_within_ms, standby_replicas and state_ttl_s must not be negative")
+        if self.standby_replicas < 0 or self.state_ttl_s < 0:
+            raise SettingsError("standby_replicas and state_ttl_s must not be negative")
         if not 0 < self.web_port < 65536:
             raise SettingsError(f"{PREFIX}WEB_PORT: not a port: {self.web_port}")
         if self.web_advertised_url:

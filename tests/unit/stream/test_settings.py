@@ -29,3 +29,24 @@ def test_why_top_outside_zero_to_ten_is_refused(value):
 def test_why_is_off_by_default():
     assert Settings.from_env({}).why_top == 0
     assert Settings.from_env({"DEMANDSTREAM_WHY_TOP": "3"}).why_top == 3
+
+
+def test_a_removed_variable_is_reported_and_ignored(caplog):
+    """DEMANDSTREAM_BATCH_WITHIN_MS never changed anything (a micro-batch is one fetch): a deployment
+    that still sets it starts, and its log says why the variable does nothing."""
+    with caplog.at_level("WARNING", logger="demandstream.stream.settings"):
+        s = Settings.from_env({"DEMANDSTREAM_BATCH_WITHIN_MS": "50", "DEMANDSTREAM_BATCH_MAX": "7"})
+    assert s.batch_max == 7
+    assert not hasattr(s, "batch_within_ms")
+    assert "DEMANDSTREAM_BATCH_WITHIN_MS is ignored: a micro-batch is one fetch" in caplog.text
+    caplog.clear()
+    Settings.from_env({})
+    assert caplog.text == ""
+
+
+def test_the_removed_flag_is_refused_by_the_command_line():
+    from demandstream.stream import cli
+
+    with pytest.raises(SystemExit) as exc:
+        cli.build_parser().parse_args(["worker", "--batch-within-ms", "50"])
+    assert exc.value.code == 2
