@@ -54,6 +54,7 @@ def cmd_train(a, settings: Settings) -> int:
         valid_end=a.valid_end,
         seed=a.seed,
         refit=a.refit,
+        progress=not a.quiet,
     )
     print(_summary_line("trained", summary))
     return 0
@@ -276,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="keep the model chosen on validation instead of retraining on train + validation",
     )
+    sp.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
     split_args(sp)
     sp.set_defaults(func=cmd_train)
 

@@ -122,6 +122,12 @@ class TrainConfig:
     ema_decay: float = 0.995
 
 
+def _bar_off(progress: bool) -> bool | None:
+    """tqdm's ``disable``: off when not asked for; when asked, None lets tqdm turn it off unless
+    stderr is a terminal."""
+    return None if progress else True
+
+
 @dataclass
 class TrainResult:
     net: DemandLSTM
@@ -806,7 +812,9 @@ def _fit(
         h, c = net.initial_state(tcfg.lanes, device)
         run_loss, run_n = 0.0, 0
         t_ep = time.perf_counter()
-        bar = tqdm(total=n_train, desc=f"{desc} epoch {epoch}", unit="ev", disable=not progress, leave=False)
+        bar = tqdm(
+            total=n_train, desc=f"{desc} epoch {epoch}", unit="ev", disable=_bar_off(progress), leave=False
+        )
         for active, idx, valid, reset in _lane_windows(_epoch_order(ranges, rng), tcfg.lanes, tcfg.bptt):
             keep = (~torch.from_numpy(reset).to(device)).float().view(1, -1, 1)
             h, c = (h * keep).detach(), (c * keep).detach()
@@ -987,7 +995,7 @@ def _fit_purchase_head(
             total=int(tr.mask.sum()),
             desc=f"{desc} purchase {epoch}",
             unit="ev",
-            disable=not progress,
+            disable=_bar_off(progress),
             leave=False,
         )
         run, run_n = 0.0, 0
@@ -1117,7 +1125,8 @@ def train(
     tcfg, mcfg : TrainConfig, ModelConfig, optional
         ``mcfg.n_categories`` is replaced by the size of the vocabulary built from the fitted rows.
     progress : bool
-        Show a tqdm bar with the running loss.
+        Show a tqdm bar with the running loss when stderr is a terminal (in a log file a bar is megabytes
+        of carriage returns; the per-epoch lines are printed and logged either way).
     split : Split, optional
         Defaults to :func:`demandstream.model.data.split.temporal_split` (80/10/10 of the time span).
     """

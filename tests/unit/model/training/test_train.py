@@ -371,3 +371,13 @@ def test_the_purchase_head_phase_moves_only_the_purchase_head_and_is_replayed_by
     assert (n, from_funnel, hist) == (0, True, [])
     assert not net.purchase[-1].weight.any() and not net.purchase[-1].bias.any()
     assert isinstance(sel["purchase_from_funnel"], bool)
+
+
+def test_progress_in_a_log_file_is_epoch_lines_not_bars(tmp_path, capsys):
+    """Redirected to a file, tqdm's bars are megabytes of carriage returns: only the epoch lines go."""
+    data = tmp_path / "d.jsonl"
+    write_jsonl(generate(30, 900, seed=3), data)
+    run_training(str(data), "jsonl", tmp_path / "m.pt", **{**TINY_RUN, "progress": True})
+    out, err = capsys.readouterr()
+    assert "\r" not in out + err
+    assert "choose epoch 1: train loss" in out
