@@ -1128,7 +1128,8 @@ def train(
         Show a tqdm bar with the running loss when stderr is a terminal (in a log file a bar is megabytes
         of carriage returns; the per-epoch lines are printed and logged either way).
     split : Split, optional
-        Defaults to :func:`demandstream.model.data.split.temporal_split` (80/10/10 of the time span).
+        Defaults to :func:`demandstream.model.data.split.temporal_split` (80/10/10 of the time span of the
+        log's main body).
     """
     tcfg = tcfg or TrainConfig()
     mcfg = mcfg or ModelConfig()
