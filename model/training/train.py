@@ -1078,7 +1078,19 @@ def _selection_split(log: EventLog, split: Split, tcfg: TrainConfig) -> tuple[Sp
         holdout_start=t1,
     )
     logger.warning("%s", info["reason"])
-    return Split(t1, split.train_end, split.end_ts), info
+    holdout = Split(t1, split.train_end, split.end_ts)
+    h = phase_points(log, holdout, "valid", log.category, tcfg.horizon_s)
+    h_cat, h_pos = int((h.cat_target >= 0).sum()), int(h.purchase[h.observable].sum())
+    info.update(holdout_category_points=h_cat, holdout_positives=h_pos)
+    if h_cat < tcfg.min_valid_category_points or h_pos < tcfg.min_valid_positives:
+        # Said, not refused: a small shop still gets a model; it should know how little chose it.
+        logger.warning(
+            "the hold-out is small too (%d next-category points, %d positives): the epochs are chosen on "
+            "little or no evidence; a longer log would let validation decide",
+            h_cat,
+            h_pos,
+        )
+    return holdout, info
 
 
 def _prepare(

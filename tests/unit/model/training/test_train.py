@@ -106,19 +106,23 @@ def test_refit_trains_on_train_and_validation_for_the_chosen_epochs_and_never_on
     assert not valid_only & set(res.vocab.names)
 
 
-def test_a_too_small_validation_window_falls_back_to_a_training_holdout():
+def test_a_too_small_validation_window_falls_back_to_a_training_holdout(caplog):
     log = tiny_log(1500)
     t_max = float(log.ts.max())
     split = Split(t_max - 60.0, t_max - 30.0, t_max + 1.0)  # half a minute of validation
-    res = train(
-        log,
-        TrainConfig(epochs=1, lanes=16, bptt=16, threads=1, refit=False),
-        TINY_MODEL,
-        progress=False,
-        split=split,
-    )
+    with caplog.at_level("WARNING", logger="demandstream.model.training.train"):
+        res = train(
+            log,
+            TrainConfig(epochs=1, lanes=16, bptt=16, threads=1, refit=False),
+            TINY_MODEL,
+            progress=False,
+            split=split,
+        )
     sel = res.metrics["selection"]
     assert sel["source"] == "holdout" and "validation window" in sel["reason"]
+    # a 1,500-event log's hold-out is small too, and the user is told how small
+    assert 0 < sel["holdout_category_points"] < TrainConfig.min_valid_category_points
+    assert f"the hold-out is small too ({sel['holdout_category_points']} next-category points" in caplog.text
     assert sel["n_category_points"] < TrainConfig.min_valid_category_points
     assert float(log.ts.min()) < sel["holdout_start"] < split.train_end
     assert sel["split"]["train_end"] == sel["holdout_start"] and sel["split"]["valid_end"] == split.train_end
