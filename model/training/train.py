@@ -1058,11 +1058,16 @@ def _reset_purchase_correction(net: DemandLSTM) -> None:
     nn.init.zeros_(net.purchase[-1].bias)
 
 
+def _selection_counts(log: EventLog, split: Split, tcfg: TrainConfig) -> tuple[int, int]:
+    """Next-category points and observable purchase positives of ``split``'s validation window."""
+    pts = phase_points(log, split, "valid", log.category, tcfg.horizon_s)
+    return int((pts.cat_target >= 0).sum()), int(pts.purchase[pts.observable].sum())
+
+
 def _selection_split(log: EventLog, split: Split, tcfg: TrainConfig) -> tuple[Split, dict]:
     """The split that chooses the epochs: the given one, or a hold-out at the end of the training time
     when the validation window is too small to decide anything (see the module docstring)."""
-    pts = phase_points(log, split, "valid", log.category, tcfg.horizon_s)
-    n_cat, n_pos = int((pts.cat_target >= 0).sum()), int(pts.purchase[pts.observable].sum())
+    n_cat, n_pos = _selection_counts(log, split, tcfg)
     info = {"source": "validation", "n_category_points": n_cat, "n_positives": n_pos}
     if n_cat >= tcfg.min_valid_category_points and n_pos >= tcfg.min_valid_positives:
         return split, info
@@ -1079,8 +1084,7 @@ def _selection_split(log: EventLog, split: Split, tcfg: TrainConfig) -> tuple[Sp
     )
     logger.warning("%s", info["reason"])
     holdout = Split(t1, split.train_end, split.end_ts)
-    h = phase_points(log, holdout, "valid", log.category, tcfg.horizon_s)
-    h_cat, h_pos = int((h.cat_target >= 0).sum()), int(h.purchase[h.observable].sum())
+    h_cat, h_pos = _selection_counts(log, holdout, tcfg)
     info.update(holdout_category_points=h_cat, holdout_positives=h_pos)
     if h_cat < tcfg.min_valid_category_points or h_pos < tcfg.min_valid_positives:
         # Said, not refused: a small shop still gets a model; it should know how little chose it.
