@@ -34,6 +34,7 @@ numbers (tests/unit/model/core/test_network.py checks max |Δ| ≤ 1e-5).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -78,6 +79,11 @@ VOCAB_FEATURES = ("markov", "popularity", "markov_history")
 #: Initial recency decay of the history mixture (:meth:`DemandLSTM.markov_history`): the k-th most recent
 #: category of the user weighs decay**k. Learned in training (a sigmoid keeps it in (0, 1)).
 MIX_DECAY_INIT = 0.5
+
+#: Offline (:meth:`DemandLSTM.forward_at`), the heads run on at most this many floats of one
+#: [cells, C + K] tensor at a time. A batch of long users times a shop's 10,000 categories was GBs per
+#: tensor, and the head builds several.
+HEAD_CHUNK_FLOATS = 1 << 23
 
 
 @dataclass
@@ -500,6 +506,30 @@ class DemandLSTM(nn.Module):
             state = self.initial_state(x.shape[0], x.device)
         out, state = self.lstm(x, state)
         return self.heads(out, f, explain), state
+
+    def forward_at(
+        self, f: dict[str, torch.Tensor], where: torch.Tensor, explain: bool = False
+    ) -> Iterator[tuple[slice, dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
+        """Whole sequences [B, T] from the initial state, head outputs only at the cells ``where`` [B, T].
+
+        Yields ``(part, outputs, features)``: ``part`` is a slice of the selected cells in row-major
+        (user, step) order, ``outputs`` and ``features`` are theirs ([n, ...]). The LSTM runs over every
+        cell (the state needs the whole sequence), the heads only where asked and a bounded chunk at a
+        time (:data:`HEAD_CHUNK_FLOATS`): offline scoring and validation ask for a window's points
+        after long histories, and the heads' [cells, C + K] tensors are what grows with a shop's
+        categories. The numbers equal :meth:`forward`'s at those cells.
+        """
+        x = self.embed(f)
+        out, _ = self.lstm(x, self.initial_state(x.shape[0], x.device))
+        w = where.to(out.device)
+        h = out[w]
+        rows = {k: v[w] for k, v in f.items()}
+        n, columns = h.shape[0], self.pop_logp.shape[0] + f["hist_cats"].shape[-1]
+        step = max(1, HEAD_CHUNK_FLOATS // columns)
+        for i in range(0, n, step):
+            part = slice(i, min(n, i + step))
+            fc = {k: v[part] for k, v in rows.items()}
+            yield part, self.heads(h[part], fc, explain), fc
 
     def forward_packed(
         self,

@@ -291,13 +291,11 @@ class Scorer:
         want = np.ones(len(log), bool) if rows is None else rows
         for idx, real in padded_user_batches(log.user_start, want, OFFLINE_BATCH_CELLS):
             f = feats.tensors(idx, self.device)
-            out, _ = self.net(f, explain=bool(self.why_top))
             valid = real & want[idx]
-            vt = torch.from_numpy(valid).to(self.device)
-            sel = {k: v[vt] for k, v in out.items()}
-            fv = {k: v[vt] for k, v in f.items()}
-            probs = self.net.category_probs(sel, fv)
-            yield idx[valid], probs, torch.sigmoid(sel["purchase_logit"]), sel, fv
+            row_ids = idx[valid]
+            for part, sel, fv in self.net.forward_at(f, torch.from_numpy(valid), explain=bool(self.why_top)):
+                probs = self.net.category_probs(sel, fv)
+                yield row_ids[part], probs, torch.sigmoid(sel["purchase_logit"]), sel, fv
 
     @torch.inference_mode()
     def score_log(self, log: EventLog) -> Iterator[tuple[int, Prediction]]:

@@ -258,24 +258,28 @@ def _full_context_batches(
     device: torch.device,
     own: OwnCounts | None = None,
 ):
-    """Yield a :class:`_Batch` per group of users holding a point of ``pts``; every user runs from its
-    first event (eval mode, no grad)."""
+    """Yield :class:`_Batch` es of the points of ``pts`` ([n, ...] each, in the same order on every
+    call); every user runs from its first event (eval mode, no grad), the heads only at the points
+    (:meth:`DemandLSTM.forward_at`)."""
     net.eval()
     want = (pts.cat >= 0) | pts.observable
-    for idx, valid in padded_user_batches(log.user_start, want, VALID_BATCH_CELLS):
+    for idx, real in padded_user_batches(log.user_start, want, VALID_BATCH_CELLS):
         f = feats.tensors(idx, device)
         if own is not None:
             own.attach(f, idx, device)
+        cells = real & want[idx]
+        rows = idx[cells]
         with torch.no_grad():
-            out, _ = net(f)
-        yield _Batch(
-            out,
-            f,
-            torch.from_numpy(np.where(valid, pts.cat[idx], -1)).to(device),
-            torch.from_numpy(pts.cat_hash[idx]).to(device),
-            torch.from_numpy(pts.purchase[idx]).to(device),
-            torch.from_numpy(valid & pts.observable[idx]).to(device),
-        )
+            for part, out, fc in net.forward_at(f, torch.from_numpy(cells)):
+                r = rows[part]
+                yield _Batch(
+                    out,
+                    fc,
+                    torch.from_numpy(pts.cat[r]).to(device),
+                    torch.from_numpy(pts.cat_hash[r]).to(device),
+                    torch.from_numpy(pts.purchase[r]).to(device),
+                    torch.from_numpy(pts.observable[r]).to(device),
+                )
 
 
 def target_ranks(
@@ -663,6 +667,9 @@ def own_markov_counts(
 
 #: Training points on which the cascade's scale is fitted (a 1-parameter fit: a sample suffices).
 SCALE_FIT_POINTS = 20_000
+#: ... and fewer when points x (C + K) columns would pass this: the fit holds a few float64 copies of
+#: that matrix, 4 GB at 3,600 categories with 20,000 points, and a shop may have 50,000 categories.
+SCALE_FIT_FLOATS = 1 << 25
 
 
 @torch.no_grad()
@@ -686,7 +693,9 @@ def _calibrate_cascade_scale(
     rows = np.flatnonzero(tr.cat >= 0)
     if not len(rows):
         return 1.0
-    rows = np.sort(rng.choice(rows, size=min(SCALE_FIT_POINTS, len(rows)), replace=False))
+    columns = int(net.pop_logp.shape[0]) + net.cfg.history_slots
+    size = min(SCALE_FIT_POINTS, max(1, SCALE_FIT_FLOATS // columns), len(rows))
+    rows = np.sort(rng.choice(rows, size=size, replace=False))
     sample = np.full(len(tr.cat), -1, np.int64)
     sample[rows] = tr.cat[rows]
     was_training = net.training

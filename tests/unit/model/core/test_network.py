@@ -105,6 +105,41 @@ def test_step_equals_forward(layers):
     assert len(offline) == len(events)
 
 
+def test_forward_at_equals_forward_at_the_chosen_cells_in_any_chunking(monkeypatch):
+    """Offline scoring and validation run the heads only at the points they need, a bounded chunk at a
+    time (a shop with 10,000 categories held GBs per head tensor); the numbers are forward's."""
+    from demandstream.model.core import network
+    from demandstream.model.core.encoding import encode_log, padded_user_batches
+
+    rng = np.random.default_rng(11)
+    events = random_events(rng, n_users=9)
+    vocab = Vocabulary.build([e.category for e in events], max_size=7)
+    cfg = ModelConfig(n_categories=len(vocab), hidden=16, markov_top_k=4)
+    net = live_net(cfg, vocab, events)
+    log = EventLog.from_events(events).sorted_by_user_time()
+    feats = encode_log(log, cfg, vocab)
+    want = rng.random(len(log)) < 0.4
+    (idx, real), *_ = padded_user_batches(log.user_start, want, 1 << 16)
+    f = feats.tensors(idx)
+    cells = torch.from_numpy(real & want[idx])
+    with torch.no_grad():
+        full, _ = net(f, explain=True)
+        expected = {k: v[cells] for k, v in full.items()}
+        columns = len(vocab) + cfg.history_slots
+        for floats in (columns, 3 * columns + 1, network.HEAD_CHUNK_FLOATS):  # 1 cell, 3 cells, one chunk
+            monkeypatch.setattr(network, "HEAD_CHUNK_FLOATS", floats)
+            parts = list(net.forward_at(f, cells, explain=True))
+            assert len(parts) == -(-int(cells.sum()) // max(1, floats // columns))
+            for k, v in expected.items():
+                got = torch.cat([out[k] for _p, out, _f in parts])
+                assert got.shape == v.shape
+                both = torch.isfinite(v)
+                assert torch.equal(both, torch.isfinite(got)), k
+                assert torch.allclose(got[both], v[both], rtol=0, atol=1e-6), k
+            # each chunk's features are its own cells'
+            assert torch.equal(torch.cat([fc["hist_cats"] for _p, _o, fc in parts]), f["hist_cats"][cells])
+
+
 def test_distribution_sums_to_one_and_never_predicts_unknown():
     torch.manual_seed(0)
     events = random_events(np.random.default_rng(5), n_users=3)

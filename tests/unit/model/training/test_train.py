@@ -385,3 +385,24 @@ def test_progress_in_a_log_file_is_epoch_lines_not_bars(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert "\r" not in out + err
     assert "choose epoch 1: train loss" in out
+
+
+def test_the_cascade_scale_fit_takes_fewer_points_when_the_shop_has_many_categories(monkeypatch, caplog):
+    """The fit holds points x (C + K) float64 logits several times over: with 20,000 points a shop of
+    3,600 categories took 4 GB there, one of 50,000 would not fit; the budget bounds the product."""
+    import re
+
+    from demandstream.model.training import train as train_mod
+
+    log = tiny_log(1500)
+    n_columns = (
+        len({c for c in log.categories}) + 1 + TINY_MODEL.history_slots
+    )  # vocabulary (with "unknown") + slots
+    monkeypatch.setattr(train_mod, "SCALE_FIT_FLOATS", n_columns * 50)
+    tcfg = TrainConfig(epochs=1, lanes=16, bptt=16, threads=1, refit=False, **ANY_VALID)
+    with caplog.at_level("INFO", logger="demandstream.model.training.train"):
+        res = train(log, tcfg, TINY_MODEL, progress=False)
+    budget_points = n_columns * 50 // (len(res.vocab) + TINY_MODEL.history_slots)
+    (fitted,) = [r.getMessage() for r in caplog.records if "cascade scale fitted" in r.getMessage()]
+    n_points = int(re.search(r"on (\d+) training points", fitted).group(1))
+    assert 0 < n_points <= budget_points < res.metrics["n_train_events"] // 2  # the budget did bite
