@@ -128,6 +128,43 @@ def _bar_off(progress: bool) -> bool | None:
     return None if progress else True
 
 
+#: Where the bar cannot show (output to a log file), a progress line every this many seconds instead.
+PROGRESS_LINE_S = 60.0
+
+
+class _Progress:
+    """An epoch's progress: tqdm's bar with the running loss on a terminal; in a log file, where tqdm
+    turns the bar off, a line every :data:`PROGRESS_LINE_S` seconds, so that an epoch of a large shop
+    (minutes) is not silent until its end; nothing when progress was not asked for."""
+
+    def __init__(self, total: int, desc: str, progress: bool):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc=desc, unit="ev", disable=_bar_off(progress), leave=False)
+        self.lines = progress and self.bar.disable
+        self.total, self.desc, self.done = total, desc, 0
+        self.t0 = self.last = time.perf_counter()
+        self.postfix: dict[str, str] = {}
+
+    def update(self, n: int) -> None:
+        self.bar.update(n)
+        self.done += n
+        if self.lines and time.perf_counter() - self.last >= PROGRESS_LINE_S:
+            from tqdm import tqdm
+
+            self.last = time.perf_counter()
+            rate = self.done / max(self.last - self.t0, 1e-9)
+            loss = "".join(f", {k} {v}" for k, v in self.postfix.items())
+            tqdm.write(f"{self.desc}: {self.done:,} of {self.total:,} events, {rate:,.0f} events/s{loss}")
+
+    def set_postfix(self, **kw: str) -> None:
+        self.postfix = kw
+        self.bar.set_postfix(**kw)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 @dataclass
 class TrainResult:
     net: DemandLSTM
@@ -821,9 +858,7 @@ def _fit(
         h, c = net.initial_state(tcfg.lanes, device)
         run_loss, run_n = 0.0, 0
         t_ep = time.perf_counter()
-        bar = tqdm(
-            total=n_train, desc=f"{desc} epoch {epoch}", unit="ev", disable=_bar_off(progress), leave=False
-        )
+        bar = _Progress(n_train, f"{desc} epoch {epoch}", progress)
         for active, idx, valid, reset in _lane_windows(_epoch_order(ranges, rng), tcfg.lanes, tcfg.bptt):
             keep = (~torch.from_numpy(reset).to(device)).float().view(1, -1, 1)
             h, c = (h * keep).detach(), (c * keep).detach()
@@ -976,7 +1011,6 @@ def _fit_purchase_head(
         epochs = budget if va is not None else 0
     if epochs <= 0 or budget <= 0:
         return 0, from_funnel, [], 0.0
-    from tqdm import tqdm
 
     frozen = [(p, p.requires_grad) for p in net.parameters()]
     for p in net.parameters():
@@ -1000,13 +1034,7 @@ def _fit_purchase_head(
         net.train()
         t_ep = time.perf_counter()
         h, c = net.initial_state(tcfg.lanes, device)
-        bar = tqdm(
-            total=int(tr.mask.sum()),
-            desc=f"{desc} purchase {epoch}",
-            unit="ev",
-            disable=_bar_off(progress),
-            leave=False,
-        )
+        bar = _Progress(int(tr.mask.sum()), f"{desc} purchase {epoch}", progress)
         run, run_n = 0.0, 0
         for active, idx, valid, reset in _lane_windows(_epoch_order(ranges, rng), tcfg.lanes, tcfg.bptt):
             keep = (~torch.from_numpy(reset).to(device)).float().view(1, -1, 1)

@@ -377,14 +377,24 @@ def test_the_purchase_head_phase_moves_only_the_purchase_head_and_is_replayed_by
     assert isinstance(sel["purchase_from_funnel"], bool)
 
 
-def test_progress_in_a_log_file_is_epoch_lines_not_bars(tmp_path, capsys):
-    """Redirected to a file, tqdm's bars are megabytes of carriage returns: only the epoch lines go."""
+def test_progress_in_a_log_file_is_lines_not_bars(tmp_path, capsys, monkeypatch):
+    """Redirected to a file, tqdm's bars are megabytes of carriage returns: the epoch lines go, and
+    within an epoch a line every PROGRESS_LINE_S seconds (here: every step), none with --quiet."""
+    from demandstream.model.training import train as train_mod
+
+    monkeypatch.setattr(train_mod, "PROGRESS_LINE_S", 0.0)
     data = tmp_path / "d.jsonl"
     write_jsonl(generate(30, 900, seed=3), data)
     run_training(str(data), "jsonl", tmp_path / "m.pt", **{**TINY_RUN, "progress": True})
     out, err = capsys.readouterr()
     assert "\r" not in out + err
     assert "choose epoch 1: train loss" in out
+    lines = [ln for ln in out.splitlines() if ln.startswith("choose epoch 1: ") and "events/s" in ln]
+    assert lines and ", loss " in lines[-1]  # the running loss rides along
+    assert any(ln.startswith("choose purchase 1: ") and "events/s" in ln for ln in out.splitlines())
+    run_training(str(data), "jsonl", tmp_path / "m.pt", **TINY_RUN)  # progress=False: silent
+    out, err = capsys.readouterr()
+    assert "events/s" not in out + err
 
 
 def test_the_cascade_scale_fit_takes_fewer_points_when_the_shop_has_many_categories(monkeypatch, caplog):
