@@ -329,7 +329,11 @@ class DemandLSTM(nn.Module):
         return torch.log(torch.where(wsum > 0, mix, pop))
 
     def heads(
-        self, h: torch.Tensor, f: dict[str, torch.Tensor], explain: bool = False
+        self,
+        h: torch.Tensor,
+        f: dict[str, torch.Tensor],
+        explain: bool = False,
+        purchase_only: bool = False,
     ) -> dict[str, torch.Tensor]:
         """Head outputs from LSTM outputs ``h`` [..., hidden] and the step's features.
 
@@ -340,6 +344,8 @@ class DemandLSTM(nn.Module):
         """
         cfg = self.cfg
         hd = self.drop(h)
+        if purchase_only:
+            return {"purchase_logit": self.purchase_head(hd, f)}
         etype_1h = nn.functional.one_hot(f["etype"], len(EVENT_TYPES)).float()
         gap_1h = nn.functional.one_hot(f["gap"], N_GAP_BUCKETS).float()
         cart = f["cart"].unsqueeze(-1)
@@ -413,6 +419,29 @@ class DemandLSTM(nn.Module):
         vocab_score.scatter_(-1, torch.where(valid, hv, 0), float("-inf"))
         vocab_score[..., 0] = float("-inf")
 
+        purchase_logit = self.purchase_head(hd, f)
+        out = {"cat_logits": torch.cat([vocab_score, slot_score], dim=-1), "purchase_logit": purchase_logit}
+        if explain:
+            out.update(
+                x_phi=phi,
+                x_sw=sw,
+                x_repeat=torch.zeros_like(slot_score) if repeat is None else repeat,
+                x_mk=mk,
+                x_mix=mix,
+                x_vw=vw,
+                x_explore=torch.zeros_like(mk) if explore is None else explore,
+                x_src=src,
+            )
+        return out
+
+    def purchase_head(self, hd: torch.Tensor, f: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Purchase logit [...] from the (dropped-out) LSTM output ``hd`` and the step's funnel features:
+        ``funnel_cart``'s table plus the MLP's correction, Platt-scaled. It reads no category score, so
+        the purchase-head phase of training and the calibration run it alone (``purchase_only``)."""
+        etype_1h = nn.functional.one_hot(f["etype"], len(EVENT_TYPES)).float()
+        gap_1h = nn.functional.one_hot(f["gap"], N_GAP_BUCKETS).float()
+        cart = f["cart"].unsqueeze(-1)
+        ages, slot_cart = f["hist_ages"], f["hist_cart"]
         in_cart_now = ((ages == 0) & (slot_cart > 0)).any(-1, keepdim=True).float()
         add_secs = f["add_secs"].unsqueeze(-1)
         adds = f["session_adds"].unsqueeze(-1)
@@ -440,19 +469,7 @@ class DemandLSTM(nn.Module):
         purchase_logit = (
             self.purchase_scale * purchase_logit + self.purchase_shift
         )  # identity unless calibrated
-        out = {"cat_logits": torch.cat([vocab_score, slot_score], dim=-1), "purchase_logit": purchase_logit}
-        if explain:
-            out.update(
-                x_phi=phi,
-                x_sw=sw,
-                x_repeat=torch.zeros_like(slot_score) if repeat is None else repeat,
-                x_mk=mk,
-                x_mix=mix,
-                x_vw=vw,
-                x_explore=torch.zeros_like(mk) if explore is None else explore,
-                x_src=src,
-            )
-        return out
+        return purchase_logit
 
     @staticmethod
     def category_probs(out: dict[str, torch.Tensor], f: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -499,16 +516,23 @@ class DemandLSTM(nn.Module):
         z = torch.zeros(self.cfg.layers, batch, self.cfg.hidden, device=device)
         return z, z.clone()
 
-    def forward(self, f: dict[str, torch.Tensor], state=None, explain: bool = False):
-        """Whole sequences: features [B, T, ...] -> (head outputs [B, T, ...], (h, c) [layers, B, hidden])."""
+    def forward(
+        self, f: dict[str, torch.Tensor], state=None, explain: bool = False, purchase_only: bool = False
+    ):
+        """Whole sequences: features [B, T, ...] -> (head outputs [B, T, ...], (h, c) [layers, B, hidden]).
+        With ``purchase_only``, the outputs are the purchase logit alone (the category head is skipped)."""
         x = self.embed(f)
         if state is None:
             state = self.initial_state(x.shape[0], x.device)
         out, state = self.lstm(x, state)
-        return self.heads(out, f, explain), state
+        return self.heads(out, f, explain, purchase_only), state
 
     def forward_at(
-        self, f: dict[str, torch.Tensor], where: torch.Tensor, explain: bool = False
+        self,
+        f: dict[str, torch.Tensor],
+        where: torch.Tensor,
+        explain: bool = False,
+        purchase_only: bool = False,
     ) -> Iterator[tuple[slice, dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
         """Whole sequences [B, T] from the initial state, head outputs only at the cells ``where`` [B, T].
 
@@ -529,7 +553,7 @@ class DemandLSTM(nn.Module):
         for i in range(0, n, step):
             part = slice(i, min(n, i + step))
             fc = {k: v[part] for k, v in rows.items()}
-            yield part, self.heads(h[part], fc, explain), fc
+            yield part, self.heads(h[part], fc, explain, purchase_only), fc
 
     def forward_packed(
         self,

@@ -294,10 +294,11 @@ def _full_context_batches(
     pts: Targets,
     device: torch.device,
     own: OwnCounts | None = None,
+    purchase_only: bool = False,
 ):
     """Yield :class:`_Batch` es of the points of ``pts`` ([n, ...] each, in the same order on every
     call); every user runs from its first event (eval mode, no grad), the heads only at the points
-    (:meth:`DemandLSTM.forward_at`)."""
+    (:meth:`DemandLSTM.forward_at`; with ``purchase_only``, the purchase head alone)."""
     net.eval()
     want = (pts.cat >= 0) | pts.observable
     for idx, real in padded_user_batches(log.user_start, want, VALID_BATCH_CELLS):
@@ -307,7 +308,7 @@ def _full_context_batches(
         cells = real & want[idx]
         rows = idx[cells]
         with torch.no_grad():
-            for part, out, fc in net.forward_at(f, torch.from_numpy(cells)):
+            for part, out, fc in net.forward_at(f, torch.from_numpy(cells), purchase_only=purchase_only):
                 r = rows[part]
                 yield _Batch(
                     out,
@@ -381,6 +382,26 @@ def validation_metrics(
         "n_category_points": n_rank,
         "n_purchase_points": n_buy,
     }
+
+
+@torch.no_grad()
+def validation_purchase_bce(
+    net: DemandLSTM, feats: FeatureBuffer, log: EventLog, pts: Targets, device: torch.device
+) -> float:
+    """:func:`validation_metrics`' ``purchase_bce`` (the same batches and sums, so the same number) from
+    the purchase head alone: the purchase-head phase compares it after every epoch, and the category
+    head, frozen then, is most of the cost on a shop with many categories."""
+    tot = 0.0
+    n = 0
+    for b in _full_context_batches(net, feats, log, pts, device, purchase_only=True):
+        k = int(b.obs.sum())
+        if k:
+            logits = b.out["purchase_logit"][b.obs]
+            tot += float(
+                nn.functional.binary_cross_entropy_with_logits(logits, b.buy[b.obs].float(), reduction="sum")
+            )
+            n += k
+    return tot / n if n else math.nan
 
 
 def _validation_with_ranks(
@@ -572,7 +593,7 @@ def calibrate(
     net.purchase_scale.fill_(1.0)
     net.purchase_shift.fill_(0.0)
     zs, ys = [], []
-    for b in _full_context_batches(net, feats, log, pts, device):
+    for b in _full_context_batches(net, feats, log, pts, device, purchase_only=True):
         zs.append(b.out["purchase_logit"][b.obs].double().cpu().numpy())
         ys.append(b.buy[b.obs].double().cpu().numpy())
     z = np.concatenate(zs) if zs else np.zeros(0)
@@ -989,10 +1010,10 @@ def _fit_purchase_head(
     """
     start_bce = None  # validation BCE of the head the phase starts from, when already measured
     if net.cfg.funnel_base and va is not None:
-        joint_bce = validation_metrics(net, feats, log, va, tcfg.purchase_weight, device)["purchase_bce"]
+        joint_bce = validation_purchase_bce(net, feats, log, va, device)
         joint = {k: v.clone() for k, v in net.purchase.state_dict().items()}
         _reset_purchase_correction(net)
-        funnel_bce = validation_metrics(net, feats, log, va, tcfg.purchase_weight, device)["purchase_bce"]
+        funnel_bce = validation_purchase_bce(net, feats, log, va, device)
         from_funnel = funnel_bce < joint_bce
         if not from_funnel:
             net.purchase.load_state_dict(joint)
@@ -1025,7 +1046,7 @@ def _fit_purchase_head(
     best_bce, best_n, best_state, bad = math.inf, 0, None, 0
     if va is not None:
         if start_bce is None:
-            start_bce = validation_metrics(net, feats, log, va, tcfg.purchase_weight, device)["purchase_bce"]
+            start_bce = validation_purchase_bce(net, feats, log, va, device)
         best_bce = start_bce
         best_state = {k: v.clone() for k, v in net.purchase.state_dict().items()}
         history.append({"epoch": 0, "purchase_bce": best_bce})
@@ -1041,7 +1062,7 @@ def _fit_purchase_head(
             h, c = h * keep, c * keep
             a = torch.from_numpy(active).to(device)
             f = feats.tensors(idx, device)
-            out, (h_a, c_a) = net(f, (h[:, a], c[:, a]))
+            out, (h_a, c_a) = net(f, (h[:, a], c[:, a]), purchase_only=True)
             obs = torch.from_numpy(valid & tr.observable[idx]).to(device)
             h, c = h.clone(), c.clone()
             h[:, a], c[:, a] = h_a.detach(), c_a.detach()
@@ -1067,9 +1088,7 @@ def _fit_purchase_head(
         seconds += time.perf_counter() - t_ep
         entry = {"epoch": epoch, "train_bce": run / max(run_n, 1)}
         if va is not None:
-            entry["purchase_bce"] = validation_metrics(net, feats, log, va, tcfg.purchase_weight, device)[
-                "purchase_bce"
-            ]
+            entry["purchase_bce"] = validation_purchase_bce(net, feats, log, va, device)
             if entry["purchase_bce"] < best_bce:
                 best_bce, best_n, bad = entry["purchase_bce"], epoch, 0
                 best_state = {k: v.clone() for k, v in net.purchase.state_dict().items()}

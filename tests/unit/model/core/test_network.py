@@ -140,6 +140,33 @@ def test_forward_at_equals_forward_at_the_chosen_cells_in_any_chunking(monkeypat
             assert torch.equal(torch.cat([fc["hist_cats"] for _p, _o, fc in parts]), f["hist_cats"][cells])
 
 
+def test_the_purchase_head_alone_gives_the_same_logits_and_draws_the_same_dropout():
+    """Training's purchase-head phase and the calibration skip the category head (most of the cost with
+    many categories); the purchase logits, and the random stream dropout draws in training, are the
+    full forward's."""
+    from demandstream.model.core.encoding import encode_log, padded_user_batches
+
+    rng = np.random.default_rng(4)
+    events = random_events(rng, n_users=6)
+    vocab = Vocabulary.build([e.category for e in events], max_size=7)
+    cfg = ModelConfig(n_categories=len(vocab), hidden=16, markov_top_k=4, dropout=0.3)
+    net = live_net(cfg, vocab, events)
+    log = EventLog.from_events(events).sorted_by_user_time()
+    (idx, _real), *_ = padded_user_batches(log.user_start, np.ones(len(log), bool), 1 << 16)
+    f = encode_log(log, cfg, vocab).tensors(idx)
+    for training in (False, True):
+        net.train(training)
+        torch.manual_seed(1)
+        full, (h1, c1) = net(f)
+        after_full = torch.rand(3)
+        torch.manual_seed(1)
+        alone, (h2, c2) = net(f, purchase_only=True)
+        after_alone = torch.rand(3)
+        assert set(alone) == {"purchase_logit"}
+        assert torch.equal(full["purchase_logit"], alone["purchase_logit"])
+        assert torch.equal(h1, h2) and torch.equal(c1, c2) and torch.equal(after_full, after_alone)
+
+
 def test_distribution_sums_to_one_and_never_predicts_unknown():
     torch.manual_seed(0)
     events = random_events(np.random.default_rng(5), n_users=3)

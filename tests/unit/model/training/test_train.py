@@ -416,3 +416,25 @@ def test_the_cascade_scale_fit_takes_fewer_points_when_the_shop_has_many_categor
     (fitted,) = [r.getMessage() for r in caplog.records if "cascade scale fitted" in r.getMessage()]
     n_points = int(re.search(r"on (\d+) training points", fitted).group(1))
     assert 0 < n_points <= budget_points < res.metrics["n_train_events"] // 2  # the budget did bite
+
+
+def test_the_purchase_bce_of_the_purchase_head_alone_is_validation_metrics_own():
+    """The purchase-head phase compares validation BCE after every epoch without the category head;
+    the comparison must be the one validation_metrics made (same batches, same sums)."""
+    import torch
+
+    from demandstream.model.core.encoding import encode_log
+    from demandstream.model.training.train import validation_metrics, validation_purchase_bce
+
+    log = tiny_log(1500)
+    res = train(
+        log, TrainConfig(epochs=1, lanes=16, bptt=16, threads=1, refit=False), TINY_MODEL, progress=False
+    )
+    split = Split(float(np.quantile(log.ts, 0.8)), float(np.quantile(log.ts, 0.9)), float(log.ts.max()))
+    cats = category_index(log, res.vocab)
+    pts = phase_points(log, split, "valid", cats, HORIZON)
+    va = phase_targets(pts, next_category_targets(category_hashes(log), log.user_start))
+    feats = encode_log(log, res.net.cfg, res.vocab)
+    full = validation_metrics(res.net, feats, log, va, 1.0, torch.device("cpu"))
+    assert full["n_purchase_points"] > 0
+    assert validation_purchase_bce(res.net, feats, log, va, torch.device("cpu")) == full["purchase_bce"]
