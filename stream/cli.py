@@ -33,10 +33,11 @@ EXIT_USER_ERROR = 2
 
 
 def cmd_generate(a, settings: Settings) -> int:
-    from demandstream.model.data.synth import generate, write_jsonl
+    from demandstream.model.data.synth import SynthConfig, generate, write_jsonl
 
     t0 = time.perf_counter()
-    n = write_jsonl(generate(a.users, a.events, seed=a.seed), a.out)
+    config = SynthConfig(n_departments=a.departments, leaves_per_department=a.leaves)
+    n = write_jsonl(generate(a.users, a.events, seed=a.seed, config=config), a.out)
     print(f"wrote {n} events for {a.users} users to {a.out} in {time.perf_counter() - t0:.1f} s")
     return 0
 
@@ -185,6 +186,17 @@ def cmd_export(a, settings: Settings) -> int:
 # -- parser ---------------------------------------------------------------------------------------
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse turns the error into one line and exit 2)."""
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return v
+
+
 def _paths(values: Sequence[str]) -> list[Path]:
     import glob
 
@@ -262,6 +274,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--users", type=int, default=1000)
     sp.add_argument("--events", type=int, default=20000)
     sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument(
+        "--departments",
+        type=_positive_int,
+        help="catalog departments (default: the 12 hand-named ones); with --leaves, a shop of many categories",
+    )
+    sp.add_argument(
+        "--leaves",
+        type=_positive_int,
+        help="leaf categories per department (default: the hand-named 12-16; 167 categories in all)",
+    )
     sp.add_argument("--out", required=True)
     sp.set_defaults(func=cmd_generate)
 

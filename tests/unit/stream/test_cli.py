@@ -109,3 +109,18 @@ def test_a_broker_given_after_the_command_reaches_the_settings(monkeypatch):
     monkeypatch.setattr(cli, "cmd_tail", lambda a, settings: seen.update(broker=settings.broker) or 0)
     assert cli.main(["tail", "--broker", "kafka://elsewhere:9093", "--max", "1"]) == 0
     assert seen["broker"] == "kafka://elsewhere:9093"
+
+
+def test_generate_builds_a_shop_of_many_categories_and_refuses_an_empty_catalog(tmp_path, capsys):
+    """`--departments/--leaves` size the generated catalog (scale tests of a shop's 10,000 categories)."""
+    import json
+
+    out = tmp_path / "big.jsonl"
+    assert cli.main(["generate", "--users", "300", "--events", "6000", "--departments", "30", "--leaves", "40",
+                     "--out", str(out)]) == 0  # fmt: skip
+    cats = {json.loads(line).get("category") for line in out.read_text().splitlines()} - {None}
+    assert 167 < len(cats) <= 30 * 40 and all(c.count(".") == 1 for c in cats)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["generate", "--departments", "0", "--out", str(out)])
+    assert exc.value.code == 2
+    assert "--departments: expected a whole number >= 1, got '0'" in capsys.readouterr().err
