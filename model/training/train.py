@@ -105,7 +105,9 @@ class TrainConfig:
     device: str = "auto"
     calibrate: bool = True  #: Platt-scale the purchase logit on validation points after training
     cascade_init: bool = True  #: start the feature weights where the ranking equals the rule cascade
-    markov_leave_out: str = "user"  #: what a training row's Markov features leave out: "user", "row", "none"
+    markov_leave_out: str = (
+        "user"  #: what a training row's Markov features leave out: "user", "past", "row", "none"
+    )
     refit: bool = True  #: after choosing the epochs on validation, retrain on train + validation
     min_valid_category_points: int = 1000  #: below this (or the next), validate on a training hold-out
     min_valid_positives: int = 50
@@ -645,9 +647,10 @@ class OwnCounts(NamedTuple):
     total: np.ndarray  #: float32 [n]: own transitions out of the row's current category
     current: np.ndarray  #: int64 [n]: the row's current category
     table_next: np.ndarray  #: int64 [C, K]: the stored successors of each category
-    #: ``"user"`` mode: the row's user [n] and sorted keys/counts of its (user, a) and (user, a, b) pairs;
-    #: None in ``"row"`` mode, where only the current category's own transition is left out
-    by_user: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
+    #: ``"user"``/``"past"`` modes: the row's user [n], the counts of its (user, a) and (user, a, b)
+    #: pairs, and whether only those at or after the row are left out (``"past"``); None in ``"row"``
+    #: mode, where only the current category's own transition is left out
+    by_user: tuple[np.ndarray, CountsFrom, CountsFrom, bool] | None = None
 
     def attach(self, f: dict, idx: np.ndarray, device: torch.device) -> None:
         f["markov_own_count"] = torch.from_numpy(self.count[idx]).to(device)
@@ -655,10 +658,13 @@ class OwnCounts(NamedTuple):
         hv = f["hist_vocab"].cpu().numpy()  # [..., slots]
         c = int(self.table_next.shape[0])
         if self.by_user is not None:
-            user, ua, ua_n, uab, uab_n = self.by_user
+            user, ua, uab, past = self.by_user
             key = user[idx][..., None] * c + hv
-            slot_total = _lookup(ua, ua_n, key)
-            slot_count = _lookup(uab, uab_n, key[..., None] * c + self.table_next[hv])
+            row = idx[..., None] if past else 0
+            slot_total = ua.at_or_after(key, row)
+            slot_count = uab.at_or_after(
+                key[..., None] * c + self.table_next[hv], row[..., None] if past else 0
+            )
             known = hv > 0
             slot_total *= known
             slot_count *= known[..., None]
@@ -672,12 +678,33 @@ class OwnCounts(NamedTuple):
         f["markov_own_slot_total"] = torch.from_numpy(slot_total).to(device)
 
 
-def _lookup(keys: np.ndarray, values: np.ndarray, q: np.ndarray) -> np.ndarray:
-    """``values`` at the positions of ``q`` in the sorted ``keys``; 0 where absent (float32)."""
-    if not len(keys):
-        return np.zeros(q.shape, np.float32)
-    pos = np.searchsorted(keys, q).clip(max=len(keys) - 1)
-    return np.where(keys[pos] == q, values[pos], 0).astype(np.float32)
+class CountsFrom(NamedTuple):
+    """How often each key occurs at or after a given row: ``keys`` sorted and unique, ``comp`` the
+    sorted ``rank of the key * stride + row`` of every occurrence.
+
+    >>> cf = CountsFrom.of(np.array([7, 3, 7, 7]), np.array([0, 1, 2, 5]), n_rows=6)
+    >>> cf.at_or_after(np.array([7, 7, 7, 3, 4]), np.array([0, 2, 3, 0, 0])).tolist()
+    [3.0, 2.0, 1.0, 1.0, 0.0]
+    """
+
+    keys: np.ndarray
+    comp: np.ndarray
+    stride: int
+
+    @classmethod
+    def of(cls, keys: np.ndarray, rows: np.ndarray, n_rows: int) -> CountsFrom:
+        uniq, rank = np.unique(keys, return_inverse=True)
+        stride = n_rows + 1
+        return cls(uniq, np.sort(rank.astype(np.int64) * stride + rows), stride)
+
+    def at_or_after(self, q: np.ndarray, row: np.ndarray | int = 0) -> np.ndarray:
+        """Occurrences of each key of ``q`` at a row ``>= row`` (broadcast; 0 = all of them), float32."""
+        if not len(self.keys):
+            return np.zeros(np.shape(q), np.float32)
+        i = np.searchsorted(self.keys, q).clip(max=len(self.keys) - 1)
+        lo = np.searchsorted(self.comp, i * self.stride + row)
+        hi = np.searchsorted(self.comp, (i + 1) * self.stride)
+        return np.where(self.keys[i] == q, hi - lo, 0).astype(np.float32)
 
 
 def own_markov_counts(
@@ -688,10 +715,12 @@ def own_markov_counts(
     table_next: np.ndarray,
     mode: str,
 ) -> OwnCounts | None:
-    """What each training row must not see of the Markov table: its own transition (``mode="row"``) or
+    """What each training row must not see of the Markov table: its own transition (``mode="row"``),
     every transition of its own user (``"user"``: a user's later transitions are the future, and even
-    the earlier ones make the training feature stronger than it is for a user the table never saw).
-    ``"none"`` (ablation only) leaves the table as it is.
+    the earlier ones make the training feature stronger than it is for a user the table never saw), or
+    its user's transitions from this row on (``"past"``: the table then holds what it holds for a
+    returning user at test time, the user's earlier transitions). ``"none"`` (ablation only) leaves
+    the table as it is.
 
     >>> from demandstream.model.core.events import Event
     >>> log = EventLog.from_events([Event(f"e{i}", "u", float(i), "view", "i") for i in range(3)]).sorted_by_user_time()
@@ -699,6 +728,9 @@ def own_markov_counts(
     >>> oc = own_markov_counts(log, pairs, rows, np.array([1, 2, 1]), np.array([[0, 0], [0, 2], [0, 1]]), "user")
     >>> oc.count.tolist(), oc.total.tolist()
     ([[0.0, 1.0], [0.0, 1.0], [0.0, 1.0]], [1.0, 1.0, 1.0])
+    >>> oc = own_markov_counts(log, pairs, rows, np.array([1, 2, 1]), np.array([[0, 0], [0, 2], [0, 1]]), "past")
+    >>> oc.count.tolist(), oc.total.tolist()
+    ([[0.0, 1.0], [0.0, 1.0], [0.0, 0.0]], [1.0, 1.0, 0.0])
     """
     n, k = len(current), table_next.shape[1]
     if mode == "none":
@@ -709,18 +741,22 @@ def own_markov_counts(
         total[pair_rows] = 1.0
         count[pair_rows] = table_next[pairs[:, 0]] == pairs[:, 1:2]
         return OwnCounts(count, total, current, table_next)
-    if mode != "user":
-        raise ValueError(f"unknown markov_leave_out {mode!r}: expected user, row or none")
+    if mode not in ("user", "past"):
+        raise ValueError(f"unknown markov_leave_out {mode!r}: expected user, past, row or none")
+    past = mode == "past"
     c = int(table_next.shape[0])
     user = np.repeat(np.arange(log.n_users, dtype=np.int64), np.diff(log.user_start))
     pu = user[pair_rows]
-    ua, ua_n = np.unique(pu * c + pairs[:, 0], return_counts=True)
-    uab, uab_n = np.unique((pu * c + pairs[:, 0]) * c + pairs[:, 1], return_counts=True)
+    ua = CountsFrom.of(pu * c + pairs[:, 0], pair_rows, n)
+    uab = CountsFrom.of((pu * c + pairs[:, 0]) * c + pairs[:, 1], pair_rows, n)
     has = current > 0
     key_ua = user * c + current
-    total[has] = _lookup(ua, ua_n, key_ua[has])
-    count[has] = _lookup(uab, uab_n, key_ua[has, None] * c + table_next[current[has]])
-    return OwnCounts(count, total, current, table_next, (user, ua, ua_n, uab, uab_n))
+    row = np.flatnonzero(has) if past else 0
+    total[has] = ua.at_or_after(key_ua[has], row)
+    count[has] = uab.at_or_after(
+        key_ua[has, None] * c + table_next[current[has]], row[:, None] if past else 0
+    )
+    return OwnCounts(count, total, current, table_next, (user, ua, uab, past))
 
 
 #: Training points on which the cascade's scale is fitted (a 1-parameter fit: a sample suffices).
