@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 from pathlib import Path
@@ -89,6 +90,27 @@ def tune_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(*WORKER_GC_THRESHOLDS)
+
+
+@contextlib.contextmanager
+def worker_gc():
+    """:func:`tune_gc` for the duration of a block, then the previous thresholds and an unfrozen heap:
+    the bench times ``Scorer.step`` under the collector settings the worker runs with.
+
+    >>> before = gc.get_threshold()
+    >>> with worker_gc():
+    ...     gc.get_threshold() == WORKER_GC_THRESHOLDS
+    True
+    >>> gc.get_threshold() == before
+    True
+    """
+    before = gc.get_threshold()
+    tune_gc()
+    try:
+        yield
+    finally:
+        gc.set_threshold(*before)
+        gc.unfreeze()
 
 
 def faust_worker(app, log_level: str):
