@@ -1080,6 +1080,9 @@ def _fit_purchase_head(
     total = max(1, steps_per_epoch * budget)  # the same schedule whether chosen or replayed
     history: list[dict] = []
     best_bce, best_n, best_state, bad = math.inf, 0, None, 0
+    # Averaged as the joint epochs are (model/training/averaging.py): the head's last iterate swings
+    # with the users that happen to close an epoch, the average of the recent ones does not.
+    ema = WeightAverage(net.purchase, tcfg.ema_decay) if tcfg.ema_decay > 0 else None
     if va is not None:
         if start_bce is None:
             start_bce = validation_purchase_bce(net, feats, log, va, device)
@@ -1107,8 +1110,17 @@ def _fit_purchase_head(
             if not n_buy:
                 continue
             buy = torch.from_numpy(tr.purchase[idx]).to(device)
-            loss = nn.functional.binary_cross_entropy_with_logits(
-                out["purchase_logit"][obs], buy[obs].float()
+            # Every observable point weighs the same, as in the joint loop's share rule: the windows
+            # that close an epoch hold one or two long users, and a per-window mean let each of their
+            # steps move the head as far as a full window's (measured on a 10,000-category log: the
+            # in-sample mean propensity then ended an epoch anywhere between 0.054 and 0.106 against a
+            # base rate of 0.100, docs/MODEL.md §2).
+            capacity = tcfg.lanes * valid.shape[1]
+            loss = (
+                nn.functional.binary_cross_entropy_with_logits(
+                    out["purchase_logit"][obs], buy[obs].float(), reduction="sum"
+                )
+                / capacity
             )
             for g in opt.param_groups:
                 g["lr"] = tcfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, step / total)))
@@ -1116,26 +1128,31 @@ def _fit_purchase_head(
             loss.backward()
             nn.utils.clip_grad_norm_(params, tcfg.clip_norm)
             opt.step()
+            if ema is not None:
+                ema.update()
             step += 1
-            run += float(loss.detach()) * n_buy
+            run += float(loss.detach()) * capacity
             run_n += n_buy
             bar.set_postfix(bce=f"{run / max(run_n, 1):.4f}")
         bar.close()
         seconds += time.perf_counter() - t_ep
         entry = {"epoch": epoch, "train_bce": run / max(run_n, 1)}
         if va is not None:
-            entry["purchase_bce"] = validation_purchase_bce(net, feats, log, va, device)
-            if entry["purchase_bce"] < best_bce:
-                best_bce, best_n, bad = entry["purchase_bce"], epoch, 0
-                best_state = {k: v.clone() for k, v in net.purchase.state_dict().items()}
-            else:
-                bad += 1
+            with ema.swapped() if ema is not None else contextlib.nullcontext():
+                entry["purchase_bce"] = validation_purchase_bce(net, feats, log, va, device)
+                if entry["purchase_bce"] < best_bce:
+                    best_bce, best_n, bad = entry["purchase_bce"], epoch, 0
+                    best_state = {k: v.clone() for k, v in net.purchase.state_dict().items()}
+                else:
+                    bad += 1
         history.append(entry)
         logger.info("%s purchase head epoch %d: %s", desc, epoch, entry)
         if va is not None and bad >= tcfg.patience:
             break
     if va is None:
         best_n = epochs
+        if ema is not None:
+            ema.install()
     elif best_state is not None:
         net.purchase.load_state_dict(best_state)
     for p, flag in frozen:

@@ -370,6 +370,24 @@ def test_the_purchase_head_phase_moves_only_the_purchase_head_and_is_replayed_by
     assert changed and all(k.startswith("purchase.") for k in changed), changed
     assert all(p.requires_grad for p in net.parameters())  # the freeze is undone
 
+    # the replay ships the average of its iterates (as the joint epochs do), not the last iterate
+    import demandstream.model.training.train as train_mod
+
+    averages = []
+
+    class Spy(train_mod.WeightAverage):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            averages.append(self)
+
+    orig, train_mod.WeightAverage = train_mod.WeightAverage, Spy
+    try:
+        phase(2, False)
+    finally:
+        train_mod.WeightAverage = orig
+    (avg,) = averages
+    assert all(torch.equal(p, a) for p, a in zip(net.purchase.parameters(), avg.average, strict=True))
+
     # a validated run that chose the funnel table alone is replayed with the correction reset
     n, from_funnel, hist, _s = phase(0, True)
     assert (n, from_funnel, hist) == (0, True, [])
