@@ -320,7 +320,7 @@ def test_selection_keeps_the_cascade_head_with_the_best_purchase_epoch_when_trai
     assert _select(net, hist, states, rr, 0.0)[:2] == (2, 2)  # 0 standard errors: the best epoch
 
 
-def test_the_purchase_head_phase_moves_only_the_purchase_head_and_is_replayed_by_the_refit():
+def test_the_purchase_head_phase_moves_only_the_purchase_head_and_is_replayed_by_the_refit(monkeypatch):
     """After the joint epochs, epochs of the purchase head alone: nothing the category head reads moves, the
     count kept is the one with the lowest validation purchase BCE (0 when none is lower), and the refit
     runs exactly that many."""
@@ -380,11 +380,8 @@ def test_the_purchase_head_phase_moves_only_the_purchase_head_and_is_replayed_by
             super().__init__(*a, **k)
             averages.append(self)
 
-    orig, train_mod.WeightAverage = train_mod.WeightAverage, Spy
-    try:
-        phase(2, False)
-    finally:
-        train_mod.WeightAverage = orig
+    monkeypatch.setattr(train_mod, "WeightAverage", Spy)
+    phase(2, False)
     (avg,) = averages
     assert all(torch.equal(p, a) for p, a in zip(net.purchase.parameters(), avg.average, strict=True))
 
