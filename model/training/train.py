@@ -81,6 +81,10 @@ MIN_CALIBRATION_POSITIVES = 20
 #: Ceiling on LBFGS iterations of the 2-parameter Platt fit (it is convex and converges in tens).
 CALIBRATION_MAX_ITER = 300
 
+#: Platt scaling replaces the identity only when Cox's likelihood-ratio test rejects "the model is
+#: calibrated" (a = 1, b = 0) on the validation points at this level (docs/MODEL.md §2, "Calibration").
+CALIBRATION_ALPHA = 0.05
+
 #: Rank cut-off of the selection metric (MRR@20, the report's headline category metric).
 SELECT_K = 20
 
@@ -104,6 +108,8 @@ class TrainConfig:
     horizon_s: float = PURCHASE_HORIZON_S  #: purchase horizon (the stream's signals use the same)
     device: str = "auto"
     calibrate: bool = True  #: Platt-scale the purchase logit on validation points after training
+    #: ... only when the validation points show miscalibration at this level (Cox's test); 1 always fits
+    calibration_alpha: float = CALIBRATION_ALPHA
     cascade_init: bool = True  #: start the feature weights where the ranking equals the rule cascade
     markov_leave_out: str = (
         "user"  #: what a training row's Markov features leave out: "user", "past", "row", "none"
@@ -576,6 +582,23 @@ def _mean_bce(logits: np.ndarray, labels: np.ndarray, a: float = 1.0, b: float =
     )
 
 
+def calibration_test(bce_before: float, bce_after: float, n: int) -> tuple[float, float]:
+    """Cox's test of calibration: the likelihood-ratio statistic of the Platt fit against the identity
+    (``a = 1, b = 0``) on ``n`` points with mean BCEs ``bce_before`` / ``bce_after``, and its p-value
+    (chi-squared, 2 degrees of freedom, whose tail is exactly ``exp(-stat / 2)``).
+
+    Cox, D. R. (1958), "Two further applications of a model for binary regression", Biometrika 45.
+
+    >>> stat, p = calibration_test(0.3451, 0.3450, 3891)   # a 4-hour window, a fit of its noise
+    >>> round(stat, 2), round(p, 2)
+    (0.78, 0.68)
+    >>> calibration_test(0.2653, 0.2640, 17618)[1] < 0.05  # a real miscalibration
+    True
+    """
+    stat = max(0.0, 2.0 * n * (bce_before - bce_after))
+    return stat, math.exp(-stat / 2.0)
+
+
 def calibrate(
     net: DemandLSTM,
     feats: FeatureBuffer,
@@ -583,14 +606,18 @@ def calibrate(
     pts: Points,
     device: torch.device,
     min_positives: int = MIN_CALIBRATION_POSITIVES,
+    alpha: float = CALIBRATION_ALPHA,
 ) -> dict:
     """Fit Platt scaling on the observable purchase points of ``pts`` (validation) and store it in ``net``.
 
     The logits are collected with full context, as :func:`validation_metrics` does, after resetting the
     network's calibration to the identity. The fit is skipped (identity kept) when there are fewer than
     ``min_positives`` positives, only one class, or the fitted scale is not positive (it would invert the
-    model's ranking). Returns what was done: ``applied``, ``reason`` when skipped, ``a``, ``b``, point
-    counts and the validation BCE before and after.
+    model's ranking). A fit is installed only when the points show that the model is miscalibrated:
+    Cox's likelihood-ratio test of ``a = 1, b = 0`` (:func:`calibration_test`) at level ``alpha``;
+    otherwise the two scalars would follow the validation window's noise (docs/MODEL.md §2). Returns
+    what was done: ``applied``, ``reason`` when not, ``a``, ``b`` (the fit, installed or not), point
+    counts, the validation BCE before and after the fit, the test's ``lr_stat`` and ``p_value``.
     """
     net.purchase_scale.fill_(1.0)
     net.purchase_shift.fill_(0.0)
@@ -611,9 +638,19 @@ def calibrate(
         if not a > 0:  # also catches NaN
             info["reason"] = f"fitted scale {a:.4g} is not positive"
         else:
-            info.update(applied=True, a=a, b=b, bce_before=_mean_bce(z, y), bce_after=_mean_bce(z, y, a, b))
-            net.purchase_scale.fill_(a)
-            net.purchase_shift.fill_(b)
+            before, after = _mean_bce(z, y), _mean_bce(z, y, a, b)
+            lr, p = calibration_test(before, after, len(y))
+            info.update(bce_before=before, bce_after=after, lr_stat=lr, p_value=p)
+            if p < alpha:
+                info.update(applied=True, a=a, b=b)
+                net.purchase_scale.fill_(a)
+                net.purchase_shift.fill_(b)
+            else:
+                info.update(fitted_a=a, fitted_b=b)
+                info["reason"] = (
+                    f"the validation points show no miscalibration (Cox's test p = {p:.3g} >= {alpha:g}; "
+                    f"Platt's fit a = {a:.3f}, b = {b:+.3f} would follow their noise)"
+                )
     if not info["applied"]:
         logger.info("purchase calibration skipped: %s", info["reason"])
     return info
@@ -1287,7 +1324,7 @@ def train(
     chosen = _fit(log, feats, vocab, tr, va, cfg, tcfg, device, rng, tcfg.epochs, progress, "choose")
     net = chosen.net
     if tcfg.calibrate:
-        calib = calibrate(net, feats, log, va, device)
+        calib = calibrate(net, feats, log, va, device, alpha=tcfg.calibration_alpha)
     else:
         calib = {"applied": False, "reason": "disabled (TrainConfig.calibrate=False)"}
     metrics: dict = {

@@ -243,6 +243,36 @@ def test_calibration_is_skipped_with_too_few_positives_or_one_class():
     assert not info["applied"] and "single class" in info["reason"]
 
 
+def test_calibration_keeps_the_identity_when_the_labels_follow_the_model():
+    """Labels drawn from the model's own propensities: it is calibrated by construction, so Cox's test
+    must not reject it and Platt's fit (of that noise) must not be installed. The overconfident case
+    above is rejected (p far below the level) and fitted."""
+    import torch
+
+    from demandstream.model.training.train import _full_context_batches, calibrate
+
+    net, feats, log, pts = _calibration_case()
+    with torch.no_grad():
+        net.purchase_scale.fill_(1.0)
+        net.purchase_shift.fill_(0.0)
+    # the batches yield ``pts.purchase`` of their rows: with row numbers in its place they name them
+    numbered = pts._replace(purchase=np.arange(len(pts.purchase), dtype=np.int64))
+    rows, logits = [], []
+    for b in _full_context_batches(net, feats, log, numbered, torch.device("cpu"), purchase_only=True):
+        rows.append(b.buy[b.obs].numpy())
+        logits.append(b.out["purchase_logit"][b.obs].double().numpy())
+    rows, z = np.concatenate(rows), np.concatenate(logits)
+    drawn = pts.purchase.copy()
+    drawn[rows] = np.random.default_rng(11).random(len(z)) < 1 / (1 + np.exp(-z))
+    assert 20 <= drawn[rows].sum() < len(rows)  # a real fit happens, and is then refused
+    info = calibrate(net, feats, log, pts._replace(purchase=drawn), torch.device("cpu"))
+    assert not info["applied"] and "no miscalibration" in info["reason"]
+    assert info["p_value"] >= 0.05 and "fitted_a" in info
+    assert (float(net.purchase_scale), float(net.purchase_shift)) == (1.0, 0.0)
+    info = calibrate(net, feats, log, pts, torch.device("cpu"))
+    assert info["applied"] and info["p_value"] < 1e-6
+
+
 def test_training_records_calibration_and_starts_from_the_rule_cascade():
     import torch
 
