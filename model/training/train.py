@@ -1469,4 +1469,22 @@ def run_training(
                 "device",
             )
         },
+        "purchase_calibration": calibration_summary(m["calibration"]),
     }
+
+
+def calibration_summary(info: dict) -> str:
+    """One word and its figures for :func:`calibrate`'s record, as ``demandstream train`` prints it.
+
+    >>> calibration_summary({"applied": True, "a": 1.12, "b": -0.007, "p_value": 0.0004})
+    'platt(a=1.12,b=-0.007,p=0.0004)'
+    >>> calibration_summary({"applied": False, "p_value": 0.72, "reason": "..."})
+    'identity(p=0.72)'
+    >>> calibration_summary({"applied": False, "reason": "only 3 positive validation points (< 20)"})
+    'identity(only 3 positive validation points (< 20))'
+    """
+    if info.get("applied"):
+        return f"platt(a={info['a']:.3g},b={info['b']:.3g},p={info['p_value']:.2g})"
+    if "p_value" in info:
+        return f"identity(p={info['p_value']:.2g})"
+    return f"identity({info.get('reason', 'not fitted')})"

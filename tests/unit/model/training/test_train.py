@@ -137,6 +137,8 @@ def test_one_epoch_run_saves_a_loadable_checkpoint_with_stable_version(tmp_path)
     s2 = run_training(str(data), "jsonl", tmp_path / "b.pt", **TINY_RUN)
     assert s1["epochs_run"] >= 1 and s1["n_train_events"] > 0 and s1["train_events_per_s"] > 0
     assert s1["model_version"] == s2["model_version"]  # same data + seed -> same weights -> same version
+    # what calibration did is in the summary the CLI prints
+    assert s1["purchase_calibration"].startswith(("platt(", "identity("))
     ck = checkpoint.load(tmp_path / "a.pt")
     assert ck.model_version == s1["model_version"]
     assert ck.cfg.hidden == 16 and ck.cfg.n_categories == len(ck.vocab) > 1
