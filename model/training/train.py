@@ -108,7 +108,7 @@ class TrainConfig:
     horizon_s: float = PURCHASE_HORIZON_S  #: purchase horizon (the stream's signals use the same)
     device: str = "auto"
     calibrate: bool = True  #: Platt-scale the purchase logit on validation points after training
-    #: ... only when the validation points show miscalibration at this level (Cox's test); 1 always fits
+    #: ... only when the validation points show miscalibration at this level (Cox's test); above 1 always fits
     calibration_alpha: float = CALIBRATION_ALPHA
     cascade_init: bool = True  #: start the feature weights where the ranking equals the rule cascade
     markov_leave_out: str = (
