@@ -1,8 +1,13 @@
 """Purchase labels with honest censoring (docs/ARCHITECTURE.md §Evaluation), shared by training and evaluation.
 
 A label at time t says whether the user bought within ``(t, t + horizon]``. It is *observable* only when the
-log covers that window: a window that runs past the end of the user's log or across a gap in the whole
-log (see :data:`DEFAULT_GAP_S`) is censored unless a purchase was seen inside it. These functions live in
+log covers that window: a window that runs past the end of the data or across a gap in the whole log (see
+:data:`DEFAULT_GAP_S`) is censored, **whatever its label**. A purchase seen inside such a window does not
+make it observable: keeping the windows that turned positive before the end while dropping those that
+did not would select points on their outcome, and every censored stretch (the last horizon before the
+end of a phase, before each gap) would then hold positives only (issue #12: "negatives dropped,
+positives kept"). On a 30-minute validation window with a 30-minute horizon that left validation with
+positives only. These functions live in
 the data layer so that :mod:`demandstream.model.data.split` (training) and the baselines (evaluation)
 take them from one place, imports pointing one way.
 """
@@ -94,10 +99,10 @@ def purchase_labels(
     ``ts[j] - ts[i] <= horizon_s``. A label 0 is only known when the log covers the whole window
     ``(ts[i], ts[i] + horizon_s]``: a row whose window runs past ``end_ts`` (the end of the observed
     data) or across a gap of the log (more than ``gap_s`` seconds without any event of any user,
-    :func:`window_covered`) and has no purchase in its observed part is censored:
-    ``observable[i] = False``, label 0. A row with a purchase seen inside its window is observable
-    even so, because its label is already determined. Vectorized: the first later purchase decides
-    the label since timestamps are non-decreasing within a user.
+    :func:`window_covered`) is censored: ``observable[i] = False``, even when a purchase was seen in
+    the part of the window the log covers (its label is then 1 but not counted; the module's
+    docstring says why). Vectorized: the first later purchase decides the label since timestamps are
+    non-decreasing within a user.
 
     Parameters
     ----------
@@ -121,11 +126,11 @@ def purchase_labels(
     >>> et = np.array([0, 0, 5, 0, 0, 5])          # user 0: rows 0-2, user 1: rows 3-5
     >>> t = np.array([0.0, 50.0, 90.0, 0.0, 200.0, 210.0])
     >>> y, ok = purchase_labels(et, t, np.array([0, 3, 6]), horizon_s=100.0, end_ts=250.0)
-    >>> y.tolist(), ok.tolist()
-    ([1, 1, 0, 0, 1, 0], [True, True, True, True, True, False])
+    >>> y.tolist(), ok.tolist()                    # row 4 bought at 210, but its window ends at 300
+    ([1, 1, 0, 0, 1, 0], [True, True, True, True, False, False])
     >>> y, ok = purchase_labels(et, t, np.array([0, 3, 6]), horizon_s=100.0, end_ts=250.0, gap_s=60.0)
-    >>> ok.tolist()                                # no event between 90 and 200: a gap
-    [True, True, False, False, True, False]
+    >>> ok.tolist()                # no event between 90 and 200: a gap every window reaches, or the end
+    [False, False, False, False, False, False]
     """
     etypes = np.asarray(etypes)
     ts = np.asarray(ts, dtype=np.float64)
@@ -137,7 +142,7 @@ def purchase_labels(
     in_user = nxt < user_end
     safe = np.minimum(nxt, max(n - 1, 0))
     labels = in_user & (ts[safe] - ts <= horizon_s)
-    observable = labels | ((ts + horizon_s <= end_ts) & window_covered(ts, horizon_s, gap_s))
+    observable = (ts + horizon_s <= end_ts) & window_covered(ts, horizon_s, gap_s)
     return labels.astype(np.int8), observable
 
 
@@ -152,11 +157,11 @@ def masked_purchase_labels(
 ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`purchase_labels` that looks only at rows inside ``mask`` (no leakage from the rest).
 
-    Only purchases in masked rows count. A masked row without such a purchase in its window is
-    observable only when its whole window lies inside the mask (it ends by the last masked
-    timestamp, and no unmasked row of the same user falls inside it) and crosses no gap of the log
-    (gaps are found on all of ``ts``, see :func:`window_covered`). Unmasked rows are never
-    observable.
+    Only purchases in masked rows count. A masked row is observable only when its whole window lies
+    inside the mask (it ends by the last masked timestamp, and no unmasked row of the same user falls
+    inside it) and crosses no gap of the log (gaps are found on all of ``ts``, see
+    :func:`window_covered`), whatever its label (the module's docstring says why). Unmasked rows are
+    never observable.
 
     >>> et = np.array([0, 0, 5, 0])
     >>> t = np.array([0.0, 10.0, 20.0, 1000.0])
@@ -180,5 +185,5 @@ def masked_purchase_labels(
     nxt_out = _next_flag_after(~mask)
     gap_in_window = (nxt_out < user_end) & (ts[np.minimum(nxt_out, last)] - ts <= horizon_s)
     covered = (ts + horizon_s <= end_ts) & ~gap_in_window & window_covered(ts, horizon_s, gap_s)
-    observable = mask & (labels | covered)
+    observable = mask & covered
     return labels.astype(np.int8), observable

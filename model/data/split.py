@@ -242,10 +242,11 @@ def phase_points(
     ``cat_index`` is the vocabulary index of every row (see :func:`demandstream.model.core.encoding.category_index`).
     Train and validation labels never use a row at or after their phase's end (``T1``, ``T2``): a
     next event beyond it is no target, a purchase beyond it does not count, and a purchase window
-    that reaches it without a purchase is censored. Test labels use the whole log, censored at its end.
-    In every phase a window without a visible purchase that crosses a gap of the log (more than
-    ``gap_s`` seconds without any event, see :func:`demandstream.model.evaluation.baselines.window_covered`) is censored;
-    ``gap_s=None`` turns that off.
+    that reaches it is censored. Test labels use the whole log, censored at its end. In every phase a
+    window that crosses a gap of the log (more than ``gap_s`` seconds without any event, see
+    :func:`demandstream.model.data.labels.window_covered`) is censored; ``gap_s=None`` turns that off.
+    Censored means not observable whatever the label: a purchase seen in the covered part of such a
+    window labels the point 1 but does not make it count (docs/MODEL.md §2, "Honest labels").
     """
     if log.user_start is None:
         raise ValueError("phase_points needs a log sorted_by_user_time()")
@@ -267,10 +268,9 @@ def phase_points(
         )
     else:
         # Purchases at or after the cutoff are invisible to this phase: drop them, then censor every
-        # window that reaches the cutoff (or crosses a gap) without a visible purchase.
+        # window that reaches the cutoff (or crosses a gap), whatever it saw before.
         etypes = np.where((log.etype == PURCHASE) & (ts >= cutoff), -1, log.etype)
         labels, _ = purchase_labels(etypes, ts, log.user_start, horizon_s, split.end_ts, gap_s=None)
-        covered = (ts + horizon_s < cutoff) & window_covered(ts, horizon_s, gap_s)
-        observable = (labels > 0) | covered
+        observable = (ts + horizon_s < cutoff) & window_covered(ts, horizon_s, gap_s)
     labels = np.where(mask, labels, 0).astype(np.int8)
     return Points(mask, cat_target.astype(np.int64), labels, mask & observable)

@@ -10,7 +10,7 @@ Protocol
   ties against the target (:func:`demandstream.model.evaluation.metrics.target_rank`); every category is ranked, no sampled
   negatives.
 - Purchase task: points whose label is observable (a window past the end of the data, or across a
-  gap of the log longer than ``gap_s``, without a purchase is censored).
+  gap of the log longer than ``gap_s``, is censored, even when a purchase was seen inside it).
 - Baselines are fitted on rows ``< T2``, never on test rows.
 - ``best_baseline`` names, for every metric, the best baseline and the model's ratio to it (> 1:
   the model is better), and :func:`aggregate_reports` folds reports of several seeds into mean,

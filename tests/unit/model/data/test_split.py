@@ -156,7 +156,7 @@ def test_validation_labels_stop_at_t2_and_test_labels_are_censored_at_the_end():
 
 
 def test_phase_points_censor_windows_across_a_gap_in_every_phase():
-    """Two hours without any event in each phase: a window crossing them is no negative."""
+    """Two hours without any event in each phase: a window crossing them is not observable."""
     gap = 7200.0
     events = []
     for phase_start in (0.0, T1, T2):
@@ -177,8 +177,10 @@ def test_phase_points_censor_windows_across_a_gap_in_every_phase():
         negative = pts.observable & (pts.purchase == 0)
         crosses = np.array([((gaps >= t) & (gaps < t + HORIZON)).any() for t in log.ts])
         assert not (negative & crosses).any(), phase
-        # user 0's view at the start sees its purchase 500 s later, before the gap: still a positive
-        assert (pts.observable & (pts.purchase == 1) & crosses).any(), phase
+        # user 0's view at the start sees its purchase 500 s later, before the gap: labelled 1, and
+        # censored all the same (no window across a gap counts, whatever its label)
+        assert ((pts.purchase == 1) & crosses).any(), phase
+        assert not (pts.observable & crosses).any(), phase
         off = phase_points(log, split, phase, cats, HORIZON, gap_s=None)
         assert (off.observable & (off.purchase == 0) & crosses).any(), phase  # were negatives before
         assert (off.observable >= pts.observable).all() and (off.purchase == pts.purchase).all()

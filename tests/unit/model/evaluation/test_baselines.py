@@ -72,7 +72,9 @@ def test_purchase_labels_horizon_censoring_and_user_boundary():
     # row 0: purchase exactly at the horizon (100 - 0 <= 100) counts; row 2: the purchase itself
     # needs a later one; row 3: no purchase of its own user, window runs past the end -> censored.
     assert labels.tolist() == [1, 1, 0, 0, 0, 1, 1, 0]
-    assert observable.tolist() == [True, True, True, False, True, True, True, False]
+    # rows 5 and 6 saw the purchase at 360, but their windows run past the end (360) too: censored
+    # like row 3, or the end of the log would hold positives only (issue #12)
+    assert observable.tolist() == [True, True, True, False, True, False, False, False]
     assert labels.dtype == np.int8 and observable.dtype == bool
 
 
@@ -89,7 +91,7 @@ def test_purchase_labels_match_bruteforce():
         for i in range(user_start[u], user_start[u + 1]):
             want = any(etypes[j] == PURCHASE and ts[j] - ts[i] <= H for j in range(i + 1, user_start[u + 1]))
             assert labels[i] == want
-            assert observable[i] == (want or ts[i] + H <= 500.0)
+            assert observable[i] == (ts[i] + H <= 500.0)
 
 
 def test_masked_labels_censor_at_the_mask_edge():
@@ -129,31 +131,34 @@ def test_a_window_crossing_a_gap_or_the_end_is_never_a_negative():
         [
             # rows 0-1 have windows across the gap after 50 (next event of anyone at 50 + GAP)
             [(0, VIEW, 0.0), (0, VIEW, 50.0), (0, VIEW, 50.0 + GAP), (0, VIEW, 60.0 + GAP)],
-            # the purchase at 40 is before the gap: rows 4-5 are positives although their window
-            # crosses it; row 6's window crosses the gap with no purchase seen: censored
+            # the purchase at 40 is before the gap: rows 4-5 are positives, but their windows cross
+            # it, so they are censored like row 6's, which saw no purchase
             [(0, VIEW, 0.0), (0, CART, 30.0), (0, PURCHASE, 40.0), (0, PURCHASE, 55.0 + GAP)],
         ]
     )
     end = 60.0 + GAP
     labels, observable = purchase_labels(etypes, ts, user_start, H, end_ts=end)
     assert labels.tolist() == [0, 0, 0, 0, 1, 1, 0, 0]
-    assert observable.tolist() == [False, False, False, False, True, True, False, False]
+    assert observable.tolist() == [False] * 8
     # rows 2, 3 and 7 run past the end; with the gap rule off only the end censors
     labels_off, observable_off = purchase_labels(etypes, ts, user_start, H, end_ts=end, gap_s=None)
     assert labels_off.tolist() == labels.tolist()
     assert observable_off.tolist() == [True, True, False, False, True, True, True, False]
-    # the property in general: no negative label's window crosses a gap or the end
+    # the property in general: no observable window, negative or positive, crosses a gap or the end
     gaps = log_gaps(ts)
-    for i in np.flatnonzero(observable & (labels == 0)):
+    for i in np.flatnonzero(observable):
         assert ts[i] + H <= end and not ((gaps >= ts[i]) & (gaps < ts[i] + H)).any()
 
 
-def test_a_purchase_after_the_gap_inside_the_window_is_still_a_positive():
-    # The gap threshold is shorter than the horizon here: the purchase 700 s later is seen.
+def test_a_purchase_seen_across_a_gap_labels_the_point_but_does_not_make_it_observable():
+    # The gap threshold is shorter than the horizon here: the purchase 700 s later is seen, but the
+    # window (0, 1000] crosses the silences 0 -> 700 and 700 -> 5000.
     _, etypes, ts, user_start = log_arrays([[(0, VIEW, 0.0), (0, PURCHASE, 700.0), (0, VIEW, 5000.0)]])
     labels, observable = purchase_labels(etypes, ts, user_start, 1000.0, gap_s=600.0)
     assert labels.tolist() == [1, 0, 0]
-    assert observable.tolist() == [True, False, False]  # row 1: gap 700 -> 5000; row 2: the end
+    assert observable.tolist() == [False, False, False]  # row 2: the end
+    _, observable_off = purchase_labels(etypes, ts, user_start, 1000.0, gap_s=None)
+    assert observable_off.tolist() == [True, True, False]
 
 
 def test_masked_labels_censor_across_gaps_too():
@@ -166,8 +171,9 @@ def test_masked_labels_censor_across_gaps_too():
     fit = np.ones(len(ts), bool)
     labels, observable = masked_purchase_labels(etypes, ts, user_start, fit, H)
     assert labels.tolist() == [1, 0, 0, 0, 0, 0]
-    # rows 1, 2: window crosses the gap after 30; rows 3, 4: a full window inside; row 5: the end
-    assert observable.tolist() == [True, False, False, True, True, False]
+    # rows 0-2: window crosses the gap after 30 (row 0 although its purchase at 20 came first);
+    # rows 3, 4: a full window inside; row 5: the end
+    assert observable.tolist() == [False, False, False, True, True, False]
     _, observable_off = masked_purchase_labels(etypes, ts, user_start, fit, H, gap_s=None)
     assert observable_off.tolist() == [True, True, True, True, True, False]
 
@@ -193,13 +199,13 @@ def test_labels_with_gaps_match_bruteforce():
             inside = [k for k in range(len(distinct) - 1) if ts[i] <= distinct[k] < ts[i] + h]
             covered = all(distinct[k + 1] - distinct[k] <= DEFAULT_GAP_S for k in inside)
             assert labels[i] == buy
-            assert observable[i] == (buy or (ts[i] + h <= end and covered))
+            assert observable[i] == (ts[i] + h <= end and covered)
 
 
 def test_funnel_leaves_windows_across_gaps_out_of_its_fit():
     users = [
         [(0, CART, 0.0), (0, PURCHASE, 30.0)],
-        [(0, CART, 50.0), (0, VIEW, 50.0 + GAP), (0, VIEW, 500.0 + GAP)],  # this cart is censored
+        [(0, CART, 200.0), (0, VIEW, 200.0 + GAP), (0, VIEW, 650.0 + GAP)],  # this cart is censored
     ]
     b = fitted(Funnel(), users, n_categories=1)
     b.start_user()
@@ -209,7 +215,7 @@ def test_funnel_leaves_windows_across_gaps_out_of_its_fit():
     b.fit(cats, etypes, ts, user_start, np.ones(len(ts), bool), H, 1, gap_s=None)
     b.start_user()
     b.observe(0, CART, 0.0)
-    assert b.purchase_proba() == pytest.approx((1 + 1) / (2 + 2))  # the cart at 50 now a negative
+    assert b.purchase_proba() == pytest.approx((1 + 1) / (2 + 2))  # the cart at 200 now a negative
 
 
 # -- category baselines -------------------------------------------------------------------------
