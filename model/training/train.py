@@ -18,7 +18,8 @@ training stops after ``patience`` epochs without improvement. Then, unless ``ref
 network is trained the same way on train + validation for the chosen number of epochs, so that model and
 baselines see the same data before the test start. A validation window too small to decide anything
 (< ``min_valid_category_points`` or < ``min_valid_positives``) is replaced by a hold-out of the last
-``holdout_fraction`` of the training time, and the metrics say so.
+``holdout_fraction`` of the training time, unless that hold-out has no more of either than the window
+it would replace; the metrics say which chose and why.
 """
 
 from __future__ import annotations
@@ -629,7 +630,9 @@ def calibrate(
     y = np.concatenate(ys) if ys else np.zeros(0)
     n_pos = int(y.sum())
     info: dict = {"applied": False, "a": 1.0, "b": 0.0, "n_points": int(len(y)), "n_positive": n_pos}
-    if n_pos == 0 or n_pos == len(y):
+    if len(y) == 0:
+        info["reason"] = "no observable validation purchase points"
+    elif n_pos == 0 or n_pos == len(y):
         info["reason"] = "validation purchase labels have a single class"
     elif n_pos < min_positives:
         info["reason"] = f"only {n_pos} positive validation points (< {min_positives})"
@@ -1228,11 +1231,26 @@ def _selection_split(log: EventLog, split: Split, tcfg: TrainConfig) -> tuple[Sp
         f"{tcfg.holdout_fraction:.0%} of the training time chose the epochs instead",
         holdout_start=t1,
     )
-    logger.warning("%s", info["reason"])
     holdout = Split(t1, split.train_end, split.end_ts)
     h_cat, h_pos = _selection_counts(log, holdout, tcfg)
     info.update(holdout_category_points=h_cat, holdout_positives=h_pos)
-    if h_cat < tcfg.min_valid_category_points or h_pos < tcfg.min_valid_positives:
+    small = h_cat < tcfg.min_valid_category_points or h_pos < tcfg.min_valid_positives
+    if small and h_cat <= n_cat and h_pos <= n_pos:
+        # A hold-out with no more of either kind of evidence would only choose on less: a validation
+        # window as long as the purchase horizon has no observable purchase window, yet thousands of
+        # next-category points, against a hold-out of a few minutes.
+        info.update(
+            source="validation",
+            reason=f"validation window has {n_cat} next-category points and {n_pos} positives (needs "
+            f"{tcfg.min_valid_category_points} and {tcfg.min_valid_positives}), and a hold-out of the last "
+            f"{tcfg.holdout_fraction:.0%} of the training time has no more ({h_cat} and {h_pos}): "
+            "validation still chose the epochs, on little evidence; a longer validation window would help",
+        )
+        info.pop("holdout_start")
+        logger.warning("%s", info["reason"])
+        return split, info
+    logger.warning("%s", info["reason"])
+    if small:
         # Said, not refused: a small shop still gets a model; it should know how little chose it.
         logger.warning(
             "the hold-out is small too (%d next-category points, %d positives): the epochs are chosen on "

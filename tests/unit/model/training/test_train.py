@@ -15,6 +15,7 @@ from demandstream.model.data.synth import generate, write_jsonl
 from demandstream.model.training.train import (
     TrainConfig,
     _lane_windows,
+    _selection_split,
     _user_ranges,
     phase_targets,
     run_training,
@@ -128,6 +129,25 @@ def test_a_too_small_validation_window_falls_back_to_a_training_holdout(caplog):
     assert sel["split"]["train_end"] == sel["holdout_start"] and sel["split"]["valid_end"] == split.train_end
     assert res.metrics["n_train_events"] == int((log.ts < sel["holdout_start"]).sum())
     assert np.isfinite(res.metrics["best_valid_mrr@20"])
+
+
+def test_a_holdout_with_less_evidence_than_a_small_validation_window_does_not_replace_it(caplog):
+    """Validation as long as the purchase horizon has no observable purchase window, but thousands of
+    next-category points; a hold-out of a few minutes has fewer of both: validation keeps choosing."""
+    log = tiny_log(1500)
+    t0, t_max = float(log.ts.min()), float(log.ts.max())
+    split = Split(t0 + 0.6 * (t_max - t0), t_max + 1.0, t_max + 1.0)  # 40 % validation, 6 % hold-out
+    tcfg = TrainConfig()
+    with caplog.at_level("WARNING", logger="demandstream.model.training.train"):
+        chosen, info = _selection_split(log, split, tcfg)
+    assert info["n_category_points"] < tcfg.min_valid_category_points  # small: the fallback is considered
+    assert info["holdout_category_points"] <= info["n_category_points"]
+    assert info["holdout_positives"] <= info["n_positives"]
+    assert chosen is split and info["source"] == "validation" and "holdout_start" not in info
+    assert "has no more" in info["reason"] and info["reason"] in caplog.text
+    # a hold-out with more evidence still replaces it (the half-minute window of the test above)
+    chosen, info = _selection_split(log, Split(t_max - 60.0, t_max - 30.0, t_max + 1.0), tcfg)
+    assert info["source"] == "holdout" and chosen.train_end == info["holdout_start"]
 
 
 def test_one_epoch_run_saves_a_loadable_checkpoint_with_stable_version(tmp_path):
