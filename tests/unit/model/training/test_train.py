@@ -263,6 +263,11 @@ def test_calibration_is_skipped_with_too_few_positives_or_one_class():
     negatives_only = pts._replace(observable=pts.observable & (pts.purchase == 0))
     info = calibrate(net, feats, log, negatives_only, torch.device("cpu"))
     assert not info["applied"] and "single class" in info["reason"]
+    # a validation window no longer than the horizon has no observable purchase window at all
+    nothing = pts._replace(observable=np.zeros_like(pts.observable))
+    info = calibrate(net, feats, log, nothing, torch.device("cpu"))
+    assert not info["applied"] and info["n_points"] == 0
+    assert info["reason"] == "no observable validation purchase points"
 
 
 def test_calibration_keeps_the_identity_when_the_labels_follow_the_model():
