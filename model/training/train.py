@@ -1224,31 +1224,33 @@ def _selection_split(log: EventLog, split: Split, tcfg: TrainConfig) -> tuple[Sp
     train_ts = log.ts[log.ts < split.train_end]
     start = main_span(train_ts)[0] if train_ts.size else float(log.ts.min())
     t1 = start + (1.0 - tcfg.holdout_fraction) * (split.train_end - start)
-    info.update(
-        source="holdout",
-        reason=f"validation window has {n_cat} next-category points and {n_pos} positives (needs "
-        f"{tcfg.min_valid_category_points} and {tcfg.min_valid_positives}): the last "
-        f"{tcfg.holdout_fraction:.0%} of the training time chose the epochs instead",
-        holdout_start=t1,
-    )
     holdout = Split(t1, split.train_end, split.end_ts)
     h_cat, h_pos = _selection_counts(log, holdout, tcfg)
-    info.update(holdout_category_points=h_cat, holdout_positives=h_pos)
+    too_few = (
+        f"validation window has {n_cat} next-category points and {n_pos} positives (needs "
+        f"{tcfg.min_valid_category_points} and {tcfg.min_valid_positives})"
+    )
     small = h_cat < tcfg.min_valid_category_points or h_pos < tcfg.min_valid_positives
     if small and h_cat <= n_cat and h_pos <= n_pos:
         # A hold-out with no more of either kind of evidence would only choose on less: a validation
         # window as long as the purchase horizon has no observable purchase window, yet thousands of
         # next-category points, against a hold-out of a few minutes.
         info.update(
-            source="validation",
-            reason=f"validation window has {n_cat} next-category points and {n_pos} positives (needs "
-            f"{tcfg.min_valid_category_points} and {tcfg.min_valid_positives}), and a hold-out of the last "
-            f"{tcfg.holdout_fraction:.0%} of the training time has no more ({h_cat} and {h_pos}): "
-            "validation still chose the epochs, on little evidence; a longer validation window would help",
+            reason=f"{too_few}, and a hold-out of the last {tcfg.holdout_fraction:.0%} of the training "
+            f"time has no more ({h_cat} and {h_pos}): validation still chose the epochs, on little "
+            "evidence; a longer validation window would help",
+            holdout_category_points=h_cat,
+            holdout_positives=h_pos,
         )
-        info.pop("holdout_start")
         logger.warning("%s", info["reason"])
         return split, info
+    info.update(
+        source="holdout",
+        reason=f"{too_few}: the last {tcfg.holdout_fraction:.0%} of the training time chose the epochs instead",
+        holdout_start=t1,
+        holdout_category_points=h_cat,
+        holdout_positives=h_pos,
+    )
     logger.warning("%s", info["reason"])
     if small:
         # Said, not refused: a small shop still gets a model; it should know how little chose it.
