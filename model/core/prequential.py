@@ -13,11 +13,14 @@ the top-k, so the figures are hit@1, hit@5 and MRR@k with k the stored top size 
 
 Purchase: a prediction with propensity p made at event time t is labelled **positive** when a purchase
 of the same user follows it within ``horizon_s`` (``T - t <= horizon_s``, as
-``demandstream.model.data.labels.purchase_labels``), **negative** once the event-time watermark (the
-newest event time seen on the partition) has passed ``t + horizon_s`` with no purchase, and never
-counted when it is still open at the end (censored, as in docs/MODEL.md §2). A window that a gap
-(more than ``gap_s`` seconds of event time without any event on the partition) starts in is not
-evidence of "no purchase": it is censored unless a purchase resolved it first.
+``demandstream.model.data.labels.purchase_labels``), else negative, and it is **counted only once the
+event-time watermark** (the newest event time seen on the partition) **has passed** ``t + horizon_s``,
+whatever its label: still open at the end, it is never counted (censored). A window that a gap (more
+than ``gap_s`` seconds of event time without any event on the partition) starts in is censored too,
+even when a purchase came before the gap. This is the offline rule of docs/MODEL.md §2 ("Honest
+labels"): a point counts only when the stream covers its whole window. Counting a positive as soon as
+its purchase arrives would hold the last ``horizon_s`` of every counter's history (and the stretch
+before every gap) to positives only, and bias the live purchase rate upward.
 
 >>> top_rank(["shoes", "bags"], "bags"), top_rank(["shoes", "bags"], "hats"), top_rank(["shoes"], None)
 (2, 0, None)
@@ -30,8 +33,10 @@ evidence of "no purchase": it is censored unless a purchase resolved it first.
 >>> res = PurchaseResolver(horizon_s=100.0, gap_s=3600.0, tally=pur)
 >>> res.event("u1", 0.0, False, 0.8)     # u1 predicted at t=0 with p=0.8
 >>> res.event("u2", 10.0, False, 0.1)
->>> res.event("u1", 50.0, True, 0.5)     # u1 buys at 50: the t=0 prediction was right
->>> res.event("u3", 200.0, False, None)  # the watermark passes 110 and 150: u2 negative, u1 (t=50) negative
+>>> res.event("u1", 50.0, True, 0.5)     # u1 buys at 50: the t=0 prediction was right ...
+>>> pur.points, res.pending                # ... and is counted once its window is over
+(0, 3)
+>>> res.event("u3", 200.0, False, None)  # the watermark passes 100, 110, 150: u1 (t=0) positive, u2, u1 (t=50) negative
 >>> pur.points, pur.positives, res.pending
 (3, 1, 0)
 """
@@ -193,28 +198,24 @@ class PurchaseResolver:
         self.tally = tally
         self.max_pending = max_pending
         self.watermark = -math.inf
-        # (t + horizon, seq, user) of every tracked prediction, stale once a purchase resolved it: in a
+        # (t + horizon, seq, user) of every tracked prediction, each closed when the watermark passes it: in a
         # queue while deadlines come in order (the usual case, and cheaper), else in a heap
         self._queue: deque[tuple[float, int, Hashable]] = deque()
         self._heap: list[tuple[float, int, Hashable]] = []
-        self._open: dict[Hashable, list[tuple[int, float, float]]] = {}  # user -> [(seq, t, p)] in order
+        self._open: dict[Hashable, list[list]] = {}  # user -> [[seq, t, p, label so far]] in order
         self._gaps: list[float] = []  # start times of recent gaps (a window starting at t <= a < t + h)
         self._seq = 0
         self.pending = 0
 
     def event(self, user: Hashable, ts: float, purchase: bool, p: float | None) -> None:
-        """One event of ``user`` at ``ts``: a purchase resolves the user's open predictions, the
-        watermark moves, then the prediction made after the event (``p``; None: none) opens."""
+        """One event of ``user`` at ``ts``: a purchase marks the user's open predictions whose window
+        it falls in, the watermark moves and closes every window it has passed, then the prediction
+        made after the event (``p``; None: none) opens."""
         h = self.horizon_s
         if purchase:
-            lst = self._open.pop(user, None)
-            if lst:
-                self.pending -= len(lst)
-                for _seq, t, q in lst:
-                    if ts - t <= h:
-                        self.tally.add(q, 1)
-                    else:  # its deadline passed before this purchase
-                        self._close_negative(t, q)
+            for entry in self._open.get(user, ()):
+                if ts - entry[1] <= h:  # within the window; one past it is closed by the watermark
+                    entry[3] = 1
         w = self.watermark
         if ts > w:
             if ts - w > self.gap_s and w > -math.inf:
@@ -239,32 +240,32 @@ class PurchaseResolver:
                 heapq.heappush(self._heap, entry)
             lst = self._open.get(user)
             if lst is None:
-                self._open[user] = [(self._seq, ts, p)]
+                self._open[user] = [[self._seq, ts, p, 0]]
             else:
-                lst.append((self._seq, ts, p))
+                lst.append([self._seq, ts, p, 0])
             self.pending += 1
 
     def _expire(self, _deadline: float, seq: int, user: Hashable) -> None:
-        """The watermark passed this prediction's horizon: negative, unless a purchase resolved it."""
-        lst = self._open.get(user)
-        if not lst:
-            return
-        for i, (s, t, q) in enumerate(lst):
+        """The watermark passed this prediction's horizon: counted with its label, unless a gap
+        started inside its window."""
+        lst = self._open[user]
+        for i, (s, t, q, y) in enumerate(lst):
             if s == seq:
                 del lst[i]
                 self.pending -= 1
                 if not lst:
                     del self._open[user]
-                self._close_negative(t, q)
+                self._close(t, q, y)
                 return
+        raise AssertionError(f"open prediction {seq} of its user is missing")  # a bug, not an input
 
-    def _close_negative(self, t: float, p: float) -> None:
+    def _close(self, t: float, p: float, y: int) -> None:
         h = self.horizon_s
         for a in self._gaps:
             if t <= a < t + h:
                 self.tally.unresolved["gap"] += 1
                 return
-        self.tally.add(p, 0)
+        self.tally.add(p, y)
 
     def discard(self) -> int:
         """Forget every open prediction (the partition left this worker); returns how many."""

@@ -54,49 +54,73 @@ def test_a_purchase_within_the_horizon_is_positive_even_at_its_edge():
     r, tally = resolver()
     r.event("u", 0.0, False, 0.9)
     r.event("u", 50.0, False, 0.8)
-    r.event("u", 100.0, True, 0.1)  # 100 - 0 <= H: both earlier predictions are positive
+    r.event("u", 100.0, True, 0.1)  # 100 - 0 <= H: both earlier predictions are positive ...
+    assert (tally.points, r.pending) == (0, 3)  # ... but none is counted while its window is open
+    r.event("v", 100.5, False, None)  # the watermark passes 100: the t=0 window is over
+    assert (tally.points, tally.positives, r.pending) == (1, 1, 2)
+    r.event("v", 150.5, False, None)
     assert (tally.points, tally.positives, r.pending) == (2, 2, 1)
     assert tally.logloss_sum == pytest.approx(-math.log(0.9) - math.log(0.8))
     assert tally.counts[9] == 1 and tally.observed[8] == 1 and tally.predicted[8] == pytest.approx(0.8)
 
 
-def test_negative_only_once_the_watermark_has_passed_the_horizon():
+def test_counted_only_once_the_watermark_has_passed_the_horizon():
     r, tally = resolver()
     r.event("u", 0.0, False, 0.3)
     r.event("v", 100.0, False, None)  # watermark == t + H: a purchase at 100 could still come
     assert tally.points == 0
     r.event("u", 100.0, True, None)
-    assert (tally.points, tally.positives) == (1, 1)
+    assert tally.points == 0
     r.event("w", 10.0, False, 0.2)  # late event: the watermark stays at 100
-    r.event("v", 110.5, False, None)  # 10 + H < 110.5: w's prediction is negative
+    r.event("v", 110.5, False, None)  # 0 + H and 10 + H < 110.5: u's positive, w's negative
     assert (tally.points, tally.positives, r.pending) == (2, 1, 0)
     assert tally.logloss_sum == pytest.approx(-math.log(0.3) - math.log(0.8))
+
+
+def test_a_purchase_after_the_window_is_a_negative():
+    r, tally = resolver()
+    r.event("u", 0.0, False, 0.3)
+    r.event("u", 100.5, True, None)  # 100.5 - 0 > H: the watermark closes the window first
+    assert (tally.points, tally.positives, r.pending) == (1, 0, 0)
 
 
 def test_another_users_purchase_resolves_nothing():
     r, tally = resolver()
     r.event("u", 0.0, False, 0.3)
     r.event("v", 5.0, True, None)
-    assert tally.points == 0 and r.pending == 1
+    r.event("v", 200.0, False, None)
+    assert (tally.points, tally.positives, r.pending) == (1, 0, 0)
 
 
-def test_a_gap_censors_the_windows_it_starts_in_unless_a_purchase_came_first():
+def test_a_gap_censors_the_windows_it_starts_in_whatever_their_label():
     r, tally = resolver(gap_s=50.0)
     r.event("u", 0.0, False, 0.3)
     r.event("v", 10.0, False, 0.4)
     r.event("w", 20.0, False, 0.5)
     r.event("w", 80.0, True, None)  # 80 - 20 > 50: a gap starting at 20; w buys within its horizon
-    r.event("x", 500.0, False, None)  # every window is over: u and v crossed the gap
-    assert (tally.points, tally.positives) == (1, 1)
-    assert tally.unresolved["gap"] == 2 and r.pending == 0
+    r.event("x", 500.0, False, None)  # every window is over, and each crossed the gap
+    # w's window saw a purchase, but a gap is in it: counting it while the windows that saw none are
+    # censored would keep positives only before every gap (docs/MODEL.md §2, "Honest labels")
+    assert (tally.points, tally.positives) == (0, 0)
+    assert tally.unresolved["gap"] == 3 and r.pending == 0
 
 
-def test_a_window_closed_before_the_gap_is_negative():
+def test_a_window_closed_before_the_gap_is_counted():
     r, tally = resolver(gap_s=150.0)
     r.event("u", 0.0, False, 0.3)
+    r.event("v", 0.0, False, 0.6)
+    r.event("v", 50.0, True, None)  # v's window saw a purchase
     r.event("v", 100.0, False, None)  # the window of u ends at 100; the gap starts at 100
     r.event("v", 400.0, False, None)
-    assert (tally.points, tally.positives, tally.unresolved["gap"]) == (1, 0, 0)
+    assert (tally.points, tally.positives, tally.unresolved["gap"]) == (2, 1, 0)
+
+
+def test_the_open_windows_at_the_end_are_censored_whatever_their_label():
+    r, tally = resolver()
+    r.event("u", 0.0, False, 0.3)
+    r.event("v", 1.0, False, 0.6)
+    r.event("u", 20.0, True, None)
+    assert (tally.points, r.pending) == (0, 2)
 
 
 def test_capacity_leaves_new_predictions_untracked_and_counts_them():
