@@ -72,6 +72,7 @@ def cmd_evaluate(a, settings: Settings) -> int:
         plots=a.plots,
         train_end=a.train_end,
         valid_end=a.valid_end,
+        bootstrap=a.bootstrap,
     )
     print(format_table(report))
     print(f"report written to {a.report}")
@@ -197,6 +198,17 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        v = int(text)
+    except ValueError:
+        v = -1
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return v
+
+
 def _paths(values: Sequence[str]) -> list[Path]:
     import glob
 
@@ -308,6 +320,15 @@ def build_parser() -> argparse.ArgumentParser:
     data_args(sp, model=True)
     sp.add_argument("--report", required=True)
     sp.add_argument("--plots")
+    # numpy and the metrics only, no torch: the parser stays quick to build
+    from demandstream.model.evaluation.uncertainty import BOOTSTRAP_RESAMPLES
+
+    sp.add_argument(
+        "--bootstrap",
+        type=_non_negative_int,
+        default=BOOTSTRAP_RESAMPLES,
+        help=f"user-bootstrap resamples of each model/best-baseline ratio's 95%% interval (default {BOOTSTRAP_RESAMPLES}; 0: none)",
+    )
     split_args(sp)
     sp.set_defaults(func=cmd_evaluate)
 

@@ -37,19 +37,24 @@ from demandstream.model.data.split import Split, phase_points, temporal_split
 from demandstream.model.evaluation.baselines import DEFAULT_GAP_S, make_baselines
 from demandstream.model.evaluation.metrics import (
     CATEGORY_KEYS,
+    LOWER_IS_BETTER,
     PURCHASE_KEYS,
     category_metrics,
     purchase_metrics,
     target_rank,
 )
 from demandstream.model.evaluation.prequential import prequential_report
+from demandstream.model.evaluation.uncertainty import (
+    BOOTSTRAP_LEVEL,
+    BOOTSTRAP_RESAMPLES,
+    BOOTSTRAP_SEED,
+    oriented_ratio,
+    ratio_intervals,
+)
 
 logger = logging.getLogger(__name__)
 
 METHOD_KEYS = CATEGORY_KEYS + PURCHASE_KEYS
-
-#: Metrics where lower is better; every other key of METHOD_KEYS is higher-is-better.
-LOWER_IS_BETTER = frozenset({"purchase_logloss", "purchase_ece"})
 
 
 def _score_model(
@@ -216,6 +221,7 @@ def evaluate(
     plots_dir: str | Path | None = None,
     device: str = "cpu",
     gap_s: float | None = DEFAULT_GAP_S,
+    bootstrap: int = BOOTSTRAP_RESAMPLES,
 ) -> dict:
     """The evaluation report of docs/ARCHITECTURE.md §Evaluation for a checkpoint on a log (see the module
     docstring).
@@ -225,6 +231,8 @@ def evaluate(
     ``funnel_cart``), ``best_baseline`` (see :func:`best_baselines`), plus ``n_category_points``,
     ``n_purchase_points``, ``split``, ``category_coverage``, ``model_version``, ``gap_s``.
     ``gap_s`` is the gap threshold of the purchase labels (:func:`demandstream.model.evaluation.baselines.purchase_labels`).
+    Each ``best_baseline`` entry carries the user-bootstrap interval of its ratio and a verdict
+    (:mod:`demandstream.model.evaluation.uncertainty`; ``bootstrap`` resamples, 0: none).
     """
     if not isinstance(ckpt, Checkpoint):
         ckpt = ckpt_mod.load(ckpt)
@@ -274,6 +282,12 @@ def evaluate(
         "model": model_rep,
         "baselines": base_rep,
         "best_baseline": best_baselines(model_rep, base_rep),
+        "bootstrap": {
+            "unit": "user",
+            "resamples": bootstrap,
+            "level": BOOTSTRAP_LEVEL,
+            "seed": BOOTSTRAP_SEED,
+        },
         "headroom": {
             "over": HEADROOM_BASELINE,
             **repeat_headroom(base[HEADROOM_BASELINE]["switch_rank"], cat_pts, targets, cats),
@@ -293,6 +307,19 @@ def evaluate(
             "targets_in_vocab": float(1 - n_oov / len(targets)) if len(targets) else float("nan"),
         },
     }
+    user_of = np.searchsorted(log.user_start, np.arange(len(log)), side="right") - 1
+    intervals = ratio_intervals(
+        report["best_baseline"],
+        scored,
+        targets,
+        user_of[cat_pts],
+        n_classes,
+        labels,
+        user_of[buy_pts],
+        bootstrap,
+    )
+    for key, ci in intervals.items():
+        report["best_baseline"][key].update(ci)
     # The figures a live worker exports for the same events (docs/ARCHITECTURE.md §Metrics, "quality").
     report["prequential"] = prequential_report(ckpt, log, split.valid_end, horizon_s, gap_s, device)
     if plots_dir is not None:
@@ -340,14 +367,7 @@ def best_baselines(model: dict, baselines: dict[str, dict]) -> dict[str, dict]:
         name, best = min(cands, key=lambda c: c[1]) if lower else max(cands, key=lambda c: c[1])
         mv = model.get(key)
         mval = float(mv) if _finite(mv) else float("nan")
-        num, den = (best, mval) if lower else (mval, best)
-        if math.isnan(num) or math.isnan(den) or (num == 0 and den == 0):
-            ratio = float("nan")
-        elif den == 0:
-            ratio = math.inf
-        else:
-            ratio = num / den
-        out[key] = {"name": name, "value": best, "model": mval, "ratio": ratio}
+        out[key] = {"name": name, "value": best, "model": mval, "ratio": oriented_ratio(key, mval, best)}
     return out
 
 
@@ -412,17 +432,22 @@ def aggregate_reports(reports: list[dict]) -> dict:
 
 def format_table(report: dict) -> str:
     """Methods × metrics as a fixed-width text table (NaN or absent = '-'), then the best baseline
-    of each metric and the model's ratio to it (> 1: the model is better, see :func:`best_baselines`).
+    of each metric, the model's ratio to it (> 1: the model is better, see :func:`best_baselines`),
+    the ratio's user-bootstrap interval and its verdict (:mod:`demandstream.model.evaluation.uncertainty`).
 
     >>> rep = {"model": {"category_accuracy": 0.5, "purchase_auc": 0.8},
     ...        "baselines": {"funnel": {"purchase_auc": 0.7}}}
     >>> lines = format_table(rep).splitlines()
     >>> lines[0].split()
-    ['metric', 'model', 'funnel', 'best', 'ratio']
+    ['metric', 'model', 'funnel', 'best', 'ratio', '95%_CI', 'verdict']
     >>> lines[1].split()
-    ['category_accuracy', '0.5000', '-', '-', '-']
+    ['category_accuracy', '0.5000', '-', '-', '-', '-', '-']
     >>> [ln.split() for ln in lines if ln.startswith("purchase_auc")]
-    [['purchase_auc', '0.8000', '0.7000', 'funnel', '1.1429']]
+    [['purchase_auc', '0.8000', '0.7000', 'funnel', '1.1429', '-', '-']]
+    >>> rep["best_baseline"] = {"purchase_auc": {"name": "funnel", "ratio": 1.1429,
+    ...                         "ratio_ci": [1.05, 1.2], "verdict": "better"}}
+    >>> [ln.split()[-2:] for ln in format_table(rep).splitlines() if ln.startswith("purchase_auc")]
+    [['1.050-1.200', 'better']]
     """
     methods = {"model": report["model"], **report["baselines"]}
     best = report.get("best_baseline")
@@ -435,6 +460,8 @@ def format_table(report: dict) -> str:
         + "".join(n.rjust(width) for n in names)
         + "best".rjust(width)
         + "ratio".rjust(width)
+        + "95%_CI".rjust(width)
+        + "verdict".rjust(width + 2)
     ]
     for key in METHOD_KEYS:
         cells = []
@@ -445,6 +472,10 @@ def format_table(report: dict) -> str:
         ratio = None if b is None else b.get("ratio")
         cells.append(("-" if b is None else str(b["name"])).rjust(width))
         cells.append(("-" if ratio is None or ratio != ratio else f"{ratio:.4f}").rjust(width))
+        ci = None if b is None else b.get("ratio_ci")
+        ci_ok = ci is not None and all(v == v for v in ci)
+        cells.append((f"{ci[0]:.3f}-{ci[1]:.3f}" if ci_ok else "-").rjust(width))
+        cells.append(str((b or {}).get("verdict", "-")).rjust(width + 2))
         lines.append(key.ljust(28) + "".join(cells))
     return "\n".join(lines)
 
@@ -460,6 +491,7 @@ def run_evaluation(
     horizon_s: float | None = None,
     device: str = "cpu",
     gap_s: float | None = DEFAULT_GAP_S,
+    bootstrap: int = BOOTSTRAP_RESAMPLES,
 ) -> dict:
     """CLI entry (``demandstream evaluate``): load checkpoint and data, evaluate, write the JSON report.
 
@@ -480,7 +512,16 @@ def run_evaluation(
         trained = (ck.metrics.get("train_config") or {}) if isinstance(ck.metrics, dict) else {}
         horizon_s = float(trained.get("horizon_s", PURCHASE_HORIZON_S))
     with torch.inference_mode():
-        rep = evaluate(ck, log, split, horizon_s=horizon_s, plots_dir=plots, device=device, gap_s=gap_s)
+        rep = evaluate(
+            ck,
+            log,
+            split,
+            horizon_s=horizon_s,
+            plots_dir=plots,
+            device=device,
+            gap_s=gap_s,
+            bootstrap=bootstrap,
+        )
     # calibration: whether the model's propensities were Platt-scaled, and why not (demandstream.model.training.train.calibrate)
     rep["train_metrics"] = {
         k: ck.metrics.get(k) for k in ("train_events_per_s", "epochs_run", "best_epoch", "calibration")

@@ -39,6 +39,8 @@ CATEGORY_KEYS = (
     "category_f1_weighted",
 )
 PURCHASE_KEYS = ("purchase_auc", "purchase_pr_auc", "purchase_logloss", "purchase_ece")
+#: Metrics where lower is better; every other key is higher-is-better.
+LOWER_IS_BETTER = frozenset({"purchase_logloss", "purchase_ece"})
 
 
 # -- next-category ranking ----------------------------------------------------------------------

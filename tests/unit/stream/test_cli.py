@@ -124,3 +124,14 @@ def test_generate_builds_a_shop_of_many_categories_and_refuses_an_empty_catalog(
         cli.main(["generate", "--departments", "0", "--out", str(out)])
     assert exc.value.code == 2
     assert "--departments: expected a whole number >= 1, got '0'" in capsys.readouterr().err
+
+
+def test_evaluate_bootstrap_takes_a_count_and_refuses_a_negative_one(capsys):
+    args = cli.build_parser().parse_args(
+        ["evaluate", "--data", "x", "--report", "r.json", "--bootstrap", "0"]
+    )
+    assert args.bootstrap == 0
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["evaluate", "--data", "x", "--report", "r.json", "--bootstrap", "-5"])
+    assert exc.value.code == 2
+    assert "--bootstrap: expected a whole number >= 0, got '-5'" in capsys.readouterr().err

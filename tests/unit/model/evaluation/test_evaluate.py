@@ -1,6 +1,7 @@
 """model/evaluation/evaluate.py: every report key for the model and every baseline, on the same points."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -83,8 +84,21 @@ def test_report_has_every_key_for_model_and_baselines(trained):
         pick = min if key in LOWER_IS_BETTER else max
         assert best["value"] == pick(values.values()) == values[best["name"]], key
         assert best["model"] == rep["model"][key]
+        # ... with the user-bootstrap interval of the ratio and its reading
+        lo, hi = best["ratio_ci"]
+        assert lo <= hi or math.isnan(lo), (key, best)
+        assert best["verdict"] in ("better", "worse", "inconclusive")
+    assert rep["bootstrap"]["unit"] == "user" and rep["bootstrap"]["resamples"] > 0
     table = format_table(rep)
-    assert table.splitlines()[0].split() == ["metric", "model", *rep["baselines"], "best", "ratio"]
+    assert table.splitlines()[0].split() == [
+        "metric",
+        "model",
+        *rep["baselines"],
+        "best",
+        "ratio",
+        "95%_CI",
+        "verdict",
+    ]
     assert len(table.splitlines()) == 1 + len(CATEGORY_KEYS) + len(PURCHASE_KEYS)
     json.dumps(rep, default=float)  # the report stays JSON-serialisable
 
@@ -212,6 +226,25 @@ def test_format_table_shows_the_best_baseline_and_the_ratio():
     baselines = {"markov": {"category_mrr@20": 0.2}, "funnel_cart": {"purchase_logloss": 0.4}}
     lines = format_table({"model": model, "baselines": baselines}).splitlines()
     rows = {ln.split()[0]: ln.split() for ln in lines[1:]}
-    assert rows["category_mrr@20"] == ["category_mrr@20", "0.3000", "0.2000", "-", "markov", "1.5000"]
-    assert rows["purchase_logloss"] == ["purchase_logloss", "0.5000", "-", "0.4000", "funnel_cart", "0.8000"]
-    assert rows["purchase_auc"][-2:] == ["-", "-"]
+    # a report without intervals (written before them, or --bootstrap 0) shows '-' for them
+    assert rows["category_mrr@20"] == [
+        "category_mrr@20",
+        "0.3000",
+        "0.2000",
+        "-",
+        "markov",
+        "1.5000",
+        "-",
+        "-",
+    ]
+    assert rows["purchase_logloss"] == [
+        "purchase_logloss",
+        "0.5000",
+        "-",
+        "0.4000",
+        "funnel_cart",
+        "0.8000",
+        "-",
+        "-",
+    ]
+    assert rows["purchase_auc"][-4:] == ["-", "-", "-", "-"]
