@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+from demandstream.model.evaluation.metrics import category_metrics, purchase_metrics
 from demandstream.model.evaluation.uncertainty import oriented_ratio, ratio_intervals, verdict
 
 N_CLASSES = 6
@@ -31,8 +32,18 @@ def corpus(seed: int = 0, users: int = 150, per_user: int = 6):
 KEYS = ("category_mrr@20", "category_recall@5", "purchase_auc", "purchase_logloss")
 
 
+def full_ratio(key, targets, y, model, base):
+    def value(m):
+        ranks, top1, p = m
+        if key.startswith("purchase_"):
+            return purchase_metrics(p, y)[key]
+        return category_metrics(ranks, top1, targets, N_CLASSES)[key]
+
+    return oriented_ratio(key, value(model), value(base))
+
+
 def intervals(users, targets, y, model, base, resamples=300, seed=0):
-    best = {k: {"name": "base"} for k in KEYS}
+    best = {k: {"name": "base", "ratio": full_ratio(k, targets, y, model, base)} for k in KEYS}
     return ratio_intervals(
         best, {"model": model, "base": base}, targets, users, N_CLASSES, y, users, resamples, seed=seed
     )
@@ -52,6 +63,22 @@ def test_a_method_against_itself_is_inconclusive_at_exactly_one():
     same = intervals(users, targets, y, a, a)
     for k in KEYS:
         assert same[k] == {"ratio_ci": [1.0, 1.0], "verdict": "inconclusive"}
+
+
+def test_a_miscalibrated_model_loses_calibration_with_the_estimate_in_its_interval():
+    # A calibrated method's ECE rises more under resampling than a miscalibrated one's (bin noise only
+    # adds to |observed - predicted|), so the resampled ratios sit above the estimate; the interval
+    # must still hold it, and call the miscalibrated model worse
+    rng = np.random.default_rng(7)
+    users = np.repeat(np.arange(500), 4)
+    q = rng.uniform(0.05, 0.5, len(users))
+    y = (rng.random(len(users)) < q).astype(np.float64)
+    calibrated, off = q, np.clip(q + 0.06, 0.0, 1.0)
+    ratio = full_ratio("purchase_ece", None, y, (None, None, off), (None, None, calibrated))
+    best = {"purchase_ece": {"name": "base", "ratio": ratio}}
+    methods = {"model": (None, None, off), "base": (None, None, calibrated)}
+    ci = ratio_intervals(best, methods, None, None, 0, y, users, 300)["purchase_ece"]
+    assert ci["ratio_ci"][0] <= ratio <= ci["ratio_ci"][1] and ci["verdict"] == "worse", (ratio, ci)
 
 
 def test_the_unit_is_the_user_not_the_point():
