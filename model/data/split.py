@@ -147,8 +147,8 @@ def temporal_split(
             "the default split measures its fractions without them",
             outside,
             OUTLIER_GAP_S / 86400,
-            _utc(start),
-            _utc(end),
+            utc_text(start),
+            utc_text(end),
         )
     span = end - start
     t1 = parse_time(train_end) if train_end is not None else start + DEFAULT_TRAIN_FRACTION * span
@@ -166,7 +166,12 @@ def temporal_split(
     return Split(t1, t2, float(log.ts.max()))
 
 
-def _utc(ts: float) -> str:
+def utc_text(ts: float) -> str:
+    """A timestamp as ISO-8601 UTC text for messages (``repr`` when it is no date).
+
+    >>> utc_text(1572580800.0)
+    '2019-11-01T04:00:00Z'
+    """
     try:
         return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     except (OverflowError, OSError, ValueError):

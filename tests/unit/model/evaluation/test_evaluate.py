@@ -8,6 +8,7 @@ import pytest
 
 from demandstream.model.data.split import temporal_split
 from demandstream.model.data.synth import generate, write_jsonl
+from demandstream.model.errors import DataError
 from demandstream.model.evaluation.evaluate import (
     LOWER_IS_BETTER,
     METHOD_KEYS,
@@ -65,6 +66,8 @@ def test_report_has_every_key_for_model_and_baselines(trained):
     assert 0 < rep["n_category_points"] <= rep["n_test_points"]
     assert 0 < rep["n_purchase_points"] <= rep["n_test_points"]
     assert rep["n_train_events"] == int((log.ts < split.train_end).sum())
+    # the baselines learn from exactly the events the model (refit on everything before T2) learned from
+    assert rep["baseline_fit_events"] == rep["model_train_events"] == int((log.ts < split.valid_end).sum())
     # the oracle copy-or-switch gate can only move targets up the cascade's ranking
     head = rep["headroom"]
     assert head["over"] == "cascade" and 0 < head["repeat_share"] < 1
@@ -248,3 +251,18 @@ def test_format_table_shows_the_best_baseline_and_the_ratio():
         "-",
     ]
     assert rows["purchase_auc"][-4:] == ["-", "-", "-", "-"]
+
+
+def test_a_log_without_events_before_the_test_start_is_refused(trained, caplog):
+    """A later month's file evaluated with the stored split would fit every baseline on nothing."""
+    ck, log, split = trained
+    later = log.take(np.flatnonzero(log.ts >= split.valid_end))
+    with pytest.raises(DataError, match="no event of this log is before the test start"):
+        evaluate(ck, later, split)
+    # fewer events than the model saw (another shop's log, say) is allowed, and said
+    part = log.take(np.flatnonzero(log.ts >= split.train_end))  # validation and test rows only
+    with caplog.at_level("WARNING"):
+        rep = evaluate(ck, part, split, bootstrap=0)
+    assert rep["baseline_fit_events"] < rep["model_train_events"]
+    assert "the comparison favours the model" in caplog.text
+    assert "ratio_ci" not in rep["best_baseline"]["category_mrr@20"]  # --bootstrap 0: no intervals
