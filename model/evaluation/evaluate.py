@@ -315,12 +315,12 @@ def evaluate(
     intervals = ratio_intervals(
         report["best_baseline"],
         scored,
-        targets,
-        user_of[cat_pts],
-        n_classes,
-        labels,
-        user_of[buy_pts],
-        bootstrap,
+        targets=targets,
+        cat_users=user_of[cat_pts],
+        n_classes=n_classes,
+        labels=labels,
+        buy_users=user_of[buy_pts],
+        resamples=bootstrap,
     )
     for key, ci in intervals.items():
         report["best_baseline"][key].update(ci)

@@ -31,7 +31,8 @@ around the truth.
 >>> auc = {m: purchase_metrics(p, y)["purchase_auc"] for m, p in (("model", good), ("coin", noise))}
 >>> best = {"purchase_auc": {"name": "coin", "ratio": auc["model"] / auc["coin"]}}
 >>> ci = ratio_intervals(best, {"model": (None, None, good), "coin": (None, None, noise)},
-...                      None, None, 0, y, users, resamples=200)
+...                      targets=None, cat_users=None, n_classes=0, labels=y, buy_users=users,
+...                      resamples=200)
 >>> ci["purchase_auc"]["verdict"], ci["purchase_auc"]["ratio_ci"][0] > 1.5
 ('better', True)
 """
@@ -106,6 +107,7 @@ def _resampled_index(point_users: np.ndarray, draws: np.ndarray) -> np.ndarray:
 def ratio_intervals(
     best: dict[str, dict],
     scored: dict[str, tuple],
+    *,
     targets: np.ndarray | None,
     cat_users: np.ndarray | None,
     n_classes: int,

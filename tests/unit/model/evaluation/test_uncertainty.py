@@ -45,7 +45,15 @@ def full_ratio(key, targets, y, model, base):
 def intervals(users, targets, y, model, base, resamples=300, seed=0):
     best = {k: {"name": "base", "ratio": full_ratio(k, targets, y, model, base)} for k in KEYS}
     return ratio_intervals(
-        best, {"model": model, "base": base}, targets, users, N_CLASSES, y, users, resamples, seed=seed
+        best,
+        {"model": model, "base": base},
+        targets=targets,
+        cat_users=users,
+        n_classes=N_CLASSES,
+        labels=y,
+        buy_users=users,
+        resamples=resamples,
+        seed=seed,
     )
 
 
@@ -77,7 +85,9 @@ def test_a_miscalibrated_model_loses_calibration_with_the_estimate_in_its_interv
     ratio = full_ratio("purchase_ece", None, y, (None, None, off), (None, None, calibrated))
     best = {"purchase_ece": {"name": "base", "ratio": ratio}}
     methods = {"model": (None, None, off), "base": (None, None, calibrated)}
-    ci = ratio_intervals(best, methods, None, None, 0, y, users, 300)["purchase_ece"]
+    ci = ratio_intervals(
+        best, methods, targets=None, cat_users=None, n_classes=0, labels=y, buy_users=users, resamples=300
+    )["purchase_ece"]
     assert ci["ratio_ci"][0] <= ratio <= ci["ratio_ci"][1] and ci["verdict"] == "worse", (ratio, ci)
 
 
