@@ -223,6 +223,7 @@ def evaluate(
     device: str = "cpu",
     gap_s: float | None = DEFAULT_GAP_S,
     bootstrap: int = BOOTSTRAP_RESAMPLES,
+    refuse_unfitted: bool = True,
 ) -> dict:
     """The evaluation report of docs/ARCHITECTURE.md §Evaluation for a checkpoint on a log (see the module
     docstring).
@@ -234,13 +235,15 @@ def evaluate(
     ``gap_s`` is the gap threshold of the purchase labels (:func:`demandstream.model.evaluation.baselines.purchase_labels`).
     Each ``best_baseline`` entry carries the user-bootstrap interval of its ratio and a verdict
     (:mod:`demandstream.model.evaluation.uncertainty`; ``bootstrap`` resamples, 0: none).
+    A log with no row before T2 is refused (:func:`baseline_fit_check`) unless ``refuse_unfitted`` is
+    off.
     """
     if not isinstance(ckpt, Checkpoint):
         ckpt = ckpt_mod.load(ckpt)
     if log.user_start is None:
         log = log.sorted_by_user_time()
     split = split or temporal_split(log)
-    fit_events, model_events = baseline_fit_check(log, split, ckpt)
+    fit_events, model_events = baseline_fit_check(log, split, ckpt, refuse_unfitted)
     vocab = ckpt.vocab
     cats = raw_categories(log)
     pts = phase_points(log, split, "test", cats, horizon_s, gap_s=gap_s)
@@ -340,9 +343,11 @@ def evaluate(
     return report
 
 
-def baseline_fit_check(log: EventLog, split: Split, ckpt: Checkpoint) -> tuple[int, int | None]:
+def baseline_fit_check(
+    log: EventLog, split: Split, ckpt: Checkpoint, refuse_unfitted: bool = True
+) -> tuple[int, int | None]:
     """``(events the baselines are fitted on, events the model was trained on)``; refuses a log that
-    leaves the baselines nothing to learn from.
+    leaves the baselines nothing to learn from, unless ``refuse_unfitted`` is off (then it warns).
 
     The comparison is only fair when the baselines learn from the data the model learned from: its
     Markov table, popularity and funnel came from the training log's events before T2
@@ -351,14 +356,22 @@ def baseline_fit_check(log: EventLog, split: Split, ckpt: Checkpoint) -> tuple[i
     event and flatter the model by up to 2 × (measured on the cosmetics sample's last days: purchase
     log loss 0.33 against an untrained funnel's 0.69): that is an error. A log that holds fewer
     events before T2 than the model saw is allowed (a model moved to another shop's log with its own
-    split) and logged as a warning.
+    split) and logged as a warning. A split given on purpose before the log's first event (to read
+    only the ``prequential`` figures of a whole file, which involve no baseline) is the caller's
+    choice: ``refuse_unfitted=False`` turns the error into a warning.
     """
     fit_events = int((log.ts < split.valid_end).sum())
     trained = ckpt.metrics.get("n_train_events") if isinstance(ckpt.metrics, dict) else None
     model_events = (
         int(trained) if isinstance(trained, int | float) and not isinstance(trained, bool) else None
     )
-    if fit_events == 0:
+    if fit_events == 0 and not refuse_unfitted:
+        logger.warning(
+            "no event of this log is before T2 = %s: every baseline is fitted on nothing, so the "
+            "best_baseline ratios favour the model; the prequential figures are unaffected",
+            utc_text(split.valid_end),
+        )
+    elif fit_events == 0:
         raise DataError(
             f"no event of this log is before the test start T2 = {utc_text(split.valid_end)}, so the baselines "
             "would be fitted on nothing"
@@ -366,7 +379,7 @@ def baseline_fit_check(log: EventLog, split: Split, ckpt: Checkpoint) -> tuple[i
             + ": give the log the model was trained on as well (--data is repeatable), or a split inside "
             "this log (--train-end/--valid-end)"
         )
-    if model_events is not None and fit_events < model_events:
+    elif model_events is not None and fit_events < model_events:
         logger.warning(
             "the baselines are fitted on %d events before T2 = %s, the model learned from %d: the "
             "comparison favours the model unless this log is another shop's on purpose",
@@ -538,6 +551,9 @@ def run_evaluation(
 
     Without explicit bounds the split is the one stored in the checkpoint's training metrics when
     there is one (so evaluation tests exactly what training held out), else 80/10/10 of the data.
+    A log with no event before that split's T2 is refused; bounds given explicitly before the log's
+    first event are taken as meant (a whole file scored for its ``prequential`` figures), with a
+    warning that the baselines learned nothing.
     Without ``horizon_s`` the purchase horizon is the one the model was trained for (else the default).
     """
     from demandstream.model.data.loaders import load_log
@@ -562,6 +578,7 @@ def run_evaluation(
             device=device,
             gap_s=gap_s,
             bootstrap=bootstrap,
+            refuse_unfitted=train_end is None and valid_end is None,
         )
     # calibration: whether the model's propensities were Platt-scaled, and why not (demandstream.model.training.train.calibrate)
     rep["train_metrics"] = {

@@ -122,6 +122,19 @@ def test_run_evaluation_writes_the_report_and_reuses_the_training_split(tmp_path
     calib = on_disk["train_metrics"]["calibration"]
     assert calib["applied"] or calib["reason"]
 
+    # A later file alone under the stored split: its baselines would learn nothing, so it is refused ...
+    events = list(generate(40, 1200, seed=2))
+    later = tmp_path / "later.jsonl"
+    write_jsonl([e for e in events if e.ts >= rep["split"]["valid_end"]], later)
+    with pytest.raises(DataError, match="no event of this log is before the test start"):
+        run_evaluation(tmp_path / "m.pt", str(later), "jsonl", tmp_path / "later.json")
+    # ... while a split put before its first event on purpose scores the whole file, and says so
+    t0 = min(e.ts for e in events if e.ts >= rep["split"]["valid_end"])
+    whole = run_evaluation(
+        tmp_path / "m.pt", str(later), "jsonl", tmp_path / "w.json", train_end=t0 - 2, valid_end=t0 - 1
+    )
+    assert whole["baseline_fit_events"] == 0 and whole["prequential"]["category_points"] > 0
+
 
 def test_a_taobao_log_with_rows_stamped_years_away_trains_and_evaluates_on_the_default_split(tmp_path):
     """Rows stamped years away from the log's days (valid timestamps, wrong clocks): the default split
