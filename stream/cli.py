@@ -62,7 +62,7 @@ def cmd_train(a, settings: Settings) -> int:
 
 
 def cmd_evaluate(a, settings: Settings) -> int:
-    from demandstream.model.evaluation.evaluate import format_table, run_evaluation
+    from demandstream.model.evaluation.evaluate import format_table, run_evaluation, verdict_summary
 
     report = run_evaluation(
         a.model or settings.model,
@@ -75,6 +75,9 @@ def cmd_evaluate(a, settings: Settings) -> int:
         bootstrap=a.bootstrap,
     )
     print(format_table(report))
+    summary = verdict_summary(report)
+    if summary:
+        print(summary)
     print(f"report written to {a.report}")
     return 0
 

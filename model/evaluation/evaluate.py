@@ -534,6 +534,40 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+#: The metrics the verdict line names first: the issue's four, then the purchase quality figures.
+HEADLINE_KEYS = (
+    "category_mrr@20",
+    "category_recall@5",
+    "category_recall@20",
+    "purchase_auc",
+    "purchase_logloss",
+    "purchase_ece",
+)
+
+
+def verdict_summary(report: dict) -> str:
+    """One line that reads the headline metrics' intervals: where the test window shows the model
+    better than the best baseline, worse, or cannot tell; empty when the report has no intervals.
+
+    >>> verdict_summary({"bootstrap": {"resamples": 1000, "level": 0.95}, "best_baseline": {
+    ...     "category_mrr@20": {"name": "cascade", "verdict": "better"},
+    ...     "purchase_auc": {"name": "funnel_cart", "verdict": "inconclusive"}}})
+    'against the best baseline, 95 % user-bootstrap intervals: better on category_mrr@20 (cascade); cannot tell on purchase_auc (funnel_cart)'
+    """
+    best = report.get("best_baseline") or {}
+    groups: dict[str, list[str]] = {"better": [], "worse": [], "inconclusive": []}
+    for key in HEADLINE_KEYS:
+        entry = best.get(key)
+        if entry and entry.get("verdict") in groups:
+            groups[entry["verdict"]].append(f"{key} ({entry['name']})")
+    if not any(groups.values()):
+        return ""
+    level = (report.get("bootstrap") or {}).get("level", BOOTSTRAP_LEVEL)
+    words = {"better": "better on", "worse": "worse on", "inconclusive": "cannot tell on"}
+    parts = [f"{words[v]} {', '.join(keys)}" for v, keys in groups.items() if keys]
+    return f"against the best baseline, {level * 100:g} % user-bootstrap intervals: " + "; ".join(parts)
+
+
 def run_evaluation(
     model: str | Path,
     data,

@@ -10,6 +10,7 @@ from demandstream.model.data.split import temporal_split
 from demandstream.model.data.synth import generate, write_jsonl
 from demandstream.model.errors import DataError
 from demandstream.model.evaluation.evaluate import (
+    HEADLINE_KEYS,
     LOWER_IS_BETTER,
     METHOD_KEYS,
     aggregate_reports,
@@ -17,6 +18,7 @@ from demandstream.model.evaluation.evaluate import (
     evaluate,
     format_table,
     run_evaluation,
+    verdict_summary,
 )
 from demandstream.model.evaluation.metrics import CATEGORY_KEYS, PURCHASE_KEYS
 from demandstream.model.training.train import TrainConfig, run_training, train
@@ -92,6 +94,9 @@ def test_report_has_every_key_for_model_and_baselines(trained):
         assert lo <= hi or math.isnan(lo), (key, best)
         assert best["verdict"] in ("better", "worse", "inconclusive")
     assert rep["bootstrap"]["unit"] == "user" and rep["bootstrap"]["resamples"] > 0
+    line = verdict_summary(rep)  # the CLI's reading of the intervals names every headline metric once
+    assert line.startswith("against the best baseline, 95 % user-bootstrap intervals: ")
+    assert all(line.count(f"{k} (") == 1 for k in HEADLINE_KEYS), line
     table = format_table(rep)
     assert table.splitlines()[0].split() == [
         "metric",
@@ -279,3 +284,4 @@ def test_a_log_without_events_before_the_test_start_is_refused(trained, caplog):
     assert rep["baseline_fit_events"] < rep["model_train_events"]
     assert "the comparison favours the model" in caplog.text
     assert "ratio_ci" not in rep["best_baseline"]["category_mrr@20"]  # --bootstrap 0: no intervals
+    assert verdict_summary(rep) == ""
