@@ -314,15 +314,14 @@ def evaluate(
             "targets_in_vocab": float(1 - n_oov / len(targets)) if len(targets) else float("nan"),
         },
     }
-    user_of = np.searchsorted(log.user_start, np.arange(len(log)), side="right") - 1
     intervals = ratio_intervals(
         report["best_baseline"],
         scored,
         targets=targets,
-        cat_users=user_of[cat_pts],
+        cat_users=log.user[cat_pts],
         n_classes=n_classes,
         labels=labels,
-        buy_users=user_of[buy_pts],
+        buy_users=log.user[buy_pts],
         resamples=bootstrap,
     )
     for key, ci in intervals.items():
