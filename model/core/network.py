@@ -557,26 +557,34 @@ class DemandLSTM(nn.Module):
 
     def forward_packed(
         self,
-        f: dict[str, torch.Tensor],
         rows: dict[str, torch.Tensor],
-        lengths: torch.Tensor,
+        lengths: np.ndarray,
         state: tuple[torch.Tensor, torch.Tensor],
         explain: bool = False,
     ):
-        """Sequences of different lengths from given states: (head outputs at the valid steps
-        [n_valid, ...] in row-major (user, step) order, final (h, c) of each user at its own last step).
+        """Sequences of different lengths from given states: (head outputs at every row [n, ...], final
+        (h, c) of each user at its own last step).
 
-        ``f`` holds the inputs :meth:`embed` reads (:data:`EMBED_FEATURES`) laid out [B, T]; ``rows``
-        every feature of the valid steps, already in (user, step) order [n_valid, ...]. The stream uses
-        it when a micro-batch holds several events of one user: one call instead of one ``step`` per
-        event, with the same numbers.
+        ``rows`` holds every feature of the n = sum(``lengths``) events in (user, step) order, user b's
+        ``lengths[b]`` events after the users before it. The stream uses it when a micro-batch holds
+        several events of one user: one call instead of one ``step`` per event, with the same numbers.
+        Only the n real rows are embedded, and they go to the LSTM in its packed (time-major) layout by
+        one gather (:func:`packed_order`), with no padded [B, T] tensor on either side.
         """
-        x = self.embed(f)
-        packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        perm, batch_sizes, order = packed_order(lengths)
+        dev = rows["etype"].device
+        perm_t = torch.from_numpy(perm).to(dev)
+        order_t = torch.from_numpy(order).to(dev)
+        packed = nn.utils.rnn.PackedSequence(
+            self.embed(rows)[perm_t],
+            torch.from_numpy(batch_sizes),
+            order_t,
+            torch.empty_like(order_t).scatter_(0, order_t, torch.arange(len(order), device=dev)),
+        )
         out, state = self.lstm(packed, state)
-        out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
-        valid = torch.arange(x.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)
-        return self.heads(out[valid.to(out.device)], rows, explain), state
+        h = torch.empty_like(out.data)
+        h[perm_t] = out.data
+        return self.heads(h, rows, explain), state
 
     def step(
         self, f: dict[str, torch.Tensor], state: tuple[torch.Tensor, torch.Tensor], explain: bool = False
@@ -585,6 +593,27 @@ class DemandLSTM(nn.Module):
         x = self.embed(f).unsqueeze(1)
         out, state = self.lstm(x, state)
         return self.heads(out.squeeze(1), f, explain), state
+
+
+def packed_order(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Where each step of a packed LSTM batch comes from, for users with ``lengths`` [B] (all >= 1)
+    whose rows are stored in (user, step) order.
+
+    Returns ``(perm, batch_sizes, order)``: ``order`` the users longest first (stable), ``batch_sizes[t]``
+    how many users have a step t, and ``perm[i]`` the row of the i-th packed step (time-major, users
+    in ``order``), the layout ``torch.nn.utils.rnn.PackedSequence`` holds.
+
+    >>> perm, sizes, order = packed_order(np.array([1, 3, 2]))
+    >>> perm.tolist(), sizes.tolist(), order.tolist()
+    ([1, 4, 0, 2, 5, 3], [3, 2, 1], [1, 2, 0])
+    """
+    lengths = np.asarray(lengths, np.int64)
+    order = np.argsort(-lengths, kind="stable")
+    starts = np.cumsum(lengths) - lengths
+    batch_sizes = np.bincount(lengths - 1, minlength=int(lengths.max()))[::-1].cumsum()[::-1].copy()
+    t = np.repeat(np.arange(len(batch_sizes)), batch_sizes)
+    j = np.arange(len(t)) - np.repeat(np.cumsum(batch_sizes) - batch_sizes, batch_sizes)
+    return starts[order[j]] + t, batch_sizes, order
 
 
 #: Base weights that make the ranking equal the rule cascade (see :func:`init_like_cascade`).

@@ -231,26 +231,17 @@ class Scorer:
         if n > self._buf.n:
             self._buf = FeatureBuffer(self.cfg, max(n, 2 * self._buf.n), self.vocab)
         buf, cfg, vocab = self._buf, self.cfg, self.vocab
-        idx = np.empty((len(seqs), t_max), np.int64)
         rows = []
-        for b, (q, s) in enumerate(zip(seqs, states, strict=True)):
-            r0 = len(rows)
+        for q, s in zip(seqs, states, strict=True):
             for e in q:
                 self.remember(e.category)
                 rows.append(encode_event(cfg, vocab, s, e))
-            idx[b, : len(q)] = np.arange(r0, r0 + len(q))
-            idx[b, len(q) :] = r0 + len(q) - 1  # padding repeats the last row; it is masked out
         buf.put_rows(0, rows)
-        # The rows were written in (user, step) order, the order of the valid steps the heads see:
-        # they take the rows as they are, and only the embedded inputs are laid out [B, T].
+        # The rows were written in (user, step) order, the order forward_packed takes and returns.
         fv = buf.tensors(slice(0, n), self.device)
-        pad = torch.from_numpy(idx).to(self.device)
-        f = {k: fv[k][pad] for k in self.net.EMBED_FEATURES}
         h = torch.from_numpy(np.stack([s.h for s in states], axis=1)).to(self.device)
         c = torch.from_numpy(np.stack([s.c for s in states], axis=1)).to(self.device)
-        out, (h2, c2) = self.net.forward_packed(
-            f, fv, torch.tensor(lengths), (h, c), explain=bool(self.why_top)
-        )
+        out, (h2, c2) = self.net.forward_packed(fv, np.asarray(lengths), (h, c), explain=bool(self.why_top))
         probs = self.net.category_probs(out, fv)
         top_i, top_p, cols, names = self._top(probs, fv["hist_cats"])
         why = self._why(out, fv, cols) or [None] * n

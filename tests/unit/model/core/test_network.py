@@ -14,6 +14,7 @@ from demandstream.model.core.network import (
     funnel_table,
     init_like_cascade,
     markov_tables,
+    packed_order,
 )
 from demandstream.model.core.scoring import Scorer
 from demandstream.model.core.state import SUMMARY_FIELDS
@@ -181,6 +182,25 @@ def test_distribution_sums_to_one_and_never_predicts_unknown():
         slot_p = probs[:, len(vocab) :]
         assert float(slot_p[(slot_vocab > 0) | (hist_cats <= 0)].sum()) == 0.0
         assert float(slot_p.sum()) > 0.0
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_packed_order_is_the_layout_torch_packs(seed):
+    """forward_packed gathers the (user, step) rows straight into PackedSequence's time-major layout;
+    the gather must be the one pack_padded_sequence would have made from a padded [B, T] tensor."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, 9, size=int(rng.integers(1, 40)))
+    perm, batch_sizes, order = packed_order(lengths)
+    starts = np.cumsum(lengths) - lengths
+    expected = [starts[u] + t for t in range(lengths.max()) for u in order if lengths[u] > t]
+    assert perm.tolist() == expected
+    assert sorted(perm.tolist()) == list(range(lengths.sum()))
+    padded = torch.zeros(len(lengths), int(lengths.max()), 1)
+    packed = torch.nn.utils.rnn.pack_padded_sequence(
+        padded, torch.from_numpy(lengths), batch_first=True, enforce_sorted=False
+    )
+    assert batch_sizes.tolist() == packed.batch_sizes.tolist()
+    assert lengths[order].tolist() == lengths[packed.sorted_indices.numpy()].tolist()
 
 
 def test_step_many_equals_one_step_per_event():
