@@ -254,9 +254,6 @@ class DemandLSTM(nn.Module):
 
     # -- inputs ---------------------------------------------------------------------------------
 
-    #: The features :meth:`embed` reads; the heads read the others (history slots, cart, Markov).
-    EMBED_FEATURES = ("query", "etype", "item", "cat", "price", "gap")
-
     def embed(self, f: dict[str, torch.Tensor]) -> torch.Tensor:
         q = f["query"]
         q_mask = (q > 0).unsqueeze(-1).float()
