@@ -1,21 +1,31 @@
 """Encoding events into the feature arrays DemandLSTM reads, for one step or a whole log.
 
-Both paths go through :func:`event_features`, which advances the user's :class:`~demandstream.model.core.state.UserState`
-summary with :func:`~demandstream.model.core.state.observe` and returns one named row of features; :class:`FeatureBuffer`
-stores rows column by column. Streaming and offline encoding therefore cannot differ.
+Two implementations of one definition:
+
+- :func:`event_features` advances one user's :class:`~demandstream.model.core.state.UserState` summary
+  with :func:`~demandstream.model.core.state.observe` and returns one named row; :meth:`FeatureBuffer.put_rows`
+  stores such rows. Plain Python, one event at a time: the executable specification.
+- :func:`encode_batch` (the stream's micro-batches) and :func:`encode_log` (offline) do the same for a
+  whole batch in the compiled loop of :mod:`demandstream.model.core.encoding_kernel`; only what needs
+  Python objects (hashing strings, query tokens) stays per event. Both production paths go through it,
+  so streaming and offline encoding cannot differ, and tests/unit/model/core/test_encoding_kernel.py
+  proves it equal to the specification on a hypothesis-generated corpus.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from operator import attrgetter
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
 
+from demandstream.model.core import encoding_kernel as kernel
 from demandstream.model.core.events import TYPE_INDEX, Event
 from demandstream.model.core.features import (
+    GAP_EDGES_S,
     Vocabulary,
     category_hash,
     gap_bucket,
@@ -24,7 +34,15 @@ from demandstream.model.core.features import (
     query_tokens,
 )
 from demandstream.model.core.network import ModelConfig
-from demandstream.model.core.state import UserState, new_state, observe
+from demandstream.model.core.state import (
+    COUNT_MAX,
+    EMPTY,
+    SESSION_GAP_S,
+    SLOT_CART_MAX,
+    TS_MAX,
+    UserState,
+    observe,
+)
 
 if TYPE_CHECKING:  # the core runs on duck-typed logs; the data layer is never imported by it
     from demandstream.model.data.eventlog import EventLog
@@ -166,11 +184,7 @@ class FeatureBuffer:
         by_field = dict(zip(EncodedEvent._fields, zip(*rows, strict=True), strict=True))
         for name in _COPIED_COLUMNS:
             cols[name][start:end] = by_field[name]
-        q = cols["query"][start:end]
-        q[:] = 0
-        for i, tokens in enumerate(by_field["query"]):
-            if tokens:
-                q[i, : len(tokens)] = tokens
+        _put_query_tokens(cols["query"][start:end], by_field["query"])
         hist = cols["hist_cats"][start:end]
         cols["hist_vocab"][start:end] = self.vocab.index_of_hashes(hist)
         seen = np.array(by_field["events_seen"], np.int64)[:, None]
@@ -208,42 +222,211 @@ def encode_event(cfg: ModelConfig, vocab: Vocabulary, s: UserState, e: Event) ->
 
 def encode_events(buf: FeatureBuffer, events: Sequence[Event], states: Sequence[UserState]) -> None:
     """Streaming: rows 0..len(events)-1 of ``buf`` for one event per (distinct) user; states advance."""
-    cfg, vocab = buf.cfg, buf.vocab
-    buf.put_rows(0, [encode_event(cfg, vocab, s, e) for e, s in zip(events, states, strict=True)])
+    if len(events) != len(states):
+        raise ValueError(f"{len(events)} events for {len(states)} states: one state per event")
+    encode_batch(buf, [[e] for e in events], states)
+
+
+def encode_batch(buf: FeatureBuffer, seqs: Sequence[Sequence[Event]], states: Sequence[UserState]) -> None:
+    """Streaming: the rows of every event of ``seqs`` (user by user, each user's events in order) from
+    row 0 of ``buf``; each user's state advances by all of its events. Users are distinct.
+
+    The same rows and states as :func:`encode_event` called per event (the specification), in one
+    compiled loop.
+    """
+    if len(seqs) != len(states):
+        raise ValueError(f"{len(seqs)} event sequences for {len(states)} states")
+    events = [e for q in seqs for e in q]
+    n = len(events)
+    if n == 0:
+        return
+    cols, cfg, vindex = buf.cols, buf.cfg, buf.vocab.index
+    categories = [e.category for e in events]
+    cols["cat"][:n] = [vindex(c) for c in categories]
+    etype = np.array([TYPE_INDEX[e.type] for e in events], np.int64)
+    cols["etype"][:n] = etype
+    cols["item"][:n] = [hash_bucket(e.item_id, cfg.item_buckets) for e in events]
+    cols["price"][:n] = [price_bucket(e.price) for e in events]
+    _put_query_tokens(
+        cols["query"][:n],
+        [query_tokens(e.query, cfg.query_buckets, cfg.query_tokens) if e.query else () for e in events],
+    )
+    user = np.repeat(np.arange(len(seqs), dtype=np.int64), [len(q) for q in seqs])
+    summaries = summary_arrays(states)
+    _advance(
+        buf,
+        0,
+        user,
+        np.array([category_hash(c) for c in categories], np.int64),
+        etype,
+        np.array([e.ts for e in events], np.float64),
+        summaries,
+    )
+    store_summaries(states, summaries)
 
 
 def encode_log(log: EventLog, cfg: ModelConfig, vocab: Vocabulary) -> FeatureBuffer:
     """Offline: features of every row of a log sorted by user and time (user_start set).
 
-    Each user's state summary starts empty at the user's first row, exactly as in the stream.
+    Each user's state summary starts empty at the user's first row, exactly as in the stream. Strings
+    (items, prices, queries) are encoded once per distinct value; the summaries advance in the
+    compiled loop, :data:`LOG_CHUNK_USERS` users at a time.
     """
     if log.user_start is None:
         raise ValueError("encode_log needs a log sorted_by_user_time()")
     buf = FeatureBuffer(cfg, len(log), vocab)
-    cats = category_index(log, vocab)
+    cols = buf.cols
+    cols["cat"][:] = category_index(log, vocab)
+    etype = np.asarray(log.etype, np.int64)
+    cols["etype"][:] = etype
+    item_bucket = np.array([hash_bucket(it, cfg.item_buckets) for it in log.items] + [0], np.int64)
+    cols["item"][:] = item_bucket[log.item]  # a missing item (-1) takes the trailing 0
+    prices, price_of = np.unique(np.asarray(log.price, np.float64), return_inverse=True)
+    cols["price"][:] = np.array([price_bucket(float(p)) for p in prices], np.int64)[price_of.ravel()]
+    with_query = np.flatnonzero(np.asarray(log.query) >= 0)
+    if len(with_query):
+        tokens_of = [query_tokens(q, cfg.query_buckets, cfg.query_tokens) if q else () for q in log.queries]
+        q = np.zeros((len(with_query), cfg.query_tokens), np.int64)
+        _put_query_tokens(q, [tokens_of[int(i)] for i in log.query[with_query]])
+        cols["query"][with_query] = q
     hashes = category_hashes(log)
-    items, queries = log.items, log.queries
-    for u in range(log.n_users):
-        s = new_state(cfg.layers, 1, cfg.history_slots)  # h/c unused here: only the summary matters
-        s0, s1 = int(log.user_start[u]), int(log.user_start[u + 1])
-        rows = []
-        for i in range(s0, s1):
-            it, q, p = int(log.item[i]), int(log.query[i]), float(log.price[i])
-            rows.append(
-                event_features(
-                    cfg,
-                    s,
-                    cat=int(cats[i]),
-                    cat_hash=int(hashes[i]),
-                    etype=int(log.etype[i]),
-                    ts=float(log.ts[i]),
-                    item_id=items[it] if it >= 0 else None,
-                    price=None if p != p else p,
-                    query=queries[q] if q >= 0 else None,
-                )
-            )
-        buf.put_rows(s0, rows)
+    ts = np.asarray(log.ts, np.float64)
+    starts = log.user_start
+    for u0 in range(0, log.n_users, LOG_CHUNK_USERS):
+        u1 = min(u0 + LOG_CHUNK_USERS, log.n_users)
+        s0, s1 = int(starts[u0]), int(starts[u1])
+        if s1 == s0:
+            continue
+        user = np.repeat(np.arange(u1 - u0, dtype=np.int64), np.diff(starts[u0 : u1 + 1]))
+        summaries = fresh_summaries(u1 - u0, cfg.history_slots)
+        _advance(buf, s0, user, hashes[s0:s1], etype[s0:s1], ts[s0:s1], summaries)
     return buf
+
+
+#: encode_log advances this many users' summaries per compiled call (its working arrays: ~1 KB a user).
+LOG_CHUNK_USERS = 1 << 16
+
+
+class Summaries(NamedTuple):
+    """Users' history summaries as the arrays :func:`demandstream.model.core.encoding_kernel.advance` updates."""
+
+    hist: np.ndarray  #: int64 [users, len(kernel.SLOT_ROWS), slots]
+    ints: np.ndarray  #: int64 [users, len(kernel.INT_FIELDS)]
+    floats: np.ndarray  #: float64 [users, len(kernel.FLOAT_FIELDS)]
+
+
+_slot_rows = attrgetter(*kernel.SLOT_ROWS)
+_int_fields = attrgetter(*kernel.INT_FIELDS)
+_float_fields = attrgetter(*kernel.FLOAT_FIELDS)
+
+
+def summary_arrays(states: Sequence[UserState]) -> Summaries:
+    """The summaries of ``states`` as arrays (one row per state)."""
+    return Summaries(
+        np.array([_slot_rows(s) for s in states], np.int64),
+        np.array([_int_fields(s) for s in states], np.int64).reshape(len(states), len(kernel.INT_FIELDS)),
+        np.array([_float_fields(s) for s in states], np.float64).reshape(
+            len(states), len(kernel.FLOAT_FIELDS)
+        ),
+    )
+
+
+def fresh_summaries(n_users: int, slots: int) -> Summaries:
+    """The summaries of ``n_users`` users never seen (as :func:`~demandstream.model.core.state.new_state`)."""
+    hist = np.zeros((n_users, len(kernel.SLOT_ROWS), slots), np.int64)
+    hist[:, kernel.SLOT_ROWS.index("hist_cats")] = EMPTY
+    ints = np.zeros((n_users, len(kernel.INT_FIELDS)), np.int64)
+    floats = np.full((n_users, len(kernel.FLOAT_FIELDS)), math.nan)
+    return Summaries(hist, ints, floats)
+
+
+def store_summaries(states: Sequence[UserState], summaries: Summaries) -> None:
+    """Write the arrays back into ``states`` (Python ints and floats, as :func:`observe` leaves them)."""
+    for s, hist, ints, floats in zip(
+        states, summaries.hist.tolist(), summaries.ints.tolist(), summaries.floats.tolist(), strict=True
+    ):
+        for name, value in zip(kernel.SLOT_ROWS, hist, strict=True):
+            setattr(s, name, value)
+        for name, value in zip(kernel.INT_FIELDS, ints, strict=True):
+            setattr(s, name, value)
+        for name, value in zip(kernel.FLOAT_FIELDS, floats, strict=True):
+            setattr(s, name, value)
+
+
+#: The kernel's integer limits, in the order of kernel.LIMIT_NAMES.
+_LIMITS = np.array(
+    [
+        {
+            "count_max": COUNT_MAX,
+            "slot_cart_max": SLOT_CART_MAX,
+            "ts_max": TS_MAX,
+            "age_max": _AGE_MAX,
+            "add": TYPE_INDEX["add_to_cart"],
+            "remove": TYPE_INDEX["remove_from_cart"],
+            "purchase": TYPE_INDEX["purchase"],
+        }[name]
+        for name in kernel.LIMIT_NAMES
+    ],
+    np.int64,
+)
+_GAP_EDGES = np.array(GAP_EDGES_S, np.float64)
+
+
+def _advance(
+    buf: FeatureBuffer,
+    start: int,
+    user: np.ndarray,
+    cat_hash: np.ndarray,
+    etype: np.ndarray,
+    ts: np.ndarray,
+    summaries: Summaries,
+) -> None:
+    """Rows ``start..start+len(user)-1``: the summary-derived columns, by the compiled loop."""
+    end = start + len(user)
+    c = {name: col[start:end] for name, col in buf.cols.items()}
+    kernel.advance(
+        user,
+        np.ascontiguousarray(cat_hash, np.int64),
+        np.ascontiguousarray(etype, np.int64),
+        np.ascontiguousarray(ts, np.float64),
+        summaries.hist,
+        summaries.ints,
+        summaries.floats,
+        _LIMITS,
+        SESSION_GAP_S,
+        NEVER_S,
+        _GAP_EDGES,
+        c["gap"],
+        c["hist_cats"],
+        c["hist_counts"],
+        c["hist_ages"],
+        c["hist_secs"],
+        c["hist_cart"],
+        c["hist_etype"],
+        c["hist_session"],
+        c["cart"],
+        c["purchases"],
+        c["events_seen"],
+        c["session_adds"],
+        c["add_secs"],
+        c["streak"],
+    )
+    c["hist_vocab"][:] = buf.vocab.index_of_hashes(c["hist_cats"])
+
+
+def warm_up(buf: FeatureBuffer) -> None:
+    """Compile the kernel now (or load it from numba's disk cache), on ``buf``'s column types, so that
+    the first micro-batch a worker serves does not wait for it (~1 s the first time on a machine)."""
+    none = np.zeros(0, np.int64)
+    _advance(buf, 0, none, none, none, np.zeros(0, np.float64), fresh_summaries(0, buf.cfg.history_slots))
+
+
+def _put_query_tokens(q: np.ndarray, token_lists: Sequence[Sequence[int]]) -> None:
+    """Row i of ``q``: the tokens of ``token_lists[i]``, zero-padded."""
+    q[:] = 0
+    for i, tokens in enumerate(token_lists):
+        if tokens:
+            q[i, : len(tokens)] = tokens
 
 
 def category_index(log: EventLog, vocab: Vocabulary) -> np.ndarray:

@@ -34,10 +34,11 @@ import torch
 from demandstream.model.core.checkpoint import Checkpoint
 from demandstream.model.core.encoding import (
     FeatureBuffer,
-    encode_event,
+    encode_batch,
     encode_events,
     encode_log,
     padded_user_batches,
+    warm_up,
 )
 from demandstream.model.core.events import Event
 from demandstream.model.core.explain import contributions, top_reasons
@@ -110,6 +111,7 @@ class Scorer:
         self.top_k = min(top_k, len(self.vocab) - 1)
         self.why_top = why_top
         self._buf = FeatureBuffer(self.cfg, max_batch, self.vocab)
+        warm_up(self._buf)
         self._names = self.vocab.names
         #: the names as an object array: a batch's top-k are named by one fancy index, not per element
         self._names_arr = np.array(self._names, dtype=object)
@@ -230,13 +232,11 @@ class Scorer:
         n = sum(lengths)
         if n > self._buf.n:
             self._buf = FeatureBuffer(self.cfg, max(n, 2 * self._buf.n), self.vocab)
-        buf, cfg, vocab = self._buf, self.cfg, self.vocab
-        rows = []
-        for q, s in zip(seqs, states, strict=True):
+        buf = self._buf
+        for q in seqs:
             for e in q:
                 self.remember(e.category)
-                rows.append(encode_event(cfg, vocab, s, e))
-        buf.put_rows(0, rows)
+        encode_batch(buf, seqs, states)
         # The rows were written in (user, step) order, the order forward_packed takes and returns.
         fv = buf.tensors(slice(0, n), self.device)
         h = torch.from_numpy(np.stack([s.h for s in states], axis=1)).to(self.device)

@@ -37,9 +37,9 @@ from demandstream.model.core.events import TYPE_INDEX
 
 EMPTY = -1
 _ADD, _REMOVE, _PURCHASE = TYPE_INDEX["add_to_cart"], TYPE_INDEX["remove_from_cart"], TYPE_INDEX["purchase"]
-_COUNT_MAX = 0xFFFF  # counters are stored as uint16 and saturate
-_SLOT_CART_MAX = 0xFF  # items of one category in the cart: uint8, saturating
-_TS_MAX = 0xFFFFFFFF  # slot times are whole unix seconds in a uint32 (until 2106)
+COUNT_MAX = 0xFFFF  # counters are stored as uint16 and saturate
+SLOT_CART_MAX = 0xFF  # items of one category in the cart: uint8, saturating
+TS_MAX = 0xFFFFFFFF  # slot times are whole unix seconds in a uint32 (until 2106)
 
 #: A gap longer than this between two events of a user starts a new session (the 30-minute rule of web
 #: analytics); the session's add-to-cart counter then restarts.
@@ -176,8 +176,8 @@ def observe(s: UserState, cat: int, etype: int, ts: float) -> float | None:
         cats = s.hist_cats
         try:
             j = cats.index(cat)
-            s.hist_counts[j] = min(_COUNT_MAX, s.hist_counts[j] + 1)
-            s.streak = min(_COUNT_MAX, s.streak + 1) if s.hist_last[j] == s.events_seen - 1 else 1
+            s.hist_counts[j] = min(COUNT_MAX, s.hist_counts[j] + 1)
+            s.streak = min(COUNT_MAX, s.streak + 1) if s.hist_last[j] == s.events_seen - 1 else 1
         except ValueError:
             # Evict the least recently seen slot (empty slots have hist_last 0, so they go first).
             j = min(range(len(cats)), key=s.hist_last.__getitem__)
@@ -186,22 +186,22 @@ def observe(s: UserState, cat: int, etype: int, ts: float) -> float | None:
             s.hist_cart[j] = 0
             s.hist_session[j] = 0
             s.streak = 1
-        s.hist_session[j] = min(_COUNT_MAX, s.hist_session[j] + 1)
+        s.hist_session[j] = min(COUNT_MAX, s.hist_session[j] + 1)
         s.hist_last[j] = s.events_seen
-        s.hist_ts[j] = min(_TS_MAX, max(0, int(math.floor(s.last_ts))))
+        s.hist_ts[j] = min(TS_MAX, max(0, int(math.floor(s.last_ts))))
         s.hist_etype[j] = etype
     if etype == _ADD:
-        s.cart = min(_COUNT_MAX, s.cart + 1)
-        s.session_adds = min(_COUNT_MAX, s.session_adds + 1)
+        s.cart = min(COUNT_MAX, s.cart + 1)
+        s.session_adds = min(COUNT_MAX, s.session_adds + 1)
         s.last_add_ts = ts
         if j >= 0:
-            s.hist_cart[j] = min(_SLOT_CART_MAX, s.hist_cart[j] + 1)
+            s.hist_cart[j] = min(SLOT_CART_MAX, s.hist_cart[j] + 1)
     elif etype == _REMOVE or etype == _PURCHASE:
         s.cart = max(0, s.cart - 1)
         if j >= 0:
             s.hist_cart[j] = max(0, s.hist_cart[j] - 1)
         if etype == _PURCHASE:
-            s.purchases = min(_COUNT_MAX, s.purchases + 1)
+            s.purchases = min(COUNT_MAX, s.purchases + 1)
     return gap
 
 
