@@ -108,14 +108,21 @@ class Pipeline:
         for r in records:
             if r.topic == input_topic:  # lag is measured on the input topic only
                 self.last_offset[r.partition] = r.offset
+        # Each phase's duration, observed once the batch is durable: the p99 of event_to_signal_seconds is
+        # made of batches where one of them ran long (docs/BENCHMARKS.md, "what sets the latency p99").
+        phases = []
+        t0 = time.perf_counter()
         # Step 1
         res = self.engine.process(records, self.store.read)
         # closed demand windows for their topic; the partial aggregates join res.states, ahead of the users
         demand = self.demand.process(res, self.store.read) if self.demand else []
         expired = self.expire_slice(res) if self.settings.state_ttl_s > 0 else {}
         res.states.update(expired)  # deletions ride on the batch's own acknowledged/transactional writes
+        t1 = time.perf_counter()
+        phases.append(("engine", t1 - t0))
         if self.exactly_once:
             await self.produce_transactional(res, demand)
+            phases.append(("transaction", time.perf_counter() - t1))
         else:
             # Step 2 and 3: signals and dead letters acknowledged by the broker
             outputs = [
@@ -124,15 +131,20 @@ class Pipeline:
                 (self.settings.topic_demand, demand),  # acked before the aggregate that drops their windows
             ]
             await self.produce_acked(outputs)
+            t2 = time.perf_counter()
             self.failpoint("after_signals")
             # Step 4: the new states, durable in the changelog first, then in the local store
             changelog = [Output(k, v, p) for k, (p, v) in res.states.items()]
             offsets = await self.produce_acked([(self.store.changelog_topic, changelog)])
+            t3 = time.perf_counter()
             self.store.write_local(res.states)
             self.store.set_persisted_offsets(offsets)
+            phases += [("signals", t2 - t1), ("changelog", t3 - t2), ("store", time.perf_counter() - t3)]
             self.failpoint("after_state")
         # metrics after the fact: they count what was made durable
         now = time.time()
+        for phase, seconds in phases:
+            m.batch_phase_seconds.labels(phase).observe(seconds)
         m.batch_size.observe(len(records))
         m.events.labels("valid").inc(res.valid - res.duplicates)
         m.events.labels("duplicate").inc(res.duplicates)

@@ -22,6 +22,8 @@ from prometheus_client import (
 BATCH_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2000, 4000, 8000)
 #: One batched model step: tens of microseconds on a GPU to tens of milliseconds for big CPU batches.
 INFERENCE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+#: One phase of a micro-batch (stream/worker/agents.py): the engine's milliseconds, a broker round trip.
+PHASE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 1.0, 5.0)
 #: Event time to signal: the product promises tens of milliseconds; the tail shows backlogs.
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -48,6 +50,15 @@ class Metrics:
             p + "inference_seconds",
             "Duration of one batched model step",
             buckets=INFERENCE_BUCKETS,
+            registry=r,
+        )
+        self.batch_phase_seconds = Histogram(
+            p + "batch_phase_seconds",
+            "Duration of each phase of a micro-batch: engine (validate, step, encode), then at-least-once "
+            "signals and changelog (each awaits the broker's acks) and store (local write), or exactly-once "
+            "transaction (outputs and changelog sent into the open transaction)",
+            ["phase"],
+            buckets=PHASE_BUCKETS,
             registry=r,
         )
         self.event_to_signal_seconds = Histogram(

@@ -110,7 +110,15 @@ def test_replay_through_worker(guarantee, worker_factory, stream_env, kafka_boot
     for uid, ss in by_user.items():
         assert [s["event_id"] for s in ss] == file_order[uid]
         assert [s["events_seen"] for s in ss] == list(range(1, len(ss) + 1))
-    assert worker.metric("demandstream_batch_size_count") < N_EVENTS  # really micro-batched
+    batches = worker.metric("demandstream_batch_size_count")
+    assert batches < N_EVENTS  # really micro-batched
+    phases = (
+        ("engine", "transaction")
+        if guarantee == "exactly_once"
+        else ("engine", "signals", "changelog", "store")
+    )
+    for phase in phases:  # every batch timed in every phase of its guarantee
+        assert worker.metric("demandstream_batch_phase_seconds_count", phase=phase) == batches
     assert worker.metric("demandstream_events_total", result="valid") == N_EVENTS
     assert worker.metric("demandstream_signals_total") == N_EVENTS
 

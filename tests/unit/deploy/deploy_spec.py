@@ -67,6 +67,8 @@ METRIC_FAMILIES: dict[str, tuple[str, frozenset[str]]] = {
     "demandstream_batch_size": ("histogram", frozenset()),
     "demandstream_inference_seconds": ("histogram", frozenset()),
     "demandstream_event_to_signal_seconds": ("histogram", frozenset()),
+    # each phase of a micro-batch (issue #14: what sets the latency p99)
+    "demandstream_batch_phase_seconds": ("histogram", frozenset({"phase"})),
     "demandstream_state_users": ("gauge", frozenset()),
     "demandstream_consumer_lag": ("gauge", frozenset({"partition"})),
     "demandstream_model_info": ("gauge", frozenset({"model_version", "device", "hidden", "categories"})),
