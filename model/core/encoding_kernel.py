@@ -15,10 +15,13 @@ silently keep its old value. Every constant arrives as an argument (:func:`kerne
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
 from numba import njit
+
+logger = logging.getLogger(__name__)
 
 #: Rows of the ``hist`` array [users, len(SLOT_ROWS), slots]: the history-slot fields in the order of
 #: :data:`demandstream.model.core.state.SLOT_FIELDS` (a unit test ties the two).
@@ -36,7 +39,12 @@ def _compiled(fn):
     user's cache) so that later processes load it in ~0.2 s instead of compiling for ~1 s."""
     try:
         return njit(cache=True, nogil=True)(fn)
-    except RuntimeError:  # numba found no writable cache location (read-only install and home)
+    except RuntimeError as exc:  # numba found no writable cache location (read-only install and home)
+        logger.warning(
+            "%s; compiling the encoder in this process instead (about 1 s). "
+            "Set NUMBA_CACHE_DIR to a writable directory to keep it between starts.",
+            exc,
+        )
         return njit(nogil=True)(fn)
 
 

@@ -159,3 +159,19 @@ def test_the_kernel_layout_is_the_state_layout():
     made = summary_arrays([new_state(1, 1, CFG.history_slots)] * 2)
     for x, y in zip(fresh, made, strict=True):
         assert np.array_equal(x, y, equal_nan=True)
+
+
+def test_without_a_writable_cache_the_kernel_compiles_per_process_and_says_so(monkeypatch, caplog):
+    """A read-only install with no writable home (numba finds no cache location) costs a compilation
+    per process, not the worker: the kernel still compiles, with one warning naming the fix."""
+    from numba.core import caching
+
+    monkeypatch.setattr(caching.CacheImpl, "_locator_classes", [])
+
+    def add_one(x):
+        return x + 1
+
+    with caplog.at_level("WARNING", logger=kernel.__name__):
+        compiled = kernel._compiled(add_one)
+    assert compiled(1) == 2
+    assert "NUMBA_CACHE_DIR" in caplog.text
