@@ -25,6 +25,7 @@ True
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 import struct
@@ -70,6 +71,7 @@ HEADER_FIELDS = (
 )
 _HEADER = struct.Struct("<" + "".join(code for _, code in HEADER_FIELDS))
 _FIELD = {name: i for i, (name, _) in enumerate(HEADER_FIELDS)}
+_LAYERS, _HIDDEN, _SLOTS, _NTOP = (_FIELD[name] for name in ("layers", "hidden", "slots", "n_top"))
 #: Bytes of the header; h and c (float32) follow it.
 HEADER_BYTES = _HEADER.size
 #: History-slot fields in stored order, each a column of ``slots`` values with its struct code:
@@ -209,84 +211,113 @@ def pack(s: UserState, model_version: str | None = None) -> bytes:
     """Encode a state as compact bytes (see the module docstring for the layout)."""
     layers, hidden = s.h.shape
     slots = len(s.hist_cats)
-    values = {
-        "magic": MAGIC,
-        "format": FORMAT,
-        "flags": 0,
-        "model_version": bytes.fromhex(model_version or s.model_version),
-        "partition": s.partition,
-        "offset": s.offset,
-        "events_seen": s.events_seen,
-        "last_ts": s.last_ts,
-        "cart": s.cart,
-        "purchases": s.purchases,
-        "hidden": hidden,
-        "layers": layers,
-        "slots": slots,
-        "last_propensity": s.last_propensity,
-        "n_top": len(s.last_top),
-        "session_adds": s.session_adds,
-        "last_add_ts": s.last_add_ts,
-        "streak": s.streak,
-    }
-    header = _HEADER.pack(*(values[name] for name, _ in HEADER_FIELDS))
+    ntop = len(s.last_top)
+    # positional, in the order of _HEADER_ORDER (= HEADER_FIELDS, checked at import; test_state.py checks
+    # the bytes against the layout built by name): a dict of the names cost a microsecond per user and
+    # micro-batch, on the stream's hot path
+    header = _HEADER.pack(
+        MAGIC,
+        FORMAT,
+        0,
+        bytes.fromhex(model_version or s.model_version),
+        s.partition,
+        s.offset,
+        s.events_seen,
+        s.last_ts,
+        s.cart,
+        s.purchases,
+        hidden,
+        layers,
+        slots,
+        s.last_propensity,
+        ntop,
+        s.session_adds,
+        s.last_add_ts,
+        s.streak,
+    )
     return b"".join(
         (
             header,
             np.ascontiguousarray(s.h, dtype=np.float32).tobytes(),
             np.ascontiguousarray(s.c, dtype=np.float32).tobytes(),
-            struct.pack("<" + _SLOT_STRUCT.format(k=slots), *chain.from_iterable(_slot_lists(s))),
-            struct.pack(
-                f"<{len(s.last_top)}i{len(s.last_top)}f",
-                *(i for i, _ in s.last_top),
-                *(p for _, p in s.last_top),
-            ),
+            _slot_struct(slots).pack(*chain.from_iterable(_slot_lists(s))),
+            _top_struct(ntop).pack(*chain((i for i, _ in s.last_top), (p for _, p in s.last_top))),
         )
     )
+
+
+#: The order in which :func:`pack` passes the header's values, checked against HEADER_FIELDS below.
+_HEADER_ORDER = (
+    "magic",
+    "format",
+    "flags",
+    "model_version",
+    "partition",
+    "offset",
+    "events_seen",
+    "last_ts",
+    "cart",
+    "purchases",
+    "hidden",
+    "layers",
+    "slots",
+    "last_propensity",
+    "n_top",
+    "session_adds",
+    "last_add_ts",
+    "streak",
+)
+if _HEADER_ORDER != tuple(name for name, _ in HEADER_FIELDS):
+    raise AssertionError("pack() passes the header's values out of HEADER_FIELDS order")
+
+
+@functools.lru_cache(maxsize=16)
+def _slot_struct(slots: int) -> struct.Struct:
+    """The compiled struct of ``slots`` history slots (column by column)."""
+    return struct.Struct("<" + _SLOT_STRUCT.format(k=slots))
+
+
+@functools.lru_cache(maxsize=64)
+def _top_struct(ntop: int) -> struct.Struct:
+    """The compiled struct of a stored top-k: ``ntop`` codes (int32), then their probabilities."""
+    return struct.Struct(f"<{ntop}i{ntop}f")
 
 
 def unpack(data: bytes) -> UserState:
     """Decode :func:`pack`'s bytes; raises :class:`StateFormatError` on anything else."""
     if len(data) < HEADER_BYTES:
         raise StateFormatError(f"state record of {len(data)} bytes is shorter than its header")
-    hd = dict(zip((name for name, _ in HEADER_FIELDS), _HEADER.unpack_from(data), strict=True))
-    if hd["magic"] != MAGIC or hd["format"] != FORMAT:
-        raise StateFormatError(
-            f"not a demandstream state record (magic {hd['magic']!r}, format {hd['format']})"
-        )
-    layers, hidden, slots, ntop = hd["layers"], hd["hidden"], hd["slots"], hd["n_top"]
+    hd = _HEADER.unpack_from(data)
+    magic, fmt = hd[_FIELD["magic"]], hd[_FIELD["format"]]
+    if magic != MAGIC or fmt != FORMAT:
+        raise StateFormatError(f"not a demandstream state record (magic {magic!r}, format {fmt})")
+    layers, hidden, slots, ntop = hd[_LAYERS], hd[_HIDDEN], hd[_SLOTS], hd[_NTOP]
     n = layers * hidden
     expected = HEADER_BYTES + 8 * n + SLOT_BYTES * slots + 8 * ntop
     if len(data) != expected:
         raise StateFormatError(f"state record has {len(data)} bytes, expected {expected}")
-    buf = memoryview(data)
-    o = HEADER_BYTES
-    h = np.frombuffer(buf, np.float32, n, o).reshape(layers, hidden).copy()
-    o += 4 * n
-    c = np.frombuffer(buf, np.float32, n, o).reshape(layers, hidden).copy()
-    o += 4 * n
+    # h and c in one copy, as two views of it (a state's h and c are replaced, never written into)
+    hc = np.frombuffer(data, np.float32, 2 * n, HEADER_BYTES).reshape(2, layers, hidden).copy()
+    o = HEADER_BYTES + 8 * n
     # struct beats numpy for these short arrays (a decode per user per batch is on the hot path)
-    slot_vals = struct.unpack_from("<" + _SLOT_STRUCT.format(k=slots), data, o)
-    hist = {name: list(slot_vals[j * slots : (j + 1) * slots]) for j, name in enumerate(_SLOT_NAMES)}
-    o += SLOT_BYTES * slots
-    top_i = struct.unpack_from(f"<{ntop}i", data, o)
-    top_p = struct.unpack_from(f"<{ntop}f", data, o + 4 * ntop)
+    sv = _slot_struct(slots).unpack_from(data, o)
+    top = _top_struct(ntop).unpack_from(data, o + SLOT_BYTES * slots)
     return UserState(
-        h=h,
-        c=c,
-        **hist,
-        events_seen=hd["events_seen"],
-        last_ts=hd["last_ts"],
-        cart=hd["cart"],
-        purchases=hd["purchases"],
-        session_adds=hd["session_adds"],
-        last_add_ts=hd["last_add_ts"],
-        streak=hd["streak"],
-        partition=hd["partition"],
-        offset=hd["offset"],
-        model_version=hd["model_version"].hex(),
-        last_top=list(zip(top_i, top_p, strict=True)),
-        last_propensity=hd["last_propensity"],
+        hc[0],
+        hc[1],
+        *[list(sv[j * slots : (j + 1) * slots]) for j in range(len(_SLOT_NAMES))],
+        events_seen=hd[_FIELD["events_seen"]],
+        last_ts=hd[_FIELD["last_ts"]],
+        cart=hd[_FIELD["cart"]],
+        purchases=hd[_FIELD["purchases"]],
+        session_adds=hd[_FIELD["session_adds"]],
+        last_add_ts=hd[_FIELD["last_add_ts"]],
+        streak=hd[_FIELD["streak"]],
+        partition=hd[_FIELD["partition"]],
+        offset=hd[_FIELD["offset"]],
+        model_version=hd[_FIELD["model_version"]].hex(),
+        last_top=list(zip(top[:ntop], top[ntop:], strict=True)),
+        last_propensity=hd[_FIELD["last_propensity"]],
     )
 
 

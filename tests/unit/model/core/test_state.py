@@ -124,3 +124,40 @@ def test_peek_last_ts_reads_the_header_field_only():
     assert math.isnan(peek_last_ts(pack(new_state(1, 4, 2))))
     with pytest.raises(StateFormatError):
         peek_last_ts(data[: HEADER_BYTES - 1])
+
+
+def test_pack_writes_the_documented_layout_field_by_field():
+    """pack passes the header positionally (for speed): the bytes must be the layout that HEADER_FIELDS
+    and SLOT_FIELDS document, built here by name, so that records written before stay readable."""
+    import struct
+
+    from demandstream.model.core.state import HEADER_FIELDS, MAGIC
+
+    s = _busy_state()
+    s.model_version = "0a1b2c3d"
+    # every counter different, so that two values passed in each other's place cannot go unseen
+    s.cart, s.purchases, s.session_adds, s.streak = 5, 2, 3, 4
+    s.last_add_ts = s.last_ts - 1.5
+    layers, hidden = s.h.shape
+    by_name = {
+        "magic": MAGIC,
+        "format": FORMAT,
+        "flags": 0,
+        "model_version": bytes.fromhex(s.model_version),
+        "hidden": hidden,
+        "layers": layers,
+        "slots": len(s.hist_cats),
+        "n_top": len(s.last_top),
+    }
+    header = struct.pack(
+        "<" + "".join(code for _, code in HEADER_FIELDS),
+        *(by_name[name] if name in by_name else getattr(s, name) for name, _ in HEADER_FIELDS),
+    )
+    slots = b"".join(
+        struct.pack(f"<{len(s.hist_cats)}{code}", *getattr(s, name)) for name, code in SLOT_FIELDS
+    )
+    top = struct.pack(f"<{len(s.last_top)}i", *(i for i, _ in s.last_top)) + struct.pack(
+        f"<{len(s.last_top)}f", *(p for _, p in s.last_top)
+    )
+    expected = header + s.h.astype("<f4").tobytes() + s.c.astype("<f4").tobytes() + slots + top
+    assert pack(s) == expected
