@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import re
 import socket
 import subprocess
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import orjson
+from prometheus_client.parser import text_string_to_metric_families
 
 from demandstream.stream.worker.launcher import (
     HTTP_TIMEOUT_S,
@@ -670,6 +672,10 @@ class BenchWorker:
         """Sum of a metric's samples on /metrics (0 if absent)."""
         return self._started().metric(name)
 
+    def metrics_text(self) -> str:
+        """The worker's whole /metrics exposition (one process)."""
+        return self._started().metrics_text()
+
     def stop(self) -> None:
         """Kill the worker's process group, if it runs."""
         # SIGKILL, not a graceful stop: the bench's app ids, topics and data dirs are thrown away, and a
@@ -882,6 +888,7 @@ def latency_ms(
     inputs = OffsetWatch(worker.bootstrap, worker.input_topic)
     try:
         start, in_start = watch.ends(), inputs.ends()
+        before = _metrics_or_none(worker)
         sent, seconds = asyncio.run(
             _paced_send(worker.bootstrap, worker.input_topic, templates, rate, duration, tag)
         )
@@ -889,6 +896,7 @@ def latency_ms(
         produced = sum(in_end.values()) - sum(in_start.values())
         watch.wait_for(sum(start.values()) + sent, timeout=max(60.0, 3 * duration), proc=worker.proc)
         end = watch.ends()
+        after = _metrics_or_none(worker)
     finally:
         watch.close()
         inputs.close()
@@ -907,7 +915,82 @@ def latency_ms(
         "n": int(lat.size),
         "max": float(lat.max()),
         **latency_breakdown(signals, appended, seconds),
+        "phases": None if before is None or after is None else batch_phases(before, after),
     }
+
+
+def _metrics_or_none(worker: BenchWorker) -> str | None:
+    """The worker's /metrics, or None (logged) when it cannot be read: the phases are then not given,
+    and the latency figures, which do not depend on them, still are."""
+    try:
+        return worker.metrics_text()
+    except (OSError, RuntimeError) as exc:
+        logger.warning("cannot read the worker's /metrics for the batch phases: %s", exc)
+        return None
+
+
+def batch_phases(before: str, after: str) -> dict[str, dict[str, float]]:
+    """Per phase of ``demandstream_batch_phase_seconds``, the micro-batches between two scrapes of a
+    worker's /metrics: their number and the mean, p50 and p99 duration in ms. Quantiles are estimated
+    from the histogram's buckets as Prometheus' ``histogram_quantile`` does (linear inside the bucket).
+
+    >>> def text(counts, seconds):
+    ...     rows = [f'{_PHASES}_bucket{{le="{le}",phase="engine"}} {c}' for le, c in counts]
+    ...     return chr(10).join([*rows, f'{_PHASES}_sum{{phase="engine"}} {seconds}'])
+    >>> before = text([("0.01", 0), ("0.02", 0), ("+Inf", 0)], 0.0)
+    >>> b = batch_phases(before, text([("0.01", 50), ("0.02", 100), ("+Inf", 100)], 1.2))
+    >>> e = b["engine"]
+    >>> e["batches"], round(e["mean_ms"], 1), round(e["p50_ms"], 1), round(e["p99_ms"], 1)
+    (100, 12.0, 10.0, 19.8)
+    """
+    b, a = _phase_histograms(before), _phase_histograms(after)
+    out = {}
+    for phase, (buckets, total) in a.items():
+        base, base_total = b.get(phase, ({}, 0.0))
+        cum = sorted((le, c - base.get(le, 0.0)) for le, c in buckets.items())
+        n = cum[-1][1] if cum else 0.0
+        if n <= 0:
+            continue
+        out[phase] = {
+            "batches": int(n),
+            "mean_ms": 1000.0 * (total - base_total) / n,
+            "p50_ms": 1000.0 * _bucket_quantile(0.5, cum),
+            "p99_ms": 1000.0 * _bucket_quantile(0.99, cum),
+        }
+    return out
+
+
+def _phase_histograms(text: str) -> dict[str, tuple[dict[float, float], float]]:
+    """phase -> (cumulative count per upper bound, sum of seconds) of the phase histogram in ``text``."""
+    out: dict[str, tuple[dict[float, float], float]] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name not in (_PHASES + "_bucket", _PHASES + "_sum"):
+                continue
+            phase = s.labels.get("phase")
+            buckets, total = out.get(phase, ({}, 0.0))
+            if s.name.endswith("_bucket"):
+                buckets[float(s.labels["le"])] = s.value
+            else:
+                total = s.value
+            out[phase] = (buckets, total)
+    return out
+
+
+_PHASES = "demandstream_batch_phase_seconds"
+
+
+def _bucket_quantile(q: float, cum: list[tuple[float, float]]) -> float:
+    """The q-quantile of cumulative bucket counts ``[(upper bound, count)]`` (sorted, +Inf last)."""
+    rank = q * cum[-1][1]
+    lower, below = 0.0, 0.0
+    for le, count in cum:
+        if count >= rank:
+            if le == math.inf:  # above the last finite bound: that bound, as histogram_quantile
+                return lower
+            return lower + (le - lower) * ((rank - below) / (count - below) if count > below else 0.0)
+        lower, below = le, count
+    return lower
 
 
 def latency_breakdown(signals: Sequence[dict], appended: dict[str, float], seconds: float) -> dict:

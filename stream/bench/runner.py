@@ -1115,6 +1115,7 @@ def _latency_lines(r: dict) -> list[str]:
                 f"| {level} of pipeline max | {_cell(_why(r, f'latency {level}', 'round'))} | | | | | |"
             )
     lines += _latency_legs_lines(latency)
+    lines += _batch_phase_lines(latency)
     short = [level for level, x in latency.items() if x and x.get("below_target")]
     if short:
         lines += [
@@ -1153,6 +1154,39 @@ def _latency_legs_lines(latency: dict) -> list[str]:
             f"| {level} | {_n(x['produce_p50'])} / {_n(x['produce_p99'])} | {_n(x['worker_p50'])} / "
             f"{_n(x['worker_p99'])} | {_n(x['batches_per_s'])} | {_n(x['batch_events_median'])} |"
         )
+    return lines
+
+
+#: The worker's micro-batch phases, in the order a batch goes through them (at-least-once).
+PHASE_ORDER = ("engine", "signals", "changelog", "store")
+
+
+def _batch_phase_lines(latency: dict) -> list[str]:
+    """Each level's micro-batch phases from the worker's ``demandstream_batch_phase_seconds`` (the
+    batches of that level only: the histogram read before and after it); nothing without them.
+
+    >>> ph = {p: {"batches": 80, "mean_ms": 2.0, "p50_ms": 1.5, "p99_ms": 9.0} for p in PHASE_ORDER}
+    >>> _batch_phase_lines({"25%": {"phases": ph}, "50%": None})[-1]
+    '| 25% | 80 | 1.50 / 9.00 | 1.50 / 9.00 | 1.50 / 9.00 | 1.50 / 9.00 |'
+    """
+    levels = {level: x["phases"] for level, x in latency.items() if x and x.get("phases")}
+    if not levels:
+        return []
+    head = " | ".join(f"{p} p50 / p99 ms" for p in PHASE_ORDER)
+    lines = [
+        "",
+        "The worker's own account of the same batches (`demandstream_batch_phase_seconds`, read before and",
+        "after each level; quantiles estimated from its buckets as Prometheus' `histogram_quantile` does):",
+        "the engine (validate, step, encode), the two acknowledged round trips (signals, then the changelog)",
+        "and the local write.",
+        "",
+        f"| load | micro-batches | {head} |",
+        "|---|---|" + "---|" * len(PHASE_ORDER),
+    ]
+    for level, ph in levels.items():
+        cells = [f"{_n(ph[p]['p50_ms'])} / {_n(ph[p]['p99_ms'])}" if p in ph else "–" for p in PHASE_ORDER]
+        batches = max(int(x["batches"]) for x in ph.values())
+        lines.append(f"| {level} | {batches} | " + " | ".join(cells) + " |")
     return lines
 
 

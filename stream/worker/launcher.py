@@ -177,10 +177,14 @@ class WorkerLauncher:
         Raises ``OSError`` if the worker does not answer and ``RuntimeError`` if /metrics answers other
         than 200, so that a failed scrape is never read as a count of 0.
         """
+        return metric_sum(self.metrics_text(), name, **labels)
+
+    def metrics_text(self) -> str:
+        """The worker's /metrics exposition; ``OSError`` or ``RuntimeError`` as :meth:`metric`."""
         status, body = self.get("/metrics")
         if status != 200:
             raise RuntimeError(f"{self.url('/metrics')} answered {status}: {body[:200]!r}")
-        return metric_sum(body.decode(), name, **labels)
+        return body.decode()
 
     def stop(self, timeout: float = 60.0) -> None:
         """Stop gracefully: SIGTERM to the process group, SIGKILL if the process still runs after
