@@ -19,6 +19,7 @@ from demandstream.model.core.encoding import (
     encode_event,
     encode_log,
     fresh_summaries,
+    store_summaries,
     summary_arrays,
 )
 from demandstream.model.core.events import EVENT_TYPES, Event
@@ -175,3 +176,21 @@ def test_without_a_writable_cache_the_kernel_compiles_per_process_and_says_so(mo
         compiled = kernel._compiled(add_one)
     assert compiled(1) == 2
     assert "NUMBA_CACHE_DIR" in caplog.text
+
+
+def test_summaries_are_stored_into_the_fields_they_name():
+    """store_summaries assigns positionally (for speed): each array row must land in the field the
+    kernel's layout names for it."""
+    n_slots = CFG.history_slots
+    s = new_state(CFG.layers, CFG.hidden, n_slots)
+    arrays = fresh_summaries(1, n_slots)
+    arrays.hist[0] = np.arange(len(kernel.SLOT_ROWS) * n_slots).reshape(len(kernel.SLOT_ROWS), n_slots)
+    arrays.ints[0] = np.arange(100, 100 + len(kernel.INT_FIELDS))
+    arrays.floats[0] = np.arange(len(kernel.FLOAT_FIELDS)) + 0.5
+    store_summaries([s], arrays)
+    for j, name in enumerate(kernel.SLOT_ROWS):
+        assert getattr(s, name) == arrays.hist[0, j].tolist(), name
+    for j, name in enumerate(kernel.INT_FIELDS):
+        assert getattr(s, name) == arrays.ints[0, j], name
+    for j, name in enumerate(kernel.FLOAT_FIELDS):
+        assert getattr(s, name) == arrays.floats[0, j], name
