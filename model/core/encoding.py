@@ -236,6 +236,16 @@ def encode_batch(buf: FeatureBuffer, seqs: Sequence[Sequence[Event]], states: Se
     """
     if len(seqs) != len(states):
         raise ValueError(f"{len(seqs)} event sequences for {len(states)} states")
+    summaries = summary_arrays(states)
+    encode_rows(buf, seqs, summaries, np.arange(len(states), dtype=np.int64))
+    store_summaries(states, summaries)
+
+
+def encode_rows(
+    buf: FeatureBuffer, seqs: Sequence[Sequence[Event]], summaries: Summaries, rows: np.ndarray
+) -> None:
+    """:func:`encode_batch` on summaries held as arrays: the events of ``seqs[i]`` advance row
+    ``rows[i]`` of ``summaries`` (rows distinct), and their feature rows start at row 0 of ``buf``."""
     events = [e for q in seqs for e in q]
     n = len(events)
     if n == 0:
@@ -251,8 +261,7 @@ def encode_batch(buf: FeatureBuffer, seqs: Sequence[Sequence[Event]], states: Se
         cols["query"][:n],
         [query_tokens(e.query, cfg.query_buckets, cfg.query_tokens) if e.query else () for e in events],
     )
-    user = np.repeat(np.arange(len(seqs), dtype=np.int64), [len(q) for q in seqs])
-    summaries = summary_arrays(states)
+    user = np.repeat(np.asarray(rows, np.int64), [len(q) for q in seqs])
     _advance(
         buf,
         0,
@@ -262,7 +271,6 @@ def encode_batch(buf: FeatureBuffer, seqs: Sequence[Sequence[Event]], states: Se
         np.array([e.ts for e in events], np.float64),
         summaries,
     )
-    store_summaries(states, summaries)
 
 
 def encode_log(log: EventLog, cfg: ModelConfig, vocab: Vocabulary) -> FeatureBuffer:

@@ -31,12 +31,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from demandstream.model.core import encoding_kernel as kernel
 from demandstream.model.core.checkpoint import Checkpoint
 from demandstream.model.core.encoding import (
     FeatureBuffer,
-    encode_batch,
-    encode_events,
     encode_log,
+    encode_rows,
     padded_user_batches,
     warm_up,
 )
@@ -45,6 +45,7 @@ from demandstream.model.core.explain import contributions, top_reasons
 from demandstream.model.core.features import category_hash
 from demandstream.model.core.network import DemandLSTM
 from demandstream.model.core.state import UserState, new_state
+from demandstream.model.core.state_batch import StateBatch
 from demandstream.model.errors import OptionError
 
 if TYPE_CHECKING:  # the core runs on duck-typed logs; the data layer is never imported by it
@@ -54,6 +55,8 @@ logger = logging.getLogger(__name__)
 
 #: Offline scoring pads users of similar length into one batch of at most this many (user, step) cells.
 OFFLINE_BATCH_CELLS = 1 << 16
+
+_SEEN = kernel.INT_FIELDS.index("events_seen")
 
 #: Names of out-of-vocabulary categories a Scorer remembers (LRU): enough for every category a shop has.
 OOV_NAMES_MAX = 1 << 17
@@ -183,39 +186,13 @@ class Scorer:
     ) -> Prediction:
         return Prediction(list(zip(names, ps, strict=True)), prop, seen, why)
 
-    @torch.inference_mode()
     def step(self, events: Sequence[Event], states: Sequence[UserState]) -> list[Prediction]:
         """Advance each user's state by one event (users distinct) and predict; ``states`` are updated.
 
         One batched network call for the whole round, whatever its size.
         """
-        n = len(events)
-        if n == 0:
-            return []
-        if n > self._buf.n:
-            self._buf = FeatureBuffer(self.cfg, max(n, 2 * self._buf.n), self.vocab)
-        for e in events:
-            self.remember(e.category)
-        encode_events(self._buf, events, states)
-        f = self._buf.tensors(slice(0, n), self.device)
-        h = torch.from_numpy(np.stack([s.h for s in states], axis=1)).to(self.device)
-        c = torch.from_numpy(np.stack([s.c for s in states], axis=1)).to(self.device)
-        out, (h2, c2) = self.net.step(f, (h, c), explain=bool(self.why_top))
-        probs = self.net.category_probs(out, f)
-        top_i, top_p, cols, names = self._top(probs, f["hist_cats"])
-        why = self._why(out, f, cols) or [None] * n
-        prop = torch.sigmoid(out["purchase_logit"]).cpu().tolist()
-        h_np, c_np = h2.cpu().numpy(), c2.cpu().numpy()
-        preds = []
-        for j, s in enumerate(states):
-            s.h = h_np[:, j, :].copy()
-            s.c = c_np[:, j, :].copy()
-            s.last_top = list(zip(top_i[j], top_p[j], strict=True))
-            s.last_propensity = prop[j]
-            preds.append(self._prediction(names[j], top_p[j], prop[j], s.events_seen, why[j]))
-        return preds
+        return [p for (p,) in self.step_many([[e] for e in events], states)]
 
-    @torch.inference_mode()
     def step_many(
         self, seqs: Sequence[Sequence[Event]], states: Sequence[UserState]
     ) -> list[list[Prediction]]:
@@ -223,41 +200,55 @@ class Scorer:
 
         Equal to calling :meth:`step` once per event (tests/unit/model/core/test_network.py checks it).
         """
-        lengths = [len(q) for q in seqs]
         if not seqs:
             return []
-        t_max = max(lengths)
-        if t_max == 1:
-            return [[p] for p in self.step([q[0] for q in seqs], states)]
+        batch = StateBatch.from_states(states)
+        preds = self.step_rows(seqs, batch, range(len(states)))
+        batch.into_states(states)
+        return preds
+
+    @torch.inference_mode()
+    def step_rows(
+        self, seqs: Sequence[Sequence[Event]], batch: StateBatch, rows: Sequence[int]
+    ) -> list[list[Prediction]]:
+        """:meth:`step_many` on states held as arrays (the stream's path): the events of ``seqs[i]``
+        advance row ``rows[i]`` of ``batch`` (rows distinct), which is updated in place."""
+        lengths = [len(q) for q in seqs]
         n = sum(lengths)
+        if n == 0:
+            return [[] for _ in seqs]
         if n > self._buf.n:
             self._buf = FeatureBuffer(self.cfg, max(n, 2 * self._buf.n), self.vocab)
-        buf = self._buf
         for q in seqs:
             for e in q:
                 self.remember(e.category)
-        encode_batch(buf, seqs, states)
+        idx = np.asarray(rows, np.int64)
+        encode_rows(self._buf, seqs, batch.summaries, idx)
         # The rows were written in (user, step) order, the order forward_packed takes and returns.
-        fv = buf.tensors(slice(0, n), self.device)
-        h = torch.from_numpy(np.stack([s.h for s in states], axis=1)).to(self.device)
-        c = torch.from_numpy(np.stack([s.c for s in states], axis=1)).to(self.device)
-        out, (h2, c2) = self.net.forward_packed(fv, np.asarray(lengths), (h, c), explain=bool(self.why_top))
+        fv = self._buf.tensors(slice(0, n), self.device)
+        h = torch.from_numpy(batch.h[:, idx]).to(self.device)
+        c = torch.from_numpy(batch.c[:, idx]).to(self.device)
+        explain = bool(self.why_top)
+        if max(lengths) == 1:  # one event per user: the plain step, no packing
+            out, (h2, c2) = self.net.step(fv, (h, c), explain=explain)
+        else:
+            out, (h2, c2) = self.net.forward_packed(fv, np.asarray(lengths), (h, c), explain=explain)
         probs = self.net.category_probs(out, fv)
         top_i, top_p, cols, names = self._top(probs, fv["hist_cats"])
         why = self._why(out, fv, cols) or [None] * n
         prop = torch.sigmoid(out["purchase_logit"]).cpu().tolist()
-        h_np, c_np = h2.cpu().numpy(), c2.cpu().numpy()
+        batch.h[:, idx] = h2.cpu().numpy()
+        batch.c[:, idx] = c2.cpu().numpy()
+        seen = batch.summaries.ints[idx, _SEEN].tolist()
         result, k = [], 0
-        for b, (q, s) in enumerate(zip(seqs, states, strict=True)):
+        for q, r, last_seen in zip(seqs, rows, seen, strict=True):
+            first_seen = last_seen - len(q)
             preds = []
-            first_seen = s.events_seen - len(q)
             for t in range(len(q)):
                 preds.append(self._prediction(names[k], top_p[k], prop[k], first_seen + t + 1, why[k]))
                 k += 1
-            s.h = h_np[:, b, :].copy()
-            s.c = c_np[:, b, :].copy()
-            s.last_top = list(zip(top_i[k - 1], top_p[k - 1], strict=True))
-            s.last_propensity = prop[k - 1]
+            batch.last_top[r] = list(zip(top_i[k - 1], top_p[k - 1], strict=True))
+            batch.last_propensity[r] = prop[k - 1]
             result.append(preds)
         return result
 

@@ -7,11 +7,12 @@ business logic testable without a broker and keeps the agent short.
 Per batch (step 1 of docs/ARCHITECTURE.md §Protocol, in this order):
 1. *validate* every record (bad ones become dead letters with a reason code);
 2. *group* valid events by user, keeping partition-offset order inside each user;
-3. *read* the users' stored states in one call; a state of another model_version is not reused;
+3. *read* the users' stored states in one call and decode them together into one
+   :class:`~demandstream.model.core.state_batch.StateBatch`; a state of another model_version is not reused;
 4. *skip* events at or below the offset already applied to a user's state (redelivery after a crash);
 5. *step*: one batched model call advances every user by all of its events in order
-   (:meth:`~demandstream.model.core.scoring.Scorer.step_many`), so several events of one user in a batch apply in order;
-6. *emit* one signal per applied event and the new state of every touched user.
+   (:meth:`~demandstream.model.core.scoring.Scorer.step_rows`), so several events of one user in a batch apply in order;
+6. *emit* one signal per applied event and the new state of every touched user (encoded together).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import orjson
 
 from demandstream.model.core.events import BadEvent, Event, parse_event
 from demandstream.model.core.scoring import Scorer
-from demandstream.model.core.state import StateFormatError, UserState, pack, unpack
+from demandstream.model.core.state_batch import StateBatch
 from demandstream.stream.engine.records import (
     RECORD_MAX,
     dead_letter_key,
@@ -204,18 +205,20 @@ class InferenceEngine:
         # Users' states are stored under their own namespace of keys, never under one of Faust's.
         keys = {uid: state_key(uid) for uid in by_user}
         stored = read_states([(keys[uid], evs[0][1].partition) for uid, evs in by_user.items()])
-        states: dict[str, UserState] = {}
+        # Every user's state as one row of arrays, decoded from the records at once (state_batch.py).
+        row = {uid: i for i, uid in enumerate(by_user)}
+        batch = self._load_batch([stored.get(keys[uid]) for uid in by_user], by_user, res)
+        partition_of, offset_of = batch.partition, batch.offset
         pending: dict[str, list[tuple[Event, SourceRecord]]] = {}
         for uid, evs in by_user.items():
-            state = self._load(stored.get(keys[uid]), evs[0][1].partition, res)
-            if state is None:
-                state = self.scorer.new_state()
-                res.new_users += 1
-            todo = [(e, r) for e, r in evs if e is None or not _already_applied(state, r)]
+            r = row[uid]
+            p, o = partition_of[r], offset_of[r]
+            # a redelivered record: same partition, offset at or below the last one applied
+            todo = [(e, rec) for e, rec in evs if e is None or not (rec.partition == p and rec.offset <= o)]
             res.duplicates += len(evs) - len(todo)
             if todo:
-                states[uid] = state
                 pending[uid] = todo
+        touched = list(pending)
 
         version = self.scorer.model_version
         forgotten: set[str] = set()
@@ -226,7 +229,7 @@ class InferenceEngine:
             for k, lst in list(pending.items()):
                 i = 0
                 while i < len(lst) and lst[i][0] is None:  # erasure: drop everything applied so far
-                    states[k] = self.scorer.new_state()
+                    batch.reset(row[k])
                     forgotten.add(k)
                     i += 1
                 j = i
@@ -242,19 +245,21 @@ class InferenceEngine:
                     del pending[k]
             if not users:
                 continue
+            rows = [row[k] for k in users]
             prev = [
-                (s.last_ts, s.last_top, s.last_propensity, s.partition, s.offset) if s.events_seen else None
-                for s in (states[k] for k in users)
+                (batch.last_ts(r), batch.last_top[r], batch.last_propensity[r], partition_of[r], offset_of[r])
+                if batch.events_seen(r)
+                else None
+                for r in rows
             ]
             t0 = time.perf_counter()
-            preds = self.scorer.step_many(seqs, [states[k] for k in users])
+            preds = self.scorer.step_rows(seqs, batch, rows)
             res.inference_s.append(time.perf_counter() - t0)
             res.applied.extend(zip(prev, seqs, recs, preds, strict=True))
             rnd += 1
             emitted = self.clock()
-            for uid, evs, rs, ps in zip(users, seqs, recs, preds, strict=True):
-                s = states[uid]
-                s.partition, s.offset = rs[-1].partition, rs[-1].offset
+            for uid, r, evs, rs, ps in zip(users, rows, seqs, recs, preds, strict=True):
+                partition_of[r], offset_of[r] = rs[-1].partition, rs[-1].offset
                 out_key = uid.encode("utf-8")
                 for e, rec, p in zip(evs, rs, ps, strict=True):
                     value = encode_signal(uid, e.event_id, e.ts, version, p, emitted)
@@ -267,16 +272,18 @@ class InferenceEngine:
                     # it), not the event's own ts, so replays of old logs do not read as days late.
                     res.signal_ts.append(rec.timestamp or e.ts)
                 if ps[-1].why is not None:
-                    self.latest_why.put(uid, s.events_seen, version, ps[-1].why)
+                    self.latest_why.put(uid, ps[-1].events_seen, version, ps[-1].why)
         res.rounds = rnd
-        for uid in forgotten:
-            if states[uid].events_seen == 0:  # forgotten, and no event since the erasure
-                self.latest_why.forget(uid)
-        for uid, s in states.items():
-            if uid in forgotten and s.events_seen == 0:
+        gone = {uid for uid in forgotten if batch.events_seen(row[uid]) == 0}  # no event since the erasure
+        for uid in gone:
+            self.latest_why.forget(uid)
+        kept = [uid for uid in touched if uid not in gone]
+        records = dict(zip(kept, batch.encode([row[uid] for uid in kept], version), strict=True))
+        for uid in touched:
+            if uid in gone:
                 res.states[keys[uid]] = (by_user[uid][0][1].partition, None)  # tombstone in the changelog
             else:
-                res.states[keys[uid]] = (s.partition, pack(s, version))
+                res.states[keys[uid]] = (partition_of[row[uid]], records[uid])
         return res
 
     def _dead_letter(self, res: BatchResult, rec: SourceRecord, reason: str, detail: str, now: float) -> None:
@@ -318,34 +325,29 @@ class InferenceEngine:
             return [uid]
         return [self.pseudonymizer.user(uid)] + ([self.previous.user(uid)] if self.previous else [])
 
-    def _load(
-        self, raw: bytes | None, partition: int = -1, res: BatchResult | None = None
-    ) -> UserState | None:
-        if raw is None:
-            return None
-        try:
-            state = unpack(raw)
-        except StateFormatError as exc:
-            # The user starts fresh. Counted (demandstream_undecodable_states_total), logged once per
-            # partition: a table written by an incompatible release would otherwise log every user.
-            if res is not None:
+    def _load_batch(self, raws: list[bytes | None], by_user: dict, res: BatchResult) -> StateBatch:
+        """The users' stored states as one :class:`StateBatch`, in the order of ``by_user``; a user
+        without a usable state (none stored, undecodable, made by another model) starts fresh."""
+        cfg, version = self.scorer.cfg, self.scorer.model_version
+        batch, status = StateBatch.decode(raws, cfg.layers, cfg.hidden, cfg.history_slots, version)
+        for st, evs in zip(status, by_user.values(), strict=True):
+            if st == "ok":
+                continue
+            res.new_users += 1
+            if st == "other_version":
+                # docs/ARCHITECTURE.md §State: state made by another model is never fed to a different model.
+                self.version_resets += 1
+            elif st != "absent":
+                # The user starts fresh. Counted (demandstream_undecodable_states_total), logged once per
+                # partition: a table written by an incompatible release would otherwise log every user.
                 res.undecodable += 1
-            if partition not in self.undecodable_logged:
-                self.undecodable_logged.add(partition)
-                logger.warning(
-                    "partition %d: discarding an undecodable user state (%s); the user starts fresh. "
-                    "Further ones on this partition are only counted (demandstream_undecodable_states_total)",
-                    partition,
-                    exc,
-                )
-            return None
-        if state.model_version != self.scorer.model_version:
-            # docs/ARCHITECTURE.md §State: state made by another model is never fed to a different model.
-            self.version_resets += 1
-            return None
-        return state
-
-
-def _already_applied(state: UserState, rec: SourceRecord) -> bool:
-    """A redelivered record: same partition, offset at or below the last one applied."""
-    return state.partition == rec.partition and rec.offset <= state.offset
+                partition = evs[0][1].partition
+                if partition not in self.undecodable_logged:
+                    self.undecodable_logged.add(partition)
+                    logger.warning(
+                        "partition %d: discarding an undecodable user state (%s); the user starts fresh. "
+                        "Further ones on this partition are only counted (demandstream_undecodable_states_total)",
+                        partition,
+                        st.removeprefix("undecodable: "),
+                    )
+        return batch
