@@ -31,11 +31,12 @@ from demandstream.model.core.features import Vocabulary
 from demandstream.model.core.network import DemandLSTM, ModelConfig
 from demandstream.model.core.scoring import Scorer
 from demandstream.model.core.state import HEADER_BYTES, pack
+from demandstream.model.core.state_batch import StateBatch
 from demandstream.model.data.eventlog import EventLog
 
 logger = logging.getLogger(__name__)
 
-#: Batch sizes of the Scorer.step sweep: one user per round up to a large GPU-sized round.
+#: Batch sizes of the Scorer.step_rows sweep: one user per round up to a large GPU-sized round.
 STEP_BATCH_SIZES = (1, 4, 16, 64, 256, 1024, 4096)
 #: History lengths at which one incremental step is compared with recomputing the whole history.
 HISTORY_LENGTHS = (10, 100, 1000)
@@ -100,7 +101,9 @@ def step_events_per_s(
     batch_sizes: Sequence[int] = STEP_BATCH_SIZES,
     min_s: float = 0.3,
 ) -> dict[str, float]:
-    """Events per second through :meth:`Scorer.step` for each batch size (one event per distinct user).
+    """Events per second through :meth:`Scorer.step_rows`, the worker's step on states held as arrays
+    (:class:`~demandstream.model.core.state_batch.StateBatch`), for each batch size (one event per
+    distinct user). Decoding and encoding the records is the engine's, not the step's.
 
     The states are stepped again and again, so the history summary fills as it does in a live worker.
     """
@@ -110,8 +113,13 @@ def step_events_per_s(
         evs = list(events[:b])
         if len(evs) < b:
             raise ValueError(f"need {b} events for batch size {b}, got {len(evs)}")
-        states = [scorer.new_state() for _ in range(b)]
-        out[str(b)] = b / seconds_per_call(lambda evs=evs, states=states: scorer.step(evs, states), min_s)
+        states = StateBatch.from_states([scorer.new_state() for _ in range(b)])
+        seqs, rows = [[e] for e in evs], range(b)
+
+        def step(seqs=seqs, states=states, rows=rows):
+            return scorer.step_rows(seqs, states, rows)
+
+        out[str(b)] = b / seconds_per_call(step, min_s)
     return out
 
 
@@ -127,7 +135,8 @@ def incremental_speedup(
     min_s: float = 0.3,
     batch: int = SPEEDUP_BATCH,
 ) -> dict[str, dict[str, float]]:
-    """Cost per new event: one :meth:`Scorer.step` vs recomputing the user's whole history.
+    """Cost per new event: one step (:meth:`Scorer.step_rows`, as the worker) vs recomputing the user's
+    whole history.
 
     Both sides process ``batch`` users at once (a new event for each): incremental = one ``step``
     over the batch, including feature encoding and the state update; recompute = the full-sequence
@@ -157,13 +166,14 @@ def incremental_speedup(
         state = scorer.new_state()
         for e in history[:-1]:  # bring the state to history length L - 1 first
             scorer.step([e], [state])
-        states = [copy.deepcopy(state) for _ in range(batch)]
-        new = [history[-1]] * batch
+        states = StateBatch.from_states([copy.deepcopy(state) for _ in range(batch)])
+        h0, c0 = states.h.copy(), states.c.copy()
+        new = [[history[-1]] for _ in range(batch)]
 
-        def incremental(new=new, states=states, template=state):
-            for s in states:  # same starting point every call; copying costs far less than a step
-                s.h, s.c = template.h, template.c
-            return scorer.step(new, states)
+        def incremental(new=new, states=states, h0=h0, c0=c0):
+            # same starting point every call; copying costs far less than a step
+            states.h[:], states.c[:] = h0, c0
+            return scorer.step_rows(new, states, range(batch))
 
         step_s = seconds_per_call(incremental, min_s) / batch
         net_s = seconds_per_call(recompute, min_s) / batch

@@ -1230,7 +1230,12 @@ def _memory_lines(r: dict, d: dict) -> list[str]:
 
 
 def _step_lines(r: dict) -> list[str]:
-    lines = ["", "### Scorer.step throughput (events/s, one intra-op thread, the worker's GC settings)", ""]
+    lines = [
+        "",
+        "### Model step throughput (`Scorer.step_rows`, the worker's step; events/s, one intra-op thread,"
+        " the worker's GC settings)",
+        "",
+    ]
     steps = r.get("step_events_per_s") or {}
     devices = [dv for dv, x in steps.items() if x]
     if devices:
