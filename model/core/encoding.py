@@ -5,8 +5,10 @@ Two implementations of one definition:
 - :func:`event_features` advances one user's :class:`~demandstream.model.core.state.UserState` summary
   with :func:`~demandstream.model.core.state.observe` and returns one named row; :meth:`FeatureBuffer.put_rows`
   stores such rows. Plain Python, one event at a time: the executable specification.
-- :func:`encode_batch` (the stream's micro-batches) and :func:`encode_log` (offline) do the same for a
-  whole batch in the compiled loop of :mod:`demandstream.model.core.encoding_kernel`; only what needs
+- :func:`encode_rows` (the stream's micro-batches, on states held as arrays), :func:`encode_batch`
+  (the same on :class:`~demandstream.model.core.state.UserState` objects) and :func:`encode_log`
+  (offline) do the same for a whole batch in the compiled loop of
+  :mod:`demandstream.model.core.encoding_kernel`; only what needs
   Python objects (hashing strings, query tokens) stays per event. Both production paths go through it,
   so streaming and offline encoding cannot differ, and tests/unit/model/core/test_encoding_kernel.py
   proves it equal to the specification on a hypothesis-generated corpus.
