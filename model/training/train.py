@@ -676,21 +676,79 @@ def _markov_pairs(
     return np.stack([current[ok], nxt[ok]], axis=1), np.flatnonzero(ok), current.astype(np.int64)
 
 
+class PairCounts(NamedTuple):
+    """Each user's transitions, keyed ``user * C + a``: how many leave ``a`` (``total``) and how many go
+    to each stored successor of ``a`` (``to_next``, aligned with the Markov table's row ``a``).
+
+    One lookup answers both questions for any array of keys; a key with no transition (``a = 0``
+    included) answers zeros.
+
+    >>> pc = PairCounts.of(np.array([0, 0, 1]), np.array([[1, 2], [1, 3], [1, 2]]), np.array([[0, 0], [2, 3]]), 2)
+    >>> [x.tolist() for x in pc.lookup(np.array([0 * 2 + 1, 1 * 2 + 1, 1 * 2 + 0]))]
+    [[[1.0, 1.0], [1.0, 0.0], [0.0, 0.0]], [2.0, 1.0, 0.0]]
+    """
+
+    keys: np.ndarray  #: int64, sorted and unique
+    total: np.ndarray  #: float32 [keys]
+    to_next: np.ndarray  #: float32 [keys, K]
+
+    @classmethod
+    def of(cls, pair_user: np.ndarray, pairs: np.ndarray, table_next: np.ndarray, c: int) -> PairCounts:
+        key = pair_user.astype(np.int64) * c + pairs[:, 0]
+        order = np.argsort(key, kind="stable")
+        key, a, b = key[order], pairs[order, 0], pairs[order, 1]
+        keys, first, total = np.unique(key, return_index=True, return_counts=True)
+        k = int(table_next.shape[1])
+        to_next = np.zeros((len(keys), k), np.float32)
+        if len(key):
+            # Markov rows hold distinct successors (0 pads them and is never a pair's successor)
+            to_next = np.add.reduceat((table_next[a] == b[:, None]).astype(np.float32), first, axis=0)
+        return cls(keys, total.astype(np.float32), to_next)
+
+    def lookup(self, key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(to_next [..., K], total [...])`` of each key of ``key`` (any shape), float32."""
+        if not len(self.keys):
+            return np.zeros((*np.shape(key), self.to_next.shape[1]), np.float32), np.zeros(
+                np.shape(key), np.float32
+            )
+        i = np.searchsorted(self.keys, key).clip(max=len(self.keys) - 1)
+        hit = self.keys[i] == key
+        return self.to_next[i] * hit[..., None], self.total[i] * hit
+
+
 class OwnCounts(NamedTuple):
     """Per row, the Markov transitions its own training contributed (see :meth:`DemandLSTM.markov_row`),
-    for the row's current category and, computed per batch from the batch's history slots, for every
-    category in its history (:meth:`DemandLSTM.markov_history`)."""
+    for the row's current category and for every category in its history
+    (:meth:`DemandLSTM.markov_history`), looked up per batch.
 
-    count: (
-        np.ndarray
-    )  #: float32 [n, K]: own transitions to each stored successor of the row's current category
-    total: np.ndarray  #: float32 [n]: own transitions out of the row's current category
+    Why per batch, from per-user tables: stored per row, the current category's counts were 128 bytes
+    per event of the log and their computation held about 1.2 KB per event of temporaries (a million-
+    event log's preparation peaked 1.2 GB above its features); and looking the per-slot counts up as
+    three binary searches per (row, slot, successor) cost 50 ms of every 1,024-event training step.
+    """
+
     current: np.ndarray  #: int64 [n]: the row's current category
     table_next: np.ndarray  #: int64 [C, K]: the stored successors of each category
-    #: ``"user"``/``"past"`` modes: the row's user [n], the counts of its (user, a) and (user, a, b)
-    #: pairs, and whether only those at or after the row are left out (``"past"``); None in ``"row"``
-    #: mode, where only the current category's own transition is left out
-    by_user: tuple[np.ndarray, CountsFrom, CountsFrom, bool] | None = None
+    #: the row's user [n] (``"user"`` and ``"past"`` modes)
+    user: np.ndarray | None = None
+    #: ``"user"`` mode: every transition of the row's user is left out, whenever it happened
+    pair_counts: PairCounts | None = None
+    #: ``"past"`` mode: the counts of (user, a) and (user, a, b) pairs at or after a row
+    past: tuple[CountsFrom, CountsFrom] | None = None
+    #: ``"row"`` mode: each row's own transition, (float32 [n, K] to each stored successor, float32 [n])
+    by_row: tuple[np.ndarray, np.ndarray] | None = None
+
+    def current_counts(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Own transitions of rows ``idx`` (any shape) to each stored successor of the row's current
+        category (float32 [..., K]) and out of it in all (float32 [...])."""
+        if self.by_row is not None:
+            count, total = self.by_row
+            return count[idx], total[idx]
+        cur = self.current[idx]
+        key = self.user[idx] * int(self.table_next.shape[0]) + cur
+        if self.pair_counts is not None:
+            return self.pair_counts.lookup(key)
+        return self._past_counts(key, cur, idx)
 
     def attach(self, f: dict, idx: np.ndarray, device: torch.device, cells: np.ndarray | None = None) -> None:
         """Add the row's own counts to the features ``f`` of the log rows ``idx`` ([B, T] or [n]).
@@ -699,8 +757,9 @@ class OwnCounts(NamedTuple):
         are zero elsewhere: only the heads read them, and a pass that runs the heads at a sample of
         points (the cascade-scale fit) would otherwise look up every slot of every cell of the log
         (about 2 minutes of a million-event log's preparation)."""
-        f["markov_own_count"] = torch.from_numpy(self.count[idx]).to(device)
-        f["markov_own_total"] = torch.from_numpy(self.total[idx]).to(device)
+        count, total = self.current_counts(idx)
+        f["markov_own_count"] = torch.from_numpy(count).to(device)
+        f["markov_own_total"] = torch.from_numpy(total).to(device)
         hv = f["hist_vocab"].cpu().numpy()  # [..., slots]
         if cells is None:
             slot_total, slot_count = self._slot_counts(hv, idx)
@@ -712,27 +771,29 @@ class OwnCounts(NamedTuple):
         f["markov_own_slot_count"] = torch.from_numpy(slot_count).to(device)
         f["markov_own_slot_total"] = torch.from_numpy(slot_total).to(device)
 
+    def _past_counts(self, key: np.ndarray, a: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``"past"`` mode: transitions of keys ``user * C + a`` at or after rows ``idx`` (same shape)."""
+        ua, uab = self.past
+        c = int(self.table_next.shape[0])
+        total = ua.at_or_after(key, idx)
+        count = uab.at_or_after(key[..., None] * c + self.table_next[a], idx[..., None])
+        known = a > 0
+        return count * known[..., None], total * known
+
     def _slot_counts(self, hv: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Own transitions out of each history slot's category ([..., slots]) and to each of its stored
         successors ([..., slots, K]), for rows ``idx`` whose slots hold the vocabulary indices ``hv``."""
-        c = int(self.table_next.shape[0])
-        if self.by_user is not None:
-            user, ua, uab, past = self.by_user
-            key = user[idx][..., None] * c + hv
-            row = idx[..., None] if past else 0
-            slot_total = ua.at_or_after(key, row)
-            slot_count = uab.at_or_after(
-                key[..., None] * c + self.table_next[hv], row[..., None] if past else 0
-            )
-            known = hv > 0
-            slot_total *= known
-            slot_count *= known[..., None]
-        else:
+        if self.by_row is not None:
+            count, total = self.by_row
             is_current = (hv == self.current[idx][..., None]) & (hv > 0)
-            slot_total = np.where(is_current, self.total[idx][..., None], 0.0).astype(np.float32)
-            slot_count = np.where(is_current[..., None], self.count[idx][..., None, :], 0.0).astype(
-                np.float32
-            )
+            slot_total = np.where(is_current, total[idx][..., None], 0.0).astype(np.float32)
+            slot_count = np.where(is_current[..., None], count[idx][..., None, :], 0.0).astype(np.float32)
+            return slot_total, slot_count
+        key = self.user[idx][..., None] * int(self.table_next.shape[0]) + hv
+        if self.pair_counts is not None:
+            slot_count, slot_total = self.pair_counts.lookup(key)
+        else:
+            slot_count, slot_total = self._past_counts(key, hv, np.broadcast_to(idx[..., None], hv.shape))
         return slot_total, slot_count
 
 
@@ -784,37 +845,31 @@ def own_markov_counts(
     >>> log = EventLog.from_events([Event(f"e{i}", "u", float(i), "view", "i") for i in range(3)]).sorted_by_user_time()
     >>> pairs, rows = np.array([[1, 2], [2, 1]]), np.array([0, 1])
     >>> oc = own_markov_counts(log, pairs, rows, np.array([1, 2, 1]), np.array([[0, 0], [0, 2], [0, 1]]), "user")
-    >>> oc.count.tolist(), oc.total.tolist()
-    ([[0.0, 1.0], [0.0, 1.0], [0.0, 1.0]], [1.0, 1.0, 1.0])
+    >>> [a.tolist() for a in oc.current_counts(np.arange(3))]
+    [[[0.0, 1.0], [0.0, 1.0], [0.0, 1.0]], [1.0, 1.0, 1.0]]
     >>> oc = own_markov_counts(log, pairs, rows, np.array([1, 2, 1]), np.array([[0, 0], [0, 2], [0, 1]]), "past")
-    >>> oc.count.tolist(), oc.total.tolist()
-    ([[0.0, 1.0], [0.0, 1.0], [0.0, 0.0]], [1.0, 1.0, 0.0])
+    >>> [a.tolist() for a in oc.current_counts(np.arange(3))]
+    [[[0.0, 1.0], [0.0, 1.0], [0.0, 0.0]], [1.0, 1.0, 0.0]]
     """
     n, k = len(current), table_next.shape[1]
     if mode == "none":
         return None
-    count = np.zeros((n, k), np.float32)
-    total = np.zeros(n, np.float32)
     if mode == "row":
+        count = np.zeros((n, k), np.float32)
+        total = np.zeros(n, np.float32)
         total[pair_rows] = 1.0
         count[pair_rows] = table_next[pairs[:, 0]] == pairs[:, 1:2]
-        return OwnCounts(count, total, current, table_next)
+        return OwnCounts(current, table_next, by_row=(count, total))
     if mode not in ("user", "past"):
         raise ValueError(f"unknown markov_leave_out {mode!r}: expected user, past, row or none")
-    past = mode == "past"
     c = int(table_next.shape[0])
     user = np.repeat(np.arange(log.n_users, dtype=np.int64), np.diff(log.user_start))
     pu = user[pair_rows]
+    if mode == "user":
+        return OwnCounts(current, table_next, user, pair_counts=PairCounts.of(pu, pairs, table_next, c))
     ua = CountsFrom.of(pu * c + pairs[:, 0], pair_rows, n)
     uab = CountsFrom.of((pu * c + pairs[:, 0]) * c + pairs[:, 1], pair_rows, n)
-    has = current > 0
-    key_ua = user * c + current
-    row = np.flatnonzero(has) if past else 0
-    total[has] = ua.at_or_after(key_ua[has], row)
-    count[has] = uab.at_or_after(
-        key_ua[has, None] * c + table_next[current[has]], row[:, None] if past else 0
-    )
-    return OwnCounts(count, total, current, table_next, (user, ua, uab, past))
+    return OwnCounts(current, table_next, user, past=(ua, uab))
 
 
 #: Training points on which the cascade's scale is fitted (a 1-parameter fit: a sample suffices).
@@ -1351,6 +1406,7 @@ def train(
     vocab, cfg, feats, tr, va, beyond_cap = _prepare(
         log, sel_split, sel_split.train_end, tcfg, mcfg, next_hash
     )
+    n_valid_points = int(va.mask.sum())
     encode_s = time.perf_counter() - t0
     logger.info(
         "choosing on %s: %d training events, %d categories, device %s",
@@ -1387,6 +1443,8 @@ def train(
         # sees the data the baselines see. Its validation rows are now training rows, so calibration
         # keeps the scale fitted above on the chosen model's held-out validation predictions.
         all_split = Split(split.valid_end, split.valid_end + 1.0, split.end_ts)
+        # the selection's features and targets go before the refit's are built: each is a row per event
+        del feats, tr, va
         vocab, cfg, feats, tr_all, _, beyond_cap = _prepare(
             log, all_split, split.valid_end, tcfg, mcfg, next_hash
         )
@@ -1440,7 +1498,7 @@ def train(
             "optimizer_steps": chosen.steps + (final.steps if final is not chosen else 0),
             "history": hist,
             "n_train_events": final.n_train,
-            "n_valid_points": int(va.mask.sum()),
+            "n_valid_points": n_valid_points,
             "n_train_users": final.n_users,
             "n_categories": len(vocab),
             "n_categories_beyond_cap": beyond_cap,

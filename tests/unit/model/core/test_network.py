@@ -419,10 +419,50 @@ def test_markov_pairs_and_own_counts_of_a_user():
     table_next[1] = [2, 0]
     by_user = own_markov_counts(log, pairs, rows, current, table_next, "user")
     by_row = own_markov_counts(log, pairs, rows, current, table_next, "row")
-    assert by_user.total[0] == 2 and by_user.count[0, 0] == 2  # u went a->b twice
-    assert by_user.total[6] == 1 and by_user.count[6, 0] == 1  # v once
-    assert by_row.total[0] == 1 and by_row.count[0, 0] == 1 and by_row.total[1] == 0
+    (count, total), (row_count, row_total) = (
+        by_user.current_counts(np.arange(8)),
+        by_row.current_counts(np.arange(8)),
+    )
+    assert total[0] == 2 and count[0, 0] == 2  # u went a->b twice
+    assert total[6] == 1 and count[6, 0] == 1  # v once
+    assert row_total[0] == 1 and row_count[0, 0] == 1 and row_total[1] == 0
     assert own_markov_counts(log, pairs, rows, current, table_next, "none") is None
+
+
+def test_own_slot_counts_equal_a_count_of_the_users_transitions():
+    """Every history slot's left-out counts, looked up per batch from per-user tables ("user") or by
+    binary search from the row on ("past"), equal a plain count over the user's (current, next)
+    pairs, to each stored successor of the slot's category."""
+    import numpy as np
+
+    from demandstream.model.core.events import Event
+    from demandstream.model.data.eventlog import EventLog
+    from demandstream.model.training.train import _markov_pairs, own_markov_counts
+
+    rng = np.random.default_rng(3)
+    evs = [
+        Event(f"e{u}.{i}", f"u{u}", 100.0 + i, "view", "i", f"c{rng.integers(1, 6)}")
+        for u in range(4)
+        for i in range(int(rng.integers(2, 30)))
+    ]
+    log = EventLog.from_events(evs).sorted_by_user_time()
+    cats = np.array([int(log.categories[c][1:]) for c in log.category])  # "c3" -> vocabulary index 3
+    pairs, rows, current = _markov_pairs(log, cats, np.ones(len(log), bool))
+    table_next = np.array([[0, 0, 0]] + [[(a % 5) + 1, ((a + 1) % 5) + 1, 0] for a in range(1, 6)])
+    user = np.repeat(np.arange(log.n_users), np.diff(log.user_start))
+    hv = rng.integers(0, 6, (len(log), 4))  # any slot contents: the lookup does not depend on them
+    idx = np.arange(len(log))
+    for mode in ("user", "past"):
+        slot_total, slot_count = own_markov_counts(log, pairs, rows, current, table_next, mode)._slot_counts(
+            hv, idx
+        )
+        for r in range(len(log)):
+            mine = (user[rows] == user[r]) & ((rows >= r) if mode == "past" else True)
+            for s, a in enumerate(hv[r]):
+                out = mine & (pairs[:, 0] == a) & (a > 0)
+                assert slot_total[r, s] == out.sum(), (mode, r, s)
+                want = [(out & (pairs[:, 1] == b)).sum() if b > 0 else 0 for b in table_next[a]]
+                assert slot_count[r, s].tolist() == want, (mode, r, s)
 
 
 def test_markov_history_mixes_the_rows_of_the_users_categories_by_recency():
