@@ -280,11 +280,13 @@ class Scorer:
                 yield row_ids[part], probs, torch.sigmoid(sel["purchase_logit"]), sel, fv
 
     @torch.inference_mode()
-    def score_log(self, log: EventLog) -> Iterator[tuple[int, Prediction]]:
-        """Offline signals of every row: ``(row, Prediction)``, the same numbers the stream emits."""
+    def score_log(self, log: EventLog, rows: np.ndarray | None = None) -> Iterator[tuple[int, Prediction]]:
+        """Offline signals of every row (or of the rows where the bool mask ``rows`` is true):
+        ``(row, Prediction)``, the same numbers the stream emits. Each user still runs from its first
+        event; the heads and the signal run only at the rows asked for."""
         for c in log.categories:
             self.remember(c)
-        for row_ids, probs, prop, out, fv in self._predict_batches(log, None, None):
+        for row_ids, probs, prop, out, fv in self._predict_batches(log, rows, None):
             ti, tp, cols, names = self._top(probs, fv["hist_cats"])
             why = self._why(out, fv, cols) or [None] * len(ti)
             pp = prop.cpu().tolist()

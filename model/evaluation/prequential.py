@@ -58,9 +58,8 @@ def prequential_report(
     ts = np.asarray(log.ts, np.float64)
     points = ts >= start_ts
     preds: dict[int, tuple[list[str], float]] = {}
-    for row, p in scorer.score_log(log):
-        if points[row]:
-            preds[row] = ([c for c, _ in p.top_categories], p.purchase_propensity)
+    for row, p in scorer.score_log(log, points):
+        preds[row] = ([c for c, _ in p.top_categories], p.purchase_propensity)
     cat, pur = CategoryTally(), PurchaseTally()
     resolver = PurchaseResolver(horizon_s, math.inf if gap_s is None else gap_s, pur)
     users, cats, names, etypes = log.user, log.category, log.categories, log.etype

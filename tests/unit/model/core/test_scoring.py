@@ -74,6 +74,21 @@ def test_score_log_equals_stepping_every_event(events, stepped):
     assert any(c not in scorer.vocab.names for p in preds.values() for c, _ in p.top_categories)
 
 
+def test_score_log_of_some_rows_equals_the_stream_there(events, stepped):
+    """Asked for some rows only (the evaluation's later points), each user still runs from its first
+    event: the signals at those rows are the stream's, and no other row is yielded."""
+    scorer = make_scorer(events)
+    log = EventLog.from_events(events).sorted_by_user_time()
+    rows = np.asarray(log.ts) >= np.median(log.ts)
+    offline = {log.event_ids[r]: p for r, p in scorer.score_log(log, rows)}
+    preds, _ = stepped
+    assert offline.keys() == {log.event_ids[r] for r in np.flatnonzero(rows)} and 0 < len(offline) < len(
+        preds
+    )
+    for event_id, p in offline.items():
+        assert_same(p, preds[event_id])
+
+
 def test_step_many_equals_one_step_per_event_and_grows_its_buffer(events, stepped):
     scorer = make_scorer(events, max_batch=2)  # far fewer rows than a round holds: the buffer grows
     users = list(by_user(events))
