@@ -287,6 +287,26 @@ def rss_mib(pid: int) -> float:
     return vmrss_kib(Path(f"/proc/{pid}/status").read_text()) / 1024
 
 
+def rss_anon_kib(status: str) -> int:
+    """The anonymous part of the resident set in KiB (``RssAnon`` of ``/proc/<pid>/status``): the heap,
+    the model and the states, which every worker process holds for itself. The rest of VmRSS is mostly
+    file pages of the libraries (torch's alone are ~480 MiB), which the page cache shares between
+    processes, so a machine running N workers needs about N × RssAnon + the libraries once.
+
+    >>> rss_anon_kib("VmRSS:\\t  524288 kB\\nRssAnon:\\t  200000 kB\\nRssFile:\\t 324288 kB\\n")
+    200000
+    """
+    m = re.search(r"^RssAnon:\s*(\d+)\s*kB", status, re.M)
+    if m is None:
+        raise ValueError("no RssAnon line (the process has ended, or the kernel predates 4.5)")
+    return int(m.group(1))
+
+
+def anon_mib(pid: int) -> float:
+    """Anonymous resident memory of process ``pid`` in MiB (:func:`rss_anon_kib`)."""
+    return rss_anon_kib(Path(f"/proc/{pid}/status").read_text()) / 1024
+
+
 def parent_pid(stat: str) -> int:
     """The parent's pid from the text of ``/proc/<pid>/stat`` (the command name may hold spaces).
 
@@ -701,6 +721,7 @@ class DrainResult:
     feed_s: float | None = None  # fed drain: seconds the copy into the worker's input topic took
     committed_s: float | None = None  # exactly-once: clock start -> n signals committed (visible)
     events_per_process: list[float] = field(default_factory=list)  # worker --processes N: each one's share
+    anon_mib: list[float] = field(default_factory=list)  # each worker process's anonymous part (RssAnon)
 
 
 def drain(worker: BenchWorker, n: int, feed_from: str | None = None) -> DrainResult:
@@ -740,7 +761,8 @@ def drain(worker: BenchWorker, n: int, feed_from: str | None = None) -> DrainRes
         watch.close()
         if committed is not None:
             committed.close()
-    rss = [rss_mib(pid) for pid in worker.worker_pids()]
+    pids = worker.worker_pids()
+    rss, anon = [rss_mib(pid) for pid in pids], [anon_mib(pid) for pid in pids]
     supervisor = rss_mib(worker.proc.pid) if worker.processes > 1 else None
     shares = worker.events_per_process() if worker.processes > 1 else []
     return DrainResult(
@@ -753,6 +775,7 @@ def drain(worker: BenchWorker, n: int, feed_from: str | None = None) -> DrainRes
         feed_s,
         None if t_committed is None else t_committed - t_start,
         shares,
+        anon,
     )
 
 

@@ -487,14 +487,19 @@ def memory(
     the mean of its children, the supervisor not counted), the state-less and the restored worker, and
     what ``MEMORY_PER_USERS`` restored states add. ``None`` where a figure's part did not run.
 
-    >>> m = memory([{"rss_mib": [300.0]}], [{"rss_mib": [250.0, 270.0]}], [], {"rss_mib": 200.0},
-    ...            {"rss_mib": 220.0, "records": 25_000})
+    The ``*_anon_per_process`` figures are the anonymous part of the same resident sets (RssAnon):
+    what each further process on the machine adds, the libraries' file pages being shared.
+
+    >>> m = memory([{"rss_mib": [300.0], "anon_mib": [120.0]}], [{"rss_mib": [250.0, 270.0]}], [],
+    ...            {"rss_mib": 200.0}, {"rss_mib": 220.0, "records": 25_000})
     >>> m["pipeline_per_process"]["median"], m["processes_per_process"]["median"], m["per_100k_users"]
     (300.0, 260.0, 80.0)
+    >>> m["pipeline_anon_per_process"]["median"], m["processes_anon_per_process"]
+    (120.0, None)
     """
 
-    def per_process(drains: list[dict]) -> dict | None:
-        values = [statistics.fmean(d["rss_mib"]) for d in drains if d.get("rss_mib")]
+    def per_process(drains: list[dict], key: str = "rss_mib") -> dict | None:
+        values = [statistics.fmean(d[key]) for d in drains if d.get(key)]
         return summary(values) if values else None
 
     empty = no_state["rss_mib"] if no_state else None
@@ -504,6 +509,8 @@ def memory(
         "pipeline_per_process": per_process(rounds),
         "processes_per_process": per_process(procs),
         "exactly_once_per_process": per_process(eo),
+        "pipeline_anon_per_process": per_process(rounds, "anon_mib"),
+        "processes_anon_per_process": per_process(procs, "anon_mib"),
         "no_state": empty,
         "restored": restored,
         "restored_users": users,
@@ -560,6 +567,7 @@ def _drain(
         "startup_s": d.startup_s,
         "drain_s": d.drain_s,
         "rss_mib": d.rss_mib,
+        "anon_mib": d.anon_mib,
         "supervisor_rss_mib": d.supervisor_rss_mib,
         "signals_at_ready": d.signals_at_ready,
         "feed_s": d.feed_s,
@@ -592,6 +600,7 @@ def _round(
         startup_s=d.startup_s,
         drain_s=d.drain_s,
         rss_mib=d.rss_mib,
+        anon_mib=d.anon_mib,
         signals_at_ready=d.signals_at_ready,
     )
     logger.info(
@@ -1221,6 +1230,9 @@ def _memory_lines(r: dict, d: dict) -> list[str]:
         f"| `--processes {n}`: each worker process after the drain (mean of the children; supervisor not counted) "
         f"| {mib('processes_per_process', 'processes')} |",
         f"| exactly-once worker after its drain (1 process) | {mib('exactly_once_per_process', 'exactly_once')} |",
+        "| of which anonymous (RssAnon: heap, model, states; what each further process adds, the libraries' "
+        f"file pages being shared): pipeline worker | {mib('pipeline_anon_per_process', 'round')} |",
+        f"| the same, each `--processes {n}` worker process | {mib('processes_anon_per_process', 'processes')} |",
         f"| worker with no state (ready on empty topics) | {mib('no_state', 'memory no state')} |",
         f"| restore worker after restoring {users:,} states | {mib('restored', 'restore')} |"
         if users
