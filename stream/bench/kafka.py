@@ -270,41 +270,26 @@ def wait_committed(watch: OffsetWatch, target: int, timeout: float = DRAIN_TIMEO
 # -- memory -----------------------------------------------------------------------------------------
 
 
-def vmrss_kib(status: str) -> int:
-    """The resident set size in KiB from the text of ``/proc/<pid>/status``.
+def status_kib(status: str, field: str = "VmRSS") -> int:
+    """A memory ``field`` in KiB from the text of ``/proc/<pid>/status``: ``VmRSS``, the resident set,
+    or ``RssAnon``, its anonymous part (the heap, the model and the states, which every worker process
+    holds for itself). The rest of VmRSS is mostly file pages of the libraries (torch's alone are ~480
+    MiB), which the page cache shares between processes, so a machine running N workers needs about
+    N × RssAnon + the libraries once.
 
-    >>> vmrss_kib("Name:\\tpython\\nVmPeak:\\t 900 kB\\nVmRSS:\\t  524288 kB\\nThreads:\\t9\\n")
-    524288
+    >>> text = "Name:\\tpython\\nVmRSS:\\t  524288 kB\\nRssAnon:\\t  200000 kB\\nThreads:\\t9\\n"
+    >>> status_kib(text), status_kib(text, "RssAnon")
+    (524288, 200000)
     """
-    m = re.search(r"^VmRSS:\s*(\d+)\s*kB", status, re.M)
+    m = re.search(rf"^{field}:\s*(\d+)\s*kB", status, re.M)
     if m is None:
-        raise ValueError("no VmRSS line (the process has ended or is a zombie)")
+        raise ValueError(f"no {field} line (the process has ended or is a zombie)")
     return int(m.group(1))
 
 
-def rss_mib(pid: int) -> float:
-    """Resident memory of process ``pid`` in MiB (VmRSS of ``/proc/<pid>/status``)."""
-    return vmrss_kib(Path(f"/proc/{pid}/status").read_text()) / 1024
-
-
-def rss_anon_kib(status: str) -> int:
-    """The anonymous part of the resident set in KiB (``RssAnon`` of ``/proc/<pid>/status``): the heap,
-    the model and the states, which every worker process holds for itself. The rest of VmRSS is mostly
-    file pages of the libraries (torch's alone are ~480 MiB), which the page cache shares between
-    processes, so a machine running N workers needs about N × RssAnon + the libraries once.
-
-    >>> rss_anon_kib("VmRSS:\\t  524288 kB\\nRssAnon:\\t  200000 kB\\nRssFile:\\t 324288 kB\\n")
-    200000
-    """
-    m = re.search(r"^RssAnon:\s*(\d+)\s*kB", status, re.M)
-    if m is None:
-        raise ValueError("no RssAnon line (the process has ended, or the kernel predates 4.5)")
-    return int(m.group(1))
-
-
-def anon_mib(pid: int) -> float:
-    """Anonymous resident memory of process ``pid`` in MiB (:func:`rss_anon_kib`)."""
-    return rss_anon_kib(Path(f"/proc/{pid}/status").read_text()) / 1024
+def rss_mib(pid: int, field: str = "VmRSS") -> float:
+    """Resident memory of process ``pid`` in MiB (``field`` of ``/proc/<pid>/status``, :func:`status_kib`)."""
+    return status_kib(Path(f"/proc/{pid}/status").read_text(), field) / 1024
 
 
 def parent_pid(stat: str) -> int:
@@ -762,7 +747,7 @@ def drain(worker: BenchWorker, n: int, feed_from: str | None = None) -> DrainRes
         if committed is not None:
             committed.close()
     pids = worker.worker_pids()
-    rss, anon = [rss_mib(pid) for pid in pids], [anon_mib(pid) for pid in pids]
+    rss, anon = [rss_mib(pid) for pid in pids], [rss_mib(pid, "RssAnon") for pid in pids]
     supervisor = rss_mib(worker.proc.pid) if worker.processes > 1 else None
     shares = worker.events_per_process() if worker.processes > 1 else []
     return DrainResult(

@@ -69,6 +69,7 @@ def test_exactly_once_drain_gives_up_when_the_worker_exits(monkeypatch):
 
 def test_resident_memory_of_this_process_and_of_a_child():
     assert 1.0 < bk.rss_mib(os.getpid()) < 100_000
+    assert 0.0 < bk.rss_mib(os.getpid(), "RssAnon") < bk.rss_mib(os.getpid())
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
         assert child.pid in bk.child_pids(os.getpid())
@@ -78,7 +79,7 @@ def test_resident_memory_of_this_process_and_of_a_child():
         child.wait()
     assert child.pid not in bk.child_pids(os.getpid())
     with pytest.raises(ValueError, match="VmRSS"):
-        bk.vmrss_kib("Name:\tzombie\nState:\tZ (zombie)\n")
+        bk.status_kib("Name:\tzombie\nState:\tZ (zombie)\n")
 
 
 def test_free_ports_are_consecutive_and_free():
