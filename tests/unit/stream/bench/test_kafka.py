@@ -70,8 +70,12 @@ def test_exactly_once_drain_gives_up_when_the_worker_exits(monkeypatch):
 def test_resident_memory_of_this_process_and_of_a_child():
     assert 1.0 < bk.rss_mib(os.getpid()) < 100_000
     assert 0.0 < bk.rss_mib(os.getpid(), "RssAnon") < bk.rss_mib(os.getpid())
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import time; print('up', flush=True); time.sleep(30)"], stdout=subprocess.PIPE
+    )
     try:
+        # read its memory once it runs Python: just after fork/exec its resident set is a fraction of a MiB
+        assert child.stdout.readline() == b"up\n"
         assert child.pid in bk.child_pids(os.getpid())
         assert bk.rss_mib(child.pid) > 1.0
     finally:
