@@ -81,6 +81,7 @@ def test_resident_memory_of_this_process_and_of_a_child():
     finally:
         child.kill()
         child.wait()
+        child.stdout.close()
     assert child.pid not in bk.child_pids(os.getpid())
     with pytest.raises(ValueError, match="VmRSS"):
         bk.status_kib("Name:\tzombie\nState:\tZ (zombie)\n")
