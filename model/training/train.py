@@ -698,11 +698,9 @@ class PairCounts(NamedTuple):
         order = np.argsort(key, kind="stable")
         key, a, b = key[order], pairs[order, 0], pairs[order, 1]
         keys, first, total = np.unique(key, return_index=True, return_counts=True)
-        k = int(table_next.shape[1])
-        to_next = np.zeros((len(keys), k), np.float32)
-        if len(key):
-            # Markov rows hold distinct successors (0 pads them and is never a pair's successor)
-            to_next = np.add.reduceat((table_next[a] == b[:, None]).astype(np.float32), first, axis=0)
+        # Markov rows hold distinct successors (0 pads them and is never a pair's successor)
+        hits = (table_next[a] == b[:, None]).astype(np.float32)
+        to_next = np.add.reduceat(hits, first, axis=0) if len(key) else hits
         return cls(keys, total.astype(np.float32), to_next)
 
     def lookup(self, key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
