@@ -13,7 +13,9 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 import re
+import resource
 import socket
 import subprocess
 import sys
@@ -313,6 +315,61 @@ def child_pids(pid: int) -> list[int]:
         except (OSError, ValueError, IndexError):  # ended meanwhile
             continue
     return sorted(out)
+
+
+# -- CPU ------------------------------------------------------------------------------------------
+
+
+def process_cpu_ticks(stat: str) -> int:
+    """User + system CPU time of a process in clock ticks, from the text of ``/proc/<pid>/stat``.
+
+    >>> process_cpu_ticks("4242 (python -m x) S 4200 4200 17 0 -1 0 0 0 0 0 350 50 0 0")
+    400
+    """
+    fields = stat.rpartition(")")[2].split()
+    return int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of proc(5))
+
+
+def machine_busy_ticks(stat: str) -> int:
+    """CPU ticks every core of the machine spent busy (neither idle nor waiting on I/O), from the
+    text of ``/proc/stat``: user, nice, system, irq, softirq and steal.
+
+    >>> machine_busy_ticks("cpu  100 5 50 1000 20 3 2 7 0 0\\ncpu0 50 2 25 500 10 1 1 3 0 0")
+    167
+    """
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in stat.split()[1:9])
+    return user + nice + system + irq + softirq + steal
+
+
+class CpuUse:
+    """CPU used between :meth:`start` and :meth:`cores`, in cores (CPU seconds per wall second): by
+    the worker's processes, by this process (the load generator, while it is the only thing this
+    process runs) and by the whole machine, whose remainder is mostly the broker's. A latency level
+    that keeps the machine near all its cores busy measured the machine's capacity, not the worker's
+    latency (docs/BENCHMARKS.md, 2026-12-05 afternoon)."""
+
+    def __init__(self, pids: Sequence[int]):
+        self.pids = list(pids)
+        self._tick = os.sysconf("SC_CLK_TCK")
+        self._t0 = time.monotonic()
+        self._start = self._read()
+
+    def _read(self) -> tuple[int, float, int]:
+        worker = sum(process_cpu_ticks(Path(f"/proc/{p}/stat").read_text()) for p in self.pids)
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        return worker, own.ru_utime + own.ru_stime, machine_busy_ticks(Path("/proc/stat").read_text())
+
+    def cores(self) -> dict[str, float]:
+        """``{"worker", "generator", "machine", "of"}``: cores used since the start, and the machine's
+        cores (``of``)."""
+        wall = max(time.monotonic() - self._t0, 1e-9)
+        (w0, g0, m0), (w1, g1, m1) = self._start, self._read()
+        return {
+            "worker": (w1 - w0) / self._tick / wall,
+            "generator": (g1 - g0) / wall,
+            "machine": (m1 - m0) / self._tick / wall,
+            "of": float(os.cpu_count() or 1),
+        }
 
 
 # -- data -------------------------------------------------------------------------------------------
@@ -891,15 +948,19 @@ def latency_ms(
     worker's ``emitted_at``, so the figure covers produce, broker, fetch, batching, the step and the
     signal's encoding (not the signal's own trip to a consumer). The load actually offered is verified
     on the broker: the input topic's end offsets before and after the send (:func:`achieved_load`).
+    The CPU the worker, the generator and the machine used while it ran (:class:`CpuUse`) says whether
+    the level was bound by the machine's cores.
     """
     watch = OffsetWatch(worker.bootstrap, worker.signals_topic)
     inputs = OffsetWatch(worker.bootstrap, worker.input_topic)
     try:
         start, in_start = watch.ends(), inputs.ends()
         before = _metrics_or_none(worker)
+        cpu = CpuUse(worker.worker_pids())
         sent, seconds = asyncio.run(
             _paced_send(worker.bootstrap, worker.input_topic, templates, rate, duration, tag)
         )
+        cpu_cores = cpu.cores()
         in_end = inputs.ends()
         produced = sum(in_end.values()) - sum(in_start.values())
         watch.wait_for(sum(start.values()) + sent, timeout=max(60.0, 3 * duration), proc=worker.proc)
@@ -924,6 +985,7 @@ def latency_ms(
         "max": float(lat.max()),
         **latency_breakdown(signals, appended, seconds),
         "phases": None if before is None or after is None else batch_phases(before, after),
+        "cpu_cores": cpu_cores,
     }
 
 

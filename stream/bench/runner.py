@@ -1155,15 +1155,34 @@ def _latency_legs_lines(latency: dict) -> list[str]:
         "micro-batch in progress, then the event's own batch); micro-batches are signals sharing one",
         "`emitted_at`.",
         "",
-        "| load | generator p50 / p99 ms | worker p50 / p99 ms | micro-batches/s | events per batch (median) |",
-        "|---|---|---|---|---|",
+        "CPU: cores used while the generator sent (CPU seconds per second) by the worker, by the",
+        "generator and by the whole machine (the rest is mostly the broker's). A level that keeps the",
+        "machine near all its cores measured the machine's capacity, not the worker's latency.",
+        "",
+        "| load | generator p50 / p99 ms | worker p50 / p99 ms | micro-batches/s | events per batch (median) "
+        "| CPU cores: worker / generator / machine (of N) |",
+        "|---|---|---|---|---|---|",
     ]
     for level, x in legs.items():
         lines.append(
             f"| {level} | {_n(x['produce_p50'])} / {_n(x['produce_p99'])} | {_n(x['worker_p50'])} / "
-            f"{_n(x['worker_p99'])} | {_n(x['batches_per_s'])} | {_n(x['batch_events_median'])} |"
+            f"{_n(x['worker_p99'])} | {_n(x['batches_per_s'])} | {_n(x['batch_events_median'])} "
+            f"| {cpu_cell(x.get('cpu_cores'))} |"
         )
     return lines
+
+
+def cpu_cell(cpu: dict | None) -> str:
+    """A latency level's CPU (:class:`bk.CpuUse`) as one table cell.
+
+    >>> cpu_cell({"worker": 0.834, "generator": 0.14, "machine": 1.62, "of": 2.0})
+    '0.83 / 0.14 / 1.62 (of 2)'
+    >>> cpu_cell(None)
+    'not measured'
+    """
+    if not cpu:
+        return "not measured"
+    return f"{cpu['worker']:.2f} / {cpu['generator']:.2f} / {cpu['machine']:.2f} (of {cpu['of']:.0f})"
 
 
 #: The worker's micro-batch phases, in the order a batch goes through them (at-least-once).

@@ -132,3 +132,18 @@ def test_the_latency_curve_is_a_png(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="no latency level"):
         bp.latency_curve_png({"25%": None}, tmp_path / "none.png")
+
+
+def test_cpu_use_counts_this_process_as_worker_and_generator_alike():
+    import os
+    import time
+
+    cpu = bk.CpuUse([os.getpid()])
+    end = time.process_time() + 0.3
+    while time.process_time() < end:  # 0.3 s of CPU in this process
+        pass
+    c = cpu.cores()
+    assert c["of"] == os.cpu_count()
+    assert c["worker"] > 0.2  # clock ticks of 10 ms; preemption only lowers the share
+    assert abs(c["worker"] - c["generator"]) < 0.1  # the same process, read two ways
+    assert c["machine"] >= c["worker"] - 0.1  # the machine's busy time includes this process's

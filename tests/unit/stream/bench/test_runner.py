@@ -617,6 +617,7 @@ def test_render_markdown_of_the_new_tables_with_missing_figures():
                 "worker_p99": 13.5,
                 "batches_per_s": 61.25,
                 "batch_events_median": 32.0,
+                "cpu_cores": {"worker": 0.61, "generator": 0.2, "machine": 1.1, "of": 2.0},
             },
             "50%": None,
             "75%": None,
@@ -651,7 +652,8 @@ def test_render_markdown_of_the_new_tables_with_missing_figures():
         "| 25% of pipeline max | 2,000 | 1,990 (100 % of target) | 11.00 | 15.80 | 22.90 | 15,920 |" in text
     )
     assert "fell below" not in text
-    assert "| 25% | 3.10 / 9.40 | 7.90 / 13.50 | 61.25 | 32.00 |" in text  # where the time goes
+    # where the time goes, and the CPU it took
+    assert "| 25% | 3.10 / 9.40 | 7.90 / 13.50 | 61.25 | 32.00 | 0.61 / 0.20 / 1.10 (of 2) |" in text
     assert "| 50% |" not in text  # a level not measured has no breakdown row
     assert "Latency versus achieved load: not measured: matplotlib is not installed." in text
     assert "| pipeline worker after its drain (1 process, 2,000 users) | 512.2 (512.2) |" in text
