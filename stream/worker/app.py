@@ -24,6 +24,12 @@ logger = logging.getLogger(__name__)
 PRODUCER_LINGER_MS = 5
 #: Consumer fetch sizes large enough that one fetch feeds a whole micro-batch.
 CONSUMER_MAX_FETCH_BYTES = 8 * 1024 * 1024
+#: How long the broker may hold a fetch that finds no data (Faust fixes 1,500 ms). aiokafka keeps one
+#: fetch in flight per broker, so while the input partitions' records are buffered a fetch of the
+#: empty control topic alone waits this long, and the input's next fetch behind it: the worker's
+#: cycle under load locks to it (docs/BENCHMARKS.md, 2026-12-05 afternoon). An idle worker sends
+#: one fetch per this interval.
+CONSUMER_FETCH_MAX_WAIT_MS = 100
 
 
 @dataclass
@@ -131,6 +137,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Components
         extra_topic_configs=changelog_topic_configs(settings),
     )
     faust_patches.install(app)
+    faust_patches.set_fetch_max_wait(app.consumer._thread, CONSUMER_FETCH_MAX_WAIT_MS)
     return Components(
         app, settings, input_topic, signals_topic, dlq_topic, table, metrics or Metrics(), source_topics
     )

@@ -15,6 +15,8 @@ objects (never Faust's classes) and its docstring names the Faust behaviour or b
   (``TransactionManager.on_rebalance``, ``Producer.maybe_begin_transaction``) +
   :func:`keep_changelog_queue_on_resume` (``clear`` of the table manager's changelog queue) +
   :func:`fetch_only_active_partitions` (``Consumer._getmany``).
+- :func:`set_fetch_max_wait`: the worker's consumer lets the broker hold an empty fetch for our
+  interval instead of Faust's fixed 1,500 ms (``AIOKafkaConsumerThread._create_worker_consumer``).
 - :class:`RecoveryTail`: exactly-once recovery ends as soon as the consumer has read past a changelog's
   last offset, instead of after Faust's two idle 5-second polls (``Recovery._slurp_changelogs``).
 - :class:`ChunkedSlurp` (:func:`install_chunked_recovery`): the recovery takes the changelog events
@@ -248,6 +250,36 @@ def fetch_only_active_partitions(consumer) -> None:
         return await getmany(active_partitions=active_partitions, timeout=timeout)
 
     consumer._getmany = getmany_of_active_partitions
+
+
+# -- latency ----------------------------------------------------------------------------------------
+
+
+def set_fetch_max_wait(thread, ms: int) -> None:
+    """The worker's consumer lets the broker hold a fetch that finds no data for ``ms``, not 1,500.
+
+    faust-streaming 0.15 builds the worker's ``AIOKafkaConsumer`` with ``fetch_max_wait_ms=1500`` and
+    no setting. aiokafka sends one fetch per broker at a time, for the assigned partitions that have
+    no buffered records. Under load the input partitions' records are buffered while the pipeline
+    steps them, so that fetch asks for the (empty) control topic alone and the broker holds it for
+    the whole wait; the input partitions, emptied meanwhile, are fetched only after it returns. The
+    worker then cycles at the wait's period, each fetch bringing 1.5 s of input, and an event waits
+    about that long even with a core to spare (docs/BENCHMARKS.md, 2026-12-05 afternoon). The consumer
+    is built when the consumer thread starts, so this wraps the builder and sets the value aiokafka
+    hands its fetcher in ``start()``.
+    """
+    create = thread._create_worker_consumer
+
+    def create_worker_consumer(transport):
+        consumer = create(transport)
+        if not hasattr(consumer, "_fetch_max_wait_ms"):  # an aiokafka this was not written for
+            raise RuntimeError(
+                "aiokafka's AIOKafkaConsumer has no _fetch_max_wait_ms: review set_fetch_max_wait"
+            )
+        consumer._fetch_max_wait_ms = ms
+        return consumer
+
+    thread._create_worker_consumer = create_worker_consumer
 
 
 # -- the batch commit protocol's hooks into Faust ---------------------------------------------------

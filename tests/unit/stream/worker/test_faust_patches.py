@@ -683,3 +683,28 @@ def test_a_fetch_in_flight_when_the_recovery_pauses_the_last_active_partition_re
         "clickstream-3": [771, 772],
     }
     assert asyncio.run(consumer._getmany(active_partitions=None, timeout=1.0)) == buffered  # client-only
+
+
+def test_the_workers_consumer_lets_the_broker_hold_an_empty_fetch_for_our_interval_not_fausts(tmp_path):
+    """Faust builds the worker's consumer with fetch_max_wait_ms=1500; the app's builder sets ours."""
+    from demandstream.stream.settings import Settings
+    from demandstream.stream.worker.app import CONSUMER_FETCH_MAX_WAIT_MS, create_app
+
+    settings = Settings(store="memory", data_dir=str(tmp_path / "data"), app_id=f"fetch-{tmp_path.name}")
+    thread = create_app(settings).app.consumer._thread
+
+    async def build():  # aiokafka's consumer wants a running loop, as in the consumer thread
+        return thread._create_worker_consumer(thread.transport)
+
+    consumer = asyncio.run(build())
+    assert consumer._fetch_max_wait_ms == CONSUMER_FETCH_MAX_WAIT_MS < 1500
+    assert consumer._max_partition_fetch_bytes > 0  # the rest of Faust's settings are kept
+
+
+def test_aiokafka_hands_the_consumers_fetch_max_wait_to_its_fetcher():
+    """The premise of set_fetch_max_wait: start() builds the Fetcher from the attribute it sets."""
+    import inspect
+
+    from aiokafka import AIOKafkaConsumer
+
+    assert "fetch_max_wait_ms=self._fetch_max_wait_ms" in inspect.getsource(AIOKafkaConsumer.start)
