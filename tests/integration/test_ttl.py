@@ -52,8 +52,14 @@ def test_idle_users_expire_by_event_time_and_come_back_fresh(
     # Phase 1: old users, at T0. Their event time is years before the wall clock: expiry by the wall
     # clock would wipe them as they arrive.
     _send(settings, _events(OLD_USERS, T0, "a"))
+    # Exactly-once: a state reaches the local store (and the HTTP view) when its transaction commits,
+    # so wait for the committed signals; uncommitted ones can be seen a whole commit interval earlier.
     read_topic(
-        kafka_bootstrap, settings.topic_signals, until=lambda r: len(r) >= 2 * len(OLD_USERS), timeout=120
+        kafka_bootstrap,
+        settings.topic_signals,
+        until=lambda r: len(r) >= 2 * len(OLD_USERS),
+        timeout=120,
+        isolation=isolation,
     )
     time.sleep(2)  # a few more idle batches: nothing may expire without newer events
     for u in OLD_USERS[:3]:
