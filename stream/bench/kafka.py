@@ -360,8 +360,8 @@ class CpuUse:
         return worker, own.ru_utime + own.ru_stime, machine_busy_ticks(Path("/proc/stat").read_text())
 
     def cores(self) -> dict[str, float]:
-        """``{"worker", "generator", "machine", "of"}``: cores used since the start, and the machine's
-        cores (``of``)."""
+        """``{"worker", "generator", "machine", "of", "seconds"}``: cores used since the start, the
+        machine's cores (``of``) and the wall seconds they were measured over."""
         wall = max(time.monotonic() - self._t0, 1e-9)
         (w0, g0, m0), (w1, g1, m1) = self._start, self._read()
         return {
@@ -369,6 +369,7 @@ class CpuUse:
             "generator": (g1 - g0) / wall,
             "machine": (m1 - m0) / self._tick / wall,
             "of": float(os.cpu_count() or 1),
+            "seconds": wall,
         }
 
 
