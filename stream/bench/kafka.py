@@ -300,7 +300,13 @@ def parent_pid(stat: str) -> int:
     >>> parent_pid("4242 (python -m x) S 4200 4200 17 0 -1")
     4200
     """
-    return int(stat.rpartition(")")[2].split()[1])
+    return int(_stat_fields(stat)[1])
+
+
+def _stat_fields(stat: str) -> list[str]:
+    """The fields of ``/proc/<pid>/stat`` after the command name (which may hold spaces and parentheses):
+    the process state first."""
+    return stat.rpartition(")")[2].split()
 
 
 def child_pids(pid: int) -> list[int]:
@@ -326,7 +332,7 @@ def process_cpu_ticks(stat: str) -> int:
     >>> process_cpu_ticks("4242 (python -m x) S 4200 4200 17 0 -1 0 0 0 0 0 350 50 0 0")
     400
     """
-    fields = stat.rpartition(")")[2].split()
+    fields = _stat_fields(stat)
     return int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of proc(5))
 
 
@@ -342,7 +348,7 @@ def machine_busy_ticks(stat: str) -> int:
 
 
 class CpuUse:
-    """CPU used between :meth:`start` and :meth:`cores`, in cores (CPU seconds per wall second): by
+    """CPU used between construction and :meth:`cores`, in cores (CPU seconds per wall second): by
     the worker's processes, by this process (the load generator, while it is the only thing this
     process runs) and by the whole machine, whose remainder is mostly the broker's. A latency level
     that keeps the machine near all its cores busy measured the machine's capacity, not the worker's

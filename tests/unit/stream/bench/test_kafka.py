@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -135,9 +136,6 @@ def test_the_latency_curve_is_a_png(tmp_path):
 
 
 def test_cpu_use_counts_this_process_as_worker_and_generator_alike():
-    import os
-    import time
-
     cpu = bk.CpuUse([os.getpid()])
     end = time.process_time() + 0.3
     while time.process_time() < end:  # 0.3 s of CPU in this process
