@@ -184,6 +184,31 @@ def funnel_table(etype: np.ndarray, has_cart: np.ndarray, label: np.ndarray) -> 
     return np.log(p / (1.0 - p)).reshape(len(EVENT_TYPES), 2)
 
 
+def _rows(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``table[idx]`` for an integer tensor ``idx`` of any shape, as one ``index_select``.
+
+    The same gather as advanced indexing, without ``aten::index``'s generic path, which was the top
+    frame of the heads on a worker's small batches (docs/BENCHMARKS.md, 2026-12-06).
+
+    >>> _rows(torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.tensor([[1], [0]])).tolist()
+    [[[3.0, 4.0]], [[1.0, 2.0]]]
+    """
+    return table.index_select(0, idx.reshape(-1)).view(*idx.shape, *table.shape[1:])
+
+
+def _recency_rank(ages: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    """Rank of each slot by ``ages`` among the ``known`` slots, 0 for the most recent: [..., K] float.
+
+    Counted pairwise (K is small) rather than by two sorts. Known slots have distinct ages (each was
+    last seen at a different event); the ranks of the others are never used.
+
+    >>> _recency_rank(torch.tensor([3.0, 0.0, 7.0, 1.0]), torch.tensor([True, True, False, True])).tolist()
+    [2.0, 0.0, 3.0, 1.0]
+    """
+    a = ages.masked_fill(~known, float("inf"))
+    return (a.unsqueeze(-2) < a.unsqueeze(-1)).sum(-1).float()
+
+
 class DemandLSTM(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -241,6 +266,9 @@ class DemandLSTM(nn.Module):
         self.register_buffer("purchase_scale", torch.tensor(1.0))
         self.register_buffer("purchase_shift", torch.tensor(0.0))
         self._register_load_state_dict_pre_hook(_identity_calibration_if_missing)
+        # one-hot rows as gathers from identities (not in the checkpoint: they are not learned)
+        self.register_buffer("eye_type", torch.eye(n_types), persistent=False)
+        self.register_buffer("eye_gap", torch.eye(N_GAP_BUCKETS), persistent=False)
 
     @torch.no_grad()
     def set_tables(self, tables: dict[str, np.ndarray]) -> None:
@@ -283,14 +311,14 @@ class DemandLSTM(nn.Module):
         subtracted, so a training row never sees its user's own transitions, its target's above all,
         in its features (out-of-sample, as every later user will).
         """
-        total = self.markov_total[src]
-        nxt, count = self.markov_next[src], self.markov_count[src]
+        total = _rows(self.markov_total, src)
+        nxt, count = _rows(self.markov_next, src), _rows(self.markov_count, src)
         if own_count is not None and own_total is not None:
             total = (total - own_total).clamp(min=0.0)
             count = (count - own_count).clamp(min=0.0)
         denom = (total + MARKOV_ALPHA).unsqueeze(-1)
         dense = torch.log(MARKOV_ALPHA / denom) + self.pop_logp
-        top = torch.log((count + MARKOV_ALPHA * self.pop_logp.exp()[nxt]) / denom)
+        top = torch.log((count + MARKOV_ALPHA * _rows(self.pop_logp.exp(), nxt)) / denom)
         # in place: with thousands of categories every [..., C] pass counts (docs/BENCHMARKS.md)
         return dense.scatter_(-1, nxt, torch.maximum(top, dense.gather(-1, nxt)))
 
@@ -311,11 +339,15 @@ class DemandLSTM(nn.Module):
         has no known category. ``own_count`` [..., K, top-K] / ``own_total`` [..., K] (training only)
         are the user's own transitions, left out as in :meth:`markov_row`.
         """
-        rank = ages.masked_fill(~known, float("inf")).argsort(-1).argsort(-1).float()
+        rank = _recency_rank(ages, known)
         w = torch.where(known, torch.sigmoid(self.mix_decay) ** rank, torch.zeros_like(rank))
         wsum = w.sum(-1, keepdim=True)
         w = w / wsum.clamp(min=1e-12)
-        total, nxt, count = self.markov_total[hv], self.markov_next[hv], self.markov_count[hv]
+        total, nxt, count = (
+            _rows(self.markov_total, hv),
+            _rows(self.markov_next, hv),
+            _rows(self.markov_count, hv),
+        )
         if own_count is not None and own_total is not None:
             total = (total - own_total).clamp(min=0.0)
             count = (count - own_count).clamp(min=0.0)
@@ -341,18 +373,17 @@ class DemandLSTM(nn.Module):
         """
         cfg = self.cfg
         hd = self.drop(h)
+        step = self._step_inputs(f)
         if purchase_only:
-            return {"purchase_logit": self.purchase_head(hd, f)}
-        etype_1h = nn.functional.one_hot(f["etype"], len(EVENT_TYPES)).float()
-        gap_1h = nn.functional.one_hot(f["gap"], N_GAP_BUCKETS).float()
-        cart = f["cart"].unsqueeze(-1)
+            return {"purchase_logit": self.purchase_head(hd, f, step)}
+        etype_1h, gap_1h, has_cart, log_cart, _adds = step
         ctx = torch.cat(
             [
                 hd,
                 etype_1h,
                 gap_1h,
-                (cart > 0).float(),
-                torch.log1p(cart),
+                has_cart,
+                log_cart,
                 (f["session_adds"] > 0).float().unsqueeze(-1),
                 torch.log1p(f["streak"]).unsqueeze(-1),
             ],
@@ -384,9 +415,9 @@ class DemandLSTM(nn.Module):
                 torch.log1p(f["hist_counts"]).unsqueeze(-1),
                 torch.log1p(ages).unsqueeze(-1),
                 (torch.log1p(f["hist_secs"]) / _LOG_DAY).unsqueeze(-1),
-                nn.functional.one_hot(f["hist_etype"], len(EVENT_TYPES)).float(),
+                _rows(self.eye_type, f["hist_etype"]),
                 slot_mk.unsqueeze(-1),
-                self.pop_logp[hv].unsqueeze(-1),
+                _rows(self.pop_logp, hv).unsqueeze(-1),
                 (hv > 0).float().unsqueeze(-1),
                 torch.log1p(f["hist_session"]).unsqueeze(-1),
                 ((ages == 0).float() * torch.log1p(f["streak"]).unsqueeze(-1)).unsqueeze(-1),
@@ -404,7 +435,7 @@ class DemandLSTM(nn.Module):
         slot_score = (phi * sw.unsqueeze(-2)).sum(-1)
         # the same sums as vw0 * mk + vw1 * pop + vw2 * mix, accumulated in place (fewer [..., C] passes)
         vocab_score = vw[..., 0:1] * mk
-        vocab_score.add_(vw[..., 1:2] * self.pop_logp).add_(vw[..., 2:3] * mix)
+        vocab_score.addcmul_(vw[..., 1:2], self.pop_logp).addcmul_(vw[..., 2:3], mix)
         repeat = explore = None
         if cfg.lstm_terms:
             repeat = (self.repeat_emb(hv) * self.repeat_query(hd).unsqueeze(-2)).sum(-1)
@@ -416,7 +447,7 @@ class DemandLSTM(nn.Module):
         vocab_score.scatter_(-1, torch.where(valid, hv, 0), float("-inf"))
         vocab_score[..., 0] = float("-inf")
 
-        purchase_logit = self.purchase_head(hd, f)
+        purchase_logit = self.purchase_head(hd, f, step)
         out = {"cat_logits": torch.cat([vocab_score, slot_score], dim=-1), "purchase_logit": purchase_logit}
         if explain:
             out.update(
@@ -431,22 +462,34 @@ class DemandLSTM(nn.Module):
             )
         return out
 
-    def purchase_head(self, hd: torch.Tensor, f: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _step_inputs(self, f: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """The step's inputs both heads read, computed once: one-hot event type and time gap, cart
+        non-empty, log1p(cart size), add-to-carts in the session, each [..., width]."""
+        cart = f["cart"].unsqueeze(-1)
+        return (
+            _rows(self.eye_type, f["etype"]),
+            _rows(self.eye_gap, f["gap"]),
+            (cart > 0).float(),
+            torch.log1p(cart),
+            f["session_adds"].unsqueeze(-1),
+        )
+
+    def purchase_head(
+        self, hd: torch.Tensor, f: dict[str, torch.Tensor], step: tuple[torch.Tensor, ...] | None = None
+    ) -> torch.Tensor:
         """Purchase logit [...] from the (dropped-out) LSTM output ``hd`` and the step's funnel features:
         ``funnel_cart``'s table plus the MLP's correction, Platt-scaled. It reads no category score, so
-        the purchase-head phase of training and the calibration run it alone (``purchase_only``)."""
-        etype_1h = nn.functional.one_hot(f["etype"], len(EVENT_TYPES)).float()
-        gap_1h = nn.functional.one_hot(f["gap"], N_GAP_BUCKETS).float()
-        cart = f["cart"].unsqueeze(-1)
+        the purchase-head phase of training and the calibration run it alone (``purchase_only``).
+        ``step`` is :meth:`_step_inputs` of ``f`` when the caller has it already."""
+        etype_1h, gap_1h, has_cart, log_cart, adds = self._step_inputs(f) if step is None else step
         ages, slot_cart = f["hist_ages"], f["hist_cart"]
         in_cart_now = ((ages == 0) & (slot_cart > 0)).any(-1, keepdim=True).float()
         add_secs = f["add_secs"].unsqueeze(-1)
-        adds = f["session_adds"].unsqueeze(-1)
         funnel = torch.cat(
             [
                 etype_1h,
-                torch.log1p(cart),
-                (cart > 0).float(),
+                log_cart,
+                has_cart,
                 torch.log1p(f["purchases"]).unsqueeze(-1),
                 # the user's own purchase rate and how much history backs it (bounded inputs)
                 (f["purchases"] / f["events_seen"].clamp(min=1.0)).unsqueeze(-1),
