@@ -48,6 +48,9 @@ class SettingsError(UserError, ValueError):
 
 _CHOICES = {
     "guarantee": ("at_least_once", "exactly_once"),
+    # demandstream.model.core.compiled.INFERENCE_MODES, spelled out so settings import no torch
+    # (tests/unit/stream/test_settings.py holds the two equal)
+    "inference": ("eager", "compiled"),
     "store": ("rocksdb", "memory"),
     "fault_at": ("", "after_signals", "mid_transaction", "after_state"),
     "security_protocol": ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"),
@@ -73,6 +76,10 @@ class Settings:
     web_token_file: str = ""
     guarantee: str = "at_least_once"
     device: str = "auto"
+    #: how the model's heads run: eager, or compiled by torch.compile when the worker starts (needs a
+    #: C++ compiler; ~50 s the first time on 2 cores, ~10 s from the cache; small batches ~20-30 %
+    #: faster, docs/BENCHMARKS.md)
+    inference: str = "eager"
     topic_input: str = "clickstream"
     topic_signals: str = "demand-signals"
     topic_dlq: str = "clickstream-dlq"

@@ -36,6 +36,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -43,6 +44,9 @@ from torch import nn
 
 from demandstream.model.core.events import EVENT_TYPES
 from demandstream.model.core.features import N_GAP_BUCKETS, N_PRICE_BUCKETS, PURCHASE_HORIZON_S
+
+if TYPE_CHECKING:
+    from demandstream.model.core.compiled import CompiledHeads
 
 #: Events after which the purchase head's history-length input reaches 1/2 (it saturates toward 1):
 #: about one shopping session, the scale at which a personal purchase rate starts to mean something.
@@ -601,9 +605,11 @@ class DemandLSTM(nn.Module):
         lengths: np.ndarray,
         state: tuple[torch.Tensor, torch.Tensor],
         explain: bool = False,
+        compiled: CompiledHeads | None = None,
     ):
         """Sequences of different lengths from given states: (head outputs at every row [n, ...], final
-        (h, c) of each user at its own last step).
+        (h, c) of each user at its own last step). With ``compiled`` (of this net) and not ``explain``,
+        the heads run compiled, with the same numbers to float rounding.
 
         ``rows`` holds every feature of the n = sum(``lengths``) events in (user, step) order, user b's
         ``lengths[b]`` events after the users before it. The stream uses it when a micro-batch holds
@@ -615,8 +621,9 @@ class DemandLSTM(nn.Module):
         dev = rows["etype"].device
         perm_t = torch.from_numpy(perm).to(dev)
         order_t = torch.from_numpy(order).to(dev)
+        run = self if compiled is None or explain else compiled
         packed = nn.utils.rnn.PackedSequence(
-            self.embed(rows)[perm_t],
+            run.embed(rows)[perm_t],
             torch.from_numpy(batch_sizes),
             order_t,
             torch.empty_like(order_t).scatter_(0, order_t, torch.arange(len(order), device=dev)),
@@ -624,15 +631,21 @@ class DemandLSTM(nn.Module):
         out, state = self.lstm(packed, state)
         h = torch.empty_like(out.data)
         h[perm_t] = out.data
-        return self.heads(h, rows, explain), state
+        return run.heads(h, rows, explain), state
 
     def step(
-        self, f: dict[str, torch.Tensor], state: tuple[torch.Tensor, torch.Tensor], explain: bool = False
+        self,
+        f: dict[str, torch.Tensor],
+        state: tuple[torch.Tensor, torch.Tensor],
+        explain: bool = False,
+        compiled: CompiledHeads | None = None,
     ):
-        """One event per user: features [B, ...] -> (head outputs [B, ...], new (h, c))."""
-        x = self.embed(f).unsqueeze(1)
+        """One event per user: features [B, ...] -> (head outputs [B, ...], new (h, c)). ``compiled`` as
+        in :meth:`forward_packed`."""
+        run = self if compiled is None or explain else compiled
+        x = run.embed(f).unsqueeze(1)
         out, state = self.lstm(x, state)
-        return self.heads(out.squeeze(1), f, explain), state
+        return run.heads(out.squeeze(1), f, explain), state
 
 
 def packed_order(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

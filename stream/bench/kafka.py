@@ -615,6 +615,7 @@ class BenchWorker:
     workdir: Path
     input_topic: str
     device: str = "cpu"
+    inference: str = "eager"
     extra_env: dict[str, str] = field(default_factory=dict)
     launcher: WorkerLauncher | None = None
     processes: int = 1
@@ -666,6 +667,7 @@ class BenchWorker:
                 "DEMANDSTREAM_PARTITIONS": str(PARTITIONS),
                 "DEMANDSTREAM_STANDBY_REPLICAS": "0",
                 "DEMANDSTREAM_DEVICE": self.device,
+                "DEMANDSTREAM_INFERENCE": self.inference,
                 "DEMANDSTREAM_LOG_LEVEL": "warning",
                 "DEMANDSTREAM_LAG_INTERVAL_S": "1",
                 "DEMANDSTREAM_GUARANTEE": self.guarantee,

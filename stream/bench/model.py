@@ -100,14 +100,16 @@ def step_events_per_s(
     device: str = "cpu",
     batch_sizes: Sequence[int] = STEP_BATCH_SIZES,
     min_s: float = 0.3,
+    inference: str = "eager",
 ) -> dict[str, float]:
     """Events per second through :meth:`Scorer.step_rows`, the worker's step on states held as arrays
     (:class:`~demandstream.model.core.state_batch.StateBatch`), for each batch size (one event per
-    distinct user). Decoding and encoding the records is the engine's, not the step's.
+    distinct user). Decoding and encoding the records is the engine's, not the step's. ``inference``
+    as the worker's setting (compiling, when asked, happens before the timing, as in the worker).
 
     The states are stepped again and again, so the history summary fills as it does in a live worker.
     """
-    scorer = Scorer(ckpt, device, max_batch=max(batch_sizes))
+    scorer = Scorer(ckpt, device, max_batch=max(batch_sizes), inference=inference)
     out: dict[str, float] = {}
     for b in batch_sizes:
         evs = list(events[:b])

@@ -529,6 +529,7 @@ def _drain(
     data: _Data,
     work: Path,
     device: str,
+    inference: str,
     *,
     processes: int = 1,
     guarantee: str = "at_least_once",
@@ -549,6 +550,7 @@ def _drain(
         work,
         f"bench-feed-{tag}" if fed else src,
         device=device,
+        inference=inference,
         processes=processes,
         guarantee=guarantee,
     )
@@ -577,7 +579,7 @@ def _drain(
 
 
 def _round(
-    i: int, bootstrap: str, src: str, run: str, n: int, data: _Data, work: Path, device: str
+    i: int, bootstrap: str, src: str, run: str, n: int, data: _Data, work: Path, device: str, inference: str
 ) -> tuple[dict, bk.BenchWorker]:
     """One round: both passthrough copies, then a fresh worker's drain; returns its figures and the worker.
 
@@ -589,7 +591,9 @@ def _round(
     figures: dict = {"round": i + 1}
     for m in methods:
         figures[m] = bk.passthrough_events_per_s(m, bootstrap, src, f"bench-sink-{run}-{i}-{m}", n)
-    worker = bk.BenchWorker(bootstrap, data.model, f"{run}-{i}", work, src, device=device)
+    worker = bk.BenchWorker(
+        bootstrap, data.model, f"{run}-{i}", work, src, device=device, inference=inference
+    )
     try:
         d = bk.drain(worker, n)
     except BaseException:
@@ -633,6 +637,7 @@ def _kafka_measurements(
     events = data.events[: plan.events]
     n = len(events)
     device = "cpu" if settings.device == "auto" and not _cuda() else settings.device
+    inference = settings.inference
     levels = [_latency_key(level) for level in LOAD_LEVELS]
     profiled = plan.profile_s > 0 and markdown is not None
     latency: dict = dict.fromkeys(levels)
@@ -645,7 +650,11 @@ def _kafka_measurements(
     if not loaded:
         for name in _kafka_part_names(plan, markdown, cores):
             parts.skip(name, parts.reason("input topic"))
-    warm_up = parts.run("warm-up", _warm_up, bootstrap, src, run, n, data, work, device) if loaded else None
+    warm_up = (
+        parts.run("warm-up", _warm_up, bootstrap, src, run, n, data, work, device, inference)
+        if loaded
+        else None
+    )
     try:
         for i in range(plan.rounds if loaded else 0):
             # The previous round's worker goes first: the copies get the machine to themselves.
@@ -654,7 +663,7 @@ def _kafka_measurements(
                 worker = None
             # The extra drains go before the round, each stopped once measured, so the round's own
             # worker (the last round's serves latency and the profile) is the one left running.
-            args = (i, bootstrap, src, run, n, data, work, device)
+            args = (i, bootstrap, src, run, n, data, work, device, inference)
             if cores > 1:
                 drained = parts.run(f"processes round {i + 1}", _drain, *args, processes=cores)
                 procs += [drained] if drained else []
@@ -692,10 +701,12 @@ def _kafka_measurements(
             worker.stop()
             worker = None
         if loaded:
-            no_state = parts.run("memory no state", _no_state, bootstrap, data, run, work, device)
+            no_state = parts.run("memory no state", _no_state, bootstrap, data, run, work, device, inference)
         if rounds:
             baseline = statistics.median(r["startup_s"] for r in rounds)
-            restore = parts.run("restore", _restore, bootstrap, data, plan, run, work, device, baseline)
+            restore = parts.run(
+                "restore", _restore, bootstrap, data, plan, run, work, device, inference, baseline
+            )
         elif loaded:
             parts.skip("restore", "needs a worker's start-up time without changelog, and no round worked")
     finally:
@@ -716,6 +727,7 @@ def _kafka_measurements(
         "detail": {
             "events_per_round": n,
             "worker_device": device,
+            "worker_inference": inference,
             "passthrough": t["passthrough"],
             "rounds": rounds,
             "pipeline_startup_seconds": [r["startup_s"] for r in rounds],
@@ -734,7 +746,9 @@ def _kafka_measurements(
     }
 
 
-def _warm_up(bootstrap: str, src: str, run: str, n: int, data: _Data, work: Path, device: str) -> dict:
+def _warm_up(
+    bootstrap: str, src: str, run: str, n: int, data: _Data, work: Path, device: str, inference: str
+) -> dict:
     """One exactly-once drain of the input before the first round, not counted anywhere.
 
     A freshly started broker spends several times more CPU per drain than a warm one (the JVM compiles
@@ -745,7 +759,14 @@ def _warm_up(bootstrap: str, src: str, run: str, n: int, data: _Data, work: Path
     produce, fetches, group coordination) and through its transaction coordinator too.
     """
     worker = bk.BenchWorker(
-        bootstrap, data.model, f"{run}-warmup-0", work, src, device=device, guarantee="exactly_once"
+        bootstrap,
+        data.model,
+        f"{run}-warmup-0",
+        work,
+        src,
+        device=device,
+        inference=inference,
+        guarantee="exactly_once",
     )
     try:
         d = bk.drain(worker, n)
@@ -755,9 +776,17 @@ def _warm_up(bootstrap: str, src: str, run: str, n: int, data: _Data, work: Path
     return {"guarantee": "exactly_once", "events_per_s": d.events_per_s}
 
 
-def _no_state(bootstrap: str, data: _Data, run: str, work: Path, device: str) -> dict:
+def _no_state(bootstrap: str, data: _Data, run: str, work: Path, device: str, inference: str) -> dict:
     """A fresh worker on empty topics: its resident memory once ready, with no user state."""
-    w = bk.BenchWorker(bootstrap, data.model, f"{run}-empty", work, f"bench-empty-input-{run}", device=device)
+    w = bk.BenchWorker(
+        bootstrap,
+        data.model,
+        f"{run}-empty",
+        work,
+        f"bench-empty-input-{run}",
+        device=device,
+        inference=inference,
+    )
     bk.create_topics(bootstrap, [w.input_topic, w.signals_topic, f"bench-dlq-{w.tag}"])
     try:
         return bk.ready_rss_mib(w)
@@ -766,10 +795,23 @@ def _no_state(bootstrap: str, data: _Data, run: str, work: Path, device: str) ->
 
 
 def _restore(
-    bootstrap: str, data: _Data, plan: BenchPlan, run: str, work: Path, device: str, baseline: float
+    bootstrap: str,
+    data: _Data,
+    plan: BenchPlan,
+    run: str,
+    work: Path,
+    device: str,
+    inference: str,
+    baseline: float,
 ) -> dict:
     rw = bk.BenchWorker(
-        bootstrap, data.model, f"{run}-restore", work, f"bench-restore-input-{run}", device=device
+        bootstrap,
+        data.model,
+        f"{run}-restore",
+        work,
+        f"bench-restore-input-{run}",
+        device=device,
+        inference=inference,
     )
     try:
         return bk.restore_seconds(rw, data.record, plan.restore_users, baseline)
@@ -822,6 +864,16 @@ def _model_measurements(parts: Parts, plan: BenchPlan, data: _Data) -> dict:
             step = {
                 "cpu": parts.run("step cpu", bm.step_events_per_s, ckpt, events, "cpu", min_s=plan.step_min_s)
             }
+            # the heads compiled (DEMANDSTREAM_INFERENCE=compiled), beside the default eager column
+            step["cpu compiled"] = parts.run(
+                "step cpu compiled",
+                bm.step_events_per_s,
+                ckpt,
+                events,
+                "cpu",
+                min_s=plan.step_min_s,
+                inference="compiled",
+            )
             if _cuda():
                 step["cuda"] = parts.run(
                     "step cuda", bm.step_events_per_s, ckpt, events, "cuda", min_s=plan.step_min_s
@@ -983,7 +1035,8 @@ def render_markdown(r: dict) -> str:
     if "events_per_round" in d:
         lines.append(
             f"- data: {d['events_per_round']:,} generated events (demandstream.model.data.synth, "
-            f"{bm.BENCH_USERS:,} users), {bk.PARTITIONS} partitions; worker device {d['worker_device']}"
+            f"{bm.BENCH_USERS:,} users), {bk.PARTITIONS} partitions; worker device {d['worker_device']}, "
+            f"inference {d.get('worker_inference', 'eager')}"
         )
     lines += _failed_lines(r)
     lines += _throughput_lines(r, d)

@@ -62,7 +62,12 @@ def build_worker(settings: Settings) -> Components:
     device = resolve_device(settings.device)
     ckpt = load(settings.model, device)
     scorer = Scorer(
-        ckpt, device, top_k=settings.top_k, max_batch=settings.batch_max, why_top=settings.why_top
+        ckpt,
+        device,
+        top_k=settings.top_k,
+        max_batch=settings.batch_max,
+        why_top=settings.why_top,
+        inference=settings.inference,
     )
     c = create_app(settings)
     pipeline = attach(c, scorer)

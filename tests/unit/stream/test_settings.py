@@ -50,3 +50,14 @@ def test_the_removed_flag_is_refused_by_the_command_line():
     with pytest.raises(SystemExit) as exc:
         cli.build_parser().parse_args(["worker", "--batch-within-ms", "50"])
     assert exc.value.code == 2
+
+
+def test_inference_is_eager_by_default_and_offers_the_models_modes():
+    from demandstream.model.core.compiled import INFERENCE_MODES
+    from demandstream.stream.settings import _CHOICES
+
+    assert Settings.from_env({}).inference == "eager"
+    assert _CHOICES["inference"] == INFERENCE_MODES
+    assert Settings.from_env({"DEMANDSTREAM_INFERENCE": "compiled"}).inference == "compiled"
+    with pytest.raises(SettingsError, match="DEMANDSTREAM_INFERENCE: must be one of eager, compiled"):
+        Settings.from_env({"DEMANDSTREAM_INFERENCE": "jit"})

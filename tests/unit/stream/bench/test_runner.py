@@ -151,11 +151,12 @@ class FakeWorker:
         workdir,
         input_topic,
         device="cpu",
+        inference="eager",
         processes=1,
         guarantee="at_least_once",
     ):
         self.tag, self.stopped, self.input_topic = tag, False, input_topic
-        self.processes, self.guarantee = processes, guarantee
+        self.processes, self.guarantee, self.inference = processes, guarantee, inference
         self.signals_topic = f"bench-signals-{tag}"
         FakeWorker.started.append(self)
 
@@ -225,8 +226,8 @@ def fakes(monkeypatch):
             "rss_mib": 200.0 + 0.004,  # 10 states: 40 MiB per 100k users
         }
 
-    def step(ckpt, events, device, min_s):
-        maybe_fail("step")
+    def step(ckpt, events, device, min_s, inference="eager"):
+        maybe_fail("step" if inference == "eager" else f"step {inference}")
         return {"1": 100.0, "4096": 50_000.0}
 
     monkeypatch.setattr(bk, "Broker", FakeBroker)
@@ -259,10 +260,10 @@ def fakes(monkeypatch):
     return Fakes
 
 
-def bench(tmp_path: Path, plan: BenchPlan = TINY) -> tuple[dict, dict, str]:
+def bench(tmp_path: Path, plan: BenchPlan = TINY, settings: Settings | None = None) -> tuple[dict, dict, str]:
     out, md = tmp_path / "bench.json", tmp_path / "BENCHMARKS.md"
     md.write_text(f"# Benchmarks\n\nkept\n\n{BEGIN_MARK}\nold\n{END_MARK}\n")
-    returned = run_bench(Settings(), out=out, markdown=md, plan=plan, kafka_port=49592)
+    returned = run_bench(settings or Settings(), out=out, markdown=md, plan=plan, kafka_port=49592)
     return returned, json.loads(out.read_text()), md.read_text()
 
 
@@ -275,6 +276,14 @@ def test_a_clean_run_records_no_failure(fakes, tmp_path):
     assert fakes.latency_on == ["{}-2".format(FakeWorker.started[3].tag.rsplit("-", 1)[0])] * 3
     assert all(w.stopped for w in FakeWorker.started) and FakeBroker.instances[0].stopped
     assert "Failed parts" not in text and "failed:" not in text and "kept" in text
+
+
+def test_every_worker_runs_the_settings_inference_and_the_step_is_measured_both_ways(fakes, tmp_path):
+    _, r, text = bench(tmp_path, settings=Settings(inference="compiled"))
+    assert FakeWorker.started and all(w.inference == "compiled" for w in FakeWorker.started)
+    assert r["detail"]["worker_inference"] == "compiled" and "inference compiled" in text
+    assert set(r["step_events_per_s"]) == {"cpu", "cpu compiled"}
+    assert "| batch | cpu | cpu compiled |" in text
 
 
 def test_an_uncounted_exactly_once_drain_warms_the_broker_up_first(fakes, tmp_path):
@@ -361,7 +370,8 @@ def test_every_failed_model_part_and_a_failed_latency_still_write_both_files(fak
 
     assert [f["part"] for f in r["failed"]] == ["latency 25%", "latency 50%", "latency 75%", "step cpu"]
     assert [s["part"] for s in r["skipped"]] == ["latency plot"]
-    assert r["step_events_per_s"] == {"cpu": None}
+    # the compiled column is a part of its own: measured although the eager one failed
+    assert r["step_events_per_s"] == {"cpu": None, "cpu compiled": {"1": 100.0, "4096": 50_000.0}}
     assert "cpu: failed: ValueError: bad batch" in text
     assert text.count("failed: OSError: connection reset") >= 3
 
