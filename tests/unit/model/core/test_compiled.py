@@ -138,3 +138,23 @@ def features_of(scorer: Scorer, events) -> dict[str, torch.Tensor]:
     batch = StateBatch.from_states([scorer.new_state() for _ in events])
     encode_rows(buf, [[e] for e in events], batch.summaries, np.arange(len(events)))
     return buf.tensors(slice(0, len(events)))
+
+
+def test_a_host_that_cannot_compile_gets_one_line_naming_the_way_out(scorers, monkeypatch):
+    """What inductor raises without a working C++ compiler (InvalidCxxCompiler, wrapped) becomes an
+    OptionError: the CLI prints it as one line and exits non-zero."""
+    from demandstream.model.core import compiled
+
+    def no_compiler(fn, **_):
+        def run(*_a, **_k):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\n(long details)")
+
+        return run
+
+    monkeypatch.setattr(compiled.torch, "compile", no_compiler)
+    _, eager, _ = scorers
+    ckpt = Checkpoint(eager.net, eager.vocab, eager.model_version)
+    with pytest.raises(OptionError) as e:
+        Scorer(ckpt, inference="compiled")
+    assert "\n" not in str(e.value)
+    assert "No working C++ compiler found" in str(e.value) and "DEMANDSTREAM_INFERENCE=eager" in str(e.value)
