@@ -123,7 +123,12 @@ class Scorer:
         self._buf = FeatureBuffer(self.cfg, max_batch, self.vocab)
         warm_up(self._buf)
         self._compiled = None
-        if inference == "compiled":
+        if inference == "compiled" and why_top:
+            # every step explains, and the explained heads are eager: compiling would only cost time
+            logger.warning(
+                "inference 'compiled' is not used while why_top > 0: the explained heads run eager"
+            )
+        elif inference == "compiled":
             samples = FeatureBuffer(self.cfg, 2, self.vocab)
             self._compiled = CompiledHeads(
                 self.net,

@@ -158,3 +158,13 @@ def test_a_host_that_cannot_compile_gets_one_line_naming_the_way_out(scorers, mo
         Scorer(ckpt, inference="compiled")
     assert "\n" not in str(e.value)
     assert "No working C++ compiler found" in str(e.value) and "DEMANDSTREAM_INFERENCE=eager" in str(e.value)
+
+
+def test_explaining_every_step_compiles_nothing_and_says_so(scorers, monkeypatch, caplog):
+    from demandstream.model.core import compiled
+
+    monkeypatch.setattr(compiled.torch, "compile", lambda *a, **k: pytest.fail("compiled while explaining"))
+    _, eager, _ = scorers
+    sc = Scorer(Checkpoint(eager.net, eager.vocab, eager.model_version), why_top=2, inference="compiled")
+    assert sc._compiled is None
+    assert "not used while why_top > 0" in caplog.text
