@@ -63,10 +63,6 @@ class CompiledHeads:
                 "install a C++ compiler or use DEMANDSTREAM_INFERENCE=eager"
             ) from e
 
-    def embed(self, f: dict[str, torch.Tensor]) -> torch.Tensor:
-        """:meth:`DemandLSTM.embed`, as is (a handful of lookups; compiling it measured no gain)."""
-        return self._net.embed(f)
-
     def heads(
         self, h: torch.Tensor, f: dict[str, torch.Tensor], explain: bool = False
     ) -> dict[str, torch.Tensor]:

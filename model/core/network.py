@@ -380,7 +380,7 @@ class DemandLSTM(nn.Module):
         step = self._step_inputs(f)
         if purchase_only:
             return {"purchase_logit": self.purchase_head(hd, f, step)}
-        etype_1h, gap_1h, has_cart, log_cart, _adds = step
+        etype_1h, gap_1h, has_cart, log_cart, adds = step
         ctx = torch.cat(
             [
                 hd,
@@ -388,7 +388,7 @@ class DemandLSTM(nn.Module):
                 gap_1h,
                 has_cart,
                 log_cart,
-                (f["session_adds"] > 0).float().unsqueeze(-1),
+                (adds > 0).float(),
                 torch.log1p(f["streak"]).unsqueeze(-1),
             ],
             dim=-1,
@@ -621,9 +621,8 @@ class DemandLSTM(nn.Module):
         dev = rows["etype"].device
         perm_t = torch.from_numpy(perm).to(dev)
         order_t = torch.from_numpy(order).to(dev)
-        run = self if compiled is None or explain else compiled
         packed = nn.utils.rnn.PackedSequence(
-            run.embed(rows)[perm_t],
+            self.embed(rows)[perm_t],
             torch.from_numpy(batch_sizes),
             order_t,
             torch.empty_like(order_t).scatter_(0, order_t, torch.arange(len(order), device=dev)),
@@ -631,7 +630,8 @@ class DemandLSTM(nn.Module):
         out, state = self.lstm(packed, state)
         h = torch.empty_like(out.data)
         h[perm_t] = out.data
-        return run.heads(h, rows, explain), state
+        heads = self.heads if compiled is None or explain else compiled.heads
+        return heads(h, rows, explain), state
 
     def step(
         self,
@@ -642,10 +642,10 @@ class DemandLSTM(nn.Module):
     ):
         """One event per user: features [B, ...] -> (head outputs [B, ...], new (h, c)). ``compiled`` as
         in :meth:`forward_packed`."""
-        run = self if compiled is None or explain else compiled
-        x = run.embed(f).unsqueeze(1)
+        x = self.embed(f).unsqueeze(1)
         out, state = self.lstm(x, state)
-        return run.heads(out.squeeze(1), f, explain), state
+        heads = self.heads if compiled is None or explain else compiled.heads
+        return heads(out.squeeze(1), f, explain), state
 
 
 def packed_order(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

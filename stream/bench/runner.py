@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
@@ -528,8 +528,7 @@ def _drain(
     n: int,
     data: _Data,
     work: Path,
-    device: str,
-    inference: str,
+    serve: Mapping[str, str],
     *,
     processes: int = 1,
     guarantee: str = "at_least_once",
@@ -549,8 +548,7 @@ def _drain(
         tag,
         work,
         f"bench-feed-{tag}" if fed else src,
-        device=device,
-        inference=inference,
+        **serve,
         processes=processes,
         guarantee=guarantee,
     )
@@ -579,7 +577,7 @@ def _drain(
 
 
 def _round(
-    i: int, bootstrap: str, src: str, run: str, n: int, data: _Data, work: Path, device: str, inference: str
+    i: int, bootstrap: str, src: str, run: str, n: int, data: _Data, work: Path, serve: Mapping[str, str]
 ) -> tuple[dict, bk.BenchWorker]:
     """One round: both passthrough copies, then a fresh worker's drain; returns its figures and the worker.
 
@@ -591,9 +589,7 @@ def _round(
     figures: dict = {"round": i + 1}
     for m in methods:
         figures[m] = bk.passthrough_events_per_s(m, bootstrap, src, f"bench-sink-{run}-{i}-{m}", n)
-    worker = bk.BenchWorker(
-        bootstrap, data.model, f"{run}-{i}", work, src, device=device, inference=inference
-    )
+    worker = bk.BenchWorker(bootstrap, data.model, f"{run}-{i}", work, src, **serve)
     try:
         d = bk.drain(worker, n)
     except BaseException:
@@ -637,7 +633,8 @@ def _kafka_measurements(
     events = data.events[: plan.events]
     n = len(events)
     device = "cpu" if settings.device == "auto" and not _cuda() else settings.device
-    inference = settings.inference
+    # how every bench worker runs the model: BenchWorker's keyword arguments, the settings' values
+    serve = {"device": device, "inference": settings.inference}
     levels = [_latency_key(level) for level in LOAD_LEVELS]
     profiled = plan.profile_s > 0 and markdown is not None
     latency: dict = dict.fromkeys(levels)
@@ -650,11 +647,7 @@ def _kafka_measurements(
     if not loaded:
         for name in _kafka_part_names(plan, markdown, cores):
             parts.skip(name, parts.reason("input topic"))
-    warm_up = (
-        parts.run("warm-up", _warm_up, bootstrap, src, run, n, data, work, device, inference)
-        if loaded
-        else None
-    )
+    warm_up = parts.run("warm-up", _warm_up, bootstrap, src, run, n, data, work, serve) if loaded else None
     try:
         for i in range(plan.rounds if loaded else 0):
             # The previous round's worker goes first: the copies get the machine to themselves.
@@ -663,7 +656,7 @@ def _kafka_measurements(
                 worker = None
             # The extra drains go before the round, each stopped once measured, so the round's own
             # worker (the last round's serves latency and the profile) is the one left running.
-            args = (i, bootstrap, src, run, n, data, work, device, inference)
+            args = (i, bootstrap, src, run, n, data, work, serve)
             if cores > 1:
                 drained = parts.run(f"processes round {i + 1}", _drain, *args, processes=cores)
                 procs += [drained] if drained else []
@@ -701,12 +694,10 @@ def _kafka_measurements(
             worker.stop()
             worker = None
         if loaded:
-            no_state = parts.run("memory no state", _no_state, bootstrap, data, run, work, device, inference)
+            no_state = parts.run("memory no state", _no_state, bootstrap, data, run, work, serve)
         if rounds:
             baseline = statistics.median(r["startup_s"] for r in rounds)
-            restore = parts.run(
-                "restore", _restore, bootstrap, data, plan, run, work, device, inference, baseline
-            )
+            restore = parts.run("restore", _restore, bootstrap, data, plan, run, work, serve, baseline)
         elif loaded:
             parts.skip("restore", "needs a worker's start-up time without changelog, and no round worked")
     finally:
@@ -727,7 +718,7 @@ def _kafka_measurements(
         "detail": {
             "events_per_round": n,
             "worker_device": device,
-            "worker_inference": inference,
+            "worker_inference": settings.inference,
             "passthrough": t["passthrough"],
             "rounds": rounds,
             "pipeline_startup_seconds": [r["startup_s"] for r in rounds],
@@ -747,7 +738,7 @@ def _kafka_measurements(
 
 
 def _warm_up(
-    bootstrap: str, src: str, run: str, n: int, data: _Data, work: Path, device: str, inference: str
+    bootstrap: str, src: str, run: str, n: int, data: _Data, work: Path, serve: Mapping[str, str]
 ) -> dict:
     """One exactly-once drain of the input before the first round, not counted anywhere.
 
@@ -764,8 +755,7 @@ def _warm_up(
         f"{run}-warmup-0",
         work,
         src,
-        device=device,
-        inference=inference,
+        **serve,
         guarantee="exactly_once",
     )
     try:
@@ -776,7 +766,7 @@ def _warm_up(
     return {"guarantee": "exactly_once", "events_per_s": d.events_per_s}
 
 
-def _no_state(bootstrap: str, data: _Data, run: str, work: Path, device: str, inference: str) -> dict:
+def _no_state(bootstrap: str, data: _Data, run: str, work: Path, serve: Mapping[str, str]) -> dict:
     """A fresh worker on empty topics: its resident memory once ready, with no user state."""
     w = bk.BenchWorker(
         bootstrap,
@@ -784,8 +774,7 @@ def _no_state(bootstrap: str, data: _Data, run: str, work: Path, device: str, in
         f"{run}-empty",
         work,
         f"bench-empty-input-{run}",
-        device=device,
-        inference=inference,
+        **serve,
     )
     bk.create_topics(bootstrap, [w.input_topic, w.signals_topic, f"bench-dlq-{w.tag}"])
     try:
@@ -800,8 +789,7 @@ def _restore(
     plan: BenchPlan,
     run: str,
     work: Path,
-    device: str,
-    inference: str,
+    serve: Mapping[str, str],
     baseline: float,
 ) -> dict:
     rw = bk.BenchWorker(
@@ -810,8 +798,7 @@ def _restore(
         f"{run}-restore",
         work,
         f"bench-restore-input-{run}",
-        device=device,
-        inference=inference,
+        **serve,
     )
     try:
         return bk.restore_seconds(rw, data.record, plan.restore_users, baseline)
