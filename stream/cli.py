@@ -21,11 +21,12 @@ from demandstream.stream.settings import Settings
 logger = logging.getLogger("demandstream")
 
 FORMATS = (
+    "auto",
     "jsonl",
     "rees46",
     "retailrocket",
     "taobao",
-)  # demandstream.model.data.loaders.FORMATS (not imported: startup cost)
+)  # demandstream.model.data.loaders.AUTO and FORMATS (not imported: startup cost)
 EXIT_USER_ERROR = 2
 
 
@@ -275,7 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     def data_args(sp, model=False):
         sp.add_argument("--data", action="append", required=True, help="file or glob; repeatable; .gz ok")
-        sp.add_argument("--format", choices=FORMATS, default="jsonl")
+        sp.add_argument(
+            "--format",
+            choices=FORMATS,
+            default="auto",
+            help="the files' format (default: told by each file's first line)",
+        )
         if model:
             sp.add_argument("--model", help="checkpoint path (DEMANDSTREAM_MODEL)")
 

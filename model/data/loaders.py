@@ -29,6 +29,8 @@ Formats
     timestamp`` with behaviors ``pv``/``cart``/``fav``/``buy`` (view, add_to_cart, favorite,
     purchase) and unix seconds; no price. The category is ``category_id``; ``event_id`` is
     ``<file stem>:<line number>``.
+``auto``
+    The command line's default: the format is told by each file's first line (:func:`detect_format`).
 
 >>> import tempfile, pathlib
 >>> d = pathlib.Path(tempfile.mkdtemp())
@@ -74,6 +76,10 @@ from demandstream.model.errors import DataError, DataNotFound, OptionError
 logger = logging.getLogger(__name__)
 
 FORMATS: tuple[str, ...] = ("jsonl", "rees46", "retailrocket", "taobao")
+#: The command line's default format: each file's format is told by its first line (:func:`detect_format`).
+AUTO = "auto"
+#: How much of a file's first line :func:`detect_format` reads: a file of binary garbage has no line end.
+SNIFF_CHARS = 64 * 1024
 
 REES46_HEADER = (
     "event_time",
@@ -144,7 +150,7 @@ def load_log(
         A path, a glob, or a sequence of them; a directory stands for its data files.
         Files are read in the given order (globs sorted); ``.gz`` is read transparently.
     fmt
-        One of :data:`FORMATS`.
+        One of :data:`FORMATS`, or :data:`AUTO` to tell it from the files (:func:`detect_format`).
     keep_ids
         Keep event and session ids (about 130 more bytes a row at peak; training does not need them).
     clean
@@ -160,15 +166,19 @@ def load_log(
     demandstream.model.errors.OptionError
         Unknown format (a ``ValueError``).
     demandstream.model.errors.DataError
-        A file whose header does not match the format (a ``ValueError``).
+        A file whose header does not match the format, rows none of which is a valid event of the
+        format (the message names the format the first file looks like, when another one), or
+        (``auto``) files whose format cannot be told or differs (a ``ValueError``).
     demandstream.model.errors.DataNotFound
         A path or glob that names no file (a ``FileNotFoundError``).
     """
-    if fmt not in FORMATS:
-        raise OptionError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if fmt not in FORMATS and fmt != AUTO:
+        raise OptionError(f"unknown format {fmt!r}; expected one of {', '.join((AUTO, *FORMATS))}")
     stats = stats if stats is not None else LoadStats()
     started = time.perf_counter()
     files = expand_paths(paths)
+    if fmt == AUTO:
+        fmt = detect_format(files)
     sink = _Sink(EventLogBuilder(keep_ids=keep_ids), stats)
     if fmt == "retailrocket":  # several kinds of file, told apart by their headers
         _load_retailrocket(files, sink, item_properties, category_tree)
@@ -180,11 +190,93 @@ def load_log(
     log = sink.builder.build()
     del sink  # the builder's chunks are copies of the log's columns: free them before cleaning
     stats.rows_kept = len(log)
+    if stats.rows_read and not stats.rows_kept:
+        raise DataError(_nothing_valid(files, fmt, stats))
     if clean is not None:
         log = clean_log(log, clean, stats)
     stats.seconds += time.perf_counter() - started
     logger.info("loaded %s: %s", fmt, stats.summary().replace("\n", "; "))
     return log
+
+
+def detect_format(paths: PathsArg) -> str:
+    """The format of event files, told by each file's first non-empty line (:func:`sniff_line`).
+
+    Empty files say nothing; with no line at all the answer is ``jsonl`` (an empty log). RetailRocket's
+    side files (item properties, category tree) count as ``retailrocket``.
+
+    Raises
+    ------
+    demandstream.model.errors.DataError
+        A file whose first line matches no format, or files of different formats.
+    """
+    found: dict[str, Path] = {}
+    for p in expand_paths(paths):
+        line = _first_line(p)
+        if line is None:
+            continue
+        fmt = sniff_line(line)
+        if fmt is None:
+            raise DataError(
+                f"{p}: cannot tell its format from its first line {line[:80]!r}; "
+                f"pass --format {'|'.join(FORMATS)}"
+            )
+        found.setdefault(fmt, p)
+    if len(found) > 1:
+        kinds = ", ".join(f"{p} is {fmt}" for fmt, p in found.items())
+        raise DataError(f"the files are in different formats ({kinds}): load them separately")
+    fmt = next(iter(found), "jsonl")
+    logger.info("format %s, told by the files' first lines", fmt)
+    return fmt
+
+
+def sniff_line(line: str) -> str | None:
+    """The format whose files begin with ``line`` (a file's first non-empty line), None if none does:
+    a JSON object is ``jsonl``; a header of REES46 or of any RetailRocket file names its format; five
+    fields with a Taobao behavior in the fourth and digits elsewhere are a (headerless) Taobao row.
+
+    >>> sniff_line('{"event_id": "e1", "user_id": "u1"}'), sniff_line("1,2268318,2520377,pv,1511544070")
+    ('jsonl', 'taobao')
+    >>> sniff_line(",".join(REES46_HEADER)), sniff_line("timestamp,visitorid,event,itemid,transactionid")
+    ('rees46', 'retailrocket')
+    >>> sniff_line("user,item,category,pv,yesterday") is None
+    True
+    """
+    text = line.lstrip("\ufeff").strip()
+    if text.startswith("{"):
+        return "jsonl"
+    header = _split_header(text)
+    if header == REES46_HEADER:
+        return "rees46"
+    if header in (RR_EVENTS_HEADER, RR_PROPERTIES_HEADER, RR_TREE_HEADER):
+        return "retailrocket"
+    fields = [f.strip() for f in text.split(",")]
+    if len(fields) == len(TAOBAO_COLUMNS):
+        user, item, category, behavior, ts = fields
+        if behavior in TAOBAO_TYPES and all(x.isdigit() for x in (user, item, category, ts)):
+            return "taobao"
+    return None
+
+
+def _first_line(path: Path) -> str | None:
+    """The first non-empty line of a file (at most :data:`SNIFF_CHARS` of it), None for an empty file."""
+    with open_text(path) as f:
+        while line := f.readline(SNIFF_CHARS):
+            if line.strip():
+                return line
+    return None
+
+
+def _nothing_valid(files: list[Path], fmt: str, stats: LoadStats) -> str:
+    """The error of a load that read rows and kept none: the reasons, and the format the files look like
+    when it is another one (the usual cause: a CSV read as ``jsonl``)."""
+    reasons = ", ".join(f"{r} {n:,}" for r, n in stats.malformed.most_common(3))
+    msg = f"none of the {stats.rows_read:,} rows read is a valid {fmt} event ({reasons})"
+    line = _first_line(files[0])
+    guess = sniff_line(line) if line is not None else None
+    if guess is not None and guess != fmt:
+        msg += f"; {files[0]} looks like {guess}: pass --format {guess} (or {AUTO})"
+    return msg
 
 
 def expand_paths(paths: PathsArg) -> list[Path]:

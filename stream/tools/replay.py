@@ -46,6 +46,10 @@ def user_key(line: bytes) -> bytes | None:
 
 def records(paths: Sequence[Path], fmt: str) -> Iterator[tuple[bytes | None, bytes]]:
     """(key, value) pairs to send, in file order."""
+    if fmt == "auto":
+        from demandstream.model.data.loaders import detect_format
+
+        fmt = detect_format(list(paths))
     if fmt == "jsonl":
         for p in paths:
             with open_binary(p) as fh:  # gzip told by content, as training reads it

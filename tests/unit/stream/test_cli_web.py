@@ -7,16 +7,19 @@ import pytest
 from demandstream.model.core.events import Event
 from demandstream.model.core.features import category_hash
 from demandstream.model.core.state import pack, unpack
+from demandstream.model.data.loaders import AUTO
 from demandstream.model.data.loaders import FORMATS as LOADER_FORMATS
 from demandstream.stream import cli
 from demandstream.stream.worker.web import demand_view, recent_category_names
 from tests.unit.stream.scorers import tiny_scorer
 
 
-def test_cli_accepts_every_loader_format():
-    assert set(cli.FORMATS) == set(LOADER_FORMATS)
+def test_cli_accepts_every_loader_format_and_tells_it_by_default():
+    assert set(cli.FORMATS) == {AUTO, *LOADER_FORMATS}
     args = cli.build_parser().parse_args(["train", "--data", "x.csv", "--format", "taobao", "--out", "m.pt"])
     assert args.format == "taobao"
+    for command in (["train", "--out", "m.pt"], ["evaluate", "--report", "r.json"], ["replay"]):
+        assert cli.build_parser().parse_args([*command, "--data", "x.csv"]).format == AUTO
 
 
 @pytest.mark.parametrize(
@@ -33,7 +36,7 @@ def test_train_flags_reach_run_training(monkeypatch, tmp_path, flags, refit, see
 
     monkeypatch.setattr("demandstream.model.training.train.run_training", fake_run_training)
     assert cli.main(["train", "--data", str(data), "--out", str(tmp_path / "m.pt"), *flags]) == 0
-    assert seen["refit"] is refit and seen["seed"] == seed and seen["fmt"] == "jsonl"
+    assert seen["refit"] is refit and seen["seed"] == seed and seen["fmt"] == AUTO
 
 
 def test_demand_view_names_vocabulary_and_out_of_vocabulary_categories():

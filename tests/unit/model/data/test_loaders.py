@@ -13,8 +13,10 @@ import pytest
 
 from demandstream.model.data.cleaning import CleaningConfig
 from demandstream.model.data.loaders import (
+    AUTO,
     FORMATS,
     LoadStats,
+    detect_format,
     expand_paths,
     load_log,
     read_category_tree,
@@ -298,7 +300,7 @@ def test_taobao_non_finite_and_out_of_range_times_are_bad_ts(tmp_path):
 def test_unknown_format_and_missing_files_raise_one_line_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown format 'parquet'") as info:
         load_log(REES46, "parquet")
-    assert str(info.value).endswith("expected one of " + ", ".join(FORMATS))
+    assert str(info.value).endswith("expected one of " + ", ".join((AUTO, *FORMATS)))
     with pytest.raises(FileNotFoundError, match="no such file"):
         load_log(tmp_path / "nope.csv", "rees46")
     with pytest.raises(FileNotFoundError, match="no files match"):
@@ -311,6 +313,56 @@ def test_a_file_of_another_format_is_a_clear_error():
     assert "\n" not in str(info.value)
     with pytest.raises(ValueError, match="not a RetailRocket file"):
         load_log(REES46, "retailrocket")
+
+
+@pytest.mark.parametrize(
+    ("path", "fmt"),
+    [
+        (REES46, "rees46"),
+        (FIXTURES / "rees46_sample.csv.gz", "rees46"),
+        (JSONL, "jsonl"),
+        (TAOBAO, "taobao"),
+        (RR, "retailrocket"),
+    ],
+)
+def test_auto_tells_each_format_by_its_first_line_and_loads_what_the_format_loads(path, fmt):
+    """A new user's first command names no format: every format is told from its files (a RetailRocket
+    directory by its events file and its side files alike), and the load equals the named format's."""
+    assert detect_format(path) == fmt
+    named, auto = load_log(path, fmt, clean=None), load_log(path, AUTO, clean=None)
+    assert len(auto) == len(named) > 0
+    assert np.array_equal(auto.ts, named.ts) and list(auto.categories) == list(named.categories)
+
+
+def test_auto_refuses_a_file_it_cannot_tell_or_files_of_two_formats(tmp_path):
+    (tmp_path / "odd.csv").write_text("\n\nuser;item;when\n1;2;3\n")
+    with pytest.raises(
+        ValueError, match=r"odd.csv: cannot tell its format from its first line 'user;item;when"
+    ) as info:
+        load_log(tmp_path / "odd.csv", AUTO)
+    assert "\n" not in str(info.value) and "--format jsonl|rees46|retailrocket|taobao" in str(info.value)
+    with pytest.raises(
+        ValueError, match="different formats .*is rees46.*is taobao|different formats .*is taobao.*is rees46"
+    ):
+        load_log([REES46, TAOBAO], AUTO)
+    (tmp_path / "empty.jsonl").write_text("")
+    assert detect_format([tmp_path / "empty.jsonl", TAOBAO]) == "taobao"  # an empty file says nothing
+
+
+def test_rows_none_of_which_is_valid_name_the_format_the_file_looks_like(tmp_path):
+    """`--format jsonl` on a REES46 file read every row as malformed JSON and failed later as an empty
+    log; now the load says so and what to pass instead."""
+    with pytest.raises(
+        ValueError, match=r"none of the 42 rows read is a valid jsonl event \(not_json 42\)"
+    ) as info:
+        load_log(REES46, "jsonl")
+    assert str(info.value).endswith("looks like rees46: pass --format rees46 (or auto)")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"event_id": "e1"}\n{"user_id": "u1"}\n')
+    with pytest.raises(ValueError, match="none of the 2 rows read is a valid jsonl event .missing_field 2.$"):
+        load_log(bad, AUTO)
+    (tmp_path / "empty.jsonl").write_text("")
+    assert len(load_log(tmp_path / "empty.jsonl", AUTO)) == 0  # nothing read is not an error here
 
 
 def test_expand_paths_of_a_directory_lists_data_files_only(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+from pathlib import Path
 
 import orjson
 
@@ -26,3 +27,15 @@ def test_a_plain_file_is_sent_byte_for_byte_with_crlf_and_blank_lines_dropped(tm
     path = tmp_path / "events.jsonl.gz"  # a plain file with a misleading name
     path.write_bytes(LINES[0] + b"\r\n\r\n" + LINES[2] + b"\n")
     assert list(records([path], "jsonl")) == [(b"u1", LINES[0]), (b"u2", LINES[2])]
+
+
+def test_auto_sends_a_jsonl_file_as_it_is_and_a_csv_as_events(tmp_path):
+    """The default format: a JSONL file still goes byte for byte (its invalid lines too: the worker's
+    dead letters are part of a replay), a REES46 CSV as the events it holds, in time order."""
+    path = tmp_path / "events.jsonl"
+    path.write_bytes(b"\n".join(LINES) + b"\n")
+    assert list(records([path], "auto")) == list(records([path], "jsonl"))
+    rees46 = Path(__file__).resolve().parents[3] / "fixtures" / "rees46_sample.csv"
+    sent = list(records([rees46], "auto"))
+    assert sent == list(records([rees46], "rees46")) and sent
+    assert all(orjson.loads(v)["user_id"].encode() == k for k, v in sent)
