@@ -86,6 +86,11 @@ CALIBRATION_MAX_ITER = 300
 #: calibrated" (a = 1, b = 0) on the validation points at this level (docs/MODEL.md §2, "Calibration").
 CALIBRATION_ALPHA = 0.05
 
+#: Platt scaling is fitted only on a validation window at least this long: purchase rates follow the
+#: hour of the day, so a shift (and slope) fitted on a few hours learns those hours' rate, and it did not
+#: carry to other hours where it was measured (docs/MODEL.md §2, "Calibration").
+CALIBRATION_MIN_WINDOW_S = 86_400.0
+
 #: Rank cut-off of the selection metric (MRR@20, the report's headline category metric).
 SELECT_K = 20
 
@@ -111,6 +116,8 @@ class TrainConfig:
     calibrate: bool = True  #: Platt-scale the purchase logit on validation points after training
     #: ... only when the validation points show miscalibration at this level (Cox's test); above 1 always fits
     calibration_alpha: float = CALIBRATION_ALPHA
+    #: ... and only on a validation window at least this long (a daily cycle); 0 fits on any window
+    calibration_min_window_s: float = CALIBRATION_MIN_WINDOW_S
     cascade_init: bool = True  #: start the feature weights where the ranking equals the rule cascade
     markov_leave_out: str = (
         "user"  #: what a training row's Markov features leave out: "user", "past", "row", "none"
@@ -608,13 +615,15 @@ def calibrate(
     device: torch.device,
     min_positives: int = MIN_CALIBRATION_POSITIVES,
     alpha: float = CALIBRATION_ALPHA,
+    window_s: float | None = None,
+    min_window_s: float = CALIBRATION_MIN_WINDOW_S,
 ) -> dict:
     """Fit Platt scaling on the observable purchase points of ``pts`` (validation) and store it in ``net``.
 
     The logits are collected with full context, as :func:`validation_metrics` does, after resetting the
     network's calibration to the identity. The fit is skipped (identity kept) when there are fewer than
-    ``min_positives`` positives, only one class, or the fitted scale is not positive (it would invert the
-    model's ranking). A fit is installed only when the points show that the model is miscalibrated:
+    ``min_positives`` positives, only one class, a window (``window_s``, the validation's time span) shorter
+    than ``min_window_s``, or the fitted scale is not positive (it would invert the model's ranking). A fit is installed only when the points show that the model is miscalibrated:
     Cox's likelihood-ratio test of ``a = 1, b = 0`` (:func:`calibration_test`) at level ``alpha``;
     otherwise the two scalars would follow the validation window's noise (docs/MODEL.md §2). Returns
     what was done: ``applied``, ``reason`` when not, ``a``, ``b`` (the fit, installed or not), point
@@ -644,16 +653,23 @@ def calibrate(
             before, after = _mean_bce(z, y), _mean_bce(z, y, a, b)
             lr, p = calibration_test(before, after, len(y))
             info.update(bce_before=before, bce_after=after, lr_stat=lr, p_value=p)
-            if p < alpha:
-                info.update(applied=True, a=a, b=b)
-                net.purchase_scale.fill_(a)
-                net.purchase_shift.fill_(b)
-            else:
+            if p >= alpha:
                 info.update(fitted_a=a, fitted_b=b)
                 info["reason"] = (
                     f"the validation points show no miscalibration (Cox's test p = {p:.3g} >= {alpha:g}; "
                     f"Platt's fit a = {a:.3f}, b = {b:+.3f} would follow their noise)"
                 )
+            elif window_s is not None and window_s < min_window_s:
+                info.update(fitted_a=a, fitted_b=b)
+                info["reason"] = (
+                    f"the validation window spans {window_s / 3600:.3g} h, less than {min_window_s / 3600:.3g} h "
+                    f"(Cox's test p = {p:.3g}; Platt's fit a = {a:.3f}, b = {b:+.3f} would carry the purchase "
+                    "rate of its hours to all the others)"
+                )
+            else:
+                info.update(applied=True, a=a, b=b)
+                net.purchase_scale.fill_(a)
+                net.purchase_shift.fill_(b)
     if not info["applied"]:
         logger.info("purchase calibration skipped: %s", info["reason"])
     return info
@@ -1416,7 +1432,16 @@ def train(
     chosen = _fit(log, feats, vocab, tr, va, cfg, tcfg, device, rng, tcfg.epochs, progress, "choose")
     net = chosen.net
     if tcfg.calibrate:
-        calib = calibrate(net, feats, log, va, device, alpha=tcfg.calibration_alpha)
+        calib = calibrate(
+            net,
+            feats,
+            log,
+            va,
+            device,
+            alpha=tcfg.calibration_alpha,
+            window_s=sel_split.valid_end - sel_split.train_end,
+            min_window_s=tcfg.calibration_min_window_s,
+        )
     else:
         calib = {"applied": False, "reason": "disabled (TrainConfig.calibrate=False)"}
     metrics: dict = {

@@ -270,6 +270,28 @@ def test_calibration_is_skipped_with_too_few_positives_or_one_class():
     assert info["reason"] == "no observable validation purchase points"
 
 
+def test_calibration_needs_a_validation_window_of_a_daily_cycle():
+    """Purchase rates follow the hour: the same overconfident case that is fitted on a day's window
+    keeps the identity on a four-hour one, and says why."""
+    import torch
+
+    from demandstream.model.training.train import CALIBRATION_MIN_WINDOW_S, calibrate
+
+    net, feats, log, pts = _calibration_case()
+    info = calibrate(net, feats, log, pts, torch.device("cpu"), window_s=4 * 3600.0)
+    assert not info["applied"] and info["reason"].startswith(
+        "the validation window spans 4 h, less than 24 h"
+    )
+    assert (float(net.purchase_scale), float(net.purchase_shift)) == (1.0, 0.0)
+    info = calibrate(net, feats, log, pts, torch.device("cpu"), window_s=CALIBRATION_MIN_WINDOW_S)
+    assert info["applied"]
+    info = calibrate(net, feats, log, pts, torch.device("cpu"), window_s=3600.0, min_window_s=0.0)
+    assert info["applied"]
+    with torch.no_grad():  # the case is shared (cached): leave it uncalibrated, as it was made
+        net.purchase_scale.fill_(1.0)
+        net.purchase_shift.fill_(0.0)
+
+
 def test_calibration_keeps_the_identity_when_the_labels_follow_the_model():
     """Labels drawn from the model's own propensities: it is calibrated by construction, so Cox's test
     must not reject it and Platt's fit (of that noise) must not be installed. The overconfident case
