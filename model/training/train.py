@@ -660,7 +660,9 @@ def calibrate(
                     f"Platt's fit a = {a:.3f}, b = {b:+.3f} would follow their noise)"
                 )
             elif window_s is not None and window_s < min_window_s:
-                info.update(fitted_a=a, fitted_b=b)
+                info.update(
+                    fitted_a=a, fitted_b=b, window_short=True, window_s=window_s, min_window_s=min_window_s
+                )
                 info["reason"] = (
                     f"the validation window spans {window_s / 3600:.3g} h, less than {min_window_s / 3600:.3g} h "
                     f"(Cox's test p = {p:.3g}; Platt's fit a = {a:.3f}, b = {b:+.3f} would carry the purchase "
@@ -1601,9 +1603,13 @@ def calibration_summary(info: dict) -> str:
     'identity(p=0.72)'
     >>> calibration_summary({"applied": False, "reason": "only 3 positive validation points (< 20)"})
     'identity(only 3 positive validation points (< 20))'
+    >>> calibration_summary({"applied": False, "p_value": 3e-10, "window_short": True, "reason": "..."})
+    'identity(p=3e-10,window<1d)'
     """
     if info.get("applied"):
         return f"platt(a={info['a']:.3g},b={info['b']:.3g},p={info['p_value']:.2g})"
+    if info.get("window_short"):
+        return f"identity(p={info['p_value']:.2g},window<{info.get('min_window_s', 86400) / 86400:.3g}d)"
     if "p_value" in info:
         return f"identity(p={info['p_value']:.2g})"
     return f"identity({info.get('reason', 'not fitted')})"
