@@ -275,13 +275,18 @@ def test_calibration_needs_a_validation_window_of_a_daily_cycle():
     keeps the identity on a four-hour one, and says why."""
     import torch
 
-    from demandstream.model.training.train import CALIBRATION_MIN_WINDOW_S, calibrate
+    from demandstream.model.training.train import (
+        CALIBRATION_MIN_WINDOW_S,
+        calibrate,
+        calibration_summary,
+    )
 
     net, feats, log, pts = _calibration_case()
     info = calibrate(net, feats, log, pts, torch.device("cpu"), window_s=4 * 3600.0)
     assert not info["applied"] and info["reason"].startswith(
         "the validation window spans 4 h, less than 24 h"
     )
+    assert calibration_summary(info).endswith(",window<1d)")  # what `demandstream train` prints
     assert (float(net.purchase_scale), float(net.purchase_shift)) == (1.0, 0.0)
     info = calibrate(net, feats, log, pts, torch.device("cpu"), window_s=CALIBRATION_MIN_WINDOW_S)
     assert info["applied"]
