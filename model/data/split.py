@@ -163,7 +163,32 @@ def temporal_split(
         t2 = start + DEFAULT_VALID_FRACTION * span
     if not t1 < t2:
         raise OptionError(f"train end ({t1}) must be before valid end ({t2})")
+    if train_end is None and valid_end is None:
+        _warn_if_uneven(log.ts, t1, t2)
     return Split(t1, t2, float(log.ts.max()))
+
+
+def _warn_if_uneven(ts: np.ndarray, t1: float, t2: float) -> None:
+    """Warn when the default split's training phase holds under half of the events: a log whose rate
+    ramps (a night before a morning, an export that starts thin) then trains on a sliver and refits on
+    many times more data for the epochs that sliver chose. The warning gives the bounds that split the
+    events themselves 80 / 10 / 10, to pass as ``--train-end/--valid-end``."""
+    n = ts.shape[0]
+    n_train = int((ts < t1).sum())
+    if 2 * n_train >= n:
+        return
+    n_valid = int(((ts >= t1) & (ts < t2)).sum())
+    q1, q2 = np.quantile(ts, [DEFAULT_TRAIN_FRACTION, DEFAULT_VALID_FRACTION])
+    logger.warning(
+        "the default split (80/10/10 of the time span) puts %.0f %% of the events in training, %.0f %% "
+        "in validation and %.0f %% in test: the log's rate is uneven; to split the events 80/10/10 "
+        "instead, pass --train-end %s --valid-end %s",
+        100 * n_train / n,
+        100 * n_valid / n,
+        100 * (n - n_train - n_valid) / n,
+        utc_text(float(q1)),
+        utc_text(float(q2)),
+    )
 
 
 def utc_text(ts: float) -> str:

@@ -16,6 +16,7 @@ from demandstream.model.data.split import (
     parse_time,
     phase_points,
     temporal_split,
+    utc_text,
 )
 
 T1, T2 = 10_000.0, 20_000.0
@@ -80,6 +81,23 @@ def test_rows_stamped_far_from_the_log_do_not_stretch_the_default_split(caplog):
     assert caplog.text == ""
     # an explicit T1 alone: validation is half of the body after it
     assert temporal_split(log, BODY0 + DAY).valid_end == pytest.approx(BODY0 + 5 * DAY)
+
+
+def test_a_default_split_that_trains_on_a_sliver_warns_and_names_the_event_quantiles(caplog):
+    """A log whose rate ramps up (the shared multi-category sample: 7 % of its events before the default
+    T1): the split stays the documented one, and a warning gives the bounds that split the events."""
+    times = [BODY0 + 3600.0 * k / 10 for k in range(10)] + [BODY0 + 3600.0 + k for k in range(90)]
+    log = _log(times)
+    with caplog.at_level("WARNING"):
+        split = temporal_split(log)
+    assert split.train_end == pytest.approx(BODY0 + 0.8 * 3690.0)  # unchanged: 80 % of the time span
+    assert "puts 9 % of the events in training, 1 % in validation and 90 % in test" in caplog.text
+    t1, t2 = np.quantile(log.ts, [0.8, 0.9])
+    assert f"--train-end {utc_text(t1)} --valid-end {utc_text(t2)}" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        temporal_split(_log([BODY0 + k for k in range(100)]))  # an even log says nothing
+    assert caplog.text == ""
 
 
 def test_main_span_keeps_the_busiest_run_and_ignores_silences_up_to_the_bound():
