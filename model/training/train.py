@@ -91,6 +91,11 @@ CALIBRATION_ALPHA = 0.05
 #: carry to other hours where it was measured (docs/MODEL.md §2, "Calibration").
 CALIBRATION_MIN_WINDOW_S = 86_400.0
 
+#: The refit replays the selection's epochs, unless its training events are more than this many times
+#: the selection's: then an epoch is no longer the same amount of training, and it replays the
+#: selection's optimizer steps on the selection's learning-rate schedule (docs/MODEL.md §2, "Refit").
+REFIT_STEPS_ABOVE_RATIO = 2.0
+
 #: Rank cut-off of the selection metric (MRR@20, the report's headline category metric).
 SELECT_K = 20
 
@@ -977,6 +982,12 @@ class _Fit:
     purchase_history: list[dict] = field(default_factory=list)
     #: the purchase phase started from the funnel table alone (the MLP's correction reset to zero)
     purchase_from_funnel: bool = False
+    #: the length of the learning-rate schedule in optimizer steps (warm-up and cosine over it)
+    schedule_steps: int = 0
+
+    def steps_at(self, epoch: int) -> int:
+        """Optimizer steps taken by the end of ``epoch`` (0 for the start)."""
+        return next((int(h["steps"]) for h in self.history if h["epoch"] == epoch), 0)
 
 
 def _fit(
@@ -995,9 +1006,14 @@ def _fit(
     category_from_start: bool = False,
     purchase_epochs: int | None = None,
     purchase_from_funnel: bool = False,
+    max_steps: int | None = None,
+    schedule_steps: int | None = None,
 ) -> _Fit:
     """Train a fresh network on the ``tr`` points for up to ``epochs`` epochs; with ``va``, keep the best
-    epoch by :func:`_better` and stop after ``patience`` epochs without improvement. Then the purchase
+    epoch by :func:`_better` and stop after ``patience`` epochs without improvement. ``max_steps`` ends
+    the joint training after that many optimizer steps, mid-epoch if need be, and ``schedule_steps``
+    lays the learning-rate schedule over that many steps instead of ``tcfg.epochs`` epochs of these
+    points (a refit replaying a selection's steps, :data:`REFIT_STEPS_ABOVE_RATIO`). Then the purchase
     head alone (:func:`_fit_purchase_head`): as many epochs as ``va`` chooses, or ``purchase_epochs``
     (from the funnel table alone when ``purchase_from_funnel``, as a validated run chose)."""
     from tqdm import tqdm
@@ -1019,7 +1035,7 @@ def _fit(
     opt = torch.optim.AdamW(net.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     # steps per epoch are known only after dealing the lanes once; the windows do not depend on the order
     steps_per_epoch = sum(1 for _ in _lane_windows(ranges, tcfg.lanes, tcfg.bptt))
-    total = max(1, steps_per_epoch * tcfg.epochs)
+    total = max(1, schedule_steps or steps_per_epoch * tcfg.epochs)
     warm = max(1, int(tcfg.warmup_fraction * total))
 
     def lr_at(step: int) -> float:
@@ -1077,6 +1093,8 @@ def _fit(
             run_n += int(valid.sum())
             bar.update(int(valid.sum()))
             bar.set_postfix(loss=f"{run_loss / max(run_n, 1):.3f}")
+            if max_steps is not None and step >= max_steps:
+                break
         bar.close()
         train_time += time.perf_counter() - t_ep
         entry = {"epoch": epoch, "train_loss": run_loss / max(run_n, 1), "steps": step}
@@ -1100,6 +1118,8 @@ def _fit(
         history.append(entry)
         logger.info("%s epoch %d: %s", desc, epoch, entry)
         if va is not None and bad >= tcfg.patience:
+            break
+        if max_steps is not None and step >= max_steps:
             break
     if ema is not None and va is None:  # a replay (the refit) keeps the average of its last epoch
         ema.install()
@@ -1141,7 +1161,38 @@ def _fit(
         p_epochs,
         p_history,
         p_from_funnel,
+        total,
     )
+
+
+def refit_replay(chosen: _Fit, n_refit: int, ratio: float = REFIT_STEPS_ABOVE_RATIO) -> dict:
+    """What the refit replays of the selection run ``chosen``, given its own training events.
+
+    Epochs as a rule: with the usual split the refit adds an eighth to the data, and an epoch is about
+    the same training. When the refit's events exceed ``ratio`` times the selection's (a log whose rate
+    ramps, so the default split's validation outweighs its training), its epochs would be that many
+    times the updates validation judged: it replays the chosen epoch's optimizer steps, on the
+    selection's learning-rate schedule, instead.
+
+    >>> fit = _Fit(None, [{"epoch": 1, "steps": 20}, {"epoch": 2, "steps": 40}], 2, None, 0.0, 60, 1000, 50, 2,
+    ...            schedule_steps=240)
+    >>> refit_replay(fit, 1125)
+    {'replayed': 'epochs'}
+    >>> refit_replay(fit, 6000)
+    {'replayed': 'steps', 'max_steps': 40, 'schedule_steps': 240}
+    """
+    if n_refit <= ratio * chosen.n_train:
+        return {"replayed": "epochs"}
+    steps = chosen.steps_at(chosen.best_epoch)
+    logger.info(
+        "the refit trains on %d events, %.1f times the selection's %d: it replays the chosen %d steps, not %d epochs",
+        n_refit,
+        n_refit / max(chosen.n_train, 1),
+        chosen.n_train,
+        steps,
+        chosen.best_epoch,
+    )
+    return {"replayed": "steps", "max_steps": steps, "schedule_steps": chosen.schedule_steps}
 
 
 def _fit_purchase_head(
@@ -1473,6 +1524,7 @@ def train(
         vocab, cfg, feats, tr_all, _, beyond_cap = _prepare(
             log, all_split, split.valid_end, tcfg, mcfg, next_hash
         )
+        replay = refit_replay(chosen, int(tr_all.mask.sum()))
         final = _fit(
             log,
             feats,
@@ -1489,6 +1541,8 @@ def train(
             category_from_start=chosen.category_epoch == 0,
             purchase_epochs=chosen.purchase_epochs,
             purchase_from_funnel=chosen.purchase_from_funnel,
+            max_steps=replay.get("max_steps"),
+            schedule_steps=replay.get("schedule_steps"),
         )
         with torch.no_grad():
             final.net.purchase_scale.copy_(net.purchase_scale)
@@ -1496,6 +1550,7 @@ def train(
         net = final.net
         train_s += final.train_seconds
         metrics["refit"] = {
+            **replay,
             "epochs": chosen.best_epoch,
             "category_epoch": final.category_epoch,
             "optimizer_steps": final.steps,

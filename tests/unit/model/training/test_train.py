@@ -107,6 +107,27 @@ def test_refit_trains_on_train_and_validation_for_the_chosen_epochs_and_never_on
     assert not valid_only & set(res.vocab.names)
 
 
+def test_a_refit_on_many_times_the_data_replays_the_chosen_steps_not_epochs():
+    """A log whose validation outweighs its training (a ramping rate under the default split): the chosen
+    epochs on the union would be several times the updates validation judged, so the refit replays the
+    chosen epoch's optimizer steps on the selection's schedule; an ordinary split still replays epochs."""
+    log = tiny_log(2000, seed=5)
+    t1, t2 = np.quantile(log.ts, [0.2, 0.9])
+    tcfg = TrainConfig(epochs=3, lanes=4, bptt=8, threads=1, patience=3, select_se=0.0, **ANY_VALID)
+    m = train(log, tcfg, TINY_MODEL, progress=False, split=Split(t1, t2, float(log.ts.max()))).metrics
+    sel, refit = m["selection"], m["refit"]
+    assert m["refit"]["n_train_events"] > 2 * sel["n_train_events"]
+    assert refit["replayed"] == "steps" and sel["best_epoch"] >= 1
+    chosen = next(h["steps"] for h in sel["history"] if h["epoch"] == sel["best_epoch"])
+    assert refit["optimizer_steps"] == refit["max_steps"] == chosen
+    assert len(refit["history"]) < sel["best_epoch"] or sel["best_epoch"] == 1  # fewer, longer epochs
+
+    t1, t2 = np.quantile(log.ts, [0.8, 0.9])
+    m = train(log, tcfg, TINY_MODEL, progress=False, split=Split(t1, t2, float(log.ts.max()))).metrics
+    assert m["refit"]["replayed"] == "epochs" and "max_steps" not in m["refit"]
+    assert len(m["refit"]["history"]) == m["refit"]["epochs"] == m["selection"]["best_epoch"]
+
+
 def test_a_too_small_validation_window_falls_back_to_a_training_holdout(caplog):
     log = tiny_log(1500)
     t_max = float(log.ts.max())
