@@ -128,6 +128,9 @@ class TrainConfig:
         "user"  #: what a training row's Markov features leave out: "user", "past", "row", "none"
     )
     refit: bool = True  #: after choosing the epochs on validation, retrain on train + validation
+    #: ... replaying the chosen optimizer steps instead of epochs when the refit's events exceed this many
+    #: times the selection's (:func:`refit_replay`)
+    refit_steps_above_ratio: float = REFIT_STEPS_ABOVE_RATIO
     min_valid_category_points: int = 1000  #: below this (or the next), validate on a training hold-out
     min_valid_positives: int = 50
     holdout_fraction: float = 0.1  #: share of the training time span held out in that case
@@ -627,8 +630,9 @@ def calibrate(
 
     The logits are collected with full context, as :func:`validation_metrics` does, after resetting the
     network's calibration to the identity. The fit is skipped (identity kept) when there are fewer than
-    ``min_positives`` positives, only one class, a window (``window_s``, the validation's time span) shorter
-    than ``min_window_s``, or the fitted scale is not positive (it would invert the model's ranking). A fit is installed only when the points show that the model is miscalibrated:
+    ``min_positives`` positives, only one class, or the fitted scale is not positive (it would invert the
+    model's ranking). A fit is installed only when the points show that the model is miscalibrated, and
+    only from a window (``window_s``, the validation's time span) of at least ``min_window_s``:
     Cox's likelihood-ratio test of ``a = 1, b = 0`` (:func:`calibration_test`) at level ``alpha``;
     otherwise the two scalars would follow the validation window's noise (docs/MODEL.md §2). Returns
     what was done: ``applied``, ``reason`` when not, ``a``, ``b`` (the fit, installed or not), point
@@ -1524,7 +1528,7 @@ def train(
         vocab, cfg, feats, tr_all, _, beyond_cap = _prepare(
             log, all_split, split.valid_end, tcfg, mcfg, next_hash
         )
-        replay = refit_replay(chosen, int(tr_all.mask.sum()))
+        replay = refit_replay(chosen, int(tr_all.mask.sum()), tcfg.refit_steps_above_ratio)
         final = _fit(
             log,
             feats,
