@@ -1662,13 +1662,13 @@ def calibration_summary(info: dict) -> str:
     'identity(p=0.72)'
     >>> calibration_summary({"applied": False, "reason": "only 3 positive validation points (< 20)"})
     'identity(only 3 positive validation points (< 20))'
-    >>> calibration_summary({"applied": False, "p_value": 3e-10, "window_short": True, "reason": "..."})
+    >>> calibration_summary({"applied": False, "p_value": 3e-10, "window_short": True, "min_window_s": 86400.0})
     'identity(p=3e-10,window<1d)'
     """
     if info.get("applied"):
         return f"platt(a={info['a']:.3g},b={info['b']:.3g},p={info['p_value']:.2g})"
     if info.get("window_short"):
-        return f"identity(p={info['p_value']:.2g},window<{info.get('min_window_s', 86400) / 86400:.3g}d)"
+        return f"identity(p={info['p_value']:.2g},window<{info['min_window_s'] / 86400:.3g}d)"
     if "p_value" in info:
         return f"identity(p={info['p_value']:.2g})"
     return f"identity({info.get('reason', 'not fitted')})"
