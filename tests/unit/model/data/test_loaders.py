@@ -349,6 +349,36 @@ def test_auto_refuses_a_file_it_cannot_tell_or_files_of_two_formats(tmp_path):
     assert detect_format([tmp_path / "empty.jsonl", TAOBAO]) == "taobao"  # an empty file says nothing
 
 
+def test_auto_reads_a_bounded_first_line_and_answers_hostile_files_in_one_line(tmp_path, monkeypatch):
+    """Detection reads a file's first line only, and at most SNIFF_CHARS of it: a multi-megabyte line
+    with no end, control characters, NULs and binary bytes (gzipped too) are one-line refusals."""
+    import demandstream.model.data.loaders as loaders
+
+    huge = tmp_path / "huge.jsonl"
+    huge.write_text("x" * (4 * loaders.SNIFF_CHARS))  # no newline at all
+    reads = []
+    real = loaders._first_line
+
+    def counting(path):
+        line = real(path)
+        reads.append(len(line or ""))
+        return line
+
+    monkeypatch.setattr(loaders, "_first_line", counting)
+    with pytest.raises(ValueError, match="huge.jsonl: cannot tell its format") as info:
+        detect_format(huge)
+    assert reads == [loaders.SNIFF_CHARS] and "\n" not in str(info.value)
+    hostile = tmp_path / "ctl.csv"
+    hostile.write_bytes(b"\x00\x1b[2J\rEVENT_TIME\x07,\xff\xfe\n" + bytes(range(256)))
+    packed = tmp_path / "ctl.csv.gz"
+    packed.write_bytes(gzip.compress(hostile.read_bytes()))
+    for path in (hostile, packed):
+        with pytest.raises(ValueError, match="cannot tell its format") as info:
+            load_log(path, AUTO)
+        text = str(info.value)
+        assert "\n" not in text and "\r" not in text and "\x1b" not in text and "\x00" not in text
+
+
 def test_rows_none_of_which_is_valid_name_the_format_the_file_looks_like(tmp_path):
     """`--format jsonl` on a REES46 file read every row as malformed JSON and failed later as an empty
     log; now the load says so and what to pass instead."""
