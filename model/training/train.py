@@ -516,17 +516,19 @@ def _select(
     states: dict[int, dict],
     rr: dict[int, np.ndarray] | None = None,
     n_se: float = 0.0,
+    purchase_judged: bool = True,
 ) -> tuple[int, int, dict]:
     """Load the chosen weights into ``net``; return (epochs to train, category-head epoch, its metrics).
 
     The category head comes from the epoch :func:`one_se_epoch` picks (the best validation MRR@20
     with ``n_se`` 0, earliest on ties), the rest from that same epoch, except when it is epoch 0 (the
     untrained start): then the LSTM and the purchase head come from the trained epoch with the lowest
-    validation purchase BCE.
+    validation purchase BCE, unless validation cannot judge purchases (``purchase_judged`` False,
+    :func:`purchase_unjudged`): then nothing trained is kept, and the refit trains no joint epoch.
     """
     cat_ep = one_se_epoch(history, rr or {}, n_se)
     trained = [h for h in history if h["epoch"] > 0]
-    if cat_ep > 0 or not trained:
+    if cat_ep > 0 or not trained or not purchase_judged:
         net.load_state_dict(states[cat_ep])
         return cat_ep, cat_ep, next(h for h in history if h["epoch"] == cat_ep)
     buy_ep = min(
@@ -988,10 +990,16 @@ class _Fit:
     purchase_from_funnel: bool = False
     #: the length of the learning-rate schedule in optimizer steps (warm-up and cosine over it)
     schedule_steps: int = 0
+    #: the same for the purchase-head phase (cosine over its whole budget)
+    purchase_schedule_steps: int = 0
 
     def steps_at(self, epoch: int) -> int:
         """Optimizer steps taken by the end of ``epoch`` (0 for the start)."""
         return next((int(h["steps"]) for h in self.history if h["epoch"] == epoch), 0)
+
+    def purchase_steps_at(self, epoch: int) -> int:
+        """Optimizer steps of the purchase-head phase by the end of its ``epoch`` (0 for its start)."""
+        return next((int(h.get("steps", 0)) for h in self.purchase_history if h["epoch"] == epoch), 0)
 
 
 def _fit(
@@ -1012,6 +1020,8 @@ def _fit(
     purchase_from_funnel: bool = False,
     max_steps: int | None = None,
     schedule_steps: int | None = None,
+    purchase_max_steps: int | None = None,
+    purchase_schedule_steps: int | None = None,
 ) -> _Fit:
     """Train a fresh network on the ``tr`` points for up to ``epochs`` epochs; with ``va``, keep the best
     epoch by :func:`_better` and stop after ``patience`` epochs without improvement. ``max_steps`` ends
@@ -1019,7 +1029,8 @@ def _fit(
     lays the learning-rate schedule over that many steps instead of ``tcfg.epochs`` epochs of these
     points (a refit replaying a selection's steps, :data:`REFIT_STEPS_ABOVE_RATIO`). Then the purchase
     head alone (:func:`_fit_purchase_head`): as many epochs as ``va`` chooses, or ``purchase_epochs``
-    (from the funnel table alone when ``purchase_from_funnel``, as a validated run chose)."""
+    (from the funnel table alone when ``purchase_from_funnel``, as a validated run chose), bounded and
+    scheduled the same way by ``purchase_max_steps`` and ``purchase_schedule_steps``."""
     from tqdm import tqdm
 
     tr_mask = tr.mask
@@ -1128,7 +1139,9 @@ def _fit(
     if ema is not None and va is None:  # a replay (the refit) keeps the average of its last epoch
         ema.install()
     if va is not None and states:
-        best_epoch, category_epoch, best = _select(net, history, states, rr_by_epoch, tcfg.select_se)
+        best_epoch, category_epoch, best = _select(
+            net, history, states, rr_by_epoch, tcfg.select_se, not purchase_unjudged(va)
+        )
     else:
         best_epoch, category_epoch, best = len(history), len(history), None
         if category_from_start:  # the refit of a model whose category head is its start
@@ -1136,7 +1149,7 @@ def _fit(
                 {**net.state_dict(), **{k: v for k, v in start.items() if k.startswith(CATEGORY_HEAD)}}
             )
             category_epoch = 0
-    p_epochs, p_from_funnel, p_history, p_seconds = _fit_purchase_head(
+    p_epochs, p_from_funnel, p_history, p_seconds, p_total = _fit_purchase_head(
         net,
         feats,
         log,
@@ -1150,6 +1163,8 @@ def _fit(
         purchase_from_funnel,
         progress,
         desc,
+        purchase_max_steps,
+        purchase_schedule_steps,
     )
     net.eval()
     return _Fit(
@@ -1166,6 +1181,7 @@ def _fit(
         p_history,
         p_from_funnel,
         total,
+        p_total,
     )
 
 
@@ -1178,12 +1194,16 @@ def refit_replay(chosen: _Fit, n_refit: int, ratio: float = REFIT_STEPS_ABOVE_RA
     times the updates validation judged: it replays the chosen epoch's optimizer steps, on the
     selection's learning-rate schedule, instead.
 
+    The purchase-head phase that follows is replayed alike: its chosen epochs' steps on its own schedule.
+
     >>> fit = _Fit(None, [{"epoch": 1, "steps": 20}, {"epoch": 2, "steps": 40}], 2, None, 0.0, 60, 1000, 50, 2,
-    ...            schedule_steps=240)
+    ...            1, [{"epoch": 0, "steps": 0}, {"epoch": 1, "steps": 15}], schedule_steps=240,
+    ...            purchase_schedule_steps=120)
     >>> refit_replay(fit, 1125)
     {'replayed': 'epochs'}
-    >>> refit_replay(fit, 6000)
-    {'replayed': 'steps', 'max_steps': 40, 'schedule_steps': 240}
+    >>> refit_replay(fit, 6000)  # doctest: +NORMALIZE_WHITESPACE
+    {'replayed': 'steps', 'max_steps': 40, 'schedule_steps': 240, 'purchase_max_steps': 15,
+     'purchase_schedule_steps': 120}
     """
     if n_refit <= ratio * chosen.n_train:
         return {"replayed": "epochs"}
@@ -1196,7 +1216,13 @@ def refit_replay(chosen: _Fit, n_refit: int, ratio: float = REFIT_STEPS_ABOVE_RA
         steps,
         chosen.best_epoch,
     )
-    return {"replayed": "steps", "max_steps": steps, "schedule_steps": chosen.schedule_steps}
+    return {
+        "replayed": "steps",
+        "max_steps": steps,
+        "schedule_steps": chosen.schedule_steps,
+        "purchase_max_steps": chosen.purchase_steps_at(chosen.purchase_epochs),
+        "purchase_schedule_steps": chosen.purchase_schedule_steps,
+    }
 
 
 def _fit_purchase_head(
@@ -1213,9 +1239,11 @@ def _fit_purchase_head(
     from_funnel: bool,
     progress: bool,
     desc: str,
-) -> tuple[int, bool, list[dict], float]:
+    max_steps: int | None = None,
+    schedule_steps: int | None = None,
+) -> tuple[int, bool, list[dict], float, int]:
     """Epochs of the purchase MLP alone, everything else frozen; returns (epochs kept, whether it started
-    from the funnel table alone, history, seconds).
+    from the funnel table alone, history, seconds, the length of its learning-rate schedule in steps).
 
     The joint epochs are chosen by the category head (validation MRR@20), and the purchase head then
     has had only as many epochs as the categories needed (often 1-2: a 25k-event shop overfits its
@@ -1226,9 +1254,19 @@ def _fit_purchase_head(
 
     Before that, the funnel table alone (the MLP's output layer reset to zero) competes with the joint
     epochs' purchase head on validation BCE, so a recurrent state that hurts purchases on held-out
-    users falls back to the counter; ``from_funnel`` replays that choice without ``va``.
+    users falls back to the counter; ``from_funnel`` replays that choice without ``va``. ``max_steps``
+    ends the phase after that many optimizer steps and ``schedule_steps`` lays its schedule over that
+    many (a refit replaying the selection's steps, :func:`refit_replay`).
     """
     start_bce = None  # validation BCE of the head the phase starts from, when already measured
+    unjudged = va is not None and purchase_unjudged(va)
+    if unjudged:
+        # No validation point can tell a trained head from the counter it starts from (a log loss on one
+        # class rewards whichever head predicts that class hardest): ship the counter, train nothing.
+        logger.info("%s purchase head: %s, so it is the funnel table alone", desc, unjudged)
+        if net.cfg.funnel_base:
+            _reset_purchase_correction(net)
+        return 0, net.cfg.funnel_base, [], 0.0, 0
     if net.cfg.funnel_base and va is not None:
         joint_bce = validation_purchase_bce(net, feats, log, va, device)
         joint = {k: v.clone() for k, v in net.purchase.state_dict().items()}
@@ -1251,7 +1289,7 @@ def _fit_purchase_head(
     if epochs is None:
         epochs = budget if va is not None else 0
     if epochs <= 0 or budget <= 0:
-        return 0, from_funnel, [], 0.0
+        return 0, from_funnel, [], 0.0, 0
 
     frozen = [(p, p.requires_grad) for p in net.parameters()]
     for p in net.parameters():
@@ -1261,7 +1299,8 @@ def _fit_purchase_head(
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     steps_per_epoch = sum(1 for _ in _lane_windows(ranges, tcfg.lanes, tcfg.bptt))
-    total = max(1, steps_per_epoch * budget)  # the same schedule whether chosen or replayed
+    # the same schedule whether chosen or replayed (over the selection's steps when those are replayed)
+    total = max(1, schedule_steps or steps_per_epoch * budget)
     history: list[dict] = []
     best_bce, best_n, best_state, bad = math.inf, 0, None, 0
     # Averaged as the joint epochs are (model/training/averaging.py): the head's last iterate swings
@@ -1272,7 +1311,7 @@ def _fit_purchase_head(
             start_bce = validation_purchase_bce(net, feats, log, va, device)
         best_bce = start_bce
         best_state = {k: v.clone() for k, v in net.purchase.state_dict().items()}
-        history.append({"epoch": 0, "purchase_bce": best_bce})
+        history.append({"epoch": 0, "purchase_bce": best_bce, "steps": 0})
     step, seconds = 0, 0.0
     for epoch in range(1, epochs + 1):
         net.train()
@@ -1318,9 +1357,11 @@ def _fit_purchase_head(
             run += float(loss.detach()) * capacity
             run_n += n_buy
             bar.set_postfix(bce=f"{run / max(run_n, 1):.4f}")
+            if max_steps is not None and step >= max_steps:
+                break
         bar.close()
         seconds += time.perf_counter() - t_ep
-        entry = {"epoch": epoch, "train_bce": run / max(run_n, 1)}
+        entry = {"epoch": epoch, "train_bce": run / max(run_n, 1), "steps": step}
         if va is not None:
             with ema.swapped() if ema is not None else contextlib.nullcontext():
                 entry["purchase_bce"] = validation_purchase_bce(net, feats, log, va, device)
@@ -1333,6 +1374,8 @@ def _fit_purchase_head(
         logger.info("%s purchase head epoch %d: %s", desc, epoch, entry)
         if va is not None and bad >= tcfg.patience:
             break
+        if max_steps is not None and step >= max_steps:
+            break
     if va is None:
         best_n = epochs
         if ema is not None:
@@ -1341,7 +1384,28 @@ def _fit_purchase_head(
         net.purchase.load_state_dict(best_state)
     for p, flag in frozen:
         p.requires_grad_(flag)
-    return best_n, from_funnel, history, seconds
+    return best_n, from_funnel, history, seconds, total
+
+
+def purchase_unjudged(va: Targets) -> str:
+    """Why the validation points cannot judge a purchase head, or "" when they can: they need observable
+    purchase windows of both outcomes. A validation window no longer than the horizon has none (every
+    window runs past its end, §2 of docs/MODEL.md, "Honest labels"); one with only negatives would
+    prefer the head that predicts lowest.
+
+    >>> t = np.array([True, True, True]); f = ~t
+    >>> purchase_unjudged(Targets(t, t, t, np.array([True, False, False]), t))
+    ''
+    >>> purchase_unjudged(Targets(t, t, t, t, f)), purchase_unjudged(Targets(t, t, t, f, t))
+    ('no observable validation purchase window', 'no validation purchase window of both outcomes (0 of 3 bought)')
+    """
+    obs = va.mask & va.observable
+    n, pos = int(obs.sum()), int((obs & va.purchase.astype(bool)).sum())
+    if n == 0:
+        return "no observable validation purchase window"
+    if pos in (0, n):
+        return f"no validation purchase window of both outcomes ({pos} of {n} bought)"
+    return ""
 
 
 @torch.no_grad()
@@ -1510,6 +1574,8 @@ def train(
             "purchase_epochs": chosen.purchase_epochs,
             "purchase_history": chosen.purchase_history,
             "purchase_from_funnel": chosen.purchase_from_funnel,
+            # why no trained purchase head could be kept ("" when validation judged one)
+            "purchase_unjudged": purchase_unjudged(va),
             "best": chosen.best,
             "history": chosen.history,
             "optimizer_steps": chosen.steps,
@@ -1547,6 +1613,8 @@ def train(
             purchase_from_funnel=chosen.purchase_from_funnel,
             max_steps=replay.get("max_steps"),
             schedule_steps=replay.get("schedule_steps"),
+            purchase_max_steps=replay.get("purchase_max_steps"),
+            purchase_schedule_steps=replay.get("purchase_schedule_steps"),
         )
         with torch.no_grad():
             final.net.purchase_scale.copy_(net.purchase_scale)
@@ -1560,6 +1628,7 @@ def train(
             "optimizer_steps": final.steps,
             "n_train_events": final.n_train,
             "history": final.history,
+            "purchase_history": final.purchase_history,
             "train_seconds": final.train_seconds,
         }
     epochs_run = len(chosen.history) + (len(final.history) if final is not chosen else 0)
@@ -1649,8 +1718,30 @@ def run_training(
                 "device",
             )
         },
+        "purchase_head": purchase_head_summary(m["selection"]),
         "purchase_calibration": calibration_summary(m["calibration"]),
     }
+
+
+def purchase_head_summary(selection: dict) -> str:
+    """Where the shipped purchase head comes from, as ``demandstream train`` prints it.
+
+    >>> purchase_head_summary({"purchase_unjudged": "no observable validation purchase window"})
+    'funnel table (no observable validation purchase window)'
+    >>> purchase_head_summary({"purchase_from_funnel": True, "purchase_epochs": 0})
+    'funnel table (won validation)'
+    >>> purchase_head_summary({"purchase_from_funnel": False, "purchase_epochs": 3, "best_epoch": 2})
+    'joint epoch 2 + 3 epochs alone'
+    """
+    if selection.get("purchase_unjudged"):
+        return f"funnel table ({selection['purchase_unjudged']})"
+    start = (
+        "funnel table"
+        if selection.get("purchase_from_funnel")
+        else f"joint epoch {selection.get('best_epoch')}"
+    )
+    n = selection.get("purchase_epochs", 0)
+    return f"{start} + {n} epochs alone" if n else f"{start} (won validation)"
 
 
 def calibration_summary(info: dict) -> str:

@@ -18,6 +18,7 @@ from demandstream.model.training.train import (
     _selection_split,
     _user_ranges,
     phase_targets,
+    purchase_head_summary,
     run_training,
     train,
 )
@@ -121,11 +122,54 @@ def test_a_refit_on_many_times_the_data_replays_the_chosen_steps_not_epochs():
     chosen = next(h["steps"] for h in sel["history"] if h["epoch"] == sel["best_epoch"])
     assert refit["optimizer_steps"] == refit["max_steps"] == chosen
     assert len(refit["history"]) < sel["best_epoch"] or sel["best_epoch"] == 1  # fewer, longer epochs
+    # the purchase-head phase after it replays its chosen steps too, on its own schedule
+    kept = sel["purchase_epochs"]
+    chosen = next(h["steps"] for h in sel["purchase_history"] if h["epoch"] == kept)
+    assert refit["purchase_max_steps"] == chosen
+    assert (refit["purchase_history"][-1]["steps"] if kept else 0) == chosen
 
     t1, t2 = np.quantile(log.ts, [0.8, 0.9])
     m = train(log, tcfg, TINY_MODEL, progress=False, split=Split(t1, t2, float(log.ts.max()))).metrics
     assert m["refit"]["replayed"] == "epochs" and "max_steps" not in m["refit"]
     assert len(m["refit"]["history"]) == m["refit"]["epochs"] == m["selection"]["best_epoch"]
+
+
+def test_a_validation_window_that_cannot_judge_purchases_ships_the_funnel_table():
+    """Validation shorter than the purchase horizon: every validation window is censored, so no trained
+    purchase head can be told from the counter it starts from. The head shipped is the funnel table alone
+    (the funnel_cart estimator on the rows before T2), in the refit too, and the run says why."""
+    import torch
+
+    from demandstream.model.core.network import funnel_table
+    from demandstream.model.training.train import _prepare
+
+    log = tiny_log(2000, seed=5)
+    t1 = float(np.quantile(log.ts, 0.8))
+    split = Split(t1, t1 + HORIZON / 2, float(log.ts.max()))
+    tcfg = TrainConfig(epochs=2, lanes=4, bptt=8, threads=1, patience=2, purchase_epochs=2, **ANY_VALID)
+    res = train(log, tcfg, TINY_MODEL, progress=False, split=split)
+    sel = res.metrics["selection"]
+    assert sel["purchase_unjudged"] == "no observable validation purchase window"
+    assert sel["purchase_from_funnel"] and sel["purchase_epochs"] == 0 and sel["purchase_history"] == []
+    if sel["category_epoch"] == 0:  # the cascade kept the categories: nothing trained is kept at all
+        assert sel["best_epoch"] == 0 and res.metrics["refit"]["optimizer_steps"] == 0
+    # the shipped purchase logit is the table alone: the MLP's correction is zero ...
+    assert not res.net.purchase[-1].weight.any() and not res.net.purchase[-1].bias.any()
+    # ... and the table is the funnel_cart estimator on the observable windows before T2
+    rows = log.take(np.flatnonzero(log.ts < split.valid_end)).sorted_by_user_time()
+    next_hash = next_category_targets(category_hashes(rows), rows.user_start)
+    all_split = Split(split.valid_end, split.valid_end + 1.0, split.end_ts)
+    _v, _c, feats, tr, _va, _b = _prepare(rows, all_split, split.valid_end, tcfg, res.net.cfg, next_hash)
+    obs = tr.mask & tr.observable
+    want = funnel_table(feats.etype[obs], feats.cart[obs] > 0, tr.purchase[obs])
+    assert torch.allclose(res.net.funnel_logit, torch.as_tensor(want, dtype=torch.float32))
+    assert purchase_head_summary(sel) == "funnel table (no observable validation purchase window)"
+
+    # a window of both outcomes judges as before
+    split = Split(*np.quantile(log.ts, [0.6, 0.8]), float(log.ts.max()))
+    res = train(log, tcfg, TINY_MODEL, progress=False, split=split)
+    assert res.metrics["selection"]["purchase_unjudged"] == ""
+    assert res.metrics["selection"]["purchase_history"][0]["epoch"] == 0  # the phase ran, judged
 
 
 def test_a_too_small_validation_window_falls_back_to_a_training_holdout(caplog):
@@ -178,8 +222,9 @@ def test_one_epoch_run_saves_a_loadable_checkpoint_with_stable_version(tmp_path)
     s2 = run_training(str(data), "jsonl", tmp_path / "b.pt", **TINY_RUN)
     assert s1["epochs_run"] >= 1 and s1["n_train_events"] > 0 and s1["train_events_per_s"] > 0
     assert s1["model_version"] == s2["model_version"]  # same data + seed -> same weights -> same version
-    # what calibration did is in the summary the CLI prints
+    # what calibration did, and where the purchase head comes from, are in the summary the CLI prints
     assert s1["purchase_calibration"].startswith(("platt(", "identity("))
+    assert s1["purchase_head"].startswith(("funnel table", "joint epoch"))
     ck = checkpoint.load(tmp_path / "a.pt")
     assert ck.model_version == s1["model_version"]
     assert ck.cfg.hidden == 16 and ck.cfg.n_categories == len(ck.vocab) > 1
@@ -472,7 +517,7 @@ def test_the_purchase_head_phase_moves_only_the_purchase_head_and_is_replayed_by
             "test",
         )
 
-    n, from_funnel, hist, _s = phase(2, False)
+    n, from_funnel, hist, _s, _t = phase(2, False)
     assert n == 2 and len(hist) == 2 and not from_funnel
     changed = {k for k, v in net.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and all(k.startswith("purchase.") for k in changed), changed
@@ -494,7 +539,7 @@ def test_the_purchase_head_phase_moves_only_the_purchase_head_and_is_replayed_by
     assert all(torch.equal(p, a) for p, a in zip(net.purchase.parameters(), avg.average, strict=True))
 
     # a validated run that chose the funnel table alone is replayed with the correction reset
-    n, from_funnel, hist, _s = phase(0, True)
+    n, from_funnel, hist, _s, _t = phase(0, True)
     assert (n, from_funnel, hist) == (0, True, [])
     assert not net.purchase[-1].weight.any() and not net.purchase[-1].bias.any()
     assert isinstance(sel["purchase_from_funnel"], bool)
@@ -507,7 +552,8 @@ def test_progress_in_a_log_file_is_lines_not_bars(tmp_path, capsys, monkeypatch)
 
     monkeypatch.setattr(train_mod, "PROGRESS_LINE_S", 0.0)
     data = tmp_path / "d.jsonl"
-    write_jsonl(generate(30, 900, seed=3), data)
+    # a log whose validation holds purchase windows of both outcomes, so the purchase phase runs too
+    write_jsonl(generate(30, 1500, seed=3), data)
     run_training(str(data), "jsonl", tmp_path / "m.pt", **{**TINY_RUN, "progress": True})
     out, err = capsys.readouterr()
     assert "\r" not in out + err
