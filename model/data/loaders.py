@@ -684,8 +684,10 @@ def _split_header(line: str) -> tuple[str, ...]:
 
 
 def _first_header(path: Path) -> tuple[str, ...]:
+    """The names of a CSV file's first line, read to at most :data:`SNIFF_CHARS` (a file without line
+    ends is not read whole just to be told it is not a RetailRocket file)."""
     with open_text(path) as f:
-        return _split_header(f.readline())
+        return _split_header(f.readline(SNIFF_CHARS))
 
 
 def _expect_header(path: str | Path, header: Sequence[str] | None, expected: tuple[str, ...]) -> None:

@@ -379,6 +379,23 @@ def test_auto_reads_a_bounded_first_line_and_answers_hostile_files_in_one_line(t
         assert "\n" not in text and "\r" not in text and "\x1b" not in text and "\x00" not in text
 
 
+def test_retailrocket_routing_reads_a_bounded_first_line(tmp_path, monkeypatch):
+    """Routing RetailRocket files by header reads at most SNIFF_CHARS of a file's first line: a file with
+    no line end among the inputs is a one-line refusal, not a whole-file read."""
+    import demandstream.model.data.loaders as loaders
+
+    huge = tmp_path / "huge.csv"
+    huge.write_text("timestamp," * (loaders.SNIFF_CHARS // 5))  # 2 x SNIFF_CHARS, no newline
+    seen = []
+    real = loaders._split_header
+    monkeypatch.setattr(loaders, "_split_header", lambda text: seen.append(len(text)) or real(text))
+    with pytest.raises(ValueError, match=r"huge.csv: not a RetailRocket file") as info:
+        load_log([RR / "events.csv", huge], "retailrocket")
+    detail = str(info.value)
+    assert "\n" not in detail and len(detail) < 300
+    assert max(seen) == loaders.SNIFF_CHARS
+
+
 def test_rows_none_of_which_is_valid_name_the_format_the_file_looks_like(tmp_path):
     """`--format jsonl` on a REES46 file read every row as malformed JSON and failed later as an empty
     log; now the load says so and what to pass instead."""
