@@ -1139,9 +1139,9 @@ def _fit(
     if ema is not None and va is None:  # a replay (the refit) keeps the average of its last epoch
         ema.install()
     if va is not None and states:
-        best_epoch, category_epoch, best = _select(
-            net, history, states, rr_by_epoch, tcfg.select_se, not purchase_unjudged(va)
-        )
+        # without the funnel base the start's purchase head is an untrained MLP, not a counter to fall back to
+        judged = not (mcfg.funnel_base and purchase_unjudged(va))
+        best_epoch, category_epoch, best = _select(net, history, states, rr_by_epoch, tcfg.select_se, judged)
     else:
         best_epoch, category_epoch, best = len(history), len(history), None
         if category_from_start:  # the refit of a model whose category head is its start

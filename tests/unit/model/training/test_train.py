@@ -1,5 +1,6 @@
 """model/training/train.py: lanes, leakage-free inputs, a one-epoch run and a loadable, stable checkpoint."""
 
+import dataclasses
 import functools
 
 import numpy as np
@@ -164,6 +165,11 @@ def test_a_validation_window_that_cannot_judge_purchases_ships_the_funnel_table(
     want = funnel_table(feats.etype[obs], feats.cart[obs] > 0, tr.purchase[obs])
     assert torch.allclose(res.net.funnel_logit, torch.as_tensor(want, dtype=torch.float32))
     assert purchase_head_summary(sel) == "funnel table (no observable validation purchase window)"
+    # without the funnel base there is no counter to fall back to: a trained epoch is kept, never the
+    # untrained start's purchase MLP
+    plain = dataclasses.replace(TINY_MODEL, funnel_base=False)
+    sel = train(log, tcfg, plain, progress=False, split=split).metrics["selection"]
+    assert sel["best_epoch"] >= 1 and not sel["purchase_from_funnel"]
 
     # a window of both outcomes judges as before
     split = Split(*np.quantile(log.ts, [0.6, 0.8]), float(log.ts.max()))
