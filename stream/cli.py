@@ -63,7 +63,12 @@ def cmd_train(a, settings: Settings) -> int:
 
 
 def cmd_evaluate(a, settings: Settings) -> int:
-    from demandstream.model.evaluation.evaluate import format_table, run_evaluation, verdict_summary
+    from demandstream.model.evaluation.evaluate import (
+        format_table,
+        heads_summary,
+        run_evaluation,
+        verdict_summary,
+    )
 
     report = run_evaluation(
         a.model or settings.model,
@@ -76,9 +81,9 @@ def cmd_evaluate(a, settings: Settings) -> int:
         bootstrap=a.bootstrap,
     )
     print(format_table(report))
-    summary = verdict_summary(report)
-    if summary:
-        print(summary)
+    for line in (verdict_summary(report), heads_summary(report)):
+        if line:
+            print(line)
     print(f"report written to {a.report}")
     return 0
 

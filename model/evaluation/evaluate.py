@@ -567,6 +567,28 @@ def verdict_summary(report: dict) -> str:
     return f"against the best baseline, {level * 100:g} % user-bootstrap intervals: " + "; ".join(parts)
 
 
+def heads_summary(report: dict) -> str:
+    """One line on where the evaluated model's heads come from, so that a ratio of exactly 1 reads as
+    "training kept the counter" rather than as a coincidence; empty for a checkpoint that does not say.
+
+    >>> heads_summary({"train_metrics": {"category_epoch": 0, "purchase_head": "funnel table (won validation)"}})
+    'the model as trained: category head the cascade start (no trained epoch beat it on validation); purchase head funnel table (won validation)'
+    >>> heads_summary({"train_metrics": {"category_epoch": 3, "purchase_head": None}})
+    'the model as trained: category head of epoch 3'
+    """
+    tm = report.get("train_metrics") or {}
+    parts = []
+    epoch = tm.get("category_epoch")
+    if epoch == 0:
+        start = "the cascade start" if tm.get("cascade_init", True) else "the untrained start"
+        parts.append(f"category head {start} (no trained epoch beat it on validation)")
+    elif epoch is not None:
+        parts.append(f"category head of epoch {epoch}")
+    if tm.get("purchase_head"):
+        parts.append(f"purchase head {tm['purchase_head']}")
+    return "the model as trained: " + "; ".join(parts) if parts else ""
+
+
 def run_evaluation(
     model: str | Path,
     data,
@@ -615,8 +637,12 @@ def run_evaluation(
         )
     # calibration: whether the model's propensities were Platt-scaled, and why not (demandstream.model.training.train.calibrate)
     rep["train_metrics"] = {
-        k: ck.metrics.get(k) for k in ("train_events_per_s", "epochs_run", "best_epoch", "calibration")
+        k: ck.metrics.get(k)
+        for k in ("train_events_per_s", "epochs_run", "best_epoch", "calibration", "purchase_head")
     }
+    # which epoch's category head was shipped (0: the start, the cascade unless trained without it)
+    rep["train_metrics"]["category_epoch"] = (ck.metrics.get("selection") or {}).get("category_epoch")
+    rep["train_metrics"]["cascade_init"] = (ck.metrics.get("train_config") or {}).get("cascade_init", True)
     path = Path(report)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(rep, indent=2, default=float))

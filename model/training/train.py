@@ -1660,6 +1660,8 @@ def train(
             "device": str(device),
             "threads": torch.get_num_threads(),
             "calibration": calib,
+            # where the shipped purchase head comes from, in words (train's summary, evaluate's report)
+            "purchase_head": purchase_head_summary(metrics["selection"]),
         }
     )
     return TrainResult(net.cpu().eval(), vocab, metrics)
@@ -1718,7 +1720,7 @@ def run_training(
                 "device",
             )
         },
-        "purchase_head": purchase_head_summary(m["selection"]),
+        "purchase_head": m["purchase_head"],
         "purchase_calibration": calibration_summary(m["calibration"]),
     }
 

@@ -17,6 +17,7 @@ from demandstream.model.evaluation.evaluate import (
     best_baselines,
     evaluate,
     format_table,
+    heads_summary,
     run_evaluation,
     verdict_summary,
 )
@@ -126,6 +127,13 @@ def test_run_evaluation_writes_the_report_and_reuses_the_training_split(tmp_path
     # the report says whether the propensities it scored were calibrated, and if not, why
     calib = on_disk["train_metrics"]["calibration"]
     assert calib["applied"] or calib["reason"]
+    # ... and where its heads come from, as training recorded it, in one line
+    tm = on_disk["train_metrics"]
+    stored = load(tmp_path / "m.pt").metrics
+    assert tm["purchase_head"] == stored["purchase_head"] and tm["purchase_head"]
+    assert tm["category_epoch"] == stored["selection"]["category_epoch"]
+    assert heads_summary(on_disk).startswith("the model as trained: category head ")
+    assert f"purchase head {tm['purchase_head']}" in heads_summary(on_disk)
 
     # A later file alone under the stored split: its baselines would learn nothing, so it is refused ...
     events = list(generate(40, 1200, seed=2))
