@@ -992,14 +992,21 @@ class _Fit:
     schedule_steps: int = 0
     #: the same for the purchase-head phase (cosine over its whole budget)
     purchase_schedule_steps: int = 0
+    #: why the validation points could not judge a purchase head ("" when they could, or without them)
+    purchase_unjudged: str = ""
 
     def steps_at(self, epoch: int) -> int:
         """Optimizer steps taken by the end of ``epoch`` (0 for the start)."""
-        return next((int(h["steps"]) for h in self.history if h["epoch"] == epoch), 0)
+        return _steps_at(self.history, epoch)
 
     def purchase_steps_at(self, epoch: int) -> int:
         """Optimizer steps of the purchase-head phase by the end of its ``epoch`` (0 for its start)."""
-        return next((int(h.get("steps", 0)) for h in self.purchase_history if h["epoch"] == epoch), 0)
+        return _steps_at(self.purchase_history, epoch)
+
+
+def _steps_at(history: list[dict], epoch: int) -> int:
+    """The ``steps`` count a phase's history recorded at the end of ``epoch`` (0 when it has none)."""
+    return next((int(h.get("steps", 0)) for h in history if h["epoch"] == epoch), 0)
 
 
 def _fit(
@@ -1138,9 +1145,10 @@ def _fit(
             break
     if ema is not None and va is None:  # a replay (the refit) keeps the average of its last epoch
         ema.install()
+    unjudged = purchase_unjudged(va) if va is not None else ""
     if va is not None and states:
         # without the funnel base the start's purchase head is an untrained MLP, not a counter to fall back to
-        judged = not (mcfg.funnel_base and purchase_unjudged(va))
+        judged = not (mcfg.funnel_base and unjudged)
         best_epoch, category_epoch, best = _select(net, history, states, rr_by_epoch, tcfg.select_se, judged)
     else:
         best_epoch, category_epoch, best = len(history), len(history), None
@@ -1165,6 +1173,7 @@ def _fit(
         desc,
         purchase_max_steps,
         purchase_schedule_steps,
+        unjudged,
     )
     net.eval()
     return _Fit(
@@ -1182,6 +1191,7 @@ def _fit(
         p_from_funnel,
         total,
         p_total,
+        unjudged,
     )
 
 
@@ -1241,6 +1251,7 @@ def _fit_purchase_head(
     desc: str,
     max_steps: int | None = None,
     schedule_steps: int | None = None,
+    unjudged: str = "",
 ) -> tuple[int, bool, list[dict], float, int]:
     """Epochs of the purchase MLP alone, everything else frozen; returns (epochs kept, whether it started
     from the funnel table alone, history, seconds, the length of its learning-rate schedule in steps).
@@ -1256,11 +1267,11 @@ def _fit_purchase_head(
     epochs' purchase head on validation BCE, so a recurrent state that hurts purchases on held-out
     users falls back to the counter; ``from_funnel`` replays that choice without ``va``. ``max_steps``
     ends the phase after that many optimizer steps and ``schedule_steps`` lays its schedule over that
-    many (a refit replaying the selection's steps, :func:`refit_replay`).
+    many (a refit replaying the selection's steps, :func:`refit_replay`). ``unjudged`` is
+    :func:`purchase_unjudged` of ``va`` when it says the points cannot judge a head.
     """
     start_bce = None  # validation BCE of the head the phase starts from, when already measured
-    unjudged = va is not None and purchase_unjudged(va)
-    if unjudged:
+    if va is not None and unjudged:
         # No validation point can tell a trained head from the counter it starts from (a log loss on one
         # class rewards whichever head predicts that class hardest): ship the counter, train nothing.
         logger.info("%s purchase head: %s, so it is the funnel table alone", desc, unjudged)
@@ -1575,7 +1586,7 @@ def train(
             "purchase_history": chosen.purchase_history,
             "purchase_from_funnel": chosen.purchase_from_funnel,
             # why no trained purchase head could be kept ("" when validation judged one)
-            "purchase_unjudged": purchase_unjudged(va),
+            "purchase_unjudged": chosen.purchase_unjudged,
             "best": chosen.best,
             "history": chosen.history,
             "optimizer_steps": chosen.steps,
