@@ -57,6 +57,7 @@ def cmd_train(a, settings: Settings) -> int:
         seed=a.seed,
         refit=a.refit,
         progress=not a.quiet,
+        user_sample=a.user_sample,
     )
     print(_summary_line("trained", summary))
     return 0
@@ -79,8 +80,11 @@ def cmd_evaluate(a, settings: Settings) -> int:
         train_end=a.train_end,
         valid_end=a.valid_end,
         bootstrap=a.bootstrap,
+        user_sample=a.user_sample,
     )
     print(format_table(report))
+    if report["user_sample"] < 1.0:
+        print(f"on a stable sample of {report['user_sample']:g} of the users (--sample-users)")
     for line in (verdict_summary(report), heads_summary(report)):
         if line:
             print(line)
@@ -215,6 +219,17 @@ _positive_int = _whole_number_at_least(1)
 _non_negative_int = _whole_number_at_least(0)
 
 
+def _fraction(text: str) -> float:
+    """argparse type: a number in (0, 1] (argparse turns the error into one line and exit 2)."""
+    try:
+        v = float(text)
+    except ValueError:
+        v = -1.0
+    if not 0.0 < v <= 1.0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}")
+    return v
+
+
 def _paths(values: Sequence[str]) -> list[Path]:
     import glob
 
@@ -248,6 +263,8 @@ def _summary_line(verb: str, d: dict) -> str:
         )
         if k in d
     ]
+    if d.get("user_sample", 1.0) < 1.0:  # only when asked for: a sample must never pass unnoticed
+        keys.append("user_sample")
     return f"{verb}: " + ", ".join(
         f"{k}={d[k]:.4g}" if isinstance(d[k], float) else f"{k}={d[k]}" for k in keys
     )
@@ -294,6 +311,15 @@ def build_parser() -> argparse.ArgumentParser:
     def split_args(sp):
         sp.add_argument("--train-end", help="T1: ISO-8601 date or unix seconds")
         sp.add_argument("--valid-end", help="T2: ISO-8601 date or unix seconds")
+        sp.add_argument(
+            "--sample-users",
+            dest="user_sample",
+            type=_fraction,
+            default=1.0,
+            metavar="FRACTION",
+            help="keep this stable fraction of the users, every event of each (default 1: all); "
+            "for logs too large to train or evaluate whole in memory",
+        )
 
     sp = command("generate", help="write a synthetic clickstream (JSONL)")
     sp.add_argument("--users", type=int, default=1000)

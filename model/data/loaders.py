@@ -71,6 +71,7 @@ from demandstream.model.core.events import (
 from demandstream.model.data.cleaning import CleaningConfig, clean_log
 from demandstream.model.data.eventlog import EventLog, EventLogBuilder
 from demandstream.model.data.loadstats import LoadStats
+from demandstream.model.data.sampling import check_fraction, in_user_sample
 from demandstream.model.errors import DataError, DataNotFound, OptionError
 
 logger = logging.getLogger(__name__)
@@ -141,6 +142,7 @@ def load_log(
     stats: LoadStats | None = None,
     item_properties: Sequence[str | Path] | None = None,
     category_tree: str | Path | None = None,
+    user_sample: float = 1.0,
 ) -> EventLog:
     """Load event files into one :class:`EventLog`, cleaned and sorted by user and time.
 
@@ -160,6 +162,11 @@ def load_log(
     item_properties, category_tree
         RetailRocket side files; by default ``item_properties*.csv[.gz]`` and
         ``category_tree.csv[.gz]`` next to each events file (or among ``paths``) are used.
+    user_sample
+        Keep only this stable fraction of the users, with all of their events
+        (:mod:`~demandstream.model.data.sampling`): how a log too large for memory is trained and
+        evaluated. Rows of the other users are validated and counted, then dropped before they cost
+        memory; 1.0 keeps everyone.
 
     Raises
     ------
@@ -175,11 +182,12 @@ def load_log(
     if fmt not in FORMATS and fmt != AUTO:
         raise OptionError(f"unknown format {fmt!r}; expected one of {', '.join((AUTO, *FORMATS))}")
     stats = stats if stats is not None else LoadStats()
+    stats.user_sample = check_fraction(user_sample)
     started = time.perf_counter()
     files = expand_paths(paths)
     if fmt == AUTO:
         fmt = detect_format(files)
-    sink = _Sink(EventLogBuilder(keep_ids=keep_ids), stats)
+    sink = _Sink(EventLogBuilder(keep_ids=keep_ids), stats, user_sample)
     if fmt == "retailrocket":  # several kinds of file, told apart by their headers
         _load_retailrocket(files, sink, item_properties, category_tree)
     else:
@@ -191,6 +199,11 @@ def load_log(
     del sink  # the builder's chunks are copies of the log's columns: free them before cleaning
     stats.rows_kept = len(log)
     if stats.rows_read and not stats.rows_kept:
+        if stats.rows_outside_sample:
+            raise DataError(
+                f"the user sample {user_sample:g} kept none of the {stats.rows_outside_sample:,} valid rows' users; "
+                "take a larger fraction"
+            )
         raise DataError(_nothing_valid(files, fmt, stats))
     if clean is not None:
         log = clean_log(log, clean, stats)
@@ -418,9 +431,10 @@ def read_item_categories(paths: Sequence[str | Path], stats: LoadStats | None = 
 class _Sink:
     """Validates dicts and appends them to the builder, counting rejects."""
 
-    def __init__(self, builder: EventLogBuilder, stats: LoadStats):
+    def __init__(self, builder: EventLogBuilder, stats: LoadStats, user_sample: float = 1.0):
         self.builder = builder
         self.stats = stats
+        self.user_sample = user_sample
         self.keep_ids = builder.keep_ids
         # One "now" per load: the same upper bound for every row, and no clock read per row.
         self.now = time.time()
@@ -447,6 +461,9 @@ class _Sink:
         self.append(e)
 
     def append(self, e: Event) -> None:
+        if self.user_sample < 1.0 and not in_user_sample(e.user_id, self.user_sample):
+            self.stats.rows_outside_sample += 1
+            return
         sid = e.session_id
         if self.keep_ids and sid is not None:
             sid = self._sessions.setdefault(sid, sid)

@@ -32,6 +32,10 @@ class LoadStats:
     events_dropped_rate: int = 0
     missing_category: int = 0
     out_of_order_fixed: int = 0
+    #: The stable fraction of users kept (:mod:`~demandstream.model.data.sampling`) and the valid rows of
+    #: the others, dropped.
+    user_sample: float = 1.0
+    rows_outside_sample: int = 0
     files: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -51,4 +55,8 @@ class LoadStats:
             f"kept events without category: {self.missing_category:,}",
             f"users re-sorted into time order: {self.out_of_order_fixed:,}",
         ]
+        if self.user_sample < 1.0:
+            lines.append(
+                f"user sample {self.user_sample:g}: valid rows of other users dropped: {self.rows_outside_sample:,}"
+            )
         return "\n".join(lines)

@@ -601,6 +601,7 @@ def run_evaluation(
     device: str = "cpu",
     gap_s: float | None = DEFAULT_GAP_S,
     bootstrap: int = BOOTSTRAP_RESAMPLES,
+    user_sample: float = 1.0,
 ) -> dict:
     """CLI entry (``demandstream evaluate``): load checkpoint and data, evaluate, write the JSON report.
 
@@ -610,11 +611,13 @@ def run_evaluation(
     first event are taken as meant (a whole file scored for its ``prequential`` figures), with a
     warning that the baselines learned nothing.
     Without ``horizon_s`` the purchase horizon is the one the model was trained for (else the default).
+    ``user_sample`` below 1 evaluates model and baselines on that stable fraction of the users
+    (:mod:`~demandstream.model.data.sampling`); the report records it.
     """
     from demandstream.model.data.loaders import load_log
 
     ck = ckpt_mod.load(model)
-    log = load_log(data, fmt, keep_ids=False)
+    log = load_log(data, fmt, keep_ids=False, user_sample=user_sample)
     stored = ck.metrics.get("split") if isinstance(ck.metrics, dict) else None
     if train_end is None and valid_end is None and stored:
         split = Split(float(stored["train_end"]), float(stored["valid_end"]), float(log.ts.max()))
@@ -635,11 +638,14 @@ def run_evaluation(
             bootstrap=bootstrap,
             refuse_unfitted=train_end is None and valid_end is None,
         )
+    rep["user_sample"] = user_sample
     # calibration: whether the model's propensities were Platt-scaled, and why not (demandstream.model.training.train.calibrate)
     rep["train_metrics"] = {
         k: ck.metrics.get(k)
         for k in ("train_events_per_s", "epochs_run", "best_epoch", "calibration", "purchase_head")
     }
+    # the fraction of users the model was trained on (1.0 for checkpoints from before the option)
+    rep["train_metrics"]["user_sample"] = ck.metrics.get("user_sample", 1.0)
     # which epoch's category head was shipped (0: the start, the cascade unless trained without it)
     rep["train_metrics"]["category_epoch"] = (ck.metrics.get("selection") or {}).get("category_epoch")
     rep["train_metrics"]["cascade_init"] = (ck.metrics.get("train_config") or {}).get("cascade_init", True)

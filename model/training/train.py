@@ -1688,11 +1688,14 @@ def run_training(
     valid_end: str | float | None = None,
     seed: int = 0,
     progress: bool = True,
+    user_sample: float = 1.0,
     **kw,
 ) -> dict:
     """CLI entry (``demandstream train``): load, split, train, save the checkpoint; return a summary.
 
-    Extra keyword arguments set :class:`TrainConfig` fields (e.g. ``lanes=128``) or
+    ``user_sample`` below 1 trains on that stable fraction of the users
+    (:mod:`~demandstream.model.data.sampling`), for logs too large to train on whole; the checkpoint
+    records it. Extra keyword arguments set :class:`TrainConfig` fields (e.g. ``lanes=128``) or
     :class:`~demandstream.model.core.network.ModelConfig` fields (e.g. ``hidden=64``).
     """
     from demandstream.model.data.loaders import load_log
@@ -1705,9 +1708,10 @@ def run_training(
     tcfg = TrainConfig(seed=seed, device=device, **tkw)
     if epochs is not None:
         tcfg.epochs = epochs
-    log = load_log(data, fmt, keep_ids=False)
+    log = load_log(data, fmt, keep_ids=False, user_sample=user_sample)
     split = temporal_split(log, train_end, valid_end)
     res = train(log, tcfg, ModelConfig(**mkw), progress=progress, split=split)
+    res.metrics["user_sample"] = user_sample
     version = checkpoint.save(out, res.net, res.vocab, res.metrics)
     m = res.metrics
     return {
@@ -1715,6 +1719,7 @@ def run_training(
         "model_version": version,
         "n_events": len(log),
         "n_users": log.n_users,
+        "user_sample": user_sample,
         **{
             k: m[k]
             for k in (

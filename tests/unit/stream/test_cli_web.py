@@ -23,9 +23,10 @@ def test_cli_accepts_every_loader_format_and_tells_it_by_default():
 
 
 @pytest.mark.parametrize(
-    ("flags", "refit", "seed"), [([], True, 0), (["--no-refit", "--seed", "7"], False, 7)]
+    ("flags", "refit", "seed", "sample"),
+    [([], True, 0, 1.0), (["--no-refit", "--seed", "7", "--sample-users", "0.25"], False, 7, 0.25)],
 )
-def test_train_flags_reach_run_training(monkeypatch, tmp_path, flags, refit, seed):
+def test_train_flags_reach_run_training(monkeypatch, tmp_path, flags, refit, seed, sample):
     data = tmp_path / "d.jsonl"
     data.write_text("")
     seen = {}
@@ -37,6 +38,20 @@ def test_train_flags_reach_run_training(monkeypatch, tmp_path, flags, refit, see
     monkeypatch.setattr("demandstream.model.training.train.run_training", fake_run_training)
     assert cli.main(["train", "--data", str(data), "--out", str(tmp_path / "m.pt"), *flags]) == 0
     assert seen["refit"] is refit and seen["seed"] == seed and seen["fmt"] == AUTO
+    assert seen["user_sample"] == sample
+
+
+def test_evaluate_takes_a_user_sample_and_refuses_one_outside_0_1(capsys):
+    parse = cli.build_parser().parse_args
+    assert parse(["evaluate", "--data", "x", "--report", "r.json"]).user_sample == 1.0
+    assert (
+        parse(["evaluate", "--data", "x", "--report", "r.json", "--sample-users", "0.1"]).user_sample == 0.1
+    )
+    for bad in ("0", "1.5", "nan", "a tenth"):
+        with pytest.raises(SystemExit) as exc:
+            cli.main(["evaluate", "--data", "x", "--report", "r.json", "--sample-users", bad])
+        assert exc.value.code == 2
+        assert f"--sample-users: expected a fraction in (0, 1], got {bad!r}" in capsys.readouterr().err
 
 
 def test_demand_view_names_vocabulary_and_out_of_vocabulary_categories():

@@ -21,6 +21,7 @@ from demandstream.model.data.loaders import (
     load_log,
     read_category_tree,
 )
+from demandstream.model.errors import DataError, OptionError
 
 REPO = Path(__file__).resolve().parents[4]
 FIXTURES = REPO / "tests" / "fixtures"
@@ -425,6 +426,46 @@ def test_summary_reports_the_counts():
     text = stats.summary()
     assert "read 41 rows from 1 files" in text and "kept 22 events" in text
     assert "bad_number 1" in text and "bot users dropped: 1 (12 events)" in text
+
+
+# -- a stable sample of users ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("path", "fmt"), [(REES46, "rees46"), (JSONL, "jsonl"), (TAOBAO, "taobao")])
+def test_a_user_sample_keeps_whole_users_and_counts_the_rest(path, fmt):
+    full_stats, half_stats = LoadStats(), LoadStats()
+    full = events_by_user(load_log(path, fmt, clean=None, stats=full_stats).sorted_by_user_time())
+    half = events_by_user(
+        load_log(path, fmt, clean=None, stats=half_stats, user_sample=0.5).sorted_by_user_time()
+    )
+    assert 0 < len(half) < len(full)
+    for user, events in half.items():  # every kept user keeps every one of their events, in order
+        assert [e.event_id for e in events] == [e.event_id for e in full[user]]
+    dropped = sum(len(events) for user, events in full.items() if user not in half)
+    assert half_stats.rows_outside_sample == dropped
+    assert half_stats.rows_read == full_stats.rows_read  # the same rows read and validated
+    assert half_stats.malformed == full_stats.malformed
+    assert "user sample 0.5: valid rows of other users dropped" in half_stats.summary()
+    assert "user sample" not in full_stats.summary()
+
+
+def test_a_smaller_user_sample_is_a_subset_of_a_larger_one():
+    users = {
+        f: set(events_by_user(load_log(JSONL, "jsonl", clean=None, user_sample=f).sorted_by_user_time()))
+        for f in (0.3, 0.6, 1.0)
+    }
+    assert users[0.3] <= users[0.6] <= users[1.0]
+
+
+def test_a_user_sample_outside_0_1_or_keeping_nobody_is_one_clear_error(tmp_path):
+    with pytest.raises(OptionError, match=r"fraction in \(0, 1\], got 1.5"):
+        load_log(JSONL, "jsonl", user_sample=1.5)
+    one = tmp_path / "one.csv"  # one user, whose hash lands outside a tiny sample
+    one.write_text(
+        REES46.read_text().splitlines()[0] + "\n2019-10-01 00:00:00 UTC,view,p1,17,,acme,2.50,u1,s1\n"
+    )
+    with pytest.raises(DataError, match="kept none of the 1 valid rows' users"):
+        load_log(one, "rees46", user_sample=1e-9)
 
 
 # -- the real REES46 samples in shared/ ------------------------------------------------------------

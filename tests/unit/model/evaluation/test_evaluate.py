@@ -149,6 +149,22 @@ def test_run_evaluation_writes_the_report_and_reuses_the_training_split(tmp_path
     assert whole["baseline_fit_events"] == 0 and whole["prequential"]["category_points"] > 0
 
 
+def test_a_user_sample_trains_and_evaluates_a_stable_part_of_the_users_and_both_say_so(tmp_path):
+    data = tmp_path / "d.jsonl"
+    write_jsonl(generate(60, 1800, seed=3), data)
+    summary = run_training(str(data), "jsonl", tmp_path / "m.pt", user_sample=0.5, **TINY_RUN)
+    n_users = len({e.user_id for e in generate(60, 1800, seed=3)})
+    assert summary["user_sample"] == 0.5 and 0 < summary["n_users"] < n_users
+    from demandstream.model.core.checkpoint import load
+
+    assert load(tmp_path / "m.pt").metrics["user_sample"] == 0.5
+    half = run_evaluation(tmp_path / "m.pt", str(data), "jsonl", tmp_path / "h.json", user_sample=0.5)
+    whole = run_evaluation(tmp_path / "m.pt", str(data), "jsonl", tmp_path / "w.json")
+    assert half["user_sample"] == 0.5 and whole["user_sample"] == 1.0
+    assert half["train_metrics"]["user_sample"] == whole["train_metrics"]["user_sample"] == 0.5
+    assert 0 < half["n_test_points"] < whole["n_test_points"]
+
+
 def test_a_taobao_log_with_rows_stamped_years_away_trains_and_evaluates_on_the_default_split(tmp_path):
     """Rows stamped years away from the log's days (valid timestamps, wrong clocks): the default split
     must still give the model a training set and the test a window (docs/ARCHITECTURE.md §Evaluation)."""
