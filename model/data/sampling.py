@@ -12,11 +12,17 @@ True
 2478
 >>> all(in_user_sample(f"u{i}", 0.5) for i in range(10_000) if in_user_sample(f"u{i}", 0.25))
 True
+
+Whether a log needs a sample is told before training starts (:func:`suggested_user_sample`), from what
+training was measured to hold per row, so that a user reads a hint instead of an out-of-memory kill.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
+import re
+from pathlib import Path
 
 from demandstream.model.errors import OptionError
 
@@ -25,6 +31,13 @@ _HASH_BYTES = 8
 _HASH_SPACE = 1 << (8 * _HASH_BYTES)
 #: Personalises the hash so that the sample is not correlated with other hashes of user ids.
 _PERSON = b"ds-users"
+#: Training's peak resident memory, a fixed part (libraries, model) and a part per log row before the
+#: test start (features, labels, the refit's copy): fitted to the generated logs of docs/MODEL.md §4.9
+#: (221k rows 1.45 GB, 899k rows 2.13 GB, 1.6M rows 2.6 GB for one epoch), rounded up.
+TRAIN_FIXED_BYTES = 1_300_000_000
+TRAIN_BYTES_PER_ROW = 1_000
+#: The smallest fraction a hint proposes; below it a log would be better cut by time.
+MIN_SUGGESTED = 0.01
 
 
 def check_fraction(fraction: float) -> float:
@@ -48,3 +61,44 @@ def in_user_sample(user_id: str, fraction: float) -> bool:
         return True
     digest = hashlib.blake2b(user_id.encode("utf-8"), digest_size=_HASH_BYTES, person=_PERSON).digest()
     return int.from_bytes(digest, "big") < fraction * _HASH_SPACE
+
+
+def training_memory_bytes(rows: int) -> int:
+    """Estimated peak memory of ``demandstream train`` on ``rows`` log rows before the test start.
+
+    >>> round(training_memory_bytes(1_000_000) / 1e9, 1)
+    2.3
+    """
+    return TRAIN_FIXED_BYTES + TRAIN_BYTES_PER_ROW * rows
+
+
+def suggested_user_sample(rows: int, available_bytes: int) -> float | None:
+    """A user fraction whose training fits in ``available_bytes``; None when the whole log fits.
+
+    Rounded down to two significant digits, and never below :data:`MIN_SUGGESTED`.
+
+    >>> suggested_user_sample(1_000_000, 8_000_000_000) is None
+    True
+    >>> suggested_user_sample(40_000_000, 16_000_000_000)
+    0.36
+    >>> suggested_user_sample(40_000_000, 1_000_000_000)
+    0.01
+    """
+    if training_memory_bytes(rows) <= available_bytes:
+        return None
+    fits = (available_bytes - TRAIN_FIXED_BYTES) / (TRAIN_BYTES_PER_ROW * rows)
+    if fits <= MIN_SUGGESTED:
+        return MIN_SUGGESTED
+    digits = 1 - math.floor(math.log10(fits))
+    return max(MIN_SUGGESTED, math.floor(fits * 10**digits) / 10**digits)
+
+
+def available_memory_bytes(meminfo: str | Path = "/proc/meminfo") -> int | None:
+    """The kernel's estimate of memory available to a new process (Linux ``MemAvailable``), or None
+    where there is no such file (then no hint is given)."""
+    try:
+        text = Path(meminfo).read_text()
+    except OSError:
+        return None
+    m = re.search(r"^MemAvailable:\s*(\d+) kB", text, re.M)
+    return int(m.group(1)) * 1024 if m else None

@@ -55,6 +55,11 @@ from demandstream.model.core.network import (
 )
 from demandstream.model.core.scoring import resolve_device
 from demandstream.model.data.eventlog import EventLog
+from demandstream.model.data.sampling import (
+    available_memory_bytes,
+    suggested_user_sample,
+    training_memory_bytes,
+)
 from demandstream.model.data.split import (
     Points,
     Split,
@@ -1710,6 +1715,7 @@ def run_training(
         tcfg.epochs = epochs
     log = load_log(data, fmt, keep_ids=False, user_sample=user_sample)
     split = temporal_split(log, train_end, valid_end)
+    _warn_if_memory_short(int(np.count_nonzero(log.ts < split.valid_end)), user_sample)
     res = train(log, tcfg, ModelConfig(**mkw), progress=progress, split=split)
     res.metrics["user_sample"] = user_sample
     version = checkpoint.save(out, res.net, res.vocab, res.metrics)
@@ -1739,6 +1745,23 @@ def run_training(
         "purchase_head": m["purchase_head"],
         "purchase_calibration": calibration_summary(m["calibration"]),
     }
+
+
+def _warn_if_memory_short(rows: int, user_sample: float) -> None:
+    """Say before training, not by an out-of-memory kill, that the log needs a user sample."""
+    available = available_memory_bytes()
+    if available is None:
+        return
+    fraction = suggested_user_sample(rows, available)
+    if fraction is not None:
+        logger.warning(
+            "training on %s events needs about %.1f GB and %.1f GB is available: it may run out of memory; "
+            "--sample-users %.2g would fit",
+            f"{rows:,}",
+            training_memory_bytes(rows) / 1e9,
+            available / 1e9,
+            fraction * user_sample,
+        )
 
 
 def purchase_head_summary(selection: dict) -> str:

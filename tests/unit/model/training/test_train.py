@@ -11,6 +11,7 @@ from demandstream.model.core.encoding import category_hashes, category_index
 from demandstream.model.core.features import Vocabulary
 from demandstream.model.core.network import ModelConfig
 from demandstream.model.data.eventlog import EventLog
+from demandstream.model.data.sampling import training_memory_bytes
 from demandstream.model.data.split import Split, next_category_targets, phase_points
 from demandstream.model.data.synth import generate, write_jsonl
 from demandstream.model.training.train import (
@@ -219,6 +220,23 @@ def test_a_holdout_with_less_evidence_than_a_small_validation_window_does_not_re
     # a hold-out with more evidence still replaces it (the half-minute window of the test above)
     chosen, info = _selection_split(log, Split(t_max - 60.0, t_max - 30.0, t_max + 1.0), tcfg)
     assert info["source"] == "holdout" and chosen.train_end == info["holdout_start"]
+
+
+def test_a_log_too_large_for_the_memory_gets_a_hint_before_training(tmp_path, monkeypatch, caplog):
+    data = tmp_path / "tiny.jsonl"
+    write_jsonl(generate(60, 1500, seed=3), data)
+    monkeypatch.setattr("demandstream.model.training.train.available_memory_bytes", lambda: 10**12)
+    with caplog.at_level("WARNING", logger="demandstream.model.training.train"):
+        run_training(str(data), "jsonl", tmp_path / "a.pt", **TINY_RUN)
+    assert "--sample-users" not in caplog.text  # plenty of memory: no hint
+    # memory for the libraries and a tenth of this log's rows: the hint proposes a tenth, of the sample
+    rows = sum(1 for _ in data.open())
+    monkeypatch.setattr(
+        "demandstream.model.training.train.available_memory_bytes", lambda: training_memory_bytes(rows // 20)
+    )
+    with caplog.at_level("WARNING", logger="demandstream.model.training.train"):
+        run_training(str(data), "jsonl", tmp_path / "b.pt", user_sample=0.5, **TINY_RUN)
+    assert "it may run out of memory; --sample-users 0.0" in caplog.text
 
 
 def test_one_epoch_run_saves_a_loadable_checkpoint_with_stable_version(tmp_path):
