@@ -33,7 +33,9 @@ _HASH_SPACE = 1 << (8 * _HASH_BYTES)
 _PERSON = b"ds-users"
 #: Training's peak resident memory, a fixed part (libraries, model) and a part per log row before the
 #: test start (features, labels, the refit's copy): fitted to the generated logs of docs/MODEL.md §4.9
-#: (221k rows 1.45 GB, 899k rows 2.13 GB, 1.6M rows 2.6 GB for one epoch), rounded up.
+#: (221k rows 1.45 GB, 899k rows 2.13 GB, 1.6M rows 2.6 GB for one epoch), rounded up. Those logs have
+#: 167 categories; a catalog of thousands needs more (§4.6: 3.0 GB for 200k events of 9,722), so there
+#: the estimate is a floor and the hint may come late.
 TRAIN_FIXED_BYTES = 1_300_000_000
 TRAIN_BYTES_PER_ROW = 1_000
 #: The smallest fraction a hint proposes; below it a log would be better cut by time.
