@@ -31,12 +31,14 @@ _HASH_BYTES = 8
 _HASH_SPACE = 1 << (8 * _HASH_BYTES)
 #: Personalises the hash so that the sample is not correlated with other hashes of user ids.
 _PERSON = b"ds-users"
-#: Training's peak resident memory, a fixed part (libraries, model) and a part per log row before the
-#: test start (features, labels, the refit's copy): fitted to the generated logs of docs/MODEL.md §4.9
-#: (221k rows 1.45 GB, 899k rows 2.13 GB, 1.6M rows 2.6 GB for one epoch), rounded up. Those logs have
-#: 167 categories; a catalog of thousands needs more (§4.6: 3.0 GB for 200k events of 9,722), so there
-#: the estimate is a floor and the hint may come late.
+#: Training's peak resident memory: a fixed part (libraries, model), a part per category of the
+#: vocabulary and a part per log row before the test start (features, labels, the refit's copy).
+#: Rounded up from four generated logs (`/usr/bin/time -v`, 2026-12-06): 167 categories, 221k / 899k
+#: rows: 1.45 / 2.13 GB (docs/MODEL.md §4.9); 6,062 categories and 45k rows: 2.55 GB; 9,243 and 135k:
+#: 2.81 GB. The catalog's part grows less than linearly between the last two, so a linear term fitted to
+#: the first overstates the second by 17 %: an estimate for a warning, erring on the side of warning.
 TRAIN_FIXED_BYTES = 1_300_000_000
+TRAIN_BYTES_PER_CATEGORY = 200_000
 TRAIN_BYTES_PER_ROW = 1_000
 #: The smallest fraction a hint proposes; below it a log would be better cut by time.
 MIN_SUGGESTED = 0.01
@@ -65,34 +67,42 @@ def in_user_sample(user_id: str, fraction: float) -> bool:
     return int.from_bytes(digest, "big") < fraction * _HASH_SPACE
 
 
-def training_memory_bytes(rows: int) -> int:
-    """Estimated peak memory of ``demandstream train`` on ``rows`` log rows before the test start.
+def training_memory_bytes(rows: int, categories: int) -> int:
+    """Estimated peak memory of ``demandstream train`` on ``rows`` log rows before the test start that
+    name ``categories`` categories.
 
-    >>> round(training_memory_bytes(1_000_000) / 1e9, 1)
-    2.3
+    >>> round(training_memory_bytes(1_000_000, 167) / 1e9, 2)
+    2.33
+    >>> round(training_memory_bytes(100_000, 10_000) / 1e9, 2)
+    3.4
     """
-    return TRAIN_FIXED_BYTES + TRAIN_BYTES_PER_ROW * rows
+    return _fixed_bytes(categories) + TRAIN_BYTES_PER_ROW * rows
 
 
-def suggested_user_sample(rows: int, available_bytes: int) -> float | None:
+def suggested_user_sample(rows: int, categories: int, available_bytes: int) -> float | None:
     """A user fraction whose training fits in ``available_bytes``; None when the whole log fits.
 
-    Rounded down to two significant digits, and never below :data:`MIN_SUGGESTED`.
+    A sample keeps most categories, so only the rows' part is taken to shrink with it. Rounded down
+    to two significant digits, and never below :data:`MIN_SUGGESTED`.
 
-    >>> suggested_user_sample(1_000_000, 8_000_000_000) is None
+    >>> suggested_user_sample(1_000_000, 167, 8_000_000_000) is None
     True
-    >>> suggested_user_sample(40_000_000, 16_000_000_000)
+    >>> suggested_user_sample(40_000_000, 500, 16_000_000_000)
     0.36
-    >>> suggested_user_sample(40_000_000, 1_000_000_000)
+    >>> suggested_user_sample(40_000_000, 500, 1_000_000_000)
     0.01
     """
-    if training_memory_bytes(rows) <= available_bytes:
+    if training_memory_bytes(rows, categories) <= available_bytes:
         return None
-    fits = (available_bytes - TRAIN_FIXED_BYTES) / (TRAIN_BYTES_PER_ROW * rows)
+    fits = (available_bytes - _fixed_bytes(categories)) / (TRAIN_BYTES_PER_ROW * rows)
     if fits <= MIN_SUGGESTED:
         return MIN_SUGGESTED
     digits = 1 - math.floor(math.log10(fits))
     return max(MIN_SUGGESTED, math.floor(fits * 10**digits) / 10**digits)
+
+
+def _fixed_bytes(categories: int) -> int:
+    return TRAIN_FIXED_BYTES + TRAIN_BYTES_PER_CATEGORY * categories
 
 
 def available_memory_bytes(meminfo: str | Path = "/proc/meminfo") -> int | None:

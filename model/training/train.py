@@ -1715,7 +1715,7 @@ def run_training(
         tcfg.epochs = epochs
     log = load_log(data, fmt, keep_ids=False, user_sample=user_sample)
     split = temporal_split(log, train_end, valid_end)
-    _warn_if_memory_short(int(np.count_nonzero(log.ts < split.valid_end)), user_sample)
+    _warn_if_memory_short(log, split, user_sample)
     res = train(log, tcfg, ModelConfig(**mkw), progress=progress, split=split)
     res.metrics["user_sample"] = user_sample
     version = checkpoint.save(out, res.net, res.vocab, res.metrics)
@@ -1747,21 +1747,32 @@ def run_training(
     }
 
 
-def _warn_if_memory_short(rows: int, user_sample: float) -> None:
+def _warn_if_memory_short(log: EventLog, split: Split, user_sample: float) -> None:
     """Say before training, not by an out-of-memory kill, that the log needs a user sample."""
     available = available_memory_bytes()
     if available is None:
         return
-    fraction = suggested_user_sample(rows, available)
-    if fraction is not None:
-        logger.warning(
-            "training on %s events needs about %.1f GB and %.1f GB is available: it may run out of memory; "
-            "--sample-users %.2g would fit",
-            f"{rows:,}",
-            training_memory_bytes(rows) / 1e9,
-            available / 1e9,
-            fraction * user_sample,
+    before = log.ts < split.valid_end  # what the refit trains on, and the vocabulary's rows
+    rows = int(np.count_nonzero(before))
+    categories = int(np.unique(log.category[before & (log.category >= 0)]).size)
+    fraction = suggested_user_sample(rows, categories, available)
+    if fraction is None:
+        return
+    if training_memory_bytes(int(rows * fraction), categories) <= available:
+        remedy = f"--sample-users {fraction * user_sample:.2g} would fit"
+    else:
+        remedy = (
+            "even a 1 % user sample would not fit: train on a shorter span of the log or a larger machine"
         )
+    logger.warning(
+        "training on %s events of %s categories needs about %.1f GB and %.1f GB is available: it may run out "
+        "of memory; %s",
+        f"{rows:,}",
+        f"{categories:,}",
+        training_memory_bytes(rows, categories) / 1e9,
+        available / 1e9,
+        remedy,
+    )
 
 
 def purchase_head_summary(selection: dict) -> str:

@@ -39,13 +39,32 @@ def test_a_fraction_outside_0_1_is_refused(bad):
 
 
 def test_the_hint_proposes_a_fraction_that_fits_and_none_when_all_fits():
-    assert suggested_user_sample(10_000, training_memory_bytes(10_000)) is None
-    for rows, available in [(40_000_000, 16_000_000_000), (5_000_000, 4_000_000_000), (10**9, 64 * 2**30)]:
-        f = suggested_user_sample(rows, available)
+    assert suggested_user_sample(10_000, 167, training_memory_bytes(10_000, 167)) is None
+    cases = [
+        (40_000_000, 500, 16_000_000_000),
+        (5_000_000, 167, 4_000_000_000),
+        (2_000_000, 10_000, 4 * 2**30),
+    ]
+    for rows, categories, available in cases:
+        f = suggested_user_sample(rows, categories, available)
         assert f is not None and MIN_SUGGESTED <= f < 1
-        assert training_memory_bytes(int(rows * f)) <= available  # it fits ...
-        assert training_memory_bytes(int(rows * f * 1.2)) > available  # ... without giving much away
-    assert suggested_user_sample(10**8, 10**9) == MIN_SUGGESTED  # less than the libraries need
+        assert training_memory_bytes(int(rows * f), categories) <= available  # it fits ...
+        assert (
+            training_memory_bytes(int(rows * f * 1.2), categories) > available
+        )  # ... without giving much away
+    assert suggested_user_sample(10**8, 167, 10**9) == MIN_SUGGESTED  # less than the libraries need
+
+
+def test_the_estimate_covers_the_measured_runs_and_errs_on_the_side_of_warning():
+    # the runs the constants were rounded up from (model/data/sampling.py, docs/MODEL.md §4.9)
+    for rows, categories, measured_gb in [
+        (221_186, 167, 1.45),
+        (898_999, 167, 2.13),
+        (45_072, 6_062, 2.55),
+        (135_093, 9_243, 2.81),
+    ]:
+        estimate = training_memory_bytes(rows, categories) / 1e9
+        assert measured_gb <= estimate <= 1.2 * measured_gb
 
 
 def test_available_memory_reads_meminfo_and_gives_none_without_it(tmp_path):

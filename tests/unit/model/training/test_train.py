@@ -229,14 +229,24 @@ def test_a_log_too_large_for_the_memory_gets_a_hint_before_training(tmp_path, mo
     with caplog.at_level("WARNING", logger="demandstream.model.training.train"):
         run_training(str(data), "jsonl", tmp_path / "a.pt", **TINY_RUN)
     assert "--sample-users" not in caplog.text  # plenty of memory: no hint
-    # memory for the libraries and a tenth of this log's rows: the hint proposes a tenth, of the sample
+    # memory for the libraries and a twentieth of this log's rows (the catalog's part set aside, so that
+    # the fraction depends on the rows alone): the hint proposes a small fraction, of the sample's
+    monkeypatch.setattr("demandstream.model.data.sampling.TRAIN_BYTES_PER_CATEGORY", 0)
     rows = sum(1 for _ in data.open())
     monkeypatch.setattr(
-        "demandstream.model.training.train.available_memory_bytes", lambda: training_memory_bytes(rows // 20)
+        "demandstream.model.training.train.available_memory_bytes",
+        lambda: training_memory_bytes(rows // 20, 0),
     )
     with caplog.at_level("WARNING", logger="demandstream.model.training.train"):
         run_training(str(data), "jsonl", tmp_path / "b.pt", user_sample=0.5, **TINY_RUN)
     assert "it may run out of memory; --sample-users 0.0" in caplog.text
+    assert " categories needs about " in caplog.text
+    # less than the libraries need: no fraction is promised
+    monkeypatch.setattr("demandstream.model.training.train.available_memory_bytes", lambda: 10**8)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="demandstream.model.training.train"):
+        run_training(str(data), "jsonl", tmp_path / "c.pt", **TINY_RUN)
+    assert "even a 1 % user sample would not fit" in caplog.text
 
 
 def test_one_epoch_run_saves_a_loadable_checkpoint_with_stable_version(tmp_path):
