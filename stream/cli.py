@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from demandstream.model.data.sampling import check_fraction  # stdlib only: the parser stays quick
 from demandstream.model.errors import UserError
 from demandstream.stream.settings import Settings
 
@@ -220,14 +221,12 @@ _non_negative_int = _whole_number_at_least(0)
 
 
 def _fraction(text: str) -> float:
-    """argparse type: a number in (0, 1] (argparse turns the error into one line and exit 2)."""
+    """argparse type: a user-sample fraction, by the loader's own rule (argparse turns the error into one
+    line and exit 2)."""
     try:
-        v = float(text)
-    except ValueError:
-        v = -1.0
-    if not 0.0 < v <= 1.0:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}")
-    return v
+        return check_fraction(float(text))
+    except ValueError:  # not a number, or check_fraction's OptionError (a ValueError)
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}") from None
 
 
 def _paths(values: Sequence[str]) -> list[Path]:
