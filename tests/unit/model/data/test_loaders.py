@@ -468,6 +468,30 @@ def test_a_user_sample_outside_0_1_or_keeping_nobody_is_one_clear_error(tmp_path
         load_log(one, "rees46", user_sample=1e-9)
 
 
+def test_a_user_sample_takes_hostile_ids_as_any_other(tmp_path):
+    """Ids the sample hashes come out of validation: odd ones are rejected or hashed, never a crash."""
+    rows = [
+        '{"event_id":"e1","user_id":"\\ud800x","ts":1700000000,"type":"view","item_id":"i","category":"c"}',
+        '{"event_id":"e2","user_id":"u\\u0000\\u001b","ts":1700000001,"type":"view","item_id":"i","category":"c"}',
+        '{"event_id":"e3","user_id":"","ts":1700000002,"type":"view","item_id":"i","category":"c"}',
+    ]
+    # ids that look like internal keys, an over-long one and a non-ASCII one
+    for k, uid in enumerate(["__all__", "user-state-changelog", "-1", "x" * 200, "ユーザー", "0"] * 10):
+        rows.append(
+            f'{{"event_id":"k{k}","user_id":"{uid}","ts":{1700000100 + k},"type":"view","item_id":"i","category":"c"}}'
+        )
+    hostile = tmp_path / "hostile.jsonl"
+    hostile.write_text("\n".join(rows) + "\n")
+    full_stats, half_stats = LoadStats(), LoadStats()
+    full = load_log(hostile, "jsonl", clean=None, stats=full_stats)
+    half = load_log(hostile, "jsonl", clean=None, stats=half_stats, user_sample=0.5)
+    # a lone surrogate is not JSON; an empty id and the 200-character ones are bad ids; control
+    # characters pass validation (its rule, not the sample's) and are hashed like any id
+    assert full_stats.malformed == {"not_json": 1, "bad_id": 11} == half_stats.malformed
+    assert len(half) + half_stats.rows_outside_sample == len(full) == 51
+    assert 0 < len(half) < len(full)
+
+
 # -- the real REES46 samples in shared/ ------------------------------------------------------------
 
 
