@@ -66,14 +66,16 @@ def cmd_train(a, settings: Settings) -> int:
 
 def cmd_evaluate(a, settings: Settings) -> int:
     from demandstream.model.evaluation.evaluate import (
+        format_models_table,
         format_table,
         heads_summary,
         run_evaluation,
         verdict_summary,
     )
 
+    models = a.models or [settings.model]
     report = run_evaluation(
-        a.model or settings.model,
+        models,
         a.data,
         a.format,
         a.report,
@@ -83,10 +85,15 @@ def cmd_evaluate(a, settings: Settings) -> int:
         bootstrap=a.bootstrap,
         user_sample=a.user_sample,
     )
-    print(format_table(report))
+    several = len(models) > 1
+    print(format_models_table(report) if several else format_table(report))
     if report["user_sample"] < 1.0:
         print(f"on a stable sample of {report['user_sample']:g} of the users (--sample-users)")
-    for line in (verdict_summary(report), heads_summary(report)):
+    lines = [verdict_summary(report)]
+    for m, r in zip(models, report["reports"] if several else [report], strict=True):
+        heads = heads_summary(r)
+        lines.append(f"{m}: {heads}" if several and heads else heads)
+    for line in lines:
         if line:
             print(line)
     print(f"report written to {a.report}")
@@ -354,7 +361,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_train)
 
     sp = command("evaluate", help="evaluate a model against baselines on a temporal split")
-    data_args(sp, model=True)
+    data_args(sp)
+    sp.add_argument(
+        "--model",
+        dest="models",
+        action="append",
+        help="checkpoint path (DEMANDSTREAM_MODEL); repeat it for the seeds of one recipe: one load, "
+        "the same points, a report of their mean and spread",
+    )
     sp.add_argument("--report", required=True)
     sp.add_argument("--plots")
     # numpy and the metrics only, no torch: the parser stays quick to build

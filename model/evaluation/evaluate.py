@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,7 @@ from demandstream.model.core.network import DemandLSTM
 from demandstream.model.core.scoring import Scorer
 from demandstream.model.data.eventlog import EventLog
 from demandstream.model.data.split import Split, phase_points, temporal_split, utc_text
-from demandstream.model.errors import DataError
+from demandstream.model.errors import DataError, OptionError
 from demandstream.model.evaluation.baselines import DEFAULT_GAP_S, make_baselines
 from demandstream.model.evaluation.metrics import (
     CATEGORY_KEYS,
@@ -224,6 +225,7 @@ def evaluate(
     gap_s: float | None = DEFAULT_GAP_S,
     bootstrap: int = BOOTSTRAP_RESAMPLES,
     refuse_unfitted: bool = True,
+    baseline_cache: dict | None = None,
 ) -> dict:
     """The evaluation report of docs/ARCHITECTURE.md §Evaluation for a checkpoint on a log (see the module
     docstring).
@@ -236,7 +238,9 @@ def evaluate(
     Each ``best_baseline`` entry carries the user-bootstrap interval of its ratio and a verdict
     (:mod:`demandstream.model.evaluation.uncertainty`; ``bootstrap`` resamples, 0: none).
     A log with no row before T2 is refused (:func:`baseline_fit_check`) unless ``refuse_unfitted`` is
-    off.
+    off. ``baseline_cache`` (a dict the caller keeps) lets several checkpoints evaluated on the same log
+    share the baselines, which do not depend on the model: they are scored once per log, split, horizon
+    and gap.
     """
     if not isinstance(ckpt, Checkpoint):
         ckpt = ckpt_mod.load(ckpt)
@@ -263,7 +267,14 @@ def evaluate(
             np.array([props[i] for i in buy_pts], np.float64),
         )
     }
-    base = _score_baselines(log, cats, split, want, pts.cat_target, horizon_s, n_classes, gap_s)
+    key = (split.train_end, split.valid_end, split.end_ts, horizon_s, gap_s)
+    cached = (baseline_cache or {}).get(key)
+    if cached is not None and cached[0] is log:
+        base = cached[1]
+    else:
+        base = _score_baselines(log, cats, split, want, pts.cat_target, horizon_s, n_classes, gap_s)
+        if baseline_cache is not None:
+            baseline_cache[key] = (log, base)
     for name, res in base.items():
         # A baseline scores a task at every point or at none (its method returns None).
         has_cat = len(cat_pts) > 0 and len(res["rank"]) > 0
@@ -483,6 +494,155 @@ def aggregate_reports(reports: list[dict]) -> dict:
     return out
 
 
+#: What the checkpoints of one multi-model report share: the log, the split, the points and the baselines.
+SHARED_REPORT_KEYS = (
+    "n_users",
+    "n_train_events",
+    "n_test_points",
+    "n_category_points",
+    "n_purchase_points",
+    "purchase_positive_rate",
+    "baselines",
+    "bootstrap",
+    "headroom",
+    "baseline_fit_events",
+    "split",
+    "horizon_s",
+    "gap_s",
+    "user_sample",
+)
+
+VERDICTS = ("better", "worse", "inconclusive")
+
+
+def _verdict_counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{v} {counts[v]}" for v in VERDICTS if counts.get(v))
+
+
+def combine_reports(reports: list[dict], names: list[str]) -> dict:
+    """One report for several checkpoints of one recipe (seeds) evaluated on the same log and split.
+
+    Today's keys keep their meaning over the models: ``model`` is each metric's mean (``model_std`` its
+    sample standard deviation), ``best_baseline.<metric>`` names the best baseline as before and gives
+    the mean ``ratio`` with ``ratio_std``, every model's ``ratios``, the ``verdicts`` counted, one
+    ``verdict`` (the common one, or ``mixed``) and ``ratio_ci_range`` (the lowest and highest bound of
+    the models' intervals). The shared keys (:data:`SHARED_REPORT_KEYS`) are the first report's;
+    ``reports`` holds every model's own report, in order, and ``aggregate`` :func:`aggregate_reports`
+    of them.
+
+    >>> one = {"model": {"purchase_auc": 0.8}, "baselines": {"f": {"purchase_auc": 0.5}},
+    ...        "best_baseline": {"purchase_auc": {"name": "f", "value": 0.5, "model": 0.8, "ratio": 1.6,
+    ...                                           "ratio_ci": [1.2, 2.0], "verdict": "better"}}}
+    >>> two = {"model": {"purchase_auc": 0.6}, "baselines": {"f": {"purchase_auc": 0.5}},
+    ...        "best_baseline": {"purchase_auc": {"name": "f", "value": 0.5, "model": 0.6, "ratio": 1.2,
+    ...                                           "ratio_ci": [0.9, 1.5], "verdict": "inconclusive"}}}
+    >>> rep = combine_reports([one, two], ["s0.pt", "s1.pt"])
+    >>> round(rep["model"]["purchase_auc"], 4), round(rep["model_std"]["purchase_auc"], 4)
+    (0.7, 0.1414)
+    >>> b = rep["best_baseline"]["purchase_auc"]
+    >>> round(b["ratio"], 4), b["verdict"], b["verdicts"], b["ratio_ci_range"]
+    (1.4, 'mixed', {'better': 1, 'inconclusive': 1}, [0.9, 2.0])
+    """
+    if not reports or len(reports) != len(names):
+        raise ValueError(f"{len(reports)} reports for {len(names)} names")
+    first = reports[0]
+
+    def same(a, b) -> bool:  # NaN-aware: a baseline that cannot score a window reports NaN
+        return json.dumps(a, sort_keys=True, default=float) == json.dumps(b, sort_keys=True, default=float)
+
+    for name, rep in zip(names[1:], reports[1:], strict=True):
+        if not same(rep.get("baselines"), first.get("baselines")):
+            raise ValueError(f"{name} was not evaluated on the same points as {names[0]}")
+    agg = aggregate_reports(reports)
+    out: dict = {k: first[k] for k in SHARED_REPORT_KEYS if k in first}
+    out["n_models"] = len(reports)
+    out["models"] = [str(n) for n in names]
+    out["model_versions"] = [r.get("model_version") for r in reports]
+    stats = agg.get("model", {})
+    out["model"] = {k: v["mean"] for k, v in stats.items()}
+    out["model_std"] = {k: v["std"] for k, v in stats.items()}
+    best: dict[str, dict] = {}
+    nan = float("nan")
+    for key, entry in (
+        first.get("best_baseline") or best_baselines(first["model"], first["baselines"])
+    ).items():
+        per = [(r.get("best_baseline") or best_baselines(r["model"], r["baselines"]))[key] for r in reports]
+        ratio = agg.get("best_baseline", {}).get(key, {}).get("ratio", {})
+        e = {
+            "name": entry["name"],
+            "value": entry["value"],
+            "model": out["model"].get(key, nan),
+            "ratio": ratio.get("mean", nan),
+            "ratio_std": ratio.get("std", nan),
+            "ratios": [p.get("ratio", nan) for p in per],
+        }
+        verdicts = [p.get("verdict") for p in per]
+        if all(verdicts):
+            e["verdicts"] = {v: verdicts.count(v) for v in VERDICTS if v in verdicts}
+            e["verdict"] = verdicts[0] if len(set(verdicts)) == 1 else "mixed"
+            cis = [p["ratio_ci"] for p in per if p.get("ratio_ci")]
+            if cis:
+                e["ratio_ci_range"] = [min(c[0] for c in cis), max(c[1] for c in cis)]
+        best[key] = e
+    out["best_baseline"] = best
+    out["reports"] = reports
+    out["aggregate"] = agg
+    return out
+
+
+def _pm(mean: float, std: float) -> str:
+    if not _finite(mean):
+        return "–"
+    return f"{mean:.4f} ± {std:.4f}" if _finite(std) else f"{mean:.4f}"
+
+
+def format_models_table(report: dict) -> str:
+    """A report of several models (:func:`combine_reports`) as the Markdown table of docs/MODEL.md §4:
+    per metric the model's mean ± sd, the best baseline and its value, the ratio's mean ± sd and the
+    verdicts with the range of the intervals' bounds.
+
+    >>> rep = {"n_models": 2, "n_category_points": 10, "n_purchase_points": 8, "purchase_positive_rate": 0.25,
+    ...        "model": {"purchase_auc": 0.7}, "model_std": {"purchase_auc": 0.1414},
+    ...        "best_baseline": {"purchase_auc": {"name": "f", "value": 0.5, "ratio": 1.4, "ratio_std": 0.2828,
+    ...            "verdicts": {"better": 1, "inconclusive": 1}, "ratio_ci_range": [0.9, 2.0]}}}
+    >>> print(format_models_table(rep))
+    2 models; points: category 10, purchase 8 (positive rate 0.250)
+    | metric | model (mean ± sd) | best baseline | its value | model / best (mean ± sd) | verdicts (95 % CI range) |
+    |---|---:|---|---:|---:|---|
+    | purchase_auc | 0.7000 ± 0.1414 | f | 0.5000 | 1.4000 ± 0.2828 | better 1, inconclusive 1 (0.900–2.000) |
+    """
+    rate = report.get("purchase_positive_rate", float("nan"))
+    level = (report.get("bootstrap") or {}).get("level", BOOTSTRAP_LEVEL)
+    lines = [
+        f"{report['n_models']} models; points: category {report['n_category_points']}, "
+        f"purchase {report['n_purchase_points']} (positive rate {rate:.3f})",
+        "| metric | model (mean ± sd) | best baseline | its value | model / best (mean ± sd) "
+        f"| verdicts ({level * 100:g} % CI range) |",
+        "|---|---:|---|---:|---:|---|",
+    ]
+    model, std, best = report["model"], report.get("model_std", {}), report.get("best_baseline", {})
+    for key in METHOD_KEYS:
+        if key not in model and key not in best:
+            continue
+        b = best.get(key)
+        cells = [key, _pm(model.get(key, float("nan")), std.get(key, float("nan")))]
+        if b is None:
+            cells += ["–", "–", "–", "–"]
+        else:
+            verdict = _verdict_counts(b.get("verdicts", {})) or "–"
+            ci = b.get("ratio_ci_range")
+            if ci and all(_finite(v) for v in ci):
+                verdict += f" ({ci[0]:.3f}–{ci[1]:.3f})"
+            cells += [
+                b["name"],
+                f"{b['value']:.4f}",
+                _pm(b["ratio"], b.get("ratio_std", float("nan"))),
+                verdict,
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def format_table(report: dict) -> str:
     """Methods × metrics as a fixed-width text table (NaN or absent = '-'), then the best baseline
     of each metric, the model's ratio to it (> 1: the model is better, see :func:`best_baselines`),
@@ -552,17 +712,31 @@ def verdict_summary(report: dict) -> str:
     ...     "category_mrr@20": {"name": "cascade", "verdict": "better"},
     ...     "purchase_auc": {"name": "funnel_cart", "verdict": "inconclusive"}}})
     'against the best baseline, 95 % user-bootstrap intervals: better on category_mrr@20 (cascade); cannot tell on purchase_auc (funnel_cart)'
+
+    A report of several models (:func:`combine_reports`) says ``better`` where every model's interval
+    does, and ``mixed`` with the counts where they disagree.
+
+    >>> verdict_summary({"best_baseline": {"purchase_auc": {"name": "funnel_cart", "verdict": "mixed",
+    ...     "verdicts": {"better": 2, "inconclusive": 1}}}})
+    'against the best baseline, 95 % user-bootstrap intervals: mixed on purchase_auc (funnel_cart: better 2, inconclusive 1)'
     """
     best = report.get("best_baseline") or {}
-    groups: dict[str, list[str]] = {"better": [], "worse": [], "inconclusive": []}
+    groups: dict[str, list[str]] = {"better": [], "worse": [], "inconclusive": [], "mixed": []}
     for key in HEADLINE_KEYS:
         entry = best.get(key)
-        if entry and entry.get("verdict") in groups:
+        if entry and entry.get("verdict") == "mixed":
+            groups["mixed"].append(f"{key} ({entry['name']}: {_verdict_counts(entry['verdicts'])})")
+        elif entry and entry.get("verdict") in groups:
             groups[entry["verdict"]].append(f"{key} ({entry['name']})")
     if not any(groups.values()):
         return ""
     level = (report.get("bootstrap") or {}).get("level", BOOTSTRAP_LEVEL)
-    words = {"better": "better on", "worse": "worse on", "inconclusive": "cannot tell on"}
+    words = {
+        "better": "better on",
+        "worse": "worse on",
+        "inconclusive": "cannot tell on",
+        "mixed": "mixed on",
+    }
     parts = [f"{words[v]} {', '.join(keys)}" for v, keys in groups.items() if keys]
     return f"against the best baseline, {level * 100:g} % user-bootstrap intervals: " + "; ".join(parts)
 
@@ -590,7 +764,7 @@ def heads_summary(report: dict) -> str:
 
 
 def run_evaluation(
-    model: str | Path,
+    model: str | Path | Sequence[str | Path],
     data,
     fmt: str,
     report: str | Path,
@@ -603,7 +777,7 @@ def run_evaluation(
     bootstrap: int = BOOTSTRAP_RESAMPLES,
     user_sample: float = 1.0,
 ) -> dict:
-    """CLI entry (``demandstream evaluate``): load checkpoint and data, evaluate, write the JSON report.
+    """CLI entry (``demandstream evaluate``): load checkpoint(s) and data, evaluate, write the JSON report.
 
     Without explicit bounds the split is the one stored in the checkpoint's training metrics when
     there is one (so evaluation tests exactly what training held out), else 80/10/10 of the data.
@@ -613,43 +787,84 @@ def run_evaluation(
     Without ``horizon_s`` the purchase horizon is the one the model was trained for (else the default).
     ``user_sample`` below 1 evaluates model and baselines on that stable fraction of the users
     (:mod:`~demandstream.model.data.sampling`); the report records it.
+
+    Several checkpoints (``model`` a list: the seeds of one recipe) are evaluated on one load of the
+    log, on the same split and points, the baselines scored once; they must agree on the split they
+    were trained for (unless the bounds are given) and on the horizon, else an :class:`OptionError`
+    says so before anything is scored. The report is :func:`combine_reports` of theirs, and with
+    ``plots`` each model's plots go to a folder of their own inside it.
     """
     from demandstream.model.data.loaders import load_log
 
-    ck = ckpt_mod.load(model)
+    names = [model] if isinstance(model, str | Path) else list(model)
+    if not names:
+        raise OptionError("no model checkpoint to evaluate")
+    cks = [ckpt_mod.load(m) for m in names]
     log = load_log(data, fmt, keep_ids=False, user_sample=user_sample)
-    stored = ck.metrics.get("split") if isinstance(ck.metrics, dict) else None
-    if train_end is None and valid_end is None and stored:
-        split = Split(float(stored["train_end"]), float(stored["valid_end"]), float(log.ts.max()))
-    else:
-        split = temporal_split(log, train_end, valid_end)
-    if horizon_s is None:
-        trained = (ck.metrics.get("train_config") or {}) if isinstance(ck.metrics, dict) else {}
-        horizon_s = float(trained.get("horizon_s", PURCHASE_HORIZON_S))
-    with torch.inference_mode():
-        rep = evaluate(
-            ck,
-            log,
-            split,
-            horizon_s=horizon_s,
-            plots_dir=plots,
-            device=device,
-            gap_s=gap_s,
-            bootstrap=bootstrap,
-            refuse_unfitted=train_end is None and valid_end is None,
+    if log.user_start is None:
+        log = log.sorted_by_user_time()
+    explicit = train_end is not None or valid_end is not None
+    splits, horizons = [], []
+    for ck in cks:
+        metrics = ck.metrics if isinstance(ck.metrics, dict) else {}
+        stored = metrics.get("split")
+        if not explicit and stored:
+            splits.append(Split(float(stored["train_end"]), float(stored["valid_end"]), float(log.ts.max())))
+        else:
+            splits.append(temporal_split(log, train_end, valid_end))
+        trained = metrics.get("train_config") or {}
+        horizons.append(
+            float(horizon_s if horizon_s is not None else trained.get("horizon_s", PURCHASE_HORIZON_S))
         )
-    rep["user_sample"] = user_sample
-    # calibration: whether the model's propensities were Platt-scaled, and why not (demandstream.model.training.train.calibrate)
-    rep["train_metrics"] = {
-        k: ck.metrics.get(k)
-        for k in ("train_events_per_s", "epochs_run", "best_epoch", "calibration", "purchase_head")
-    }
-    # the fraction of users the model was trained on (1.0 for checkpoints from before the option)
-    rep["train_metrics"]["user_sample"] = ck.metrics.get("user_sample", 1.0)
-    # which epoch's category head was shipped (0: the start, the cascade unless trained without it)
-    rep["train_metrics"]["category_epoch"] = (ck.metrics.get("selection") or {}).get("category_epoch")
-    rep["train_metrics"]["cascade_init"] = (ck.metrics.get("train_config") or {}).get("cascade_init", True)
+    for name, split, h in zip(names[1:], splits[1:], horizons[1:], strict=True):
+        if split != splits[0]:
+            raise OptionError(
+                f"{name} was trained for the split T1={utc_text(split.train_end)}, T2={utc_text(split.valid_end)} "
+                f"and {names[0]} for T1={utc_text(splits[0].train_end)}, T2={utc_text(splits[0].valid_end)}: "
+                "evaluate them apart, or give --train-end/--valid-end to test them on one split"
+            )
+        if h != horizons[0]:
+            raise OptionError(
+                f"{name} predicts purchases within {h:g} s and {names[0]} within {horizons[0]:g} s: "
+                "one report compares models of one horizon"
+            )
+    reports, cache = [], {}
+    for i, (name, ck) in enumerate(zip(names, cks, strict=True)):
+        where = plots if plots is None or len(cks) == 1 else Path(plots) / f"model{i}-{Path(name).stem}"
+        with torch.inference_mode():
+            rep = evaluate(
+                ck,
+                log,
+                splits[0],
+                horizon_s=horizons[0],
+                plots_dir=where,
+                device=device,
+                gap_s=gap_s,
+                bootstrap=bootstrap,
+                refuse_unfitted=not explicit,
+                baseline_cache=cache,
+            )
+        rep["user_sample"] = user_sample
+        rep["train_metrics"] = checkpoint_train_metrics(ck)
+        reports.append(rep)
+    rep = reports[0] if len(reports) == 1 else combine_reports(reports, [str(n) for n in names])
     path = Path(report)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(rep, indent=2, default=float))
     return rep
+
+
+def checkpoint_train_metrics(ck: Checkpoint) -> dict:
+    """The report's ``train_metrics``: what the checkpoint says about how it was trained."""
+    metrics = ck.metrics if isinstance(ck.metrics, dict) else {}
+    # calibration: whether the model's propensities were Platt-scaled, and why not (demandstream.model.training.train.calibrate)
+    out = {
+        k: metrics.get(k)
+        for k in ("train_events_per_s", "epochs_run", "best_epoch", "calibration", "purchase_head")
+    }
+    # the fraction of users the model was trained on (1.0 for checkpoints from before the option)
+    out["user_sample"] = metrics.get("user_sample", 1.0)
+    # which epoch's category head was shipped (0: the start, the cascade unless trained without it)
+    out["category_epoch"] = (metrics.get("selection") or {}).get("category_epoch")
+    out["cascade_init"] = (metrics.get("train_config") or {}).get("cascade_init", True)
+    return out

@@ -8,7 +8,7 @@ import pytest
 
 from demandstream.model.data.split import temporal_split
 from demandstream.model.data.synth import generate, write_jsonl
-from demandstream.model.errors import DataError
+from demandstream.model.errors import DataError, OptionError
 from demandstream.model.evaluation.evaluate import (
     HEADLINE_KEYS,
     LOWER_IS_BETTER,
@@ -309,3 +309,100 @@ def test_a_log_without_events_before_the_test_start_is_refused(trained, caplog):
     assert "the comparison favours the model" in caplog.text
     assert "ratio_ci" not in rep["best_baseline"]["category_mrr@20"]  # --bootstrap 0: no intervals
     assert verdict_summary(rep) == ""
+
+
+def test_the_seeds_of_a_recipe_are_one_load_one_scoring_of_the_baselines_and_one_report(
+    tmp_path, monkeypatch, capsys
+):
+    """`evaluate --model a --model b`: what each model would report alone, the baselines scored once on
+    one load of the log, and the issue's mean and spread of every metric and ratio (docs/ARCHITECTURE.md
+    §Evaluation)."""
+    from demandstream.model.data import loaders
+    from demandstream.model.evaluation import evaluate as evaluate_mod
+    from demandstream.stream import cli
+
+    data = tmp_path / "d.jsonl"
+    write_jsonl(generate(40, 1200, seed=2), data)
+    models = [tmp_path / f"s{s}.pt" for s in (0, 1)]
+    for s, m in enumerate(models):
+        run_training(str(data), "jsonl", m, seed=s, **TINY_RUN)
+    alone = [run_evaluation(m, str(data), "jsonl", tmp_path / f"alone{i}.json") for i, m in enumerate(models)]
+    assert alone[0]["model"] != alone[1]["model"]  # two seeds, two models
+
+    calls = {"load": 0, "baselines": 0}
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(loaders, "load_log", counted("load", loaders.load_log))
+    monkeypatch.setattr(evaluate_mod, "_score_baselines", counted("baselines", evaluate_mod._score_baselines))
+    argv = [
+        "evaluate",
+        "--data",
+        str(data),
+        "--report",
+        str(tmp_path / "both.json"),
+        "--plots",
+        str(tmp_path / "p"),
+    ]
+    assert cli.main([*argv, "--model", str(models[0]), "--model", str(models[1])]) == 0
+    assert calls == {"load": 1, "baselines": 1}
+    rep = json.loads((tmp_path / "both.json").read_text())
+
+    assert rep["n_models"] == 2 and rep["models"] == [str(m) for m in models]
+
+    def same(a, b):  # NaN-aware: the tiny log's windows leave some metrics undefined
+        return json.dumps(a, sort_keys=True, default=float) == json.dumps(b, sort_keys=True, default=float)
+
+    for own, lone in zip(rep["reports"], alone, strict=True):
+        for key in ("model", "best_baseline", "train_metrics", "prequential", "baselines", "split"):
+            assert same(own[key], lone[key]), key
+    assert same(rep["baselines"], alone[0]["baselines"]) and rep["split"] == alone[0]["split"]
+    assert rep["model_versions"] == [a["model_version"] for a in alone]
+    for key in METHOD_KEYS:
+        values = [a["model"][key] for a in alone]
+        assert rep["model"][key] == pytest.approx(np.mean(values), nan_ok=True)
+        assert rep["model_std"][key] == pytest.approx(np.std(values, ddof=1), nan_ok=True)
+    assert rep["best_baseline"].keys() == alone[0]["best_baseline"].keys()
+    for key in rep["best_baseline"]:
+        best, per = rep["best_baseline"][key], [a["best_baseline"][key] for a in alone]
+        assert best["name"] == per[0]["name"] and best["value"] == per[0]["value"]
+        assert best["ratios"] == [p["ratio"] for p in per]
+        assert best["ratio"] == pytest.approx(np.mean(best["ratios"]))
+        assert sum(best["verdicts"].values()) == 2
+        verdicts = {p["verdict"] for p in per}
+        assert best["verdict"] == (verdicts.pop() if len(verdicts) == 1 else "mixed")
+        lo, hi = best["ratio_ci_range"]
+        assert lo == min(p["ratio_ci"][0] for p in per) and hi == max(p["ratio_ci"][1] for p in per)
+    # each model's plots in a folder of its own
+    assert {p.name for p in (tmp_path / "p").iterdir()} == {"model0-s0", "model1-s1"}
+
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("2 models; points: category ")
+    assert out[1].startswith("| metric | model (mean ± sd) | best baseline |")
+    rows = [ln for ln in out if ln.startswith("| category_") or ln.startswith("| purchase_")]
+    assert len(rows) == len(METHOD_KEYS)
+    assert sum(ln.startswith(f"{m}: the model as trained: ") for ln in out for m in models) == 2
+
+
+def test_seeds_trained_for_different_splits_are_refused_unless_one_split_is_given(tmp_path):
+    data = tmp_path / "d.jsonl"
+    events = list(generate(40, 1200, seed=2))
+    write_jsonl(events, data)
+    t0, t1 = min(e.ts for e in events), max(e.ts for e in events)
+    bounds = [(t0 + 0.7 * (t1 - t0), t0 + 0.8 * (t1 - t0)), (t0 + 0.6 * (t1 - t0), t0 + 0.8 * (t1 - t0))]
+    models = [tmp_path / f"m{i}.pt" for i in range(2)]
+    for (te, ve), m in zip(bounds, models, strict=True):
+        run_training(str(data), "jsonl", m, train_end=te, valid_end=ve, **TINY_RUN)
+    with pytest.raises(
+        OptionError, match=r"m1\.pt was trained for the split T1=.*give --train-end/--valid-end"
+    ):
+        run_evaluation(models, str(data), "jsonl", tmp_path / "r.json")
+    assert not (tmp_path / "r.json").exists()
+    te, ve = bounds[0]
+    rep = run_evaluation(models, str(data), "jsonl", tmp_path / "r.json", train_end=te, valid_end=ve)
+    assert rep["n_models"] == 2 and rep["split"]["valid_end"] == ve
