@@ -46,8 +46,24 @@ DEFAULT_BENCH_KAFKA_PORT = 19592
 #: A cold JVM on a busy 2-core machine takes 10-20 s; the first run also fetches the jars.
 KAFKA_UP_TIMEOUT_S = 600
 KAFKA_DOWN_TIMEOUT_S = 120
-#: Partitions of every bench topic, as the product's default topics.
-PARTITIONS = 4
+#: The product's default partitions per topic (stream/settings.py), the bench's on a machine of few cores.
+DEFAULT_PARTITIONS = 4
+
+
+def bench_partitions(cores: int | None) -> int:
+    """Partitions of every bench topic: the product's default, or one per core where the machine has
+    more, so that ``worker --processes N`` (N = cores, the bench's all-cores drain) gives every process
+    a partition; with fewer partitions than processes Kafka leaves the rest idle and "every core" would
+    measure only as many processes as there are partitions.
+
+    >>> bench_partitions(2), bench_partitions(16), bench_partitions(None)
+    (4, 16, 4)
+    """
+    return max(DEFAULT_PARTITIONS, cores or 1)
+
+
+#: Partitions of every bench topic on this machine (:func:`bench_partitions`).
+PARTITIONS = bench_partitions(os.cpu_count())
 #: Records per consumer fetch in the passthrough (PERF-ANCHORS' plain aiokafka figure).
 PASSTHROUGH_MAX_RECORDS = 5000
 #: Linger of the latency measurement's producer, as the worker's (stream/worker/app.py PRODUCER_LINGER_MS).

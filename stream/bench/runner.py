@@ -717,6 +717,7 @@ def _kafka_measurements(
         "memory_mib": memory(rounds, procs, eo, no_state, restore),
         "detail": {
             "events_per_round": n,
+            "partitions": bk.PARTITIONS,
             "worker_device": device,
             "worker_inference": settings.inference,
             "passthrough": t["passthrough"],
@@ -1022,7 +1023,7 @@ def render_markdown(r: dict) -> str:
     if "events_per_round" in d:
         lines.append(
             f"- data: {d['events_per_round']:,} generated events (demandstream.model.data.synth, "
-            f"{bm.BENCH_USERS:,} users), {bk.PARTITIONS} partitions; worker device {d['worker_device']}, "
+            f"{bm.BENCH_USERS:,} users), {d.get('partitions', bk.DEFAULT_PARTITIONS)} partitions; worker device {d['worker_device']}, "
             f"inference {d.get('worker_inference', 'eager')}"
         )
     lines += _failed_lines(r)

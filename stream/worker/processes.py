@@ -63,6 +63,18 @@ def run_processes(settings: Settings) -> int:
         raise SettingsError(
             f"{PREFIX}WEB_PORT: ports {settings.web_port}..{settings.web_port + n - 1} do not fit"
         )
+    if n > settings.partitions:
+        # Not an error (a member without a partition takes partitions over when another leaves the
+        # group), but it adds no throughput, which is what --processes is asked for.
+        logger.warning(
+            "%d worker processes for %d partitions (%sPARTITIONS): Kafka gives each partition to one "
+            "member, so %d of them will process nothing; topics with at least %d partitions use them all",
+            n,
+            settings.partitions,
+            PREFIX,
+            n - settings.partitions,
+            n,
+        )
     stopping = False
 
     def on_signal(signum, _frame):
