@@ -73,7 +73,7 @@ def cmd_evaluate(a, settings: Settings) -> int:
         verdict_summary,
     )
 
-    models = a.models or [settings.model]
+    models = _model_paths(a.models) if a.models else [settings.model]
     report = run_evaluation(
         models,
         a.data,
@@ -252,6 +252,23 @@ def _paths(values: Sequence[str]) -> list[Path]:
     return out
 
 
+def _model_paths(values: Sequence[str]) -> list[str]:
+    """Checkpoint paths, a glob standing for its matches in order; a missing file is the checkpoint
+    loader's to report (one line, as for a single ``--model``)."""
+    import glob
+
+    out: list[str] = []
+    for v in values:
+        if any(ch in v for ch in "*?["):
+            matches = sorted(glob.glob(v))
+            if not matches:
+                raise UserError(f"no model checkpoint matches {v}")
+            out += matches
+        else:
+            out.append(v)
+    return out
+
+
 def _summary_line(verb: str, d: dict) -> str:
     keys = [
         k
@@ -365,9 +382,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--model",
         dest="models",
-        action="append",
-        help="checkpoint path (DEMANDSTREAM_MODEL); repeat it for the seeds of one recipe: one load, "
-        "the same points, a report of their mean and spread",
+        action="extend",
+        nargs="+",
+        metavar="MODEL",
+        help="checkpoint path or glob (DEMANDSTREAM_MODEL); several (the seeds of one recipe: "
+        "--model cos0.pt cos1.pt cos2.pt, or cos*.pt) are evaluated on one load and the same points, "
+        "in a report of their mean and spread",
     )
     sp.add_argument("--report", required=True)
     sp.add_argument("--plots")

@@ -135,3 +135,17 @@ def test_evaluate_bootstrap_takes_a_count_and_refuses_a_negative_one(capsys):
         cli.main(["evaluate", "--data", "x", "--report", "r.json", "--bootstrap", "-5"])
     assert exc.value.code == 2
     assert "--bootstrap: expected a whole number >= 0, got '-5'" in capsys.readouterr().err
+
+
+def test_evaluate_takes_several_models_in_one_or_many_flags_and_says_when_a_glob_matches_none(
+    capsys, tmp_path
+):
+    args = cli.build_parser().parse_args(
+        ["evaluate", "--data", "x", "--report", "r.json", "--model", "a.pt", "b.pt", "--model", "c.pt"]
+    )
+    assert args.models == ["a.pt", "b.pt", "c.pt"]
+    (tmp_path / "d.jsonl").write_text("")
+    argv = ["evaluate", "--data", str(tmp_path / "d.jsonl"), "--report", str(tmp_path / "r.json")]
+    assert cli.main([*argv, "--model", str(tmp_path / "seed*.pt")]) == cli.EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"no model checkpoint matches {tmp_path / 'seed*.pt'}" in err

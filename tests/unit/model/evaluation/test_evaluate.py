@@ -388,6 +388,15 @@ def test_the_seeds_of_a_recipe_are_one_load_one_scoring_of_the_baselines_and_one
     assert len(rows) == len(METHOD_KEYS)
     assert sum(ln.startswith(f"{m}: the model as trained: ") for ln in out for m in models) == 2
 
+    # a glob (quoted, or expanded by the shell into one --model's list) names the same models in order
+    assert (
+        cli.main([*argv[:-2], "--model", str(tmp_path / "s*.pt"), "--report", str(tmp_path / "glob.json")])
+        == 0
+    )
+    globbed = json.loads((tmp_path / "glob.json").read_text())
+    assert globbed["models"] == rep["models"]
+    assert all(same(globbed[k], rep[k]) for k in ("model", "model_std", "best_baseline", "baselines"))
+
 
 def test_seeds_trained_for_different_splits_are_refused_unless_one_split_is_given(tmp_path):
     data = tmp_path / "d.jsonl"
