@@ -613,9 +613,10 @@ def format_models_table(report: dict) -> str:
     """
     rate = report.get("purchase_positive_rate", float("nan"))
     level = (report.get("bootstrap") or {}).get("level", BOOTSTRAP_LEVEL)
+    said = f"positive rate {rate:.3f}" if _finite(rate) else "no observable purchase window"
     lines = [
         f"{report['n_models']} models; points: category {report['n_category_points']}, "
-        f"purchase {report['n_purchase_points']} (positive rate {rate:.3f})",
+        f"purchase {report['n_purchase_points']} ({said})",
         "| metric | model (mean ± sd) | best baseline | its value | model / best (mean ± sd) "
         f"| verdicts ({level * 100:g} % CI range) |",
         "|---|---:|---|---:|---:|---|",
