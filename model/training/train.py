@@ -909,6 +909,12 @@ SCALE_FIT_POINTS = 20_000
 #: ... and fewer when points x (C + K) columns would pass this: the fit holds a few float64 copies of
 #: that matrix, 4 GB at 3,600 categories with 20,000 points, and a shop may have 50,000 categories.
 SCALE_FIT_FLOATS = 1 << 25
+#: Up to this many logits the fit runs on the whole matrix at once; a larger one (a catalog of more than
+#: ~400 categories) is scored in chunks of :data:`SCALE_FIT_CHUNK_FLOATS`, its float64 copies made per
+#: chunk: measured on a generated shop of 5,730 categories, the whole-matrix fit (5,839 points) was the
+#: peak of training (2.74 GB), about 1.2 GB above the epochs'.
+SCALE_FIT_WHOLE_FLOATS = 1 << 23
+SCALE_FIT_CHUNK_FLOATS = 1 << 21
 
 
 @torch.no_grad()
@@ -939,22 +945,23 @@ def _calibrate_cascade_scale(
     sample[rows] = tr.cat[rows]
     was_training = net.training
     net.eval()
-    logits, hist_cats, cat_t, hash_t = [], [], [], []
+    parts = []
     only_sample = Targets(tr.mask, sample, tr.cat_hash, tr.purchase, np.zeros_like(tr.observable))
     for b in _full_context_batches(net, feats, log, only_sample, device, own):
         m = b.cat_t >= 0
-        logits.append(b.out["cat_logits"][m])
-        hist_cats.append(b.f["hist_cats"][m])
-        cat_t.append(b.cat_t[m])
-        hash_t.append(b.hash_t[m])
-    # -inf marks candidates that are never scored; a large finite value keeps them at probability 0
-    # without turning the scale's gradient into NaN
-    z = torch.cat(logits).double()
-    z = torch.where(torch.isfinite(z), z, torch.full_like(z, -1e9))
-    f = {"hist_cats": torch.cat(hist_cats)}
-    cat_t, hash_t = torch.cat(cat_t), torch.cat(hash_t)
-    ok = torch.isfinite(net.category_log_prob({"cat_logits": z}, f, cat_t, hash_t))  # rankable targets only
-    z, f, cat_t, hash_t = z[ok], {"hist_cats": f["hist_cats"][ok]}, cat_t[ok], hash_t[ok]
+        parts.append((b.out["cat_logits"][m], b.f["hist_cats"][m], b.cat_t[m], b.hash_t[m]))
+    whole = sum(p[0].numel() for p in parts) <= SCALE_FIT_WHOLE_FLOATS
+    if whole:
+        chunks = [_scale_fit_chunk(net, *(torch.cat(x) for x in zip(*parts, strict=True)), keep_double=True)]
+    else:
+        rows_per = max(1, SCALE_FIT_CHUNK_FLOATS // columns)
+        chunks = [
+            _scale_fit_chunk(net, *(x[i : i + rows_per] for x in part), keep_double=False)
+            for part in parts
+            for i in range(0, part[0].shape[0], rows_per)
+        ]
+    del parts
+    n = sum(len(c[2]) for c in chunks)
     # the temperature is fitted as its log: a negative scale would turn the masked columns' -1e9 into
     # the largest logits, and the line search does try one
     log_scale = torch.zeros(1, dtype=torch.float64, requires_grad=True)
@@ -963,17 +970,46 @@ def _calibrate_cascade_scale(
     def closure():
         opt.zero_grad()
         with torch.enable_grad():
-            loss = -net.category_log_prob({"cat_logits": log_scale.exp() * z}, f, cat_t, hash_t).mean()
-            loss.backward()
-        return loss
+            if whole:
+                z, f, cat_t, hash_t = chunks[0]
+                loss = -net.category_log_prob({"cat_logits": log_scale.exp() * z}, f, cat_t, hash_t).mean()
+                loss.backward()
+                return loss
+            # the mean over every point, one chunk's graph at a time (the gradients add up in log_scale)
+            total = torch.zeros((), dtype=torch.float64)
+            for z, f, cat_t, hash_t in chunks:
+                zd = _finite_logits(z.double())
+                part = (
+                    -net.category_log_prob({"cat_logits": log_scale.exp() * zd}, f, cat_t, hash_t).sum() / n
+                )
+                part.backward()
+                total += part.detach()
+            return total
 
     opt.step(closure)
     a = float(log_scale.detach().exp().clamp(min=1e-3))
     net.slot_w0.mul_(a)
     net.vocab_w0.mul_(a)
     net.train(was_training)
-    logger.info("cascade scale fitted on %d training points: %.4f", len(cat_t), a)
+    logger.info("cascade scale fitted on %d training points: %.4f", n, a)
     return a
+
+
+def _finite_logits(z: torch.Tensor) -> torch.Tensor:
+    """-inf marks candidates that are never scored; a large finite value keeps them at probability 0
+    without turning the scale's gradient into NaN."""
+    return torch.where(torch.isfinite(z), z, torch.full_like(z, -1e9))
+
+
+def _scale_fit_chunk(net: DemandLSTM, logits, hist_cats, cat_t, hash_t, keep_double: bool) -> tuple:
+    """The rankable points of one chunk of the cascade-scale fit: ``(logits, {"hist_cats": ...}, cat_t,
+    hash_t)``, the logits as float64 with the never-scored candidates made finite (``keep_double``), or
+    as the float32 they came in, to be widened per use (the same values: float32 → float64 is exact)."""
+    z = _finite_logits(logits.double())
+    f = {"hist_cats": hist_cats}
+    ok = torch.isfinite(net.category_log_prob({"cat_logits": z}, f, cat_t, hash_t))  # rankable targets only
+    kept = z[ok] if keep_double else logits[ok]
+    return kept, {"hist_cats": hist_cats[ok]}, cat_t[ok], hash_t[ok]
 
 
 @dataclass

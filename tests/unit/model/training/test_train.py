@@ -621,6 +621,35 @@ def test_the_cascade_scale_fit_takes_fewer_points_when_the_shop_has_many_categor
     assert 0 < n_points <= budget_points < res.metrics["n_train_events"] // 2  # the budget did bite
 
 
+def test_the_cascade_scale_fit_in_chunks_finds_the_scale_of_the_whole_matrix(monkeypatch, caplog):
+    """A large catalog's fit scores its points in chunks so that no float64 copy of the whole matrix is
+    made (it was the peak of training at 5,730 categories); the scale must not depend on the chunking."""
+    import re
+
+    import torch
+
+    from demandstream.model.training import train as train_mod
+
+    log = tiny_log(1500)
+    tcfg = TrainConfig(epochs=0, lanes=16, bptt=16, threads=1, refit=False, **ANY_VALID)
+
+    def fitted(whole: int, chunk: int):
+        monkeypatch.setattr(train_mod, "SCALE_FIT_WHOLE_FLOATS", whole)
+        monkeypatch.setattr(train_mod, "SCALE_FIT_CHUNK_FLOATS", chunk)
+        caplog.clear()
+        with caplog.at_level("INFO", logger="demandstream.model.training.train"):
+            net = train(log, tcfg, TINY_MODEL, progress=False).net  # no epoch: the scaled cascade start
+        (line,) = [r.getMessage() for r in caplog.records if "cascade scale fitted" in r.getMessage()]
+        return int(re.search(r"on (\d+) training points", line).group(1)), net.vocab_w0.detach().clone()
+
+    n_whole, w_whole = fitted(1 << 30, 1 << 21)
+    columns = len({c for c in log.categories}) + 1 + TINY_MODEL.history_slots
+    for rows_per_chunk in (1, 7, 100):  # one point a chunk, chunks that cut a batch, one per batch
+        n, w = fitted(0, columns * rows_per_chunk)
+        assert n == n_whole > 100
+        assert torch.allclose(w, w_whole, rtol=1e-9, atol=0)
+
+
 def test_the_purchase_bce_of_the_purchase_head_alone_is_validation_metrics_own():
     """The purchase-head phase compares validation BCE after every epoch without the category head;
     the comparison must be the one validation_metrics made (same batches, same sums)."""
