@@ -978,7 +978,7 @@ def _calibrate_cascade_scale(
             # the mean over every point, one chunk's graph at a time (the gradients add up in log_scale)
             total = torch.zeros((), dtype=torch.float64)
             for z, f, cat_t, hash_t in chunks:
-                zd = _finite_logits(z.double())
+                zd = z.double()
                 part = (
                     -net.category_log_prob({"cat_logits": log_scale.exp() * zd}, f, cat_t, hash_t).sum() / n
                 )
@@ -1003,12 +1003,13 @@ def _finite_logits(z: torch.Tensor) -> torch.Tensor:
 
 def _scale_fit_chunk(net: DemandLSTM, logits, hist_cats, cat_t, hash_t, keep_double: bool) -> tuple:
     """The rankable points of one chunk of the cascade-scale fit: ``(logits, {"hist_cats": ...}, cat_t,
-    hash_t)``, the logits as float64 with the never-scored candidates made finite (``keep_double``), or
-    as the float32 they came in, to be widened per use (the same values: float32 → float64 is exact)."""
+    hash_t)``, the never-scored candidates made finite, the logits as float64 (``keep_double``) or as
+    float32, to be widened per use: the same values, since float32 → float64 is exact and -1e9 is a
+    float32 (2^9 × 1,953,125)."""
     z = _finite_logits(logits.double())
     f = {"hist_cats": hist_cats}
     ok = torch.isfinite(net.category_log_prob({"cat_logits": z}, f, cat_t, hash_t))  # rankable targets only
-    kept = z[ok] if keep_double else logits[ok]
+    kept = z[ok] if keep_double else _finite_logits(logits[ok])
     return kept, {"hist_cats": hist_cats[ok]}, cat_t[ok], hash_t[ok]
 
 
