@@ -580,7 +580,9 @@ def combine_reports(reports: list[dict], names: list[str]) -> dict:
         if all(verdicts):
             e["verdicts"] = {v: verdicts.count(v) for v in VERDICTS if v in verdicts}
             e["verdict"] = verdicts[0] if len(set(verdicts)) == 1 else "mixed"
-            cis = [p["ratio_ci"] for p in per if p.get("ratio_ci")]
+            # an interval with an undefined bound (a ratio with a zero baseline in some resamples) says
+            # nothing about the range
+            cis = [p["ratio_ci"] for p in per if p.get("ratio_ci") and all(_finite(v) for v in p["ratio_ci"])]
             if cis:
                 e["ratio_ci_range"] = [min(c[0] for c in cis), max(c[1] for c in cis)]
         best[key] = e

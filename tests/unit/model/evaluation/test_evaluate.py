@@ -415,3 +415,42 @@ def test_seeds_trained_for_different_splits_are_refused_unless_one_split_is_give
     te, ve = bounds[0]
     rep = run_evaluation(models, str(data), "jsonl", tmp_path / "r.json", train_end=te, valid_end=ve)
     assert rep["n_models"] == 2 and rep["split"]["valid_end"] == ve
+
+
+def test_combined_verdicts_leave_an_undefined_interval_out_of_the_range():
+    from demandstream.model.evaluation.evaluate import combine_reports, format_models_table
+
+    def rep(auc, ci, verdict):
+        best = {
+            "name": "f",
+            "value": 0.5,
+            "model": auc,
+            "ratio": auc / 0.5,
+            "ratio_ci": ci,
+            "verdict": verdict,
+        }
+        return {
+            "model": {"purchase_auc": auc},
+            "baselines": {"f": {"purchase_auc": 0.5}},
+            "best_baseline": {"purchase_auc": best},
+            "n_category_points": 0,
+            "n_purchase_points": 9,
+            "purchase_positive_rate": 0.3,
+        }
+
+    out = combine_reports(
+        [
+            rep(0.6, [1.1, 1.3], "better"),
+            rep(0.55, [float("nan"), 1.2], "inconclusive"),
+            rep(0.6, [1.0, 1.4], "better"),
+        ],
+        ["a", "b", "c"],
+    )
+    b = out["best_baseline"]["purchase_auc"]
+    assert b["ratio_ci_range"] == [1.0, 1.4] and b["verdicts"] == {"better": 2, "inconclusive": 1}
+    assert b["verdict"] == "mixed" and verdict_summary(out).endswith("(f: better 2, inconclusive 1)")
+    assert format_models_table(out).splitlines()[-1].endswith("| better 2, inconclusive 1 (1.000–1.400) |")
+    with pytest.raises(ValueError, match="b was not evaluated on the same points as a"):
+        other = rep(0.6, [1.1, 1.3], "better")
+        other["baselines"] = {"f": {"purchase_auc": 0.4}}
+        combine_reports([rep(0.6, [1.1, 1.3], "better"), other], ["a", "b"])
