@@ -126,9 +126,11 @@ def event_features(
 #: The columns of :data:`DERIVED_COLUMNS` are computed per batch with numpy; every other column is the
 #: field of :class:`EncodedEvent` of the same name.
 #: Storage is as narrow as the values allow (event types, gap and price buckets fit a byte; buckets,
-#: vocabulary indices and the 31-bit category hashes with their -1 sentinel fit 32 bits): training
-#: holds one row per event of the log, 804 bytes a row at int64, 503 here, and
-#: :meth:`FeatureBuffer.tensors` widens each batch to the network's dtype.
+#: vocabulary indices and the 31-bit category hashes with their -1 sentinel fit 32 bits; the slots'
+#: counts, ages and session counts saturate at 0xFFFF and their cart counts at 0xFF, as the state stores
+#: them, model/core/state.py): training holds one row per event of the log, 1,176 bytes a row at 64
+#: bits, 387 here (531 while those four slot columns were float32), and :meth:`FeatureBuffer.tensors`
+#: widens each batch to the network's dtype, to the same values.
 COLUMNS: dict[str, tuple[type, torch.dtype]] = {
     "etype": (np.int8, torch.int64),
     "item": (np.int32, torch.int64),
@@ -138,17 +140,17 @@ COLUMNS: dict[str, tuple[type, torch.dtype]] = {
     "query": (np.int32, torch.int64),
     "hist_cats": (np.int32, torch.int64),
     "hist_vocab": (np.int32, torch.int64),
-    "hist_counts": (np.float32, torch.float32),
-    "hist_ages": (np.float32, torch.float32),
+    "hist_counts": (np.uint16, torch.float32),
+    "hist_ages": (np.uint16, torch.float32),
     "hist_secs": (np.float32, torch.float32),
-    "hist_cart": (np.float32, torch.float32),
+    "hist_cart": (np.uint8, torch.float32),
     "hist_etype": (np.int8, torch.int64),
     "cart": (np.float32, torch.float32),
     "purchases": (np.float32, torch.float32),
     "events_seen": (np.float32, torch.float32),
     "session_adds": (np.float32, torch.float32),
     "add_secs": (np.float32, torch.float32),
-    "hist_session": (np.float32, torch.float32),
+    "hist_session": (np.uint16, torch.float32),
     "streak": (np.float32, torch.float32),
 }
 #: Columns derived per batch: the vocabulary index of each slot's hash, events since each slot was last

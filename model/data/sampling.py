@@ -34,13 +34,14 @@ _PERSON = b"ds-users"
 #: Training's peak resident memory: a fixed part (libraries, model), a part per category of the
 #: vocabulary and a part per log row before the test start (features, labels, the refit's copy).
 #: Rounded up from generated logs (peak VmRSS, 2026-12-06): 167 categories, 221k / 899k rows: 1.45 /
-#: 2.13 GB (docs/MODEL.md §4.9); since the cascade-scale fit is scored in chunks
+#: 2.01 GB since the slots' counts are stored in 16 and 8 bits (model/core/encoding.py COLUMNS; 1.45 /
+#: 2.13 GB before, docs/MODEL.md §4.9); since the cascade-scale fit is scored in chunks
 #: (model/training/train.py, SCALE_FIT_WHOLE_FLOATS), 5,730 categories and 45k rows: 1.51 GB (2.74
 #: before), 9,501 and 180k: 1.73 GB. The estimate overstates those two by 2 % and 5 %: it is for a
 #: warning, and errs on the side of warning.
 TRAIN_FIXED_BYTES = 1_300_000_000
 TRAIN_BYTES_PER_CATEGORY = 35_000
-TRAIN_BYTES_PER_ROW = 1_000
+TRAIN_BYTES_PER_ROW = 850
 #: The smallest fraction a hint proposes; below it a log would be better cut by time.
 MIN_SUGGESTED = 0.01
 
@@ -73,9 +74,9 @@ def training_memory_bytes(rows: int, categories: int) -> int:
     name ``categories`` categories.
 
     >>> round(training_memory_bytes(1_000_000, 167) / 1e9, 2)
-    2.31
+    2.16
     >>> round(training_memory_bytes(100_000, 10_000) / 1e9, 2)
-    1.75
+    1.74
     """
     return _fixed_bytes(categories) + TRAIN_BYTES_PER_ROW * rows
 
@@ -89,7 +90,7 @@ def suggested_user_sample(rows: int, categories: int, available_bytes: int) -> f
     >>> suggested_user_sample(1_000_000, 167, 8_000_000_000) is None
     True
     >>> suggested_user_sample(40_000_000, 500, 16_000_000_000)
-    0.36
+    0.43
     >>> suggested_user_sample(40_000_000, 500, 1_000_000_000)
     0.01
     """

@@ -59,7 +59,7 @@ def test_the_estimate_covers_the_measured_runs_and_errs_on_the_side_of_warning()
     # the runs the constants were rounded up from (model/data/sampling.py, docs/MODEL.md §4.9)
     for rows, categories, measured_gb in [
         (221_186, 167, 1.45),
-        (898_999, 167, 2.13),
+        (898_999, 167, 2.01),  # since the slots' counts are narrow (2.13 GB before)
         (45_072, 5_730, 1.51),  # since the chunked cascade-scale fit (2.74 GB before it)
         (179_548, 9_501, 1.73),
     ]:
