@@ -209,6 +209,10 @@ class FeatureBuffer:
         out = {}
         for name, (_, tdtype) in COLUMNS.items():
             x = torch.from_numpy(np.ascontiguousarray(self.cols[name][rows]))
+            if x.dtype == torch.uint16:
+                # torch's 16-bit unsigned type is a "barebones" one (few kernels beyond the CPU's copies,
+                # pytorch/pytorch#116594), so it is widened here rather than on a CUDA device
+                x = x.to(tdtype)
             out[name] = x.to(device=device, dtype=tdtype, non_blocking=True)
         return out
 
