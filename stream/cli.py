@@ -73,7 +73,8 @@ def cmd_evaluate(a, settings: Settings) -> int:
         verdict_summary,
     )
 
-    models = _model_paths(a.models) if a.models else [settings.model]
+    # a missing checkpoint is the loader's to report (one line, as for a single --model)
+    models = _globbed(a.models, "model checkpoint") if a.models else [settings.model]
     report = run_evaluation(
         models,
         a.data,
@@ -236,36 +237,27 @@ def _fraction(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}") from None
 
 
-def _paths(values: Sequence[str]) -> list[Path]:
-    import glob
-
-    out: list[Path] = []
-    for v in values:
-        matches = sorted(glob.glob(v)) if any(ch in v for ch in "*?[") else [v]
-        if not matches:
-            raise UserError(f"no file matches {v}")
-        for m in matches:
-            p = Path(m)
-            if not p.is_file():
-                raise UserError(f"data file not found: {p}")
-            out.append(p)
-    return out
-
-
-def _model_paths(values: Sequence[str]) -> list[str]:
-    """Checkpoint paths, a glob standing for its matches in order; a missing file is the checkpoint
-    loader's to report (one line, as for a single ``--model``)."""
+def _globbed(values: Sequence[str], what: str) -> list[str]:
+    """Each value as given, a glob standing for its matches in name order; a glob that matches nothing
+    is a user error naming ``what``."""
     import glob
 
     out: list[str] = []
     for v in values:
-        if any(ch in v for ch in "*?["):
-            matches = sorted(glob.glob(v))
-            if not matches:
-                raise UserError(f"no model checkpoint matches {v}")
-            out += matches
-        else:
-            out.append(v)
+        matches = sorted(glob.glob(v)) if any(ch in v for ch in "*?[") else [v]
+        if not matches:
+            raise UserError(f"no {what} matches {v}")
+        out += matches
+    return out
+
+
+def _paths(values: Sequence[str]) -> list[Path]:
+    out: list[Path] = []
+    for m in _globbed(values, "file"):
+        p = Path(m)
+        if not p.is_file():
+            raise UserError(f"data file not found: {p}")
+        out.append(p)
     return out
 
 
