@@ -30,6 +30,7 @@ import numpy as np
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
+from demandstream.stream.settings import Settings
 from demandstream.stream.worker.launcher import (
     HTTP_TIMEOUT_S,
     READY_PROBE_TIMEOUT_S,
@@ -46,8 +47,8 @@ DEFAULT_BENCH_KAFKA_PORT = 19592
 #: A cold JVM on a busy 2-core machine takes 10-20 s; the first run also fetches the jars.
 KAFKA_UP_TIMEOUT_S = 600
 KAFKA_DOWN_TIMEOUT_S = 120
-#: The product's default partitions per topic (stream/settings.py), the bench's on a machine of few cores.
-DEFAULT_PARTITIONS = 4
+#: The product's default partitions per topic, the bench's on a machine of few cores.
+DEFAULT_PARTITIONS = Settings.partitions
 
 
 def bench_partitions(cores: int | None) -> int:
@@ -170,7 +171,6 @@ def create_topics(
 ) -> None:
     """The bench's topics on its broker, through the product's one topic creator (replication 1)."""
     from demandstream.stream.admin import create_topics as admin_create_topics
-    from demandstream.stream.settings import Settings
 
     admin_create_topics(
         Settings(broker=f"kafka://{bootstrap}", partitions=partitions, replication=1), list(names), configs
