@@ -1003,13 +1003,13 @@ def _finite_logits(z: torch.Tensor) -> torch.Tensor:
 
 def _scale_fit_chunk(net: DemandLSTM, logits, hist_cats, cat_t, hash_t, keep_double: bool) -> tuple:
     """The rankable points of one chunk of the cascade-scale fit: ``(logits, {"hist_cats": ...}, cat_t,
-    hash_t)``, the never-scored candidates made finite, the logits as float64 (``keep_double``) or as
-    float32, to be widened per use: the same values, since float32 → float64 is exact and -1e9 is a
-    float32 (2^9 × 1,953,125)."""
+    hash_t)``, the never-scored candidates made finite, the logits as float64 (``keep_double``) or
+    narrowed back to float32, to be widened per use: the same values either way, since they came as
+    float32 and -1e9 is one (2^9 × 1,953,125)."""
     z = _finite_logits(logits.double())
     f = {"hist_cats": hist_cats}
     ok = torch.isfinite(net.category_log_prob({"cat_logits": z}, f, cat_t, hash_t))  # rankable targets only
-    kept = z[ok] if keep_double else _finite_logits(logits[ok])
+    kept = z[ok] if keep_double else z[ok].float()
     return kept, {"hist_cats": hist_cats[ok]}, cat_t[ok], hash_t[ok]
 
 
