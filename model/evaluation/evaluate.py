@@ -807,14 +807,17 @@ def run_evaluation(
     if log.user_start is None:
         log = log.sorted_by_user_time()
     explicit = train_end is not None or valid_end is not None
-    splits, horizons = [], []
+    splits, horizons, given = [], [], None
     for ck in cks:
         metrics = ck.metrics if isinstance(ck.metrics, dict) else {}
         stored = metrics.get("split")
         if not explicit and stored:
             splits.append(Split(float(stored["train_end"]), float(stored["valid_end"]), float(log.ts.max())))
         else:
-            splits.append(temporal_split(log, train_end, valid_end))
+            # the bounds given (or the log's default split) are the same for every model: split once, so
+            # its warnings are said once too
+            given = given or temporal_split(log, train_end, valid_end)
+            splits.append(given)
         trained = metrics.get("train_config") or {}
         horizons.append(
             float(horizon_s if horizon_s is not None else trained.get("horizon_s", PURCHASE_HORIZON_S))
