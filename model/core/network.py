@@ -367,6 +367,7 @@ class DemandLSTM(nn.Module):
         f: dict[str, torch.Tensor],
         explain: bool = False,
         purchase_only: bool = False,
+        cat_at: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Head outputs from LSTM outputs ``h`` [..., hidden] and the step's features.
 
@@ -374,12 +375,21 @@ class DemandLSTM(nn.Module):
         (-inf for those in it and for index 0), the last K score the history slots (-inf when empty).
         With ``explain``, the terms those logits are sums of are returned too, under keys starting with
         ``x_`` (:mod:`demandstream.model.core.explain` names them); they cost nothing otherwise.
+        With ``cat_at`` (a boolean mask over ``h``'s leading dims), the category outputs are computed
+        only at those cells ([n, C + K], row-major order) and ``purchase_logit`` at every cell: training
+        scores a next category at about half of a window's cells (the rest pad lanes or have no next
+        category), and the [cells, C + K] work is what grows with a shop's catalog. The numbers at those
+        cells equal the unmasked call's, dropout included (its mask is drawn over every cell, as without).
         """
         cfg = self.cfg
         hd = self.drop(h)
         step = self._step_inputs(f)
+        purchase_logit = self.purchase_head(hd, f, step)
         if purchase_only:
-            return {"purchase_logit": self.purchase_head(hd, f, step)}
+            return {"purchase_logit": purchase_logit}
+        if cat_at is not None:
+            hd, step = hd[cat_at], tuple(s[cat_at] for s in step)
+            f = {k: v[cat_at] for k, v in f.items()}
         etype_1h, gap_1h, has_cart, log_cart, adds = step
         ctx = torch.cat(
             [
@@ -451,7 +461,6 @@ class DemandLSTM(nn.Module):
         vocab_score.scatter_(-1, torch.where(valid, hv, 0), float("-inf"))
         vocab_score[..., 0] = float("-inf")
 
-        purchase_logit = self.purchase_head(hd, f, step)
         out = {"cat_logits": torch.cat([vocab_score, slot_score], dim=-1), "purchase_logit": purchase_logit}
         if explain:
             out.update(
@@ -561,15 +570,21 @@ class DemandLSTM(nn.Module):
         return z, z.clone()
 
     def forward(
-        self, f: dict[str, torch.Tensor], state=None, explain: bool = False, purchase_only: bool = False
+        self,
+        f: dict[str, torch.Tensor],
+        state=None,
+        explain: bool = False,
+        purchase_only: bool = False,
+        cat_at: torch.Tensor | None = None,
     ):
         """Whole sequences: features [B, T, ...] -> (head outputs [B, T, ...], (h, c) [layers, B, hidden]).
-        With ``purchase_only``, the outputs are the purchase logit alone (the category head is skipped)."""
+        With ``purchase_only``, the outputs are the purchase logit alone (the category head is skipped);
+        with ``cat_at`` [B, T], the category outputs only at those cells (:meth:`heads`)."""
         x = self.embed(f)
         if state is None:
             state = self.initial_state(x.shape[0], x.device)
         out, state = self.lstm(x, state)
-        return self.heads(out, f, explain, purchase_only), state
+        return self.heads(out, f, explain, purchase_only, cat_at), state
 
     def forward_at(
         self,

@@ -285,15 +285,20 @@ def _loss_terms(
     hash_t: torch.Tensor,
     buy: torch.Tensor,
     obs: torch.Tensor,
+    cat_selected: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-    """Summed category NLL (over rankable targets) and purchase BCE over the given cells, with counts."""
+    """Summed category NLL (over rankable targets) and purchase BCE over the given cells, with counts.
+
+    With ``cat_selected``, ``out["cat_logits"]`` holds only the cells where ``cat_t >= 0``
+    (:meth:`DemandLSTM.heads`' ``cat_at``), so no [cells, C + K] copy is made here."""
     zero = out["purchase_logit"].sum() * 0.0
     cat_mask = cat_t >= 0
     nll, n_cat = zero, 0
     if bool(cat_mask.any()):
-        sel = {k: v[cat_mask] for k, v in out.items()}
-        fs = {k: v[cat_mask] for k, v in f.items()}
-        lp = net.category_log_prob(sel, fs, cat_t[cat_mask], hash_t[cat_mask])
+        logits = out["cat_logits"] if cat_selected else out["cat_logits"][cat_mask]
+        lp = net.category_log_prob(
+            {"cat_logits": logits}, {"hist_cats": f["hist_cats"][cat_mask]}, cat_t[cat_mask], hash_t[cat_mask]
+        )
         ok = torch.isfinite(lp)
         n_cat = int(ok.sum())
         if n_cat:
@@ -1132,12 +1137,12 @@ def _fit(
             f = feats.tensors(idx, device)
             if own is not None:
                 own.attach(f, idx, device)
-            out, (h_a, c_a) = net(f, (h[:, a], c[:, a]))
             cat_t = torch.from_numpy(np.where(valid, tr.cat[idx], -1)).to(device)
+            out, (h_a, c_a) = net(f, (h[:, a], c[:, a]), cat_at=cat_t >= 0)
             hash_t = torch.from_numpy(tr.cat_hash[idx]).to(device)
             obs = torch.from_numpy(valid & tr.observable[idx]).to(device)
             buy = torch.from_numpy(tr.purchase[idx]).to(device)
-            nll, bce, n_cat, n_buy = _loss_terms(net, out, f, cat_t, hash_t, buy, obs)
+            nll, bce, n_cat, n_buy = _loss_terms(net, out, f, cat_t, hash_t, buy, obs, cat_selected=True)
             # Scale by the share of the full lanes × window that holds real events, so a window where
             # only a few lanes are still busy moves the weights proportionally less.
             share = float(valid.sum()) / (tcfg.lanes * valid.shape[1])

@@ -168,6 +168,53 @@ def test_the_purchase_head_alone_gives_the_same_logits_and_draws_the_same_dropou
         assert torch.equal(h1, h2) and torch.equal(c1, c2) and torch.equal(after_full, after_alone)
 
 
+def test_category_head_at_chosen_cells_gives_their_logits_gradients_and_dropout():
+    """Training computes the category head only at the cells with a next category (about half of a
+    window's); the logits there, every purchase logit, the random stream and the gradients of a loss
+    read at those cells are the full forward's."""
+    from demandstream.model.core.encoding import encode_log, padded_user_batches
+
+    rng = np.random.default_rng(5)
+    events = random_events(rng, n_users=6)
+    vocab = Vocabulary.build([e.category for e in events], max_size=7)
+    cfg = ModelConfig(n_categories=len(vocab), hidden=16, markov_top_k=4, dropout=0.3)
+    net = live_net(cfg, vocab, events)
+    with torch.no_grad():  # non-zero LSTM terms and context weights, so every head parameter gets a gradient
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    log = EventLog.from_events(events).sorted_by_user_time()
+    (idx, real), *_ = padded_user_batches(log.user_start, np.ones(len(log), bool), 1 << 16)
+    f = encode_log(log, cfg, vocab).tensors(idx)
+    cells = torch.from_numpy(real & (rng.random(real.shape) < 0.5))
+    assert 0 < int(cells.sum()) < cells.numel()
+
+    def run(cat_at):
+        net.zero_grad()
+        torch.manual_seed(3)
+        out, _ = net(f, cat_at=cat_at)
+        after = torch.rand(3)
+        logits = out["cat_logits"] if cat_at is not None else out["cat_logits"][cells]
+        loss = torch.log_softmax(logits, -1)[..., -1].nan_to_num(0.0, 0.0, 0.0).sum()
+        loss = loss + out["purchase_logit"].sum()
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+        return logits, out["purchase_logit"], after, grads
+
+    for training in (False, True):
+        net.train(training)
+        full_logits, full_buy, full_after, full_grads = run(None)
+        at_logits, at_buy, at_after, at_grads = run(cells)
+        assert at_logits.shape == (int(cells.sum()), len(vocab) + cfg.history_slots)
+        assert torch.equal(full_after, at_after)  # the same dropout draws
+        assert torch.equal(full_buy, at_buy)
+        both = torch.isfinite(full_logits)
+        assert torch.equal(both, torch.isfinite(at_logits))
+        assert torch.allclose(at_logits[both], full_logits[both], rtol=0, atol=1e-6)
+        assert full_grads.keys() == at_grads.keys() and "explore.weight" in at_grads
+        for n, g in full_grads.items():
+            assert torch.allclose(at_grads[n], g, rtol=1e-5, atol=1e-6), n
+
+
 def test_distribution_sums_to_one_and_never_predicts_unknown():
     torch.manual_seed(0)
     events = random_events(np.random.default_rng(5), n_users=3)
