@@ -110,7 +110,10 @@ class BadEvent(ValueError):
         self.detail = detail
 
 
-@dataclass(slots=True, frozen=True)
+# Not frozen: a frozen dataclass's __init__ sets each of the nine fields through object.__setattr__,
+# 1.0 µs against 0.2 µs, and the worker builds one Event per record (parse_event 3.4 -> 2.5 µs). Events
+# are still values: nothing assigns to one, and they hash and compare by their fields as before.
+@dataclass(slots=True, unsafe_hash=True)
 class Event:
     """One valid clickstream event, normalized (type names mapped, ts in unix seconds)."""
 
