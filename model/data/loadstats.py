@@ -32,8 +32,8 @@ class LoadStats:
     events_dropped_rate: int = 0
     missing_category: int = 0
     out_of_order_fixed: int = 0
-    #: The stable fraction of users kept (:mod:`~demandstream.model.data.sampling`) and the valid rows of
-    #: the others, dropped.
+    #: The stable fraction of users kept (:mod:`~demandstream.model.data.sampling`) and the rows of the
+    #: others, dropped before validation (a row whose user column is no valid id is validated instead).
     user_sample: float = 1.0
     rows_outside_sample: int = 0
     files: list[str] = field(default_factory=list)
@@ -57,6 +57,7 @@ class LoadStats:
         ]
         if self.user_sample < 1.0:
             lines.append(
-                f"user sample {self.user_sample:g}: valid rows of other users dropped: {self.rows_outside_sample:,}"
+                f"user sample {self.user_sample:g}: rows of other users dropped unvalidated: "
+                f"{self.rows_outside_sample:,}"
             )
         return "\n".join(lines)

@@ -21,6 +21,7 @@ from demandstream.model.data.loaders import (
     load_log,
     read_category_tree,
 )
+from demandstream.model.data.sampling import in_user_sample
 from demandstream.model.errors import DataError, OptionError
 
 REPO = Path(__file__).resolve().parents[4]
@@ -431,7 +432,9 @@ def test_summary_reports_the_counts():
 # -- a stable sample of users ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("path", "fmt"), [(REES46, "rees46"), (JSONL, "jsonl"), (TAOBAO, "taobao")])
+@pytest.mark.parametrize(
+    ("path", "fmt"), [(REES46, "rees46"), (JSONL, "jsonl"), (TAOBAO, "taobao"), (RR, "retailrocket")]
+)
 def test_a_user_sample_keeps_whole_users_and_counts_the_rest(path, fmt):
     full_stats, half_stats = LoadStats(), LoadStats()
     full = events_by_user(load_log(path, fmt, clean=None, stats=full_stats).sorted_by_user_time())
@@ -442,11 +445,36 @@ def test_a_user_sample_keeps_whole_users_and_counts_the_rest(path, fmt):
     for user, events in half.items():  # every kept user keeps every one of their events, in order
         assert [e.event_id for e in events] == [e.event_id for e in full[user]]
     dropped = sum(len(events) for user, events in full.items() if user not in half)
-    assert half_stats.rows_outside_sample == dropped
-    assert half_stats.rows_read == full_stats.rows_read  # the same rows read and validated
-    assert half_stats.malformed == full_stats.malformed
-    assert "user sample 0.5: valid rows of other users dropped" in half_stats.summary()
+    # every row read is kept, malformed or another user's; the other users' rows are not validated,
+    # so their malformed rows count as outside the sample, and only theirs
+    assert half_stats.rows_read == full_stats.rows_read
+    assert not half_stats.malformed - full_stats.malformed
+    unvalidated = full_stats.malformed_total - half_stats.malformed_total
+    assert half_stats.rows_outside_sample == dropped + unvalidated
+    assert "user sample 0.5: rows of other users dropped unvalidated" in half_stats.summary()
     assert "user sample" not in full_stats.summary()
+
+
+def test_a_user_sample_validates_its_own_users_rows_only(tmp_path):
+    """Rows of users outside the sample are dropped before parsing (validating them was most of a
+    sampled load); a sampled user's malformed row is still rejected with its reason."""
+    users = [f"u{i}" for i in range(40)]
+    inside = [u for u in users if in_user_sample(u, 0.5)]
+    outside = [u for u in users if not in_user_sample(u, 0.5)]
+    header = REES46.read_text().splitlines()[0]
+    rows = [header]
+    for u in (inside[0], outside[0]):
+        rows.append(f"2019-10-01 00:00:00 UTC,view,p1,17,,acme,2.50,{u},s1")
+        rows.append(f"not a time,view,p1,17,,acme,2.50,{u},s1")
+        rows.append(f"2019-10-01 00:00:01 UTC,view,p1,17,,acme,twelve,{u},s1")
+    rows.append("2019-10-01 00:00:02 UTC,view,p1,17,,acme,2.50,,s1")  # no user: validated, rejected
+    path = tmp_path / "mixed.csv"
+    path.write_text("\n".join(rows) + "\n")
+    stats = LoadStats()
+    log = load_log(path, "rees46", clean=None, stats=stats, user_sample=0.5)
+    assert set(events_by_user(log.sorted_by_user_time())) == {inside[0]}
+    assert stats.malformed == {"bad_time": 1, "bad_number": 1, "bad_id": 1}
+    assert stats.rows_outside_sample == 3 and stats.rows_read == 7
 
 
 def test_a_smaller_user_sample_is_a_subset_of_a_larger_one():
@@ -464,7 +492,7 @@ def test_a_user_sample_outside_0_1_or_keeping_nobody_is_one_clear_error(tmp_path
     one.write_text(
         REES46.read_text().splitlines()[0] + "\n2019-10-01 00:00:00 UTC,view,p1,17,,acme,2.50,u1,s1\n"
     )
-    with pytest.raises(DataError, match="kept none of the 1 valid rows' users"):
+    with pytest.raises(DataError, match="kept none of the 1 rows' users"):
         load_log(one, "rees46", user_sample=1e-9)
 
 
