@@ -477,6 +477,17 @@ def test_a_user_sample_validates_its_own_users_rows_only(tmp_path):
     assert stats.rows_outside_sample == 3 and stats.rows_read == 7
 
 
+def test_a_user_sample_is_the_same_when_its_memo_of_users_overflows(monkeypatch):
+    from demandstream.model.data import loaders
+
+    expected = events_by_user(load_log(JSONL, "jsonl", clean=None, user_sample=0.5).sorted_by_user_time())
+    monkeypatch.setattr(loaders, "SAMPLE_MEMO_USERS", 2)  # forgotten every second user
+    got = events_by_user(load_log(JSONL, "jsonl", clean=None, user_sample=0.5).sorted_by_user_time())
+    assert {u: [e.event_id for e in es] for u, es in got.items()} == {
+        u: [e.event_id for e in es] for u, es in expected.items()
+    }
+
+
 def test_a_smaller_user_sample_is_a_subset_of_a_larger_one():
     users = {
         f: set(events_by_user(load_log(JSONL, "jsonl", clean=None, user_sample=f).sorted_by_user_time()))
