@@ -1826,6 +1826,8 @@ def purchase_head_summary(selection: dict) -> str:
     'funnel table (won validation)'
     >>> purchase_head_summary({"purchase_from_funnel": False, "purchase_epochs": 3, "best_epoch": 2})
     'joint epoch 2 + 3 epochs alone'
+    >>> purchase_head_summary({"purchase_from_funnel": True, "purchase_epochs": 1})
+    'funnel table + 1 epoch alone'
     """
     if selection.get("purchase_unjudged"):
         return f"funnel table ({selection['purchase_unjudged']})"
@@ -1835,7 +1837,7 @@ def purchase_head_summary(selection: dict) -> str:
         else f"joint epoch {selection.get('best_epoch')}"
     )
     n = selection.get("purchase_epochs", 0)
-    return f"{start} + {n} epochs alone" if n else f"{start} (won validation)"
+    return f"{start} + {n} epoch{'s' if n != 1 else ''} alone" if n else f"{start} (won validation)"
 
 
 def calibration_summary(info: dict) -> str:
