@@ -285,19 +285,21 @@ def _loss_terms(
     hash_t: torch.Tensor,
     buy: torch.Tensor,
     obs: torch.Tensor,
-    cat_selected: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     """Summed category NLL (over rankable targets) and purchase BCE over the given cells, with counts.
 
-    With ``cat_selected``, ``out["cat_logits"]`` holds only the cells where ``cat_t >= 0``
-    (:meth:`DemandLSTM.heads`' ``cat_at``), so no [cells, C + K] copy is made here."""
+    ``out["cat_logits"]`` holds only the cells where ``cat_t >= 0``, in order (:meth:`DemandLSTM.heads`'
+    ``cat_at``), so that no [cells, C + K] tensor is copied to select them; every other input covers
+    every cell."""
     zero = out["purchase_logit"].sum() * 0.0
     cat_mask = cat_t >= 0
     nll, n_cat = zero, 0
     if bool(cat_mask.any()):
-        logits = out["cat_logits"] if cat_selected else out["cat_logits"][cat_mask]
         lp = net.category_log_prob(
-            {"cat_logits": logits}, {"hist_cats": f["hist_cats"][cat_mask]}, cat_t[cat_mask], hash_t[cat_mask]
+            {"cat_logits": out["cat_logits"]},
+            {"hist_cats": f["hist_cats"][cat_mask]},
+            cat_t[cat_mask],
+            hash_t[cat_mask],
         )
         ok = torch.isfinite(lp)
         n_cat = int(ok.sum())
@@ -384,17 +386,19 @@ def validation_metrics(
     tot_nll = tot_bce = rr = 0.0
     n_cat = n_buy = n_rank = 0
     for b in _full_context_batches(net, feats, log, pts, device):
-        nll, bce, nc, nb = _loss_terms(net, b.out, b.f, b.cat_t, b.hash_t, b.buy, b.obs)
+        # the category points' logits, selected once for the loss and the ranks
+        m = b.cat_t >= 0
+        out = {"cat_logits": b.out["cat_logits"][m], "purchase_logit": b.out["purchase_logit"]}
+        nll, bce, nc, nb = _loss_terms(net, out, b.f, b.cat_t, b.hash_t, b.buy, b.obs)
         tot_nll += float(nll)
         tot_bce += float(bce)
         n_cat += nc
         n_buy += nb
-        m = b.cat_t >= 0
         if bool(m.any()):
             ranks = target_ranks(
                 net,
-                {k: v[m] for k, v in b.out.items()},
-                {k: v[m] for k, v in b.f.items()},
+                out,
+                {k: b.f[k][m] for k in ("hist_cats", "hist_vocab")},
                 b.cat_t[m],
                 b.hash_t[m],
             )
@@ -1142,7 +1146,7 @@ def _fit(
             hash_t = torch.from_numpy(tr.cat_hash[idx]).to(device)
             obs = torch.from_numpy(valid & tr.observable[idx]).to(device)
             buy = torch.from_numpy(tr.purchase[idx]).to(device)
-            nll, bce, n_cat, n_buy = _loss_terms(net, out, f, cat_t, hash_t, buy, obs, cat_selected=True)
+            nll, bce, n_cat, n_buy = _loss_terms(net, out, f, cat_t, hash_t, buy, obs)
             # Scale by the share of the full lanes × window that holds real events, so a window where
             # only a few lanes are still busy moves the weights proportionally less.
             share = float(valid.sum()) / (tcfg.lanes * valid.shape[1])
