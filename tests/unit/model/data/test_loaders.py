@@ -513,6 +513,12 @@ def test_a_user_sample_takes_hostile_ids_as_any_other(tmp_path):
         '{"event_id":"e1","user_id":"\\ud800x","ts":1700000000,"type":"view","item_id":"i","category":"c"}',
         '{"event_id":"e2","user_id":"u\\u0000\\u001b","ts":1700000001,"type":"view","item_id":"i","category":"c"}',
         '{"event_id":"e3","user_id":"","ts":1700000002,"type":"view","item_id":"i","category":"c"}',
+        # a sampled load peeks at user_id before parsing: neither a huge row nor a non-object slips by
+        '{"event_id":"e4","user_id":"u1","ts":1700000003,"type":"view","item_id":"i","category":"'
+        + "c" * 20_000
+        + '"}',
+        '["user_id", "u1"]',
+        '{"event_id":"e5","user_id":["u1"],"ts":1700000004,"type":"view","item_id":"i","category":"c"}',
     ]
     # ids that look like internal keys, an over-long one and a non-ASCII one
     for k, uid in enumerate(["__all__", "user-state-changelog", "-1", "x" * 200, "ユーザー", "0"] * 10):
@@ -526,7 +532,11 @@ def test_a_user_sample_takes_hostile_ids_as_any_other(tmp_path):
     half = load_log(hostile, "jsonl", clean=None, stats=half_stats, user_sample=0.5)
     # a lone surrogate is not JSON; an empty id and the 200-character ones are bad ids; control
     # characters pass validation (its rule, not the sample's) and are hashed like any id
-    assert full_stats.malformed == {"not_json": 1, "bad_id": 11} == half_stats.malformed
+    assert (
+        full_stats.malformed
+        == {"not_json": 1, "bad_id": 11, "too_large": 1, "not_object": 1, "bad_field_type": 1}
+        == half_stats.malformed
+    )
     assert len(half) + half_stats.rows_outside_sample == len(full) == 51
     assert 0 < len(half) < len(full)
 
