@@ -356,10 +356,13 @@ class DemandLSTM(nn.Module):
             total = (total - own_total).clamp(min=0.0)
             count = (count - own_count).clamp(min=0.0)
         denom = total + MARKOV_ALPHA
-        pop = self.pop_logp.exp()
-        dense = (w * MARKOV_ALPHA / denom).sum(-1, keepdim=True) * pop
-        mix = dense.scatter_add_(-1, nxt.flatten(-2), ((w / denom).unsqueeze(-1) * count).flatten(-2))
-        return torch.log(torch.where(wsum > 0, mix, pop))
+        # a row without a known category has w = 0 everywhere, so (0 + 1) * pop is exactly popularity:
+        # the same numbers as a final where(wsum > 0, mix, pop), one [..., C] pass fewer
+        base = (w * MARKOV_ALPHA / denom).sum(-1, keepdim=True) + (wsum == 0)
+        mix = (base * self.pop_logp.exp()).scatter_add_(
+            -1, nxt.flatten(-2), ((w / denom).unsqueeze(-1) * count).flatten(-2)
+        )
+        return torch.log(mix)
 
     def heads(
         self,
@@ -536,6 +539,31 @@ class DemandLSTM(nn.Module):
         known = hv > 0
         pv = pv.scatter_add(-1, hv, ps * known)
         return torch.cat([pv, ps * ~known], dim=-1)
+
+    @staticmethod
+    def category_top(
+        out: dict[str, torch.Tensor], f: dict[str, torch.Tensor], k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``k`` most probable next categories: probabilities [..., k] and their columns in
+        :meth:`category_probs`'s layout [..., k], largest first. The same numbers as
+        ``category_probs(out, f).topk(k)`` (exact ties may come in another order).
+
+        Every category has exactly one finite logit (a vocabulary column, or the history slot that
+        scores it), so the top of the logits is the top of the distribution, and the slots'
+        probabilities need not be moved to their vocabulary columns first: two [..., C + K] passes
+        fewer, which at a catalog of thousands of categories is a sixth of the stream's step
+        (docs/BENCHMARKS.md). ``k`` must not exceed the number of categories with a finite logit (at
+        least C - 1, the vocabulary without its unknown index; the Scorer's ``top_k`` is capped so).
+        """
+        logits = out["cat_logits"]
+        cols = logits.topk(k, dim=-1).indices
+        # one fused softmax is faster here than a log-sum-exp over the logits (several passes on CPU)
+        p = torch.softmax(logits, dim=-1).gather(-1, cols)
+        hv = f["hist_vocab"]
+        n_vocab = logits.shape[-1] - hv.shape[-1]
+        # a slot whose category the vocabulary knows is reported at that vocabulary column
+        slot_vocab = hv.gather(-1, (cols - n_vocab).clamp(min=0))
+        return p, torch.where((cols >= n_vocab) & (slot_vocab > 0), slot_vocab, cols)
 
     @staticmethod
     def category_log_prob(

@@ -6,14 +6,16 @@ evaluator call :meth:`Scorer.predict_log`, which runs the same weights over whol
 encode through :mod:`demandstream.model.core.encoding`, so their outputs agree to float precision
 (docs/ARCHITECTURE.md §Semantics, parity).
 
->>> from demandstream.model.core.network import DemandLSTM, ModelConfig
+>>> from demandstream.model.core.network import DemandLSTM, ModelConfig, init_like_cascade
 >>> from demandstream.model.core.features import Vocabulary
 >>> from demandstream.model.core.checkpoint import Checkpoint
 >>> from demandstream.model.core.events import Event
 >>> torch.manual_seed(0) is not None
 True
 >>> vocab = Vocabulary(["<unk>", "shoes", "bags"])
->>> sc = Scorer(Checkpoint(DemandLSTM(ModelConfig(n_categories=3)).eval(), vocab, "0a1b2c3d"), top_k=2)
+>>> net = DemandLSTM(ModelConfig(n_categories=3))
+>>> init_like_cascade(net)  # untrained, it ranks as the rule cascade: the current category first
+>>> sc = Scorer(Checkpoint(net.eval(), vocab, "0a1b2c3d"), top_k=2)
 >>> st = sc.new_state()
 >>> [p] = sc.step([Event("e1", "u1", 1.7e9, "view", "i1", "shoes", 10.0)], [st])
 >>> [c for c, _ in p.top_categories], st.events_seen, 0.0 < p.purchase_propensity < 1.0
@@ -162,16 +164,19 @@ class Scorer:
         return self._oov_names.get(-code) or f"#{-code:08x}"
 
     def _top(
-        self, probs: torch.Tensor, hist_cats: torch.Tensor
+        self, out: dict[str, torch.Tensor], f: dict[str, torch.Tensor]
     ) -> tuple[list[list[int]], list[list[float]], torch.Tensor, list[list[str]]]:
-        """Top-k per row of a [n, C + K] distribution: codes as in :meth:`category_name`, probabilities,
-        the top columns themselves [n, k] (what :meth:`_why` explains) and the categories' names.
+        """Top-k per row of the heads' output ``out`` for features ``f``
+        (:meth:`DemandLSTM.category_top`): codes as in :meth:`category_name`, probabilities, the top
+        columns of :meth:`DemandLSTM.category_probs`'s layout [n, k] (what :meth:`_why` explains) and
+        the categories' names.
 
         The names of a whole batch come from one index into the vocabulary's names (the per-event
         naming was the top frame of the worker's profile, docs/BENCHMARKS.md); only categories outside
         the vocabulary are looked up one by one.
         """
-        top_p, cols = probs.topk(self.top_k, dim=-1)
+        top_p, cols = self.net.category_top(out, f, self.top_k)
+        hist_cats = f["hist_cats"]
         c = len(self._names)
         top_i = cols
         oov = cols >= c
@@ -254,8 +259,7 @@ class Scorer:
             out, (h2, c2) = self.net.forward_packed(
                 fv, np.asarray(lengths), (h, c), explain=explain, compiled=self._compiled
             )
-        probs = self.net.category_probs(out, fv)
-        top_i, top_p, cols, names = self._top(probs, fv["hist_cats"])
+        top_i, top_p, cols, names = self._top(out, fv)
         why = self._why(out, fv, cols) or [None] * n
         prop = torch.sigmoid(out["purchase_logit"]).cpu().tolist()
         batch.h[:, idx] = h2.cpu().numpy()
@@ -285,8 +289,8 @@ class Scorer:
         Every user's whole sequence is run from a fresh state; only rows where ``rows`` (a bool mask
         over the log) is true are yielded (all rows when None). The log must be sorted by user and time.
         """
-        for row_ids, probs, prop, _out, fv in self._predict_batches(log, rows, features):
-            yield row_ids, probs, prop, fv["hist_cats"]
+        for row_ids, prop, out, fv in self._predict_batches(log, rows, features):
+            yield row_ids, self.net.category_probs(out, fv), prop, fv["hist_cats"]
 
     def _predict_batches(self, log: EventLog, rows: np.ndarray | None, features: FeatureBuffer | None):
         """:meth:`predict_log`'s batches with the selected head outputs and features (for ``why``)."""
@@ -297,8 +301,7 @@ class Scorer:
             valid = real & want[idx]
             row_ids = idx[valid]
             for part, sel, fv in self.net.forward_at(f, torch.from_numpy(valid), explain=bool(self.why_top)):
-                probs = self.net.category_probs(sel, fv)
-                yield row_ids[part], probs, torch.sigmoid(sel["purchase_logit"]), sel, fv
+                yield row_ids[part], torch.sigmoid(sel["purchase_logit"]), sel, fv
 
     @torch.inference_mode()
     def score_log(self, log: EventLog, rows: np.ndarray | None = None) -> Iterator[tuple[int, Prediction]]:
@@ -307,8 +310,8 @@ class Scorer:
         event; the heads and the signal run only at the rows asked for."""
         for c in log.categories:
             self.remember(c)
-        for row_ids, probs, prop, out, fv in self._predict_batches(log, rows, None):
-            ti, tp, cols, names = self._top(probs, fv["hist_cats"])
+        for row_ids, prop, out, fv in self._predict_batches(log, rows, None):
+            ti, tp, cols, names = self._top(out, fv)
             why = self._why(out, fv, cols) or [None] * len(ti)
             pp = prop.cpu().tolist()
             for j, r in enumerate(row_ids.tolist()):

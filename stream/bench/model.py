@@ -163,7 +163,7 @@ def incremental_speedup(
             f = feats.tensors(idx)
             heads, _ = net(f)
             last = {k: v[:, -1] for k, v in heads.items()}
-            return net.category_probs(last, {k: v[:, -1] for k, v in f.items()}).topk(scorer.top_k, dim=-1)
+            return net.category_top(last, {k: v[:, -1] for k, v in f.items()}, scorer.top_k)  # as the step
 
         state = scorer.new_state()
         for e in history[:-1]:  # bring the state to history length L - 1 first

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from demandstream.model.core.checkpoint import Checkpoint
+from demandstream.model.core.encoding import encode_log
 from demandstream.model.core.events import EVENT_TYPES, Event
 from demandstream.model.core.features import Vocabulary
 from demandstream.model.core.network import (
@@ -97,6 +98,9 @@ def test_step_equals_forward(layers):
             probs, prop, hist_cats = offline[e.event_id]
             assert s.hist_cats == hist_cats
             max_diff = max(max_diff, abs(prop - p.purchase_propensity))
+            # the step's top k (read off the logits) are the k largest of the offline distribution
+            top_offline = np.sort(probs)[::-1][: len(p.top_categories)]
+            max_diff = max(max_diff, float(np.abs(top_offline - [pn for _, pn in p.top_categories]).max()))
             for (code, pc), (name, pn) in zip(s.last_top, p.top_categories, strict=True):
                 assert scorer.category_name(code) == name and pn == pc
                 oov_ranked += code < 0
@@ -229,6 +233,31 @@ def test_distribution_sums_to_one_and_never_predicts_unknown():
         slot_p = probs[:, len(vocab) :]
         assert float(slot_p[(slot_vocab > 0) | (hist_cats <= 0)].sum()) == 0.0
         assert float(slot_p.sum()) > 0.0
+
+
+def test_category_top_is_the_top_of_the_distribution_without_writing_it_out():
+    """category_top reads the k most probable categories off the logits: the same probabilities and
+    columns (in category_probs' layout, a known slot's category at its vocabulary column) as the top k
+    of category_probs, history slots outside the vocabulary included."""
+    rng = np.random.default_rng(11)
+    events = random_events(rng, n_users=9, n_cats=15)
+    vocab = Vocabulary.build([e.category for e in events], max_size=6)  # most categories outside it
+    cfg = ModelConfig(n_categories=len(vocab), hidden=16, markov_top_k=3)
+    net = live_net(cfg, vocab, events, seed=3)
+    log = EventLog.from_events(events).sorted_by_user_time()
+    feats = encode_log(log, cfg, vocab).tensors(slice(0, len(log)), torch.device("cpu"))
+    oov_in_top = 0
+    with torch.inference_mode():
+        out = net.heads(torch.randn(len(log), cfg.hidden), feats)
+        for k in (1, 3, len(vocab) - 1):
+            p, cols = net.category_top(out, feats, k)
+            p_ref, cols_ref = net.category_probs(out, feats).topk(k, dim=-1)
+            assert torch.equal(p, p_ref)
+            distinct = (p_ref[:, 1:] != p_ref[:, :-1]).all(-1)  # rows without exact ties in their top
+            assert bool(distinct.any())
+            assert torch.equal(cols[distinct], cols_ref[distinct])
+            oov_in_top += int((cols >= len(vocab)).sum())
+    assert oov_in_top > 0  # slots outside the vocabulary were among the top
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -531,7 +560,7 @@ def test_markov_history_mixes_the_rows_of_the_users_categories_by_recency():
     rows = net.markov_row(torch.tensor([1, 4])).exp()
     assert torch.allclose(mix[0], rows[0], atol=1e-6)  # one category: its own row
     assert torch.allclose(mix[1], (rows[1] + d * rows[0]) / (1 + d), atol=1e-6)  # 4 most recent, then 1
-    assert torch.allclose(mix[2], net.pop_logp.exp())  # nothing known: popularity
+    assert torch.equal(mix[2], net.pop_logp.exp().log().exp())  # nothing known: exactly popularity
     # leaving out a user's own 1->3 (the slot of category 1) equals markov_row's leave-out
     own_count = torch.tensor([[[1.0, 0.0], [0.0, 0.0], [0.0, 0.0]]])
     own_total = torch.tensor([[1.0, 0.0, 0.0]])
