@@ -52,6 +52,12 @@ MIN_CALLS = 3
 STORE_PARTITIONS = 4
 #: Users written per RocksDB write batch when filling the simulated store.
 FILL_BATCH = 10_000
+#: The step table's large-catalog column: a generated shop of departments x leaves per department,
+#: and events enough to see most leaves (4,085 of the 5,000). The bench's own shop has ~170
+#: categories; Taobao's UserBehavior log has ~9,400, and the step's [rows, C] passes grow with C.
+LARGE_CATALOG_DEPARTMENTS = 50
+LARGE_CATALOG_LEAVES = 100
+LARGE_CATALOG_EVENTS = 40_000
 
 
 def bench_events(n_events: int, n_users: int = BENCH_USERS, seed: int = BENCH_SEED) -> list[Event]:
@@ -67,6 +73,16 @@ def make_checkpoint(events: Sequence[Event]) -> Checkpoint:
     torch.manual_seed(MODEL_SEED)
     net = DemandLSTM(ModelConfig(n_categories=len(vocab))).eval()
     return Checkpoint(net, vocab, "0b0b0b0b")
+
+
+def large_catalog(seed: int = BENCH_SEED) -> tuple[Checkpoint, list[Event]]:
+    """:func:`make_checkpoint` over a generated shop of thousands of categories, and its events (the
+    largest step batch needs one event per row: at least max(STEP_BATCH_SIZES) of them)."""
+    from demandstream.model.data.synth import SynthConfig, generate
+
+    cfg = SynthConfig(n_departments=LARGE_CATALOG_DEPARTMENTS, leaves_per_department=LARGE_CATALOG_LEAVES)
+    events = list(generate(BENCH_USERS, LARGE_CATALOG_EVENTS, seed=seed, config=cfg))
+    return make_checkpoint(events), events
 
 
 def save_model(path: Path, events: Sequence[Event]) -> Path:

@@ -847,6 +847,7 @@ def _model_measurements(parts: Parts, plan: BenchPlan, data: _Data) -> dict:
     # allocate enough to set off collections inside the timed call (measured 2026-12-03: 26k events/s
     # at 1,024 with them, 38k under the worker's settings).
     torch.set_num_threads(1)
+    large = None
     try:
         with worker_gc():
             step = {
@@ -862,6 +863,17 @@ def _model_measurements(parts: Parts, plan: BenchPlan, data: _Data) -> dict:
                 min_s=plan.step_min_s,
                 inference="compiled",
             )
+            # the same eager step at a catalog of thousands of categories (its [rows, C] passes)
+            large = parts.run("large catalog", bm.large_catalog)
+            if large is not None:
+                step["cpu large catalog"] = parts.run(
+                    "step cpu large catalog",
+                    bm.step_events_per_s,
+                    large[0],
+                    large[1],
+                    "cpu",
+                    min_s=plan.step_min_s,
+                )
             if _cuda():
                 step["cuda"] = parts.run(
                     "step cuda", bm.step_events_per_s, ckpt, events, "cuda", min_s=plan.step_min_s
@@ -876,7 +888,12 @@ def _model_measurements(parts: Parts, plan: BenchPlan, data: _Data) -> dict:
         "step_events_per_s": step,
         "incremental_speedup": incremental,
         "train_events_per_s": train["events_per_s"] if train else None,
-        "detail": {"step_torch_threads": 1, "step_gc": "worker", "train": train},
+        "detail": {
+            "step_torch_threads": 1,
+            "step_gc": "worker",
+            "step_large_catalog_categories": None if large is None else len(large[0].vocab),
+            "train": train,
+        },
     }
 
 
@@ -1316,6 +1333,15 @@ def _step_lines(r: dict) -> list[str]:
             lines.append(f"| {b} | " + " | ".join(_n(steps[dv][b]) for dv in devices) + " |")
     for dv in [dv for dv, x in steps.items() if not x] or ([] if steps else ["cpu"]):
         lines += ["", f"{dv}: {_why(r, f'step {dv}', 'step')}."]
+    n_large = (r.get("detail") or {}).get("step_large_catalog_categories")
+    if steps.get("cpu large catalog") and n_large:
+        lines += [
+            "",
+            f"`cpu large catalog`: the `cpu` step with a model of {n_large:,} categories (a generated shop of"
+            f" {bm.LARGE_CATALOG_DEPARTMENTS} departments × {bm.LARGE_CATALOG_LEAVES} leaves; the other"
+            " columns' model has the bench data's categories). The step's [rows, categories] passes grow"
+            " with the catalog.",
+        ]
     lines += [
         "",
         "### Incremental step vs recomputing the history (CPU, per new event, batches of users)",

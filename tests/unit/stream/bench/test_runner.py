@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -226,8 +227,12 @@ def fakes(monkeypatch):
             "rss_mib": 200.0 + 0.004,  # 10 states: 40 MiB per 100k users
         }
 
+    large = SimpleNamespace(vocab=range(4321))  # the large-catalog model: only its size is read
+
     def step(ckpt, events, device, min_s, inference="eager"):
-        maybe_fail("step" if inference == "eager" else f"step {inference}")
+        maybe_fail(
+            "step large catalog" if ckpt is large else "step" if inference == "eager" else f"step {inference}"
+        )
         return {"1": 100.0, "4096": 50_000.0}
 
     monkeypatch.setattr(bk, "Broker", FakeBroker)
@@ -247,6 +252,7 @@ def fakes(monkeypatch):
         bm, "rocksdb_bytes_per_user", lambda ckpt, n, d: {"users": n, "bytes_per_user": 300.0}
     )
     monkeypatch.setattr(bm, "step_events_per_s", step)
+    monkeypatch.setattr(bm, "large_catalog", lambda: (large, []))
     monkeypatch.setattr(
         bm,
         "incremental_speedup",
@@ -282,8 +288,17 @@ def test_every_worker_runs_the_settings_inference_and_the_step_is_measured_both_
     _, r, text = bench(tmp_path, settings=Settings(inference="compiled"))
     assert FakeWorker.started and all(w.inference == "compiled" for w in FakeWorker.started)
     assert r["detail"]["worker_inference"] == "compiled" and "inference compiled" in text
-    assert set(r["step_events_per_s"]) == {"cpu", "cpu compiled"}
-    assert "| batch | cpu | cpu compiled |" in text
+    assert set(r["step_events_per_s"]) == {"cpu", "cpu compiled", "cpu large catalog"}
+    assert "| batch | cpu | cpu compiled | cpu large catalog |" in text
+    assert r["detail"]["step_large_catalog_categories"] == 4321 and "a model of 4,321 categories" in text
+
+
+def test_a_failed_large_catalog_step_is_recorded_and_the_other_columns_kept(fakes, tmp_path):
+    fakes.fail = {"step large catalog": MemoryError()}
+    _, r, text = bench(tmp_path)
+    assert [f["part"] for f in r["failed"]] == ["step cpu large catalog"]
+    assert r["step_events_per_s"]["cpu large catalog"] is None and r["step_events_per_s"]["cpu"]
+    assert "cpu large catalog: failed: MemoryError" in text and "a model of" not in text
 
 
 def test_an_uncounted_exactly_once_drain_warms_the_broker_up_first(fakes, tmp_path):
@@ -371,7 +386,11 @@ def test_every_failed_model_part_and_a_failed_latency_still_write_both_files(fak
     assert [f["part"] for f in r["failed"]] == ["latency 25%", "latency 50%", "latency 75%", "step cpu"]
     assert [s["part"] for s in r["skipped"]] == ["latency plot"]
     # the compiled column is a part of its own: measured although the eager one failed
-    assert r["step_events_per_s"] == {"cpu": None, "cpu compiled": {"1": 100.0, "4096": 50_000.0}}
+    assert r["step_events_per_s"] == {
+        "cpu": None,
+        "cpu compiled": {"1": 100.0, "4096": 50_000.0},
+        "cpu large catalog": {"1": 100.0, "4096": 50_000.0},
+    }
     assert "cpu: failed: ValueError: bad batch" in text
     assert text.count("failed: OSError: connection reset") >= 3
 
