@@ -33,6 +33,7 @@ numbers (tests/unit/model/core/test_network.py checks max |Δ| ≤ 1e-5).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -84,10 +85,25 @@ VOCAB_FEATURES = ("markov", "popularity", "markov_history")
 #: category of the user weighs decay**k. Learned in training (a sigmoid keeps it in (0, 1)).
 MIX_DECAY_INIT = 0.5
 
-#: Offline (:meth:`DemandLSTM.forward_at`), the heads run on at most this many floats of one
-#: [cells, C + K] tensor at a time. A batch of long users times a shop's 10,000 categories was GBs per
-#: tensor, and the head builds several.
-HEAD_CHUNK_FLOATS = 1 << 23
+#: Outside training, the heads run on blocks of rows (:func:`head_block_rows`) of about this many
+#: floats of one [rows, C + K] tensor, so that their dozen passes over it stay in a core's cache:
+#: heads and top-k over 2,048 rows at 4,085 categories took 12.9k events/s at once and 26.9k in blocks
+#: of 256 rows (docs/BENCHMARKS.md). Offline, the blocks also bound memory: a batch of long users
+#: times a shop's 10,000 categories was GBs per tensor, and the head builds several.
+HEAD_BLOCK_FLOATS = 1 << 18
+#: A block has at least this many rows: the heads' ~200 tensor operations cost the same for 1 row as
+#: for 256, and at a small catalog smaller blocks were slower (168 categories: 100k events/s in
+#: blocks of 256, 135k of 1,024).
+HEAD_BLOCK_MIN_ROWS = 256
+
+
+def head_block_rows(columns: int) -> int:
+    """Rows per block of the heads at ``columns`` = C + K output columns (outside training).
+
+    >>> head_block_rows(4101), head_block_rows(184)
+    (256, 1424)
+    """
+    return max(HEAD_BLOCK_MIN_ROWS, HEAD_BLOCK_FLOATS // max(1, columns))
 
 
 @dataclass
@@ -626,21 +642,40 @@ class DemandLSTM(nn.Module):
         Yields ``(part, outputs, features)``: ``part`` is a slice of the selected cells in row-major
         (user, step) order, ``outputs`` and ``features`` are theirs ([n, ...]). The LSTM runs over every
         cell (the state needs the whole sequence), the heads only where asked and a bounded chunk at a
-        time (:data:`HEAD_CHUNK_FLOATS`): offline scoring and validation ask for a window's points
+        time (:func:`head_block_rows`): offline scoring and validation ask for a window's points
         after long histories, and the heads' [cells, C + K] tensors are what grows with a shop's
-        categories. The numbers equal :meth:`forward`'s at those cells.
+        categories (:meth:`heads_in_blocks`). The numbers equal :meth:`forward`'s at those cells.
         """
         x = self.embed(f)
         out, _ = self.lstm(x, self.initial_state(x.shape[0], x.device))
         w = where.to(out.device)
-        h = out[w]
-        rows = {k: v[w] for k, v in f.items()}
-        n, columns = h.shape[0], self.pop_logp.shape[0] + f["hist_cats"].shape[-1]
-        step = max(1, HEAD_CHUNK_FLOATS // columns)
-        for i in range(0, n, step):
-            part = slice(i, min(n, i + step))
-            fc = {k: v[part] for k, v in rows.items()}
-            yield part, self.heads(h[part], fc, explain, purchase_only), fc
+        yield from self.heads_in_blocks(out[w], {k: v[w] for k, v in f.items()}, explain, purchase_only)
+
+    def heads_in_blocks(
+        self,
+        h: torch.Tensor,
+        f: dict[str, torch.Tensor],
+        explain: bool = False,
+        purchase_only: bool = False,
+        compiled: CompiledHeads | None = None,
+    ) -> Iterator[tuple[slice, dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
+        """:meth:`heads` of ``h`` [n, hidden] and its rows' features, a block of :func:`head_block_rows`
+        rows at a time: ``(part, outputs, features)`` per block, ``part`` a slice of the n rows. Each
+        row's numbers are those of one call over all of them (the heads work row by row). With
+        ``compiled`` (of this net) and not ``explain``, the blocks run compiled."""
+        if compiled is None or explain or purchase_only:
+            heads = functools.partial(self.heads, explain=explain, purchase_only=purchase_only)
+        else:
+            heads = compiled.heads
+        n = h.shape[0]
+        rows = head_block_rows(self.pop_logp.shape[0] + f["hist_cats"].shape[-1])
+        if n <= rows:  # the stream's usual micro-batch: no slicing of the features
+            yield slice(0, n), heads(h, f), f
+            return
+        for i in range(0, n, rows):
+            part = slice(i, min(n, i + rows))
+            fb = {k: v[part] for k, v in f.items()}
+            yield part, heads(h[part], fb), fb
 
     def forward_packed(
         self,
@@ -660,6 +695,15 @@ class DemandLSTM(nn.Module):
         Only the n real rows are embedded, and they go to the LSTM in its packed (time-major) layout by
         one gather (:func:`packed_order`), with no padded [B, T] tensor on either side.
         """
+        h, state = self.recur_packed(rows, lengths, state)
+        heads = self.heads if compiled is None or explain else compiled.heads
+        return heads(h, rows, explain), state
+
+    def recur_packed(
+        self, rows: dict[str, torch.Tensor], lengths: np.ndarray, state: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`forward_packed` without the heads: the LSTM's output at every row [n, hidden], in the
+        rows' (user, step) order, and the final (h, c) of each user."""
         perm, batch_sizes, order = packed_order(lengths)
         dev = rows["etype"].device
         perm_t = torch.from_numpy(perm).to(dev)
@@ -673,8 +717,7 @@ class DemandLSTM(nn.Module):
         out, state = self.lstm(packed, state)
         h = torch.empty_like(out.data)
         h[perm_t] = out.data
-        heads = self.heads if compiled is None or explain else compiled.heads
-        return heads(h, rows, explain), state
+        return h, state
 
     def step(
         self,
@@ -685,10 +728,17 @@ class DemandLSTM(nn.Module):
     ):
         """One event per user: features [B, ...] -> (head outputs [B, ...], new (h, c)). ``compiled`` as
         in :meth:`forward_packed`."""
+        h, state = self.recur(f, state)
+        heads = self.heads if compiled is None or explain else compiled.heads
+        return heads(h, f, explain), state
+
+    def recur(
+        self, f: dict[str, torch.Tensor], state: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`step` without the heads: the LSTM's output [B, hidden] and the new (h, c)."""
         x = self.embed(f).unsqueeze(1)
         out, state = self.lstm(x, state)
-        heads = self.heads if compiled is None or explain else compiled.heads
-        return heads(out.squeeze(1), f, explain), state
+        return out.squeeze(1), state
 
 
 def packed_order(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

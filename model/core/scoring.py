@@ -252,16 +252,21 @@ class Scorer:
         fv = self._buf.tensors(slice(0, n), self.device)
         h = torch.from_numpy(batch.h[:, idx]).to(self.device)
         c = torch.from_numpy(batch.c[:, idx]).to(self.device)
-        explain = bool(self.why_top)
         if max(lengths) == 1:  # one event per user: the plain step, no packing
-            out, (h2, c2) = self.net.step(fv, (h, c), explain=explain, compiled=self._compiled)
+            hs, (h2, c2) = self.net.recur(fv, (h, c))
         else:
-            out, (h2, c2) = self.net.forward_packed(
-                fv, np.asarray(lengths), (h, c), explain=explain, compiled=self._compiled
-            )
-        top_i, top_p, cols, names = self._top(out, fv)
-        why = self._why(out, fv, cols) or [None] * n
-        prop = torch.sigmoid(out["purchase_logit"]).cpu().tolist()
+            hs, (h2, c2) = self.net.recur_packed(fv, np.asarray(lengths), (h, c))
+        top_i, top_p, names, why, prop = [], [], [], [], []
+        # a large micro-batch at a large catalog runs its heads in blocks (network.head_block_rows)
+        for _part, out, fb in self.net.heads_in_blocks(
+            hs, fv, explain=bool(self.why_top), compiled=self._compiled
+        ):
+            ti, tp, cols, nm = self._top(out, fb)
+            top_i += ti
+            top_p += tp
+            names += nm
+            why += self._why(out, fb, cols) or [None] * len(ti)
+            prop += torch.sigmoid(out["purchase_logit"]).cpu().tolist()
         batch.h[:, idx] = h2.cpu().numpy()
         batch.c[:, idx] = c2.cpu().numpy()
         seen = batch.summaries.ints[idx, _SEEN].tolist()

@@ -131,8 +131,9 @@ def test_forward_at_equals_forward_at_the_chosen_cells_in_any_chunking(monkeypat
         full, _ = net(f, explain=True)
         expected = {k: v[cells] for k, v in full.items()}
         columns = len(vocab) + cfg.history_slots
-        for floats in (columns, 3 * columns + 1, network.HEAD_CHUNK_FLOATS):  # 1 cell, 3 cells, one chunk
-            monkeypatch.setattr(network, "HEAD_CHUNK_FLOATS", floats)
+        monkeypatch.setattr(network, "HEAD_BLOCK_MIN_ROWS", 1)
+        for floats in (columns, 3 * columns + 1, network.HEAD_BLOCK_FLOATS):  # 1 cell, 3 cells, one block
+            monkeypatch.setattr(network, "HEAD_BLOCK_FLOATS", floats)
             parts = list(net.forward_at(f, cells, explain=True))
             assert len(parts) == -(-int(cells.sum()) // max(1, floats // columns))
             for k, v in expected.items():
@@ -258,6 +259,56 @@ def test_category_top_is_the_top_of_the_distribution_without_writing_it_out():
             assert torch.equal(cols[distinct], cols_ref[distinct])
             oov_in_top += int((cols >= len(vocab)).sum())
     assert oov_in_top > 0  # slots outside the vocabulary were among the top
+
+
+@pytest.mark.parametrize("why_top", [0, 2])
+def test_a_micro_batch_scored_in_blocks_of_rows_gives_what_one_call_gives(monkeypatch, why_top):
+    """A large micro-batch at a large catalog runs its heads a block of rows at a time
+    (network.head_block_rows); signals (top categories, propensities, reasons) and the stored states
+    are those of one call over the whole batch, packed (several events per user) or not."""
+    from demandstream.model.core import network
+    from demandstream.model.core.state_batch import StateBatch
+
+    rng = np.random.default_rng(21)
+    events = random_events(rng, n_users=11, max_len=6)
+    vocab = Vocabulary.build([e.category for e in events], max_size=6)
+    cfg = ModelConfig(n_categories=len(vocab), hidden=16, markov_top_k=3)
+    scorer = Scorer(Checkpoint(live_net(cfg, vocab, events, 5), vocab, "00000000"), top_k=3, why_top=why_top)
+    by_user: dict[str, list] = {}
+    for e in sorted(events, key=lambda e: (e.user_id, e.ts)):
+        by_user.setdefault(e.user_id, []).append(e)
+    seqs = list(by_user.values())
+    rounds = [[q[:1] for q in seqs], [q[1:] for q in seqs if len(q) > 1]]  # one event each, then the rest
+
+    def run(block_rows: int | None):
+        if block_rows is not None:
+            monkeypatch.setattr(network, "HEAD_BLOCK_MIN_ROWS", block_rows)
+            monkeypatch.setattr(network, "HEAD_BLOCK_FLOATS", 1)
+        batch = StateBatch.from_states([scorer.new_state() for _ in seqs])
+        preds = []
+        for r, qs in enumerate(rounds):
+            rows = range(len(qs)) if r == 0 else [i for i, q in enumerate(seqs) if len(q) > 1]
+            preds.append(scorer.step_rows(qs, batch, rows))
+        return preds, batch
+
+    (whole, whole_batch), (blocks, blocks_batch) = run(None), run(3)
+    assert len(rounds[1]) > 3  # the packed round had several blocks too
+    for a, b in zip(whole, blocks, strict=True):
+        assert len(a) == len(b)
+        for pa, pb in zip(sum(a, []), sum(b, []), strict=True):
+            assert [c for c, _ in pa.top_categories] == [c for c, _ in pb.top_categories]
+            assert np.allclose(
+                [p for _, p in pa.top_categories], [p for _, p in pb.top_categories], atol=1e-6
+            )
+            assert abs(pa.purchase_propensity - pb.purchase_propensity) <= 1e-6
+            assert pa.events_seen == pb.events_seen and (pa.why is None) == (why_top == 0)
+            assert [[w["reason"] for w in r] for r in pa.why or []] == [
+                [w["reason"] for w in r] for r in pb.why or []
+            ]
+    assert np.allclose(whole_batch.h, blocks_batch.h) and np.allclose(whole_batch.c, blocks_batch.c)
+    assert [[c for c, _ in t] for t in whole_batch.last_top] == [
+        [c for c, _ in t] for t in blocks_batch.last_top
+    ]
 
 
 @pytest.mark.parametrize("seed", range(5))
