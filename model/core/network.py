@@ -400,7 +400,6 @@ class DemandLSTM(nn.Module):
         category), and the [cells, C + K] work is what grows with a shop's catalog. The numbers at those
         cells equal the unmasked call's, dropout included (its mask is drawn over every cell, as without).
         """
-        cfg = self.cfg
         hd = self.drop(h)
         step = self._step_inputs(f)
         purchase_logit = self.purchase_head(hd, f, step)
@@ -409,6 +408,21 @@ class DemandLSTM(nn.Module):
         if cat_at is not None:
             hd, step = hd[cat_at], tuple(s[cat_at] for s in step)
             f = {k: v[cat_at] for k, v in f.items()}
+        out = self.category_head(hd, f, step, explain)
+        out["purchase_logit"] = purchase_logit
+        return out
+
+    def category_head(
+        self,
+        hd: torch.Tensor,
+        f: dict[str, torch.Tensor],
+        step: tuple[torch.Tensor, ...],
+        explain: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """The next-category part of :meth:`heads`: ``cat_logits`` (and with ``explain`` its terms) from
+        the dropped-out LSTM output ``hd`` [..., hidden], the step's features and their
+        :meth:`_step_inputs`. Training with a large catalog calls it a block of cells at a time."""
+        cfg = self.cfg
         etype_1h, gap_1h, has_cart, log_cart, adds = step
         ctx = torch.cat(
             [
@@ -480,7 +494,7 @@ class DemandLSTM(nn.Module):
         vocab_score.scatter_(-1, torch.where(valid, hv, 0), float("-inf"))
         vocab_score[..., 0] = float("-inf")
 
-        out = {"cat_logits": torch.cat([vocab_score, slot_score], dim=-1), "purchase_logit": purchase_logit}
+        out = {"cat_logits": torch.cat([vocab_score, slot_score], dim=-1)}
         if explain:
             out.update(
                 x_phi=phi,

@@ -50,6 +50,7 @@ from demandstream.model.core.network import (
     DemandLSTM,
     ModelConfig,
     funnel_table,
+    head_block_rows,
     init_like_cascade,
     markov_tables,
 )
@@ -100,6 +101,13 @@ CALIBRATION_MIN_WINDOW_S = 86_400.0
 #: the selection's: then an epoch is no longer the same amount of training, and it replays the
 #: selection's optimizer steps on the selection's learning-rate schedule (docs/MODEL.md §2, "Refit").
 REFIT_STEPS_ABOVE_RATIO = 2.0
+
+#: A training window whose category cells times output columns exceed this many floats runs its
+#: category head a block of cells at a time (:func:`_blocked_window_backward`): at thousands of
+#: categories the head's [cells, C + K] passes, forward and backward, are the epoch, and blocks that
+#: stay in a core's cache were 23-32 % cheaper (docs/BENCHMARKS.md). Below it (a few hundred categories,
+#: e.g. every generated shop and the REES46 samples) a window is one call, as before.
+TRAIN_BLOCK_FLOATS = 1 << 20
 
 #: Rank cut-off of the selection metric (MRR@20, the report's headline category metric).
 SELECT_K = 20
@@ -275,6 +283,69 @@ def phase_targets(pts: Points, next_hash: np.ndarray) -> Targets:
     return Targets(
         pts.mask, pts.cat_target, np.where(pts.cat_target >= 0, next_hash, 0), pts.purchase, pts.observable
     )
+
+
+def _blocked_window_backward(
+    net: DemandLSTM,
+    f: dict,
+    state: tuple[torch.Tensor, torch.Tensor],
+    cat_t: torch.Tensor,
+    hash_t: torch.Tensor,
+    buy: torch.Tensor,
+    obs: torch.Tensor,
+    share: float,
+    purchase_weight: float,
+) -> tuple[float, tuple[torch.Tensor, torch.Tensor]]:
+    """One training window's forward and backward with the category head a block of cells at a time:
+    the gradients of ``share * (nll / n_cat + purchase_weight * bce / n_buy)``, the loss of the
+    unblocked window (:func:`_loss_terms`), accumulated into the parameters' ``.grad``; returns the
+    loss's value and the window's final (h, c).
+
+    The LSTM runs once and dropout is drawn over every cell, as :meth:`DemandLSTM.heads` does. The
+    category head's input is cut from the graph, each block's NLL is backpropagated to it and to the
+    head's weights, then the sum reaches the LSTM in one backward with the purchase loss. The
+    gradients are the unblocked window's up to the order of float sums."""
+    x = net.embed(f)
+    lstm_out, state = net.lstm(x, state)
+    hd = net.drop(lstm_out)
+    step = net._step_inputs(f)
+    purchase_logit = net.purchase_head(hd, f, step)
+    sel = cat_t >= 0
+    hd_sel = hd[sel]
+    z = hd_sel.detach().requires_grad_()
+    f_sel = {k: v[sel] for k, v in f.items()}
+    step_sel = tuple(v[sel] for v in step)
+    ct, ht = cat_t[sel], hash_t[sel]
+    n, nll, n_cat = z.shape[0], 0.0, 0
+    rows = head_block_rows(net.pop_logp.shape[0] + f["hist_cats"].shape[-1])
+    for i in range(0, n, rows):
+        b = slice(i, min(n, i + rows))
+        fb = {k: v[b] for k, v in f_sel.items()}
+        logits = net.category_head(z[b], fb, tuple(v[b] for v in step_sel))["cat_logits"]
+        lp = net.category_log_prob({"cat_logits": logits}, {"hist_cats": fb["hist_cats"]}, ct[b], ht[b])
+        ok = torch.isfinite(lp)
+        if bool(ok.any()):
+            block_nll = -lp[ok].sum()
+            block_nll.backward()
+            nll += float(block_nll.detach())
+            n_cat += int(ok.sum())
+    scale = share / max(n_cat, 1)
+    for p in net.parameters():  # so far only the blocks' gradients: the category head's own weights
+        if p.grad is not None:
+            p.grad.mul_(scale)
+    rest = purchase_logit.sum() * 0.0
+    if z.grad is not None:
+        rest = rest + (hd_sel * (z.grad * scale)).sum()
+    n_buy = int(obs.sum())
+    bce = 0.0
+    if n_buy:
+        bce_t = nn.functional.binary_cross_entropy_with_logits(
+            purchase_logit[obs], buy[obs].float(), reduction="sum"
+        )
+        rest = rest + share * purchase_weight * bce_t / n_buy
+        bce = float(bce_t.detach())
+    rest.backward()
+    return share * (nll / max(n_cat, 1) + purchase_weight * bce / max(n_buy, 1)), state
 
 
 def _loss_terms(
@@ -1142,19 +1213,26 @@ def _fit(
             if own is not None:
                 own.attach(f, idx, device)
             cat_t = torch.from_numpy(np.where(valid, tr.cat[idx], -1)).to(device)
-            out, (h_a, c_a) = net(f, (h[:, a], c[:, a]), cat_at=cat_t >= 0)
             hash_t = torch.from_numpy(tr.cat_hash[idx]).to(device)
             obs = torch.from_numpy(valid & tr.observable[idx]).to(device)
             buy = torch.from_numpy(tr.purchase[idx]).to(device)
-            nll, bce, n_cat, n_buy = _loss_terms(net, out, f, cat_t, hash_t, buy, obs)
             # Scale by the share of the full lanes × window that holds real events, so a window where
             # only a few lanes are still busy moves the weights proportionally less.
             share = float(valid.sum()) / (tcfg.lanes * valid.shape[1])
-            loss = share * (nll / max(n_cat, 1) + tcfg.purchase_weight * bce / max(n_buy, 1))
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            columns = net.pop_logp.shape[0] + f["hist_cats"].shape[-1]
+            if int((cat_t >= 0).sum()) * columns > TRAIN_BLOCK_FLOATS:
+                loss_value, (h_a, c_a) = _blocked_window_backward(
+                    net, f, (h[:, a], c[:, a]), cat_t, hash_t, buy, obs, share, tcfg.purchase_weight
+                )
+            else:
+                out, (h_a, c_a) = net(f, (h[:, a], c[:, a]), cat_at=cat_t >= 0)
+                nll, bce, n_cat, n_buy = _loss_terms(net, out, f, cat_t, hash_t, buy, obs)
+                loss = share * (nll / max(n_cat, 1) + tcfg.purchase_weight * bce / max(n_buy, 1))
+                loss.backward()
+                loss_value = float(loss.detach())
             nn.utils.clip_grad_norm_(net.parameters(), tcfg.clip_norm)
             opt.step()
             if ema is not None:
@@ -1162,7 +1240,7 @@ def _fit(
             step += 1
             h, c = h.clone(), c.clone()
             h[:, a], c[:, a] = h_a.detach(), c_a.detach()
-            run_loss += float(loss.detach()) / share * int(valid.sum())
+            run_loss += loss_value / share * int(valid.sum())
             run_n += int(valid.sum())
             bar.update(int(valid.sum()))
             bar.set_postfix(loss=f"{run_loss / max(run_n, 1):.3f}")

@@ -670,3 +670,92 @@ def test_the_purchase_bce_of_the_purchase_head_alone_is_validation_metrics_own()
     full = validation_metrics(res.net, feats, log, va, 1.0, torch.device("cpu"))
     assert full["n_purchase_points"] > 0
     assert validation_purchase_bce(res.net, feats, log, va, torch.device("cpu")) == full["purchase_bce"]
+
+
+def _window_case(seed: int = 4):
+    """A training window of a tiny live network: features [lanes, T], targets (some outside the
+    vocabulary but in the history, some not rankable), purchase labels, a random start state."""
+    import torch
+
+    from demandstream.model.core.encoding import encode_log, padded_user_batches
+    from demandstream.model.core.network import DemandLSTM
+    from tests.unit.model.core.test_network import live_net, random_events
+
+    rng = np.random.default_rng(seed)
+    events = random_events(rng, n_users=8, max_len=20, n_cats=14)
+    vocab = Vocabulary.build([e.category for e in events], max_size=7)
+    cfg = dataclasses.replace(TINY_MODEL, n_categories=len(vocab), markov_top_k=3)
+    net: DemandLSTM = live_net(cfg, vocab, events, seed).train()
+    log = EventLog.from_events(events).sorted_by_user_time()
+    (idx, real), *_ = padded_user_batches(log.user_start, np.ones(len(log), bool), 1 << 16)
+    f = encode_log(log, cfg, vocab).tensors(idx)
+    cat_t = torch.from_numpy(
+        np.where(real & (rng.random(idx.shape) < 0.8), rng.integers(0, len(vocab), idx.shape), -1)
+    )
+    hist = f["hist_cats"]
+    hash_t = torch.where(torch.from_numpy(rng.random(idx.shape) < 0.5), hist[..., 0], hist[..., 1])
+    lost = torch.from_numpy(rng.random(idx.shape) < 0.2) & (cat_t >= 0)  # outside vocabulary and history
+    cat_t, hash_t = torch.where(lost, 0, cat_t), torch.where(lost, 987_654_321, hash_t)
+    buy = torch.from_numpy(rng.random(idx.shape) < 0.3)
+    obs = torch.from_numpy(real & (rng.random(idx.shape) < 0.7))
+    state = tuple(0.1 * torch.randn(cfg.layers, idx.shape[0], cfg.hidden) for _ in range(2))
+    return net, f, state, cat_t, hash_t, buy, obs
+
+
+def test_a_window_with_its_category_head_in_blocks_gives_the_unblocked_gradients(monkeypatch):
+    """A large catalog's training window runs its category head a block of cells at a time
+    (_blocked_window_backward): the loss, the final state and every parameter's gradient are those of
+    the unblocked window (the same dropout draws), up to the order of float sums."""
+    import torch
+
+    from demandstream.model.core import network
+    from demandstream.model.training.train import _blocked_window_backward, _loss_terms
+
+    net, f, state, cat_t, hash_t, buy, obs = _window_case()
+    share, weight = 0.7, 0.5
+    torch.manual_seed(11)
+    out, (h1, c1) = net(f, state, cat_at=cat_t >= 0)
+    nll, bce, n_cat, n_buy = _loss_terms(net, out, f, cat_t, hash_t, buy, obs)
+    loss = share * (nll / max(n_cat, 1) + weight * bce / max(n_buy, 1))
+    net.zero_grad(set_to_none=True)
+    loss.backward()
+    expected = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+    assert n_cat > 3 and n_buy > 0 and int((cat_t >= 0).sum()) > n_cat  # some targets are not rankable
+
+    monkeypatch.setattr(network, "HEAD_BLOCK_MIN_ROWS", 3)
+    monkeypatch.setattr(network, "HEAD_BLOCK_FLOATS", 1)
+    net.zero_grad(set_to_none=True)
+    torch.manual_seed(11)
+    value, (h2, c2) = _blocked_window_backward(net, f, state, cat_t, hash_t, buy, obs, share, weight)
+    got = {n: p.grad for n, p in net.named_parameters() if p.grad is not None}
+    assert value == pytest.approx(float(loss.detach()), rel=1e-6)
+    assert torch.equal(h1, h2) and torch.equal(c1, c2)
+    assert set(got) == set(expected)
+    for name, g in expected.items():
+        assert torch.allclose(got[name], g, rtol=1e-4, atol=1e-7), name
+
+
+def test_training_with_blocked_windows_follows_the_unblocked_run(monkeypatch):
+    """Every window blocked (the threshold at 0, blocks of 5 cells) trains the same model as one call
+    per window, to float rounding: the same losses and validation figures, epoch by epoch."""
+    from demandstream.model.core import network
+    from demandstream.model.training import train as train_module
+
+    def run():
+        res = train(
+            tiny_log(1500),
+            TrainConfig(epochs=2, lanes=16, bptt=16, threads=1, refit=False),
+            TINY_MODEL,
+            progress=False,
+        )
+        return [(h["epoch"], h["train_loss"], h.get("valid_mrr@20")) for h in res.metrics["history"]]
+
+    whole = run()
+    monkeypatch.setattr(train_module, "TRAIN_BLOCK_FLOATS", 0)
+    monkeypatch.setattr(network, "HEAD_BLOCK_MIN_ROWS", 5)
+    monkeypatch.setattr(network, "HEAD_BLOCK_FLOATS", 1)
+    blocked = run()
+    assert [e for e, *_ in whole] == [e for e, *_ in blocked] and len(whole) >= 3
+    for (_, la, ma), (_, lb, mb) in zip(whole, blocked, strict=True):
+        assert (np.isnan(la) and np.isnan(lb)) or la == pytest.approx(lb, rel=1e-4)
+        assert ma == pytest.approx(mb, abs=2e-3)
