@@ -15,7 +15,7 @@ otherwise compile again inside the running event loop, heartbeats included. ``to
 measured too and left: a deprecated API that saved 10-15 % of the step where this saves 30 %.
 
 Training and the explained path (``why``) stay eager: only :meth:`DemandLSTM.step` and
-:meth:`DemandLSTM.forward_packed` take compiled heads, and only when not explaining.
+:meth:`DemandLSTM.heads_in_blocks` (the stream's step) take compiled heads, and only when not explaining.
 
 >>> INFERENCE_MODES
 ('eager', 'compiled')

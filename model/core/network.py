@@ -655,7 +655,7 @@ class DemandLSTM(nn.Module):
 
         Yields ``(part, outputs, features)``: ``part`` is a slice of the selected cells in row-major
         (user, step) order, ``outputs`` and ``features`` are theirs ([n, ...]). The LSTM runs over every
-        cell (the state needs the whole sequence), the heads only where asked and a bounded chunk at a
+        cell (the state needs the whole sequence), the heads only where asked and a block of rows at a
         time (:func:`head_block_rows`): offline scoring and validation ask for a window's points
         after long histories, and the heads' [cells, C + K] tensors are what grows with a shop's
         categories (:meth:`heads_in_blocks`). The numbers equal :meth:`forward`'s at those cells.
@@ -691,33 +691,19 @@ class DemandLSTM(nn.Module):
             fb = {k: v[part] for k, v in f.items()}
             yield part, heads(h[part], fb), fb
 
-    def forward_packed(
-        self,
-        rows: dict[str, torch.Tensor],
-        lengths: np.ndarray,
-        state: tuple[torch.Tensor, torch.Tensor],
-        explain: bool = False,
-        compiled: CompiledHeads | None = None,
-    ):
-        """Sequences of different lengths from given states: (head outputs at every row [n, ...], final
-        (h, c) of each user at its own last step). With ``compiled`` (of this net) and not ``explain``,
-        the heads run compiled, with the same numbers to float rounding.
-
-        ``rows`` holds every feature of the n = sum(``lengths``) events in (user, step) order, user b's
-        ``lengths[b]`` events after the users before it. The stream uses it when a micro-batch holds
-        several events of one user: one call instead of one ``step`` per event, with the same numbers.
-        Only the n real rows are embedded, and they go to the LSTM in its packed (time-major) layout by
-        one gather (:func:`packed_order`), with no padded [B, T] tensor on either side.
-        """
-        h, state = self.recur_packed(rows, lengths, state)
-        heads = self.heads if compiled is None or explain else compiled.heads
-        return heads(h, rows, explain), state
-
     def recur_packed(
         self, rows: dict[str, torch.Tensor], lengths: np.ndarray, state: tuple[torch.Tensor, torch.Tensor]
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """:meth:`forward_packed` without the heads: the LSTM's output at every row [n, hidden], in the
-        rows' (user, step) order, and the final (h, c) of each user."""
+        """Sequences of different lengths from given states through the LSTM: its output at every row
+        [n, hidden], in the rows' order, and the final (h, c) of each user at its own last step; the
+        heads are the caller's (:meth:`heads_in_blocks`).
+
+        ``rows`` holds every feature of the n = sum(``lengths``) events in (user, step) order, user b's
+        ``lengths[b]`` events after the users before it. The stream uses it when a micro-batch holds
+        several events of one user: one call instead of one :meth:`step` per event, with the same
+        numbers. Only the n real rows are embedded, and they go to the LSTM in its packed (time-major)
+        layout by one gather (:func:`packed_order`), with no padded [B, T] tensor on either side.
+        """
         perm, batch_sizes, order = packed_order(lengths)
         dev = rows["etype"].device
         perm_t = torch.from_numpy(perm).to(dev)
@@ -740,8 +726,9 @@ class DemandLSTM(nn.Module):
         explain: bool = False,
         compiled: CompiledHeads | None = None,
     ):
-        """One event per user: features [B, ...] -> (head outputs [B, ...], new (h, c)). ``compiled`` as
-        in :meth:`forward_packed`."""
+        """One event per user: features [B, ...] -> (head outputs [B, ...], new (h, c)). With
+        ``compiled`` (of this net) and not ``explain``, the heads run compiled, with the same numbers to
+        float rounding. The stream's step is :meth:`recur` and :meth:`heads_in_blocks`, the same."""
         h, state = self.recur(f, state)
         heads = self.heads if compiled is None or explain else compiled.heads
         return heads(h, f, explain), state

@@ -248,7 +248,7 @@ class Scorer:
                 self.remember(e.category)
         idx = np.asarray(rows, np.int64)
         encode_rows(self._buf, seqs, batch.summaries, idx)
-        # The rows were written in (user, step) order, the order forward_packed takes and returns.
+        # The rows were written in (user, step) order, the order recur_packed takes and returns.
         fv = self._buf.tensors(slice(0, n), self.device)
         h = torch.from_numpy(batch.h[:, idx]).to(self.device)
         c = torch.from_numpy(batch.c[:, idx]).to(self.device)

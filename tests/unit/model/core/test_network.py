@@ -313,7 +313,7 @@ def test_a_micro_batch_scored_in_blocks_of_rows_gives_what_one_call_gives(monkey
 
 @pytest.mark.parametrize("seed", range(5))
 def test_packed_order_is_the_layout_torch_packs(seed):
-    """forward_packed gathers the (user, step) rows straight into PackedSequence's time-major layout;
+    """recur_packed gathers the (user, step) rows straight into PackedSequence's time-major layout;
     the gather must be the one pack_padded_sequence would have made from a padded [B, T] tensor."""
     rng = np.random.default_rng(seed)
     lengths = rng.integers(1, 9, size=int(rng.integers(1, 40)))
