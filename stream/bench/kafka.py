@@ -667,7 +667,10 @@ class BenchWorker:
 
     def start(self) -> BenchWorker:
         """Start the worker on a web port free now (N consecutive ones for N processes), every other
-        setting the bench's."""
+        setting the bench's. A worker still running is an error: starting again would orphan it (its
+        process would outlive the bench, which only kills the one it holds)."""
+        if self.proc is not None and self.proc.poll() is None:
+            raise RuntimeError(f"bench worker {self.tag} is already running (pid {self.proc.pid})")
         port = free_ports(self.processes)
         env = worker_env(
             {

@@ -147,3 +147,17 @@ def test_cpu_use_counts_this_process_as_worker_and_generator_alike():
     assert worker >= 0.28
     assert abs(worker - generator) <= 0.05  # the same process, read two ways
     assert machine >= worker - 0.05  # the machine's busy time includes this process's
+
+
+def test_a_running_bench_worker_is_not_started_twice(tmp_path):
+    """Starting a BenchWorker that still runs would replace the process it holds and orphan the first
+    (drain starts its worker itself; a script that started it before left one running each time)."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        w = bk.BenchWorker("127.0.0.1:49592", tmp_path / "m.pt", "twice", tmp_path, "in")
+        w.launcher = type("Held", (), {"proc": child})()
+        with pytest.raises(RuntimeError, match="already running"):
+            w.start()
+    finally:
+        child.kill()
+        child.wait()
