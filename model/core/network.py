@@ -400,17 +400,28 @@ class DemandLSTM(nn.Module):
         category), and the [cells, C + K] work is what grows with a shop's catalog. The numbers at those
         cells equal the unmasked call's, dropout included (its mask is drawn over every cell, as without).
         """
-        hd = self.drop(h)
-        step = self._step_inputs(f)
-        purchase_logit = self.purchase_head(hd, f, step)
+        purchase_logit, hd, f, step = self.purchase_and_category_inputs(
+            h, f, None if purchase_only else cat_at
+        )
         if purchase_only:
             return {"purchase_logit": purchase_logit}
-        if cat_at is not None:
-            hd, step = hd[cat_at], tuple(s[cat_at] for s in step)
-            f = {k: v[cat_at] for k, v in f.items()}
         out = self.category_head(hd, f, step, explain)
         out["purchase_logit"] = purchase_logit
         return out
+
+    def purchase_and_category_inputs(
+        self, h: torch.Tensor, f: dict[str, torch.Tensor], cat_at: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], tuple[torch.Tensor, ...]]:
+        """What :meth:`heads` computes before its category part: dropout over every cell of ``h``, the
+        purchase logit at every cell, then the dropped-out output, features and :meth:`_step_inputs`
+        that :meth:`category_head` takes, at the cells ``cat_at`` (all when None)."""
+        hd = self.drop(h)
+        step = self._step_inputs(f)
+        purchase_logit = self.purchase_head(hd, f, step)
+        if cat_at is not None:
+            hd, step = hd[cat_at], tuple(s[cat_at] for s in step)
+            f = {k: v[cat_at] for k, v in f.items()}
+        return purchase_logit, hd, f, step
 
     def category_head(
         self,

@@ -307,14 +307,9 @@ def _blocked_window_backward(
     gradients are the unblocked window's up to the order of float sums."""
     x = net.embed(f)
     lstm_out, state = net.lstm(x, state)
-    hd = net.drop(lstm_out)
-    step = net._step_inputs(f)
-    purchase_logit = net.purchase_head(hd, f, step)
     sel = cat_t >= 0
-    hd_sel = hd[sel]
+    purchase_logit, hd_sel, f_sel, step_sel = net.purchase_and_category_inputs(lstm_out, f, sel)
     z = hd_sel.detach().requires_grad_()
-    f_sel = {k: v[sel] for k, v in f.items()}
-    step_sel = tuple(v[sel] for v in step)
     ct, ht = cat_t[sel], hash_t[sel]
     n, nll, n_cat = z.shape[0], 0.0, 0
     rows = head_block_rows(net.pop_logp.shape[0] + f["hist_cats"].shape[-1])
@@ -322,13 +317,11 @@ def _blocked_window_backward(
         b = slice(i, min(n, i + rows))
         fb = {k: v[b] for k, v in f_sel.items()}
         logits = net.category_head(z[b], fb, tuple(v[b] for v in step_sel))["cat_logits"]
-        lp = net.category_log_prob({"cat_logits": logits}, {"hist_cats": fb["hist_cats"]}, ct[b], ht[b])
-        ok = torch.isfinite(lp)
-        if bool(ok.any()):
-            block_nll = -lp[ok].sum()
+        block_nll, block_n = _category_nll(net, logits, fb["hist_cats"], ct[b], ht[b])
+        if block_nll is not None:
             block_nll.backward()
             nll += float(block_nll.detach())
-            n_cat += int(ok.sum())
+            n_cat += block_n
     scale = share / max(n_cat, 1)
     for p in net.parameters():  # so far only the blocks' gradients: the category head's own weights
         if p.grad is not None:
@@ -336,12 +329,9 @@ def _blocked_window_backward(
     rest = purchase_logit.sum() * 0.0
     if z.grad is not None:
         rest = rest + (hd_sel * (z.grad * scale)).sum()
-    n_buy = int(obs.sum())
+    bce_t, n_buy = _purchase_bce(purchase_logit, buy, obs)
     bce = 0.0
-    if n_buy:
-        bce_t = nn.functional.binary_cross_entropy_with_logits(
-            purchase_logit[obs], buy[obs].float(), reduction="sum"
-        )
+    if bce_t is not None:
         rest = rest + share * purchase_weight * bce_t / n_buy
         bce = float(bce_t.detach())
     rest.backward()
@@ -364,25 +354,37 @@ def _loss_terms(
     every cell."""
     zero = out["purchase_logit"].sum() * 0.0
     cat_mask = cat_t >= 0
-    nll, n_cat = zero, 0
+    nll, n_cat = None, 0
     if bool(cat_mask.any()):
-        lp = net.category_log_prob(
-            {"cat_logits": out["cat_logits"]},
-            {"hist_cats": f["hist_cats"][cat_mask]},
-            cat_t[cat_mask],
-            hash_t[cat_mask],
+        nll, n_cat = _category_nll(
+            net, out["cat_logits"], f["hist_cats"][cat_mask], cat_t[cat_mask], hash_t[cat_mask]
         )
-        ok = torch.isfinite(lp)
-        n_cat = int(ok.sum())
-        if n_cat:
-            nll = -lp[ok].sum()
-    n_buy = int(obs.sum())
-    bce = zero
-    if n_buy:
-        bce = nn.functional.binary_cross_entropy_with_logits(
-            out["purchase_logit"][obs], buy[obs].float(), reduction="sum"
-        )
-    return nll, bce, n_cat, n_buy
+    bce, n_buy = _purchase_bce(out["purchase_logit"], buy, obs)
+    return zero if nll is None else nll, zero if bce is None else bce, n_cat, n_buy
+
+
+def _category_nll(
+    net: DemandLSTM, logits: torch.Tensor, hist_cats: torch.Tensor, cat_t: torch.Tensor, hash_t: torch.Tensor
+) -> tuple[torch.Tensor | None, int]:
+    """Summed NLL of the rankable targets among category cells (their logits, history and targets),
+    and how many there are; None when no target can be ranked."""
+    lp = net.category_log_prob({"cat_logits": logits}, {"hist_cats": hist_cats}, cat_t, hash_t)
+    ok = torch.isfinite(lp)
+    n = int(ok.sum())
+    return (-lp[ok].sum() if n else None), n
+
+
+def _purchase_bce(
+    purchase_logit: torch.Tensor, buy: torch.Tensor, obs: torch.Tensor
+) -> tuple[torch.Tensor | None, int]:
+    """Summed purchase BCE over the observable cells, and how many there are; None when there are none."""
+    n = int(obs.sum())
+    if not n:
+        return None, 0
+    bce = nn.functional.binary_cross_entropy_with_logits(
+        purchase_logit[obs], buy[obs].float(), reduction="sum"
+    )
+    return bce, n
 
 
 class _Batch(NamedTuple):
