@@ -70,6 +70,7 @@ def cmd_evaluate(a, settings: Settings) -> int:
         format_table,
         heads_summary,
         run_evaluation,
+        settings_summary,
         verdict_summary,
     )
 
@@ -90,7 +91,7 @@ def cmd_evaluate(a, settings: Settings) -> int:
     print(format_models_table(report) if several else format_table(report))
     if report["user_sample"] < 1.0:
         print(f"on a stable sample of {report['user_sample']:g} of the users (--sample-users)")
-    lines = [verdict_summary(report)]
+    lines = [verdict_summary(report), settings_summary(report)]
     for m, r in zip(models, report["reports"] if several else [report], strict=True):
         heads = heads_summary(r)
         lines.append(f"{m}: {heads}" if several and heads else heads)

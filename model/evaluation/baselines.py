@@ -37,6 +37,8 @@ from demandstream.model.data.labels import (  # noqa: F401  (re-exported: evalua
     purchase_labels,
     window_covered,
 )
+from demandstream.model.data.split import next_category_targets
+from demandstream.model.evaluation.metrics import RANK_CUTOFF, target_rank
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +92,13 @@ class Baseline:
     """
 
     name: str = "baseline"
+    #: True for a baseline that chooses a setting of its own on the validation window: its ``fit``
+    #: then takes ``valid_start`` (T1), and :meth:`settings` says what it chose.
+    chooses_on_validation: bool = False
+
+    def settings(self) -> dict | None:
+        """What this baseline chose on validation (for the report), or None when it chooses nothing."""
+        return None
 
     def fit(
         self,
@@ -446,6 +455,10 @@ class Cascade(Markov):
             self.cart[cat] -= 1
 
     def category_scores(self) -> np.ndarray:
+        return self._scores(np.asarray(self._touched, dtype=np.int64))
+
+    def _scores(self, idx: np.ndarray) -> np.ndarray:
+        """The cascade's scores with ``idx`` (categories the user touched) as the cart and history tiers."""
         scores = self.pop.copy()  # tier 0: popularity in [0, 1)
         a = self.current
         if a > 0:
@@ -453,7 +466,6 @@ class Cascade(Markov):
             nxt, cnt = self.next_cats[lo:hi], self.next_counts[lo:hi]
             if cnt.size:
                 scores[nxt] = self.TIER_MARKOV + (cnt + self.pop[nxt]) / (cnt.max() + 1.0)
-        idx = np.asarray(self._touched, dtype=np.int64)
         if idx.size:
             span = self.step + 1.0
             hist = (self.counts[idx] * span + self.last_step[idx]) / ((self.counts[idx].max() + 1.0) * span)
@@ -464,6 +476,115 @@ class Cascade(Markov):
             scores[a] = self.TIER_LAST
         scores[0] = -np.inf
         return scores
+
+
+class CascadeRecent(Cascade):
+    """The cascade with a memory: its cart and history tiers hold only the ``window`` categories the
+    user touched most recently (the last category among them), as the model's state holds its last
+    ``history_slots`` (docs/MODEL.md §1); older categories fall back to the Markov and popularity tiers.
+
+    Over a long history the plain cascade ranks a category the user counted often weeks ago above every
+    Markov successor of what they look at now; a counter a data engineer would write forgets. How much
+    to forget is a setting, so it is chosen as the model's are: on the validation window (rows from T1,
+    ``valid_start``, to the end of ``fit_mask``, T2), with Markov and popularity fitted on the rows
+    before T1, by MRR@20 over the next-category points whose next event is before T2, among
+    :attr:`WINDOWS` (``None``: no window, the cascade itself; ties go to the larger window). Then it
+    is fitted on every row of ``fit_mask``, as every baseline. Without a validation point (or without
+    ``valid_start``) it is the cascade.
+
+    Examples
+    --------
+    >>> cats = np.array([1, 2, 1, 2, 1, 3], dtype=np.int32)   # successors of 1: 2 (twice), 3
+    >>> b = CascadeRecent(window=2)
+    >>> b.fit(cats, np.zeros(6, np.int8), np.arange(6.0), np.array([0, 6]), np.ones(6, bool), 10.0, 6)
+    >>> b.start_user()
+    >>> for c in (4, 4, 4, 5, 1):                             # 4 counted thrice, then left behind
+    ...     b.observe(c, 0, 0.0)
+    >>> np.argsort(-b.category_scores()).tolist()[:4]         # last, 5 (in the window), then Markov
+    [1, 5, 2, 3]
+    """
+
+    name = "cascade_recent"
+    chooses_on_validation = True
+    #: Windows tried on validation, in distinct categories; ``None`` is the whole history.
+    WINDOWS: tuple[int | None, ...] = (4, 8, 16, 32, None)
+
+    def __init__(self, window: int | None = None) -> None:
+        self.window = window
+        self._choice: dict | None = None
+
+    def fit(
+        self,
+        cats,
+        etypes,
+        ts,
+        user_start,
+        fit_mask,
+        horizon_s,
+        n_categories,
+        *,
+        gap_s=DEFAULT_GAP_S,
+        valid_start: float | None = None,
+    ):
+        fit_mask = np.asarray(fit_mask, dtype=bool)
+        if valid_start is not None:
+            before = fit_mask & (np.asarray(ts) < valid_start)
+            super().fit(cats, etypes, ts, user_start, before, horizon_s, n_categories, gap_s=gap_s)
+            self._choose(cats, etypes, ts, user_start, fit_mask & ~before)
+        super().fit(cats, etypes, ts, user_start, fit_mask, horizon_s, n_categories, gap_s=gap_s)
+
+    def settings(self) -> dict | None:
+        return {"window": self.window, **(self._choice or {"chosen_on": "nothing (no validation point)"})}
+
+    def category_scores(self) -> np.ndarray:
+        return self._scores(self._recent(self.window))
+
+    def _recent(self, window: int | None) -> np.ndarray:
+        """The user's touched categories, at most ``window`` of them, the most recently seen first."""
+        idx = np.asarray(self._touched, dtype=np.int64)
+        if window is None or idx.size <= window:
+            return idx
+        return idx[np.argsort(-self.last_step[idx], kind="stable")[:window]]
+
+    def _choose(self, cats, etypes, ts, user_start, valid: np.ndarray) -> None:
+        """Score every window on the validation points (``valid`` rows with a next category in ``valid``)."""
+        cats = np.asarray(cats)
+        user_start = np.asarray(user_start, dtype=np.int64)
+        target = next_category_targets(cats, user_start)
+        point = valid & (target > 0) & np.r_[valid[1:], False]
+        self.window = None
+        if not point.any():
+            self._choice = None
+            return
+        rr = np.zeros(len(self.WINDOWS))
+        users = np.unique(np.searchsorted(user_start, np.flatnonzero(point), side="right") - 1)
+        for u in users.tolist():
+            s, e = int(user_start[u]), int(user_start[u + 1])
+            last = s + int(np.flatnonzero(point[s:e]).max())
+            self.start_user()
+            for i in range(s, last + 1):
+                self.observe(int(cats[i]), int(etypes[i]), float(ts[i]))
+                if not point[i]:
+                    continue
+                full = self._recent(None)
+                seen: dict[int, float] = {}
+                for j, w in enumerate(self.WINDOWS):
+                    size = full.size if w is None else min(w, full.size)
+                    if size not in seen:  # windows at least as large as the history score alike
+                        r = int(target_rank(self._scores(self._recent(size)), int(target[i])))
+                        seen[size] = 1.0 / r if r <= RANK_CUTOFF else 0.0
+                    rr[j] += seen[size]
+        n = int(point.sum())
+        mrr = rr / n
+        best = max(range(len(self.WINDOWS)), key=lambda j: (mrr[j], j))  # ties: the larger window
+        self.window = self.WINDOWS[best]
+        self._choice = {
+            "chosen_on": "validation",
+            "validation_points": n,
+            "validation_mrr@20": {
+                ("all" if w is None else str(w)): float(m) for w, m in zip(self.WINDOWS, mrr, strict=True)
+            },
+        }
 
 
 def floored_cart_counts(
@@ -551,6 +672,15 @@ def make_baselines() -> list[Baseline]:
     """All baselines of the evaluation report, unfitted, in report order.
 
     >>> [b.name for b in make_baselines()]
-    ['popularity', 'last_category', 'user_history', 'markov', 'funnel', 'cascade', 'funnel_cart']
+    ['popularity', 'last_category', 'user_history', 'markov', 'funnel', 'cascade', 'cascade_recent', 'funnel_cart']
     """
-    return [Popularity(), LastCategory(), UserHistory(), Markov(), Funnel(), Cascade(), FunnelCart()]
+    return [
+        Popularity(),
+        LastCategory(),
+        UserHistory(),
+        Markov(),
+        Funnel(),
+        Cascade(),
+        CascadeRecent(),
+        FunnelCart(),
+    ]

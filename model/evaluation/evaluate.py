@@ -135,12 +135,19 @@ def _score_baselines(
     n_categories: int,
     gap_s: float | None = DEFAULT_GAP_S,
 ):
-    """Per baseline: (ranks, top1) over category points in row order, propensities over wanted rows."""
+    """Per baseline: (ranks, top1) over category points in row order, propensities over wanted rows,
+    and ``settings`` for a baseline that chose some on validation."""
     baselines = make_baselines()
     fit_mask = log.ts < split.valid_end
     for b in baselines:
-        b.fit(cats, log.etype, log.ts, log.user_start, fit_mask, horizon_s, n_categories, gap_s=gap_s)
+        chooses = {"valid_start": split.train_end} if b.chooses_on_validation else {}
+        b.fit(
+            cats, log.etype, log.ts, log.user_start, fit_mask, horizon_s, n_categories, gap_s=gap_s, **chooses
+        )
     out = {b.name: {"rank": {}, "top1": {}, "prop": {}, "switch_rank": {}} for b in baselines}
+    for b in baselines:
+        if b.settings() is not None:
+            out[b.name]["settings"] = b.settings()
     etypes, ts = log.etype, log.ts
     for u in range(log.n_users):
         s, e = int(log.user_start[u]), int(log.user_start[u + 1])
@@ -308,6 +315,7 @@ def evaluate(
             "over": HEADROOM_BASELINE,
             **repeat_headroom(base[HEADROOM_BASELINE]["switch_rank"], cat_pts, targets, cats),
         },
+        "baseline_settings": {name: res["settings"] for name, res in base.items() if "settings" in res},
         "n_category_points": len(cat_pts),
         "n_purchase_points": len(buy_pts),
         "baseline_fit_events": fit_events,
@@ -503,6 +511,7 @@ SHARED_REPORT_KEYS = (
     "n_purchase_points",
     "purchase_positive_rate",
     "baselines",
+    "baseline_settings",
     "bootstrap",
     "headroom",
     "baseline_fit_events",
@@ -742,6 +751,29 @@ def verdict_summary(report: dict) -> str:
     }
     parts = [f"{words[v]} {', '.join(keys)}" for v, keys in groups.items() if keys]
     return f"against the best baseline, {level * 100:g} % user-bootstrap intervals: " + "; ".join(parts)
+
+
+def settings_summary(report: dict) -> str:
+    """One line on what the baselines chose on validation, so that a reader of the table knows which
+    counter ``cascade_recent`` was; empty when none chose anything.
+
+    >>> settings_summary({"baseline_settings": {"cascade_recent": {"window": 8, "chosen_on": "validation",
+    ...     "validation_points": 1200}}})
+    'cascade_recent: a window of the 8 most recent categories (chosen on 1,200 validation points)'
+    >>> settings_summary({"baseline_settings": {"cascade_recent": {"window": None,
+    ...     "chosen_on": "nothing (no validation point)"}}})
+    'cascade_recent: the whole history (chosen on nothing (no validation point))'
+    """
+    out = []
+    for name, chosen in (report.get("baseline_settings") or {}).items():
+        if "window" not in chosen:
+            continue
+        w = chosen["window"]
+        what = "the whole history" if w is None else f"a window of the {w} most recent categories"
+        on = chosen.get("chosen_on", "")
+        where = f"{chosen['validation_points']:,} validation points" if "validation_points" in chosen else on
+        out.append(f"{name}: {what} (chosen on {where})")
+    return "; ".join(out)
 
 
 def heads_summary(report: dict) -> str:

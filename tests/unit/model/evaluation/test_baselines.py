@@ -12,6 +12,7 @@ from demandstream.model.evaluation.baselines import (
     USER_RATE_PRIOR_STRENGTH,
     Baseline,
     Cascade,
+    CascadeRecent,
     Funnel,
     FunnelCart,
     LastCategory,
@@ -362,6 +363,7 @@ def test_make_baselines_names_and_capabilities():
         "markov",
         "funnel",
         "cascade",
+        "cascade_recent",
         "funnel_cart",
     ]
     cats, etypes, ts, user_start = log_arrays(USERS)
@@ -371,8 +373,8 @@ def test_make_baselines_names_and_capabilities():
         b.observe(2, VIEW, 0.0)
     ranks_cats = [b.category_scores() is not None for b in bs]
     has_proba = [b.purchase_proba() is not None for b in bs]
-    assert ranks_cats == [True, True, True, True, False, True, False]
-    assert has_proba == [False, False, True, False, True, False, True]
+    assert ranks_cats == [True, True, True, True, False, True, True, False]
+    assert has_proba == [False, False, True, False, True, False, False, True]
 
 
 def test_popularity_scores_stay_below_one_and_ordered():
@@ -435,6 +437,65 @@ def test_cascade_with_an_unknown_first_event_scores_popularity():
     b.start_user()
     b.observe(0, CART, 0.0)
     assert ranking(b.category_scores()) == [1, 2, 3, 4, 5, 0]
+
+
+# -- cascade_recent -----------------------------------------------------------------------------
+
+
+def test_cascade_recent_drops_categories_beyond_its_window_to_the_markov_tier():
+    events = [(6, VIEW), (6, VIEW), (6, VIEW), (7, CART), (5, VIEW), (4, VIEW), (1, VIEW)]
+    full = fitted(Cascade(), USERS, n_categories=9)
+    windowed = fitted(CascadeRecent(window=3), USERS, n_categories=9)
+    unbounded = fitted(CascadeRecent(window=None), USERS, n_categories=9)
+    for b in (full, windowed, unbounded):
+        b.start_user()
+        for cat, et in events:
+            b.observe(cat, et, 0.0)
+    # the cascade: last 1 | cart 7 | history 6 (x3), 4, 5 | Markov from 1: 2, 3 | the rest
+    assert ranking(full.category_scores())[:7] == [1, 7, 6, 4, 5, 2, 3]
+    # a window of 3 keeps 1, 4, 5: the cart's 7 and the thrice-seen 6 fall below the Markov successors
+    s = windowed.category_scores()
+    assert ranking(s)[:5] == [1, 4, 5, 2, 3] and is_strict(s)
+    assert ranking(unbounded.category_scores()) == ranking(full.category_scores())
+
+
+def _choice_log(comes_back: bool):
+    """Users fitted before T1 = 100 teach the transition 5 -> 8; validation users (100 <= ts < 200) count
+    category 1 often, then touch 2, 3, 4, 5 once each, then go on to 8 (Markov's pick), or back to 1."""
+    fit_users = [[(5, VIEW, 10.0 + i), (8, VIEW, 11.0 + i)] for i in range(5)]
+    last = 1 if comes_back else 8
+    seq = [1, 1, 1, 1, 1, 2, 3, 4, 5, last]
+    valid_users = [[(c, VIEW, 120.0 + i) for i, c in enumerate(seq)] for _ in range(3)]
+    return log_arrays(fit_users + valid_users)
+
+
+@pytest.mark.parametrize(("comes_back", "window"), [(False, 4), (True, None)])
+def test_cascade_recent_chooses_its_window_on_validation_points(comes_back, window):
+    cats, etypes, ts, user_start = _choice_log(comes_back)
+    b = CascadeRecent()
+    b.fit(cats, etypes, ts, user_start, ts < 200.0, H, 10, valid_start=100.0)
+    assert b.window == window
+    chosen = b.settings()
+    assert chosen["chosen_on"] == "validation" and chosen["validation_points"] == 3 * 9
+    mrr = chosen["validation_mrr@20"]
+    # 8 ranks fifth with a window of 4 (5, 4, 3, 2, then Markov's 8), sixth with 1 still in the history
+    assert mrr["4"] > mrr["8"] == mrr["all"] if window == 4 else mrr["all"] > mrr["4"]
+
+
+def test_cascade_recent_never_chooses_on_rows_at_or_after_the_test_start():
+    cats, etypes, ts, user_start = _choice_log(comes_back=False)
+    b = CascadeRecent()
+    # with T2 = 125 the validation users' sequences are cut after their 5th event: no point has more
+    # than one distinct category, so every window scores alike and the largest, the cascade, is kept
+    b.fit(cats, etypes, ts, user_start, ts < 125.0, H, 10, valid_start=100.0)
+    assert b.window is None and b.settings()["validation_points"] == 3 * 4
+
+
+def test_cascade_recent_without_validation_points_is_the_cascade():
+    b = fitted(CascadeRecent(), USERS, n_categories=9)
+    assert b.window is None and b.settings()["chosen_on"].startswith("nothing")
+    b.fit(*log_arrays(USERS), np.ones(sum(map(len, USERS)), bool), H, 9, valid_start=1e9)
+    assert b.window is None and b.settings()["chosen_on"].startswith("nothing")
 
 
 # -- funnel_cart --------------------------------------------------------------------------------

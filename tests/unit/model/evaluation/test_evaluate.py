@@ -9,6 +9,7 @@ import pytest
 from demandstream.model.data.split import temporal_split
 from demandstream.model.data.synth import generate, write_jsonl
 from demandstream.model.errors import DataError, OptionError
+from demandstream.model.evaluation.baselines import CascadeRecent
 from demandstream.model.evaluation.evaluate import (
     HEADLINE_KEYS,
     LOWER_IS_BETTER,
@@ -25,7 +26,7 @@ from demandstream.model.evaluation.metrics import CATEGORY_KEYS, PURCHASE_KEYS
 from demandstream.model.training.train import TrainConfig, run_training, train
 from tests.unit.model.training.test_train import TINY_MODEL, TINY_RUN, tiny_log
 
-CATEGORY_METHODS = ("popularity", "last_category", "user_history", "markov", "cascade")
+CATEGORY_METHODS = ("popularity", "last_category", "user_history", "markov", "cascade", "cascade_recent")
 PURCHASE_METHODS = ("user_history", "funnel", "funnel_cart")
 
 
@@ -75,6 +76,10 @@ def test_report_has_every_key_for_model_and_baselines(trained):
     head = rep["headroom"]
     assert head["over"] == "cascade" and 0 < head["repeat_share"] < 1
     assert rep["baselines"]["cascade"]["category_mrr@20"] <= head["oracle_gate_mrr@20"] <= 1.0
+    # the recency-windowed cascade says which window validation chose, and on how many points
+    chosen = rep["baseline_settings"]["cascade_recent"]
+    assert chosen["window"] in CascadeRecent.WINDOWS and chosen["validation_points"] > 0
+    assert set(chosen["validation_mrr@20"]) == {"all" if w is None else str(w) for w in CascadeRecent.WINDOWS}
     for m in (rep["model"], *rep["baselines"].values()):
         for k, v in m.items():
             assert 0.0 <= v <= (np.inf if k == "purchase_logloss" else 1.0), k
