@@ -21,8 +21,9 @@ Reasons (docs/ARCHITECTURE.md §Signals, the ``why`` field):
 - ``history``: the base weight of any category the user touched;
 - ``lstm``: what the recurrent state adds beyond the explicit features.
 
->>> from demandstream.model.core.network import SLOT_FEATURES
->>> [REASONS[i] for i in SLOT_REASON_INDEX[:4]], len(SLOT_REASON_INDEX) == len(SLOT_FEATURES)
+>>> from demandstream.model.core.network import SLOT_FEATURES, WINDOW_SLOT_FEATURES
+>>> from demandstream.model.core.network import WINDOW_SLOT_FEATURES
+>>> [REASONS[i] for i in SLOT_REASON_INDEX[:4]], len(SLOT_REASON_INDEX) == len(SLOT_FEATURES + WINDOW_SLOT_FEATURES)
 (['history', 'last_category', 'previous_category', 'in_cart'], True)
 """
 
@@ -30,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-from demandstream.model.core.network import SLOT_FEATURES
+from demandstream.model.core.network import SLOT_FEATURES, WINDOW_SLOT_FEATURES
 
 REASONS = (
     "last_category",
@@ -65,11 +66,17 @@ def _slot_reason(feature: str) -> str:
         "markov": "transition",
         "markov_history": "transition",
         "popularity": "popularity",
+        # a slot beyond the history window: how long ago it was seen decides it, with its terms
+        "beyond_window": "recency",
+        "beyond_window_markov": "transition",
+        "beyond_window_log_count": "frequency",
+        "beyond_window_in_cart": "in_cart",
     }[feature]
 
 
-#: The reason (index into REASONS) of each slot feature, in SLOT_FEATURES order.
-SLOT_REASON_INDEX = tuple(_R[_slot_reason(f)] for f in SLOT_FEATURES)
+#: The reason (index into REASONS) of each slot feature, in SLOT_FEATURES order, then those of
+#: WINDOW_SLOT_FEATURES (a model with a history window stacks them last).
+SLOT_REASON_INDEX = tuple(_R[_slot_reason(f)] for f in SLOT_FEATURES + WINDOW_SLOT_FEATURES)
 
 
 def contributions(
@@ -87,8 +94,9 @@ def contributions(
     hv, valid = f["hist_vocab"], f["hist_cats"] > 0
     n_vocab = out["x_mk"].shape[-1]
     n_reasons = len(REASONS)
-    group = torch.zeros(len(SLOT_FEATURES), n_reasons, device=cols.device)
-    group[torch.arange(len(SLOT_FEATURES)), torch.tensor(SLOT_REASON_INDEX)] = 1.0
+    n_features = out["x_phi"].shape[-1]
+    group = torch.zeros(n_features, n_reasons, device=cols.device)
+    group[torch.arange(n_features), torch.tensor(SLOT_REASON_INDEX[:n_features])] = 1.0
     slot_terms = (out["x_phi"] * out["x_sw"].unsqueeze(-2)) @ group  # [n, K, R]
     slot_terms[..., _R["lstm"]] += out["x_repeat"]
 

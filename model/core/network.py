@@ -78,6 +78,16 @@ SLOT_FEATURES = (
     "last_streak",
     "markov_history",
 )
+#: Slot features of a model with a history window (:attr:`ModelConfig.history_window`), after
+#: :data:`SLOT_FEATURES`: the slot is not among the window's most recently seen ones, and that flag
+#: times the slot's Markov log-probability, log count and cart flag, so that the cascade start can drop
+#: such a slot to the Markov tier, as the ``cascade_recent`` baseline does (docs/MODEL.md §4.10).
+WINDOW_SLOT_FEATURES = (
+    "beyond_window",
+    "beyond_window_markov",
+    "beyond_window_log_count",
+    "beyond_window_in_cart",
+)
 #: Names of the features of a vocabulary category outside the history.
 VOCAB_FEATURES = ("markov", "popularity", "markov_history")
 
@@ -136,9 +146,16 @@ class ModelConfig:
     lstm_terms: bool = True  #: the LSTM's own repeat and explore terms
     markov_history: bool = True  #: the Markov mixture over all the user's categories as a feature
     funnel_base: bool = True  #: the purchase logit is the funnel table's log-odds plus the MLP's correction
+    #: The cascade start's history and cart tiers keep only this many of the most recently seen slots
+    #: (None: all of them). Training chooses it on validation, as ``cascade_recent`` chooses its own.
+    history_window: int | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["history_window"] is None:
+            # a model without a window has the config, and so the model_version, of one from before it
+            del d["history_window"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
@@ -252,7 +269,7 @@ class DemandLSTM(nn.Module):
         )
         # context of the feature weights: LSTM output, event type, time gap, cart state
         d_ctx = cfg.hidden + n_types + N_GAP_BUCKETS + 4
-        n_slot, n_vocab = len(SLOT_FEATURES), len(VOCAB_FEATURES)
+        n_slot, n_vocab = len(slot_features(cfg)), len(VOCAB_FEATURES)
         self.slot_w0 = nn.Parameter(torch.zeros(n_slot))
         self.vocab_w0 = nn.Parameter(torch.zeros(n_vocab))
         self.mix_decay = nn.Parameter(torch.tensor(math.log(MIX_DECAY_INIT / (1.0 - MIX_DECAY_INIT))))
@@ -480,6 +497,7 @@ class DemandLSTM(nn.Module):
                 torch.log1p(f["hist_session"]).unsqueeze(-1),
                 ((ages == 0).float() * torch.log1p(f["streak"]).unsqueeze(-1)).unsqueeze(-1),
                 mix.gather(-1, hv).unsqueeze(-1),
+                *self._window_features(ages, valid, slot_mk, f["hist_counts"], slot_cart),
             ],
             dim=-1,
         )  # [..., K, F]
@@ -518,6 +536,26 @@ class DemandLSTM(nn.Module):
                 x_src=src,
             )
         return out
+
+    def _window_features(
+        self,
+        ages: torch.Tensor,
+        valid: torch.Tensor,
+        slot_mk: torch.Tensor,
+        counts: torch.Tensor,
+        slot_cart: torch.Tensor,
+    ) -> list[torch.Tensor]:
+        """The :data:`WINDOW_SLOT_FEATURES` columns ([..., K, 1] each), none without a history window."""
+        window = self.cfg.history_window
+        if window is None:
+            return []
+        beyond = ((_recency_rank(ages, valid) >= window) & valid).float()
+        return [
+            beyond.unsqueeze(-1),
+            (beyond * slot_mk).unsqueeze(-1),
+            (beyond * torch.log1p(counts)).unsqueeze(-1),
+            (beyond * (slot_cart > 0).float()).unsqueeze(-1),
+        ]
 
     def _step_inputs(self, f: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """The step's inputs both heads read, computed once: one-hot event type and time gap, cart
@@ -783,16 +821,39 @@ CASCADE_SLOT_WEIGHTS = {
     "log_age_events": -1e-3,  # ties by recency
 }
 CASCADE_VOCAB_WEIGHTS = {"markov": 1.0}  # outside the history: Markov successors, backed off to popularity
+#: With a history window, a slot beyond it loses its history, count and cart terms and gains the Markov
+#: term of a category outside the history: the cascade_recent baseline's ranking.
+CASCADE_WINDOW_WEIGHTS = {
+    "beyond_window": -CASCADE_SLOT_WEIGHTS["in_history"],
+    "beyond_window_markov": CASCADE_VOCAB_WEIGHTS["markov"],
+    "beyond_window_log_count": -CASCADE_SLOT_WEIGHTS["log_count"],
+    "beyond_window_in_cart": -CASCADE_SLOT_WEIGHTS["in_cart"],
+}
+
+
+def slot_features(cfg: ModelConfig) -> tuple[str, ...]:
+    """Names of a history slot's features for a model of ``cfg``, in the order the head stacks them.
+
+    >>> slot_features(ModelConfig()) == SLOT_FEATURES
+    True
+    >>> slot_features(ModelConfig(history_window=8))[-4:] == WINDOW_SLOT_FEATURES
+    True
+    """
+    return SLOT_FEATURES + (WINDOW_SLOT_FEATURES if cfg.history_window is not None else ())
 
 
 @torch.no_grad()
 def init_like_cascade(net: DemandLSTM) -> None:
     """Set the base feature weights so that, before any training, the ranking is the rule cascade:
     last category, cart, other history categories by count (recent first on ties), Markov successors of
-    the current category, popularity. The context terms and the LSTM terms start at zero."""
+    the current category, popularity; with a history window, the cart and history tiers hold only the
+    window's most recently seen slots (``cascade_recent``). The context terms and the LSTM terms start
+    at zero."""
     net.slot_w0.zero_()
     net.vocab_w0.zero_()
-    for name, w in CASCADE_SLOT_WEIGHTS.items():
-        net.slot_w0[SLOT_FEATURES.index(name)] = w
+    names = slot_features(net.cfg)
+    window = CASCADE_WINDOW_WEIGHTS if net.cfg.history_window is not None else {}
+    for name, w in {**CASCADE_SLOT_WEIGHTS, **window}.items():
+        net.slot_w0[names.index(name)] = w
     for name, w in CASCADE_VOCAB_WEIGHTS.items():
         net.vocab_w0[VOCAB_FEATURES.index(name)] = w

@@ -782,6 +782,8 @@ def heads_summary(report: dict) -> str:
 
     >>> heads_summary({"train_metrics": {"category_epoch": 0, "purchase_head": "funnel table (won validation)"}})
     'the model as trained: category head the cascade start (no trained epoch beat it on validation); purchase head funnel table (won validation)'
+    >>> heads_summary({"train_metrics": {"category_epoch": 0, "history_window": 4}})
+    'the model as trained: category head the cascade start over the 4 most recent categories (no trained epoch beat it on validation)'
     >>> heads_summary({"train_metrics": {"category_epoch": 3, "purchase_head": None}})
     'the model as trained: category head of epoch 3'
     """
@@ -790,6 +792,8 @@ def heads_summary(report: dict) -> str:
     epoch = tm.get("category_epoch")
     if epoch == 0:
         start = "the cascade start" if tm.get("cascade_init", True) else "the untrained start"
+        if tm.get("cascade_init", True) and tm.get("history_window") is not None:
+            start += f" over the {tm['history_window']} most recent categories"
         parts.append(f"category head {start} (no trained epoch beat it on validation)")
     elif epoch is not None:
         parts.append(f"category head of epoch {epoch}")
@@ -905,4 +909,6 @@ def checkpoint_train_metrics(ck: Checkpoint) -> dict:
     # which epoch's category head was shipped (0: the start, the cascade unless trained without it)
     out["category_epoch"] = (metrics.get("selection") or {}).get("category_epoch")
     out["cascade_init"] = (metrics.get("train_config") or {}).get("cascade_init", True)
+    # the cascade start's history window (None: every slot, as for checkpoints from before it)
+    out["history_window"] = ck.net.cfg.history_window
     return out

@@ -29,7 +29,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -70,6 +70,7 @@ from demandstream.model.data.split import (
     temporal_split,
 )
 from demandstream.model.errors import DataError, OptionError
+from demandstream.model.evaluation.baselines import CascadeRecent
 from demandstream.model.training.averaging import WeightAverage
 
 logger = logging.getLogger(__name__)
@@ -137,6 +138,8 @@ class TrainConfig:
     #: ... and only on a validation window at least this long (a daily cycle); 0 fits on any window
     calibration_min_window_s: float = CALIBRATION_MIN_WINDOW_S
     cascade_init: bool = True  #: start the feature weights where the ranking equals the rule cascade
+    #: give the cascade start the history window validation chooses for ``cascade_recent`` (§4.10)
+    choose_history_window: bool = True
     markov_leave_out: str = (
         "user"  #: what a training row's Markov features leave out: "user", "past", "row", "none"
     )
@@ -1563,6 +1566,32 @@ def _selection_counts(log: EventLog, split: Split, tcfg: TrainConfig) -> tuple[i
     return int((pts.cat_target >= 0).sum()), int(pts.purchase[pts.observable].sum())
 
 
+def choose_history_window(log: EventLog, split: Split, slots: int, horizon_s: float) -> dict:
+    """The cascade start's history window (:attr:`ModelConfig.history_window`), chosen on ``split``'s
+    validation window exactly as the ``cascade_recent`` baseline chooses its own (docs/MODEL.md §4.10),
+    in the log's own category space: the baseline's settings, with ``window`` None when validation
+    chose the whole history or a window no smaller than the ``slots`` the state keeps.
+
+    Training starts from the strongest counter the report compares it with, so that where no trained
+    epoch beats the start on validation, the model ties that counter instead of a weaker one.
+    """
+    baseline = CascadeRecent()
+    cats = (np.asarray(log.category, np.int64) + 1).astype(np.int32)  # 0: no category
+    baseline.fit(
+        cats,
+        log.etype,
+        log.ts,
+        log.user_start,
+        log.ts < split.valid_end,
+        horizon_s,
+        len(log.categories) + 1,
+        valid_start=split.train_end,
+    )
+    chosen = baseline.settings()
+    window = chosen["window"]
+    return {**chosen, "window": window if window is not None and window < slots else None}
+
+
 def _selection_split(log: EventLog, split: Split, tcfg: TrainConfig) -> tuple[Split, dict]:
     """The split that chooses the epochs: the given one, or a hold-out at the end of the training time
     when the validation window is too small to decide anything (see the module docstring)."""
@@ -1680,6 +1709,17 @@ def train(
 
     sel_split, selection = _selection_split(log, split, tcfg)
     t0 = time.perf_counter()
+    window = {"window": mcfg.history_window, "chosen_on": "the model configuration"}
+    if tcfg.cascade_init and tcfg.choose_history_window and mcfg.history_window is None:
+        window = choose_history_window(log, sel_split, mcfg.history_slots, tcfg.horizon_s)
+        mcfg = replace(mcfg, history_window=window["window"])
+        logger.info(
+            "history window of the cascade start: %s (chosen on %s)",
+            "all slots" if window["window"] is None else f"the {window['window']} most recent categories",
+            f"{window['validation_points']:,} validation points"
+            if "validation_points" in window
+            else "nothing",
+        )
     vocab, cfg, feats, tr, va, beyond_cap = _prepare(
         log, sel_split, sel_split.train_end, tcfg, mcfg, next_hash
     )
@@ -1802,6 +1842,7 @@ def train(
             "device": str(device),
             "threads": torch.get_num_threads(),
             "calibration": calib,
+            "history_window": window,
             # where the shipped purchase head comes from, in words (train's summary, evaluate's report)
             "purchase_head": purchase_head_summary(metrics["selection"]),
         }

@@ -26,17 +26,19 @@ ALLOWED: dict[str, set[str]] = {
         "demandstream.model.core",
         "demandstream.model.data",
     },
-    "demandstream.model.training": {
-        "demandstream.model.errors",
-        "demandstream.model.core",
-        "demandstream.model.data",
-        "demandstream.model.training",
-    },
     "demandstream.model.evaluation": {
         "demandstream.model.errors",
         "demandstream.model.core",
         "demandstream.model.data",
         "demandstream.model.evaluation",
+    },
+    "demandstream.model.training": {
+        "demandstream.model.errors",
+        "demandstream.model.core",
+        "demandstream.model.data",
+        # the start's history window is chosen by the evaluation's own cascade_recent (train.py)
+        "demandstream.model.evaluation",
+        "demandstream.model.training",
     },
     "demandstream.stream.settings": {"demandstream.model.errors"},
     "demandstream.stream.admin": {"demandstream.model.errors", "demandstream.stream.settings"},

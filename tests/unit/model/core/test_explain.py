@@ -15,11 +15,11 @@ from demandstream.model.data.eventlog import EventLog
 from tests.unit.model.core.test_network import live_net, random_events
 
 
-def _setup(seed: int = 3):
+def _setup(seed: int = 3, window: int | None = None):
     rng = np.random.default_rng(seed)
     events = random_events(rng)
     vocab = Vocabulary.build([e.category for e in events], max_size=7)  # some categories outside it
-    cfg = ModelConfig(n_categories=len(vocab), hidden=24, markov_top_k=4)
+    cfg = ModelConfig(n_categories=len(vocab), hidden=24, markov_top_k=4, history_window=window)
     net = live_net(cfg, vocab, events, seed)
     return events, vocab, cfg, net
 
@@ -33,10 +33,12 @@ def _rounds(events):
         yield [v[r] for v in by_user.values() if len(v) > r]
 
 
-def test_contributions_sum_to_the_logit_of_every_column():
+@pytest.mark.parametrize("window", [None, 3])
+def test_contributions_sum_to_the_logit_of_every_column(window):
     """Every column a prediction can name (vocabulary outside the history, vocabulary inside it through its
-    slot, a slot outside the vocabulary) is explained exactly: its reasons sum to its logit."""
-    events, vocab, cfg, net = _setup()
+    slot, a slot outside the vocabulary) is explained exactly: its reasons sum to its logit, with a
+    history window's features too."""
+    events, vocab, cfg, net = _setup(window=window)
     scorer = Scorer(Checkpoint(net, vocab, "00000000"))
     states = {e.user_id: scorer.new_state() for e in events}
     buf = FeatureBuffer(cfg, 64, vocab)

@@ -68,13 +68,15 @@ def offline_column(code: int, n_vocab: int, hist_cats) -> int:
     return n_vocab + list(hist_cats).index(-code)
 
 
-@pytest.mark.parametrize("layers", [1, 2])
-def test_step_equals_forward(layers):
+@pytest.mark.parametrize(("layers", "window"), [(1, None), (2, None), (1, 3)])
+def test_step_equals_forward(layers, window):
     rng = np.random.default_rng(layers)
     events = random_events(rng)
     # a capped vocabulary: the rarer categories are outside it and ranked through their history slots
     vocab = Vocabulary.build([e.category for e in events], max_size=7)
-    cfg = ModelConfig(n_categories=len(vocab), hidden=24, layers=layers, markov_top_k=4)
+    cfg = ModelConfig(
+        n_categories=len(vocab), hidden=24, layers=layers, markov_top_k=4, history_window=window
+    )
     scorer = Scorer(Checkpoint(live_net(cfg, vocab, events, layers), vocab, "00000000"), top_k=8)
     log = EventLog.from_events(events).sorted_by_user_time()
 
@@ -644,3 +646,39 @@ def test_own_counts_of_every_history_slot():
         assert torch.equal(f["markov_own_slot_count"][:, 0], f["markov_own_count"])
         # row 1: the other slot (a) holds u's a->b transitions (2) in user mode, nothing in row mode
         assert float(f["markov_own_slot_total"][1, 1]) == (2.0 if expect_other else 0.0)
+
+
+def test_cascade_init_with_a_history_window_ranks_like_cascade_recent():
+    """With ``history_window`` W the start keeps only the W most recently seen slots in its cart and
+    history tiers; an older slot ranks by the current category's Markov row, as any category outside the
+    history (the ``cascade_recent`` baseline, docs/MODEL.md §4.10)."""
+    names = ["<unk>", *(f"c{i}" for i in range(1, 10))]
+    vocab = Vocabulary(names)
+    c = len(vocab)
+    counts = {1: 1, 2: 1, 3: 1, 4: 4, 5: 1, 6: 3, 7: 9, 8: 7, 9: 5}
+    cats = np.repeat(list(counts), list(counts.values()))
+    pairs = np.array([[4, 6], [4, 6], [4, 6], [4, 5], [1, 2], [7, 8], [4, 3], [4, 3]])
+    ranked = {}
+    for window in (None, 3):
+        torch.manual_seed(0)
+        net = DemandLSTM(ModelConfig(n_categories=c, hidden=16, markov_top_k=4, history_window=window))
+        net.set_tables(markov_tables(cats, pairs, c, 4))
+        init_like_cascade(net)
+        scorer = Scorer(Checkpoint(net.eval(), vocab, "00000000"), top_k=c - 1)
+        s = scorer.new_state()
+        history = [
+            ("c3", "add_to_cart"),
+            ("c9", "view"),
+            ("c9", "view"),
+            ("c1", "view"),
+            ("c2", "view"),
+            ("c4", "view"),
+        ]
+        for k, (cat, etype) in enumerate(history):
+            [p] = scorer.step([Event(f"e{k}", "u1", 1.7e9 + 60.0 * k, etype, f"i{k}", cat, 5.0)], [s])
+        ranked[window] = [n for n, _ in p.top_categories]
+    # the whole history: last, cart, history by count (c9 twice), Markov successors of c4, popularity
+    assert ranked[None] == ["c4", "c3", "c9", "c2", "c1", "c6", "c5", "c7", "c8"]
+    # the 3 most recent (c4, c2, c1): c3 leaves the cart tier for its Markov rank (c4 -> c3 twice),
+    # c9 leaves the history tier for its popularity
+    assert ranked[3] == ["c4", "c2", "c1", "c6", "c3", "c5", "c7", "c8", "c9"]

@@ -24,14 +24,21 @@ from demandstream.model.training.export import (
 NAMES = ["<unk>", "shoes", "bags", "hats", "socks"]
 
 
-def _net() -> DemandLSTM:
+def _net(window: int | None = None) -> DemandLSTM:
     """A small network whose every term is live: Markov tables, cascade weights, then random noise on all
     parameters (the context and LSTM terms start at zero otherwise and would not be exercised)."""
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     c = len(NAMES)
     net = DemandLSTM(
-        ModelConfig(n_categories=c, hidden=16, item_buckets=256, query_buckets=64, markov_top_k=2)
+        ModelConfig(
+            n_categories=c,
+            hidden=16,
+            item_buckets=256,
+            query_buckets=64,
+            markov_top_k=2,
+            history_window=window,
+        )
     )
     net.set_tables(markov_tables(rng.integers(1, c, 60), rng.integers(1, c, (40, 2)), c, 2))
     init_like_cascade(net)
@@ -119,3 +126,13 @@ def test_step_module_reproduces_scorer_step():
             assert np.abs(h2[:, j].numpy() - states[j].h).max() <= PARITY_TOL
             assert np.abs(c2[:, j].numpy() - states[j].c).max() <= PARITY_TOL
     assert any(n == "mittens" for s in states for n in [scorer.category_name(i) for i, _ in s.last_top])
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_a_model_with_a_history_window_exports_with_the_same_parity(tmp_path):
+    path = tmp_path / "w.pt"
+    checkpoint.save(path, _net(window=2), Vocabulary(NAMES))
+    res = export(path, tmp_path / "out")
+    assert res["torchscript_parity"] <= PARITY_TOL
+    if res.get("onnx_parity") is not None:
+        assert res["onnx_parity"] <= PARITY_TOL

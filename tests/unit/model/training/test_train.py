@@ -19,6 +19,7 @@ from demandstream.model.training.train import (
     _lane_windows,
     _selection_split,
     _user_ranges,
+    choose_history_window,
     phase_targets,
     purchase_head_summary,
     run_training,
@@ -759,3 +760,66 @@ def test_training_with_blocked_windows_follows_the_unblocked_run(monkeypatch):
     for (_, la, ma), (_, lb, mb) in zip(whole, blocked, strict=True):
         assert (np.isnan(la) and np.isnan(lb)) or la == pytest.approx(lb, rel=1e-4)
         assert ma == pytest.approx(mb, abs=2e-3)
+
+
+def _window_log(comes_back: bool) -> EventLog:
+    """Users before T1 teach the transition k5 -> k8; validation users count k1 five times, touch k2, k3,
+    k4, k5 once each, then go on to k8 (the Markov pick) or back to k1."""
+    from demandstream.model.core.events import Event
+
+    t0, events = 1.7e9, []
+    for u in range(5):
+        for j, cat in enumerate(("k5", "k8")):
+            events.append(Event(f"f{u}-{j}", f"f{u}", t0 + 10.0 * u + j, "view", f"i{cat}", cat))
+    seq = ["k1"] * 5 + ["k2", "k3", "k4", "k5", "k1" if comes_back else "k8"]
+    for u in range(3):
+        for j, cat in enumerate(seq):
+            events.append(Event(f"v{u}-{j}", f"v{u}", t0 + 1000.0 + 10.0 * j, "view", f"i{cat}", cat))
+    return EventLog.from_events(events).sorted_by_user_time()
+
+
+@pytest.mark.parametrize(("comes_back", "window"), [(False, 4), (True, None)])
+def test_the_cascade_start_s_history_window_is_chosen_on_validation(comes_back, window):
+    log = _window_log(comes_back)
+    split = Split(1.7e9 + 500.0, 1.7e9 + 2000.0, float(log.ts.max()))
+    chosen = choose_history_window(log, split, slots=16, horizon_s=HORIZON)
+    assert chosen["window"] == window and chosen["validation_points"] == 3 * 9
+    # a window the state's slots cannot hold more than is no window
+    assert choose_history_window(log, split, slots=4, horizon_s=HORIZON)["window"] is None
+
+
+def test_training_starts_from_the_window_validation_chose_and_the_refit_keeps_it(monkeypatch, tmp_path):
+    import torch
+
+    from demandstream.model.core.network import (
+        CASCADE_WINDOW_WEIGHTS,
+        DemandLSTM,
+        init_like_cascade,
+        slot_features,
+    )
+    from demandstream.model.training import train as train_mod
+
+    chosen = {"window": 3, "chosen_on": "validation", "validation_points": 1}
+    monkeypatch.setattr(train_mod, "choose_history_window", lambda *a, **k: chosen)
+    tcfg = TrainConfig(epochs=1, lanes=16, bptt=16, threads=1)
+    res = train(tiny_log(1500), tcfg, TINY_MODEL, progress=False)
+    assert res.net.cfg.history_window == 3 and res.metrics["history_window"] == chosen
+    assert res.net.slot_w0.shape[0] == len(slot_features(res.net.cfg))
+    start = DemandLSTM(res.net.cfg)
+    init_like_cascade(start)
+    names = slot_features(start.cfg)
+    for name, w in CASCADE_WINDOW_WEIGHTS.items():
+        assert float(start.slot_w0.detach()[names.index(name)]) == pytest.approx(w)
+    # the checkpoint keeps the window; switched off, training starts from the whole history
+    off = train(
+        tiny_log(1500), dataclasses.replace(tcfg, choose_history_window=False), TINY_MODEL, progress=False
+    )
+    assert off.net.cfg.history_window is None and "history_window" not in off.net.cfg.to_dict()
+    assert torch.isfinite(res.net.slot_w0).all()
+    checkpoint.save(tmp_path / "w.pt", res.net, res.vocab, res.metrics)
+    ck = checkpoint.load(tmp_path / "w.pt")
+    assert ck.net.cfg.history_window == 3
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(ck.net.state_dict().values(), res.net.state_dict().values(), strict=True)
+    )
