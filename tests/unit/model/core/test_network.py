@@ -399,23 +399,32 @@ def test_a_category_outside_the_vocabulary_is_ranked_under_its_own_name():
     assert offline[len(events) - 1].top_categories == preds[-1].top_categories
 
 
+def _cascade_start_ranking(pairs, history, window: int | None = None) -> list[str]:
+    """The untrained, cascade-initialised network's ranking after one user's ``history`` of (category,
+    event type), categories c1..c9 with popularity c7 > c8 > c9 > c6 > c4 > the rest and the Markov
+    ``pairs`` (vocabulary indices) as its transition table."""
+    names = ["<unk>", *(f"c{i}" for i in range(1, 10))]
+    vocab = Vocabulary(names)
+    c = len(vocab)
+    counts = {1: 1, 2: 1, 3: 1, 4: 4, 5: 1, 6: 3, 7: 9, 8: 7, 9: 5}
+    cats = np.repeat(list(counts), list(counts.values()))
+    torch.manual_seed(0)
+    net = DemandLSTM(ModelConfig(n_categories=c, hidden=16, markov_top_k=4, history_window=window))
+    net.set_tables(markov_tables(cats, np.array(pairs), c, 4))
+    init_like_cascade(net)
+    scorer = Scorer(Checkpoint(net.eval(), vocab, "00000000"), top_k=c - 1)
+    s = scorer.new_state()
+    for k, (cat, etype) in enumerate(history):
+        [p] = scorer.step([Event(f"e{k}", "u1", 1.7e9 + 60.0 * k, etype, f"i{k}", cat, 5.0)], [s])
+    return [n for n, _ in p.top_categories]
+
+
 def test_untrained_network_with_cascade_init_ranks_like_the_rule_cascade():
     """set_tables + init_like_cascade: last category, then the cart, then the rest of the history by count
     (recent first on ties; a category outside the vocabulary too), then Markov successors of the current
     category, then popularity."""
-    names = ["<unk>", *(f"c{i}" for i in range(1, 10))]
-    vocab = Vocabulary(names)
-    c = len(vocab)
     # popularity: c7 > c8 > c9 > the rest; Markov successors of c4: c6 (3 times), then c5 (once)
-    counts = {1: 1, 2: 1, 3: 1, 4: 4, 5: 1, 6: 3, 7: 9, 8: 7, 9: 5}
-    cats = np.repeat(list(counts), list(counts.values()))
-    pairs = np.array([[4, 6], [4, 6], [4, 6], [4, 5], [1, 2], [7, 8]])
-    torch.manual_seed(0)
-    net = DemandLSTM(ModelConfig(n_categories=c, hidden=16, markov_top_k=4))
-    net.set_tables(markov_tables(cats, pairs, c, 4))
-    init_like_cascade(net)
-    scorer = Scorer(Checkpoint(net.eval(), vocab, "00000000"), top_k=c - 1)
-    s = scorer.new_state()
+    pairs = [(4, 6), (4, 6), (4, 6), (4, 5), (1, 2), (7, 8)]
     history = [
         ("c1", "view"),
         ("c2", "view"),
@@ -425,9 +434,7 @@ def test_untrained_network_with_cascade_init_ranks_like_the_rule_cascade():
         ("c1", "view"),
         ("c4", "view"),
     ]
-    for k, (cat, etype) in enumerate(history):
-        [p] = scorer.step([Event(f"e{k}", "u1", 1.7e9 + 60.0 * k, etype, f"i{k}", cat, 5.0)], [s])
-    ranked = [n for n, _ in p.top_categories]
+    ranked = _cascade_start_ranking(pairs, history)
     #       last  cart  history: count 2 (c1 more recent), count 1  Markov of c4  popularity
     assert ranked == ["c4", "c3", "c1", "c2", "zz-oov", "c6", "c5", "c7", "c8"]
 
@@ -652,31 +659,16 @@ def test_cascade_init_with_a_history_window_ranks_like_cascade_recent():
     """With ``history_window`` W the start keeps only the W most recently seen slots in its cart and
     history tiers; an older slot ranks by the current category's Markov row, as any category outside the
     history (the ``cascade_recent`` baseline, docs/MODEL.md §4.10)."""
-    names = ["<unk>", *(f"c{i}" for i in range(1, 10))]
-    vocab = Vocabulary(names)
-    c = len(vocab)
-    counts = {1: 1, 2: 1, 3: 1, 4: 4, 5: 1, 6: 3, 7: 9, 8: 7, 9: 5}
-    cats = np.repeat(list(counts), list(counts.values()))
-    pairs = np.array([[4, 6], [4, 6], [4, 6], [4, 5], [1, 2], [7, 8], [4, 3], [4, 3]])
-    ranked = {}
-    for window in (None, 3):
-        torch.manual_seed(0)
-        net = DemandLSTM(ModelConfig(n_categories=c, hidden=16, markov_top_k=4, history_window=window))
-        net.set_tables(markov_tables(cats, pairs, c, 4))
-        init_like_cascade(net)
-        scorer = Scorer(Checkpoint(net.eval(), vocab, "00000000"), top_k=c - 1)
-        s = scorer.new_state()
-        history = [
-            ("c3", "add_to_cart"),
-            ("c9", "view"),
-            ("c9", "view"),
-            ("c1", "view"),
-            ("c2", "view"),
-            ("c4", "view"),
-        ]
-        for k, (cat, etype) in enumerate(history):
-            [p] = scorer.step([Event(f"e{k}", "u1", 1.7e9 + 60.0 * k, etype, f"i{k}", cat, 5.0)], [s])
-        ranked[window] = [n for n, _ in p.top_categories]
+    pairs = [(4, 6), (4, 6), (4, 6), (4, 5), (1, 2), (7, 8), (4, 3), (4, 3)]
+    history = [
+        ("c3", "add_to_cart"),
+        ("c9", "view"),
+        ("c9", "view"),
+        ("c1", "view"),
+        ("c2", "view"),
+        ("c4", "view"),
+    ]
+    ranked = {w: _cascade_start_ranking(pairs, history, w) for w in (None, 3)}
     # the whole history: last, cart, history by count (c9 twice), Markov successors of c4, popularity
     assert ranked[None] == ["c4", "c3", "c9", "c2", "c1", "c6", "c5", "c7", "c8"]
     # the 3 most recent (c4, c2, c1): c3 leaves the cart tier for its Markov rank (c4 -> c3 twice),
