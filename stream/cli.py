@@ -272,6 +272,7 @@ def _summary_line(verb: str, d: dict) -> str:
             "epochs_run",
             "best_epoch",
             "best_valid_mrr@20",
+            "history_window",
             "train_events_per_s",
             "purchase_head",
             "purchase_calibration",

@@ -1909,6 +1909,8 @@ def run_training(
                 "device",
             )
         },
+        # the cascade start's history window ("all": every slot, as the plain cascade)
+        "history_window": m["history_window"]["window"] or "all",
         "purchase_head": m["purchase_head"],
         "purchase_calibration": calibration_summary(m["calibration"]),
     }

@@ -189,6 +189,8 @@ def test_a_taobao_log_with_rows_stamped_years_away_trains_and_evaluates_on_the_d
     body = np.array([float(r.rsplit(",", 1)[1]) for r in rows[:-2]])
     assert body.min() < rep["split"]["train_end"] < rep["split"]["valid_end"] < body.max()
     assert summary["n_train_events"] > 0.5 * len(body)
+    # the summary line says which start training chose, and the report which start the model had
+    assert summary["history_window"] == (rep["train_metrics"]["history_window"] or "all")
     assert rep["n_category_points"] > 0 and rep["n_purchase_points"] > 0
     assert 0.0 < rep["model"]["category_mrr@20"] <= 1.0
 
