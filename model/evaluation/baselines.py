@@ -28,6 +28,7 @@ import logging
 import numpy as np
 
 from demandstream.model.core.events import TYPE_INDEX
+from demandstream.model.core.network import MIX_DECAY_INIT
 from demandstream.model.data.eventlog import csr_offsets
 from demandstream.model.data.labels import (  # noqa: F401  (re-exported: evaluation reads labels here)
     DEFAULT_GAP_S,
@@ -587,6 +588,53 @@ class CascadeRecent(Cascade):
         }
 
 
+class CascadeMix(CascadeRecent):
+    """``cascade_recent`` whose Markov tier reads the user's recent categories together: every category
+    outside the cart and history tiers is ranked by the mixture of the Markov rows (smoothed toward
+    popularity, as :class:`Markov`'s) of the window's categories, the most recent weighing 1, the next
+    :attr:`DECAY`, then ``DECAY**2``, ... (Jannach & Ludewig's session kNN, RecSys 2017, over the
+    transition table): where a user's last few categories point together. It is the model's history
+    mixture (docs/MODEL.md §1) as a counter, at the decay the model starts from; its window is chosen on
+    validation as ``cascade_recent``'s.
+
+    Examples
+    --------
+    >>> cats = np.array([1, 2, 1, 2, 3, 4, 3, 4, 1, 5], dtype=np.int32)  # 1 -> 2 (twice), 5; 3 -> 4 (twice)
+    >>> b = CascadeMix(window=None)
+    >>> b.fit(cats, np.zeros(10, np.int8), np.arange(10.0), np.array([0, 10]), np.ones(10, bool), 10.0, 7)
+    >>> b.start_user()
+    >>> for c in (3, 1):                                       # 1 now, 3 before it
+    ...     b.observe(c, 0, 0.0)
+    >>> np.argsort(-b.category_scores()).tolist()[:4]          # last, history, then 2 (from 1), 4 (from 3)
+    [1, 3, 2, 4]
+    """
+
+    name = "cascade_mix"
+    #: Weight of the k-th most recent category's row is ``DECAY**k``: the start of the model's learned decay.
+    DECAY = MIX_DECAY_INIT
+    #: Rows mixed at most (the whole history's weight beyond them is below ``DECAY**DEPTH``).
+    DEPTH = 32
+
+    def _scores(self, idx: np.ndarray) -> np.ndarray:
+        scores = super()._scores(idx)
+        if idx.size == 0:
+            return scores
+        rows = idx[np.argsort(-self.last_step[idx], kind="stable")][: self.DEPTH]
+        w = self.DECAY ** np.arange(rows.size, dtype=np.float64)
+        denom = self.row_totals[rows] + MARKOV_ALPHA
+        mix = float((w * MARKOV_ALPHA / denom).sum()) * self.pop_prob  # every row's popularity part
+        for a, wa, da in zip(rows.tolist(), w.tolist(), denom.tolist(), strict=True):
+            lo, hi = self.indptr[a], self.indptr[a + 1]
+            mix[self.next_cats[lo:hi]] += wa * self.next_counts[lo:hi] / da
+        outside = scores < self.TIER_HISTORY  # not the last category, the cart or the history
+        outside[0] = False
+        # one tier ordered by the mixture, popularity breaking exact ties (the ranking stays strict)
+        scores[outside] = (
+            self.TIER_MARKOV + 0.999 * mix[outside] / mix[outside].max() + 1e-9 * self.pop[outside]
+        )
+        return scores
+
+
 def floored_cart_counts(
     etypes: np.ndarray, user_start: np.ndarray, mask: np.ndarray | None = None
 ) -> np.ndarray:
@@ -672,7 +720,7 @@ def make_baselines() -> list[Baseline]:
     """All baselines of the evaluation report, unfitted, in report order.
 
     >>> [b.name for b in make_baselines()]
-    ['popularity', 'last_category', 'user_history', 'markov', 'funnel', 'cascade', 'cascade_recent', 'funnel_cart']
+    ['popularity', 'last_category', 'user_history', 'markov', 'funnel', 'cascade', 'cascade_recent', 'cascade_mix', 'funnel_cart']
     """
     return [
         Popularity(),
@@ -682,5 +730,6 @@ def make_baselines() -> list[Baseline]:
         Funnel(),
         Cascade(),
         CascadeRecent(),
+        CascadeMix(),
         FunnelCart(),
     ]

@@ -12,6 +12,7 @@ from demandstream.model.evaluation.baselines import (
     USER_RATE_PRIOR_STRENGTH,
     Baseline,
     Cascade,
+    CascadeMix,
     CascadeRecent,
     Funnel,
     FunnelCart,
@@ -364,6 +365,7 @@ def test_make_baselines_names_and_capabilities():
         "funnel",
         "cascade",
         "cascade_recent",
+        "cascade_mix",
         "funnel_cart",
     ]
     cats, etypes, ts, user_start = log_arrays(USERS)
@@ -373,8 +375,8 @@ def test_make_baselines_names_and_capabilities():
         b.observe(2, VIEW, 0.0)
     ranks_cats = [b.category_scores() is not None for b in bs]
     has_proba = [b.purchase_proba() is not None for b in bs]
-    assert ranks_cats == [True, True, True, True, False, True, True, False]
-    assert has_proba == [False, False, True, False, True, False, False, True]
+    assert ranks_cats == [True, True, True, True, False, True, True, True, False]
+    assert has_proba == [False, False, True, False, True, False, False, False, True]
 
 
 def test_popularity_scores_stay_below_one_and_ordered():
@@ -496,6 +498,32 @@ def test_cascade_recent_without_validation_points_is_the_cascade():
     assert b.window is None and b.settings()["chosen_on"].startswith("nothing")
     b.fit(*log_arrays(USERS), np.ones(sum(map(len, USERS)), bool), H, 9, valid_start=1e9)
     assert b.window is None and b.settings()["chosen_on"].startswith("nothing")
+
+
+def test_cascade_mix_ranks_the_successors_of_the_recent_categories_together():
+    # fit rows: 1 -> 2 (twice) and -> 3 once; 4 -> 3 (twice); 5 -> 6 (three times)
+    users = [
+        [(1, VIEW, 0.0), (2, VIEW, 1.0), (1, VIEW, 2.0), (2, VIEW, 3.0), (1, VIEW, 4.0), (3, VIEW, 5.0)],
+        [(4, VIEW, 0.0), (3, VIEW, 1.0), (4, VIEW, 2.0), (3, VIEW, 3.0)],
+        [(5, VIEW, 0.0), (6, VIEW, 1.0), (5, VIEW, 2.0), (6, VIEW, 3.0), (5, VIEW, 4.0), (6, VIEW, 5.0)],
+    ]
+    plain = fitted(CascadeRecent(window=None), users, n_categories=8)
+    mixed = fitted(CascadeMix(window=None), users, n_categories=8)
+    for b in (plain, mixed):
+        b.start_user()
+        for cat in (5, 4, 1):  # 1 now, 4 before it, 5 longest ago
+            b.observe(cat, VIEW, 0.0)
+    # the plain cascade ranks 1's successors only: 2, then 3 (once); 6 falls to popularity
+    assert ranking(plain.category_scores())[:6] == [1, 4, 5, 2, 3, 6]
+    # the mixture: 3 is a successor of both 1 and 4 (1 * 1/4 + 0.5 * 2/3 > 1 * 2/4), then 2, then 5's 6
+    s = mixed.category_scores()
+    assert ranking(s)[:6] == [1, 4, 5, 3, 2, 6] and is_strict(s)
+    # a window of one category keeps only 1's row in the mixture
+    one = fitted(CascadeMix(window=1), users, n_categories=8)
+    one.start_user()
+    for cat in (5, 4, 1):
+        one.observe(cat, VIEW, 0.0)
+    assert ranking(one.category_scores())[:3] == [1, 2, 3]
 
 
 # -- funnel_cart --------------------------------------------------------------------------------

@@ -26,7 +26,15 @@ from demandstream.model.evaluation.metrics import CATEGORY_KEYS, PURCHASE_KEYS
 from demandstream.model.training.train import TrainConfig, run_training, train
 from tests.unit.model.training.test_train import TINY_MODEL, TINY_RUN, tiny_log
 
-CATEGORY_METHODS = ("popularity", "last_category", "user_history", "markov", "cascade", "cascade_recent")
+CATEGORY_METHODS = (
+    "popularity",
+    "last_category",
+    "user_history",
+    "markov",
+    "cascade",
+    "cascade_recent",
+    "cascade_mix",
+)
 PURCHASE_METHODS = ("user_history", "funnel", "funnel_cart")
 
 
