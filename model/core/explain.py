@@ -71,6 +71,7 @@ def _slot_reason(feature: str) -> str:
         "beyond_window_markov": "transition",
         "beyond_window_log_count": "frequency",
         "beyond_window_in_cart": "in_cart",
+        "beyond_window_markov_history": "transition",
     }[feature]
 
 

@@ -80,13 +80,15 @@ SLOT_FEATURES = (
 )
 #: Slot features of a model with a history window (:attr:`ModelConfig.history_window`), after
 #: :data:`SLOT_FEATURES`: the slot is not among the window's most recently seen ones, and that flag
-#: times the slot's Markov log-probability, log count and cart flag, so that the cascade start can drop
-#: such a slot to the Markov tier, as the ``cascade_recent`` baseline does (docs/MODEL.md §4.10).
+#: times the slot's Markov log-probability, log count, cart flag and history mixture, so that the
+#: cascade start can drop such a slot to the Markov tier, as the ``cascade_recent`` and ``cascade_mix``
+#: baselines do (docs/MODEL.md §4.10).
 WINDOW_SLOT_FEATURES = (
     "beyond_window",
     "beyond_window_markov",
     "beyond_window_log_count",
     "beyond_window_in_cart",
+    "beyond_window_markov_history",
 )
 #: Names of the features of a vocabulary category outside the history.
 VOCAB_FEATURES = ("markov", "popularity", "markov_history")
@@ -480,6 +482,7 @@ class DemandLSTM(nn.Module):
         else:
             mix = torch.zeros_like(mk)
         slot_cart = f["hist_cart"]
+        slot_mix = mix.gather(-1, hv)
         phi = torch.cat(
             [
                 torch.ones_like(ages).unsqueeze(-1),
@@ -496,8 +499,8 @@ class DemandLSTM(nn.Module):
                 (hv > 0).float().unsqueeze(-1),
                 torch.log1p(f["hist_session"]).unsqueeze(-1),
                 ((ages == 0).float() * torch.log1p(f["streak"]).unsqueeze(-1)).unsqueeze(-1),
-                mix.gather(-1, hv).unsqueeze(-1),
-                *self._window_features(ages, valid, slot_mk, f["hist_counts"], slot_cart),
+                slot_mix.unsqueeze(-1),
+                *self._window_features(ages, valid, slot_mk, f["hist_counts"], slot_cart, slot_mix),
             ],
             dim=-1,
         )  # [..., K, F]
@@ -544,6 +547,7 @@ class DemandLSTM(nn.Module):
         slot_mk: torch.Tensor,
         counts: torch.Tensor,
         slot_cart: torch.Tensor,
+        slot_mix: torch.Tensor,
     ) -> list[torch.Tensor]:
         """The :data:`WINDOW_SLOT_FEATURES` columns ([..., K, 1] each), none without a history window."""
         window = self.cfg.history_window
@@ -555,6 +559,7 @@ class DemandLSTM(nn.Module):
             (beyond * slot_mk).unsqueeze(-1),
             (beyond * torch.log1p(counts)).unsqueeze(-1),
             (beyond * (slot_cart > 0).float()).unsqueeze(-1),
+            (beyond * slot_mix).unsqueeze(-1),
         ]
 
     def _step_inputs(self, f: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -829,6 +834,13 @@ CASCADE_WINDOW_WEIGHTS = {
     "beyond_window_log_count": -CASCADE_SLOT_WEIGHTS["log_count"],
     "beyond_window_in_cart": -CASCADE_SLOT_WEIGHTS["in_cart"],
 }
+#: The start of ``cascade_mix``: outside the history, and beyond the window, the history mixture ranks
+#: instead of the current category's Markov row.
+CASCADE_MIX_VOCAB_WEIGHTS = {"markov_history": 1.0}
+CASCADE_MIX_WINDOW_WEIGHTS = {
+    **{k: v for k, v in CASCADE_WINDOW_WEIGHTS.items() if k != "beyond_window_markov"},
+    "beyond_window_markov_history": 1.0,
+}
 
 
 def slot_features(cfg: ModelConfig) -> tuple[str, ...]:
@@ -836,24 +848,27 @@ def slot_features(cfg: ModelConfig) -> tuple[str, ...]:
 
     >>> slot_features(ModelConfig()) == SLOT_FEATURES
     True
-    >>> slot_features(ModelConfig(history_window=8))[-4:] == WINDOW_SLOT_FEATURES
+    >>> slot_features(ModelConfig(history_window=8))[-len(WINDOW_SLOT_FEATURES) :] == WINDOW_SLOT_FEATURES
     True
     """
     return SLOT_FEATURES + (WINDOW_SLOT_FEATURES if cfg.history_window is not None else ())
 
 
 @torch.no_grad()
-def init_like_cascade(net: DemandLSTM) -> None:
+def init_like_cascade(net: DemandLSTM, mixture: bool = False) -> None:
     """Set the base feature weights so that, before any training, the ranking is the rule cascade:
     last category, cart, other history categories by count (recent first on ties), Markov successors of
     the current category, popularity; with a history window, the cart and history tiers hold only the
-    window's most recently seen slots (``cascade_recent``). The context terms and the LSTM terms start
-    at zero."""
+    window's most recently seen slots (``cascade_recent``); with ``mixture``, the categories outside
+    those tiers are ranked by the history mixture instead of the current category's Markov row
+    (``cascade_mix``). The context terms and the LSTM terms start at zero."""
     net.slot_w0.zero_()
     net.vocab_w0.zero_()
     names = slot_features(net.cfg)
-    window = CASCADE_WINDOW_WEIGHTS if net.cfg.history_window is not None else {}
+    window = {}
+    if net.cfg.history_window is not None:
+        window = CASCADE_MIX_WINDOW_WEIGHTS if mixture else CASCADE_WINDOW_WEIGHTS
     for name, w in {**CASCADE_SLOT_WEIGHTS, **window}.items():
         net.slot_w0[names.index(name)] = w
-    for name, w in CASCADE_VOCAB_WEIGHTS.items():
+    for name, w in (CASCADE_MIX_VOCAB_WEIGHTS if mixture else CASCADE_VOCAB_WEIGHTS).items():
         net.vocab_w0[VOCAB_FEATURES.index(name)] = w

@@ -70,7 +70,7 @@ from demandstream.model.data.split import (
     temporal_split,
 )
 from demandstream.model.errors import DataError, OptionError
-from demandstream.model.evaluation.baselines import CascadeRecent
+from demandstream.model.evaluation.baselines import CascadeMix, CascadeRecent
 from demandstream.model.training.averaging import WeightAverage
 
 logger = logging.getLogger(__name__)
@@ -1150,6 +1150,7 @@ def _fit(
     progress: bool,
     desc: str,
     category_from_start: bool = False,
+    start_mixture: bool = False,
     purchase_epochs: int | None = None,
     purchase_from_funnel: bool = False,
     max_steps: int | None = None,
@@ -1179,7 +1180,7 @@ def _fit(
     net.set_tables(tables)
     own = own_markov_counts(log, pairs, pair_rows, current, tables["next"], tcfg.markov_leave_out)
     if tcfg.cascade_init:
-        init_like_cascade(net)
+        init_like_cascade(net, mixture=start_mixture)
         _calibrate_cascade_scale(net, feats, log, tr, device, rng, own)
     opt = torch.optim.AdamW(net.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     # steps per epoch are known only after dealing the lanes once; the windows do not depend on the order
@@ -1575,21 +1576,28 @@ def choose_history_window(log: EventLog, split: Split, slots: int, horizon_s: fl
     Training starts from the strongest counter the report compares it with, so that where no trained
     epoch beats the start on validation, the model ties that counter instead of a weaker one.
     """
-    baseline = CascadeRecent()
     cats = (np.asarray(log.category, np.int64) + 1).astype(np.int32)  # 0: no category
-    baseline.fit(
-        cats,
-        log.etype,
-        log.ts,
-        log.user_start,
-        log.ts < split.valid_end,
-        horizon_s,
-        len(log.categories) + 1,
-        valid_start=split.train_end,
-    )
-    chosen = baseline.settings()
-    window = chosen["window"]
-    return {**chosen, "window": window if window is not None and window < slots else None}
+    best: dict | None = None
+    for mixture, baseline in ((False, CascadeRecent()), (True, CascadeMix())):
+        baseline.fit(
+            cats,
+            log.etype,
+            log.ts,
+            log.user_start,
+            log.ts < split.valid_end,
+            horizon_s,
+            len(log.categories) + 1,
+            valid_start=split.train_end,
+        )
+        chosen = {**baseline.settings(), "mixture": mixture}
+        if "validation_mrr@20" not in chosen:
+            return {**chosen, "mixture": False}  # nothing to choose on: the plain cascade
+        score = max(chosen["validation_mrr@20"].values())
+        if best is None or score > best["score"]:  # ties: the plain Markov tier
+            best = {**chosen, "score": score}
+    window = best.pop("window")
+    best.pop("score")
+    return {"window": window if window is not None and window < slots else None, **best}
 
 
 def _selection_split(log: EventLog, split: Split, tcfg: TrainConfig) -> tuple[Split, dict]:
@@ -1714,8 +1722,9 @@ def train(
         window = choose_history_window(log, sel_split, mcfg.history_slots, tcfg.horizon_s)
         mcfg = replace(mcfg, history_window=window["window"])
         logger.info(
-            "history window of the cascade start: %s (chosen on %s)",
+            "history window of the cascade start: %s%s (chosen on %s)",
             "all slots" if window["window"] is None else f"the {window['window']} most recent categories",
+            ", the history mixture ranking the rest" if window.get("mixture") else "",
             f"{window['validation_points']:,} validation points"
             if "validation_points" in window
             else "nothing",
@@ -1732,7 +1741,22 @@ def train(
         len(vocab),
         device,
     )
-    chosen = _fit(log, feats, vocab, tr, va, cfg, tcfg, device, rng, tcfg.epochs, progress, "choose")
+    start_mixture = bool(window.get("mixture"))
+    chosen = _fit(
+        log,
+        feats,
+        vocab,
+        tr,
+        va,
+        cfg,
+        tcfg,
+        device,
+        rng,
+        tcfg.epochs,
+        progress,
+        "choose",
+        start_mixture=start_mixture,
+    )
     net = chosen.net
     if tcfg.calibrate:
         calib = calibrate(
@@ -1791,6 +1815,7 @@ def train(
             progress,
             "refit",
             category_from_start=chosen.category_epoch == 0,
+            start_mixture=start_mixture,
             purchase_epochs=chosen.purchase_epochs,
             purchase_from_funnel=chosen.purchase_from_funnel,
             max_steps=replay.get("max_steps"),

@@ -399,7 +399,7 @@ def test_a_category_outside_the_vocabulary_is_ranked_under_its_own_name():
     assert offline[len(events) - 1].top_categories == preds[-1].top_categories
 
 
-def _cascade_start_ranking(pairs, history, window: int | None = None) -> list[str]:
+def _cascade_start_ranking(pairs, history, window: int | None = None, mixture: bool = False) -> list[str]:
     """The untrained, cascade-initialised network's ranking after one user's ``history`` of (category,
     event type), categories c1..c9 with popularity c7 > c8 > c9 > c6 > c4 > the rest and the Markov
     ``pairs`` (vocabulary indices) as its transition table."""
@@ -411,7 +411,7 @@ def _cascade_start_ranking(pairs, history, window: int | None = None) -> list[st
     torch.manual_seed(0)
     net = DemandLSTM(ModelConfig(n_categories=c, hidden=16, markov_top_k=4, history_window=window))
     net.set_tables(markov_tables(cats, np.array(pairs), c, 4))
-    init_like_cascade(net)
+    init_like_cascade(net, mixture=mixture)
     scorer = Scorer(Checkpoint(net.eval(), vocab, "00000000"), top_k=c - 1)
     s = scorer.new_state()
     for k, (cat, etype) in enumerate(history):
@@ -674,3 +674,25 @@ def test_cascade_init_with_a_history_window_ranks_like_cascade_recent():
     # the 3 most recent (c4, c2, c1): c3 leaves the cart tier for its Markov rank (c4 -> c3 twice),
     # c9 leaves the history tier for its popularity
     assert ranked[3] == ["c4", "c2", "c1", "c6", "c3", "c5", "c7", "c8", "c9"]
+
+
+def test_cascade_init_with_the_mixture_ranks_the_successors_of_the_recent_categories_together():
+    """``init_like_cascade(mixture=True)`` is ``cascade_mix``'s start: outside the history, the mixture of
+    the Markov rows of the user's categories (the most recent weighing 1, the one before 0.5) ranks."""
+    pairs = [(4, 6), (4, 6), (4, 6), (4, 5), *[(2, 5)] * 10]
+    history = [("c2", "view"), ("c4", "view")]
+    # c4's row alone: c6 (3 of 4), then c5
+    assert _cascade_start_ranking(pairs, history)[:7] == ["c4", "c2", "c6", "c5", "c7", "c8", "c9"]
+    # with c2's row at half weight, c5 (1/5 + 0.5 * 10/11) passes c6 (3/5)
+    assert _cascade_start_ranking(pairs, history, mixture=True)[:7] == [
+        "c4",
+        "c2",
+        "c5",
+        "c6",
+        "c7",
+        "c8",
+        "c9",
+    ]
+    # beyond a window of one slot, c2 itself is ranked by the mixture too (as no successor, by popularity)
+    ranked = _cascade_start_ranking(pairs, history, window=1, mixture=True)
+    assert ranked[:4] == ["c4", "c5", "c6", "c7"] and "c2" in ranked

@@ -14,6 +14,7 @@ from demandstream.model.data.eventlog import EventLog
 from demandstream.model.data.sampling import training_memory_bytes
 from demandstream.model.data.split import Split, next_category_targets, phase_points
 from demandstream.model.data.synth import generate, write_jsonl
+from demandstream.model.evaluation.baselines import CascadeMix, CascadeRecent
 from demandstream.model.training.train import (
     TrainConfig,
     _lane_windows,
@@ -784,6 +785,22 @@ def test_the_cascade_start_s_history_window_is_chosen_on_validation(comes_back, 
     split = Split(1.7e9 + 500.0, 1.7e9 + 2000.0, float(log.ts.max()))
     chosen = choose_history_window(log, split, slots=16, horizon_s=HORIZON)
     assert chosen["window"] == window and chosen["validation_points"] == 3 * 9
+    # the mixture only where its best window beats the plain Markov tier's on validation
+    best = {}
+    for name, b in (("plain", CascadeRecent()), ("mixture", CascadeMix())):
+        cats = (log.category.astype(np.int64) + 1).astype(np.int32)
+        b.fit(
+            cats,
+            log.etype,
+            log.ts,
+            log.user_start,
+            log.ts < split.valid_end,
+            HORIZON,
+            len(log.categories) + 1,
+            valid_start=split.train_end,
+        )
+        best[name] = max(b.settings()["validation_mrr@20"].values())
+    assert chosen["mixture"] == (best["mixture"] > best["plain"])
     # a window the state's slots cannot hold more than is no window
     assert choose_history_window(log, split, slots=4, horizon_s=HORIZON)["window"] is None
 
@@ -799,11 +816,14 @@ def test_training_starts_from_the_window_validation_chose_and_the_refit_keeps_it
     )
     from demandstream.model.training import train as train_mod
 
-    chosen = {"window": 3, "chosen_on": "validation", "validation_points": 1}
+    chosen = {"window": 3, "chosen_on": "validation", "validation_points": 1, "mixture": True}
     monkeypatch.setattr(train_mod, "choose_history_window", lambda *a, **k: chosen)
+    starts = []
+    monkeypatch.setattr(train_mod, "init_like_cascade", lambda net, mixture: starts.append(mixture))
     tcfg = TrainConfig(epochs=1, lanes=16, bptt=16, threads=1)
     res = train(tiny_log(1500), tcfg, TINY_MODEL, progress=False)
     assert res.net.cfg.history_window == 3 and res.metrics["history_window"] == chosen
+    assert starts == [True, True]  # the selection and the refit both start from cascade_mix
     assert res.net.slot_w0.shape[0] == len(slot_features(res.net.cfg))
     start = DemandLSTM(res.net.cfg)
     init_like_cascade(start)
