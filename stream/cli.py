@@ -273,6 +273,7 @@ def _summary_line(verb: str, d: dict) -> str:
             "best_epoch",
             "best_valid_mrr@20",
             "history_window",
+            "history_mixture",
             "train_events_per_s",
             "purchase_head",
             "purchase_calibration",

@@ -784,6 +784,8 @@ def heads_summary(report: dict) -> str:
     'the model as trained: category head the cascade start (no trained epoch beat it on validation); purchase head funnel table (won validation)'
     >>> heads_summary({"train_metrics": {"category_epoch": 0, "history_window": 4}})
     'the model as trained: category head the cascade start over the 4 most recent categories (no trained epoch beat it on validation)'
+    >>> heads_summary({"train_metrics": {"category_epoch": 0, "history_window": 4, "history_mixture": True}})
+    'the model as trained: category head the cascade_mix start over the 4 most recent categories (no trained epoch beat it on validation)'
     >>> heads_summary({"train_metrics": {"category_epoch": 3, "purchase_head": None}})
     'the model as trained: category head of epoch 3'
     """
@@ -791,7 +793,8 @@ def heads_summary(report: dict) -> str:
     parts = []
     epoch = tm.get("category_epoch")
     if epoch == 0:
-        start = "the cascade start" if tm.get("cascade_init", True) else "the untrained start"
+        counter = "cascade_mix" if tm.get("history_mixture") else "cascade"
+        start = f"the {counter} start" if tm.get("cascade_init", True) else "the untrained start"
         if tm.get("cascade_init", True) and tm.get("history_window") is not None:
             start += f" over the {tm['history_window']} most recent categories"
         parts.append(f"category head {start} (no trained epoch beat it on validation)")
@@ -911,4 +914,6 @@ def checkpoint_train_metrics(ck: Checkpoint) -> dict:
     out["cascade_init"] = (metrics.get("train_config") or {}).get("cascade_init", True)
     # the cascade start's history window (None: every slot, as for checkpoints from before it)
     out["history_window"] = ck.net.cfg.history_window
+    # whether the start ranks the rest by the history mixture, as cascade_mix (False before it existed)
+    out["history_mixture"] = bool((metrics.get("history_window") or {}).get("mixture", False))
     return out

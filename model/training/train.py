@@ -1936,6 +1936,8 @@ def run_training(
         },
         # the cascade start's history window ("all": every slot, as the plain cascade)
         "history_window": m["history_window"]["window"] or "all",
+        # whether the start's Markov tier is the history mixture (cascade_mix) or the last category's row
+        "history_mixture": bool(m["history_window"].get("mixture", False)),
         "purchase_head": m["purchase_head"],
         "purchase_calibration": calibration_summary(m["calibration"]),
     }

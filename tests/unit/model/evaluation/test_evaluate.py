@@ -199,6 +199,7 @@ def test_a_taobao_log_with_rows_stamped_years_away_trains_and_evaluates_on_the_d
     assert summary["n_train_events"] > 0.5 * len(body)
     # the summary line says which start training chose, and the report which start the model had
     assert summary["history_window"] == (rep["train_metrics"]["history_window"] or "all")
+    assert summary["history_mixture"] == rep["train_metrics"]["history_mixture"]
     assert rep["n_category_points"] > 0 and rep["n_purchase_points"] > 0
     assert 0.0 < rep["model"]["category_mrr@20"] <= 1.0
 
