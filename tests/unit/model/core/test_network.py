@@ -45,15 +45,16 @@ def random_events(rng, n_users=7, max_len=30, n_cats=12):
     return events
 
 
-def live_net(cfg: ModelConfig, vocab: Vocabulary, events, seed: int = 0) -> DemandLSTM:
-    """A network whose every term contributes: Markov tables from ``events``, the cascade weights, then
-    noise on every parameter (the context and LSTM terms are zero at initialisation)."""
+def live_net(cfg: ModelConfig, vocab: Vocabulary, events, seed: int = 0, mixture: bool = False) -> DemandLSTM:
+    """A network whose every term contributes: Markov tables from ``events``, the cascade weights (those
+    of ``cascade_mix`` with ``mixture``), then noise on every parameter (the context and LSTM terms are
+    zero at initialisation)."""
     torch.manual_seed(seed)
     net = DemandLSTM(cfg)
     cats = np.array([vocab.index(e.category) for e in events])
     pairs = np.stack([cats[:-1], cats[1:]], axis=1)
     net.set_tables(markov_tables(cats, pairs, cfg.n_categories, cfg.markov_top_k))
-    init_like_cascade(net)
+    init_like_cascade(net, mixture=mixture)
     with torch.no_grad():
         for p in net.parameters():
             p.add_(0.05 * torch.randn_like(p))

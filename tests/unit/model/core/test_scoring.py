@@ -26,12 +26,17 @@ def events() -> list[Event]:
     return random_events(np.random.default_rng(11), n_users=6, max_len=14)
 
 
-def make_scorer(events: list[Event], top_k: int = 4, max_batch: int = 4096) -> Scorer:
+def make_scorer(
+    events: list[Event],
+    top_k: int = 4,
+    max_batch: int = 4096,
+    window: int | None = None,
+    mixture: bool = False,
+) -> Scorer:
     vocab = Vocabulary.build([e.category for e in events], max_size=6)  # some categories outside it
-    cfg = ModelConfig(n_categories=len(vocab), hidden=16)
-    return Scorer(
-        Checkpoint(live_net(cfg, vocab, events, 11), vocab, "0a1b2c3d"), top_k=top_k, max_batch=max_batch
-    )
+    cfg = ModelConfig(n_categories=len(vocab), hidden=16, history_window=window)
+    net = live_net(cfg, vocab, events, 11, mixture=mixture)
+    return Scorer(Checkpoint(net, vocab, "0a1b2c3d"), top_k=top_k, max_batch=max_batch)
 
 
 def by_user(events: list[Event]) -> dict[str, list[Event]]:
@@ -107,6 +112,32 @@ def test_step_many_equals_one_step_per_event_and_grows_its_buffer(events, steppe
         assert [c for c, _ in sp.last_top] == [c for c, _ in s.last_top]
         for f in SUMMARY_FIELDS:
             assert getattr(sp, f) == getattr(s, f), f
+
+
+def test_a_model_with_a_history_window_scores_alike_on_every_path(events):
+    """A model started from ``cascade_mix`` over a window (docs/MODEL.md §4.10) adds per-slot features
+    that depend on the slots' recency ranks: the stream's batched step, one step per event and the
+    offline ``score_log`` still give one signal per event."""
+    scorer = make_scorer(events, max_batch=3, window=2, mixture=True)
+    seqs = list(by_user(events).values())
+    assert max(len({e.category for e in q}) for q in seqs) > 2  # some slot falls beyond the window
+    one, states = {}, []
+    for seq in seqs:
+        s = scorer.new_state()
+        states.append(s)
+        for e in seq:
+            [one[e.event_id]] = scorer.step([e], [s])
+    packed_states = [scorer.new_state() for _ in seqs]
+    for seq, ps in zip(seqs, scorer.step_many(seqs, packed_states), strict=True):
+        for e, p in zip(seq, ps, strict=True):
+            assert_same(p, one[e.event_id])
+    log = EventLog.from_events(events).sorted_by_user_time()
+    offline = {log.event_ids[r]: p for r, p in scorer.score_log(log)}
+    assert offline.keys() == one.keys()
+    for event_id, p in one.items():
+        assert_same(offline[event_id], p)
+    for sp, s in zip(packed_states, states, strict=True):
+        assert np.abs(sp.h - s.h).max() <= TOL and np.abs(sp.c - s.c).max() <= TOL
 
 
 def test_step_many_with_one_event_per_user_is_one_step(events):
