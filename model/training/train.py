@@ -1971,6 +1971,24 @@ def _warn_if_memory_short(log: EventLog, split: Split, user_sample: float) -> No
     )
 
 
+def start_summary(history_window: int | str | None, mixture: bool) -> str:
+    """The counter the category head started from (docs/MODEL.md §4.10), in the words of the report's
+    baselines, for a summary a person reads; ``history_window`` as train's summary gives it (an int, or
+    ``"all"``/None for every slot).
+
+    >>> start_summary(8, False)
+    'cascade_recent over the 8 most recent categories'
+    >>> start_summary("all", True)
+    'cascade_mix over the whole history'
+    >>> start_summary(None, False)
+    'the cascade'
+    """
+    window = None if history_window in (None, "all") else int(history_window)
+    if window is None:
+        return "cascade_mix over the whole history" if mixture else "the cascade"
+    return f"{'cascade_mix' if mixture else 'cascade_recent'} over the {window} most recent categories"
+
+
 def purchase_head_summary(selection: dict) -> str:
     """Where the shipped purchase head comes from, as ``demandstream train`` prints it.
 

@@ -96,12 +96,13 @@ def main() -> int:
         model = Path(settings.model) if settings.model else work / "model.pt"
         if not settings.model:
             say("training a small model on the generated events")
-            from demandstream.model.training.train import run_training
+            from demandstream.model.training.train import run_training, start_summary
 
             summary = run_training([str(data)], "jsonl", model, device="cpu", epochs=3)
             say(
                 f"model {summary.get('model_version')} trained on {summary.get('n_train_events'):,} events "
-                f"at {summary.get('train_events_per_s', 0):,.0f} events/s"
+                f"at {summary.get('train_events_per_s', 0):,.0f} events/s, starting from "
+                f"{start_summary(summary.get('history_window'), bool(summary.get('history_mixture')))}"
             )
         env["DEMANDSTREAM_MODEL"] = str(model)
 
