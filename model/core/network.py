@@ -861,7 +861,10 @@ def init_like_cascade(net: DemandLSTM, mixture: bool = False) -> None:
     the current category, popularity; with a history window, the cart and history tiers hold only the
     window's most recently seen slots (``cascade_recent``); with ``mixture``, the categories outside
     those tiers are ranked by the history mixture instead of the current category's Markov row
-    (``cascade_mix``). The context terms and the LSTM terms start at zero."""
+    (``cascade_mix``), which needs the mixture (``ModelConfig.markov_history``). The context terms and
+    the LSTM terms start at zero."""
+    if mixture and not net.cfg.markov_history:
+        raise ValueError("a cascade_mix start needs the history mixture (ModelConfig.markov_history)")
     net.slot_w0.zero_()
     net.vocab_w0.zero_()
     names = slot_features(net.cfg)

@@ -1567,7 +1567,9 @@ def _selection_counts(log: EventLog, split: Split, tcfg: TrainConfig) -> tuple[i
     return int((pts.cat_target >= 0).sum()), int(pts.purchase[pts.observable].sum())
 
 
-def choose_history_window(log: EventLog, split: Split, slots: int, horizon_s: float) -> dict:
+def choose_history_window(
+    log: EventLog, split: Split, slots: int, horizon_s: float, mixture: bool = True
+) -> dict:
     """The cascade start's history window (:attr:`ModelConfig.history_window`), chosen on ``split``'s
     validation window exactly as the ``cascade_recent`` baseline chooses its own (docs/MODEL.md §4.10),
     in the log's own category space: the baseline's settings, with ``window`` None when validation
@@ -1575,10 +1577,13 @@ def choose_history_window(log: EventLog, split: Split, slots: int, horizon_s: fl
 
     Training starts from the strongest counter the report compares it with, so that where no trained
     epoch beats the start on validation, the model ties that counter instead of a weaker one.
+    ``mixture`` False leaves ``cascade_mix`` out (a model without the history mixture cannot start
+    from it).
     """
     cats = (np.asarray(log.category, np.int64) + 1).astype(np.int32)  # 0: no category
     best: dict | None = None
-    for mixture, baseline in ((False, CascadeRecent()), (True, CascadeMix())):
+    candidates = ((False, CascadeRecent()), (True, CascadeMix()))
+    for mix, baseline in candidates if mixture else candidates[:1]:
         baseline.fit(
             cats,
             log.etype,
@@ -1589,7 +1594,7 @@ def choose_history_window(log: EventLog, split: Split, slots: int, horizon_s: fl
             len(log.categories) + 1,
             valid_start=split.train_end,
         )
-        chosen = {**baseline.settings(), "mixture": mixture}
+        chosen = {**baseline.settings(), "mixture": mix}
         if "validation_mrr@20" not in chosen:
             return {**chosen, "mixture": False}  # nothing to choose on: the plain cascade
         score = max(chosen["validation_mrr@20"].values())
@@ -1719,7 +1724,9 @@ def train(
     t0 = time.perf_counter()
     window = {"window": mcfg.history_window, "chosen_on": "the model configuration"}
     if tcfg.cascade_init and tcfg.choose_history_window and mcfg.history_window is None:
-        window = choose_history_window(log, sel_split, mcfg.history_slots, tcfg.horizon_s)
+        window = choose_history_window(
+            log, sel_split, mcfg.history_slots, tcfg.horizon_s, mixture=mcfg.markov_history
+        )
         mcfg = replace(mcfg, history_window=window["window"])
         logger.info(
             "history window of the cascade start: %s%s (chosen on %s)",

@@ -801,6 +801,9 @@ def test_the_cascade_start_s_history_window_is_chosen_on_validation(comes_back, 
         )
         best[name] = max(b.settings()["validation_mrr@20"].values())
     assert chosen["mixture"] == (best["mixture"] > best["plain"])
+    # a model without the history mixture chooses among cascade_recent's windows alone
+    plain = choose_history_window(log, split, slots=16, horizon_s=HORIZON, mixture=False)
+    assert plain["mixture"] is False and max(plain["validation_mrr@20"].values()) == best["plain"]
     # a window the state's slots cannot hold more than is no window
     assert choose_history_window(log, split, slots=4, horizon_s=HORIZON)["window"] is None
 
@@ -835,6 +838,16 @@ def test_training_starts_from_the_window_validation_chose_and_the_refit_keeps_it
         tiny_log(1500), dataclasses.replace(tcfg, choose_history_window=False), TINY_MODEL, progress=False
     )
     assert off.net.cfg.history_window is None and "history_window" not in off.net.cfg.to_dict()
+    # without the history mixture the choice may not pick cascade_mix, whose start needs it
+    asked = []
+    monkeypatch.setattr(train_mod, "choose_history_window", lambda *a, **k: asked.append(k) or chosen)
+    monkeypatch.setattr(train_mod, "init_like_cascade", init_like_cascade)
+    no_mix = dataclasses.replace(TINY_MODEL, markov_history=False)
+    with pytest.raises(ValueError, match="history mixture"):
+        train(tiny_log(1500), tcfg, no_mix, progress=False)  # the chooser's answer is refused, not ignored
+    assert asked == [{"mixture": False}]
+    with pytest.raises(ValueError, match="history mixture"):
+        init_like_cascade(DemandLSTM(dataclasses.replace(res.net.cfg, markov_history=False)), mixture=True)
     assert torch.isfinite(res.net.slot_w0).all()
     checkpoint.save(tmp_path / "w.pt", res.net, res.vocab, res.metrics)
     ck = checkpoint.load(tmp_path / "w.pt")
