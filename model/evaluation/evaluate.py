@@ -776,16 +776,34 @@ def settings_summary(report: dict) -> str:
     return "; ".join(out)
 
 
+def start_summary(history_window: int | str | None, mixture: bool) -> str:
+    """The counter the category head started from (docs/MODEL.md §4.10), in the words of the report's
+    baselines, for a summary a person reads; ``history_window`` as train's summary gives it (an int, or
+    ``"all"``/None for every slot).
+
+    >>> start_summary(8, False)
+    'cascade_recent over the 8 most recent categories'
+    >>> start_summary("all", True)
+    'cascade_mix over the whole history'
+    >>> start_summary(None, False)
+    'the cascade'
+    """
+    window = None if history_window in (None, "all") else int(history_window)
+    if window is None:
+        return "cascade_mix over the whole history" if mixture else "the cascade"
+    return f"{'cascade_mix' if mixture else 'cascade_recent'} over the {window} most recent categories"
+
+
 def heads_summary(report: dict) -> str:
     """One line on where the evaluated model's heads come from, so that a ratio of exactly 1 reads as
     "training kept the counter" rather than as a coincidence; empty for a checkpoint that does not say.
 
     >>> heads_summary({"train_metrics": {"category_epoch": 0, "purchase_head": "funnel table (won validation)"}})
-    'the model as trained: category head the cascade start (no trained epoch beat it on validation); purchase head funnel table (won validation)'
+    'the model as trained: category head its start, the cascade (no trained epoch beat it on validation); purchase head funnel table (won validation)'
     >>> heads_summary({"train_metrics": {"category_epoch": 0, "history_window": 4}})
-    'the model as trained: category head the cascade start over the 4 most recent categories (no trained epoch beat it on validation)'
+    'the model as trained: category head its start, cascade_recent over the 4 most recent categories (no trained epoch beat it on validation)'
     >>> heads_summary({"train_metrics": {"category_epoch": 0, "history_window": 4, "history_mixture": True}})
-    'the model as trained: category head the cascade_mix start over the 4 most recent categories (no trained epoch beat it on validation)'
+    'the model as trained: category head its start, cascade_mix over the 4 most recent categories (no trained epoch beat it on validation)'
     >>> heads_summary({"train_metrics": {"category_epoch": 3, "purchase_head": None}})
     'the model as trained: category head of epoch 3'
     """
@@ -793,10 +811,11 @@ def heads_summary(report: dict) -> str:
     parts = []
     epoch = tm.get("category_epoch")
     if epoch == 0:
-        counter = "cascade_mix" if tm.get("history_mixture") else "cascade"
-        start = f"the {counter} start" if tm.get("cascade_init", True) else "the untrained start"
-        if tm.get("cascade_init", True) and tm.get("history_window") is not None:
-            start += f" over the {tm['history_window']} most recent categories"
+        start = (
+            f"its start, {start_summary(tm.get('history_window'), bool(tm.get('history_mixture')))}"
+            if tm.get("cascade_init", True)
+            else "the untrained start"
+        )
         parts.append(f"category head {start} (no trained epoch beat it on validation)")
     elif epoch is not None:
         parts.append(f"category head of epoch {epoch}")

@@ -71,6 +71,7 @@ from demandstream.model.data.split import (
 )
 from demandstream.model.errors import DataError, OptionError
 from demandstream.model.evaluation.baselines import CascadeMix, CascadeRecent
+from demandstream.model.evaluation.evaluate import start_summary
 from demandstream.model.training.averaging import WeightAverage
 
 logger = logging.getLogger(__name__)
@@ -1729,9 +1730,8 @@ def train(
         )
         mcfg = replace(mcfg, history_window=window["window"])
         logger.info(
-            "history window of the cascade start: %s%s (chosen on %s)",
-            "all slots" if window["window"] is None else f"the {window['window']} most recent categories",
-            ", the history mixture ranking the rest" if window.get("mixture") else "",
+            "start of the category head: %s (chosen on %s)",
+            start_summary(window["window"], bool(window.get("mixture"))),
             f"{window['validation_points']:,} validation points"
             if "validation_points" in window
             else "nothing",
@@ -1976,24 +1976,6 @@ def _warn_if_memory_short(log: EventLog, split: Split, user_sample: float) -> No
         available / 1e9,
         remedy,
     )
-
-
-def start_summary(history_window: int | str | None, mixture: bool) -> str:
-    """The counter the category head started from (docs/MODEL.md §4.10), in the words of the report's
-    baselines, for a summary a person reads; ``history_window`` as train's summary gives it (an int, or
-    ``"all"``/None for every slot).
-
-    >>> start_summary(8, False)
-    'cascade_recent over the 8 most recent categories'
-    >>> start_summary("all", True)
-    'cascade_mix over the whole history'
-    >>> start_summary(None, False)
-    'the cascade'
-    """
-    window = None if history_window in (None, "all") else int(history_window)
-    if window is None:
-        return "cascade_mix over the whole history" if mixture else "the cascade"
-    return f"{'cascade_mix' if mixture else 'cascade_recent'} over the {window} most recent categories"
 
 
 def purchase_head_summary(selection: dict) -> str:

@@ -96,6 +96,8 @@ def main() -> int:
         model = Path(settings.model) if settings.model else work / "model.pt"
         if not settings.model:
             say("training a small model on the generated events")
+            # start_summary lives with the report's other summaries; train re-exports it, as the demo's layer
+            # may use training but not evaluation (tests/unit/test_layers.py)
             from demandstream.model.training.train import run_training, start_summary
 
             summary = run_training([str(data)], "jsonl", model, device="cpu", epochs=3)
