@@ -36,6 +36,7 @@ import math
 import os
 import time
 
+import numpy as np
 from faust.exceptions import ProducerSendError
 
 from demandstream.model.core.scoring import Scorer
@@ -45,6 +46,7 @@ from demandstream.stream.engine.records import STATE_KEY_PREFIX
 from demandstream.stream.worker import faust_patches
 from demandstream.stream.worker.app import Components
 from demandstream.stream.worker.demand import DemandStage
+from demandstream.stream.worker.metrics import observe_many
 from demandstream.stream.worker.quality import LiveQuality
 from demandstream.stream.worker.store import StateStore
 
@@ -158,9 +160,8 @@ class Pipeline:
             m.dead_letters.labels(reason).inc(n)
         for s in res.inference_s:
             m.inference_seconds.observe(s)
-        lat = m.event_to_signal_seconds
-        for ts in res.signal_ts:
-            lat.observe(max(0.0, now - ts))  # seconds, never ms (cf. faust-streaming/faust#693)
+        if res.signal_ts:  # seconds, never ms (cf. faust-streaming/faust#693)
+            observe_many(m.event_to_signal_seconds, np.maximum(0.0, now - np.asarray(res.signal_ts)))
         if self.quality is not None:  # live model quality (stream/worker/quality.py), once durable too
             self.quality.observe(res.applied)
         self.batches += 1
