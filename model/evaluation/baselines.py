@@ -628,6 +628,8 @@ class CascadeMix(CascadeRecent):
             mix[self.next_cats[lo:hi]] += wa * self.next_counts[lo:hi] / da
         outside = scores < self.TIER_HISTORY  # not the last category, the cart or the history
         outside[0] = False
+        if not outside.any():  # the user has touched every category: no Markov tier to rank
+            return scores
         # one tier ordered by the mixture, popularity breaking exact ties (the ranking stays strict)
         scores[outside] = (
             self.TIER_MARKOV + 0.999 * mix[outside] / mix[outside].max() + 1e-9 * self.pop[outside]

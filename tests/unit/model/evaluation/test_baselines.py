@@ -526,6 +526,21 @@ def test_cascade_mix_ranks_the_successors_of_the_recent_categories_together():
     assert ranking(one.category_scores())[:3] == [1, 2, 3]
 
 
+def test_cascade_mix_of_a_user_who_touched_every_category_is_the_cascade():
+    # a small catalog: the history tier holds every category, so nothing is left for the mixture's
+    # tier (this used to raise on an empty max, and with it every `train` whose start was chosen on
+    # such a user: found by `demandstream bench`'s training part)
+    users = [[(1, VIEW, 0.0), (2, VIEW, 1.0), (3, VIEW, 2.0)], [(2, VIEW, 0.0), (1, VIEW, 1.0)]]
+    mixed = fitted(CascadeMix(window=None), users, n_categories=4)
+    plain = fitted(CascadeRecent(window=None), users, n_categories=4)
+    for b in (mixed, plain):
+        b.start_user()
+        for cat in (3, 1, 2):
+            b.observe(cat, VIEW, 0.0)
+    s = mixed.category_scores()
+    assert ranking(s)[:3] == [2, 1, 3] and np.array_equal(s, plain.category_scores())
+
+
 # -- funnel_cart --------------------------------------------------------------------------------
 
 
