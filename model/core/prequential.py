@@ -248,15 +248,18 @@ class PurchaseResolver:
         """The watermark passed this prediction's horizon: counted with its label, unless a gap
         started inside its window."""
         lst = self._open[user]
-        for i, (s, t, q, y) in enumerate(lst):
-            if s == seq:
-                del lst[i]
-                self.pending -= 1
-                if not lst:
-                    del self._open[user]
-                self._close(t, q, y)
-                return
-        raise AssertionError(f"open prediction {seq} of its user is missing")  # a bug, not an input
+        # A user's deadlines come in time order, so the one expiring is nearly always the first.
+        i = 0 if lst[0][0] == seq else next((j for j, entry in enumerate(lst) if entry[0] == seq), -1)
+        if i < 0:
+            raise AssertionError(f"open prediction {seq} of its user is missing")  # a bug, not an input
+        _s, t, q, y = lst.pop(i)
+        self.pending -= 1
+        if not lst:
+            del self._open[user]
+        if self._gaps:
+            self._close(t, q, y)
+        else:
+            self.tally.add(q, y)
 
     def _close(self, t: float, p: float, y: int) -> None:
         h = self.horizon_s

@@ -130,18 +130,19 @@ class LiveQuality:
         # ``applied`` is grouped by user; the purchase resolvers need each partition's events in
         # offset order (the watermark and the gaps are those of the partition's stream).
         stream = []
+        append = stream.append
         for prev, events, recs, preds in applied:
             top = None if prev is None else [name(code) for code, _p in prev[1]]
-            for e, rec, p in zip(events, recs, preds, strict=True):
+            last = len(events) - 1
+            for j, (e, rec, p) in enumerate(zip(events, recs, preds, strict=True)):
                 if top is not None:
                     rank = top_rank(top, e.category)
                     if rank is not None:
                         cat.add(rank)
-                top = [c for c, _p in p.top_categories]
+                if j < last:  # only a later event of this batch reads it; the next batch reads the state's
+                    top = [c for c, _p in p.top_categories]
                 # hash(): the open predictions need only tell users apart, never name them
-                stream.append(
-                    (rec.partition, rec.offset, hash(e.user_id), e.ts, e.type, p.purchase_propensity)
-                )
+                append((rec.partition, rec.offset, hash(e.user_id), e.ts, e.type, p.purchase_propensity))
         stream.sort()
         resolvers, r, part = self.resolvers, None, None
         for partition, _offset, user, ts, etype, p in stream:
