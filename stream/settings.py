@@ -38,6 +38,13 @@ REMOVED_ENV_VARS: dict[str, str] = {
 }
 #: The ``why`` of a top category has at most one entry per reason (demandstream.model.core.explain.REASONS).
 WHY_TOP_MAX = 10
+#: Offset commits under exactly-once: each ends the open transactions, so a signal becomes visible to
+#: read_committed consumers within about this long (Kafka Streams' ``commit.interval.ms`` under
+#: exactly-once is 100 ms). Measured against 2.8 s (docs/BENCHMARKS.md, 2026-12-07): visibility p50 /
+#: p99 1,019-1,037 / 2,789-2,832 ms at 2.8 s, 78-86 / 142-167 ms at 0.1 s, the drain no slower.
+EXACTLY_ONCE_COMMIT_INTERVAL_S = 0.1
+#: Faust's own default: under at-least-once a commit only bounds what a restart processes again.
+AT_LEAST_ONCE_COMMIT_INTERVAL_S = 2.8
 #: Where deploy/kafka/kafka.sh sits when this package runs from a checkout (editable install).
 CHECKOUT_KAFKA_SCRIPT = Path(__file__).resolve().parents[1] / "deploy" / "kafka" / "kafka.sh"
 
@@ -96,6 +103,12 @@ class Settings:
     standby_buffer: int = 1000
     store: str = "rocksdb"
     batch_max: int = 2000
+    #: seconds between offset commits (Faust's ``broker_commit_interval``); 0 (the default): 0.1 under
+    #: exactly-once, 2.8 (Faust's default) under at-least-once. Under exactly-once each commit ends the
+    #: open transactions, so this is also how long a signal can wait before a read_committed consumer
+    #: sees it; Kafka Streams commits every 100 ms under exactly-once for the same reason
+    #: (docs/OPERATIONS.md §4; measured in docs/BENCHMARKS.md)
+    commit_interval_s: float = 0.0
     top_k: int = 5
     #: per top category, the signal's ``why`` lists this many named contributions (docs/ARCHITECTURE.md
     #: §Signals); 0, the default, leaves ``why`` out and keeps the signal small
@@ -203,6 +216,10 @@ class Settings:
         ):
             if not ok:
                 raise SettingsError(f"{PREFIX}{name}: {rule} (got {getattr(self, name.lower())})")
+        if not 0 <= self.commit_interval_s <= 3600:
+            raise SettingsError(
+                f"{PREFIX}COMMIT_INTERVAL_S: must be between 0 (automatic) and 3600 seconds (got {self.commit_interval_s})"
+            )
         if self.changelog_max_compaction_lag_s <= 0:
             raise SettingsError(f"{PREFIX}CHANGELOG_MAX_COMPACTION_LAG_S: must be positive")
         if self.topic_control in (self.topic_input, self.topic_signals, self.topic_dlq):
@@ -221,6 +238,23 @@ class Settings:
             _check_token(f"{PREFIX}WEB_TOKEN", self.web_token)
 
     # -- derived --------------------------------------------------------------------------------
+
+    @property
+    def commit_interval(self) -> float:
+        """Seconds between offset commits: ``commit_interval_s``, or when it is 0 the guarantee's default.
+
+        >>> Settings().commit_interval, Settings(guarantee="exactly_once").commit_interval
+        (2.8, 0.1)
+        >>> Settings(guarantee="exactly_once", commit_interval_s=1.0).commit_interval
+        1.0
+        """
+        if self.commit_interval_s > 0:
+            return self.commit_interval_s
+        return (
+            EXACTLY_ONCE_COMMIT_INTERVAL_S
+            if self.guarantee == "exactly_once"
+            else AT_LEAST_ONCE_COMMIT_INTERVAL_S
+        )
 
     @property
     def bootstrap_servers(self) -> list[str]:

@@ -103,6 +103,8 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Components
         producer_acks=-1,  # acks=all: an acknowledged signal survives a broker loss
         consumer_max_fetch_size=CONSUMER_MAX_FETCH_BYTES,
         broker_max_poll_records=settings.batch_max,  # one poll can fill a whole micro-batch
+        # under exactly-once each commit ends the transactions: how soon read_committed consumers see a signal
+        broker_commit_interval=settings.commit_interval,
         stream_buffer_maxsize=max(4 * settings.batch_max, 4096),
         # Faust's own table key TTL and web stats are not used: we expire states ourselves.
         autodiscover=False,

@@ -61,3 +61,34 @@ def test_inference_is_eager_by_default_and_offers_the_models_modes():
     assert Settings.from_env({"DEMANDSTREAM_INFERENCE": "compiled"}).inference == "compiled"
     with pytest.raises(SettingsError, match="DEMANDSTREAM_INFERENCE: must be one of eager, compiled"):
         Settings.from_env({"DEMANDSTREAM_INFERENCE": "jit"})
+
+
+@pytest.mark.parametrize("value", ["-1", "3601", "soon"])
+def test_a_commit_interval_outside_zero_to_an_hour_is_refused(value):
+    with pytest.raises(SettingsError, match="DEMANDSTREAM_COMMIT_INTERVAL_S"):
+        Settings.from_env({"DEMANDSTREAM_COMMIT_INTERVAL_S": value})
+
+
+@pytest.mark.parametrize(
+    ("guarantee", "given", "expected"),
+    [
+        ("at_least_once", "", 2.8),
+        ("exactly_once", "", 0.1),
+        ("exactly_once", "1.5", 1.5),
+        ("at_least_once", "0.5", 0.5),
+    ],
+)
+def test_the_worker_commits_at_the_interval_its_guarantee_needs_unless_told(
+    guarantee, given, expected, tmp_path
+):
+    # under exactly-once a commit ends the transactions: it is how soon read_committed consumers see a signal
+    from demandstream.stream.worker.app import create_app
+
+    s = Settings.from_env(
+        {"DEMANDSTREAM_COMMIT_INTERVAL_S": given},
+        guarantee=guarantee,
+        store="memory",
+        data_dir=str(tmp_path),
+    )
+    assert s.commit_interval == expected
+    assert create_app(s).app.conf.broker_commit_interval == expected
