@@ -256,10 +256,7 @@ class PurchaseResolver:
         self.pending -= 1
         if not lst:
             del self._open[user]
-        if self._gaps:
-            self._close(t, q, y)
-        else:
-            self.tally.add(q, y)
+        self._close(t, q, y)
 
     def _close(self, t: float, p: float, y: int) -> None:
         h = self.horizon_s

@@ -160,8 +160,8 @@ class Pipeline:
             m.dead_letters.labels(reason).inc(n)
         for s in res.inference_s:
             m.inference_seconds.observe(s)
-        if res.signal_ts:  # seconds, never ms (cf. faust-streaming/faust#693)
-            observe_many(m.event_to_signal_seconds, np.maximum(0.0, now - np.asarray(res.signal_ts)))
+        # seconds, never ms (cf. faust-streaming/faust#693)
+        observe_many(m.event_to_signal_seconds, np.maximum(0.0, now - np.asarray(res.signal_ts, np.float64)))
         if self.quality is not None:  # live model quality (stream/worker/quality.py), once durable too
             self.quality.observe(res.applied)
         self.batches += 1
