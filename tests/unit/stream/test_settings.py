@@ -63,7 +63,7 @@ def test_inference_is_eager_by_default_and_offers_the_models_modes():
         Settings.from_env({"DEMANDSTREAM_INFERENCE": "jit"})
 
 
-@pytest.mark.parametrize("value", ["-1", "3601", "soon"])
+@pytest.mark.parametrize("value", ["-1", "3601", "soon", "nan", "inf", " "])
 def test_a_commit_interval_outside_zero_to_an_hour_is_refused(value):
     with pytest.raises(SettingsError, match="DEMANDSTREAM_COMMIT_INTERVAL_S"):
         Settings.from_env({"DEMANDSTREAM_COMMIT_INTERVAL_S": value})
