@@ -512,21 +512,36 @@ class DemandLSTM(nn.Module):
             sw = sw.expand(*ctx.shape[:-1], -1)
             vw = vw.expand(*ctx.shape[:-1], -1)
         slot_score = (phi * sw.unsqueeze(-2)).sum(-1)
+        # Serving (no gradient, not explained) writes the logits straight into their [..., C + K] tensor
+        # and the explore term's matrix product into it too: with thousands of categories the concatenation
+        # and the product's own output were a sixth of the stream's step (docs/BENCHMARKS.md). Training
+        # keeps the out-of-place form autograd needs, and so do the compiled heads (inductor fuses these
+        # passes anyway, and refuses ``out=`` under dynamic shapes); they agree to float rounding (a test).
+        serving = not explain and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        n_vocab = mk.shape[-1]
+        logits = mk.new_empty(*mk.shape[:-1], n_vocab + hv.shape[-1]) if serving else None
         # the same sums as vw0 * mk + vw1 * pop + vw2 * mix, accumulated in place (fewer [..., C] passes)
-        vocab_score = vw[..., 0:1] * mk
+        vocab_score = torch.mul(vw[..., 0:1], mk, out=logits[..., :n_vocab]) if serving else vw[..., 0:1] * mk
         vocab_score.addcmul_(vw[..., 1:2], self.pop_logp).addcmul_(vw[..., 2:3], mix)
         repeat = explore = None
         if cfg.lstm_terms:
             repeat = (self.repeat_emb(hv) * self.repeat_query(hd).unsqueeze(-2)).sum(-1)
-            explore = self.explore(hd)
             slot_score = slot_score + repeat
-            vocab_score.add_(explore)
+            if serving and vocab_score.dim() == 2:
+                vocab_score.add_(self.explore.bias).addmm_(hd, self.explore.weight.t())
+            else:
+                explore = self.explore(hd)
+                vocab_score.add_(explore)
         slot_score = slot_score.masked_fill(~valid, float("-inf"))
         # a category in the history is scored once, by its slot; index 0 (unknown) is never predicted
         vocab_score.scatter_(-1, torch.where(valid, hv, 0), float("-inf"))
         vocab_score[..., 0] = float("-inf")
+        if serving:
+            logits[..., n_vocab:] = slot_score
+        else:
+            logits = torch.cat([vocab_score, slot_score], dim=-1)
 
-        out = {"cat_logits": torch.cat([vocab_score, slot_score], dim=-1)}
+        out = {"cat_logits": logits}
         if explain:
             out.update(
                 x_phi=phi,

@@ -223,6 +223,40 @@ def test_category_head_at_chosen_cells_gives_their_logits_gradients_and_dropout(
             assert torch.allclose(at_grads[n], g, rtol=1e-5, atol=1e-6), n
 
 
+def test_serving_writes_the_logits_training_computes():
+    """Without gradients (the stream's step, ``score``) the category head writes its logits into one
+    [..., C + K] tensor and the explore product into it; with them (training) and when explained it
+    keeps the out-of-place form. Both give the same logits to float rounding, [B, T] cells and the
+    step's [n] rows alike."""
+    from demandstream.model.core.encoding import encode_log, padded_user_batches
+
+    rng = np.random.default_rng(11)
+    events = random_events(rng, n_users=6)
+    vocab = Vocabulary.build([e.category for e in events], max_size=7)
+    cfg = ModelConfig(n_categories=len(vocab), hidden=16, markov_top_k=4, history_window=3)
+    net = live_net(cfg, vocab, events, mixture=True)
+    log = EventLog.from_events(events).sorted_by_user_time()
+    (idx, real), *_ = padded_user_batches(log.user_start, np.ones(len(log), bool), 1 << 16)
+    f = encode_log(log, cfg, vocab).tensors(idx)
+    h = torch.randn(*real.shape, cfg.hidden)
+    cells = torch.from_numpy(real)
+    rows = (h[cells], {k: v[cells] for k, v in f.items()})
+    assert rows[0].dim() == 2 and int(cells.sum()) == len(log)
+    for args in ((h, f), rows):
+        trained = net.heads(*args)["cat_logits"]
+        assert trained.requires_grad
+        with torch.no_grad():
+            served = net.heads(*args)["cat_logits"]
+            explained = net.heads(*args, explain=True)["cat_logits"]
+        with torch.inference_mode():
+            inferred = net.heads(*args)["cat_logits"]
+        finite = torch.isfinite(trained)
+        assert finite.any() and (~finite).any()  # history columns and masked ones both covered
+        for other in (served, explained, inferred):
+            assert torch.equal(torch.isfinite(other), finite)
+            assert torch.allclose(other[finite], trained.detach()[finite], rtol=0, atol=1e-5)
+
+
 def test_distribution_sums_to_one_and_never_predicts_unknown():
     torch.manual_seed(0)
     events = random_events(np.random.default_rng(5), n_users=3)
