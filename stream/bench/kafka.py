@@ -78,6 +78,8 @@ DRAIN_TIMEOUT_S = 900
 RESTORE_TIMEOUT_S = 1800
 #: The latency producer releases events in ticks of this length, at the target rate on average.
 LATENCY_TICK_S = 0.01
+#: The read_committed level's consumer polls at most this long, so a signal's arrival time is its own.
+LATENCY_TICK_MS = round(1000 * LATENCY_TICK_S)
 #: Topic configs of the bench's input topic: the broker stamps each record with its append time, which
 #: splits every event's latency into the generator's leg (send -> append) and the worker's (append ->
 #: signal), see :func:`latency_breakdown`. The worker itself does not read record timestamps for its
@@ -1015,6 +1017,104 @@ def latency_ms(
         "phases": None if before is None or after is None else batch_phases(before, after),
         "cpu_cores": cpu_cores,
     }
+
+
+#: After its last send, how long the read_committed level waits for the signals still owed (the
+#: worker's commit interval and its last batches, with room for a slow machine).
+VISIBLE_TAIL_S = 30.0
+
+
+def visible_latency_ms(
+    worker: BenchWorker, templates: Sequence[dict], rate: float, duration: float, tag: str
+) -> dict:
+    """Event -> signal latency as a downstream ``read_committed`` consumer sees it, events produced at
+    ``rate`` for ``duration`` seconds into the worker's (empty) input topic.
+
+    Under exactly-once a signal is visible only once the transaction holding it commits, which the
+    worker's ``emitted_at`` cannot show: each signal's latency here is the wall clock when the consumer
+    received it minus its event's ``ts`` (both clocks of this machine). ``unique`` counts the distinct
+    events among the signals received (each exactly once when it equals ``n``); ``missing`` the events
+    sent whose signal did not arrive within :data:`VISIBLE_TAIL_S` after the last send.
+    """
+    inputs = OffsetWatch(worker.bootstrap, worker.input_topic)
+    try:
+        in_start = inputs.ends()
+        sent, seconds, seen = asyncio.run(
+            _send_and_watch(
+                worker.bootstrap, worker.input_topic, worker.signals_topic, templates, rate, duration, tag
+            )
+        )
+        produced = sum(inputs.ends().values()) - sum(in_start.values())
+    finally:
+        inputs.close()
+    if not seen:
+        raise RuntimeError(f"no signal visible to a read_committed consumer within {VISIBLE_TAIL_S:.0f} s")
+    signals = [(arrived, orjson.loads(value)) for arrived, value in seen]
+    lat = np.array([(arrived - s["ts"]) * 1000.0 for arrived, s in signals])
+    p50, p95, p99 = np.percentile(lat, [50, 95, 99])
+    unique = len({s["event_id"] for _, s in signals})
+    return {
+        "p50": float(p50),
+        "p95": float(p95),
+        "p99": float(p99),
+        "max": float(lat.max()),
+        "rate_events_per_s": rate,
+        **achieved_load(rate, produced, seconds, sent),
+        "n": int(lat.size),
+        "unique": unique,
+        "missing": max(0, sent - unique),
+        "isolation_level": "read_committed",
+    }
+
+
+async def _send_and_watch(
+    bootstrap: str,
+    input_topic: str,
+    signals_topic: str,
+    templates: Sequence[dict],
+    rate: float,
+    duration: float,
+    tag: str,
+) -> tuple[int, float, list[tuple[float, bytes]]]:
+    """:func:`_paced_send` while a read_committed consumer reads ``signals_topic`` from its start:
+    (events sent, send seconds, [(wall time received, signal value)]). The topic must hold this level's
+    signals only (a fresh worker's)."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        isolation_level="read_committed",
+        auto_offset_reset="earliest",
+        fetch_max_bytes=FETCH_MAX_BYTES,
+    )
+    await consumer.start()
+    try:
+        consumer.assign([TopicPartition(signals_topic, p) for p in range(PARTITIONS)])
+        await consumer.seek_to_beginning()
+        seen: list[tuple[float, bytes]] = []
+        # until every event sent has its signal, or VISIBLE_TAIL_S after the last send
+        until = {"signals": math.inf, "deadline": math.inf}
+
+        async def watch() -> None:
+            while len(seen) < until["signals"] and time.monotonic() < until["deadline"]:
+                batch = await consumer.getmany(
+                    timeout_ms=LATENCY_TICK_MS, max_records=PASSTHROUGH_MAX_RECORDS
+                )
+                now = time.time()
+                seen.extend((now, m.value) for msgs in batch.values() for m in msgs)
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            sent, seconds = await _paced_send(bootstrap, input_topic, templates, rate, duration, tag)
+            until.update(signals=sent, deadline=time.monotonic() + VISIBLE_TAIL_S)
+            await watcher
+        finally:
+            watcher.cancel()
+        return sent, seconds, seen
+    finally:
+        await consumer.stop()
 
 
 def _metrics_or_none(worker: BenchWorker) -> str | None:

@@ -161,6 +161,12 @@ class FakeWorker:
         self.signals_topic = f"bench-signals-{tag}"
         FakeWorker.started.append(self)
 
+    def start(self):
+        return self
+
+    def wait_ready(self):
+        return 0.0
+
     def stop(self):
         self.stopped = True
 
@@ -172,6 +178,7 @@ def fakes(monkeypatch):
     class Fakes:
         fail: dict[str, BaseException] = {}
         latency_on: list[str] = []
+        visible_on: list[tuple] = []
         achieved_share = 1.0
         fed: dict[str, tuple] = {}
 
@@ -213,6 +220,22 @@ def fakes(monkeypatch):
             "n": 100,
         }
 
+    def visible(worker, templates, rate, duration, tag):
+        maybe_fail("visible")
+        Fakes.visible_on.append((worker.tag, worker.guarantee, worker.input_topic, rate))
+        return {
+            "p50": 80.0,
+            "p95": 120.0,
+            "p99": 150.0,
+            "max": 200.0,
+            "rate_events_per_s": rate,
+            **bk.achieved_load(rate, round(rate * 8.0), 8.0),
+            "n": 100,
+            "unique": 100,
+            "missing": 0,
+            "isolation_level": "read_committed",
+        }
+
     def no_state(worker, **ready):
         maybe_fail("no state")
         return {"startup_seconds": 4.0, "rss_mib": 200.0}
@@ -243,6 +266,7 @@ def fakes(monkeypatch):
     monkeypatch.setattr(bk, "passthrough_events_per_s", passthrough)
     monkeypatch.setattr(bk, "drain", drain)
     monkeypatch.setattr(bk, "latency_ms", latency)
+    monkeypatch.setattr(bk, "visible_latency_ms", visible)
     monkeypatch.setattr(bk, "restore_seconds", restore)
     monkeypatch.setattr(bk, "ready_rss_mib", no_state)
     monkeypatch.setattr(runner, "_cores", lambda: 2)
@@ -282,6 +306,31 @@ def test_a_clean_run_records_no_failure(fakes, tmp_path):
     assert fakes.latency_on == ["{}-2".format(FakeWorker.started[3].tag.rsplit("-", 1)[0])] * 3
     assert all(w.stopped for w in FakeWorker.started) and FakeBroker.instances[0].stopped
     assert "Failed parts" not in text and "failed:" not in text and "kept" in text
+
+
+def test_exactly_once_latency_is_what_a_read_committed_consumer_sees_at_a_quarter_load(fakes, tmp_path):
+    _, r, text = bench(tmp_path)
+    # one fresh exactly-once worker on an input topic of its own, after the rounds, at 25 % of the
+    # pipeline's median maximum (rounds of 8k, 16k, 24k events/s), and stopped
+    [(tag, guarantee, topic, rate)] = fakes.visible_on
+    assert tag.endswith("-eo-latency") and guarantee == "exactly_once" and topic == f"bench-input-{tag}"
+    assert rate == pytest.approx(0.25 * 16_000.0)
+    assert [w for w in FakeWorker.started if w.tag == tag][0].stopped
+    x = r["detail"]["exactly_once_latency"]
+    assert x["load"] == 0.25 and x["p99"] == 150.0 and x["isolation_level"] == "read_committed"
+    assert "| 25% of pipeline max | 4,000 | 4,000 (100 % of target) | 80.00 | 120 | 150 | 100 |" in text
+    assert "Every event's signal arrived, each once." in text
+
+
+def test_a_failed_exactly_once_latency_is_recorded_and_the_rest_measured(fakes, tmp_path):
+    fakes.fail = {"visible": TimeoutError("worker not ready after 600 s")}
+    _, r, text = bench(tmp_path)
+    assert r["failed"] == [
+        {"part": "exactly_once latency 25%", "error": "TimeoutError: worker not ready after 600 s"}
+    ]
+    assert r["detail"]["exactly_once_latency"] is None and r["restore_seconds_per_million_users"]
+    assert all(w.stopped for w in FakeWorker.started)
+    assert "| 25% of pipeline max | failed: TimeoutError: worker not ready after 600 s |" in text
 
 
 def test_every_worker_runs_the_settings_inference_and_the_step_is_measured_both_ways(fakes, tmp_path):
@@ -337,6 +386,7 @@ def test_a_failed_broker_skips_the_kafka_parts_but_not_the_model(fakes, tmp_path
         "latency 25%",
         "latency 50%",
         "latency 75%",
+        "exactly_once latency 25%",
         "memory no state",
         "restore",
         "latency plot",
