@@ -85,7 +85,9 @@ def test_quick_bench_writes_every_design_key(tmp_path):
     assert all({"p50", "p95", "p99"} <= set(v) for v in r["latency_ms"].values())
     # exactly-once as a read_committed consumer sees it: every event's signal, once, with the commit's wait
     eo = r["detail"]["exactly_once_latency"]
-    assert eo["isolation_level"] == "read_committed" and eo["n"] == eo["unique"] > 0 and eo["missing"] == 0, eo
+    assert eo["isolation_level"] == "read_committed" and eo["n"] == eo["unique"] > 0 and eo["missing"] == 0, (
+        eo
+    )
     assert 0 < eo["p50"] <= eo["p99"] and math.isfinite(eo["p99"]), eo
     assert {"1", "4096"} <= set(r["step_events_per_s"]["cpu"])
     assert set(r["incremental_speedup"]) == {"10", "100", "1000"}
