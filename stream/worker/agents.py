@@ -415,6 +415,7 @@ def attach(c: Components, scorer: Scorer) -> Pipeline:
     faust_patches.install_batch_delivery(c.app, (s.topic_input, s.topic_control), pipeline.handle_messages)
     if pipeline.exactly_once:
         faust_patches.guard_commits(c.app.consumer, pipeline.batch_lock)
+        faust_patches.commit_transactions_together(c.app.producer)
         # Staged states live exactly as long as the transaction they were written into.
         faust_patches.on_transaction_abandoned(c.app.producer, pipeline.on_transaction_abandoned)
     # Exactly-once: staged states are applied once their source partition's transaction commits.

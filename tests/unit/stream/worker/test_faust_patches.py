@@ -19,6 +19,7 @@ from demandstream.stream.worker import faust_patches
 from demandstream.stream.worker.faust_patches import (
     UnsupportedFaustVersion,
     check_version,
+    commit_transactions_together,
     fetch_only_active_partitions,
     fix_stale_transactional_producers,
     fix_transactional_highwaters,
@@ -77,6 +78,87 @@ def test_a_closed_transaction_is_begun_again():
     fix_stale_transactional_producers(transactions, producer)
     asyncio.run(transactions.on_rebalance({0}, set(), set()))
     assert producer.calls == [("begin", "app-1-0")]
+
+
+class FakeTransactionalProducer:
+    """One partition's transactional producer: each step a round trip of ``rtt`` seconds, logged."""
+
+    def __init__(self, tid: str, log: list, rtt: float = 0.02, fail: BaseException | None = None):
+        self.tid, self.log, self.rtt, self.fail = tid, log, rtt, fail
+
+    async def _step(self, name: str) -> None:
+        self.log.append((self.tid, name, "start"))
+        await asyncio.sleep(self.rtt)
+        if self.fail is not None and name == "commit":
+            raise self.fail
+        self.log.append((self.tid, name, "end"))
+
+    async def send_offsets_to_transaction(self, offsets, group_id) -> None:
+        await self._step("offsets")
+
+    async def commit_transaction(self) -> None:
+        await self._step("commit")
+
+    async def begin_transaction(self) -> None:
+        await self._step("begin")
+
+
+def transactional(tids, fail: dict | None = None):
+    log: list = []
+    producers = {t: FakeTransactionalProducer(t, log, fail=(fail or {}).get(t)) for t in tids}
+    producer = SimpleNamespace(
+        _transaction_producers=producers, _trn_locks={t: asyncio.Lock() for t in [*tids, "app-1-9"]}
+    )
+    commit_transactions_together(producer)
+    return producer, log
+
+
+def test_the_partitions_transactions_are_committed_together_each_in_its_order():
+    tids = [f"app-1-{p}" for p in range(4)]
+
+    async def main():
+        producer, log = transactional(tids)
+        t0 = asyncio.get_running_loop().time()
+        await producer.commit_transactions({t: {("in", int(t[-1])): 5} for t in tids}, "app")
+        return log, asyncio.get_running_loop().time() - t0
+
+    log, seconds = asyncio.run(main())
+    for t in tids:  # every step of each transaction, in Faust's order
+        assert [(n, e) for tid, n, e in log if tid == t] == [
+            (n, e) for n in ("offsets", "commit", "begin") for e in ("start", "end")
+        ]
+    # together: every partition's first step starts before any partition's first step ends
+    assert {tid for tid, _n, e in log[:4]} == set(tids) and all(e == "start" for *_x, e in log[:4])
+    assert seconds < 2 * 3 * 0.02  # three round trips, not twelve
+
+
+def test_a_fenced_transaction_is_raised_after_the_others_committed():
+    tids = ["app-1-0", "app-1-1", "app-1-2"]
+
+    class ProducerFenced(Exception):
+        pass
+
+    async def main():
+        producer, log = transactional(tids, fail={"app-1-1": ProducerFenced("fenced")})
+        with pytest.raises(ProducerFenced):
+            await producer.commit_transactions({t: {} for t in tids}, "app", start_new_transaction=False)
+        return log
+
+    log = asyncio.run(main())
+    committed = {tid for tid, n, e in log if n == "commit" and e == "end"}
+    assert committed == {"app-1-0", "app-1-2"}
+    assert not [x for x in log if x[1] == "begin"]  # start_new_transaction=False is obeyed
+
+
+def test_a_commit_for_an_unknown_transaction_is_logged_and_the_others_committed(caplog):
+    async def main():
+        producer, log = transactional(["app-1-0"])
+        await producer.commit_transactions({"app-1-9": {}, "app-1-0": {}}, "app")
+        return log
+
+    log = asyncio.run(main())
+    assert ("app-1-0", "commit", "end") in log
+    assert "unknown transaction app-1-9" in caplog.text
 
 
 def test_highwaters_come_from_the_broker_not_the_fetchers_cache():
