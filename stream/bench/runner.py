@@ -671,6 +671,8 @@ def _kafka_measurements(
                 figures, worker = done
                 rounds.append(figures)
         t = throughput(rounds)
+        # the paced generator's events, for the latency levels and the exactly-once one
+        templates = [e.to_dict() for e in events[:LATENCY_TEMPLATES]] if rounds else []
         # Latency and the profile run on the last round's worker: warm, every user's state in its store.
         if loaded and worker is None:
             why = "needs the last round's warm worker: " + parts.reason(f"round {plan.rounds}")
@@ -680,7 +682,6 @@ def _kafka_measurements(
                 parts.skip("profile", why)
         elif worker is not None:
             max_rate = t["pipeline_events_per_s"]["median"]
-            templates = [e.to_dict() for e in events[:LATENCY_TEMPLATES]]
             for level, key in zip(LOAD_LEVELS, levels, strict=True):
                 latency[key] = parts.run(
                     f"latency {key}",
@@ -699,7 +700,6 @@ def _kafka_measurements(
             worker = None
         if rounds:
             rate = VISIBLE_LOAD * t["pipeline_events_per_s"]["median"]
-            templates = [e.to_dict() for e in events[:LATENCY_TEMPLATES]]
             visible = parts.run(
                 VISIBLE_PART,
                 _visible_latency,
@@ -1221,20 +1221,11 @@ def _latency_lines(r: dict) -> list[str]:
         "",
         "### Event → signal latency (warm worker, paced load)",
         "",
-        "| load | target events/s | achieved events/s | p50 ms | p95 ms | p99 ms | signals |",
-        "|---|---|---|---|---|---|---|",
+        *_LATENCY_TABLE_HEAD,
     ]
     latency = r.get("latency_ms") or {_latency_key(level): None for level in LOAD_LEVELS}
     for level, x in latency.items():
-        if x:
-            lines.append(
-                f"| {level} of pipeline max | {_n(x['rate_events_per_s'])} | {achieved_cell(x)} | {_n(x['p50'])} "
-                f"| {_n(x['p95'])} | {_n(x['p99'])} | {x['n']:,} |"
-            )
-        else:
-            lines.append(
-                f"| {level} of pipeline max | {_cell(_why(r, f'latency {level}', 'round'))} | | | | | |"
-            )
+        lines.append(_latency_row(level, x, lambda level=level: _why(r, f"latency {level}", "round")))
     lines += _visible_lines(r)
     lines += _latency_legs_lines(latency)
     lines += _batch_phase_lines(latency)
@@ -1255,6 +1246,27 @@ def _latency_lines(r: dict) -> list[str]:
     return lines
 
 
+_LATENCY_TABLE_HEAD = (
+    "| load | target events/s | achieved events/s | p50 ms | p95 ms | p99 ms | signals |",
+    "|---|---|---|---|---|---|---|",
+)
+
+
+def _latency_row(level: str, x: dict | None, why: Callable[[], str]) -> str:
+    """One row of a latency table: a measured level ``x`` (latency_ms's or the exactly-once one), or
+    ``why()`` it is missing.
+
+    >>> _latency_row("25%", None, lambda: "not measured: no round worked")
+    '| 25% of pipeline max | not measured: no round worked | | | | | |'
+    """
+    if not x:
+        return f"| {level} of pipeline max | {_cell(why())} | | | | | |"
+    return (
+        f"| {level} of pipeline max | {_n(x['rate_events_per_s'])} | {achieved_cell(x)} | {_n(x['p50'])} "
+        f"| {_n(x['p95'])} | {_n(x['p99'])} | {x['n']:,} |"
+    )
+
+
 def _visible_lines(r: dict) -> list[str]:
     """The exactly-once worker's latency as a read_committed consumer sees it (:func:`_visible_latency`).
 
@@ -1271,18 +1283,11 @@ def _visible_lines(r: dict) -> list[str]:
         " the consumer's receipt of the signal − the event's `ts`, so the transaction's commit is included,"
         " which `emitted_at` above is not):",
         "",
-        "| load | target events/s | achieved events/s | p50 ms | p95 ms | p99 ms | signals |",
-        "|---|---|---|---|---|---|---|",
+        *_LATENCY_TABLE_HEAD,
     ]
+    row = _latency_row(_latency_key(VISIBLE_LOAD), x, lambda: _why(r, VISIBLE_PART))
     if not x:
-        return [
-            *head,
-            f"| {_latency_key(VISIBLE_LOAD)} of pipeline max | {_cell(_why(r, VISIBLE_PART))} | | | | | |",
-        ]
-    row = (
-        f"| {_latency_key(x['load'])} of pipeline max | {_n(x['rate_events_per_s'])} | {achieved_cell(x)} "
-        f"| {_n(x['p50'])} | {_n(x['p95'])} | {_n(x['p99'])} | {x['n']:,} |"
-    )
+        return [*head, row]
     dup = x["n"] - x["unique"]
     tail = (
         "Every event's signal arrived, each once."

@@ -323,7 +323,7 @@ def commit_transactions_together(producer) -> None:
     """
 
     async def commit_one(transactional_id, offsets, group_id, start_new_transaction):
-        # Faust's loop body for one transactional id (drivers/aiokafka.py), unchanged
+        # Faust's loop body for one transactional id (drivers/aiokafka.py), less its debug logs
         async with producer._trn_locks[transactional_id]:
             transaction_producer = producer._transaction_producers.get(transactional_id)
             if transaction_producer is None:
