@@ -301,7 +301,7 @@ class DemandLSTM(nn.Module):
         self.register_buffer("markov_total", torch.zeros(c))
         # log-odds of P(purchase within the horizon | event type, cart non-empty) (funnel_table)
         self.register_buffer("funnel_logit", torch.zeros(n_types, 2))
-        # Platt scaling of the purchase logit (demandstream.model.training.train.calibrate); identity until fitted.
+        # Platt scaling of the purchase logit (demandstream.model.training.calibration.calibrate); identity until fitted.
         self.register_buffer("purchase_scale", torch.tensor(1.0))
         self.register_buffer("purchase_shift", torch.tensor(0.0))
         self._register_load_state_dict_pre_hook(_identity_calibration_if_missing)

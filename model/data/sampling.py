@@ -36,7 +36,7 @@ _PERSON = b"ds-users"
 #: Rounded up from generated logs (peak VmRSS, 2026-12-06): 167 categories, 221k / 899k rows: 1.45 /
 #: 2.01 GB since the slots' counts are stored in 16 and 8 bits (model/core/encoding.py COLUMNS; 1.45 /
 #: 2.13 GB before, docs/MODEL.md §4.9); since the cascade-scale fit is scored in chunks
-#: (model/training/train.py, SCALE_FIT_WHOLE_FLOATS), 5,730 categories and 45k rows: 1.51 GB (2.74
+#: (model/training/cascade_scale.py, SCALE_FIT_WHOLE_FLOATS), 5,730 categories and 45k rows: 1.51 GB (2.74
 #: before), 9,501 and 180k: 1.73 GB (1.60 GB since a large catalog's category head trains in blocks
 #: of cells, 2026-12-07). The estimate overstates those two by 2 % and 12 %: it is for a warning, and
 #: errs on the side of warning.

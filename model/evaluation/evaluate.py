@@ -921,7 +921,7 @@ def run_evaluation(
 def checkpoint_train_metrics(ck: Checkpoint) -> dict:
     """The report's ``train_metrics``: what the checkpoint says about how it was trained."""
     metrics = ck.metrics if isinstance(ck.metrics, dict) else {}
-    # calibration: whether the model's propensities were Platt-scaled, and why not (demandstream.model.training.train.calibrate)
+    # calibration: whether the model's propensities were Platt-scaled, and why not (demandstream.model.training.calibration.calibrate)
     out = {
         k: metrics.get(k)
         for k in ("train_events_per_s", "epochs_run", "best_epoch", "calibration", "purchase_head")

@@ -20,6 +20,13 @@ baselines see the same data before the test start. A validation window too small
 (< ``min_valid_category_points`` or < ``min_valid_positives``) is replaced by a hold-out of the last
 ``holdout_fraction`` of the training time, unless that hold-out has no more of either than the window
 it would replace; the metrics say which chose and why.
+
+This module is the loop and the refit; the parts it runs have modules of their own: the losses
+(:mod:`~demandstream.model.training.losses`), the leave-out of a user's own transitions
+(:mod:`~demandstream.model.training.leave_out`), the cascade start's scale
+(:mod:`~demandstream.model.training.cascade_scale`), scoring on validation and the choice of epoch
+(:mod:`~demandstream.model.training.validation`, :mod:`~demandstream.model.training.selection`) and Platt
+calibration (:mod:`~demandstream.model.training.calibration`).
 """
 
 from __future__ import annotations
@@ -31,7 +38,6 @@ import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -43,14 +49,12 @@ from demandstream.model.core.encoding import (
     category_hashes,
     category_index,
     encode_log,
-    padded_user_batches,
 )
 from demandstream.model.core.features import PURCHASE_HORIZON_S, Vocabulary
 from demandstream.model.core.network import (
     DemandLSTM,
     ModelConfig,
     funnel_table,
-    head_block_rows,
     init_like_cascade,
     markov_tables,
 )
@@ -62,7 +66,6 @@ from demandstream.model.data.sampling import (
     training_memory_bytes,
 )
 from demandstream.model.data.split import (
-    Points,
     Split,
     main_span,
     next_category_targets,
@@ -73,6 +76,23 @@ from demandstream.model.errors import DataError, OptionError
 from demandstream.model.evaluation.baselines import CascadeMix, CascadeRecent
 from demandstream.model.evaluation.evaluate import start_summary
 from demandstream.model.training.averaging import WeightAverage
+from demandstream.model.training.calibration import (
+    CALIBRATION_ALPHA,
+    CALIBRATION_MIN_WINDOW_S,
+    calibrate,
+    calibration_summary,
+)
+from demandstream.model.training.cascade_scale import fit_cascade_scale
+from demandstream.model.training.leave_out import markov_pairs, own_markov_counts
+from demandstream.model.training.losses import blocked_window_backward, loss_terms
+from demandstream.model.training.selection import CATEGORY_HEAD, improves, select_epoch, snapshot
+from demandstream.model.training.validation import (
+    Targets,
+    phase_targets,
+    purchase_unjudged,
+    validation_metrics,
+    validation_purchase_bce,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -80,24 +100,6 @@ logger = logging.getLogger(__name__)
 #: padding stays small when lanes hold users of very different lengths.
 WINDOW_QUANTILE = 0.75
 
-#: Validation runs whole padded sequences in batches of at most this many (user, step) cells.
-VALID_BATCH_CELLS = 1 << 15
-
-#: Platt scaling is fitted only with at least this many positive validation points: with fewer, the two
-#: scalars follow the noise of a handful of buyers.
-MIN_CALIBRATION_POSITIVES = 20
-
-#: Ceiling on LBFGS iterations of the 2-parameter Platt fit (it is convex and converges in tens).
-CALIBRATION_MAX_ITER = 300
-
-#: Platt scaling replaces the identity only when Cox's likelihood-ratio test rejects "the model is
-#: calibrated" (a = 1, b = 0) on the validation points at this level (docs/MODEL.md §2, "Calibration").
-CALIBRATION_ALPHA = 0.05
-
-#: Platt scaling is fitted only on a validation window at least this long: purchase rates follow the
-#: hour of the day, so a shift (and slope) fitted on a few hours learns those hours' rate, and it did not
-#: carry to other hours where it was measured (docs/MODEL.md §2, "Calibration").
-CALIBRATION_MIN_WINDOW_S = 86_400.0
 
 #: The refit replays the selection's epochs, unless its training events are more than this many times
 #: the selection's: then an epoch is no longer the same amount of training, and it replays the
@@ -105,14 +107,11 @@ CALIBRATION_MIN_WINDOW_S = 86_400.0
 REFIT_STEPS_ABOVE_RATIO = 2.0
 
 #: A training window whose category cells times output columns exceed this many floats runs its
-#: category head a block of cells at a time (:func:`_blocked_window_backward`): at thousands of
+#: category head a block of cells at a time (:func:`blocked_window_backward`): at thousands of
 #: categories the head's [cells, C + K] passes, forward and backward, are the epoch, and blocks that
 #: stay in a core's cache were 23-32 % cheaper (docs/BENCHMARKS.md). Below it (a few hundred categories,
 #: e.g. every generated shop and the REES46 samples) a window is one call, as before.
 TRAIN_BLOCK_FLOATS = 1 << 20
-
-#: Rank cut-off of the selection metric (MRR@20, the report's headline category metric).
-SELECT_K = 20
 
 
 @dataclass
@@ -273,252 +272,6 @@ def _lane_windows(ranges: list[tuple[int, int]], lanes: int, window: int):
         yield np.array(active), idx, valid, reset
 
 
-class Targets(NamedTuple):
-    """Per-row labels of one phase, as the loss and the validation metrics read them."""
-
-    mask: np.ndarray  #: rows of the phase
-    cat: np.ndarray  #: vocabulary index of the next category (0 = outside it), -1 = no category point
-    cat_hash: np.ndarray  #: category_hash of the next category (0 where none)
-    purchase: np.ndarray
-    observable: np.ndarray
-
-
-def phase_targets(pts: Points, next_hash: np.ndarray) -> Targets:
-    return Targets(
-        pts.mask, pts.cat_target, np.where(pts.cat_target >= 0, next_hash, 0), pts.purchase, pts.observable
-    )
-
-
-def _blocked_window_backward(
-    net: DemandLSTM,
-    f: dict,
-    state: tuple[torch.Tensor, torch.Tensor],
-    cat_t: torch.Tensor,
-    hash_t: torch.Tensor,
-    buy: torch.Tensor,
-    obs: torch.Tensor,
-    share: float,
-    purchase_weight: float,
-) -> tuple[float, tuple[torch.Tensor, torch.Tensor]]:
-    """One training window's forward and backward with the category head a block of cells at a time:
-    the gradients of ``share * (nll / n_cat + purchase_weight * bce / n_buy)``, the loss of the
-    unblocked window (:func:`_loss_terms`), accumulated into the parameters' ``.grad``; returns the
-    loss's value and the window's final (h, c).
-
-    The LSTM runs once and dropout is drawn over every cell, as :meth:`DemandLSTM.heads` does. The
-    category head's input is cut from the graph, each block's NLL is backpropagated to it and to the
-    head's weights, then the sum reaches the LSTM in one backward with the purchase loss. The
-    gradients are the unblocked window's up to the order of float sums."""
-    x = net.embed(f)
-    lstm_out, state = net.lstm(x, state)
-    sel = cat_t >= 0
-    purchase_logit, hd_sel, f_sel, step_sel = net.purchase_and_category_inputs(lstm_out, f, sel)
-    z = hd_sel.detach().requires_grad_()
-    ct, ht = cat_t[sel], hash_t[sel]
-    n, nll, n_cat = z.shape[0], 0.0, 0
-    rows = head_block_rows(net.pop_logp.shape[0] + f["hist_cats"].shape[-1])
-    for i in range(0, n, rows):
-        b = slice(i, min(n, i + rows))
-        fb = {k: v[b] for k, v in f_sel.items()}
-        logits = net.category_head(z[b], fb, tuple(v[b] for v in step_sel))["cat_logits"]
-        block_nll, block_n = _category_nll(net, logits, fb["hist_cats"], ct[b], ht[b])
-        if block_nll is not None:
-            block_nll.backward()
-            nll += float(block_nll.detach())
-            n_cat += block_n
-    scale = share / max(n_cat, 1)
-    for p in net.parameters():  # so far only the blocks' gradients: the category head's own weights
-        if p.grad is not None:
-            p.grad.mul_(scale)
-    rest = purchase_logit.sum() * 0.0
-    if z.grad is not None:
-        rest = rest + (hd_sel * (z.grad * scale)).sum()
-    bce_t, n_buy = _purchase_bce(purchase_logit, buy, obs)
-    bce = 0.0
-    if bce_t is not None:
-        rest = rest + share * purchase_weight * bce_t / n_buy
-        bce = float(bce_t.detach())
-    rest.backward()
-    return share * (nll / max(n_cat, 1) + purchase_weight * bce / max(n_buy, 1)), state
-
-
-def _loss_terms(
-    net: DemandLSTM,
-    out: dict,
-    f: dict,
-    cat_t: torch.Tensor,
-    hash_t: torch.Tensor,
-    buy: torch.Tensor,
-    obs: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-    """Summed category NLL (over rankable targets) and purchase BCE over the given cells, with counts.
-
-    ``out["cat_logits"]`` holds only the cells where ``cat_t >= 0``, in order (:meth:`DemandLSTM.heads`'
-    ``cat_at``), so that no [cells, C + K] tensor is copied to select them; every other input covers
-    every cell."""
-    zero = out["purchase_logit"].sum() * 0.0
-    cat_mask = cat_t >= 0
-    nll, n_cat = None, 0
-    if bool(cat_mask.any()):
-        nll, n_cat = _category_nll(
-            net, out["cat_logits"], f["hist_cats"][cat_mask], cat_t[cat_mask], hash_t[cat_mask]
-        )
-    bce, n_buy = _purchase_bce(out["purchase_logit"], buy, obs)
-    return zero if nll is None else nll, zero if bce is None else bce, n_cat, n_buy
-
-
-def _category_nll(
-    net: DemandLSTM, logits: torch.Tensor, hist_cats: torch.Tensor, cat_t: torch.Tensor, hash_t: torch.Tensor
-) -> tuple[torch.Tensor | None, int]:
-    """Summed NLL of the rankable targets among category cells (their logits, history and targets),
-    and how many there are; None when no target can be ranked."""
-    lp = net.category_log_prob({"cat_logits": logits}, {"hist_cats": hist_cats}, cat_t, hash_t)
-    ok = torch.isfinite(lp)
-    n = int(ok.sum())
-    return (-lp[ok].sum() if n else None), n
-
-
-def _purchase_bce(
-    purchase_logit: torch.Tensor, buy: torch.Tensor, obs: torch.Tensor
-) -> tuple[torch.Tensor | None, int]:
-    """Summed purchase BCE over the observable cells, and how many there are; None when there are none."""
-    n = int(obs.sum())
-    if not n:
-        return None, 0
-    bce = nn.functional.binary_cross_entropy_with_logits(
-        purchase_logit[obs], buy[obs].float(), reduction="sum"
-    )
-    return bce, n
-
-
-class _Batch(NamedTuple):
-    out: dict
-    f: dict
-    cat_t: torch.Tensor
-    hash_t: torch.Tensor
-    buy: torch.Tensor
-    obs: torch.Tensor
-
-
-def _full_context_batches(
-    net: DemandLSTM,
-    feats: FeatureBuffer,
-    log: EventLog,
-    pts: Targets,
-    device: torch.device,
-    own: OwnCounts | None = None,
-    purchase_only: bool = False,
-):
-    """Yield :class:`_Batch` es of the points of ``pts`` ([n, ...] each, in the same order on every
-    call); every user runs from its first event (eval mode, no grad), the heads only at the points
-    (:meth:`DemandLSTM.forward_at`; with ``purchase_only``, the purchase head alone)."""
-    net.eval()
-    want = (pts.cat >= 0) | pts.observable
-    for idx, real in padded_user_batches(log.user_start, want, VALID_BATCH_CELLS):
-        f = feats.tensors(idx, device)
-        cells = real & want[idx]
-        if own is not None:
-            own.attach(f, idx, device, cells)
-        rows = idx[cells]
-        with torch.no_grad():
-            for part, out, fc in net.forward_at(f, torch.from_numpy(cells), purchase_only=purchase_only):
-                r = rows[part]
-                yield _Batch(
-                    out,
-                    fc,
-                    torch.from_numpy(pts.cat[r]).to(device),
-                    torch.from_numpy(pts.cat_hash[r]).to(device),
-                    torch.from_numpy(pts.purchase[r]).to(device),
-                    torch.from_numpy(pts.observable[r]).to(device),
-                )
-
-
-def target_ranks(
-    net: DemandLSTM, out: dict, f: dict, cat_t: torch.Tensor, hash_t: torch.Tensor
-) -> torch.Tensor:
-    """Rank of each target under the model's distribution (ties count against it; a target the model
-    cannot rank gets rank ``C + K + 1``). Cells are flattened: inputs are [n, ...]."""
-    probs = net.category_probs(out, f)
-    c = probs.shape[-1] - f["hist_cats"].shape[-1]
-    col = net.target_columns(f, cat_t, hash_t, c)
-    p_t = probs.gather(-1, col.clamp(min=0).unsqueeze(-1))
-    rank = (probs >= p_t).sum(-1)
-    return torch.where(col >= 0, rank, probs.shape[-1] + 1)
-
-
-@torch.no_grad()
-def validation_metrics(
-    net: DemandLSTM,
-    feats: FeatureBuffer,
-    log: EventLog,
-    pts: Targets,
-    purchase_weight: float,
-    device: torch.device,
-    rr_out: list | None = None,
-) -> dict[str, float]:
-    """MRR@20, category NLL and purchase BCE on validation points, each user run from its first event.
-
-    With ``rr_out``, each category point's reciprocal rank (0 beyond rank 20) is appended to it, in an
-    order that is the same on every call with the same ``pts``."""
-    tot_nll = tot_bce = rr = 0.0
-    n_cat = n_buy = n_rank = 0
-    for b in _full_context_batches(net, feats, log, pts, device):
-        # the category points' logits, selected once for the loss and the ranks
-        m = b.cat_t >= 0
-        out = {"cat_logits": b.out["cat_logits"][m], "purchase_logit": b.out["purchase_logit"]}
-        nll, bce, nc, nb = _loss_terms(net, out, b.f, b.cat_t, b.hash_t, b.buy, b.obs)
-        tot_nll += float(nll)
-        tot_bce += float(bce)
-        n_cat += nc
-        n_buy += nb
-        if bool(m.any()):
-            ranks = target_ranks(
-                net,
-                out,
-                {k: b.f[k][m] for k in ("hist_cats", "hist_vocab")},
-                b.cat_t[m],
-                b.hash_t[m],
-            )
-            point_rr = torch.where(ranks <= SELECT_K, 1.0 / ranks.double(), 0.0)
-            rr += float(point_rr.sum())
-            if rr_out is not None:
-                rr_out.append(point_rr.cpu().numpy())
-            n_rank += int(m.sum())
-    cat_loss = tot_nll / n_cat if n_cat else math.nan
-    buy_loss = tot_bce / n_buy if n_buy else math.nan
-    total = (0.0 if math.isnan(cat_loss) else cat_loss) + purchase_weight * (
-        0.0 if math.isnan(buy_loss) else buy_loss
-    )
-    return {
-        "loss": total,
-        "mrr@20": rr / n_rank if n_rank else math.nan,
-        "category_nll": cat_loss,
-        "purchase_bce": buy_loss,
-        "n_category_points": n_rank,
-        "n_purchase_points": n_buy,
-    }
-
-
-@torch.no_grad()
-def validation_purchase_bce(
-    net: DemandLSTM, feats: FeatureBuffer, log: EventLog, pts: Targets, device: torch.device
-) -> float:
-    """:func:`validation_metrics`' ``purchase_bce`` (the same batches and sums, so the same number) from
-    the purchase head alone: the purchase-head phase compares it after every epoch, and the category
-    head, frozen then, is most of the cost on a shop with many categories."""
-    tot = 0.0
-    n = 0
-    for b in _full_context_batches(net, feats, log, pts, device, purchase_only=True):
-        k = int(b.obs.sum())
-        if k:
-            logits = b.out["purchase_logit"][b.obs]
-            tot += float(
-                nn.functional.binary_cross_entropy_with_logits(logits, b.buy[b.obs].float(), reduction="sum")
-            )
-            n += k
-    return tot / n if n else math.nan
-
-
 def _validation_with_ranks(
     net: DemandLSTM,
     feats: FeatureBuffer,
@@ -531,572 +284,6 @@ def _validation_with_ranks(
     parts: list = []
     val = validation_metrics(net, feats, log, pts, tcfg.purchase_weight, device, parts)
     return val, np.concatenate(parts) if parts else np.zeros(0)
-
-
-#: Parameters of the next-category head. At the cascade start their LSTM-dependent parts are zero, so
-#: that head can be combined with the LSTM and purchase head of any epoch without changing its output.
-CATEGORY_HEAD = (
-    "slot_w0",
-    "vocab_w0",
-    "slot_ctx.",
-    "vocab_ctx.",
-    "explore.",
-    "repeat_query.",
-    "repeat_emb.",
-    "mix_decay",
-)
-
-
-def _snapshot(net: DemandLSTM) -> dict:
-    return {k: v.detach().clone() for k, v in net.state_dict().items()}
-
-
-def _improves(history: list[dict], val: dict) -> bool:
-    """Whether ``val`` beats every earlier epoch on validation MRR@20 or on purchase BCE."""
-    mrr = [h["mrr@20"] for h in history if not math.isnan(h.get("mrr@20", math.nan))]
-    bce = [
-        h["purchase_bce"]
-        for h in history
-        if h["epoch"] > 0 and not math.isnan(h.get("purchase_bce", math.nan))
-    ]
-    return (not math.isnan(val["mrr@20"]) and (not mrr or val["mrr@20"] > max(mrr) + 1e-9)) or (
-        not math.isnan(val["purchase_bce"]) and (not bce or val["purchase_bce"] < min(bce) - 1e-9)
-    )
-
-
-def one_se_epoch(history: list[dict], rr: dict[int, np.ndarray], n_se: float) -> int:
-    """The earliest epoch whose validation MRR@20 is within ``n_se`` standard errors of the best one's.
-
-    The standard error is that of the mean paired difference of reciprocal ranks (``rr[epoch]``, the
-    same points in the same order), so it measures how much two epochs really differ on these points.
-    Without ``rr`` for an epoch, or with ``n_se`` 0, the best epoch itself (earliest on ties). Why: the
-    refit replays the chosen count on more data, and an epoch on the edge of overfitting (validation
-    MRR falling off a cliff one epoch later, as on the cosmetics sample from epoch 4) lands there less
-    reliably than an earlier one that validation cannot tell from it (Hastie, Tibshirani & Friedman,
-    *Elements of Statistical Learning*, §7.10: the one-standard-error rule).
-
-    >>> h = [{"epoch": 0, "mrr@20": 0.60}, {"epoch": 1, "mrr@20": 0.70}, {"epoch": 2, "mrr@20": 0.71}]
-    >>> rr = {0: np.full(100, 0.6), 1: np.r_[np.full(50, 0.55), np.full(50, 0.85)], 2: np.full(100, 0.71)}
-    >>> one_se_epoch(h, rr, 1.0), one_se_epoch(h, rr, 0.0)
-    (1, 2)
-    """
-
-    def key(h):
-        v = h.get("mrr@20", math.nan)
-        return -math.inf if math.isnan(v) else v
-
-    best = max(history, key=lambda h: (key(h), -h["epoch"]))
-    if n_se <= 0 or best["epoch"] not in rr:
-        return best["epoch"]
-    for h in sorted(history, key=lambda h: h["epoch"]):
-        e = h["epoch"]
-        if e == best["epoch"]:
-            break
-        if e not in rr or len(rr[e]) != len(rr[best["epoch"]]) or not len(rr[e]):
-            continue
-        d = rr[best["epoch"]] - rr[e]
-        se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else 0.0
-        if key(h) >= key(best) - n_se * se:
-            return e
-    return best["epoch"]
-
-
-def _select(
-    net: DemandLSTM,
-    history: list[dict],
-    states: dict[int, dict],
-    rr: dict[int, np.ndarray] | None = None,
-    n_se: float = 0.0,
-    purchase_judged: bool = True,
-) -> tuple[int, int, dict]:
-    """Load the chosen weights into ``net``; return (epochs to train, category-head epoch, its metrics).
-
-    The category head comes from the epoch :func:`one_se_epoch` picks (the best validation MRR@20
-    with ``n_se`` 0, earliest on ties), the rest from that same epoch, except when it is epoch 0 (the
-    untrained start): then the LSTM and the purchase head come from the trained epoch with the lowest
-    validation purchase BCE, unless validation cannot judge purchases (``purchase_judged`` False,
-    :func:`purchase_unjudged`): then nothing trained is kept, and the refit trains no joint epoch.
-    """
-    cat_ep = one_se_epoch(history, rr or {}, n_se)
-    trained = [h for h in history if h["epoch"] > 0]
-    if cat_ep > 0 or not trained or not purchase_judged:
-        net.load_state_dict(states[cat_ep])
-        return cat_ep, cat_ep, next(h for h in history if h["epoch"] == cat_ep)
-    buy_ep = min(
-        trained,
-        key=lambda h: (
-            h["purchase_bce"] if not math.isnan(h.get("purchase_bce", math.nan)) else math.inf,
-            h["epoch"],
-        ),
-    )["epoch"]
-    merged = dict(states[buy_ep])
-    merged.update({k: v for k, v in states[0].items() if k.startswith(CATEGORY_HEAD)})
-    net.load_state_dict(merged)
-    hb = next(h for h in history if h["epoch"] == buy_ep)
-    h0 = history[0]
-    return buy_ep, 0, {**hb, "mrr@20": h0["mrr@20"], "category_nll": h0["category_nll"], "epoch": buy_ep}
-
-
-def fit_platt(
-    logits: np.ndarray, labels: np.ndarray, max_iter: int = CALIBRATION_MAX_ITER
-) -> tuple[float, float]:
-    """Platt scaling: ``(a, b)`` minimizing the mean BCE of ``sigmoid(a * logit + b)`` against ``labels``.
-
-    Parameters
-    ----------
-    logits : float array [n]
-        Uncalibrated logits.
-    labels : array of 0/1 [n]
-    max_iter : int
-        LBFGS iteration ceiling.
-
-    Examples
-    --------
-    Logits that are twice too confident and shifted by one are undone:
-
-    >>> rng = np.random.default_rng(0)
-    >>> z = rng.normal(size=20000)
-    >>> y = (rng.random(20000) < 1 / (1 + np.exp(-z))).astype(float)
-    >>> a, b = fit_platt(2 * z + 1, y)
-    >>> round(a, 1), round(b, 1)
-    (0.5, -0.5)
-    """
-    x = torch.as_tensor(np.asarray(logits, np.float64))
-    y = torch.as_tensor(np.asarray(labels, np.float64))
-    ab = torch.tensor([1.0, 0.0], dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS(
-        [ab],
-        lr=1.0,
-        max_iter=max_iter,
-        tolerance_grad=1e-10,
-        tolerance_change=1e-12,
-        line_search_fn="strong_wolfe",
-    )
-
-    def closure():
-        opt.zero_grad()
-        loss = nn.functional.binary_cross_entropy_with_logits(ab[0] * x + ab[1], y)
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    a, b = ab.detach().tolist()
-    return float(a), float(b)
-
-
-def _mean_bce(logits: np.ndarray, labels: np.ndarray, a: float = 1.0, b: float = 0.0) -> float:
-    z = torch.as_tensor(a * np.asarray(logits, np.float64) + b)
-    return float(
-        nn.functional.binary_cross_entropy_with_logits(z, torch.as_tensor(labels, dtype=torch.float64))
-    )
-
-
-def calibration_test(bce_before: float, bce_after: float, n: int) -> tuple[float, float]:
-    """Cox's test of calibration: the likelihood-ratio statistic of the Platt fit against the identity
-    (``a = 1, b = 0``) on ``n`` points with mean BCEs ``bce_before`` / ``bce_after``, and its p-value
-    (chi-squared, 2 degrees of freedom, whose tail is exactly ``exp(-stat / 2)``).
-
-    Cox, D. R. (1958), "Two further applications of a model for binary regression", Biometrika 45.
-
-    >>> stat, p = calibration_test(0.3451, 0.3450, 3891)   # a 4-hour window, a fit of its noise
-    >>> round(stat, 2), round(p, 2)
-    (0.78, 0.68)
-    >>> calibration_test(0.2653, 0.2640, 17618)[1] < 0.05  # a real miscalibration
-    True
-    """
-    stat = max(0.0, 2.0 * n * (bce_before - bce_after))
-    return stat, math.exp(-stat / 2.0)
-
-
-def calibrate(
-    net: DemandLSTM,
-    feats: FeatureBuffer,
-    log: EventLog,
-    pts: Points,
-    device: torch.device,
-    min_positives: int = MIN_CALIBRATION_POSITIVES,
-    alpha: float = CALIBRATION_ALPHA,
-    window_s: float | None = None,
-    min_window_s: float = CALIBRATION_MIN_WINDOW_S,
-) -> dict:
-    """Fit Platt scaling on the observable purchase points of ``pts`` (validation) and store it in ``net``.
-
-    The logits are collected with full context, as :func:`validation_metrics` does, after resetting the
-    network's calibration to the identity. The fit is skipped (identity kept) when there are fewer than
-    ``min_positives`` positives, only one class, or the fitted scale is not positive (it would invert the
-    model's ranking). A fit is installed only when the points show that the model is miscalibrated, and
-    only from a window (``window_s``, the validation's time span) of at least ``min_window_s``:
-    Cox's likelihood-ratio test of ``a = 1, b = 0`` (:func:`calibration_test`) at level ``alpha``;
-    otherwise the two scalars would follow the validation window's noise (docs/MODEL.md §2). Returns
-    what was done: ``applied``, ``reason`` when not, ``a``, ``b`` (the fit, installed or not), point
-    counts, the validation BCE before and after the fit, the test's ``lr_stat`` and ``p_value``.
-    """
-    net.purchase_scale.fill_(1.0)
-    net.purchase_shift.fill_(0.0)
-    zs, ys = [], []
-    for b in _full_context_batches(net, feats, log, pts, device, purchase_only=True):
-        zs.append(b.out["purchase_logit"][b.obs].double().cpu().numpy())
-        ys.append(b.buy[b.obs].double().cpu().numpy())
-    z = np.concatenate(zs) if zs else np.zeros(0)
-    y = np.concatenate(ys) if ys else np.zeros(0)
-    n_pos = int(y.sum())
-    info: dict = {"applied": False, "a": 1.0, "b": 0.0, "n_points": int(len(y)), "n_positive": n_pos}
-    if len(y) == 0:
-        info["reason"] = "no observable validation purchase points"
-    elif n_pos == 0 or n_pos == len(y):
-        info["reason"] = "validation purchase labels have a single class"
-    elif n_pos < min_positives:
-        info["reason"] = f"only {n_pos} positive validation points (< {min_positives})"
-    else:
-        a, b = fit_platt(z, y)
-        if not a > 0:  # also catches NaN
-            info["reason"] = f"fitted scale {a:.4g} is not positive"
-        else:
-            before, after = _mean_bce(z, y), _mean_bce(z, y, a, b)
-            lr, p = calibration_test(before, after, len(y))
-            info.update(bce_before=before, bce_after=after, lr_stat=lr, p_value=p)
-            if p >= alpha:
-                info.update(fitted_a=a, fitted_b=b)
-                info["reason"] = (
-                    f"the validation points show no miscalibration (Cox's test p = {p:.3g} >= {alpha:g}; "
-                    f"Platt's fit a = {a:.3f}, b = {b:+.3f} would follow their noise)"
-                )
-            elif window_s is not None and window_s < min_window_s:
-                info.update(
-                    fitted_a=a, fitted_b=b, window_short=True, window_s=window_s, min_window_s=min_window_s
-                )
-                info["reason"] = (
-                    f"the validation window spans {window_s / 3600:.3g} h, less than {min_window_s / 3600:.3g} h "
-                    f"(Cox's test p = {p:.3g}; Platt's fit a = {a:.3f}, b = {b:+.3f} would carry the purchase "
-                    "rate of its hours to all the others)"
-                )
-            else:
-                info.update(applied=True, a=a, b=b)
-                net.purchase_scale.fill_(a)
-                net.purchase_shift.fill_(b)
-    if not info["applied"]:
-        logger.info("purchase calibration skipped: %s", info["reason"])
-    return info
-
-
-def _markov_pairs(
-    log: EventLog, cats: np.ndarray, rows: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(current, next) vocabulary-index pairs of consecutive ``rows`` of one user, the row index of each
-    pair, and every row's current category (0 = none yet). The current category of an event without
-    one is the user's last known category, as the network's history slots have it."""
-    n = len(cats)
-    user_first = np.repeat(log.user_start[:-1], np.diff(log.user_start))
-    known = rows & (cats > 0)
-    last_known = np.maximum.accumulate(np.where(known, np.arange(n), -1))
-    current = np.where(last_known >= user_first, cats[np.maximum(last_known, 0)], 0)
-    nxt = np.r_[cats[1:], 0]
-    same_user = np.r_[user_first[1:], -1] == user_first
-    ok = same_user & rows & np.r_[rows[1:], False] & (current > 0) & (nxt > 0)
-    return np.stack([current[ok], nxt[ok]], axis=1), np.flatnonzero(ok), current.astype(np.int64)
-
-
-class PairCounts(NamedTuple):
-    """Each user's transitions, keyed ``user * C + a``: how many leave ``a`` (``total``) and how many go
-    to each stored successor of ``a`` (``to_next``, aligned with the Markov table's row ``a``).
-
-    One lookup answers both questions for any array of keys; a key with no transition (``a = 0``
-    included) answers zeros.
-
-    >>> pc = PairCounts.of(np.array([0, 0, 1]), np.array([[1, 2], [1, 3], [1, 2]]), np.array([[0, 0], [2, 3]]), 2)
-    >>> [x.tolist() for x in pc.lookup(np.array([0 * 2 + 1, 1 * 2 + 1, 1 * 2 + 0]))]
-    [[[1.0, 1.0], [1.0, 0.0], [0.0, 0.0]], [2.0, 1.0, 0.0]]
-    """
-
-    keys: np.ndarray  #: int64, sorted and unique
-    total: np.ndarray  #: float32 [keys]
-    to_next: np.ndarray  #: float32 [keys, K]
-
-    @classmethod
-    def of(cls, pair_user: np.ndarray, pairs: np.ndarray, table_next: np.ndarray, c: int) -> PairCounts:
-        key = pair_user.astype(np.int64) * c + pairs[:, 0]
-        order = np.argsort(key, kind="stable")
-        key, a, b = key[order], pairs[order, 0], pairs[order, 1]
-        keys, first, total = np.unique(key, return_index=True, return_counts=True)
-        # Markov rows hold distinct successors (0 pads them and is never a pair's successor)
-        hits = (table_next[a] == b[:, None]).astype(np.float32)
-        to_next = np.add.reduceat(hits, first, axis=0) if len(key) else hits
-        return cls(keys, total.astype(np.float32), to_next)
-
-    def lookup(self, key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(to_next [..., K], total [...])`` of each key of ``key`` (any shape), float32."""
-        if not len(self.keys):
-            return np.zeros((*np.shape(key), self.to_next.shape[1]), np.float32), np.zeros(
-                np.shape(key), np.float32
-            )
-        i = np.searchsorted(self.keys, key).clip(max=len(self.keys) - 1)
-        hit = self.keys[i] == key
-        return self.to_next[i] * hit[..., None], self.total[i] * hit
-
-
-class OwnCounts(NamedTuple):
-    """Per row, the Markov transitions its own training contributed (see :meth:`DemandLSTM.markov_row`),
-    for the row's current category and for every category in its history
-    (:meth:`DemandLSTM.markov_history`), looked up per batch.
-
-    Why per batch, from per-user tables: stored per row, the current category's counts were 128 bytes
-    per event of the log and their computation held about 1.2 KB per event of temporaries (a million-
-    event log's preparation peaked 1.2 GB above its features); and looking the per-slot counts up as
-    three binary searches per (row, slot, successor) cost 50 ms of every 1,024-event training step.
-    """
-
-    current: np.ndarray  #: int64 [n]: the row's current category
-    table_next: np.ndarray  #: int64 [C, K]: the stored successors of each category
-    #: the row's user [n] (``"user"`` and ``"past"`` modes)
-    user: np.ndarray | None = None
-    #: ``"user"`` mode: every transition of the row's user is left out, whenever it happened
-    pair_counts: PairCounts | None = None
-    #: ``"past"`` mode: the counts of (user, a) and (user, a, b) pairs at or after a row
-    past: tuple[CountsFrom, CountsFrom] | None = None
-    #: ``"row"`` mode: each row's own transition, (float32 [n, K] to each stored successor, float32 [n])
-    by_row: tuple[np.ndarray, np.ndarray] | None = None
-
-    def current_counts(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Own transitions of rows ``idx`` (any shape) to each stored successor of the row's current
-        category (float32 [..., K]) and out of it in all (float32 [...])."""
-        if self.by_row is not None:
-            count, total = self.by_row
-            return count[idx], total[idx]
-        cur = self.current[idx]
-        key = self.user[idx] * int(self.table_next.shape[0]) + cur
-        if self.pair_counts is not None:
-            return self.pair_counts.lookup(key)
-        return self._past_counts(key, cur, idx)
-
-    def attach(self, f: dict, idx: np.ndarray, device: torch.device, cells: np.ndarray | None = None) -> None:
-        """Add the row's own counts to the features ``f`` of the log rows ``idx`` ([B, T] or [n]).
-
-        With ``cells`` (a bool mask of ``idx``'s shape), the per-slot counts are computed only there and
-        are zero elsewhere: only the heads read them, and a pass that runs the heads at a sample of
-        points (the cascade-scale fit) would otherwise look up every slot of every cell of the log
-        (about 2 minutes of a million-event log's preparation)."""
-        count, total = self.current_counts(idx)
-        f["markov_own_count"] = torch.from_numpy(count).to(device)
-        f["markov_own_total"] = torch.from_numpy(total).to(device)
-        hv = f["hist_vocab"].cpu().numpy()  # [..., slots]
-        if cells is None:
-            slot_total, slot_count = self._slot_counts(hv, idx)
-        else:
-            k = int(self.table_next.shape[1])
-            slot_total = np.zeros(hv.shape, np.float32)
-            slot_count = np.zeros((*hv.shape, k), np.float32)
-            slot_total[cells], slot_count[cells] = self._slot_counts(hv[cells], idx[cells])
-        f["markov_own_slot_count"] = torch.from_numpy(slot_count).to(device)
-        f["markov_own_slot_total"] = torch.from_numpy(slot_total).to(device)
-
-    def _past_counts(self, key: np.ndarray, a: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``"past"`` mode: transitions of keys ``user * C + a`` at or after rows ``idx`` (same shape)."""
-        ua, uab = self.past
-        c = int(self.table_next.shape[0])
-        total = ua.at_or_after(key, idx)
-        count = uab.at_or_after(key[..., None] * c + self.table_next[a], idx[..., None])
-        known = a > 0
-        return count * known[..., None], total * known
-
-    def _slot_counts(self, hv: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Own transitions out of each history slot's category ([..., slots]) and to each of its stored
-        successors ([..., slots, K]), for rows ``idx`` whose slots hold the vocabulary indices ``hv``."""
-        if self.by_row is not None:
-            count, total = self.by_row
-            is_current = (hv == self.current[idx][..., None]) & (hv > 0)
-            slot_total = np.where(is_current, total[idx][..., None], 0.0).astype(np.float32)
-            slot_count = np.where(is_current[..., None], count[idx][..., None, :], 0.0).astype(np.float32)
-            return slot_total, slot_count
-        key = self.user[idx][..., None] * int(self.table_next.shape[0]) + hv
-        if self.pair_counts is not None:
-            slot_count, slot_total = self.pair_counts.lookup(key)
-        else:
-            slot_count, slot_total = self._past_counts(key, hv, np.broadcast_to(idx[..., None], hv.shape))
-        return slot_total, slot_count
-
-
-class CountsFrom(NamedTuple):
-    """How often each key occurs at or after a given row: ``keys`` sorted and unique, ``comp`` the
-    sorted ``rank of the key * stride + row`` of every occurrence.
-
-    >>> cf = CountsFrom.of(np.array([7, 3, 7, 7]), np.array([0, 1, 2, 5]), n_rows=6)
-    >>> cf.at_or_after(np.array([7, 7, 7, 3, 4]), np.array([0, 2, 3, 0, 0])).tolist()
-    [3.0, 2.0, 1.0, 1.0, 0.0]
-    """
-
-    keys: np.ndarray
-    comp: np.ndarray
-    stride: int
-
-    @classmethod
-    def of(cls, keys: np.ndarray, rows: np.ndarray, n_rows: int) -> CountsFrom:
-        uniq, rank = np.unique(keys, return_inverse=True)
-        stride = n_rows + 1
-        return cls(uniq, np.sort(rank.astype(np.int64) * stride + rows), stride)
-
-    def at_or_after(self, q: np.ndarray, row: np.ndarray | int = 0) -> np.ndarray:
-        """Occurrences of each key of ``q`` at a row ``>= row`` (broadcast; 0 = all of them), float32."""
-        if not len(self.keys):
-            return np.zeros(np.shape(q), np.float32)
-        i = np.searchsorted(self.keys, q).clip(max=len(self.keys) - 1)
-        lo = np.searchsorted(self.comp, i * self.stride + row)
-        hi = np.searchsorted(self.comp, (i + 1) * self.stride)
-        return np.where(self.keys[i] == q, hi - lo, 0).astype(np.float32)
-
-
-def own_markov_counts(
-    log: EventLog,
-    pairs: np.ndarray,
-    pair_rows: np.ndarray,
-    current: np.ndarray,
-    table_next: np.ndarray,
-    mode: str,
-) -> OwnCounts | None:
-    """What each training row must not see of the Markov table: its own transition (``mode="row"``),
-    every transition of its own user (``"user"``: a user's later transitions are the future, and even
-    the earlier ones make the training feature stronger than it is for a user the table never saw), or
-    its user's transitions from this row on (``"past"``: the table then holds what it holds for a
-    returning user at test time, the user's earlier transitions). ``"none"`` (ablation only) leaves
-    the table as it is.
-
-    >>> from demandstream.model.core.events import Event
-    >>> log = EventLog.from_events([Event(f"e{i}", "u", float(i), "view", "i") for i in range(3)]).sorted_by_user_time()
-    >>> pairs, rows = np.array([[1, 2], [2, 1]]), np.array([0, 1])
-    >>> oc = own_markov_counts(log, pairs, rows, np.array([1, 2, 1]), np.array([[0, 0], [0, 2], [0, 1]]), "user")
-    >>> [a.tolist() for a in oc.current_counts(np.arange(3))]
-    [[[0.0, 1.0], [0.0, 1.0], [0.0, 1.0]], [1.0, 1.0, 1.0]]
-    >>> oc = own_markov_counts(log, pairs, rows, np.array([1, 2, 1]), np.array([[0, 0], [0, 2], [0, 1]]), "past")
-    >>> [a.tolist() for a in oc.current_counts(np.arange(3))]
-    [[[0.0, 1.0], [0.0, 1.0], [0.0, 0.0]], [1.0, 1.0, 0.0]]
-    """
-    n, k = len(current), table_next.shape[1]
-    if mode == "none":
-        return None
-    if mode == "row":
-        count = np.zeros((n, k), np.float32)
-        total = np.zeros(n, np.float32)
-        total[pair_rows] = 1.0
-        count[pair_rows] = table_next[pairs[:, 0]] == pairs[:, 1:2]
-        return OwnCounts(current, table_next, by_row=(count, total))
-    if mode not in ("user", "past"):
-        raise ValueError(f"unknown markov_leave_out {mode!r}: expected user, past, row or none")
-    c = int(table_next.shape[0])
-    user = np.repeat(np.arange(log.n_users, dtype=np.int64), np.diff(log.user_start))
-    pu = user[pair_rows]
-    if mode == "user":
-        return OwnCounts(current, table_next, user, pair_counts=PairCounts.of(pu, pairs, table_next, c))
-    ua = CountsFrom.of(pu * c + pairs[:, 0], pair_rows, n)
-    uab = CountsFrom.of((pu * c + pairs[:, 0]) * c + pairs[:, 1], pair_rows, n)
-    return OwnCounts(current, table_next, user, past=(ua, uab))
-
-
-#: Training points on which the cascade's scale is fitted (a 1-parameter fit: a sample suffices).
-SCALE_FIT_POINTS = 20_000
-#: ... and fewer when points x (C + K) columns would pass this: the fit holds a few float64 copies of
-#: that matrix, 4 GB at 3,600 categories with 20,000 points, and a shop may have 50,000 categories.
-SCALE_FIT_FLOATS = 1 << 25
-#: Up to this many logits the fit runs on the whole matrix at once; a larger one (a catalog of more than
-#: ~400 categories) is scored in chunks of :data:`SCALE_FIT_CHUNK_FLOATS`, its float64 copies made per
-#: chunk: measured on a generated shop of 5,730 categories, the whole-matrix fit (5,839 points) was the
-#: peak of training (2.74 GB), about 1.2 GB above the epochs'.
-SCALE_FIT_WHOLE_FLOATS = 1 << 23
-SCALE_FIT_CHUNK_FLOATS = 1 << 21
-
-
-@torch.no_grad()
-def _calibrate_cascade_scale(
-    net: DemandLSTM,
-    feats: FeatureBuffer,
-    log: EventLog,
-    tr: Targets,
-    device: torch.device,
-    rng: np.random.Generator,
-    own: OwnCounts | None = None,
-) -> float:
-    """Multiply the cascade's base weights by the temperature that minimises the training NLL.
-
-    The cascade weights only fix an order; their scale makes the initial distribution far too sharp
-    (NLL ~5 nats on the cosmetics sample). Left to Adam, which moves every weight by about the step
-    size whatever its gradient, the first epochs spend themselves undoing that sharpness in ways that
-    reorder the ranking. One scalar fitted by LBFGS keeps the cascade's order exactly and starts
-    gradient training from calibrated probabilities. Returns the fitted scale.
-    """
-    rows = np.flatnonzero(tr.cat >= 0)
-    if not len(rows):
-        return 1.0
-    columns = int(net.pop_logp.shape[0]) + net.cfg.history_slots
-    size = min(SCALE_FIT_POINTS, max(1, SCALE_FIT_FLOATS // columns), len(rows))
-    rows = np.sort(rng.choice(rows, size=size, replace=False))
-    sample = np.full(len(tr.cat), -1, np.int64)
-    sample[rows] = tr.cat[rows]
-    was_training = net.training
-    net.eval()
-    parts = []
-    only_sample = Targets(tr.mask, sample, tr.cat_hash, tr.purchase, np.zeros_like(tr.observable))
-    for b in _full_context_batches(net, feats, log, only_sample, device, own):
-        m = b.cat_t >= 0
-        parts.append((b.out["cat_logits"][m], b.f["hist_cats"][m], b.cat_t[m], b.hash_t[m]))
-    whole = sum(p[0].numel() for p in parts) <= SCALE_FIT_WHOLE_FLOATS
-    if whole:
-        chunks = [_scale_fit_chunk(net, *(torch.cat(x) for x in zip(*parts, strict=True)), keep_double=True)]
-    else:
-        rows_per = max(1, SCALE_FIT_CHUNK_FLOATS // columns)
-        chunks = [
-            _scale_fit_chunk(net, *(x[i : i + rows_per] for x in part), keep_double=False)
-            for part in parts
-            for i in range(0, part[0].shape[0], rows_per)
-        ]
-    del parts
-    n = sum(len(c[2]) for c in chunks)
-    # the temperature is fitted as its log: a negative scale would turn the masked columns' -1e9 into
-    # the largest logits, and the line search does try one
-    log_scale = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([log_scale], lr=1.0, max_iter=100, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        with torch.enable_grad():
-            if whole:
-                z, f, cat_t, hash_t = chunks[0]
-                loss = -net.category_log_prob({"cat_logits": log_scale.exp() * z}, f, cat_t, hash_t).mean()
-                loss.backward()
-                return loss
-            # the mean over every point, one chunk's graph at a time (the gradients add up in log_scale)
-            total = torch.zeros((), dtype=torch.float64)
-            for z, f, cat_t, hash_t in chunks:
-                zd = z.double()
-                part = (
-                    -net.category_log_prob({"cat_logits": log_scale.exp() * zd}, f, cat_t, hash_t).sum() / n
-                )
-                part.backward()
-                total += part.detach()
-            return total
-
-    opt.step(closure)
-    a = float(log_scale.detach().exp().clamp(min=1e-3))
-    net.slot_w0.mul_(a)
-    net.vocab_w0.mul_(a)
-    net.train(was_training)
-    logger.info("cascade scale fitted on %d training points: %.4f", n, a)
-    return a
-
-
-def _finite_logits(z: torch.Tensor) -> torch.Tensor:
-    """-inf marks candidates that are never scored; a large finite value keeps them at probability 0
-    without turning the scale's gradient into NaN."""
-    return torch.where(torch.isfinite(z), z, torch.full_like(z, -1e9))
-
-
-def _scale_fit_chunk(net: DemandLSTM, logits, hist_cats, cat_t, hash_t, keep_double: bool) -> tuple:
-    """The rankable points of one chunk of the cascade-scale fit: ``(logits, {"hist_cats": ...}, cat_t,
-    hash_t)``, the never-scored candidates made finite, the logits as float64 (``keep_double``) or
-    narrowed back to float32, to be widened per use: the same values either way, since they came as
-    float32 and -1e9 is one (2^9 × 1,953,125)."""
-    z = _finite_logits(logits.double())
-    f = {"hist_cats": hist_cats}
-    ok = torch.isfinite(net.category_log_prob({"cat_logits": z}, f, cat_t, hash_t))  # rankable targets only
-    kept = z[ok] if keep_double else z[ok].float()
-    return kept, {"hist_cats": hist_cats[ok]}, cat_t[ok], hash_t[ok]
 
 
 @dataclass
@@ -1174,7 +361,7 @@ def _fit(
     n_train = int(tr_mask.sum())
     cats = feats.cat
     net = DemandLSTM(mcfg).to(device)
-    pairs, pair_rows, current = _markov_pairs(log, cats, tr_mask)
+    pairs, pair_rows, current = markov_pairs(log, cats, tr_mask)
     tables = markov_tables(cats[tr_mask], pairs, len(vocab), mcfg.markov_top_k)
     obs = tr_mask & tr.observable
     tables["funnel_logit"] = funnel_table(feats.etype[obs], feats.cart[obs] > 0, tr.purchase[obs])
@@ -1182,7 +369,7 @@ def _fit(
     own = own_markov_counts(log, pairs, pair_rows, current, tables["next"], tcfg.markov_leave_out)
     if tcfg.cascade_init:
         init_like_cascade(net, mixture=start_mixture)
-        _calibrate_cascade_scale(net, feats, log, tr, device, rng, own)
+        fit_cascade_scale(net, feats, log, tr, device, rng, own)
     opt = torch.optim.AdamW(net.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     # steps per epoch are known only after dealing the lanes once; the windows do not depend on the order
     steps_per_epoch = sum(1 for _ in _lane_windows(ranges, tcfg.lanes, tcfg.bptt))
@@ -1197,12 +384,12 @@ def _fit(
     history: list[dict] = []
     states: dict[int, dict] = {}
     rr_by_epoch: dict[int, np.ndarray] = {}  # validation reciprocal ranks per epoch (one_se_epoch)
-    start = _snapshot(net)
+    start = snapshot(net)
     if va is not None and epochs > 0:
         # Epoch 0, the untrained start (the calibrated cascade when cascade_init), is a candidate for
         # the category head: training must beat it on validation MRR@20 to be kept.
         val0, rr_by_epoch[0] = _validation_with_ranks(net, feats, log, va, tcfg, device)
-        states[0] = _snapshot(net)
+        states[0] = snapshot(net)
         history.append({"epoch": 0, "train_loss": math.nan, "steps": 0, **val0})
     train_time, step, bad = 0.0, 0, 0
     ema = WeightAverage(net, tcfg.ema_decay) if tcfg.ema_decay > 0 else None
@@ -1231,12 +418,12 @@ def _fit(
             opt.zero_grad(set_to_none=True)
             columns = net.pop_logp.shape[0] + f["hist_cats"].shape[-1]
             if int((cat_t >= 0).sum()) * columns > TRAIN_BLOCK_FLOATS:
-                loss_value, (h_a, c_a) = _blocked_window_backward(
+                loss_value, (h_a, c_a) = blocked_window_backward(
                     net, f, (h[:, a], c[:, a]), cat_t, hash_t, buy, obs, share, tcfg.purchase_weight
                 )
             else:
                 out, (h_a, c_a) = net(f, (h[:, a], c[:, a]), cat_at=cat_t >= 0)
-                nll, bce, n_cat, n_buy = _loss_terms(net, out, f, cat_t, hash_t, buy, obs)
+                nll, bce, n_cat, n_buy = loss_terms(net, out, f, cat_t, hash_t, buy, obs)
                 loss = share * (nll / max(n_cat, 1) + tcfg.purchase_weight * bce / max(n_buy, 1))
                 loss.backward()
                 loss_value = float(loss.detach())
@@ -1261,7 +448,7 @@ def _fit(
         if va is not None:
             with averaged:
                 val, rr_by_epoch[epoch] = _validation_with_ranks(net, feats, log, va, tcfg, device)
-                states[epoch] = _snapshot(net)
+                states[epoch] = snapshot(net)
             entry.update(val)
             if progress:
                 tqdm.write(
@@ -1269,7 +456,7 @@ def _fit(
                     f"{val['mrr@20']:.4f}  category nll {val['category_nll']:.4f}  purchase bce "
                     f"{val['purchase_bce']:.4f}"
                 )
-            improved = _improves(history, val)
+            improved = improves(history, val)
             bad = 0 if improved else bad + 1
         elif progress:
             tqdm.write(f"{desc} epoch {epoch}: train loss {entry['train_loss']:.4f}")
@@ -1285,7 +472,9 @@ def _fit(
     if va is not None and states:
         # without the funnel base the start's purchase head is an untrained MLP, not a counter to fall back to
         judged = not (mcfg.funnel_base and unjudged)
-        best_epoch, category_epoch, best = _select(net, history, states, rr_by_epoch, tcfg.select_se, judged)
+        best_epoch, category_epoch, best = select_epoch(
+            net, history, states, rr_by_epoch, tcfg.select_se, judged
+        )
     else:
         best_epoch, category_epoch, best = len(history), len(history), None
         if category_from_start:  # the refit of a model whose category head is its start
@@ -1532,27 +721,6 @@ def _fit_purchase_head(
     for p, flag in frozen:
         p.requires_grad_(flag)
     return best_n, from_funnel, history, seconds, total
-
-
-def purchase_unjudged(va: Targets) -> str:
-    """Why the validation points cannot judge a purchase head, or "" when they can: they need observable
-    purchase windows of both outcomes. A validation window no longer than the horizon has none (every
-    window runs past its end, §2 of docs/MODEL.md, "Honest labels"); one with only negatives would
-    prefer the head that predicts lowest.
-
-    >>> t = np.array([True, True, True]); f = ~t
-    >>> purchase_unjudged(Targets(t, t, t, np.array([True, False, False]), t))
-    ''
-    >>> purchase_unjudged(Targets(t, t, t, t, f)), purchase_unjudged(Targets(t, t, t, f, t))
-    ('no observable validation purchase window', 'no validation purchase window of both outcomes (0 of 3 bought)')
-    """
-    obs = va.mask & va.observable
-    n, pos = int(obs.sum()), int((obs & va.purchase.astype(bool)).sum())
-    if n == 0:
-        return "no observable validation purchase window"
-    if pos in (0, n):
-        return f"no validation purchase window of both outcomes ({pos} of {n} bought)"
-    return ""
 
 
 @torch.no_grad()
@@ -1999,24 +1167,3 @@ def purchase_head_summary(selection: dict) -> str:
     )
     n = selection.get("purchase_epochs", 0)
     return f"{start} + {n} epoch{'s' if n != 1 else ''} alone" if n else f"{start} (won validation)"
-
-
-def calibration_summary(info: dict) -> str:
-    """One word and its figures for :func:`calibrate`'s record, as ``demandstream train`` prints it.
-
-    >>> calibration_summary({"applied": True, "a": 1.12, "b": -0.007, "p_value": 0.0004})
-    'platt(a=1.12,b=-0.007,p=0.0004)'
-    >>> calibration_summary({"applied": False, "p_value": 0.72, "reason": "..."})
-    'identity(p=0.72)'
-    >>> calibration_summary({"applied": False, "reason": "only 3 positive validation points (< 20)"})
-    'identity(only 3 positive validation points (< 20))'
-    >>> calibration_summary({"applied": False, "p_value": 3e-10, "window_short": True, "min_window_s": 86400.0})
-    'identity(p=3e-10,window<1d)'
-    """
-    if info.get("applied"):
-        return f"platt(a={info['a']:.3g},b={info['b']:.3g},p={info['p_value']:.2g})"
-    if info.get("window_short"):
-        return f"identity(p={info['p_value']:.2g},window<{info['min_window_s'] / 86400:.3g}d)"
-    if "p_value" in info:
-        return f"identity(p={info['p_value']:.2g})"
-    return f"identity({info.get('reason', 'not fitted')})"

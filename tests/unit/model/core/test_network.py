@@ -573,7 +573,7 @@ def test_markov_pairs_and_own_counts_of_a_user():
 
     from demandstream.model.core.events import Event
     from demandstream.model.data.eventlog import EventLog
-    from demandstream.model.training.train import _markov_pairs, own_markov_counts
+    from demandstream.model.training.leave_out import markov_pairs, own_markov_counts
 
     evs = [
         Event(f"e{i}", "u", 100.0 + i, "view", "i", c) for i, c in enumerate(["a", "b", None, "c", "a", "b"])
@@ -582,7 +582,7 @@ def test_markov_pairs_and_own_counts_of_a_user():
     evs.append(Event("x2", "v", 101.0, "view", "i", "b"))
     log = EventLog.from_events(evs).sorted_by_user_time()
     cats = np.array([1, 2, 0, 3, 1, 2, 1, 2])  # user u: a b - c a b; user v: a b
-    pairs, rows, current = _markov_pairs(log, cats, np.ones(8, bool))
+    pairs, rows, current = markov_pairs(log, cats, np.ones(8, bool))
     # row 1's successor has no category; row 2 carries b as its current category
     assert pairs.tolist() == [[1, 2], [2, 3], [3, 1], [1, 2], [1, 2]] and rows.tolist() == [0, 2, 3, 4, 6]
     assert current.tolist() == [1, 2, 2, 3, 1, 2, 1, 2]
@@ -608,7 +608,7 @@ def test_own_slot_counts_equal_a_count_of_the_users_transitions():
 
     from demandstream.model.core.events import Event
     from demandstream.model.data.eventlog import EventLog
-    from demandstream.model.training.train import _markov_pairs, own_markov_counts
+    from demandstream.model.training.leave_out import markov_pairs, own_markov_counts
 
     rng = np.random.default_rng(3)
     evs = [
@@ -618,7 +618,7 @@ def test_own_slot_counts_equal_a_count_of_the_users_transitions():
     ]
     log = EventLog.from_events(evs).sorted_by_user_time()
     cats = np.array([int(log.categories[c][1:]) for c in log.category])  # "c3" -> vocabulary index 3
-    pairs, rows, current = _markov_pairs(log, cats, np.ones(len(log), bool))
+    pairs, rows, current = markov_pairs(log, cats, np.ones(len(log), bool))
     table_next = np.array([[0, 0, 0]] + [[(a % 5) + 1, ((a + 1) % 5) + 1, 0] for a in range(1, 6)])
     user = np.repeat(np.arange(log.n_users), np.diff(log.user_start))
     hv = rng.integers(0, 6, (len(log), 4))  # any slot contents: the lookup does not depend on them
@@ -672,12 +672,12 @@ def test_own_counts_of_every_history_slot():
 
     from demandstream.model.core.events import Event
     from demandstream.model.data.eventlog import EventLog
-    from demandstream.model.training.train import _markov_pairs, own_markov_counts
+    from demandstream.model.training.leave_out import markov_pairs, own_markov_counts
 
     evs = [Event(f"e{i}", "u", 100.0 + i, "view", "i", c) for i, c in enumerate(["a", "b", "a", "b"])]
     log = EventLog.from_events(evs).sorted_by_user_time()
     cats = np.array([1, 2, 1, 2])
-    pairs, rows, current = _markov_pairs(log, cats, np.ones(4, bool))
+    pairs, rows, current = markov_pairs(log, cats, np.ones(4, bool))
     table_next = np.array([[0, 0], [2, 0], [1, 0]])
     hv = torch.tensor([[1, 0], [2, 1], [1, 2], [2, 1]])  # slots at each row, current first
     for mode, expect_other in (("user", True), ("row", False)):

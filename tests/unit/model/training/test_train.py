@@ -21,11 +21,11 @@ from demandstream.model.training.train import (
     _selection_split,
     _user_ranges,
     choose_history_window,
-    phase_targets,
     purchase_head_summary,
     run_training,
     train,
 )
+from demandstream.model.training.validation import phase_targets
 from tests.unit.model.data.test_split import HORIZON, T1, T2, leaky_log
 
 TINY_MODEL = ModelConfig(hidden=16, item_buckets=256, query_buckets=64, emb_item=8, emb_query=4, emb_repeat=8)
@@ -337,7 +337,8 @@ def _calibration_case():
 def test_calibration_reduces_validation_log_loss_and_lives_in_the_network():
     import torch
 
-    from demandstream.model.training.train import calibrate, validation_metrics
+    from demandstream.model.training.calibration import calibrate
+    from demandstream.model.training.validation import validation_metrics
 
     net, feats, log, pts = _calibration_case()
     assert int(pts.purchase[pts.observable].sum()) >= 20  # the case exercises a real fit
@@ -356,7 +357,7 @@ def test_calibration_reduces_validation_log_loss_and_lives_in_the_network():
 def test_calibration_is_skipped_with_too_few_positives_or_one_class():
     import torch
 
-    from demandstream.model.training.train import calibrate
+    from demandstream.model.training.calibration import calibrate
 
     net, feats, log, pts = _calibration_case()
     info = calibrate(net, feats, log, pts, torch.device("cpu"), min_positives=10**6)
@@ -377,7 +378,7 @@ def test_calibration_needs_a_validation_window_of_a_daily_cycle():
     keeps the identity on a four-hour one, and says why."""
     import torch
 
-    from demandstream.model.training.train import (
+    from demandstream.model.training.calibration import (
         CALIBRATION_MIN_WINDOW_S,
         calibrate,
         calibration_summary,
@@ -405,7 +406,8 @@ def test_calibration_keeps_the_identity_when_the_labels_follow_the_model():
     above is rejected (p far below the level) and fitted."""
     import torch
 
-    from demandstream.model.training.train import _full_context_batches, calibrate
+    from demandstream.model.training.calibration import calibrate
+    from demandstream.model.training.validation import full_context_batches
 
     net, feats, log, pts = _calibration_case()
     with torch.no_grad():
@@ -414,7 +416,7 @@ def test_calibration_keeps_the_identity_when_the_labels_follow_the_model():
     # the batches yield ``pts.purchase`` of their rows: with row numbers in its place they name them
     numbered = pts._replace(purchase=np.arange(len(pts.purchase), dtype=np.int64))
     rows, logits = [], []
-    for b in _full_context_batches(net, feats, log, numbered, torch.device("cpu"), purchase_only=True):
+    for b in full_context_batches(net, feats, log, numbered, torch.device("cpu"), purchase_only=True):
         rows.append(b.buy[b.obs].numpy())
         logits.append(b.out["purchase_logit"][b.obs].double().numpy())
     rows, z = np.concatenate(rows), np.concatenate(logits)
@@ -476,7 +478,7 @@ def test_selection_keeps_the_cascade_head_with_the_best_purchase_epoch_when_trai
     import torch
 
     from demandstream.model.core.network import DemandLSTM
-    from demandstream.model.training.train import CATEGORY_HEAD, _select
+    from demandstream.model.training.selection import CATEGORY_HEAD, select_epoch
 
     net = DemandLSTM(TINY_MODEL)
     states = {}
@@ -490,23 +492,23 @@ def test_selection_keeps_the_cascade_head_with_the_best_purchase_epoch_when_trai
         {"epoch": 1, "mrr@20": 0.69, "category_nll": 1.9, "purchase_bce": 0.40},
         {"epoch": 2, "mrr@20": 0.68, "category_nll": 1.8, "purchase_bce": 0.45},
     ]
-    epochs, cat_epoch, best = _select(net, hist, states)
+    epochs, cat_epoch, best = select_epoch(net, hist, states)
     assert (epochs, cat_epoch) == (1, 0) and best["mrr@20"] == 0.70 and best["purchase_bce"] == 0.40
     for k, v in net.state_dict().items():
         if v.is_floating_point():
             assert float(v.flatten()[0]) == (0.0 if k.startswith(CATEGORY_HEAD) else 1.0), k
     hist[2]["mrr@20"] = 0.71  # a trained epoch beats the cascade: taken whole
-    epochs, cat_epoch, _ = _select(net, hist, states)
+    epochs, cat_epoch, _ = select_epoch(net, hist, states)
     assert (epochs, cat_epoch) == (2, 2)
     assert all(float(v.flatten()[0]) == 2.0 for v in net.state_dict().values() if v.is_floating_point())
     # the one-standard-error rule: epoch 2's lead over epoch 0 (paired differences 0.05 and -0.03, standard
     # error 0.004 over 100 points) is real, so it is kept; with differences of 0.29 and -0.27 (standard
     # error 0.028) validation cannot tell epoch 0 from it, and the earliest such epoch is chosen
     rr = {0: np.full(100, 0.70), 1: np.full(100, 0.69), 2: np.r_[np.full(50, 0.75), np.full(50, 0.67)]}
-    assert _select(net, hist, states, rr, 1.0)[:2] == (2, 2)
+    assert select_epoch(net, hist, states, rr, 1.0)[:2] == (2, 2)
     rr[2] = np.r_[np.full(50, 0.99), np.full(50, 0.43)]
-    assert _select(net, hist, states, rr, 1.0)[:2] == (1, 0)  # the cascade head, epoch 1's purchase head
-    assert _select(net, hist, states, rr, 0.0)[:2] == (2, 2)  # 0 standard errors: the best epoch
+    assert select_epoch(net, hist, states, rr, 1.0)[:2] == (1, 0)  # the cascade head, epoch 1's purchase head
+    assert select_epoch(net, hist, states, rr, 0.0)[:2] == (2, 2)  # 0 standard errors: the best epoch
 
 
 def test_the_purchase_head_phase_moves_only_the_purchase_head_and_is_replayed_by_the_refit(monkeypatch):
@@ -607,15 +609,15 @@ def test_the_cascade_scale_fit_takes_fewer_points_when_the_shop_has_many_categor
     3,600 categories took 4 GB there, one of 50,000 would not fit; the budget bounds the product."""
     import re
 
-    from demandstream.model.training import train as train_mod
+    from demandstream.model.training import cascade_scale
 
     log = tiny_log(1500)
     n_columns = (
         len({c for c in log.categories}) + 1 + TINY_MODEL.history_slots
     )  # vocabulary (with "unknown") + slots
-    monkeypatch.setattr(train_mod, "SCALE_FIT_FLOATS", n_columns * 50)
+    monkeypatch.setattr(cascade_scale, "SCALE_FIT_FLOATS", n_columns * 50)
     tcfg = TrainConfig(epochs=1, lanes=16, bptt=16, threads=1, refit=False, **ANY_VALID)
-    with caplog.at_level("INFO", logger="demandstream.model.training.train"):
+    with caplog.at_level("INFO", logger="demandstream.model.training.cascade_scale"):
         res = train(log, tcfg, TINY_MODEL, progress=False)
     budget_points = n_columns * 50 // (len(res.vocab) + TINY_MODEL.history_slots)
     (fitted,) = [r.getMessage() for r in caplog.records if "cascade scale fitted" in r.getMessage()]
@@ -630,16 +632,16 @@ def test_the_cascade_scale_fit_in_chunks_finds_the_scale_of_the_whole_matrix(mon
 
     import torch
 
-    from demandstream.model.training import train as train_mod
+    from demandstream.model.training import cascade_scale
 
     log = tiny_log(1500)
     tcfg = TrainConfig(epochs=0, lanes=16, bptt=16, threads=1, refit=False, **ANY_VALID)
 
     def fitted(whole: int, chunk: int):
-        monkeypatch.setattr(train_mod, "SCALE_FIT_WHOLE_FLOATS", whole)
-        monkeypatch.setattr(train_mod, "SCALE_FIT_CHUNK_FLOATS", chunk)
+        monkeypatch.setattr(cascade_scale, "SCALE_FIT_WHOLE_FLOATS", whole)
+        monkeypatch.setattr(cascade_scale, "SCALE_FIT_CHUNK_FLOATS", chunk)
         caplog.clear()
-        with caplog.at_level("INFO", logger="demandstream.model.training.train"):
+        with caplog.at_level("INFO", logger="demandstream.model.training.cascade_scale"):
             net = train(log, tcfg, TINY_MODEL, progress=False).net  # no epoch: the scaled cascade start
         (line,) = [r.getMessage() for r in caplog.records if "cascade scale fitted" in r.getMessage()]
         return int(re.search(r"on (\d+) training points", line).group(1)), net.vocab_w0.detach().clone()
@@ -658,7 +660,7 @@ def test_the_purchase_bce_of_the_purchase_head_alone_is_validation_metrics_own()
     import torch
 
     from demandstream.model.core.encoding import encode_log
-    from demandstream.model.training.train import validation_metrics, validation_purchase_bce
+    from demandstream.model.training.validation import validation_metrics, validation_purchase_bce
 
     log = tiny_log(1500)
     res = train(
@@ -706,18 +708,18 @@ def _window_case(seed: int = 4):
 
 def test_a_window_with_its_category_head_in_blocks_gives_the_unblocked_gradients(monkeypatch):
     """A large catalog's training window runs its category head a block of cells at a time
-    (_blocked_window_backward): the loss, the final state and every parameter's gradient are those of
+    (blocked_window_backward): the loss, the final state and every parameter's gradient are those of
     the unblocked window (the same dropout draws), up to the order of float sums."""
     import torch
 
     from demandstream.model.core import network
-    from demandstream.model.training.train import _blocked_window_backward, _loss_terms
+    from demandstream.model.training.losses import blocked_window_backward, loss_terms
 
     net, f, state, cat_t, hash_t, buy, obs = _window_case()
     share, weight = 0.7, 0.5
     torch.manual_seed(11)
     out, (h1, c1) = net(f, state, cat_at=cat_t >= 0)
-    nll, bce, n_cat, n_buy = _loss_terms(net, out, f, cat_t, hash_t, buy, obs)
+    nll, bce, n_cat, n_buy = loss_terms(net, out, f, cat_t, hash_t, buy, obs)
     loss = share * (nll / max(n_cat, 1) + weight * bce / max(n_buy, 1))
     net.zero_grad(set_to_none=True)
     loss.backward()
@@ -728,7 +730,7 @@ def test_a_window_with_its_category_head_in_blocks_gives_the_unblocked_gradients
     monkeypatch.setattr(network, "HEAD_BLOCK_FLOATS", 1)
     net.zero_grad(set_to_none=True)
     torch.manual_seed(11)
-    value, (h2, c2) = _blocked_window_backward(net, f, state, cat_t, hash_t, buy, obs, share, weight)
+    value, (h2, c2) = blocked_window_backward(net, f, state, cat_t, hash_t, buy, obs, share, weight)
     got = {n: p.grad for n, p in net.named_parameters() if p.grad is not None}
     assert value == pytest.approx(float(loss.detach()), rel=1e-6)
     assert torch.equal(h1, h2) and torch.equal(c1, c2)
