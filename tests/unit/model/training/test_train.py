@@ -1,7 +1,6 @@
 """model/training/train.py: lanes, leakage-free inputs, a one-epoch run and a loadable, stable checkpoint."""
 
 import dataclasses
-import functools
 
 import numpy as np
 import pytest
@@ -25,7 +24,6 @@ from demandstream.model.training.train import (
     run_training,
     train,
 )
-from demandstream.model.training.validation import phase_targets
 from tests.unit.model.data.test_split import HORIZON, T1, T2, leaky_log
 
 TINY_MODEL = ModelConfig(hidden=16, item_buckets=256, query_buckets=64, emb_item=8, emb_query=4, emb_repeat=8)
@@ -303,137 +301,6 @@ def test_unknown_option_is_a_clear_error(tmp_path):
         run_training("nothing.jsonl", "jsonl", tmp_path / "m.pt", lanez=3)
 
 
-@functools.cache  # trained once per test session; calibrate() itself resets the net's calibration
-def _calibration_case():
-    """A tiny log, its points (train phase: enough purchase labels) and a trained but overconfident net."""
-    import torch
-
-    from demandstream.model.core.encoding import encode_log
-
-    log = tiny_log(3000, seed=5)
-    split = Split(float(np.quantile(log.ts, 0.9)), float(log.ts.max()) + 1, float(log.ts.max()) + 1)
-    # A briefly trained net (its logits rank buyers), then made overconfident: p ~ 0.95 far too often.
-    # cascade_init off: the selection then keeps a trained epoch (the untrained start has no purchase skill)
-    tcfg = TrainConfig(
-        epochs=2,
-        lanes=16,
-        bptt=16,
-        threads=1,
-        calibrate=False,
-        lr=1e-2,
-        refit=False,
-        cascade_init=False,
-        **ANY_VALID,
-    )
-    res = train(log, tcfg, TINY_MODEL, progress=False, split=split)
-    net, vocab, cfg = res.net, res.vocab, res.net.cfg
-    with torch.no_grad():
-        net.purchase[-1].bias.add_(3.0)
-    pts = phase_points(log, split, "train", category_index(log, vocab), HORIZON)
-    targets = phase_targets(pts, next_category_targets(category_hashes(log), log.user_start))
-    return net, encode_log(log, cfg, vocab), log, targets
-
-
-def test_calibration_reduces_validation_log_loss_and_lives_in_the_network():
-    import torch
-
-    from demandstream.model.training.calibration import calibrate
-    from demandstream.model.training.validation import validation_metrics
-
-    net, feats, log, pts = _calibration_case()
-    assert int(pts.purchase[pts.observable].sum()) >= 20  # the case exercises a real fit
-    before = validation_metrics(net, feats, log, pts, 1.0, torch.device("cpu"))
-    info = calibrate(net, feats, log, pts, torch.device("cpu"))
-    after_m = validation_metrics(net, feats, log, pts, 1.0, torch.device("cpu"))
-    # calibration is monotone in the logit: the category ranking (MRR) cannot move
-    assert after_m["mrr@20"] == pytest.approx(before["mrr@20"])
-    before, after = before["purchase_bce"], after_m["purchase_bce"]
-    assert info["applied"] and info["b"] < 0  # pulls the inflated propensities down
-    assert after < before - 0.1
-    assert info["bce_after"] == pytest.approx(after, abs=1e-4)
-    assert (float(net.purchase_scale), float(net.purchase_shift)) == pytest.approx((info["a"], info["b"]))
-
-
-def test_calibration_is_skipped_with_too_few_positives_or_one_class():
-    import torch
-
-    from demandstream.model.training.calibration import calibrate
-
-    net, feats, log, pts = _calibration_case()
-    info = calibrate(net, feats, log, pts, torch.device("cpu"), min_positives=10**6)
-    assert not info["applied"] and "positive" in info["reason"]
-    assert (float(net.purchase_scale), float(net.purchase_shift)) == (1.0, 0.0)
-    negatives_only = pts._replace(observable=pts.observable & (pts.purchase == 0))
-    info = calibrate(net, feats, log, negatives_only, torch.device("cpu"))
-    assert not info["applied"] and "single class" in info["reason"]
-    # a validation window no longer than the horizon has no observable purchase window at all
-    nothing = pts._replace(observable=np.zeros_like(pts.observable))
-    info = calibrate(net, feats, log, nothing, torch.device("cpu"))
-    assert not info["applied"] and info["n_points"] == 0
-    assert info["reason"] == "no observable validation purchase points"
-
-
-def test_calibration_needs_a_validation_window_of_a_daily_cycle():
-    """Purchase rates follow the hour: the same overconfident case that is fitted on a day's window
-    keeps the identity on a four-hour one, and says why."""
-    import torch
-
-    from demandstream.model.training.calibration import (
-        CALIBRATION_MIN_WINDOW_S,
-        calibrate,
-        calibration_summary,
-    )
-
-    net, feats, log, pts = _calibration_case()
-    info = calibrate(net, feats, log, pts, torch.device("cpu"), window_s=4 * 3600.0)
-    assert not info["applied"] and info["reason"].startswith(
-        "the validation window spans 4 h, less than 24 h"
-    )
-    assert calibration_summary(info).endswith(",window<1d)")  # what `demandstream train` prints
-    assert (float(net.purchase_scale), float(net.purchase_shift)) == (1.0, 0.0)
-    info = calibrate(net, feats, log, pts, torch.device("cpu"), window_s=CALIBRATION_MIN_WINDOW_S)
-    assert info["applied"]
-    info = calibrate(net, feats, log, pts, torch.device("cpu"), window_s=3600.0, min_window_s=0.0)
-    assert info["applied"]
-    with torch.no_grad():  # the case is shared (cached): leave it uncalibrated, as it was made
-        net.purchase_scale.fill_(1.0)
-        net.purchase_shift.fill_(0.0)
-
-
-def test_calibration_keeps_the_identity_when_the_labels_follow_the_model():
-    """Labels drawn from the model's own propensities: it is calibrated by construction, so Cox's test
-    must not reject it and Platt's fit (of that noise) must not be installed. The overconfident case
-    above is rejected (p far below the level) and fitted."""
-    import torch
-
-    from demandstream.model.training.calibration import calibrate
-    from demandstream.model.training.validation import full_context_batches
-
-    net, feats, log, pts = _calibration_case()
-    with torch.no_grad():
-        net.purchase_scale.fill_(1.0)
-        net.purchase_shift.fill_(0.0)
-    # the batches yield ``pts.purchase`` of their rows: with row numbers in its place they name them
-    numbered = pts._replace(purchase=np.arange(len(pts.purchase), dtype=np.int64))
-    rows, logits = [], []
-    for b in full_context_batches(net, feats, log, numbered, torch.device("cpu"), purchase_only=True):
-        rows.append(b.buy[b.obs].numpy())
-        logits.append(b.out["purchase_logit"][b.obs].double().numpy())
-    rows, z = np.concatenate(rows), np.concatenate(logits)
-    drawn = pts.purchase.copy()
-    drawn[rows] = np.random.default_rng(11).random(len(z)) < 1 / (1 + np.exp(-z))
-    assert 20 <= drawn[rows].sum() < len(rows)  # a real fit happens, and is then refused
-    info = calibrate(net, feats, log, pts._replace(purchase=drawn), torch.device("cpu"))
-    assert not info["applied"] and "no miscalibration" in info["reason"]
-    assert info["p_value"] >= 0.05 and "fitted_a" in info
-    assert (float(net.purchase_scale), float(net.purchase_shift)) == (1.0, 0.0)
-    info = calibrate(net, feats, log, pts, torch.device("cpu"))
-    with torch.no_grad():  # the case is shared (cached): leave it uncalibrated, as it was made
-        net.purchase_scale.fill_(1.0)
-        net.purchase_shift.fill_(0.0)
-    assert info["applied"] and info["p_value"] < 1e-6
-
-
 def test_training_records_calibration_and_starts_from_the_rule_cascade():
     import torch
 
@@ -470,45 +337,6 @@ def test_a_vocabulary_cap_is_reported_not_silent():
     res = train(log, tcfg, TINY_MODEL, progress=False, split=split)
     assert len(res.vocab) == 4 and res.metrics["n_categories_beyond_cap"] > 0
     assert res.metrics["n_categories_beyond_cap"] <= n_cats - 3
-
-
-def test_selection_keeps_the_cascade_head_with_the_best_purchase_epoch_when_training_does_not_beat_it():
-    """Epoch 0 (the calibrated cascade) wins validation MRR@20: its category head is combined with the LSTM
-    and purchase head of the trained epoch with the lowest purchase BCE; otherwise one epoch is taken whole."""
-    import torch
-
-    from demandstream.model.core.network import DemandLSTM
-    from demandstream.model.training.selection import CATEGORY_HEAD, select_epoch
-
-    net = DemandLSTM(TINY_MODEL)
-    states = {}
-    for ep in range(3):
-        states[ep] = {
-            k: torch.full_like(v, float(ep)) if v.is_floating_point() else v.clone()
-            for k, v in net.state_dict().items()
-        }
-    hist = [
-        {"epoch": 0, "mrr@20": 0.70, "category_nll": 2.0, "purchase_bce": 0.9},
-        {"epoch": 1, "mrr@20": 0.69, "category_nll": 1.9, "purchase_bce": 0.40},
-        {"epoch": 2, "mrr@20": 0.68, "category_nll": 1.8, "purchase_bce": 0.45},
-    ]
-    epochs, cat_epoch, best = select_epoch(net, hist, states)
-    assert (epochs, cat_epoch) == (1, 0) and best["mrr@20"] == 0.70 and best["purchase_bce"] == 0.40
-    for k, v in net.state_dict().items():
-        if v.is_floating_point():
-            assert float(v.flatten()[0]) == (0.0 if k.startswith(CATEGORY_HEAD) else 1.0), k
-    hist[2]["mrr@20"] = 0.71  # a trained epoch beats the cascade: taken whole
-    epochs, cat_epoch, _ = select_epoch(net, hist, states)
-    assert (epochs, cat_epoch) == (2, 2)
-    assert all(float(v.flatten()[0]) == 2.0 for v in net.state_dict().values() if v.is_floating_point())
-    # the one-standard-error rule: epoch 2's lead over epoch 0 (paired differences 0.05 and -0.03, standard
-    # error 0.004 over 100 points) is real, so it is kept; with differences of 0.29 and -0.27 (standard
-    # error 0.028) validation cannot tell epoch 0 from it, and the earliest such epoch is chosen
-    rr = {0: np.full(100, 0.70), 1: np.full(100, 0.69), 2: np.r_[np.full(50, 0.75), np.full(50, 0.67)]}
-    assert select_epoch(net, hist, states, rr, 1.0)[:2] == (2, 2)
-    rr[2] = np.r_[np.full(50, 0.99), np.full(50, 0.43)]
-    assert select_epoch(net, hist, states, rr, 1.0)[:2] == (1, 0)  # the cascade head, epoch 1's purchase head
-    assert select_epoch(net, hist, states, rr, 0.0)[:2] == (2, 2)  # 0 standard errors: the best epoch
 
 
 def test_the_purchase_head_phase_moves_only_the_purchase_head_and_is_replayed_by_the_refit(monkeypatch):
@@ -602,141 +430,6 @@ def test_progress_in_a_log_file_is_lines_not_bars(tmp_path, capsys, monkeypatch)
     run_training(str(data), "jsonl", tmp_path / "m.pt", **TINY_RUN)  # progress=False: silent
     out, err = capsys.readouterr()
     assert "events/s" not in out + err
-
-
-def test_the_cascade_scale_fit_takes_fewer_points_when_the_shop_has_many_categories(monkeypatch, caplog):
-    """The fit holds points x (C + K) float64 logits several times over: with 20,000 points a shop of
-    3,600 categories took 4 GB there, one of 50,000 would not fit; the budget bounds the product."""
-    import re
-
-    from demandstream.model.training import cascade_scale
-
-    log = tiny_log(1500)
-    n_columns = (
-        len({c for c in log.categories}) + 1 + TINY_MODEL.history_slots
-    )  # vocabulary (with "unknown") + slots
-    monkeypatch.setattr(cascade_scale, "SCALE_FIT_FLOATS", n_columns * 50)
-    tcfg = TrainConfig(epochs=1, lanes=16, bptt=16, threads=1, refit=False, **ANY_VALID)
-    with caplog.at_level("INFO", logger="demandstream.model.training.cascade_scale"):
-        res = train(log, tcfg, TINY_MODEL, progress=False)
-    budget_points = n_columns * 50 // (len(res.vocab) + TINY_MODEL.history_slots)
-    (fitted,) = [r.getMessage() for r in caplog.records if "cascade scale fitted" in r.getMessage()]
-    n_points = int(re.search(r"on (\d+) training points", fitted).group(1))
-    assert 0 < n_points <= budget_points < res.metrics["n_train_events"] // 2  # the budget did bite
-
-
-def test_the_cascade_scale_fit_in_chunks_finds_the_scale_of_the_whole_matrix(monkeypatch, caplog):
-    """A large catalog's fit scores its points in chunks so that no float64 copy of the whole matrix is
-    made (it was the peak of training at 5,730 categories); the scale must not depend on the chunking."""
-    import re
-
-    import torch
-
-    from demandstream.model.training import cascade_scale
-
-    log = tiny_log(1500)
-    tcfg = TrainConfig(epochs=0, lanes=16, bptt=16, threads=1, refit=False, **ANY_VALID)
-
-    def fitted(whole: int, chunk: int):
-        monkeypatch.setattr(cascade_scale, "SCALE_FIT_WHOLE_FLOATS", whole)
-        monkeypatch.setattr(cascade_scale, "SCALE_FIT_CHUNK_FLOATS", chunk)
-        caplog.clear()
-        with caplog.at_level("INFO", logger="demandstream.model.training.cascade_scale"):
-            net = train(log, tcfg, TINY_MODEL, progress=False).net  # no epoch: the scaled cascade start
-        (line,) = [r.getMessage() for r in caplog.records if "cascade scale fitted" in r.getMessage()]
-        return int(re.search(r"on (\d+) training points", line).group(1)), net.vocab_w0.detach().clone()
-
-    n_whole, w_whole = fitted(1 << 30, 1 << 21)
-    columns = len({c for c in log.categories}) + 1 + TINY_MODEL.history_slots
-    for rows_per_chunk in (1, 7, 100):  # one point a chunk, chunks that cut a batch, one per batch
-        n, w = fitted(0, columns * rows_per_chunk)
-        assert n == n_whole > 100
-        assert torch.allclose(w, w_whole, rtol=1e-9, atol=0)
-
-
-def test_the_purchase_bce_of_the_purchase_head_alone_is_validation_metrics_own():
-    """The purchase-head phase compares validation BCE after every epoch without the category head;
-    the comparison must be the one validation_metrics made (same batches, same sums)."""
-    import torch
-
-    from demandstream.model.core.encoding import encode_log
-    from demandstream.model.training.validation import validation_metrics, validation_purchase_bce
-
-    log = tiny_log(1500)
-    res = train(
-        log, TrainConfig(epochs=1, lanes=16, bptt=16, threads=1, refit=False), TINY_MODEL, progress=False
-    )
-    split = Split(float(np.quantile(log.ts, 0.8)), float(np.quantile(log.ts, 0.9)), float(log.ts.max()))
-    cats = category_index(log, res.vocab)
-    pts = phase_points(log, split, "valid", cats, HORIZON)
-    va = phase_targets(pts, next_category_targets(category_hashes(log), log.user_start))
-    feats = encode_log(log, res.net.cfg, res.vocab)
-    full = validation_metrics(res.net, feats, log, va, 1.0, torch.device("cpu"))
-    assert full["n_purchase_points"] > 0
-    assert validation_purchase_bce(res.net, feats, log, va, torch.device("cpu")) == full["purchase_bce"]
-
-
-def _window_case(seed: int = 4):
-    """A training window of a tiny live network: features [lanes, T], targets (some outside the
-    vocabulary but in the history, some not rankable), purchase labels, a random start state."""
-    import torch
-
-    from demandstream.model.core.encoding import encode_log, padded_user_batches
-    from demandstream.model.core.network import DemandLSTM
-    from tests.unit.model.core.test_network import live_net, random_events
-
-    rng = np.random.default_rng(seed)
-    events = random_events(rng, n_users=8, max_len=20, n_cats=14)
-    vocab = Vocabulary.build([e.category for e in events], max_size=7)
-    cfg = dataclasses.replace(TINY_MODEL, n_categories=len(vocab), markov_top_k=3)
-    net: DemandLSTM = live_net(cfg, vocab, events, seed).train()
-    log = EventLog.from_events(events).sorted_by_user_time()
-    (idx, real), *_ = padded_user_batches(log.user_start, np.ones(len(log), bool), 1 << 16)
-    f = encode_log(log, cfg, vocab).tensors(idx)
-    cat_t = torch.from_numpy(
-        np.where(real & (rng.random(idx.shape) < 0.8), rng.integers(0, len(vocab), idx.shape), -1)
-    )
-    hist = f["hist_cats"]
-    hash_t = torch.where(torch.from_numpy(rng.random(idx.shape) < 0.5), hist[..., 0], hist[..., 1])
-    lost = torch.from_numpy(rng.random(idx.shape) < 0.2) & (cat_t >= 0)  # outside vocabulary and history
-    cat_t, hash_t = torch.where(lost, 0, cat_t), torch.where(lost, 987_654_321, hash_t)
-    buy = torch.from_numpy(rng.random(idx.shape) < 0.3)
-    obs = torch.from_numpy(real & (rng.random(idx.shape) < 0.7))
-    state = tuple(0.1 * torch.randn(cfg.layers, idx.shape[0], cfg.hidden) for _ in range(2))
-    return net, f, state, cat_t, hash_t, buy, obs
-
-
-def test_a_window_with_its_category_head_in_blocks_gives_the_unblocked_gradients(monkeypatch):
-    """A large catalog's training window runs its category head a block of cells at a time
-    (blocked_window_backward): the loss, the final state and every parameter's gradient are those of
-    the unblocked window (the same dropout draws), up to the order of float sums."""
-    import torch
-
-    from demandstream.model.core import network
-    from demandstream.model.training.losses import blocked_window_backward, loss_terms
-
-    net, f, state, cat_t, hash_t, buy, obs = _window_case()
-    share, weight = 0.7, 0.5
-    torch.manual_seed(11)
-    out, (h1, c1) = net(f, state, cat_at=cat_t >= 0)
-    nll, bce, n_cat, n_buy = loss_terms(net, out, f, cat_t, hash_t, buy, obs)
-    loss = share * (nll / max(n_cat, 1) + weight * bce / max(n_buy, 1))
-    net.zero_grad(set_to_none=True)
-    loss.backward()
-    expected = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
-    assert n_cat > 3 and n_buy > 0 and int((cat_t >= 0).sum()) > n_cat  # some targets are not rankable
-
-    monkeypatch.setattr(network, "HEAD_BLOCK_MIN_ROWS", 3)
-    monkeypatch.setattr(network, "HEAD_BLOCK_FLOATS", 1)
-    net.zero_grad(set_to_none=True)
-    torch.manual_seed(11)
-    value, (h2, c2) = blocked_window_backward(net, f, state, cat_t, hash_t, buy, obs, share, weight)
-    got = {n: p.grad for n, p in net.named_parameters() if p.grad is not None}
-    assert value == pytest.approx(float(loss.detach()), rel=1e-6)
-    assert torch.equal(h1, h2) and torch.equal(c1, c2)
-    assert set(got) == set(expected)
-    for name, g in expected.items():
-        assert torch.allclose(got[name], g, rtol=1e-4, atol=1e-7), name
 
 
 def test_training_with_blocked_windows_follows_the_unblocked_run(monkeypatch):
