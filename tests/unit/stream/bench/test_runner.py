@@ -25,11 +25,13 @@ from demandstream.stream.bench.runner import (
     BenchPlan,
     Parts,
     exactly_once_cost,
+    exactly_once_line,
     memory,
     per_users_mib,
     render_markdown,
     run_bench,
     scaling,
+    summary,
     throughput,
 )
 from demandstream.stream.settings import Settings
@@ -648,7 +650,34 @@ def test_scaling_pairs_each_drain_with_its_own_round():
     assert s["processes_speedup"]["runs"] == pytest.approx([1.9, 1.8])
     # medians: eo 10.5, at-least-once 15
     assert s["exactly_once_cost"] == pytest.approx(0.3)
+    # round by round: only round 1 has both drains (1 - 9 / 10); round 2's pipeline failed
+    assert s["exactly_once_cost_pairs"]["runs"] == pytest.approx([0.1])
     assert exactly_once_cost(11_000.0, 10_000.0) == pytest.approx(-0.1)  # faster: a negative cost
+
+
+def test_exactly_once_cost_round_by_round_is_reported_beside_the_medians_and_says_when_they_disagree():
+    """A slow at-least-once round pulls the medians' pairing apart (the 16:19 run: 16.5 % by the medians,
+    9.1 % by the rounds); the Markdown gives both readings and says when their verdicts differ."""
+    rounds = [
+        {"round": i, "perf_anchors": 50.0, "fastest_copy": 100.0, "pipeline": alo}
+        for i, alo in ((1, 18_693.0), (2, 18_623.0), (3, 14_861.0))
+    ]
+    eo = [{"round": i, "events_per_s": v} for i, v in ((1, 15_548.0), (2, 16_936.0), (3, 15_235.0))]
+    s = scaling(rounds, [], eo)
+    assert s["exactly_once_cost"] == pytest.approx(1 - 15_548.0 / 18_623.0)
+    assert s["exactly_once_cost_pairs"]["median"] == pytest.approx(1 - 16_936.0 / 18_623.0)
+    assert s["exactly_once_cost_pairs"]["min"] < 0  # round 3's exactly-once drain was the faster one
+    r = {
+        "exactly_once_cost": s["exactly_once_cost"],
+        "exactly_once_events_per_s": s["exactly_once_events_per_s"],
+        "pipeline_events_per_s": {"median": 18_623.0},
+        "detail": {"exactly_once_cost_pairs": s["exactly_once_cost_pairs"]},
+    }
+    line = exactly_once_line(r)
+    assert "medians, 1 process; target ≤ 10 %: missed)." in line
+    assert "16.8 · 9.1 · -2.5 %, median 9.1 %, target met: the two readings disagree" in line
+    r["detail"]["exactly_once_cost_pairs"] = summary([0.2, 0.17, 0.15])
+    assert "target missed, as by the medians." in exactly_once_line(r)
 
 
 def test_scaling_without_drains_or_rounds_is_none():
