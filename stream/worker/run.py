@@ -8,9 +8,11 @@ import logging
 from pathlib import Path
 
 import torch
+from faust.exceptions import ConsistencyError
 
 from demandstream.model.core.checkpoint import load
 from demandstream.model.core.scoring import Scorer, resolve_device
+from demandstream.model.errors import UserError
 from demandstream.stream.admin import ensure_topics
 from demandstream.stream.settings import Settings, SettingsError
 from demandstream.stream.worker.agents import attach
@@ -80,12 +82,42 @@ def build_worker(settings: Settings) -> Components:
     return c
 
 
+class StaleLocalState(UserError, RuntimeError):
+    """The worker's local state is ahead of its changelog topic: the topics were deleted or recreated
+    (another broker, ``kafka.sh up --fresh``) while the data directory was kept."""
+
+
+def stale_state_error(data_dir: str, reason: ConsistencyError) -> StaleLocalState:
+    """The one line a worker ends with when Faust's recovery finds the local state ahead of the
+    changelog (Faust raises it rather than serve states the changelog cannot vouch for).
+
+    >>> e = stale_state_error("var/data", ConsistencyError("The persisted offset is higher\\nthan (12 > -1).\\n\\nMost likely ..."))
+    >>> str(e).startswith("the local state in var/data is ahead of its changelog topic (The persisted offset is higher than (12 > -1).)")
+    True
+    """
+    faust_says = " ".join(str(reason).split("\n\n")[0].split())
+    return StaleLocalState(
+        f"the local state in {data_dir} is ahead of its changelog topic ({faust_says}): the topics were "
+        "deleted or recreated since this data directory was written (another broker, or `kafka.sh up "
+        f"--fresh`). The changelog is the states' source of truth: delete {data_dir} to start from it, or "
+        "point the worker back at the broker that holds its topics"
+    )
+
+
 def run_worker(settings: Settings) -> int:
     torch.set_num_threads(WORKER_TORCH_THREADS)
     c = build_worker(settings)
     ensure_topics(settings)
     tune_gc()
-    faust_worker(c.app, settings.log_level).execute_from_commandline()
+    worker = faust_worker(c.app, settings.log_level)
+    try:
+        worker.execute_from_commandline()
+    except SystemExit:
+        # mode ends every run with SystemExit; after a crash, its reason tells a user's mistake from a bug
+        reason = worker.crash_reason or c.app.crash_reason
+        if isinstance(reason, ConsistencyError):
+            raise stale_state_error(settings.data_dir, reason) from None
+        raise
     return 0
 
 
