@@ -5,7 +5,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from kafka import KafkaConsumer, TopicPartition
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+from demandstream.model.core.events import Event, event_to_json
 
 
 def read_topic(
@@ -80,3 +82,12 @@ def commit_offsets(bootstrap: str, group: str, topic: str, offsets: dict[int, in
         c.commit(tps)
     finally:
         c.close()
+
+
+def send_events(bootstrap_servers, topic: str, events: list[Event]) -> None:
+    """Produce ``events`` to ``topic`` keyed by user, as a shop does, and wait until all are sent."""
+    p = KafkaProducer(bootstrap_servers=bootstrap_servers)
+    for e in events:
+        p.send(topic, key=e.user_id.encode(), value=event_to_json(e))
+    p.flush(30)
+    p.close()

@@ -11,12 +11,11 @@ from __future__ import annotations
 import time
 
 import pytest
-from kafka import KafkaProducer
 from kafka.admin import KafkaAdminClient
 
-from demandstream.model.core.events import Event, event_to_json
+from demandstream.model.core.events import Event
 from demandstream.stream.settings import Settings
-from tests.helpers import read_topic
+from tests.helpers import read_topic, send_events
 from tests.integration.faults import changelog_topic
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow, pytest.mark.timeout(300)]
@@ -26,14 +25,6 @@ GONE_TIMEOUT_S = 60
 EXIT_TIMEOUT_S = 120
 USERS = [f"u{i}" for i in range(32)]  # enough for every partition
 EVENTS_PER_USER = 4
-
-
-def _send(settings: Settings, events: list[Event]) -> None:
-    p = KafkaProducer(bootstrap_servers=settings.bootstrap_servers)
-    for e in events:
-        p.send(settings.topic_input, key=e.user_id.encode(), value=event_to_json(e))
-    p.flush(30)
-    p.close()
 
 
 def _delete_topic(bootstrap: str, topic: str) -> None:
@@ -59,7 +50,7 @@ def test_a_worker_whose_changelog_was_deleted_refuses_its_local_state_in_one_lin
         for i in range(EVENTS_PER_USER)
         for u in USERS
     ]
-    _send(settings, events)
+    send_events(settings.bootstrap_servers, settings.topic_input, events)
     signals = read_topic(kafka_bootstrap, settings.topic_signals, until=lambda r: len(r) >= len(events))
     assert len(signals) >= len(events)
     first.stop(timeout=30)  # graceful: the local store keeps its states and their changelog offsets

@@ -12,10 +12,10 @@ import time
 import orjson
 import pytest
 
-from demandstream.model.core.events import Event, event_to_json
+from demandstream.model.core.events import Event
 from demandstream.stream.engine.records import state_key
 from demandstream.stream.settings import Settings
-from tests.helpers import latest_by_key, read_topic
+from tests.helpers import latest_by_key, read_topic, send_events
 from tests.integration.faults import changelog_topic
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow, pytest.mark.timeout(300)]
@@ -24,16 +24,6 @@ TTL_S = 600.0
 T0 = 1.75e9
 OLD_USERS = [f"old{i}" for i in range(24)]
 NEW_USERS = [f"new{i}" for i in range(48)]  # enough to land in every partition
-
-
-def _send(settings: Settings, events: list[Event]) -> None:
-    from kafka import KafkaProducer
-
-    p = KafkaProducer(bootstrap_servers=settings.bootstrap_servers)
-    for e in events:
-        p.send(settings.topic_input, key=e.user_id.encode(), value=event_to_json(e))
-    p.flush(30)
-    p.close()
 
 
 def _events(users: list[str], t: float, tag: str, n: int = 2) -> list[Event]:
@@ -51,7 +41,7 @@ def test_idle_users_expire_by_event_time_and_come_back_fresh(
 
     # Phase 1: old users, at T0. Their event time is years before the wall clock: expiry by the wall
     # clock would wipe them as they arrive.
-    _send(settings, _events(OLD_USERS, T0, "a"))
+    send_events(settings.bootstrap_servers, settings.topic_input, _events(OLD_USERS, T0, "a"))
     # Exactly-once: a state reaches the local store (and the HTTP view) when its transaction commits,
     # so wait for the committed signals; uncommitted ones can be seen a whole commit interval earlier.
     read_topic(
@@ -66,7 +56,7 @@ def test_idle_users_expire_by_event_time_and_come_back_fresh(
         assert w.get(f"/users/{u}/demand")[0] == 200, u
 
     # Phase 2: new users, past the TTL in event time; their batches expire the old users.
-    _send(settings, _events(NEW_USERS, T0 + 2 * TTL_S, "b"))
+    send_events(settings.bootstrap_servers, settings.topic_input, _events(NEW_USERS, T0 + 2 * TTL_S, "b"))
     n_signals = 2 * (len(OLD_USERS) + len(NEW_USERS))
     read_topic(kafka_bootstrap, settings.topic_signals, until=lambda r: len(r) >= n_signals, timeout=120)
     changelog = changelog_topic(settings)
@@ -85,7 +75,11 @@ def test_idle_users_expire_by_event_time_and_come_back_fresh(
 
     # Phase 3: an old user comes back and starts from a fresh state.
     back = OLD_USERS[0]
-    _send(settings, [Event(f"c-{back}", back, T0 + 2 * TTL_S + 60, "view", "i9", "bags", 5.0)])
+    send_events(
+        settings.bootstrap_servers,
+        settings.topic_input,
+        [Event(f"c-{back}", back, T0 + 2 * TTL_S + 60, "view", "i9", "bags", 5.0)],
+    )
     sig = read_topic(
         kafka_bootstrap,
         settings.topic_signals,
