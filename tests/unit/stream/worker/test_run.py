@@ -59,3 +59,44 @@ def test_tune_gc_freezes_start_up_objects_and_raises_the_thresholds():
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+@pytest.mark.parametrize("crash", ["stale", "bug", None])
+def test_only_a_stale_local_state_becomes_a_user_error(crash, monkeypatch):
+    """Faust's ConsistencyError (local state ahead of the changelog) is the user's to fix: one line,
+    exit 2 (the real case: tests/integration/test_faults_stale_state.py). Any other crash is a bug and
+    keeps mode's exit status, as does a clean stop."""
+    import types
+
+    from faust.exceptions import ConsistencyError
+
+    from demandstream.stream.settings import Settings
+    from demandstream.stream.worker import run
+
+    reason = {"stale": ConsistencyError("persisted 12 > highwater -1"), "bug": KeyError("x"), None: None}[
+        crash
+    ]
+
+    class Worker:
+        crash_reason = reason
+
+        def execute_from_commandline(self):
+            raise SystemExit(1 if reason else 0)
+
+    monkeypatch.setattr(
+        run, "build_worker", lambda s: types.SimpleNamespace(app=types.SimpleNamespace(crash_reason=None))
+    )
+    monkeypatch.setattr(run, "ensure_topics", lambda s: None)
+    monkeypatch.setattr(run, "tune_gc", lambda: None)
+    monkeypatch.setattr(run.torch, "set_num_threads", lambda n: None)  # the test process keeps its threads
+    monkeypatch.setattr(run, "faust_worker", lambda app, level: Worker())
+    settings = Settings(data_dir="/srv/ds")
+    if crash == "stale":
+        with pytest.raises(
+            UserError, match=r"the local state in /srv/ds is ahead of its changelog topic \(persisted 12"
+        ):
+            run.run_worker(settings)
+    else:
+        with pytest.raises(SystemExit) as exit_:
+            run.run_worker(settings)
+        assert exit_.value.code == (1 if crash else 0)
