@@ -14,14 +14,9 @@ import math
 import pytest
 
 from demandstream.stream.bench.kafka import PASSTHROUGH_METHODS
-from demandstream.stream.bench.runner import (
-    BEGIN_MARK,
-    BENCH_KEYS,
-    END_MARK,
-    SCALING_KEYS,
-    BenchPlan,
-    run_bench,
-)
+from demandstream.stream.bench.plan import BenchPlan
+from demandstream.stream.bench.report import BEGIN_MARK, END_MARK
+from demandstream.stream.bench.runner import BENCH_KEYS, SCALING_KEYS, run_bench
 from demandstream.stream.settings import Settings
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
