@@ -62,4 +62,9 @@ QUICK = BenchPlan(
 
 
 def latency_key(level: float) -> str:
+    """The key of a load level in the report's ``latency_ms`` and in part names.
+
+    >>> latency_key(0.25)
+    '25%'
+    """
     return f"{round(level * 100)}%"
