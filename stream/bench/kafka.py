@@ -969,6 +969,22 @@ def achieved_load(target: float, produced: int, seconds: float, sent: int | None
     return out
 
 
+def latency_summary(lat_ms: np.ndarray) -> dict[str, float]:
+    """p50, p95, p99 and max of a level's latencies (ms), and how many there are.
+
+    >>> latency_summary(np.arange(1.0, 101.0))
+    {'p50': 50.5, 'p95': 95.05, 'p99': 99.01, 'max': 100.0, 'n': 100}
+    """
+    p50, p95, p99 = np.percentile(lat_ms, [50, 95, 99])
+    return {
+        "p50": float(p50),
+        "p95": float(p95),
+        "p99": float(p99),
+        "max": float(lat_ms.max()),
+        "n": int(lat_ms.size),
+    }
+
+
 def latency_ms(
     worker: BenchWorker, templates: Sequence[dict], rate: float, duration: float, tag: str
 ) -> dict[str, float]:
@@ -1003,16 +1019,11 @@ def latency_ms(
         orjson.loads(v) for v in asyncio.run(_read_range(worker.bootstrap, worker.signals_topic, start, end))
     ]
     lat = np.array([(s["emitted_at"] - s["ts"]) * 1000.0 for s in signals])
-    p50, p95, p99 = np.percentile(lat, [50, 95, 99])
     appended = asyncio.run(_append_times(worker.bootstrap, worker.input_topic, in_start, in_end))
     return {
-        "p50": float(p50),
-        "p95": float(p95),
-        "p99": float(p99),
+        **latency_summary(lat),
         "rate_events_per_s": rate,
         **achieved_load(rate, produced, seconds, sent),
-        "n": int(lat.size),
-        "max": float(lat.max()),
         **latency_breakdown(signals, appended, seconds),
         "phases": None if before is None or after is None else batch_phases(before, after),
         "cpu_cores": cpu_cores,
@@ -1051,16 +1062,11 @@ def visible_latency_ms(
         raise RuntimeError(f"no signal visible to a read_committed consumer within {VISIBLE_TAIL_S:.0f} s")
     signals = [(arrived, orjson.loads(value)) for arrived, value in seen]
     lat = np.array([(arrived - s["ts"]) * 1000.0 for arrived, s in signals])
-    p50, p95, p99 = np.percentile(lat, [50, 95, 99])
     unique = len({s["event_id"] for _, s in signals})
     return {
-        "p50": float(p50),
-        "p95": float(p95),
-        "p99": float(p99),
-        "max": float(lat.max()),
+        **latency_summary(lat),
         "rate_events_per_s": rate,
         **achieved_load(rate, produced, seconds, sent),
-        "n": int(lat.size),
         "unique": unique,
         "missing": max(0, sent - unique),
         "isolation_level": "read_committed",
