@@ -113,10 +113,10 @@ def run_worker(settings: Settings) -> int:
     try:
         worker.execute_from_commandline()
     except SystemExit:
-        # mode ends every run with SystemExit; after a crash, its reason tells a user's mistake from a bug
-        reason = worker.crash_reason or c.app.crash_reason
-        if isinstance(reason, ConsistencyError):
-            raise stale_state_error(settings.data_dir, reason) from None
+        # mode ends every run with SystemExit; after a crash (mode hands a service's crash to the root
+        # service, this worker), its reason tells a user's mistake from a bug
+        if isinstance(worker.crash_reason, ConsistencyError):
+            raise stale_state_error(settings.data_dir, worker.crash_reason) from None
         raise
     return 0
 
