@@ -7,8 +7,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from demandstream.stream.bench import kafka as bk
+from demandstream.stream.bench import latency as bl
 from demandstream.stream.bench import model as bm
+from demandstream.stream.bench import passthrough as bc
+from demandstream.stream.bench import topics as bt
 from demandstream.stream.bench.plan import (
     LOAD_LEVELS,
     MEMORY_PER_USERS,
@@ -117,7 +119,7 @@ def render_markdown(r: dict) -> str:
     if "events_per_round" in d:
         lines.append(
             f"- data: {d['events_per_round']:,} generated events (demandstream.model.data.synth, "
-            f"{bm.BENCH_USERS:,} users), {d.get('partitions', bk.DEFAULT_PARTITIONS)} partitions; worker device {d['worker_device']}, "
+            f"{bm.BENCH_USERS:,} users), {d.get('partitions', bt.DEFAULT_PARTITIONS)} partitions; worker device {d['worker_device']}, "
             f"inference {d.get('worker_inference', 'eager')}"
         )
     lines += _failed_lines(r)
@@ -143,7 +145,7 @@ def _failed_lines(r: dict) -> list[str]:
 def _throughput_lines(r: dict, d: dict) -> list[str]:
     lines = ["", "### Throughput (median, runs in brackets)", "", "| measure | events/s |", "|---|---|"]
     methods = (d.get("passthrough") or {}).get("methods") or {}
-    for name, spec in bk.PASSTHROUGH_METHODS.items():
+    for name, spec in bc.PASSTHROUGH_METHODS.items():
         x = methods.get(name, spec)
         value = _mmm(x["events_per_s"]) if x.get("events_per_s") else _why(r, "round")
         lines.append(
@@ -257,7 +259,7 @@ def achieved_cell(x: dict) -> str:
     share = x.get("achieved_share")
     if share is None:
         return _n(x["achieved_events_per_s"])
-    flag = f"; below {100 * bk.ACHIEVED_MIN_SHARE:.0f} %" if share < bk.ACHIEVED_MIN_SHARE else ""
+    flag = f"; below {100 * bl.ACHIEVED_MIN_SHARE:.0f} %" if share < bl.ACHIEVED_MIN_SHARE else ""
     return f"{_n(x['achieved_events_per_s'])} ({100 * share:.0f} % of target{flag})"
 
 
@@ -278,7 +280,7 @@ def _latency_lines(r: dict) -> list[str]:
     if short:
         lines += [
             "",
-            f"The load generator fell below {100 * bk.ACHIEVED_MIN_SHARE:.0f} % of its target at "
+            f"The load generator fell below {100 * bl.ACHIEVED_MIN_SHARE:.0f} % of its target at "
             f"{', '.join(short)}: those rows measure a lighter load than they name.",
         ]
     plot = r.get("latency_plot")
@@ -343,7 +345,7 @@ def _visible_lines(r: dict) -> list[str]:
 
 
 def _latency_legs_lines(latency: dict) -> list[str]:
-    """Where the latency went at each measured level (:func:`bk.latency_breakdown`); nothing when no
+    """Where the latency went at each measured level (:func:`bl.latency_breakdown`); nothing when no
     level has the broker's append times."""
     legs = {level: x for level, x in latency.items() if x and "worker_p50" in x}
     if not legs:
@@ -373,7 +375,7 @@ def _latency_legs_lines(latency: dict) -> list[str]:
 
 
 def cpu_cell(cpu: dict | None) -> str:
-    """A latency level's CPU (:class:`bk.CpuUse`) as one table cell.
+    """A latency level's CPU (:class:`bh.CpuUse`) as one table cell.
 
     >>> cpu_cell({"worker": 0.834, "generator": 0.14, "machine": 1.62, "of": 2.0})
     '0.83 / 0.14 / 1.62 (of 2)'

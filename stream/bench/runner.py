@@ -4,7 +4,9 @@ run, on one broker.
 The order matters on a 2-core machine: the Kafka measurements run first, on the bench's own broker,
 with passthrough and pipeline rounds alternating so that both see the same load drift and the ratio is
 taken pair by pair; the broker is then stopped and the in-process model measurements run on a quiet
-machine. The measurements themselves live in :mod:`demandstream.stream.bench.kafka` and :mod:`demandstream.stream.bench.model`,
+machine. The measurements themselves live in their modules (:mod:`~demandstream.stream.bench.passthrough`,
+:mod:`~demandstream.stream.bench.worker`: drain and restore, :mod:`~demandstream.stream.bench.latency`,
+:mod:`~demandstream.stream.bench.profiling`, :mod:`~demandstream.stream.bench.model`, in process),
 the plans' sizes in :mod:`demandstream.stream.bench.plan`; this module runs them, gathers the machine
 description, writes the JSON, and has :mod:`demandstream.stream.bench.report` write docs/BENCHMARKS.md.
 
@@ -40,9 +42,13 @@ from typing import TypeVar
 
 import orjson
 
-from demandstream.stream.bench import kafka as bk
+from demandstream.stream.bench import latency as bl
 from demandstream.stream.bench import model as bm
+from demandstream.stream.bench import passthrough as bc
 from demandstream.stream.bench import plot as bp
+from demandstream.stream.bench import profiling as bs
+from demandstream.stream.bench import topics as bt
+from demandstream.stream.bench import worker as bw
 from demandstream.stream.bench.plan import (
     FULL,
     LOAD_LEVELS,
@@ -181,10 +187,10 @@ def run_bench(
     plan = plan or (QUICK if quick else FULL)
     t_start = time.monotonic()
     if settings.broker != Settings().broker:
-        broker = bk.Broker(bootstrap=settings.bootstrap_servers[0])
+        broker = bt.Broker(bootstrap=settings.bootstrap_servers[0])
     else:
-        port = kafka_port or int(os.environ.get("DEMANDSTREAM_BENCH_KAFKA_PORT", bk.DEFAULT_BENCH_KAFKA_PORT))
-        broker = bk.Broker(port=port, script=settings.kafka_script_path())
+        port = kafka_port or int(os.environ.get("DEMANDSTREAM_BENCH_KAFKA_PORT", bt.DEFAULT_BENCH_KAFKA_PORT))
+        broker = bt.Broker(port=port, script=settings.kafka_script_path())
     markdown = Path(markdown) if markdown else None
     parts = Parts()
     result: dict = dict.fromkeys(BENCH_KEYS + SCALING_KEYS)
@@ -343,7 +349,7 @@ def _latency_plot(parts: Parts, result: dict, out, markdown: Path | None) -> str
 def throughput(rounds: list[dict]) -> dict:
     """Passthrough, pipeline and ratio over the rounds that worked, the ratio taken pair by pair.
 
-    Each round's passthrough is the faster of its :data:`~demandstream.stream.bench.kafka.PASSTHROUGH_METHODS`,
+    Each round's passthrough is the faster of its :data:`~demandstream.stream.bench.passthrough.PASSTHROUGH_METHODS`,
     so the ratio (pipeline / passthrough of the same round) is never flattered by the slower yardstick.
     Every figure is ``None`` when no round worked.
 
@@ -361,7 +367,7 @@ def throughput(rounds: list[dict]) -> dict:
             "ratio": None,
             "passthrough": None,
         }
-    faster = [max(bk.PASSTHROUGH_METHODS, key=lambda m, r=r: r[m]) for r in rounds]
+    faster = [max(bc.PASSTHROUGH_METHODS, key=lambda m, r=r: r[m]) for r in rounds]
     anchors = [r[m] for r, m in zip(rounds, faster, strict=True)]
     pipeline = [r["pipeline"] for r in rounds]
     return {
@@ -372,7 +378,7 @@ def throughput(rounds: list[dict]) -> dict:
             "faster": faster,
             "methods": {
                 m: {**spec, "events_per_s": summary([r[m] for r in rounds])}
-                for m, spec in bk.PASSTHROUGH_METHODS.items()
+                for m, spec in bc.PASSTHROUGH_METHODS.items()
             },
         },
     }
@@ -396,7 +402,7 @@ def scaling(rounds: list[dict], procs: list[dict], eo: list[dict]) -> dict:
     >>> round(s["exactly_once_cost_pairs"]["median"], 3)
     0.05
     """
-    anchors = {r["round"]: max(r[m] for m in bk.PASSTHROUGH_METHODS) for r in rounds}
+    anchors = {r["round"]: max(r[m] for m in bc.PASSTHROUGH_METHODS) for r in rounds}
     pipeline = {r["round"]: r["pipeline"] for r in rounds}
     out: dict = dict.fromkeys(
         (
@@ -508,13 +514,13 @@ def _drain(
     """One extra drain of round ``i`` (``worker --processes N`` or exactly-once), stopped once measured.
 
     ``worker --processes N`` gets an empty input topic of its own, fed from ``src`` once every process
-    is ready (:func:`~demandstream.stream.bench.kafka.drain`); the exactly-once worker drains ``src``
+    is ready (:func:`~demandstream.stream.bench.worker.drain`); the exactly-once worker drains ``src``
     pre-loaded, as the round's.
     """
     kind = "eo" if guarantee == "exactly_once" else f"procs{processes}"
     tag = f"{run}-{kind}-{i}"
     fed = processes > 1
-    worker = bk.BenchWorker(
+    worker = bw.BenchWorker(
         bootstrap,
         data.model,
         tag,
@@ -525,7 +531,7 @@ def _drain(
         guarantee=guarantee,
     )
     try:
-        d = bk.drain(worker, n, feed_from=src) if fed else bk.drain(worker, n)
+        d = bw.drain(worker, n, feed_from=src) if fed else bw.drain(worker, n)
     finally:
         worker.stop()
     logger.info(
@@ -550,20 +556,20 @@ def _drain(
 
 def _round(
     i: int, bootstrap: str, src: str, run: str, n: int, data: _Data, work: Path, serve: Mapping[str, str]
-) -> tuple[dict, bk.BenchWorker]:
+) -> tuple[dict, bw.BenchWorker]:
     """One round: both passthrough copies, then a fresh worker's drain; returns its figures and the worker.
 
     The two copies swap order from one round to the next, so neither always runs on the colder broker.
     """
-    methods = list(bk.PASSTHROUGH_METHODS)
+    methods = list(bc.PASSTHROUGH_METHODS)
     if i % 2:
         methods.reverse()
     figures: dict = {"round": i + 1}
     for m in methods:
-        figures[m] = bk.passthrough_events_per_s(m, bootstrap, src, f"bench-sink-{run}-{i}-{m}", n)
-    worker = bk.BenchWorker(bootstrap, data.model, f"{run}-{i}", work, src, **serve)
+        figures[m] = bc.passthrough_events_per_s(m, bootstrap, src, f"bench-sink-{run}-{i}-{m}", n)
+    worker = bw.BenchWorker(bootstrap, data.model, f"{run}-{i}", work, src, **serve)
     try:
-        d = bk.drain(worker, n)
+        d = bw.drain(worker, n)
     except BaseException:
         worker.stop()
         raise
@@ -578,15 +584,15 @@ def _round(
     logger.info(
         "round %d: passthrough %s, pipeline %.0f ev/s",
         i + 1,
-        ", ".join(f"{m} {figures[m]:.0f} ev/s" for m in bk.PASSTHROUGH_METHODS),
+        ", ".join(f"{m} {figures[m]:.0f} ev/s" for m in bc.PASSTHROUGH_METHODS),
         d.events_per_s,
     )
     return figures, worker
 
 
 def _load_input(bootstrap: str, src: str, events) -> bool:
-    bk.create_topics(bootstrap, [src], configs=bk.INPUT_TOPIC_CONFIGS)
-    bk.produce(bootstrap, src, bk.encode_events(events))
+    bt.create_topics(bootstrap, [src], configs=bl.INPUT_TOPIC_CONFIGS)
+    bt.produce(bootstrap, src, bt.encode_events(events))
     return True
 
 
@@ -653,7 +659,7 @@ def _kafka_measurements(
             for level, key in zip(LOAD_LEVELS, levels, strict=True):
                 latency[key] = parts.run(
                     f"latency {key}",
-                    bk.latency_ms,
+                    bl.latency_ms,
                     worker,
                     templates,
                     level * max_rate,
@@ -706,7 +712,7 @@ def _kafka_measurements(
         "memory_mib": memory(rounds, procs, eo, no_state, restore),
         "detail": {
             "events_per_round": n,
-            "partitions": bk.PARTITIONS,
+            "partitions": bt.PARTITIONS,
             "worker_device": device,
             "worker_inference": settings.inference,
             "passthrough": t["passthrough"],
@@ -741,7 +747,7 @@ def _warm_up(
     exactly-once drain takes the broker through everything the measured parts use (acknowledged
     produce, fetches, group coordination) and through its transaction coordinator too.
     """
-    worker = bk.BenchWorker(
+    worker = bw.BenchWorker(
         bootstrap,
         data.model,
         f"{run}-warmup-0",
@@ -751,7 +757,7 @@ def _warm_up(
         guarantee="exactly_once",
     )
     try:
-        d = bk.drain(worker, n)
+        d = bw.drain(worker, n)
     finally:
         worker.stop()
     logger.info("warm-up: an exactly-once drain at %.0f ev/s (not counted)", d.events_per_s)
@@ -769,7 +775,7 @@ def _visible_latency(
     seconds: float,
 ) -> dict:
     """Event -> signal latency of an exactly-once worker as a read_committed consumer sees it
-    (:func:`~demandstream.stream.bench.kafka.visible_latency_ms`), at ``rate`` for ``seconds``.
+    (:func:`~demandstream.stream.bench.latency.visible_latency_ms`), at ``rate`` for ``seconds``.
 
     A fresh worker on an input topic of its own, empty until the level starts: the at-least-once
     levels' ``emitted_at`` cannot show the wait for a transaction's commit, which is what a downstream
@@ -778,12 +784,12 @@ def _visible_latency(
     """
     tag = f"{run}-eo-latency"
     topic = f"bench-input-{tag}"
-    bk.create_topics(bootstrap, [topic], configs=bk.INPUT_TOPIC_CONFIGS)
-    worker = bk.BenchWorker(bootstrap, data.model, tag, work, topic, **serve, guarantee="exactly_once")
+    bt.create_topics(bootstrap, [topic], configs=bl.INPUT_TOPIC_CONFIGS)
+    worker = bw.BenchWorker(bootstrap, data.model, tag, work, topic, **serve, guarantee="exactly_once")
     try:
         worker.start()
         worker.wait_ready()
-        out = bk.visible_latency_ms(worker, templates, rate, seconds, f"eolat{run}")
+        out = bl.visible_latency_ms(worker, templates, rate, seconds, f"eolat{run}")
     finally:
         worker.stop()
     logger.info("exactly-once latency, read_committed, at %.0f ev/s: %s", rate, out)
@@ -792,7 +798,7 @@ def _visible_latency(
 
 def _no_state(bootstrap: str, data: _Data, run: str, work: Path, serve: Mapping[str, str]) -> dict:
     """A fresh worker on empty topics: its resident memory once ready, with no user state."""
-    w = bk.BenchWorker(
+    w = bw.BenchWorker(
         bootstrap,
         data.model,
         f"{run}-empty",
@@ -800,9 +806,9 @@ def _no_state(bootstrap: str, data: _Data, run: str, work: Path, serve: Mapping[
         f"bench-empty-input-{run}",
         **serve,
     )
-    bk.create_topics(bootstrap, [w.input_topic, w.signals_topic, f"bench-dlq-{w.tag}"])
+    bt.create_topics(bootstrap, [w.input_topic, w.signals_topic, f"bench-dlq-{w.tag}"])
     try:
-        return bk.ready_rss_mib(w)
+        return bw.ready_rss_mib(w)
     finally:
         w.stop()
 
@@ -816,7 +822,7 @@ def _restore(
     serve: Mapping[str, str],
     baseline: float,
 ) -> dict:
-    rw = bk.BenchWorker(
+    rw = bw.BenchWorker(
         bootstrap,
         data.model,
         f"{run}-restore",
@@ -825,22 +831,22 @@ def _restore(
         **serve,
     )
     try:
-        return bk.restore_seconds(rw, data.record, plan.restore_users, baseline)
+        return bw.restore_seconds(rw, data.record, plan.restore_users, baseline)
     finally:
         rw.stop()
 
 
 def _profile(
-    worker: bk.BenchWorker, bootstrap: str, src: str, events, rate: float, plan: BenchPlan, out: Path
+    worker: bw.BenchWorker, bootstrap: str, src: str, events, rate: float, plan: BenchPlan, out: Path
 ) -> dict:
     """Load the warm worker at full speed and record py-spy samples; write the top-functions summary."""
     n = int(rate * (plan.profile_s + PROFILE_SLACK_S))
-    records = bk.encode_events(events[i % len(events)] for i in range(n))
-    bk.produce(bootstrap, src, records)
+    records = bt.encode_events(events[i % len(events)] for i in range(n))
+    bt.produce(bootstrap, src, records)
     raw = out.with_suffix(".collapsed.tmp")
     try:
-        bk.profile(worker.proc.pid, plan.profile_s, raw)
-        text, rows = bk.summarize_profile(raw.read_text())
+        bs.profile(worker.proc.pid, plan.profile_s, raw)
+        text, rows = bs.summarize_profile(raw.read_text())
     finally:
         raw.unlink(missing_ok=True)
     header = (

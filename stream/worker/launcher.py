@@ -2,7 +2,7 @@
 /metrics, stop it.
 
 The integration tests (``WorkerProcess`` in tests/conftest.py), the bench (``BenchWorker`` in
-stream/bench/kafka.py) and the demo (stream/tools/demo.py) all drive their workers through
+stream/bench/worker.py) and the demo (stream/tools/demo.py) all drive their workers through
 ``WorkerLauncher``. The module imports only the standard library and prometheus_client, so the bench and
 the demo load it without Faust; tests/unit/test_layers.py holds it to that.
 """

@@ -13,7 +13,7 @@ import math
 
 import pytest
 
-from demandstream.stream.bench.kafka import PASSTHROUGH_METHODS
+from demandstream.stream.bench.passthrough import PASSTHROUGH_METHODS
 from demandstream.stream.bench.plan import BenchPlan
 from demandstream.stream.bench.report import BEGIN_MARK, END_MARK
 from demandstream.stream.bench.runner import BENCH_KEYS, SCALING_KEYS, run_bench

@@ -1,6 +1,6 @@
 """The bench's Markdown rendered from its JSON report (stream/bench/report.py)."""
 
-from demandstream.stream.bench import kafka as bk
+from demandstream.stream.bench import latency as bl
 from demandstream.stream.bench.report import render_markdown
 from demandstream.stream.bench.runner import BENCH_KEYS, SCALING_KEYS
 
@@ -55,7 +55,7 @@ def test_render_markdown_of_the_new_tables_with_missing_figures():
                 "p95": 15.8,
                 "p99": 22.9,
                 "rate_events_per_s": 2_000.0,
-                **bk.achieved_load(2_000.0, 15_920, 8.0),
+                **bl.achieved_load(2_000.0, 15_920, 8.0),
                 "n": 15_920,
                 "produce_p50": 3.1,
                 "produce_p99": 9.4,

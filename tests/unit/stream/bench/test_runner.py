@@ -14,9 +14,12 @@ from types import SimpleNamespace
 import pytest
 
 from demandstream.stream import cli
-from demandstream.stream.bench import kafka as bk
+from demandstream.stream.bench import latency as bl
 from demandstream.stream.bench import model as bm
+from demandstream.stream.bench import passthrough as bc
 from demandstream.stream.bench import runner
+from demandstream.stream.bench import topics as bt
+from demandstream.stream.bench import worker as bw
 from demandstream.stream.bench.plan import BenchPlan
 from demandstream.stream.bench.report import BEGIN_MARK, END_MARK, exactly_once_line
 from demandstream.stream.bench.runner import (
@@ -96,7 +99,7 @@ def test_the_ratio_divides_by_the_faster_anchor_of_each_round():
     assert t["passthrough_events_per_s"]["runs"] == [80_000.0, 50_000.0, 30_000.0]
     assert t["passthrough"]["faster"] == ["fastest_copy", "perf_anchors", "perf_anchors"]
     methods = t["passthrough"]["methods"]
-    assert set(methods) == set(bk.PASSTHROUGH_METHODS)
+    assert set(methods) == set(bc.PASSTHROUGH_METHODS)
     assert methods["perf_anchors"]["events_per_s"]["runs"] == [60_000.0, 50_000.0, 30_000.0]
     assert methods["fastest_copy"]["settings"]["acks"] == "all"
 
@@ -201,10 +204,10 @@ def fakes(monkeypatch):
         Fakes.fed[kind] = (worker.input_topic, feed_from)
         i = int(kind.rsplit("-", 1)[-1])
         if worker.processes > 1:
-            return bk.DrainResult(15_000.0 * (i + 1), 6.0, 1.0, [250.0, 270.0], 40.0, feed_s=0.1)
+            return bw.DrainResult(15_000.0 * (i + 1), 6.0, 1.0, [250.0, 270.0], 40.0, feed_s=0.1)
         if worker.guarantee == "exactly_once":
-            return bk.DrainResult(7_200.0 * (i + 1), 5.5, 1.0, [310.0], committed_s=n / (6_000.0 * (i + 1)))
-        return bk.DrainResult(events_per_s=8_000.0 * (i + 1), startup_s=5.0 + i, drain_s=1.0, rss_mib=[300.0])
+            return bw.DrainResult(7_200.0 * (i + 1), 5.5, 1.0, [310.0], committed_s=n / (6_000.0 * (i + 1)))
+        return bw.DrainResult(events_per_s=8_000.0 * (i + 1), startup_s=5.0 + i, drain_s=1.0, rss_mib=[300.0])
 
     def latency(worker, templates, rate, duration, tag):
         maybe_fail("latency")
@@ -215,7 +218,7 @@ def fakes(monkeypatch):
             "p95": 9.0,
             "p99": 12.0,
             "rate_events_per_s": rate,
-            **bk.achieved_load(rate, round(rate * share * 8.0), 8.0),
+            **bl.achieved_load(rate, round(rate * share * 8.0), 8.0),
             "n": 100,
         }
 
@@ -228,7 +231,7 @@ def fakes(monkeypatch):
             "p99": 150.0,
             "max": 200.0,
             "rate_events_per_s": rate,
-            **bk.achieved_load(rate, round(rate * 8.0), 8.0),
+            **bl.achieved_load(rate, round(rate * 8.0), 8.0),
             "n": 100,
             "unique": 100,
             "missing": 0,
@@ -257,17 +260,17 @@ def fakes(monkeypatch):
         )
         return {"1": 100.0, "4096": 50_000.0}
 
-    monkeypatch.setattr(bk, "Broker", FakeBroker)
-    monkeypatch.setattr(bk, "BenchWorker", FakeWorker)
-    monkeypatch.setattr(bk, "create_topics", lambda *a, **k: None)
-    monkeypatch.setattr(bk, "produce", lambda *a, **k: None)
-    monkeypatch.setattr(bk, "encode_events", lambda events: [])
-    monkeypatch.setattr(bk, "passthrough_events_per_s", passthrough)
-    monkeypatch.setattr(bk, "drain", drain)
-    monkeypatch.setattr(bk, "latency_ms", latency)
-    monkeypatch.setattr(bk, "visible_latency_ms", visible)
-    monkeypatch.setattr(bk, "restore_seconds", restore)
-    monkeypatch.setattr(bk, "ready_rss_mib", no_state)
+    monkeypatch.setattr(bt, "Broker", FakeBroker)
+    monkeypatch.setattr(bw, "BenchWorker", FakeWorker)
+    monkeypatch.setattr(bt, "create_topics", lambda *a, **k: None)
+    monkeypatch.setattr(bt, "produce", lambda *a, **k: None)
+    monkeypatch.setattr(bt, "encode_events", lambda events: [])
+    monkeypatch.setattr(bc, "passthrough_events_per_s", passthrough)
+    monkeypatch.setattr(bw, "drain", drain)
+    monkeypatch.setattr(bl, "latency_ms", latency)
+    monkeypatch.setattr(bl, "visible_latency_ms", visible)
+    monkeypatch.setattr(bw, "restore_seconds", restore)
+    monkeypatch.setattr(bw, "ready_rss_mib", no_state)
     monkeypatch.setattr(runner, "_cores", lambda: 2)
     monkeypatch.setattr(runner, "_prepare", prepare)
     monkeypatch.setattr(runner, "_cuda", lambda: False)
