@@ -50,12 +50,14 @@ Formats
 from __future__ import annotations
 
 import bisect
+import contextlib
 import csv
 import glob
 import gzip
 import io
 import logging
 import time
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO
@@ -128,6 +130,9 @@ MS_PER_S = 1000.0
 
 #: The gzip magic number: files are decompressed by content, whatever their name says.
 GZIP_MAGIC = b"\x1f\x8b"
+#: What reading a truncated or corrupt gzip file raises: a stream that ends before its end marker, a
+#: bad header, bad compressed data.
+CORRUPT_COMPRESSED = (EOFError, gzip.BadGzipFile, zlib.error)
 
 DEFAULT_CLEANING = CleaningConfig()
 
@@ -323,17 +328,32 @@ def expand_paths(paths: PathsArg) -> list[Path]:
     return out
 
 
-def open_binary(path: str | Path) -> IO[bytes]:
+@contextlib.contextmanager
+def open_binary(path: str | Path) -> Iterator[IO[bytes]]:
     """Open a plain or gzip file for reading bytes, decompressed; gzip is told by its magic number, not
-    by the file's name (the one place that decides, for every reader of input files)."""
+    by the file's name (the one place that decides, for every reader of input files).
+
+    A compressed file that turns out truncated or corrupt while it is read inside the ``with`` block (a
+    download cut short) raises :class:`~demandstream.model.errors.DataError` naming the file, so the
+    command line says it in one line instead of a traceback from deep inside gzip.
+    """
     with open(path, "rb") as f:
         magic = f.read(len(GZIP_MAGIC))
-    return gzip.open(path, "rb") if magic == GZIP_MAGIC else open(path, "rb")  # noqa: SIM115
+    try:
+        with gzip.open(path, "rb") if magic == GZIP_MAGIC else open(path, "rb") as fh:
+            yield fh
+    except CORRUPT_COMPRESSED as exc:
+        raise DataError(
+            f"{path}: cannot be read to its end, the file is truncated or corrupt ({exc})"
+        ) from exc
 
 
-def open_text(path: str | Path) -> IO[str]:
-    """Open a plain or gzip file as UTF-8 text (undecodable bytes replaced, not fatal)."""
-    return io.TextIOWrapper(open_binary(path), encoding="utf-8", errors="replace", newline="")
+@contextlib.contextmanager
+def open_text(path: str | Path) -> Iterator[IO[str]]:
+    """Open a plain or gzip file as UTF-8 text (undecodable bytes replaced, not fatal); a truncated or
+    corrupt compressed file raises as in :func:`open_binary`."""
+    with open_binary(path) as raw, io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline="") as f:
+        yield f
 
 
 def read_category_tree(path: str | Path) -> dict[str, str | None]:

@@ -286,6 +286,22 @@ def test_gzip_is_told_by_content_not_by_name(tmp_path):
         assert np.array_equal(got.ts, expected.ts) and got.categories == expected.categories, p.name
 
 
+@pytest.mark.parametrize("fmt", ["rees46", "auto"])
+def test_a_truncated_or_corrupt_gzip_file_is_a_data_error_naming_it(tmp_path, fmt):
+    # a download cut short used to end `train` in gzip's EOFError traceback, exit 1
+    whole = REES46.with_suffix(".csv.gz").read_bytes()
+    cut = tmp_path / "cut.csv.gz"
+    cut.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(
+        DataError, match=r"cut\.csv\.gz: cannot be read to its end, the file is truncated or corrupt"
+    ):
+        load_log(cut, fmt)
+    garbled = tmp_path / "garbled.csv.gz"  # the magic number, then nothing gzip can read
+    garbled.write_bytes(whole[:2] + b"\xff" * 64)
+    with pytest.raises(DataError, match=r"garbled\.csv\.gz: .* truncated or corrupt"):
+        load_log(garbled, fmt)
+
+
 def test_taobao_non_finite_and_out_of_range_times_are_bad_ts(tmp_path):
     p = tmp_path / "t.csv"
     p.write_text("1,2,3,pv,nan\n1,2,3,pv,inf\n1,2,3,pv,-1\n1,2,3,Buy,1511544070\n1,2,3,pv,1511544070.5\n")

@@ -6,7 +6,9 @@ import gzip
 from pathlib import Path
 
 import orjson
+import pytest
 
+from demandstream.model.errors import DataError
 from demandstream.stream.tools.replay import records
 
 LINES = [
@@ -39,3 +41,11 @@ def test_auto_sends_a_jsonl_file_as_it_is_and_a_csv_as_events(tmp_path):
     sent = list(records([rees46], "auto"))
     assert sent == list(records([rees46], "rees46")) and sent
     assert all(orjson.loads(v)["user_id"].encode() == k for k, v in sent)
+
+
+def test_a_truncated_gzip_file_stops_the_replay_with_a_data_error(tmp_path):
+    path = tmp_path / "events.jsonl.gz"
+    whole = gzip.compress(b"\n".join(LINES * 200) + b"\n")
+    path.write_bytes(whole[: len(whole) - 16])  # the end cut off (the trailer and some data)
+    with pytest.raises(DataError, match="events.jsonl.gz: cannot be read to its end"):
+        list(records([path], "jsonl"))
