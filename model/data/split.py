@@ -136,7 +136,7 @@ def temporal_split(
     >>> temporal_split(log, train_end=1009, valid_end=1005)
     Traceback (most recent call last):
     ...
-    demandstream.model.errors.OptionError: train end (1009.0) must be before valid end (1005.0)
+    demandstream.model.errors.OptionError: train end (1970-01-01T00:16:49Z) must be before valid end (1970-01-01T00:16:45Z)
     """
     if len(log) == 0:
         raise DataError("cannot split an empty log")
@@ -162,7 +162,13 @@ def temporal_split(
     else:
         t2 = start + DEFAULT_VALID_FRACTION * span
     if not t1 < t2:
-        raise OptionError(f"train end ({t1}) must be before valid end ({t2})")
+        last = float(log.ts.max())
+        if valid_end is None and t1 >= last:
+            raise OptionError(
+                f"train end {utc_text(t1)} is at or after the log's last event ({utc_text(last)}): "
+                "nothing is left to validate and test; pass an earlier --train-end"
+            )
+        raise OptionError(f"train end ({utc_text(t1)}) must be before valid end ({utc_text(t2)})")
     if train_end is None and valid_end is None:
         _warn_if_uneven(log.ts, t1, t2)
     return Split(t1, t2, float(log.ts.max()))

@@ -52,6 +52,13 @@ def test_default_split_is_80_10_10_and_bounds_are_validated():
     assert temporal_split(log, "500", 700) == Split(500.0, 700.0, 1000.0)
     with pytest.raises(ValueError, match="before valid end"):
         temporal_split(log, 700, 700)
+    # a train end past the log's last event, alone: the message says so, in dates (it used to show
+    # two unix times, the second one derived from the first)
+    with pytest.raises(
+        ValueError,
+        match=r"train end 1970-01-01T00:16:40Z is at or after the log's last event \(1970-01-01T00:16:40Z\)",
+    ):
+        temporal_split(log, 1000)
 
 
 DAY = 86400.0
