@@ -14,6 +14,7 @@ import os
 import pickle
 import time
 import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,11 +80,30 @@ def save(path: str | Path, net: DemandLSTM, vocab: Vocabulary, metrics: dict | N
     return version
 
 
+#: How a pickle of protocol 2 or later begins (a torch.save file that is not a zip archive).
+PICKLE_PROTO = b"\x80"
+
+
+def _could_be_torch_file(path: Path) -> bool:
+    """Whether ``path`` has the shape of what ``torch.save`` writes: a zip archive (PyTorch >= 1.6) or a
+    pickle (older). An empty file passes, and torch says why it cannot be read. Without this, torch
+    reads any other bytes as a legacy pickle and refuses them like a pickle of foreign objects, which
+    sends the user looking for a tampered file instead of a wrong path."""
+    with path.open("rb") as f:
+        head = f.read(1)
+    return not head or head == PICKLE_PROTO or zipfile.is_zipfile(path)
+
+
 def load(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
     """Load and verify a checkpoint; the network is in eval mode on ``device``."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"model checkpoint not found: {path}")
+    if not _could_be_torch_file(path):
+        raise CheckpointError(
+            f"cannot read model checkpoint {path}: it is no PyTorch file (neither a torch.save archive nor "
+            "a pickle); is it the model, and not a data or report file?"
+        )
     try:
         with warnings.catch_warnings():  # torch warns on stderr about pickle protocols: one line is ours
             warnings.simplefilter("ignore")

@@ -3,6 +3,7 @@ weights, config and vocabulary, and every unusable file is one CheckpointError w
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
 
@@ -95,8 +96,13 @@ class NotATensor:
 CASES = {
     "missing": (lambda path: path.unlink(), "model checkpoint not found"),
     "truncated": (lambda path: path.write_bytes(path.read_bytes()[:200]), "cannot read model checkpoint"),
-    # torch reads bytes that are no zip as a legacy pickle, so garbage is refused like a foreign pickle
-    "garbage": (lambda path: path.write_bytes(b"not a checkpoint\n" * 10), "model checkpoint"),
+    # bytes that are neither a zip nor a pickle (a data file given as --model): not "refusing" them as
+    # a foreign pickle, which torch alone would, but saying they are no PyTorch file
+    "garbage": (lambda path: path.write_bytes(b"not a checkpoint\n" * 10), "it is no PyTorch file"),
+    "gzip data file": (
+        lambda path: path.write_bytes(gzip.compress(b"event_time,event_type\n")),
+        "no PyTorch file",
+    ),
     "empty": (lambda path: path.write_bytes(b""), "cannot read model checkpoint"),
     "other format": (
         lambda path: rewrite(path, lambda p: p.update(format="something-else/1")),
