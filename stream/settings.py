@@ -230,6 +230,7 @@ class Settings:
             raise SettingsError("standby_replicas and state_ttl_s must not be negative")
         if not 0 < self.web_port < 65536:
             raise SettingsError(f"{PREFIX}WEB_PORT: not a port: {self.web_port}")
+        _check_broker(self.broker)
         if self.web_advertised_url:
             _check_advertised_url(self.web_advertised_url)
         if self.web_token and self.web_token_file:
@@ -365,6 +366,37 @@ def _check_token(name: str, token: str) -> None:
             f"{name}: the token must be at least {TOKEN_MIN_LEN} characters of A-Z a-z 0-9 - . _ ~ + / "
             "(e.g. `openssl rand -hex 32`)"
         )
+
+
+def _check_broker(broker: str) -> None:
+    """``kafka://host:port``, several joined by commas, the scheme optional after the first (as
+    :attr:`Settings.bootstrap_servers` reads it). Another scheme (``http://``, ``PLAINTEXT://``) used
+    to be dropped in silence, and the command then waited 30 s to report an unreachable broker.
+
+    >>> _check_broker("kafka://k1:9092,k2:9092"), _check_broker("127.0.0.1:19092"), _check_broker("[::1]:9092")
+    (None, None, None)
+    >>> _check_broker("http://k1:9092")
+    Traceback (most recent call last):
+    ...
+    demandstream.stream.settings.SettingsError: --broker / DEMANDSTREAM_BROKER: must be kafka://host:port, several joined by commas (got 'http://k1:9092'); security is set by DEMANDSTREAM_SECURITY_PROTOCOL
+    """
+    bad = SettingsError(
+        f"--broker / {PREFIX}BROKER: must be kafka://host:port, several joined by commas (got {broker!r}); "
+        f"security is set by {PREFIX}SECURITY_PROTOCOL"
+    )
+    parts = [p.strip() for p in broker.split(",")]
+    if not all(parts):
+        raise bad
+    for part in parts:
+        try:
+            url = urlsplit(part if "://" in part else "kafka://" + part)
+            url.port  # noqa: B018  (raises ValueError on a port that is no number in range)
+        except ValueError:
+            raise bad from None
+        if url.scheme != "kafka" or not url.hostname or url.username is not None or url.path not in ("", "/"):
+            raise bad
+        if url.query or url.fragment:
+            raise bad
 
 
 def _check_advertised_url(url: str) -> None:

@@ -92,3 +92,21 @@ def test_the_worker_commits_at_the_interval_its_guarantee_needs_unless_told(
     )
     assert s.commit_interval == expected
     assert create_app(s).app.conf.broker_commit_interval == expected
+
+
+@pytest.mark.parametrize(
+    "broker",
+    ["http://k1:9092", "PLAINTEXT://k1:9092", "kafka://k1:notaport", "kafka://k1:9092,,k2:9092", "kafka://"],
+)
+def test_a_broker_that_is_no_kafka_url_is_refused_at_once(broker):
+    # the scheme used to be dropped in silence, and the tools waited 30 s to say "cannot reach Kafka"
+    with pytest.raises(SettingsError, match="--broker / DEMANDSTREAM_BROKER: must be kafka://host:port") as e:
+        Settings.from_env({"DEMANDSTREAM_BROKER": broker})
+    assert "\n" not in str(e.value)
+
+
+def test_kafka_urls_and_bare_host_ports_are_brokers():
+    s = Settings.from_env({"DEMANDSTREAM_BROKER": "kafka://k1:9092,k2:9093,[::1]:9094"})
+    assert s.bootstrap_servers == ["k1:9092", "k2:9093", "[::1]:9094"]
+    bare = Settings.from_env({"DEMANDSTREAM_BROKER": "127.0.0.1:19092"})
+    assert bare.bootstrap_servers == ["127.0.0.1:19092"]
