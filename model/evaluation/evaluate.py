@@ -880,6 +880,14 @@ def run_evaluation(
         horizons.append(
             float(horizon_s if horizon_s is not None else trained.get("horizon_s", PURCHASE_HORIZON_S))
         )
+    last = float(log.ts.max())
+    if last < splits[0].valid_end:
+        whose = "--valid-end" if explicit else f"the valid end {names[0]} was trained for"
+        raise OptionError(
+            f"nothing to test: the test window starts at {utc_text(splits[0].valid_end)} ({whose}), after "
+            f"the log's last event ({utc_text(last)}); pass --train-end/--valid-end that leave events after "
+            "the valid end, or a log that goes on after it"
+        )
     for name, split, h in zip(names[1:], splits[1:], horizons[1:], strict=True):
         if split != splits[0]:
             raise OptionError(

@@ -160,6 +160,17 @@ def test_run_evaluation_writes_the_report_and_reuses_the_training_split(tmp_path
         tmp_path / "m.pt", str(later), "jsonl", tmp_path / "w.json", train_end=t0 - 2, valid_end=t0 - 1
     )
     assert whole["baseline_fit_events"] == 0 and whole["prequential"]["category_points"] > 0
+    # An earlier file under the stored split, or bounds past the log's end: no event to test, said in
+    # one line (it used to print a table of dashes and exit 0)
+    earlier = tmp_path / "earlier.jsonl"
+    write_jsonl([e for e in events if e.ts < rep["split"]["train_end"]], earlier)
+    with pytest.raises(OptionError, match=r"nothing to test: .*\(the valid end \S*m\.pt was trained for\)"):
+        run_evaluation(tmp_path / "m.pt", str(earlier), "jsonl", tmp_path / "earlier.json")
+    end = max(e.ts for e in events)
+    with pytest.raises(OptionError, match=r"nothing to test: .*\(--valid-end\), after the log's last event"):
+        run_evaluation(
+            tmp_path / "m.pt", str(data), "jsonl", tmp_path / "x.json", train_end=end, valid_end=end + 1
+        )
 
 
 def test_a_user_sample_trains_and_evaluates_a_stable_part_of_the_users_and_both_say_so(tmp_path):
