@@ -43,6 +43,9 @@ readonly SCRAM_ADMIN_USER=admin
 readonly SCRAM_ADMIN_PASSWORD=admin-secret
 # Password of the generated dev keystores; they hold a throw-away self-signed CA, nothing secret.
 readonly KEYSTORE_PASSWORD=demandstream-dev
+# Bumped when the generated TLS material changes, so that a cluster directory kept from before gets new
+# material at its next 'up' (2: the CA carries keyUsage, which Python 3.13's strict verification needs).
+readonly TLS_MATERIAL_VERSION=2
 
 say() { printf 'kafka.sh: %s\n' "$*"; }
 die() {
@@ -378,14 +381,19 @@ EOF
 # Self-signed CA plus one broker certificate for 127.0.0.1/localhost, shared by all nodes of the cluster.
 # Clients trust <run>/ca.pem.
 make_tls_material() {
-    [[ -f $RUN/tls/broker.p12 && -f $RUN/ca.pem ]] && return 0
-    command -v keytool >/dev/null 2>&1 || die "keytool not found: it ships with the JDK (openjdk-17-jdk-headless)"
     local tls=$RUN/tls pw=$KEYSTORE_PASSWORD validity_days=3650
+    if [[ -f $tls/broker.p12 && -f $RUN/ca.pem && -f $tls/version && $(<"$tls/version") == "$TLS_MATERIAL_VERSION" ]]; then
+        return 0
+    fi
+    command -v keytool >/dev/null 2>&1 || die "keytool not found: it ships with the JDK (openjdk-17-jdk-headless)"
+    rm -rf "$tls"
     mkdir -p "$tls"
     say "generating a self-signed CA and broker certificate in $tls"
     {
+        # A CA as RFC 5280 wants it (basicConstraints and keyUsage, both critical): Python 3.13's default
+        # TLS context verifies with VERIFY_X509_STRICT and refuses a CA without keyUsage.
         keytool -genkeypair -alias ca -keyalg RSA -keysize 2048 -validity "$validity_days" \
-            -dname "CN=demandstream dev CA" -ext bc:c -storetype PKCS12 \
+            -dname "CN=demandstream dev CA" -ext bc:c=ca:true -ext ku:c=keyCertSign,cRLSign -storetype PKCS12 \
             -keystore "$tls/ca.p12" -storepass "$pw" -keypass "$pw"
         keytool -exportcert -rfc -alias ca -keystore "$tls/ca.p12" -storepass "$pw" -file "$tls/ca.pem"
         keytool -genkeypair -alias broker -keyalg RSA -keysize 2048 -validity "$validity_days" \
@@ -403,6 +411,7 @@ make_tls_material() {
         die "keytool failed to generate the TLS material (see above)"
     }
     cp "$tls/ca.pem" "$RUN/ca.pem"
+    echo "$TLS_MATERIAL_VERSION" >"$tls/version"
 }
 
 java_opts() {
