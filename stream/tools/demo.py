@@ -1,6 +1,7 @@
 """``make demo``: the whole product once, on this machine, then everything it started is stopped.
 
-1. start the project's Kafka broker (unless one already answers on the demo port),
+1. start the project's Kafka broker on the demo port (unless it already runs there, or
+   ``DEMANDSTREAM_BROKER`` names the broker to use), and refuse a port another process holds,
 2. generate a synthetic clickstream (and a few broken records, as real producers send),
 3. train a small model on it, unless ``DEMANDSTREAM_MODEL`` names one,
 4. start a worker, replay the events with a progress bar, show live signals,
@@ -10,6 +11,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -35,8 +37,33 @@ def say(msg: str) -> None:
     print(f"\033[1mdemo:\033[0m {msg}", flush=True)
 
 
-def kafka(script: Path, cmd: str, port: int) -> int:
-    return subprocess.run([str(script), cmd, "--port", str(port)]).returncode
+def kafka(script: Path, cmd: str, port: int, quiet: bool = False) -> int:
+    """Run ``kafka.sh CMD --port PORT``; its exit status (its output hidden with ``quiet``)."""
+    return subprocess.run([str(script), cmd, "--port", str(port)], capture_output=quiet).returncode
+
+
+def port_answers(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something accepts TCP connections on ``host:port`` now."""
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+def broker_action(broker_given: bool, ours_running: bool, port_taken: bool) -> str:
+    """What the demo does for a broker: ``use`` the one it is given (``DEMANDSTREAM_BROKER``) or its own
+    already running, ``start`` its own, or ``refuse`` when another process holds the demo's port (a
+    shop's own local Kafka, typically: the demo does not add its topics to a broker it was not given).
+
+    >>> broker_action(True, False, True), broker_action(False, True, True)
+    ('use', 'use')
+    >>> broker_action(False, False, False), broker_action(False, False, True)
+    ('start', 'refuse')
+    """
+    if broker_given or ours_running:
+        return "use"
+    return "refuse" if port_taken else "start"
 
 
 def metric(worker: WorkerLauncher, name: str) -> float:
@@ -73,7 +100,19 @@ def main() -> int:
     web_port = settings.web_port
 
     started_kafka = False
-    if settings.broker == f"kafka://127.0.0.1:{port}" and kafka(script, "status", port) != 0:
+    given = "DEMANDSTREAM_BROKER" in os.environ
+    ours = not given and kafka(script, "status", port, quiet=True) == 0
+    action = broker_action(given, ours, not given and not ours and port_answers(port))
+    if action == "refuse":
+        print(
+            f"demo: error: another process already listens on 127.0.0.1:{port} (your own Kafka?): run "
+            f"`DEMANDSTREAM_DEMO_KAFKA_PORT={port + 100} make demo` for a broker of the demo's own, or "
+            f"`DEMANDSTREAM_BROKER=kafka://127.0.0.1:{port} make demo` to run the demo on that one (it adds "
+            "topics named *-demo-<time>)",
+            file=sys.stderr,
+        )
+        return 2
+    if action == "start":
         say(f"starting Apache Kafka on 127.0.0.1:{port} (first run fetches the jars with Maven)")
         if kafka(script, "up", port) != 0:
             print("demo: error: Kafka did not start (see the message above)", file=sys.stderr)
