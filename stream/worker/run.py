@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import logging
+import socket
 from pathlib import Path
 
 import torch
@@ -104,8 +106,44 @@ def stale_state_error(data_dir: str, reason: ConsistencyError) -> StaleLocalStat
     )
 
 
+class WebPortInUse(UserError, OSError):
+    """Another process (often another worker on the same machine) listens on the worker's web port."""
+
+
+def web_port_error(settings: Settings) -> WebPortInUse:
+    """The one line a worker ends with when its web port is taken.
+
+    >>> print(web_port_error(Settings(web_port=6066)))
+    the web port 127.0.0.1:6066 is already in use (another worker on this machine?): give each worker its own --web-port / DEMANDSTREAM_WEB_PORT, or run them as one `demandstream worker --processes N`
+    """
+    return WebPortInUse(
+        f"the web port {settings.web_host}:{settings.web_port} is already in use (another worker on this "
+        "machine?): give each worker its own --web-port / DEMANDSTREAM_WEB_PORT, or run them as one "
+        "`demandstream worker --processes N`"
+    )
+
+
+def check_web_port(settings: Settings) -> None:
+    """Refuse, before the model loads and the worker joins its group, a web port another process listens
+    on: Faust would find it only when its web server starts, and end in a traceback. Bound as asyncio's
+    servers bind (``SO_REUSEADDR``), so a port left in TIME_WAIT by a worker just stopped is free here
+    as it is to the server. Any other failure to bind is left to the server, which says it."""
+    try:
+        family = socket.getaddrinfo(settings.web_host, settings.web_port, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror:
+        return
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((settings.web_host, settings.web_port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise web_port_error(settings) from None
+
+
 def run_worker(settings: Settings) -> int:
     torch.set_num_threads(WORKER_TORCH_THREADS)
+    check_web_port(settings)
     c = build_worker(settings)
     ensure_topics(settings)
     tune_gc()
@@ -115,8 +153,13 @@ def run_worker(settings: Settings) -> int:
     except SystemExit:
         # mode ends every run with SystemExit; after a crash (mode hands a service's crash to the root
         # service, this worker), its reason tells a user's mistake from a bug
-        if isinstance(worker.crash_reason, ConsistencyError):
-            raise stale_state_error(settings.data_dir, worker.crash_reason) from None
+        reason = worker.crash_reason
+        if isinstance(reason, ConsistencyError):
+            raise stale_state_error(settings.data_dir, reason) from None
+        if isinstance(reason, OSError) and reason.errno == errno.EADDRINUSE:
+            # taken between the check above and the server's start: the web server is the worker's only
+            # listening socket
+            raise web_port_error(settings) from None
         raise
     return 0
 

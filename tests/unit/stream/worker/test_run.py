@@ -61,11 +61,13 @@ def test_tune_gc_freezes_start_up_objects_and_raises_the_thresholds():
         gc.set_threshold(*before)
 
 
-@pytest.mark.parametrize("crash", ["stale", "bug", None])
-def test_only_a_stale_local_state_becomes_a_user_error(crash, monkeypatch):
-    """Faust's ConsistencyError (local state ahead of the changelog) is the user's to fix: one line,
-    exit 2 (the real case: tests/integration/test_faults_stale_state.py). Any other crash is a bug and
-    keeps mode's exit status, as does a clean stop."""
+@pytest.mark.parametrize("crash", ["stale", "port", "bug", "other_os", None])
+def test_only_a_stale_local_state_or_a_taken_port_becomes_a_user_error(crash, monkeypatch):
+    """Faust's ConsistencyError (local state ahead of the changelog) and a web port taken while the
+    worker started are the user's to fix: one line, exit 2 (the real stale case:
+    tests/integration/test_faults_stale_state.py). Any other crash is a bug and keeps mode's exit
+    status, as does a clean stop."""
+    import errno
     import types
 
     from faust.exceptions import ConsistencyError
@@ -73,9 +75,13 @@ def test_only_a_stale_local_state_becomes_a_user_error(crash, monkeypatch):
     from demandstream.stream.settings import Settings
     from demandstream.stream.worker import run
 
-    reason = {"stale": ConsistencyError("persisted 12 > highwater -1"), "bug": KeyError("x"), None: None}[
-        crash
-    ]
+    reason = {
+        "stale": ConsistencyError("persisted 12 > highwater -1"),
+        "port": OSError(errno.EADDRINUSE, "error while attempting to bind on address"),
+        "bug": KeyError("x"),
+        "other_os": OSError(errno.EACCES, "permission denied"),
+        None: None,
+    }[crash]
 
     class Worker:
         crash_reason = reason
@@ -88,13 +94,33 @@ def test_only_a_stale_local_state_becomes_a_user_error(crash, monkeypatch):
     monkeypatch.setattr(run, "tune_gc", lambda: None)
     monkeypatch.setattr(run.torch, "set_num_threads", lambda n: None)  # the test process keeps its threads
     monkeypatch.setattr(run, "faust_worker", lambda app, level: Worker())
+    monkeypatch.setattr(run, "check_web_port", lambda s: None)
     settings = Settings(data_dir="/srv/ds")
     if crash == "stale":
         with pytest.raises(
             UserError, match=r"the local state in /srv/ds is ahead of its changelog topic \(persisted 12"
         ):
             run.run_worker(settings)
+    elif crash == "port":
+        with pytest.raises(UserError, match=r"the web port 127\.0\.0\.1:6066 is already in use"):
+            run.run_worker(settings)
     else:
         with pytest.raises(SystemExit) as exit_:
             run.run_worker(settings)
         assert exit_.value.code == (1 if crash else 0)
+
+
+def test_a_web_port_another_process_listens_on_is_refused_before_the_worker_starts():
+    import socket
+
+    from demandstream.stream.settings import Settings
+    from demandstream.stream.worker.run import check_web_port
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        with pytest.raises(UserError, match=rf"the web port 127\.0\.0\.1:{port} is already in use") as e:
+            check_web_port(Settings(web_port=port))
+        assert "\n" not in str(e.value)
+    check_web_port(Settings(web_port=port))  # free again once its listener is closed
