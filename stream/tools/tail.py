@@ -116,9 +116,9 @@ def tail(
     """Print records until ``max_records`` or ``timeout_s`` (None = forever); returns how many were printed."""
     topic = topic or settings.topic_signals
     demand = topic == settings.topic_demand and not raw  # rendered as tables of windows
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
     try:
         consumer = KafkaConsumer(
-            topic,
             bootstrap_servers=settings.bootstrap_servers,
             client_id="demandstream-tail",
             group_id=None,
@@ -130,10 +130,14 @@ def tail(
         )
     except UNREACHABLE:
         raise KafkaUnavailable(unreachable_message(settings)) from None
+    if not wait_for_topic(consumer, topic, deadline):
+        consumer.close()
+        return 0
+    consumer.subscribe([topic])
     if demand:
-        return tail_demand(consumer, settings, max_records, timeout_s, out)
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        return tail_demand(consumer, settings, max_records, left, out)
     n = 0
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
     try:
         while (max_records is None or n < max_records) and (deadline is None or time.monotonic() < deadline):
             polled = consumer.poll(timeout_ms=200, max_records=500)
@@ -149,6 +153,31 @@ def tail(
     finally:
         consumer.close()
     return n
+
+
+#: How often ``tail`` asks whether the topic it waits for exists yet.
+TOPIC_WAIT_POLL_S = 1.0
+
+
+def wait_for_topic(consumer, topic: str, deadline: float | None, err=None) -> bool:
+    """Whether ``topic`` exists by ``deadline`` (monotonic; None: wait for ever), said once on ``err``
+    (stderr) when it does not exist yet. Subscribed to a missing topic, the client logs an error on
+    every poll, several a second, for as long as the topic is missing."""
+    if topic in consumer.topics():
+        return True
+    print(
+        f"tail: topic {topic} does not exist yet; waiting for it (a worker creates its topics when it starts)",
+        file=err or sys.stderr,
+    )
+    while deadline is None or time.monotonic() < deadline:
+        time.sleep(
+            TOPIC_WAIT_POLL_S
+            if deadline is None
+            else min(TOPIC_WAIT_POLL_S, max(0.0, deadline - time.monotonic()))
+        )
+        if topic in consumer.topics():
+            return True
+    return False
 
 
 # -- category demand (`tail --topic category-demand`) ------------------------------------------------

@@ -121,3 +121,32 @@ def test_control_characters_of_a_category_never_reach_the_demand_table():
                  "ratio": None, "rising": False}]}  # fmt: skip
     text = format_demand_table(view)
     assert not _controls(text) and text.count("\n") == 2
+
+
+class _Topics:
+    """``KafkaConsumer.topics()`` of a broker where ``topic`` appears at the ``appears``-th call."""
+
+    def __init__(self, topic, appears):
+        self.topic, self.appears, self.calls = topic, appears, 0
+
+    def topics(self):
+        self.calls += 1
+        return {"other"} | ({self.topic} if self.calls >= self.appears else set())
+
+
+def test_tail_waits_for_a_missing_topic_saying_so_once(monkeypatch):
+    # subscribed to a missing topic, kafka-python logged an ERROR on every poll, several a second
+    import time
+
+    from demandstream.stream.tools import tail as tail_mod
+
+    monkeypatch.setattr(tail_mod, "TOPIC_WAIT_POLL_S", 0.01)
+    err = io.StringIO()
+    assert tail_mod.wait_for_topic(_Topics("s", 1), "s", None, err) and err.getvalue() == ""
+    late = _Topics("s", 4)
+    assert tail_mod.wait_for_topic(late, "s", time.monotonic() + 5.0, err) and late.calls == 4
+    assert err.getvalue().count("tail: topic s does not exist yet; waiting for it") == 1
+    never = _Topics("s", 10**9)
+    t0 = time.monotonic()
+    assert not tail_mod.wait_for_topic(never, "s", t0 + 0.1, io.StringIO())
+    assert 0.1 <= time.monotonic() - t0 < 2.0  # gives up at the deadline
