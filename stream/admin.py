@@ -91,6 +91,16 @@ def create_topics(
         admin.close()
 
 
+def existing_partition_counts(settings: Settings, names: list[str]) -> dict[str, int]:
+    """The partition count of each topic of ``names`` that exists (the others are left out)."""
+    admin = admin_client(settings)
+    try:
+        present = [n for n in names if n in set(admin.list_topics())]
+        return wait_for_topics(admin, present) if present else {}
+    finally:
+        admin.close()
+
+
 def ensure_topics(settings: Settings) -> dict[str, int]:
     """Create input, control, signal and dead-letter topics if missing; return their partition counts.
 
@@ -100,6 +110,16 @@ def ensure_topics(settings: Settings) -> dict[str, int]:
     names = [settings.topic_input, settings.topic_control, settings.topic_signals, settings.topic_dlq]
     if settings.demand_window_s:  # closed windows go to their source partition (§Category demand)
         names.append(settings.topic_demand)
+    # Existing topics (a shop's own clickstream topic, typically) are checked before any is created:
+    # creating the others with the setting's count first would leave them in the way of the fix.
+    other = {n: c for n, c in existing_partition_counts(settings, names).items() if c != settings.partitions}
+    if other:
+        found = ", ".join(f"{n} has {c}" for n, c in other.items())
+        raise TopicMismatch(
+            f"existing topics have another partition count than the worker's {settings.partitions} "
+            f"({found}): set DEMANDSTREAM_PARTITIONS to theirs (every topic of a worker, its changelog "
+            "included, has one count), or name other topics"
+        )
     counts = create_topics(settings, names)
     if len(set(counts.values())) != 1:
         raise TopicMismatch(f"topics must have equal partition counts, found {counts}")
