@@ -194,14 +194,29 @@ class DemandBoardReader(threading.Thread):
             return self.board.view(top, start)
 
 
+#: The answer of ``GET /categories/demand`` on a worker whose category demand is off (the default).
+CATEGORY_DEMAND_OFF = (
+    "category demand is off on this worker: set DEMANDSTREAM_DEMAND_WINDOW_S (e.g. 300) on every worker "
+    "(docs/OPERATIONS.md §7)"
+)
+
+
 def attach_demand_view(c, require_token) -> DemandBoardReader | None:
     """Serve ``GET /categories/demand?top=N[&window=START]`` (bearer token as ``/users/{id}/demand``);
-    the reader thread starts with the worker and stops with it. None when category demand is off."""
+    the reader thread starts with the worker and stops with it. When category demand is off, the view
+    answers 404 saying so, and there is no reader (None)."""
     s = c.settings
+    app = c.app
     if not s.demand_window_s:
+
+        @app.page("/categories/demand")
+        @require_token
+        async def categories_demand_off(self: View, request: Request) -> Response:
+            # a bare 404 would read as a wrong URL; the setting is what is missing
+            return self.json({"error": CATEGORY_DEMAND_OFF}, status=404)
+
         return None
     reader = DemandBoardReader(s)
-    app = c.app
 
     @app.task
     async def start_demand_view() -> None:

@@ -98,4 +98,7 @@ def test_query_api_routes_to_the_owner_with_two_workers(
             c["category"] for c in last[u]["top_categories"]
         ]
     assert a.get("/users/nobody-here/demand")[0] == 404
+    # category demand is off by default: its view says so instead of a bare 404
+    status, body = a.get("/categories/demand")
+    assert status == 404 and "DEMANDSTREAM_DEMAND_WINDOW_S" in orjson.loads(body)["error"]
     assert a.get("/healthz")[0] == 200 and b.get("/readyz")[0] == 200
