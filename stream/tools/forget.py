@@ -20,10 +20,15 @@ import time
 
 import orjson
 from kafka import KafkaConsumer, TopicPartition
-from kafka.partitioner.default import murmur2
 
 from demandstream.model.errors import OptionError, UserError
-from demandstream.stream.admin import UNREACHABLE, KafkaUnavailable, ensure_topics, unreachable_message
+from demandstream.stream.admin import (
+    UNREACHABLE,
+    KafkaUnavailable,
+    ensure_topics,
+    key_partition,
+    unreachable_message,
+)
 from demandstream.stream.engine.inference import CONTROL_FIELD
 from demandstream.stream.settings import Settings
 from demandstream.stream.tools.replay import make_producer
@@ -46,15 +51,6 @@ def forget_record(user_id: str, input_end: int | None = None) -> bytes:
     if input_end is not None:
         request[INPUT_END_FIELD] = input_end
     return orjson.dumps(request)
-
-
-def key_partition(key: bytes, n_partitions: int) -> int:
-    """The partition the Java client's and kafka-python's default partitioner (murmur2) give ``key``.
-
-    >>> key_partition(b"u1", 4) == key_partition(b"u1", 4) and 0 <= key_partition(b"u1", 4) < 4
-    True
-    """
-    return (murmur2(key) & 0x7FFFFFFF) % n_partitions
 
 
 def forget(settings: Settings, user_id: str, wait_s: float = FORGET_WAIT_S) -> int:

@@ -47,6 +47,7 @@ from demandstream.stream.worker import faust_patches
 from demandstream.stream.worker.app import Components
 from demandstream.stream.worker.demand import DemandStage
 from demandstream.stream.worker.metrics import observe_many
+from demandstream.stream.worker.partitioning import PartitionerCheck
 from demandstream.stream.worker.quality import LiveQuality
 from demandstream.stream.worker.store import StateStore
 
@@ -72,6 +73,8 @@ class Pipeline:
         #: category demand (docs/ARCHITECTURE.md §Category demand): partial aggregates ride the protocol
         self.demand = DemandStage(s, scorer.category_name) if s.demand_window_s else None
         self.metrics = c.metrics
+        #: producers that partition keys otherwise than murmur2 (stream/worker/partitioning.py)
+        self.partitioner = PartitionerCheck(s.topic_input, s.partitions)
         self.exactly_once = c.settings.guarantee == "exactly_once"
         self.last_offset: dict[int, int] = {}  # partition -> last consumed offset, for lag
         self.watermark: dict[int, float] = {}  # partition -> newest event time seen (TTL expiry)
@@ -156,6 +159,9 @@ class Pipeline:
             m.expired_states.inc(len(expired))
         if res.undecodable:
             m.undecodable_states.inc(res.undecodable)
+        misrouted = self.partitioner.check(records)
+        if misrouted:
+            m.misrouted_records.inc(misrouted)
         for reason, n in res.reasons.items():
             m.dead_letters.labels(reason).inc(n)
         for s in res.inference_s:

@@ -85,6 +85,12 @@ class Metrics:
         self.expired_states = Counter(
             p + "expired_states", "User states deleted by the inactivity TTL", registry=r
         )
+        self.misrouted_records = Counter(
+            p + "misrouted_records",
+            "Sampled input records on another partition than Kafka's default partitioner (murmur2) gives "
+            "their key: the producers partition otherwise, and forget and /users/{id}/demand miss such users",
+            registry=r,
+        )
         self.undecodable_states = Counter(
             p + "undecodable_states",
             "Stored user states that could not be decoded and were reset (the user starts fresh)",

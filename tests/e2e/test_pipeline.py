@@ -121,6 +121,8 @@ def test_replay_through_worker(guarantee, worker_factory, stream_env, kafka_boot
         assert worker.metric("demandstream_batch_phase_seconds_count", phase=phase) == batches
     assert worker.metric("demandstream_events_total", result="valid") == N_EVENTS
     assert worker.metric("demandstream_signals_total") == N_EVENTS
+    # replay keys with kafka-python's partitioner (murmur2): no record is reported off its partition
+    assert worker.metric("demandstream_misrouted_records_total") == 0
 
     # parity with the offline model over the same events, for 20 users
     scorer = Scorer(load(small_model), "cpu", top_k=settings.top_k)

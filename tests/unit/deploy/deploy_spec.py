@@ -76,6 +76,7 @@ METRIC_FAMILIES: dict[str, tuple[str, frozenset[str]]] = {
     "demandstream_expired_states_total": ("counter", frozenset()),
     # stored states that could not be decoded and were reset (issue #13 item 7)
     "demandstream_undecodable_states_total": ("counter", frozenset()),
+    "demandstream_misrouted_records_total": ("counter", frozenset()),
     # live model quality (issue #15 item 1): prequential counts per model version
     "demandstream_quality_category_points_total": ("counter", frozenset({"model_version"})),
     "demandstream_quality_category_hits_total": ("counter", frozenset({"model_version", "k"})),
