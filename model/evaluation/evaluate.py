@@ -880,7 +880,7 @@ def run_evaluation(
         horizons.append(
             float(horizon_s if horizon_s is not None else trained.get("horizon_s", PURCHASE_HORIZON_S))
         )
-    last = float(log.ts.max())
+    last = splits[0].end_ts  # the log's last event, as every split here records it
     if last < splits[0].valid_end:
         whose = "--valid-end" if explicit else f"the valid end {names[0]} was trained for"
         raise OptionError(
