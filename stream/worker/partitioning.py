@@ -8,9 +8,9 @@ clients, kcat) partitions with CRC32 by default (``partitioner=consistent_random
 then live in another partition than the one those requests reach, so an erasure finds no state to
 delete and the view answers 404. Signals stay correct, which is why nothing else would show it.
 
-The worker checks the first keyed input record of each partition in every micro-batch (at most one
-hash per partition and batch, not one per event) and counts the records whose partition is not
-murmur2's (``demandstream_misrouted_records_total``); the first one is logged as an error saying what
+The worker checks one input record of each partition in every micro-batch (the last, which its lag
+bookkeeping picks out anyway: at most one hash per partition and batch, not one per event) and counts
+the records whose partition is not murmur2's (``demandstream_misrouted_records_total``); the first one is logged as an error saying what
 to change (docs/OPERATIONS.md §4, "Producers' partitioner").
 """
 
