@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 
 import pytest
 import torch
@@ -119,34 +118,3 @@ def test_offline_figures_come_from_the_report_of_the_loaded_model(tmp_path):
     path.write_text(json.dumps({"model_version": VERSION}))
     with pytest.raises(SettingsError, match="no 'prequential' figures"):
         load_offline_figures(str(path), VERSION)
-
-
-def test_scoring_costs_little_next_to_the_engine(setup):
-    """The per-event cost of live quality against the engine's own on the same batches (one CPU thread)."""
-    events, ckpt = setup
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as a worker runs (stream/worker/run.py)
-    try:
-        t_engine, t_quality = _time_engine_and_quality(events, ckpt)
-    finally:
-        torch.set_num_threads(threads)
-    # measured ~4 % on the development machine; the bound leaves room for a noisy shared CI box
-    assert t_quality < 0.15 * t_engine, (t_quality, t_engine)
-
-
-def _time_engine_and_quality(events, ckpt) -> tuple[float, float]:
-    scorer = Scorer(ckpt, top_k=TOP_K)
-    engine = InferenceEngine(scorer)
-    q = LiveQuality(Metrics(CollectorRegistry()), VERSION, scorer.category_name, HORIZON_S, GAP_S, 50000)
-    store: dict[bytes, bytes | None] = {}
-    recs = [SourceRecord(e.user_id.encode(), event_to_json(e), 0, i) for i, e in enumerate(events)]
-    t_engine = t_quality = 0.0
-    for i in range(0, len(recs), 500):
-        t0 = time.perf_counter()
-        res = engine.process(recs[i : i + 500], lambda keys: {k: store.get(k) for k, _p in keys})
-        t1 = time.perf_counter()
-        q.observe(res.applied)
-        t_quality += time.perf_counter() - t1
-        t_engine += t1 - t0
-        store.update({k: v for k, (_p, v) in res.states.items()})
-    return t_engine, t_quality
