@@ -16,7 +16,6 @@ import kafka.errors
 from kafka import KafkaAdminClient
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
-from kafka.partitioner.default import murmur2
 
 from demandstream.model.errors import UserError
 from demandstream.stream.settings import Settings
@@ -100,17 +99,6 @@ def existing_partition_counts(settings: Settings, names: list[str]) -> dict[str,
         return wait_for_topics(admin, present) if present else {}
     finally:
         admin.close()
-
-
-def key_partition(key: bytes, n_partitions: int) -> int:
-    """The partition the Java client's, kafka-python's and aiokafka's default partitioner (murmur2) give
-    ``key``: where ``forget`` sends a user's erasure and where Faust routes ``/users/{id}/demand``.
-    librdkafka's default (``consistent_random``, CRC32) differs; see stream/worker/partitioning.py.
-
-    >>> key_partition(b"u1", 4) == key_partition(b"u1", 4) and 0 <= key_partition(b"u1", 4) < 4
-    True
-    """
-    return (murmur2(key) & 0x7FFFFFFF) % n_partitions
 
 
 def ensure_topics(settings: Settings) -> dict[str, int]:

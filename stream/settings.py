@@ -62,6 +62,8 @@ _CHOICES = {
     "fault_at": ("", "after_signals", "mid_transaction", "after_state"),
     "security_protocol": ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"),
     "sasl_mechanism": ("SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN"),
+    # demandstream.stream.partitioner.PARTITIONERS (tests/unit/stream/test_settings.py holds the two equal)
+    "partitioner": ("murmur2", "crc32", "fnv1a"),
 }
 
 
@@ -96,6 +98,10 @@ class Settings:
     topic_demand: str = "category-demand"
     table: str = "user-state"
     partitions: int = 4
+    #: how the shop's producers map a user's key to a partition (murmur2: Kafka's default; crc32:
+    #: librdkafka's; fnv1a: Sarama's): `forget` and /users/{id}/demand reach a user's state through it
+    #: (stream/partitioner.py; docs/OPERATIONS.md §4, "Producers' partitioner")
+    partitioner: str = "murmur2"
     replication: int = 1
     standby_replicas: int = 1
     #: changelog records a standby copy buffers per partition before writing them to its disk (Faust's

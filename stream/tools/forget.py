@@ -26,10 +26,10 @@ from demandstream.stream.admin import (
     UNREACHABLE,
     KafkaUnavailable,
     ensure_topics,
-    key_partition,
     unreachable_message,
 )
 from demandstream.stream.engine.inference import CONTROL_FIELD
+from demandstream.stream.partitioner import key_partition
 from demandstream.stream.settings import Settings
 from demandstream.stream.tools.replay import make_producer
 
@@ -59,7 +59,7 @@ def forget(settings: Settings, user_id: str, wait_s: float = FORGET_WAIT_S) -> i
         raise OptionError("user_id must be 1-128 characters")
     counts = ensure_topics(settings)  # the control topic exists, with the input's partition count
     key = user_id.encode("utf-8")
-    partition = key_partition(key, counts[settings.topic_input])
+    partition = key_partition(key, counts[settings.topic_input], settings.partitioner)
     end = wait_until_consumed(settings, TopicPartition(settings.topic_input, partition), wait_s, user_id)
     producer = make_producer(settings)
     try:

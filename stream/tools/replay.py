@@ -19,6 +19,7 @@ from kafka import KafkaProducer
 from demandstream.model.core.events import event_to_json
 from demandstream.model.data.loaders import open_binary
 from demandstream.stream.admin import UNREACHABLE, KafkaUnavailable, ensure_topics, unreachable_message
+from demandstream.stream.partitioner import key_partition
 from demandstream.stream.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -96,6 +97,11 @@ def replay(
     if topic == settings.topic_input:
         ensure_topics(settings)  # never let a first replay auto-create (or fail on) a 1-partition topic
     producer = make_producer(settings)
+    # Keyed records go where the shop's producers would put them (DEMANDSTREAM_PARTITIONER), so that
+    # forget and the view find the user; murmur2 is the client's own default
+    n_partitions = None
+    if settings.partitioner != "murmur2":
+        n_partitions = len(producer.partitions_for(topic))
     stats = ReplayStats()
     bar = None
     if progress:
@@ -107,7 +113,10 @@ def replay(
         for key, value in records(paths, fmt):
             if limit is not None and stats.sent >= limit:
                 break
-            producer.send(topic, key=key, value=value)
+            partition = None
+            if n_partitions is not None and key:
+                partition = key_partition(key, n_partitions, settings.partitioner)
+            producer.send(topic, key=key, value=value, partition=partition)
             stats.sent += 1
             if bar is not None and stats.sent % 256 == 0:
                 bar.update(256)

@@ -74,8 +74,8 @@ class Pipeline:
         #: category demand (docs/ARCHITECTURE.md §Category demand): partial aggregates ride the protocol
         self.demand = DemandStage(s, scorer.category_name) if s.demand_window_s else None
         self.metrics = c.metrics
-        #: producers that partition keys otherwise than murmur2 (stream/worker/partitioning.py)
-        self.partitioner = PartitionerCheck(s.topic_input, s.partitions)
+        #: producers that partition keys otherwise than DEMANDSTREAM_PARTITIONER says (stream/worker/partitioning.py)
+        self.partitioner = PartitionerCheck(s.topic_input, s.partitions, s.partitioner)
         self.exactly_once = c.settings.guarantee == "exactly_once"
         self.last_offset: dict[int, int] = {}  # partition -> last consumed offset, for lag
         self.watermark: dict[int, float] = {}  # partition -> newest event time seen (TTL expiry)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import faust
 from yarl import URL
 
+from demandstream.stream.partitioner import producer_partitioner
 from demandstream.stream.settings import Settings
 from demandstream.stream.worker import faust_patches
 from demandstream.stream.worker.metrics import Metrics
@@ -101,6 +102,9 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Components
         web_metrics_enabled=False,
         producer_linger_ms=PRODUCER_LINGER_MS,
         producer_acks=-1,  # acks=all: an acknowledged signal survives a broker loss
+        # Signals are sent to their source partition; the partitioner only decides where the router
+        # sends /users/{id}/demand, which must be where the shop's producers put the user
+        producer_partitioner=producer_partitioner(settings.partitioner),
         consumer_max_fetch_size=CONSUMER_MAX_FETCH_BYTES,
         broker_max_poll_records=settings.batch_max,  # one poll can fill a whole micro-batch
         # under exactly-once each commit ends the transactions: how soon read_committed consumers see a signal

@@ -1,17 +1,19 @@
-"""Whether the shop's producers partition keys as Kafka's default partitioner does (murmur2).
+"""Whether the shop's producers partition keys as ``DEMANDSTREAM_PARTITIONER`` says (murmur2 by default).
 
 Per-user order needs only that each user's events stay in one partition, which every keyed
 partitioner gives. Two things need more: ``demandstream forget`` sends a user's erasure to the control
-partition murmur2 gives the user (stream/tools/forget.py), and Faust routes ``/users/{id}/demand`` to
-the worker owning that partition. A producer built on librdkafka (confluent-kafka, the Go and .NET
-clients, kcat) partitions with CRC32 by default (``partitioner=consistent_random``): most users' states
-then live in another partition than the one those requests reach, so an erasure finds no state to
-delete and the view answers 404. Signals stay correct, which is why nothing else would show it.
+partition the setting's partitioner gives the user (stream/tools/forget.py), and Faust routes
+``/users/{id}/demand`` with the same function (stream/partitioner.py). A producer built on librdkafka
+(confluent-kafka, kcat) partitions with CRC32 by default (``partitioner=consistent_random``), Sarama
+with FNV-1a: unless the setting names it, most users' states then live in another partition than
+those requests reach, so an erasure finds no state to delete and the view answers 404. Signals stay
+correct, which is why nothing else would show it.
 
 The worker checks one input record of each partition in every micro-batch (the last, which its lag
 bookkeeping picks out anyway: at most one hash per partition and batch, not one per event) and counts
-the records whose partition is not murmur2's (``demandstream_misrouted_records_total``); the first one is logged as an error saying what
-to change (docs/OPERATIONS.md §4, "Producers' partitioner").
+the records whose partition is not the setting's (``demandstream_misrouted_records_total``); the
+first one is logged as an error naming the partitioners that would have put it there and what to
+change (docs/OPERATIONS.md §4, "Producers' partitioner").
 """
 
 from __future__ import annotations
@@ -19,13 +21,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
-from demandstream.stream.admin import key_partition
+from demandstream.stream.partitioner import key_partition, matching_partitioners
 
 logger = logging.getLogger(__name__)
 
 
 class PartitionerCheck:
-    """Samples of each micro-batch's input records against murmur2's partition of their key.
+    """Samples of each micro-batch's input records against the partition ``partitioner`` gives their key.
 
     >>> from types import SimpleNamespace as R
     >>> check = PartitionerCheck("clicks", 4)
@@ -36,33 +38,46 @@ class PartitionerCheck:
     1
     """
 
-    def __init__(self, input_topic: str, n_partitions: int):
+    def __init__(self, input_topic: str, n_partitions: int, partitioner: str = "murmur2"):
         self.input_topic = input_topic
         self.n_partitions = n_partitions
+        self.partitioner = partitioner
         self.logged = False
 
     def check(self, records: Iterable) -> int:
         """How many of the sampled records (the first keyed input record of each partition) sit in
-        another partition than murmur2 gives their key; the first such record is logged."""
+        another partition than the partitioner gives their key; the first such record is logged."""
         seen: set[int] = set()
         misrouted = 0
         for r in records:
             if r.topic != self.input_topic or r.partition in seen or not r.key:
                 continue
             seen.add(r.partition)
-            expected = key_partition(r.key, self.n_partitions)
+            expected = key_partition(r.key, self.n_partitions, self.partitioner)
             if expected != r.partition:
                 misrouted += 1
                 if not self.logged:
                     self.logged = True
-                    logger.error(
-                        "a record of %s keyed for partition %d (Kafka's default partitioner, murmur2) arrived "
-                        "on partition %d: the producers partition keys otherwise (librdkafka's default is "
-                        "CRC32; set partitioner=murmur2_random). Signals stay right, but `demandstream "
-                        "forget` and /users/{id}/demand reach the murmur2 partition and miss such users "
-                        "(docs/OPERATIONS.md §4); counted in demandstream_misrouted_records_total",
-                        self.input_topic,
-                        expected,
-                        r.partition,
-                    )
+                    self._log(expected, r.key, r.partition)
         return misrouted
+
+    def _log(self, expected: int, key: bytes, partition: int) -> None:
+        candidates = matching_partitioners(key, partition, self.n_partitions)
+        hint = (
+            f"{' or '.join(candidates)} would put it there"
+            if candidates
+            else "none of murmur2, crc32 and fnv1a would put it there"
+        )
+        logger.error(
+            "a record of %s keyed for partition %d (DEMANDSTREAM_PARTITIONER=%s) arrived on partition %d "
+            "(%s): set DEMANDSTREAM_PARTITIONER to the producers' partitioner, or set theirs to "
+            "Kafka's default (librdkafka: partitioner=murmur2_random). Signals stay right, but "
+            "`demandstream forget` and /users/{id}/demand miss such users until then "
+            '(docs/OPERATIONS.md §4, "Producers\' partitioner"); counted in '
+            "demandstream_misrouted_records_total",
+            self.input_topic,
+            expected,
+            self.partitioner,
+            partition,
+            hint,
+        )

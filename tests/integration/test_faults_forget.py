@@ -12,14 +12,18 @@ import collections
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import pytest
+from kafka import KafkaProducer
 from rocksdict import AccessType, Options, Rdict
 
+from demandstream.model.core.events import event_to_json
 from demandstream.model.core.state import unpack
 from demandstream.model.data.synth import generate, write_jsonl
 from demandstream.stream.engine.records import user_of_state_key
+from demandstream.stream.partitioner import key_partition
 from demandstream.stream.settings import Settings
 from demandstream.stream.tools.replay import replay
 from tests.conftest import REPO
@@ -148,3 +152,74 @@ def test_forget_reaches_the_standby_copy(worker_factory, stream_env, kafka_boots
     for w in workers:
         assert w.get(f"/users/{victim}/demand")[0] == 404
         assert w.proc.poll() is None, w.log_tail()
+
+
+def test_forget_and_the_view_follow_a_crc32_producer(worker_factory, stream_env, kafka_bootstrap, tmp_path):
+    # A shop whose producers run librdkafka's default partitioner (CRC32) and say so in
+    # DEMANDSTREAM_PARTITIONER: the erasure must reach the partition holding the user's state, and the
+    # router must send the view to the worker owning it. The victim's records are placed here with
+    # zlib's CRC32, librdkafka's `consistent_random`, not with the product's own function; half of the
+    # other users come through `demandstream replay`, which must place them the same way.
+    env = {"DEMANDSTREAM_PARTITIONER": "crc32"}
+    s = Settings.from_env(stream_env | env)
+    n = s.partitions
+    events = list(generate(N_USERS, N_EVENTS, seed=7))
+    counts = collections.Counter(e.user_id for e in events)
+    moved = [u for u in counts if zlib.crc32(u.encode()) % n != key_partition(u.encode(), n)]
+    victim = max(moved, key=counts.__getitem__)  # a user murmur2 would look for elsewhere
+
+    workers = [worker_factory(**env).start() for _ in range(2)]
+    for w in workers:
+        w.wait_ready()
+    replayed = {u for u in sorted(counts)[::2] if u != victim}
+    data = tmp_path / "replayed.jsonl"
+    write_jsonl([e for e in events if e.user_id in replayed], data)
+    replay(s, [data], "jsonl", progress=False)
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+    try:
+        for e in (e for e in events if e.user_id not in replayed):
+            key = e.user_id.encode()
+            producer.send(s.topic_input, key=key, value=event_to_json(e), partition=zlib.crc32(key) % n)
+        producer.flush()
+    finally:
+        producer.close()
+    state_partition = zlib.crc32(victim.encode()) % n
+    reader = TopicReader(kafka_bootstrap, changelog_topic(s))
+    try:
+
+        def all_applied(recs: list) -> bool:
+            latest = latest_states(recs)
+            return all(latest.get(u) and unpack(latest[u]).events_seen == c for u, c in counts.items())
+
+        reader.read_until(all_applied, 120, idle_s=1)
+        assert all_applied(reader.records)
+        for w in workers:  # one owns the user, the other forwards to it
+            assert w.get(f"/users/{victim}/demand")[0] == 200
+        proc = subprocess.run(
+            [sys.executable, "-m", "demandstream.stream", "forget", victim],
+            env=stream_env | env,
+            cwd=REPO,
+            capture_output=True,
+            timeout=60,
+        )
+        assert proc.returncode == 0, proc.stderr.decode()
+
+        def erased_in_its_partition(recs: list) -> bool:
+            mine = [r for r in recs if r.partition == state_partition]
+            return latest_states(mine).get(victim, b"") is None
+
+        reader.read_until(erased_in_its_partition, 60, idle_s=1)
+        assert erased_in_its_partition(reader.records), "no tombstone in the partition holding the state"
+    finally:
+        reader.close()
+    inputs = TopicReader(kafka_bootstrap, s.topic_input)
+    try:
+        recs = inputs.read_until(lambda recs: len(recs) >= len(events), 30, idle_s=0.5)
+    finally:
+        inputs.close()
+    assert len(recs) == len(events) and all(r.partition == zlib.crc32(r.key) % n for r in recs)
+    for w in workers:
+        wait_until(lambda w=w: w.get(f"/users/{victim}/demand")[0] == 404, 30, "404 for the forgotten user")
+        assert w.get(f"/users/{next(u for u in counts if u != victim)}/demand")[0] == 200
+        # the records sit where the setting says: nothing is reported off its partition
+        assert w.metric("demandstream_misrouted_records_total") == 0

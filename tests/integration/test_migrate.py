@@ -26,8 +26,9 @@ from demandstream.model.core.checkpoint import load, save
 from demandstream.model.core.events import Event, event_to_json
 from demandstream.model.core.state import SUMMARY_FIELDS, unpack
 from demandstream.model.data.synth import generate
-from demandstream.stream.admin import changelog_topic, ensure_topics, key_partition
+from demandstream.stream.admin import changelog_topic, ensure_topics
 from demandstream.stream.engine.records import state_key
+from demandstream.stream.partitioner import key_partition
 from demandstream.stream.settings import Settings
 from demandstream.stream.tools.forget import forget, forget_record
 from demandstream.stream.tools.migrate import MigrateError, migrate

@@ -42,6 +42,7 @@ ALLOWED: dict[str, set[str]] = {
     },
     "demandstream.stream.settings": {"demandstream.model.errors"},
     "demandstream.stream.admin": {"demandstream.model.errors", "demandstream.stream.settings"},
+    "demandstream.stream.partitioner": set(),
     "demandstream.stream.engine": {
         "demandstream.model.errors",
         "demandstream.model.core",
@@ -55,6 +56,7 @@ ALLOWED: dict[str, set[str]] = {
         "demandstream.model.core",
         "demandstream.stream.settings",
         "demandstream.stream.admin",
+        "demandstream.stream.partitioner",
         "demandstream.stream.engine",
         "demandstream.stream.worker",
     },
@@ -65,6 +67,7 @@ ALLOWED: dict[str, set[str]] = {
         "demandstream.model.training",  # the demo trains its model
         "demandstream.stream.settings",
         "demandstream.stream.admin",
+        "demandstream.stream.partitioner",
         "demandstream.stream.engine",
         "demandstream.stream.worker.launcher",  # the demo starts its worker
         "demandstream.stream.tools",

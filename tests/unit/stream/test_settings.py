@@ -52,6 +52,17 @@ def test_the_removed_flag_is_refused_by_the_command_line():
     assert exc.value.code == 2
 
 
+def test_the_partitioner_is_murmur2_by_default_and_offers_the_known_ones():
+    from demandstream.stream.partitioner import PARTITIONERS
+    from demandstream.stream.settings import _CHOICES
+
+    assert Settings.from_env({}).partitioner == "murmur2"
+    assert _CHOICES["partitioner"] == tuple(PARTITIONERS)
+    assert Settings.from_env({"DEMANDSTREAM_PARTITIONER": "crc32"}).partitioner == "crc32"
+    with pytest.raises(SettingsError, match="DEMANDSTREAM_PARTITIONER: must be one of murmur2, crc32, fnv1a"):
+        Settings.from_env({"DEMANDSTREAM_PARTITIONER": "consistent_random"})
+
+
 def test_inference_is_eager_by_default_and_offers_the_models_modes():
     from demandstream.model.core.compiled import INFERENCE_MODES
     from demandstream.stream.settings import _CHOICES

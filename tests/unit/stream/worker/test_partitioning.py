@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import re
 import zlib
 from types import SimpleNamespace as Record
 
 from aiokafka.partitioner import DefaultPartitioner
 
-from demandstream.stream.admin import key_partition
+from demandstream.stream.partitioner import key_partition
 from demandstream.stream.worker.partitioning import PartitionerCheck
 
 N = 4
@@ -37,7 +38,12 @@ def test_a_crc32_producer_is_counted_and_logged_once(caplog):
         assert 1 <= first <= N  # one sampled record per partition and batch, not one per event
         assert check.check(crc) == first
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
-    assert len(errors) == 1 and "partitioner=murmur2_random" in errors[0].getMessage()
+    assert len(errors) == 1
+    message = errors[0].getMessage()
+    # both fixes, and the partitioners that would have placed the record there (CRC32 among them)
+    assert "DEMANDSTREAM_PARTITIONER" in message and "partitioner=murmur2_random" in message
+    hint = re.search(r"arrived on partition \d+ \(([^)]*)\)", message)
+    assert hint and "crc32" in hint.group(1)
     # records without a key (dead letters) and control records are not sampled
     assert (
         check.check(
@@ -45,3 +51,11 @@ def test_a_crc32_producer_is_counted_and_logged_once(caplog):
         )
         == 0
     )
+
+
+def test_a_check_told_crc32_accepts_crc32_records_and_counts_murmur2_ones():
+    keys = [f"u{i}".encode() for i in range(200)]
+    check = PartitionerCheck("clicks", N, "crc32")
+    assert check.check([Record(topic="clicks", key=k, partition=crc32_partition(k)) for k in keys]) == 0
+    off = [k for k in keys if crc32_partition(k) != key_partition(k, N)]
+    assert check.check([Record(topic="clicks", key=k, partition=key_partition(k, N)) for k in off]) >= 1
