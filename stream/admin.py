@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import kafka.errors
 from kafka import KafkaAdminClient
@@ -67,14 +68,23 @@ def admin_client(settings: Settings, timeout_s: float = 10.0) -> KafkaAdminClien
 
 
 def create_topics(
-    settings: Settings, names: list[str], configs: dict[str, str] | None = None
+    settings: Settings,
+    names: list[str],
+    configs: dict[str, str] | None = None,
+    check_existing: Callable[[dict[str, int]], None] | None = None,
 ) -> dict[str, int]:
     """Create the topics of ``names`` that are missing (``settings.partitions``, ``settings.replication``,
     the topic ``configs`` given) and wait until every broker knows them; return the partition count of
-    each. The one topic creator of the product (the worker's topics, the bench's)."""
+    each. The one topic creator of the product (the worker's topics, the bench's).
+
+    ``check_existing`` is given the partition counts of the topics that already exist, before any is
+    created, and may raise to create none."""
     admin = admin_client(settings)
     try:
         existing = set(admin.list_topics())
+        present = [n for n in names if n in existing]
+        if check_existing is not None and present:
+            check_existing(wait_for_topics(admin, present))
         new = [
             NewTopic(n, settings.partitions, settings.replication, topic_configs=dict(configs or {}))
             for n in names
@@ -91,16 +101,6 @@ def create_topics(
         admin.close()
 
 
-def existing_partition_counts(settings: Settings, names: list[str]) -> dict[str, int]:
-    """The partition count of each topic of ``names`` that exists (the others are left out)."""
-    admin = admin_client(settings)
-    try:
-        present = [n for n in names if n in set(admin.list_topics())]
-        return wait_for_topics(admin, present) if present else {}
-    finally:
-        admin.close()
-
-
 def ensure_topics(settings: Settings) -> dict[str, int]:
     """Create input, control, signal and dead-letter topics if missing; return their partition counts.
 
@@ -112,7 +112,15 @@ def ensure_topics(settings: Settings) -> dict[str, int]:
         names.append(settings.topic_demand)
     # Existing topics (a shop's own clickstream topic, typically) are checked before any is created:
     # creating the others with the setting's count first would leave them in the way of the fix.
-    other = {n: c for n, c in existing_partition_counts(settings, names).items() if c != settings.partitions}
+    counts = create_topics(settings, names, check_existing=lambda found: refuse_other_counts(settings, found))
+    if len(set(counts.values())) != 1:
+        raise TopicMismatch(f"topics must have equal partition counts, found {counts}")
+    return counts
+
+
+def refuse_other_counts(settings: Settings, counts: dict[str, int]) -> None:
+    """Raise :class:`TopicMismatch` naming the existing topics whose partition count is not the setting's."""
+    other = {n: c for n, c in counts.items() if c != settings.partitions}
     if other:
         found = ", ".join(f"{n} has {c}" for n, c in other.items())
         raise TopicMismatch(
@@ -120,10 +128,6 @@ def ensure_topics(settings: Settings) -> dict[str, int]:
             f"({found}): set DEMANDSTREAM_PARTITIONS to theirs (every topic of a worker, its changelog "
             "included, has one count), or name other topics"
         )
-    counts = create_topics(settings, names)
-    if len(set(counts.values())) != 1:
-        raise TopicMismatch(f"topics must have equal partition counts, found {counts}")
-    return counts
 
 
 #: How long a just-created topic may take to appear in every broker's metadata. On a multi-broker
