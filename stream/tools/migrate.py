@@ -512,8 +512,18 @@ class Migration:
             if offsets:
                 occupied.append(f"group {self.target} has committed offsets on {len(offsets)} partitions")
             group = _retry(lambda: admin.describe_groups([self.target])).get(self.target) or {}
+            source = s.app_id
+            blue = _retry(lambda: admin.list_group_offsets({source: None})).get(source) or {}
         finally:
             admin.close()
+        if not blue:
+            # The rebuild reads the input topic, not the blue group, so it still runs; but a mistyped
+            # --app-id would print a rollback to workers that never existed.
+            self.report.warnings.append(
+                f"group {s.app_id} (--app-id / DEMANDSTREAM_APP_ID, the running workers') has no committed "
+                "offsets: no worker of that app id has consumed anything, so the rollback line names no "
+                "running table; check the app id"
+            )
         if group.get("members"):
             raise MigrateError(
                 f"group {self.target} has {len(group['members'])} live members: stop the workers with app id "

@@ -132,6 +132,7 @@ def test_migrate_rebuilds_states_and_green_continues(
     assert dry.dry_run and dry.records == n_valid + len(BAD)
     assert dry.applied == n_valid and dry.dead_letters == len(BAD) and dry.erasures == 3
     assert dry.users == len(expected) and not dry.truncated and dry.retained_from is not None
+    assert not any("has no committed offsets" in w for w in dry.warnings)  # blue's group has consumed
     admin = KafkaAdminClient(bootstrap_servers=[kafka_bootstrap])
     try:
         assert changelog_topic(settings, green_id) not in admin.list_topics()
@@ -252,3 +253,5 @@ def test_retention_losses_are_reported_and_lost_erasures_refused(stream_env, kaf
     assert dry.truncated == {part: first + 1} and dry.records == len(placed) - 1
     assert dry.erasures == 1 and any("were deleted by retention" in w for w in dry.warnings)
     assert any("retention deleted the oldest events of 1 of" in w for w in dry.warnings)
+    # no worker ever ran with this app id: the report says so (a mistyped --app-id would look the same)
+    assert any(f"group {settings.app_id} (--app-id" in w for w in dry.warnings)
