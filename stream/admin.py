@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Sequence
 
 import kafka.errors
 from kafka import KafkaAdminClient
@@ -71,20 +71,20 @@ def create_topics(
     settings: Settings,
     names: list[str],
     configs: dict[str, str] | None = None,
-    check_existing: Callable[[dict[str, int]], None] | None = None,
+    check_counts_of: Sequence[str] = (),
 ) -> dict[str, int]:
     """Create the topics of ``names`` that are missing (``settings.partitions``, ``settings.replication``,
     the topic ``configs`` given) and wait until every broker knows them; return the partition count of
     each. The one topic creator of the product (the worker's topics, the bench's).
 
-    ``check_existing`` is given the partition counts of the topics that already exist, before any is
-    created, and may raise to create none."""
+    ``check_counts_of``: topics (of ``names`` or not) that, where they exist, must already have
+    ``settings.partitions`` partitions; checked before anything is created (:class:`TopicMismatch`)."""
     admin = admin_client(settings)
     try:
         existing = set(admin.list_topics())
-        present = [n for n in names if n in existing]
-        if check_existing is not None and present:
-            check_existing(wait_for_topics(admin, present))
+        present = [n for n in check_counts_of if n in existing]
+        if present:
+            refuse_other_counts(settings, wait_for_topics(admin, present))
         new = [
             NewTopic(n, settings.partitions, settings.replication, topic_configs=dict(configs or {}))
             for n in names
@@ -101,18 +101,22 @@ def create_topics(
         admin.close()
 
 
-def ensure_topics(settings: Settings) -> dict[str, int]:
+def ensure_topics(settings: Settings, with_changelog: bool = False) -> dict[str, int]:
     """Create input, control, signal and dead-letter topics if missing; return their partition counts.
 
     Raises :class:`TopicMismatch` (a ``ValueError``) when existing topics disagree on partition counts
-    (signals could not stay co-partitioned with their input).
+    (signals could not stay co-partitioned with their input). ``with_changelog`` (the worker's start)
+    also refuses an existing changelog of the table with another count: Faust writes a state to the
+    changelog partition of its source record, and would crash on the first event of a partition the
+    changelog lacks.
     """
     names = [settings.topic_input, settings.topic_control, settings.topic_signals, settings.topic_dlq]
     if settings.demand_window_s:  # closed windows go to their source partition (§Category demand)
         names.append(settings.topic_demand)
     # Existing topics (a shop's own clickstream topic, typically) are checked before any is created:
     # creating the others with the setting's count first would leave them in the way of the fix.
-    counts = create_topics(settings, names, check_existing=lambda found: refuse_other_counts(settings, found))
+    check = names + ([changelog_topic(settings)] if with_changelog else [])
+    counts = create_topics(settings, names, check_counts_of=check)
     if len(set(counts.values())) != 1:
         raise TopicMismatch(f"topics must have equal partition counts, found {counts}")
     return counts
@@ -121,13 +125,23 @@ def ensure_topics(settings: Settings) -> dict[str, int]:
 def refuse_other_counts(settings: Settings, counts: dict[str, int]) -> None:
     """Raise :class:`TopicMismatch` naming the existing topics whose partition count is not the setting's."""
     other = {n: c for n, c in counts.items() if c != settings.partitions}
-    if other:
-        found = ", ".join(f"{n} has {c}" for n, c in other.items())
+    if not other:
+        return
+    found = ", ".join(f"{n} has {c}" for n, c in other.items())
+    changelog = changelog_topic(settings)
+    if changelog in other:
         raise TopicMismatch(
-            f"existing topics have another partition count than the worker's {settings.partitions} "
-            f"({found}): set DEMANDSTREAM_PARTITIONS to theirs (every topic of a worker, its changelog "
-            "included, has one count), or name other topics"
+            f"the table's changelog {changelog} has {other[changelog]} partitions, not the worker's "
+            f"{settings.partitions} ({found}): the states of app id {settings.app_id} were kept with "
+            f"{other[changelog]}; set DEMANDSTREAM_PARTITIONS={other[changelog]} (and topics of that count), "
+            "or start a new table under another DEMANDSTREAM_APP_ID (`demandstream migrate` builds one "
+            "from the input topic)"
         )
+    raise TopicMismatch(
+        f"existing topics have another partition count than the worker's {settings.partitions} "
+        f"({found}): set DEMANDSTREAM_PARTITIONS to theirs (every topic of a worker, its changelog "
+        "included, has one count), or name other topics"
+    )
 
 
 #: How long a just-created topic may take to appear in every broker's metadata. On a multi-broker

@@ -145,7 +145,7 @@ def run_worker(settings: Settings) -> int:
     torch.set_num_threads(WORKER_TORCH_THREADS)
     check_web_port(settings)
     c = build_worker(settings)
-    ensure_topics(settings)
+    ensure_topics(settings, with_changelog=True)
     tune_gc()
     worker = faust_worker(c.app, settings.log_level)
     try:

@@ -1,17 +1,19 @@
 """The worker's topics on the real broker: an existing topic with another partition count is refused
-before any other topic is created (a shop's own clickstream topic, typically)."""
+before any other topic is created (a shop's own clickstream topic, typically, or a changelog kept from
+a run with another count)."""
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import pytest
 from kafka.admin import KafkaAdminClient, NewTopic
 
-from demandstream.stream.admin import TopicMismatch, ensure_topics
+from demandstream.stream.admin import TopicMismatch, changelog_topic, ensure_topics
 from demandstream.stream.settings import Settings
 
-pytestmark = [pytest.mark.kafka, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.kafka, pytest.mark.timeout(180)]
 
 
 def test_an_input_topic_of_another_partition_count_is_refused_before_anything_is_created(kafka_bootstrap):
@@ -39,3 +41,31 @@ def test_an_input_topic_of_another_partition_count_is_refused_before_anything_is
         assert set(counts.values()) == {6} and settings.topic_signals in counts
     finally:
         admin.close()
+
+
+def test_a_worker_refuses_a_changelog_of_another_partition_count_in_one_line(worker_factory, stream_env):
+    # Left by a run with another DEMANDSTREAM_PARTITIONS, or made by hand: the worker used to start, pass
+    # /readyz, and crash with a traceback ("Unrecognized partition") on the first event of a partition
+    # the changelog lacks.
+    settings = Settings.from_env(stream_env)
+    admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
+    try:
+        changelog = changelog_topic(settings)
+        admin.create_topics([NewTopic(changelog, 2, 1, topic_configs={"cleanup.policy": "compact"})])
+        with pytest.raises(
+            TopicMismatch, match=rf"changelog {changelog} has 2 partitions, not the worker's 4"
+        ):
+            ensure_topics(settings, with_changelog=True)
+        assert settings.topic_input not in admin.list_topics()  # nothing created before the refusal
+    finally:
+        admin.close()
+    w = worker_factory().start()
+    deadline = time.monotonic() + 60
+    while w.poll() is None:
+        assert time.monotonic() < deadline, f"the worker still runs:\n{w.log_tail()}"
+        time.sleep(0.5)
+    assert w.returncode == 2, w.log_tail()
+    last = w.log_tail(1)
+    assert (
+        "has 2 partitions" in last and "DEMANDSTREAM_PARTITIONS=2" in last and "Traceback" not in w.log_tail()
+    )
