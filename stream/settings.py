@@ -36,6 +36,10 @@ REMOVED_ENV_VARS: dict[str, str] = {
         "it; DEMANDSTREAM_BATCH_MAX bounds its size"
     ),
 }
+#: A user's state record keeps the last signal's top categories with their count in one byte
+#: (demandstream.model.core.state.HEADER_FIELDS ``n_top``; tests/unit/stream/test_settings.py holds
+#: the two equal); each costs the record 8 bytes.
+TOP_K_MAX = 255
 #: The ``why`` of a top category has at most one entry per reason (demandstream.model.core.explain.REASONS).
 WHY_TOP_MAX = 10
 #: Offset commits under exactly-once: each ends the open transactions, so a signal becomes visible to
@@ -199,6 +203,11 @@ class Settings:
         for name in ("partitions", "replication", "standby_buffer", "batch_max", "top_k", "processes"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{PREFIX}{name.upper()}: must be at least 1")
+        if self.top_k > TOP_K_MAX:
+            raise SettingsError(
+                f"{PREFIX}TOP_K: at most {TOP_K_MAX} (a user's state keeps the last top categories; "
+                f"got {self.top_k})"
+            )
         if not 0 <= self.why_top <= WHY_TOP_MAX:
             raise SettingsError(
                 f"{PREFIX}WHY_TOP: must be between 0 (off) and {WHY_TOP_MAX} (got {self.why_top})"

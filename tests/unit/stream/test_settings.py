@@ -121,3 +121,16 @@ def test_kafka_urls_and_bare_host_ports_are_brokers():
     assert s.bootstrap_servers == ["k1:9092", "k2:9093", "[::1]:9094"]
     bare = Settings.from_env({"DEMANDSTREAM_BROKER": "127.0.0.1:19092"})
     assert bare.bootstrap_servers == ["127.0.0.1:19092"]
+
+
+def test_top_k_is_bounded_by_what_a_state_record_can_keep():
+    import struct
+
+    from demandstream.model.core.state import HEADER_FIELDS
+    from demandstream.stream.settings import TOP_K_MAX
+
+    n_top = dict(HEADER_FIELDS)["n_top"]
+    assert TOP_K_MAX == 2 ** (8 * struct.calcsize(n_top)) - 1  # the header's count of stored tops
+    assert Settings.from_env({"DEMANDSTREAM_TOP_K": str(TOP_K_MAX)}).top_k == TOP_K_MAX
+    with pytest.raises(SettingsError, match="DEMANDSTREAM_TOP_K: at most 255"):
+        Settings.from_env({"DEMANDSTREAM_TOP_K": "256"})
