@@ -228,6 +228,10 @@ class Settings:
             ("QUALITY_DRIFT_MARGIN", 0 <= self.quality_drift_margin < 1, "must be in [0, 1)"),
             ("QUALITY_PENDING_MAX", self.quality_pending_max >= 0, "must not be negative"),
             ("QUALITY_GAP_S", self.quality_gap_s > 0, "must be positive"),
+            # a Faust timer of interval 0 runs back to back: the gauges would take a core
+            ("LAG_INTERVAL_S", self.lag_interval_s > 0, "must be positive"),
+            ("STANDBY_REPLICAS", self.standby_replicas >= 0, "must not be negative"),
+            ("STATE_TTL_S", self.state_ttl_s >= 0, "must not be negative (0: keep states forever)"),
         ):
             if not ok:
                 raise SettingsError(f"{PREFIX}{name}: {rule} (got {getattr(self, name.lower())})")
@@ -241,8 +245,6 @@ class Settings:
             raise SettingsError(
                 f"{PREFIX}TOPIC_CONTROL: must be a topic of its own (got {self.topic_control!r})"
             )
-        if self.standby_replicas < 0 or self.state_ttl_s < 0:
-            raise SettingsError("standby_replicas and state_ttl_s must not be negative")
         if not 0 < self.web_port < 65536:
             raise SettingsError(f"{PREFIX}WEB_PORT: not a port: {self.web_port}")
         _check_broker(self.broker)

@@ -134,3 +134,17 @@ def test_top_k_is_bounded_by_what_a_state_record_can_keep():
     assert Settings.from_env({"DEMANDSTREAM_TOP_K": str(TOP_K_MAX)}).top_k == TOP_K_MAX
     with pytest.raises(SettingsError, match="DEMANDSTREAM_TOP_K: at most 255"):
         Settings.from_env({"DEMANDSTREAM_TOP_K": "256"})
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "rule"),
+    [
+        ("LAG_INTERVAL_S", "0", "must be positive"),
+        ("LAG_INTERVAL_S", "-1", "must be positive"),
+        ("STANDBY_REPLICAS", "-1", "must not be negative"),
+        ("STATE_TTL_S", "-5", "must not be negative"),
+    ],
+)
+def test_intervals_and_counts_out_of_range_are_refused_naming_the_variable(name, value, rule):
+    with pytest.raises(SettingsError, match=f"DEMANDSTREAM_{name}: {rule}"):
+        Settings.from_env({f"DEMANDSTREAM_{name}": value})
