@@ -351,6 +351,33 @@ def _parse_int(digits: str) -> int | float:
     return int(digits) if len(digits) <= _MAX_INT_DIGITS else float(digits)
 
 
+#: Confluent Schema Registry's wire format: a zero byte, the schema id (4 bytes, big-endian), then the
+#: serialized value. Its JSON Schema serializer writes plain JSON after the header.
+REGISTRY_MAGIC = b"\x00"
+REGISTRY_HEADER_BYTES = 5
+
+
+def _registry_payload(data: bytes) -> object:
+    """The JSON after a Schema Registry header (the JSON Schema serializer's output); any other
+    registry payload (Avro, Protobuf) is ``not_json`` with the schema id and what to change.
+
+    >>> _registry_payload(bytes([0, 0, 0, 0, 7]) + b'{"a": 1}')
+    {'a': 1}
+    """
+    schema_id = int.from_bytes(data[1:REGISTRY_HEADER_BYTES], "big")
+    body = data[REGISTRY_HEADER_BYTES:]
+    if body.lstrip()[:1] != b"{":
+        raise BadEvent(
+            "not_json",
+            f"a Schema Registry payload (schema id {schema_id}) that is not JSON, Avro or Protobuf "
+            "perhaps: events are JSON objects; use a JSON or JSON Schema value serializer",
+        )
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        return _decode_slow(body, exc)
+
+
 def _decode_slow(data: bytes, exc: orjson.JSONDecodeError) -> object:
     """Classify an orjson failure, or decode the valid JSON that orjson refuses.
 
@@ -359,8 +386,11 @@ def _decode_slow(data: bytes, exc: orjson.JSONDecodeError) -> object:
     try (numbers overflow to inf; the depth check already ran, so its recursion is safe), with
     its extra leniencies closed: NaN/Infinity literals are rejected, and strings with lone
     surrogates (which nothing downstream could re-encode) are caught by re-encoding.
-    This costs a second decode only for payloads that fail the first.
+    This costs a second decode only for payloads that fail the first, which is also where a Schema
+    Registry header (JSON never starts with a zero byte) is recognised and skipped.
     """
+    if data[:1] == REGISTRY_MAGIC and len(data) >= REGISTRY_HEADER_BYTES:
+        return _registry_payload(data)
     try:
         text = data.decode()
     except UnicodeDecodeError as err:

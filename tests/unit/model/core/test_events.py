@@ -488,3 +488,45 @@ def test_property_event_like_objects(obj: dict) -> None:
         assert bad.reason in REASONS
     else:
         assert direct == parse_event(orjson.dumps(obj), now=NOW)
+
+
+# -- Confluent Schema Registry's wire format --------------------------------------------------------
+
+REGISTRY_EVENT = b'{"event_id":"e1","user_id":"u1","ts":1714564800,"type":"view","item_id":"i1"}'
+
+
+def registry_framed(body: bytes, schema_id: int = 42) -> bytes:
+    """A value as the Schema Registry serializers frame it: magic byte 0, schema id, payload."""
+    return b"\x00" + schema_id.to_bytes(4, "big") + body
+
+
+def test_a_json_schema_serializers_value_is_read_after_its_registry_header():
+    assert parse_event(registry_framed(REGISTRY_EVENT), now=2e9) == parse_event(REGISTRY_EVENT, now=2e9)
+    # the header is skipped once; the payload after it is checked as any other
+    with pytest.raises(BadEvent) as e:
+        parse_event(registry_framed(b'{"event_id":"e1"}'), now=2e9)
+    assert e.value.reason == "missing_field"
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        registry_framed(b"\x02\x04u1\x02\x04i1"),  # Avro's binary encoding
+        registry_framed(b"\x00\x0a\x02u1"),  # Protobuf: message indexes, then the message
+        registry_framed(b""),
+    ],
+)
+def test_other_registry_payloads_are_not_json_naming_the_schema_and_the_fix(value):
+    with pytest.raises(BadEvent) as e:
+        parse_event(value, now=2e9)
+    assert e.value.reason == "not_json"
+    assert "Schema Registry payload (schema id 42)" in str(e.value) and "JSON Schema value serializer" in str(
+        e.value
+    )
+
+
+def test_a_lone_zero_byte_or_a_short_header_is_plain_bad_input():
+    for value in (b"\x00", b"\x00\x00\x00"):
+        with pytest.raises(BadEvent) as e:
+            parse_event(value, now=2e9)
+        assert e.value.reason == "not_json" and "Schema Registry" not in str(e.value)
