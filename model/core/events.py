@@ -478,8 +478,24 @@ def _ts_field(value: object, now: float) -> float:
     # seconds and silently rescale the gaps the model learns from. They fail the upper bound.
     # The chained comparison is False for NaN too, and works on huge ints without overflow.
     if not MIN_TS <= t <= now + MAX_FUTURE_S:
-        raise BadEvent("bad_ts", f"ts {_show(value)} is outside [2000-01-01, now + 1 day] or not finite")
+        # ... but the dead letter says what they look like, the one mistake every Java shop can make
+        hint = next(
+            (
+                f" (unix {u}? ts is in seconds)"
+                for u, k in _TS_UNITS
+                if MIN_TS * k <= t <= (now + MAX_FUTURE_S) * k
+            ),
+            "",
+        )
+        raise BadEvent(
+            "bad_ts", f"ts {_show(value)} is outside [2000-01-01, now + 1 day] or not finite{hint}"
+        )
     return float(t)
+
+
+#: Units a numeric ts out of range may have been sent in, and their factor to seconds: only named in
+#: the dead letter's detail (the ranges of valid instants in each unit do not overlap).
+_TS_UNITS = (("milliseconds", 1_000), ("microseconds", 1_000_000), ("nanoseconds", 1_000_000_000))
 
 
 def _iso_seconds(text: str) -> float:

@@ -530,3 +530,22 @@ def test_a_lone_zero_byte_or_a_short_header_is_plain_bad_input():
         with pytest.raises(BadEvent) as e:
             parse_event(value, now=2e9)
         assert e.value.reason == "not_json" and "Schema Registry" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("ts", "unit"),
+    [
+        (1714564800_000, "milliseconds"),
+        (1714564800_000_000, "microseconds"),
+        (1714564800_000_000_000, "nanoseconds"),
+    ],
+)
+def test_a_ts_in_another_unit_is_refused_and_the_dead_letter_names_the_unit(ts, unit):
+    raw = orjson.dumps({"event_id": "e1", "user_id": "u1", "ts": ts, "type": "view", "item_id": "i1"})
+    with pytest.raises(BadEvent) as e:
+        parse_event(raw, now=2e9)
+    assert e.value.reason == "bad_ts" and f"(unix {unit}? ts is in seconds)" in str(e.value)
+    # seconds out of range name no unit
+    with pytest.raises(BadEvent) as e:
+        parse_event(raw.replace(str(ts).encode(), b"946684000"), now=2e9)
+    assert "unix" not in str(e.value)
