@@ -214,8 +214,8 @@ def validate_event(obj: object, *, now: float | None = None) -> Event:
 
     Loaders that decode whole files use this directly. Accepted variants: ``ts`` as unix
     seconds (int or float) or an ISO-8601 string (``Z``, an offset, naive = UTC, date only);
-    ``type`` in any case or as a public alias (:data:`TYPE_ALIASES`); ``item_id`` and
-    ``category`` as integers (turned into their decimal strings); empty ``item_id``,
+    ``type`` in any case or as a public alias (:data:`TYPE_ALIASES`); ``event_id``, ``user_id``,
+    ``item_id`` and ``category`` as integers (turned into their decimal strings); empty ``item_id``,
     ``category``, ``query`` and ``session_id`` strings mean null. Unknown fields are ignored.
 
     Parameters
@@ -438,7 +438,15 @@ def _required_id(value: object, name: str) -> str:
     if value is None:
         raise BadEvent("missing_field", f"{name} is missing or null")
     if not isinstance(value, str):
-        raise BadEvent("bad_field_type", f"{name} must be a string, got {_json_type(value)}")
+        # Shops' backends and every public log here number their users and events: an integer is
+        # its decimal string, as for item_id (the record key must then be that string)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise BadEvent(
+                "bad_field_type", f"{name} must be a string or an integer, got {_json_type(value)}"
+            )
+        if value.bit_length() > MAX_ID_CHARS * 4:  # before str(): see _optional_id
+            raise BadEvent("bad_id", f"{name} integer has more than {MAX_ID_CHARS} digits")
+        value = str(value)
     if not value or len(value) > MAX_ID_CHARS:
         raise BadEvent("bad_id", f"{name} must have 1-{MAX_ID_CHARS} chars, has {len(value)}")
     return value

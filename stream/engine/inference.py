@@ -49,6 +49,24 @@ logger = logging.getLogger(__name__)
 CONTROL_FIELD = "demandstream_control"
 
 
+def _key_hint(key: bytes, user_id: str) -> str:
+    """What a mismatched key looks like, where it is the user id in a Java serializer's binary form.
+
+    >>> _key_hint((1234567).to_bytes(8, "big"), "1234567")
+    ": it is the user id as a 8-byte big-endian integer (Java's LongSerializer); key events by the user_id's UTF-8 string"
+    >>> _key_hint(b"u2", "u1")
+    ''
+    """
+    if len(key) in (4, 8) and user_id.lstrip("-").isdigit():
+        if int.from_bytes(key, "big", signed=True) == int(user_id):
+            java = "LongSerializer" if len(key) == 8 else "IntegerSerializer"
+            return (
+                f": it is the user id as a {len(key)}-byte big-endian integer (Java's {java}); key events by "
+                "the user_id's UTF-8 string"
+            )
+    return ""
+
+
 @dataclass(slots=True)
 class SourceRecord:
     """One consumed Kafka record (what the engine needs of it)."""
@@ -169,7 +187,10 @@ class InferenceEngine:
         if rec.key is None:
             raise BadEvent("missing_key", "records must be keyed by user_id so a user's events stay in order")
         if rec.key != event.user_id.encode("utf-8"):
-            raise BadEvent("key_mismatch", f"record key {rec.key[:64]!r} differs from user_id")
+            raise BadEvent(
+                "key_mismatch",
+                f"record key {rec.key[:64]!r} differs from user_id{_key_hint(rec.key, event.user_id)}",
+            )
         return event
 
     # -- the batch ------------------------------------------------------------------------------

@@ -103,7 +103,9 @@ BAD_INPUTS = [
     ("empty_user_id", raw(user_id=""), "bad_id"),
     ("user_id_129_chars", raw(user_id="u" * (MAX_ID_CHARS + 1)), "bad_id"),
     ("event_id_129_chars", raw(event_id="e" * (MAX_ID_CHARS + 1)), "bad_id"),
-    ("user_id_number", raw(user_id=42), "bad_field_type"),
+    ("user_id_float", raw(user_id=42.0), "bad_field_type"),
+    ("user_id_bool", raw(user_id=True), "bad_field_type"),
+    ("event_id_huge_integer", raw(event_id="E").replace(b'"E"', b"9" * 200), "bad_field_type"),
     ("event_id_list", raw(event_id=["e1"]), "bad_field_type"),
     # type
     ("unknown_type", raw(type="click"), "bad_type"),
@@ -549,3 +551,9 @@ def test_a_ts_in_another_unit_is_refused_and_the_dead_letter_names_the_unit(ts, 
     with pytest.raises(BadEvent) as e:
         parse_event(raw.replace(str(ts).encode(), b"946684000"), now=2e9)
     assert "unix" not in str(e.value)
+
+
+def test_integer_user_and_event_ids_are_their_decimal_strings():
+    e = parse_event(raw(user_id=1234567, event_id=-9), now=2e9)
+    assert (e.user_id, e.event_id) == ("1234567", "-9")
+    assert parse_event(raw(user_id="1234567", event_id="-9"), now=2e9) == e

@@ -83,6 +83,18 @@ def test_events_of_one_user_in_one_batch_apply_in_order(scorer):
     assert u0 == ["e0", "e3", "e6", "e9"]
 
 
+def test_numeric_user_ids_are_keyed_by_their_decimal_string_and_a_java_long_key_is_named(scorer):
+    raw = orjson.dumps({"event_id": 1, "user_id": 1234567, "ts": 1.73e9, "type": "view", "item_id": 7})
+    records = [
+        SourceRecord(b"1234567", raw, 0, 1),  # the user id's decimal string: applied
+        SourceRecord((1234567).to_bytes(8, "big"), raw, 0, 2),  # Java's LongSerializer
+    ]
+    res = run(InferenceEngine(scorer), MemoryStates(), records)
+    assert res.valid == 1 and len(res.signals) == 1
+    (d,) = (orjson.loads(x.value) for x in res.dead_letters)
+    assert d["reason"] == "key_mismatch" and "Java's LongSerializer" in d["detail"]
+
+
 def test_redelivered_records_are_skipped(scorer):
     store = MemoryStates()
     records = [rec(ev(i, "u1"), i) for i in range(5)]
