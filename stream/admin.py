@@ -86,7 +86,7 @@ def create_topics(
         if present:
             refuse_other_counts(settings, wait_for_topics(admin, present))
         new = [
-            NewTopic(n, settings.partitions, settings.replication, topic_configs=dict(configs or {}))
+            NewTopic(n, settings.partitions, replication_factor(settings), topic_configs=dict(configs or {}))
             for n in names
             if n not in existing
         ]
@@ -99,6 +99,37 @@ def create_topics(
         return wait_for_topics(admin, names)
     finally:
         admin.close()
+
+
+def replication_factor(settings: Settings) -> int:
+    """The replication factor to create topics with: the setting, or -1 (the cluster's
+    ``default.replication.factor``, KIP-464) when it is 0."""
+    return settings.replication or -1
+
+
+def topic_replication(settings: Settings, name: str) -> int:
+    """How many replicas the partitions of topic ``name`` have (its first partition's replica list)."""
+    admin = admin_client(settings)
+    try:
+        for t in admin.describe_topics([name]):
+            partitions = t.get("partitions") or []
+            if partitions:
+                first = partitions[0]
+                return len(first.get("replica_nodes", first.get("replicas")))  # kafka-python 3.x, 2.x
+        raise KafkaError(f"describe {name}: no partitions")
+    finally:
+        admin.close()
+
+
+def with_cluster_replication(settings: Settings) -> Settings:
+    """``settings`` with ``replication`` resolved: unchanged when set, else the replication factor of the
+    input topic (created with the cluster's default by :func:`ensure_topics`, or the shop's own): what
+    Faust must create the changelog with, as it needs a number."""
+    if settings.replication:
+        return settings
+    rf = topic_replication(settings, settings.topic_input)
+    logger.info("replication factor %d (the input topic's; DEMANDSTREAM_REPLICATION unset)", rf)
+    return settings.with_(replication=rf)
 
 
 def ensure_topics(settings: Settings, with_changelog: bool = False) -> dict[str, int]:
@@ -211,7 +242,7 @@ def create_changelog_topic(settings: Settings, name: str, partitions: int) -> No
             {
                 name: {
                     "num_partitions": partitions,
-                    "replication_factor": settings.replication,
+                    "replication_factor": replication_factor(settings),
                     "configs": changelog_topic_configs(settings),
                 }
             }

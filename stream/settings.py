@@ -106,7 +106,11 @@ class Settings:
     #: librdkafka's; fnv1a: Sarama's): `forget` and /users/{id}/demand reach a user's state through it
     #: (stream/partitioner.py; docs/OPERATIONS.md §4, "Producers' partitioner")
     partitioner: str = "murmur2"
-    replication: int = 1
+    #: replication factor of the topics the worker (and Faust) create; 0, the default: the cluster's own
+    #: ``default.replication.factor`` (created with -1, KIP-464), learnt back from the input topic for the
+    #: changelog Faust creates. The former default, 1, left every topic of a production cluster without a
+    #: copy: the states' changelog, and the signals, lost with one broker's disk
+    replication: int = 0
     standby_replicas: int = 1
     #: changelog records a standby copy buffers per partition before writing them to its disk (Faust's
     #: default): how far a standby's disk may trail, an erasure included, until promotion or stop
@@ -200,7 +204,7 @@ class Settings:
                 )
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise SettingsError(f"{PREFIX}DEVICE: must be auto, cpu or cuda (got {self.device!r})")
-        for name in ("partitions", "replication", "standby_buffer", "batch_max", "top_k", "processes"):
+        for name in ("partitions", "standby_buffer", "batch_max", "top_k", "processes"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{PREFIX}{name.upper()}: must be at least 1")
         if self.top_k > TOP_K_MAX:
@@ -231,6 +235,7 @@ class Settings:
             # a Faust timer of interval 0 runs back to back: the gauges would take a core
             ("LAG_INTERVAL_S", self.lag_interval_s > 0, "must be positive"),
             ("STANDBY_REPLICAS", self.standby_replicas >= 0, "must not be negative"),
+            ("REPLICATION", self.replication >= 0, "must not be negative (0: the cluster's default)"),
             ("STATE_TTL_S", self.state_ttl_s >= 0, "must not be negative (0: keep states forever)"),
         ):
             if not ok:

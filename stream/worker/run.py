@@ -15,7 +15,7 @@ from faust.exceptions import ConsistencyError
 from demandstream.model.core.checkpoint import load
 from demandstream.model.core.scoring import Scorer, resolve_device
 from demandstream.model.errors import UserError
-from demandstream.stream.admin import ensure_topics
+from demandstream.stream.admin import ensure_topics, with_cluster_replication
 from demandstream.stream.settings import Settings, SettingsError
 from demandstream.stream.worker.agents import attach
 from demandstream.stream.worker.app import Components, create_app
@@ -144,8 +144,11 @@ def check_web_port(settings: Settings) -> None:
 def run_worker(settings: Settings) -> int:
     torch.set_num_threads(WORKER_TORCH_THREADS)
     check_web_port(settings)
-    c = build_worker(settings)
+    # Topics first: with DEMANDSTREAM_REPLICATION unset they take the cluster's replication factor,
+    # which Faust's own topics (the changelog) then get too
     ensure_topics(settings, with_changelog=True)
+    settings = with_cluster_replication(settings)
+    c = build_worker(settings)
     tune_gc()
     worker = faust_worker(c.app, settings.log_level)
     try:

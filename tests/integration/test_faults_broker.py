@@ -18,6 +18,7 @@ from collections.abc import Iterator
 import pytest
 
 from demandstream.model.data.synth import write_jsonl
+from demandstream.stream.admin import changelog_topic, topic_replication
 from demandstream.stream.settings import Settings
 from tests.conftest import KAFKA_SH
 from tests.integration.faults import (
@@ -61,7 +62,7 @@ def test_broker_loss(guarantee, cluster3, worker_factory, stream_env, small_mode
     env = {
         "DEMANDSTREAM_GUARANTEE": guarantee,
         "DEMANDSTREAM_BROKER": "kafka://" + ",".join(cluster3),
-        "DEMANDSTREAM_REPLICATION": "3",
+        # DEMANDSTREAM_REPLICATION unset: the topics take the cluster's default.replication.factor (3)
         **FAULT_ENV,
     }
     s = Settings.from_env(stream_env | env)
@@ -98,3 +99,6 @@ def test_broker_loss(guarantee, cluster3, worker_factory, stream_env, small_mode
         served=w.get,
     )
     assert w.proc.poll() is None, "the worker died with the broker"
+    # every topic the worker and Faust created is replicated as the cluster's default says
+    for topic in (s.topic_input, s.topic_signals, s.topic_dlq, s.topic_control, changelog_topic(s)):
+        assert topic_replication(s, topic) == 3, topic

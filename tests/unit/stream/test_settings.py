@@ -143,8 +143,17 @@ def test_top_k_is_bounded_by_what_a_state_record_can_keep():
         ("LAG_INTERVAL_S", "-1", "must be positive"),
         ("STANDBY_REPLICAS", "-1", "must not be negative"),
         ("STATE_TTL_S", "-5", "must not be negative"),
+        ("REPLICATION", "-1", "must not be negative"),
     ],
 )
 def test_intervals_and_counts_out_of_range_are_refused_naming_the_variable(name, value, rule):
     with pytest.raises(SettingsError, match=f"DEMANDSTREAM_{name}: {rule}"):
         Settings.from_env({f"DEMANDSTREAM_{name}": value})
+
+
+def test_replication_defaults_to_the_clusters_own():
+    from demandstream.stream.admin import replication_factor
+
+    assert Settings.from_env({}).replication == 0
+    assert replication_factor(Settings()) == -1  # CreateTopics' "the broker's default" (KIP-464)
+    assert replication_factor(Settings(replication=3)) == 3

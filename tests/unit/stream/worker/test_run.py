@@ -91,6 +91,7 @@ def test_only_a_stale_local_state_or_a_taken_port_becomes_a_user_error(crash, mo
 
     monkeypatch.setattr(run, "build_worker", lambda s: types.SimpleNamespace(app=object()))
     monkeypatch.setattr(run, "ensure_topics", lambda s, with_changelog=False: None)
+    monkeypatch.setattr(run, "with_cluster_replication", lambda s: s.with_(replication=1))
     monkeypatch.setattr(run, "tune_gc", lambda: None)
     monkeypatch.setattr(run.torch, "set_num_threads", lambda n: None)  # the test process keeps its threads
     monkeypatch.setattr(run, "faust_worker", lambda app, level: Worker())
