@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from faust.exceptions import ConsistencyError
 
-from demandstream.model.core.checkpoint import load
+from demandstream.model.core.checkpoint import CheckpointError, load
 from demandstream.model.core.scoring import Scorer, resolve_device
 from demandstream.model.errors import UserError
 from demandstream.stream.admin import ensure_topics, with_cluster_replication
@@ -56,12 +56,20 @@ def prepare_data_dir(path: str) -> Path:
     return p
 
 
-def build_worker(settings: Settings) -> Components:
-    """Everything but running: model loaded (fails fast on a bad checkpoint), app, agent, views."""
+def require_model(settings: Settings) -> None:
+    """The cheap half of the model checks, made before the worker contacts Kafka: one is named and
+    the file is there (its contents are checked when :func:`build_worker` loads it)."""
     if not settings.model:
         raise SettingsError(
             "no model: pass --model or set DEMANDSTREAM_MODEL (train one with `demandstream train`)"
         )
+    if not Path(settings.model).is_file():
+        raise CheckpointError(f"model checkpoint not found: {settings.model}")
+
+
+def build_worker(settings: Settings) -> Components:
+    """Everything but running: model loaded (fails fast on a bad checkpoint), app, agent, views."""
+    require_model(settings)
     prepare_data_dir(settings.data_dir)
     device = resolve_device(settings.device)
     ckpt = load(settings.model, device)
@@ -144,6 +152,7 @@ def check_web_port(settings: Settings) -> None:
 def run_worker(settings: Settings) -> int:
     torch.set_num_threads(WORKER_TORCH_THREADS)
     check_web_port(settings)
+    require_model(settings)
     # Topics first: with DEMANDSTREAM_REPLICATION unset they take the cluster's replication factor,
     # which Faust's own topics (the changelog) then get too
     ensure_topics(settings, with_changelog=True)

@@ -92,6 +92,7 @@ def test_only_a_stale_local_state_or_a_taken_port_becomes_a_user_error(crash, mo
     monkeypatch.setattr(run, "build_worker", lambda s: types.SimpleNamespace(app=object()))
     monkeypatch.setattr(run, "ensure_topics", lambda s, with_changelog=False: None)
     monkeypatch.setattr(run, "with_cluster_replication", lambda s: s.with_(replication=1))
+    monkeypatch.setattr(run, "require_model", lambda s: None)
     monkeypatch.setattr(run, "tune_gc", lambda: None)
     monkeypatch.setattr(run.torch, "set_num_threads", lambda n: None)  # the test process keeps its threads
     monkeypatch.setattr(run, "faust_worker", lambda app, level: Worker())
@@ -125,3 +126,18 @@ def test_a_web_port_another_process_listens_on_is_refused_before_the_worker_star
             check_web_port(Settings(web_port=port))
         assert "\n" not in str(e.value)
     check_web_port(Settings(web_port=port))  # free again once its listener is closed
+
+
+@pytest.mark.parametrize("model", ["", "/nonexistent/model.pt"])
+def test_a_missing_model_is_named_before_kafka_is_contacted(monkeypatch, model):
+    from demandstream.stream.settings import Settings
+    from demandstream.stream.worker import run
+
+    def no_kafka(*args, **kwargs):
+        raise AssertionError("Kafka contacted before the model was checked")
+
+    monkeypatch.setattr(run, "ensure_topics", no_kafka)
+    monkeypatch.setattr(run, "check_web_port", lambda s: None)
+    monkeypatch.setattr(run.torch, "set_num_threads", lambda n: None)
+    with pytest.raises(UserError, match="no model: pass --model|model checkpoint not found"):
+        run.run_worker(Settings(model=model))
