@@ -7,12 +7,13 @@ import errno
 import gc
 import logging
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from faust.exceptions import ConsistencyError
 
-from demandstream.model.core.checkpoint import CheckpointError, load
+from demandstream.model.core.checkpoint import Checkpoint, CheckpointError, load
 from demandstream.model.core.scoring import Scorer, resolve_device
 from demandstream.model.errors import UserError
 from demandstream.stream.admin import ensure_topics, with_cluster_replication
@@ -57,8 +58,7 @@ def prepare_data_dir(path: str) -> Path:
 
 
 def require_model(settings: Settings) -> None:
-    """The cheap half of the model checks, made before the worker contacts Kafka: one is named and
-    the file is there (its contents are checked when :func:`build_worker` loads it)."""
+    """The cheap model checks: one is named and the file is there (:func:`load_model` then reads it)."""
     if not settings.model:
         raise SettingsError(
             "no model: pass --model or set DEMANDSTREAM_MODEL (train one with `demandstream train`)"
@@ -67,10 +67,18 @@ def require_model(settings: Settings) -> None:
         raise CheckpointError(f"model checkpoint not found: {settings.model}")
 
 
-def build_worker(settings: Settings) -> Components:
-    """Everything but running: model loaded (fails fast on a bad checkpoint), app, agent, views."""
+@dataclass(frozen=True)
+class LoadedModel:
+    """The checkpoint, where it runs and its scorer: loaded before the worker contacts Kafka."""
+
+    ckpt: Checkpoint
+    device: torch.device
+    scorer: Scorer
+
+
+def load_model(settings: Settings) -> LoadedModel:
+    """Load and check the model (one line for a missing, corrupt or foreign file; no broker needed)."""
     require_model(settings)
-    prepare_data_dir(settings.data_dir)
     device = resolve_device(settings.device)
     ckpt = load(settings.model, device)
     scorer = Scorer(
@@ -81,6 +89,14 @@ def build_worker(settings: Settings) -> Components:
         why_top=settings.why_top,
         inference=settings.inference,
     )
+    return LoadedModel(ckpt, device, scorer)
+
+
+def build_worker(settings: Settings, model: LoadedModel | None = None) -> Components:
+    """Everything but running: model loaded (fails fast on a bad checkpoint), app, agent, views."""
+    model = model or load_model(settings)
+    prepare_data_dir(settings.data_dir)
+    ckpt, device, scorer = model.ckpt, model.device, model.scorer
     c = create_app(settings)
     pipeline = attach(c, scorer)
     pipeline.quality = live_quality(settings, c.metrics, scorer, model_horizon_s(ckpt))
@@ -152,12 +168,12 @@ def check_web_port(settings: Settings) -> None:
 def run_worker(settings: Settings) -> int:
     torch.set_num_threads(WORKER_TORCH_THREADS)
     check_web_port(settings)
-    require_model(settings)
-    # Topics first: with DEMANDSTREAM_REPLICATION unset they take the cluster's replication factor,
-    # which Faust's own topics (the changelog) then get too
+    model = load_model(settings)  # before anything connects: a bad model needs no broker to be named
+    # Topics before the app: with DEMANDSTREAM_REPLICATION unset they take the cluster's replication
+    # factor, which Faust's own topics (the changelog) then get too
     ensure_topics(settings, with_changelog=True)
     settings = with_cluster_replication(settings)
-    c = build_worker(settings)
+    c = build_worker(settings, model)
     tune_gc()
     worker = faust_worker(c.app, settings.log_level)
     try:

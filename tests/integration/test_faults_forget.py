@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import zlib
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,16 @@ pytestmark = [pytest.mark.kafka, pytest.mark.slow, pytest.mark.timeout(300)]
 N_USERS, N_EVENTS = 50, 1000
 
 
+def all_applied(counts: Mapping[str, int]) -> Callable[[list], bool]:
+    """Whether a changelog's records hold each user's state after all of its ``counts[user]`` events."""
+
+    def done(recs: list) -> bool:
+        latest = latest_states(recs)
+        return all(latest.get(u) and unpack(latest[u]).events_seen == n for u, n in counts.items())
+
+    return done
+
+
 def test_forget_user_end_to_end(worker_factory, stream_env, kafka_bootstrap, tmp_path):
     s = Settings.from_env(stream_env)
     events = list(generate(N_USERS, N_EVENTS, seed=3))
@@ -47,13 +58,9 @@ def test_forget_user_end_to_end(worker_factory, stream_env, kafka_bootstrap, tmp
     replay(s, [data], "jsonl", progress=False)
     reader = TopicReader(kafka_bootstrap, changelog_topic(s))
     try:
-
-        def all_applied(recs: list) -> bool:
-            latest = latest_states(recs)
-            return all(latest.get(u) and unpack(latest[u]).events_seen == n for u, n in counts.items())
-
-        reader.read_until(all_applied, 120, idle_s=1)
-        assert all_applied(reader.records)
+        applied = all_applied(counts)
+        reader.read_until(applied, 120, idle_s=1)
+        assert applied(reader.records)
         status, body = w.get(f"/users/{victim}/demand")
         assert status == 200, body
 
@@ -186,13 +193,9 @@ def test_forget_and_the_view_follow_a_crc32_producer(worker_factory, stream_env,
     state_partition = zlib.crc32(victim.encode()) % n
     reader = TopicReader(kafka_bootstrap, changelog_topic(s))
     try:
-
-        def all_applied(recs: list) -> bool:
-            latest = latest_states(recs)
-            return all(latest.get(u) and unpack(latest[u]).events_seen == c for u, c in counts.items())
-
-        reader.read_until(all_applied, 120, idle_s=1)
-        assert all_applied(reader.records)
+        applied = all_applied(counts)
+        reader.read_until(applied, 120, idle_s=1)
+        assert applied(reader.records)
         for w in workers:  # one owns the user, the other forwards to it
             assert w.get(f"/users/{victim}/demand")[0] == 200
         proc = subprocess.run(

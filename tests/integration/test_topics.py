@@ -16,6 +16,16 @@ from demandstream.stream.settings import Settings
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(180)]
 
 
+def create_listed(admin: KafkaAdminClient, topic: NewTopic) -> None:
+    """Create ``topic`` and wait until the broker lists it: a topic list right after creation can
+    still miss it, and the product's check would then find nothing to refuse."""
+    admin.create_topics([topic])
+    deadline = time.monotonic() + 30
+    while topic.name not in admin.list_topics():
+        assert time.monotonic() < deadline, f"{topic.name} not listed after 30 s"
+        time.sleep(0.2)
+
+
 def test_an_input_topic_of_another_partition_count_is_refused_before_anything_is_created(kafka_bootstrap):
     tag = uuid.uuid4().hex[:8]
     settings = Settings.from_env(
@@ -30,7 +40,7 @@ def test_an_input_topic_of_another_partition_count_is_refused_before_anything_is
     )
     admin = KafkaAdminClient(bootstrap_servers=[kafka_bootstrap])
     try:
-        admin.create_topics([NewTopic(settings.topic_input, 6, 1)])
+        create_listed(admin, NewTopic(settings.topic_input, 6, 1))
         with pytest.raises(TopicMismatch, match=rf"shop-clicks-{tag} has 6\): set DEMANDSTREAM_PARTITIONS"):
             ensure_topics(settings)
         # nothing created that would stand in the way of the fix
@@ -51,7 +61,7 @@ def test_a_worker_refuses_a_changelog_of_another_partition_count_in_one_line(wor
     admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
     try:
         changelog = changelog_topic(settings)
-        admin.create_topics([NewTopic(changelog, 2, 1, topic_configs={"cleanup.policy": "compact"})])
+        create_listed(admin, NewTopic(changelog, 2, 1, topic_configs={"cleanup.policy": "compact"}))
         with pytest.raises(
             TopicMismatch, match=rf"changelog {changelog} has 2 partitions, not the worker's 4"
         ):

@@ -89,10 +89,10 @@ def test_only_a_stale_local_state_or_a_taken_port_becomes_a_user_error(crash, mo
         def execute_from_commandline(self):
             raise SystemExit(1 if reason else 0)
 
-    monkeypatch.setattr(run, "build_worker", lambda s: types.SimpleNamespace(app=object()))
+    monkeypatch.setattr(run, "build_worker", lambda s, model=None: types.SimpleNamespace(app=object()))
+    monkeypatch.setattr(run, "load_model", lambda s: None)
     monkeypatch.setattr(run, "ensure_topics", lambda s, with_changelog=False: None)
     monkeypatch.setattr(run, "with_cluster_replication", lambda s: s.with_(replication=1))
-    monkeypatch.setattr(run, "require_model", lambda s: None)
     monkeypatch.setattr(run, "tune_gc", lambda: None)
     monkeypatch.setattr(run.torch, "set_num_threads", lambda n: None)  # the test process keeps its threads
     monkeypatch.setattr(run, "faust_worker", lambda app, level: Worker())
