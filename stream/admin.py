@@ -16,7 +16,12 @@ from collections.abc import Sequence
 import kafka.errors
 from kafka import KafkaAdminClient
 from kafka.admin import NewTopic
-from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.errors import (
+    InvalidReplicationFactorError,
+    KafkaError,
+    PolicyViolationError,
+    TopicAlreadyExistsError,
+)
 
 from demandstream.model.errors import UserError
 from demandstream.stream.settings import Settings
@@ -39,6 +44,10 @@ UNREACHABLE = tuple(
     )
     if e is not None
 )
+
+
+class TopicRefused(UserError, RuntimeError):
+    """The cluster refused to create a topic (replication factor, creation policy): one line."""
 
 
 class TopicMismatch(UserError, ValueError):
@@ -95,6 +104,17 @@ def create_topics(
                 admin.create_topics(new)
             except TopicAlreadyExistsError:
                 pass  # another worker created it between list and create
+            except InvalidReplicationFactorError as exc:
+                asked = settings.replication or "the cluster's default (-1, Kafka 2.4 or later)"
+                raise TopicRefused(
+                    f"the cluster refused to create {', '.join(t.name for t in new)} with replication factor "
+                    f"{asked} ({exc}): set DEMANDSTREAM_REPLICATION to at most the number of brokers"
+                ) from None
+            except PolicyViolationError as exc:
+                raise TopicRefused(
+                    f"the cluster's topic creation policy refused {', '.join(t.name for t in new)} ({exc}): "
+                    "create them as your cluster requires, with the same partition count, and start again"
+                ) from None
             logger.info("created topics %s", [t.name for t in new])
         return wait_for_topics(admin, names)
     finally:

@@ -10,7 +10,7 @@ import uuid
 import pytest
 from kafka.admin import KafkaAdminClient, NewTopic
 
-from demandstream.stream.admin import TopicMismatch, changelog_topic, ensure_topics
+from demandstream.stream.admin import TopicMismatch, TopicRefused, changelog_topic, ensure_topics
 from demandstream.stream.settings import Settings
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(180)]
@@ -79,3 +79,22 @@ def test_a_worker_refuses_a_changelog_of_another_partition_count_in_one_line(wor
     assert (
         "has 2 partitions" in last and "DEMANDSTREAM_PARTITIONS=2" in last and "Traceback" not in w.log_tail()
     )
+
+
+def test_a_replication_factor_the_cluster_cannot_give_is_one_line(kafka_bootstrap):
+    tag = uuid.uuid4().hex[:8]
+    settings = Settings.from_env(
+        {
+            "DEMANDSTREAM_BROKER": f"kafka://{kafka_bootstrap}",
+            "DEMANDSTREAM_REPLICATION": "3",  # the session broker is one node
+            "DEMANDSTREAM_TOPIC_INPUT": f"rf-clicks-{tag}",
+            "DEMANDSTREAM_TOPIC_SIGNALS": f"rf-signals-{tag}",
+            "DEMANDSTREAM_TOPIC_DLQ": f"rf-dlq-{tag}",
+            "DEMANDSTREAM_TOPIC_CONTROL": f"rf-control-{tag}",
+        }
+    )
+    with pytest.raises(TopicRefused, match=r"replication factor 3 .*set DEMANDSTREAM_REPLICATION to at most"):
+        ensure_topics(settings)
+    # the default takes the cluster's own factor, which a one-node cluster can give
+    counts = ensure_topics(settings.with_(replication=0))
+    assert set(counts.values()) == {settings.partitions}
