@@ -162,8 +162,9 @@ def cmd_forget(a, settings: Settings) -> int:
 
     partition = forget(settings, a.user_id, wait_s=a.wait_s)
     print(
-        f"erasure of user {a.user_id!r} requested on {settings.topic_control} partition {partition}; the owning "
-        "worker deletes its state and tombstones the changelog"
+        f"erasure of user {a.user_id!r} requested on {settings.topic_control} partition {partition} (the "
+        f"{settings.partitioner} partitioner's, DEMANDSTREAM_PARTITIONER); the owning worker deletes its state "
+        "and tombstones the changelog"
     )
     return 0
 
