@@ -144,6 +144,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Components
     )
     faust_patches.install(app)
     faust_patches.set_fetch_max_wait(app.consumer._thread, CONSUMER_FETCH_MAX_WAIT_MS)
+    faust_patches.read_committed(app.consumer._thread)  # aborted transactions of the shop's producers
     return Components(
         app, settings, input_topic, signals_topic, dlq_topic, table, metrics or Metrics(), source_topics
     )

@@ -781,6 +781,8 @@ def test_the_workers_consumer_lets_the_broker_hold_an_empty_fetch_for_our_interv
     consumer = asyncio.run(build())
     assert consumer._fetch_max_wait_ms == CONSUMER_FETCH_MAX_WAIT_MS < 1500
     assert consumer._max_partition_fetch_bytes > 0  # the rest of Faust's settings are kept
+    # at-least-once too: aborted transactions of the shop's producers are never read (read_committed)
+    assert settings.guarantee == "at_least_once" and consumer._isolation_level == "read_committed"
 
 
 def test_aiokafka_hands_the_consumers_fetch_max_wait_to_its_fetcher():
@@ -790,3 +792,4 @@ def test_aiokafka_hands_the_consumers_fetch_max_wait_to_its_fetcher():
     from aiokafka import AIOKafkaConsumer
 
     assert "fetch_max_wait_ms=self._fetch_max_wait_ms" in inspect.getsource(AIOKafkaConsumer.start)
+    assert "isolation_level=self._isolation_level" in inspect.getsource(AIOKafkaConsumer.start)
