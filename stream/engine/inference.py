@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -49,15 +50,20 @@ logger = logging.getLogger(__name__)
 CONTROL_FIELD = "demandstream_control"
 
 
+_DECIMAL = re.compile(r"-?[0-9]{1,20}")
+
+
 def _key_hint(key: bytes, user_id: str) -> str:
     """What a mismatched key looks like, where it is the user id in a Java serializer's binary form.
 
     >>> _key_hint((1234567).to_bytes(8, "big"), "1234567")
     ": it is the user id as a 8-byte big-endian integer (Java's LongSerializer); key events by the user_id's UTF-8 string"
-    >>> _key_hint(b"u2", "u1")
-    ''
+    >>> _key_hint(b"u2", "u1"), _key_hint(bytes([0, 0, 0, 2]), "²"), _key_hint(bytes([0, 0, 0, 5]), "--5")
+    ('', '', '')
     """
-    if len(key) in (4, 8) and user_id.lstrip("-").isdigit():
+    # ASCII digits only: str.isdigit() also takes "²", which int() refuses, and a dead letter's detail
+    # must never raise
+    if len(key) in (4, 8) and _DECIMAL.fullmatch(user_id):
         if int.from_bytes(key, "big", signed=True) == int(user_id):
             java = "LongSerializer" if len(key) == 8 else "IntegerSerializer"
             return (
