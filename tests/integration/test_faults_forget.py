@@ -35,6 +35,18 @@ pytestmark = [pytest.mark.kafka, pytest.mark.slow, pytest.mark.timeout(300)]
 N_USERS, N_EVENTS = 50, 1000
 
 
+def forget_cli(user: str, env: Mapping[str, str]) -> None:
+    """``demandstream forget USER`` as a user runs it, with the workers' environment; it must succeed."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "demandstream.stream", "forget", user],
+        env=dict(env),
+        cwd=REPO,
+        capture_output=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+
+
 def all_applied(counts: Mapping[str, int]) -> Callable[[list], bool]:
     """Whether a changelog's records hold each user's state after all of its ``counts[user]`` events."""
 
@@ -65,14 +77,7 @@ def test_forget_user_end_to_end(worker_factory, stream_env, kafka_bootstrap, tmp
         assert status == 200, body
 
         t0 = time.time()
-        proc = subprocess.run(
-            [sys.executable, "-m", "demandstream.stream", "forget", victim],
-            env=stream_env,
-            cwd=REPO,
-            capture_output=True,
-            timeout=60,
-        )
-        assert proc.returncode == 0, proc.stderr.decode()
+        forget_cli(victim, stream_env)
 
         reader.read_until(lambda recs: latest_states(recs).get(victim, b"") is None, 60, idle_s=1)
         latest = latest_states(reader.records)
@@ -135,14 +140,7 @@ def test_forget_reaches_the_standby_copy(worker_factory, stream_env, kafka_boots
         120,
         "both workers' disks to hold every user (active or standby)",
     )
-    proc = subprocess.run(
-        [sys.executable, "-m", "demandstream.stream", "forget", victim],
-        env=stream_env | env,
-        cwd=REPO,
-        capture_output=True,
-        timeout=60,
-    )
-    assert proc.returncode == 0, proc.stderr.decode()
+    forget_cli(victim, stream_env | env)
     reader = TopicReader(kafka_bootstrap, changelog_topic(s))
     try:
         reader.read_until(lambda recs: latest_states(recs).get(victim, b"") is None, 60, idle_s=1)
@@ -198,14 +196,7 @@ def test_forget_and_the_view_follow_a_crc32_producer(worker_factory, stream_env,
         assert applied(reader.records)
         for w in workers:  # one owns the user, the other forwards to it
             assert w.get(f"/users/{victim}/demand")[0] == 200
-        proc = subprocess.run(
-            [sys.executable, "-m", "demandstream.stream", "forget", victim],
-            env=stream_env | env,
-            cwd=REPO,
-            capture_output=True,
-            timeout=60,
-        )
-        assert proc.returncode == 0, proc.stderr.decode()
+        forget_cli(victim, stream_env | env)
 
         def erased_in_its_partition(recs: list) -> bool:
             mine = [r for r in recs if r.partition == state_partition]
