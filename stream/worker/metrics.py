@@ -87,8 +87,8 @@ class Metrics:
         )
         self.misrouted_records = Counter(
             p + "misrouted_records",
-            "Sampled input records on another partition than Kafka's default partitioner (murmur2) gives "
-            "their key: the producers partition otherwise, and forget and /users/{id}/demand miss such users",
+            "Sampled input records on another partition than DEMANDSTREAM_PARTITIONER (murmur2 by default) "
+            "gives their key: the producers partition otherwise, and forget and /users/{id}/demand miss such users",
             registry=r,
         )
         self.undecodable_states = Counter(
