@@ -434,19 +434,30 @@ def _show(value: object) -> str:
     return text if len(text) <= _DETAIL_CHARS else text[: _DETAIL_CHARS - 3] + "..."
 
 
+def _is_integer(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _integer_id(value: int, name: str) -> str:
+    """An integer id's decimal string. A cheap bound (4 bits > 1 digit) comes before str(), which is
+    quadratic in the digits and refuses more than 4300 of them; the caller's length check is the exact
+    one."""
+    if value.bit_length() > MAX_ID_CHARS * 4:
+        raise BadEvent("bad_id", f"{name} integer has more than {MAX_ID_CHARS} digits")
+    return str(value)
+
+
 def _required_id(value: object, name: str) -> str:
     if value is None:
         raise BadEvent("missing_field", f"{name} is missing or null")
     if not isinstance(value, str):
         # Shops' backends and every public log here number their users and events: an integer is
         # its decimal string, as for item_id (the record key must then be that string)
-        if not isinstance(value, int) or isinstance(value, bool):
+        if not _is_integer(value):
             raise BadEvent(
                 "bad_field_type", f"{name} must be a string or an integer, got {_json_type(value)}"
             )
-        if value.bit_length() > MAX_ID_CHARS * 4:  # before str(): see _optional_id
-            raise BadEvent("bad_id", f"{name} integer has more than {MAX_ID_CHARS} digits")
-        value = str(value)
+        value = _integer_id(value, name)
     if not value or len(value) > MAX_ID_CHARS:
         raise BadEvent("bad_id", f"{name} must have 1-{MAX_ID_CHARS} chars, has {len(value)}")
     return value
@@ -459,12 +470,8 @@ def _optional_id(value: object, name: str, *, allow_int: bool) -> str | None:
     if isinstance(value, str):
         if not value:
             return None
-    elif allow_int and isinstance(value, int) and not isinstance(value, bool):
-        # A cheap bound (4 bits > 1 digit) before str(), which is quadratic in the digits and refuses
-        # more than 4300 of them; the length check below is the exact one.
-        if value.bit_length() > MAX_ID_CHARS * 4:
-            raise BadEvent("bad_id", f"{name} integer has more than {MAX_ID_CHARS} digits")
-        value = str(value)
+    elif allow_int and _is_integer(value):
+        value = _integer_id(value, name)
     else:
         kinds = "a string, an integer or null" if allow_int else "a string or null"
         raise BadEvent("bad_field_type", f"{name} must be {kinds}, got {_json_type(value)}")
