@@ -143,8 +143,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Components
         extra_topic_configs=changelog_topic_configs(settings),
     )
     faust_patches.install(app)
-    faust_patches.set_fetch_max_wait(app.consumer._thread, CONSUMER_FETCH_MAX_WAIT_MS)
-    faust_patches.read_committed(app.consumer._thread)  # aborted transactions of the shop's producers
+    faust_patches.tune_worker_consumer(app.consumer._thread, CONSUMER_FETCH_MAX_WAIT_MS)
     return Components(
         app, settings, input_topic, signals_topic, dlq_topic, table, metrics or Metrics(), source_topics
     )

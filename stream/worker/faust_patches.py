@@ -17,9 +17,8 @@ objects (never Faust's classes) and its docstring names the Faust behaviour or b
   (``TransactionManager.on_rebalance``, ``Producer.maybe_begin_transaction``) +
   :func:`keep_changelog_queue_on_resume` (``clear`` of the table manager's changelog queue) +
   :func:`fetch_only_active_partitions` (``Consumer._getmany``).
-- :func:`set_fetch_max_wait`: the worker's consumer lets the broker hold an empty fetch for our
-  interval instead of Faust's fixed 1,500 ms (``AIOKafkaConsumerThread._create_worker_consumer``).
-- :func:`read_committed`: the worker's consumer reads only committed records under at-least-once too,
+- :func:`tune_worker_consumer`: the worker's consumer lets the broker hold an empty fetch for our
+  interval instead of Faust's fixed 1,500 ms, and reads only committed records under at-least-once too,
   where Faust reads aborted transactions' records (``AIOKafkaConsumerThread._create_worker_consumer``).
 - :class:`RecoveryTail`: exactly-once recovery ends as soon as the consumer has read past a changelog's
   last offset, instead of after Faust's two idle 5-second polls (``Recovery._slurp_changelogs``).
@@ -259,51 +258,38 @@ def fetch_only_active_partitions(consumer) -> None:
 # -- latency ----------------------------------------------------------------------------------------
 
 
-def set_fetch_max_wait(thread, ms: int) -> None:
-    """The worker's consumer lets the broker hold a fetch that finds no data for ``ms``, not 1,500.
+def tune_worker_consumer(thread, fetch_max_wait_ms: int) -> None:
+    """The worker's consumer holds an empty fetch ``fetch_max_wait_ms``, not 1,500, and reads only
+    committed records whatever the guarantee. faust-streaming 0.15 builds the worker's
+    ``AIOKafkaConsumer`` with neither as a setting.
 
-    faust-streaming 0.15 builds the worker's ``AIOKafkaConsumer`` with ``fetch_max_wait_ms=1500`` and
-    no setting. aiokafka sends one fetch per broker at a time, for the assigned partitions that have
-    no buffered records. Under load the input partitions' records are buffered while the pipeline
-    steps them, so that fetch asks for the (empty) control topic alone and the broker holds it for
-    the whole wait; the input partitions, emptied meanwhile, are fetched only after it returns. The
-    worker then cycles at the wait's period, each fetch bringing 1.5 s of input, and an event waits
-    about that long even with a core to spare (docs/BENCHMARKS.md, 2026-12-05 afternoon). The consumer
-    is built when the consumer thread starts, so this wraps the builder and sets the value aiokafka
-    hands its fetcher in ``start()``.
+    *The fetch wait.* Faust passes ``fetch_max_wait_ms=1500``. aiokafka sends one fetch per broker at a
+    time, for the assigned partitions that have no buffered records. Under load the input partitions'
+    records are buffered while the pipeline steps them, so that fetch asks for the (empty) control
+    topic alone and the broker holds it for the whole wait; the input partitions, emptied meanwhile,
+    are fetched only after it returns. The worker then cycles at the wait's period, each fetch bringing
+    1.5 s of input, and an event waits about that long even with a core to spare (docs/BENCHMARKS.md,
+    2026-12-05 afternoon).
+
+    *The isolation level.* Faust reads ``read_uncommitted`` unless the app runs exactly-once. A shop's
+    clickstream written by a transactional producer (a Flink or Kafka Streams job with exactly-once
+    sinks) then has the records of its aborted transactions applied as events: a Flink job aborts what
+    it wrote since its last checkpoint on every restart and writes it again, so those events would be
+    applied twice (tests/integration/test_transactional_input.py). On a topic no transactional producer
+    writes, the last stable offset is the high watermark and nothing changes; the at-least-once
+    changelog is such a topic.
+
+    The consumer is built when the consumer thread starts, so this wraps the builder and sets the two
+    values aiokafka hands its fetcher in ``start()``.
     """
     create = thread._create_worker_consumer
 
     def create_worker_consumer(transport):
         consumer = create(transport)
-        if not hasattr(consumer, "_fetch_max_wait_ms"):  # an aiokafka this was not written for
-            raise RuntimeError(
-                "aiokafka's AIOKafkaConsumer has no _fetch_max_wait_ms: review set_fetch_max_wait"
-            )
-        consumer._fetch_max_wait_ms = ms
-        return consumer
-
-    thread._create_worker_consumer = create_worker_consumer
-
-
-def read_committed(thread) -> None:
-    """The worker's consumer reads with ``isolation_level=read_committed`` whatever the guarantee.
-
-    faust-streaming 0.15 builds the worker's consumer with ``read_uncommitted`` unless the app runs
-    exactly-once. A shop's clickstream written by a transactional producer (a Flink or Kafka Streams job
-    with exactly-once sinks) then has the records of its aborted transactions applied as events: a
-    Flink job aborts what it wrote since its last checkpoint on every restart and writes it again, so
-    those events would be applied twice (tests/integration/test_transactional_input.py). On a topic no
-    transactional producer writes, the last stable offset is the high watermark and nothing changes;
-    the at-least-once changelog is such a topic. Like :func:`set_fetch_max_wait`, this wraps the
-    builder and sets the value aiokafka hands its fetcher in ``start()``.
-    """
-    create = thread._create_worker_consumer
-
-    def create_worker_consumer(transport):
-        consumer = create(transport)
-        if not hasattr(consumer, "_isolation_level"):  # an aiokafka this was not written for
-            raise RuntimeError("aiokafka's AIOKafkaConsumer has no _isolation_level: review read_committed")
+        for attr in ("_fetch_max_wait_ms", "_isolation_level"):
+            if not hasattr(consumer, attr):  # an aiokafka this was not written for
+                raise RuntimeError(f"aiokafka's AIOKafkaConsumer has no {attr}: review tune_worker_consumer")
+        consumer._fetch_max_wait_ms = fetch_max_wait_ms
         consumer._isolation_level = "read_committed"
         return consumer
 

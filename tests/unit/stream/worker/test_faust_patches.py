@@ -786,7 +786,7 @@ def test_the_workers_consumer_lets_the_broker_hold_an_empty_fetch_for_our_interv
 
 
 def test_aiokafka_hands_the_consumers_fetch_max_wait_to_its_fetcher():
-    """The premise of set_fetch_max_wait: start() builds the Fetcher from the attribute it sets."""
+    """The premise of tune_worker_consumer: start() builds the Fetcher from the attributes it sets."""
     import inspect
 
     from aiokafka import AIOKafkaConsumer
