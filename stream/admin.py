@@ -33,17 +33,8 @@ class KafkaUnavailable(UserError, RuntimeError):
     """The configured brokers cannot be reached (one clear line for the CLI)."""
 
 
-#: What kafka-python raises when no broker answers: NoBrokersAvailable in 2.x, a bootstrap
-#: KafkaTimeoutError in 3.x.
-UNREACHABLE = tuple(
-    e
-    for e in (
-        getattr(kafka.errors, "NoBrokersAvailable", None),
-        kafka.errors.KafkaTimeoutError,
-        kafka.errors.KafkaConnectionError,
-    )
-    if e is not None
-)
+#: What kafka-python (3.x, the version pyproject.toml requires) raises when no broker answers.
+UNREACHABLE = (kafka.errors.KafkaTimeoutError, kafka.errors.KafkaConnectionError)
 
 
 class TopicRefused(UserError, RuntimeError):
@@ -134,8 +125,7 @@ def topic_replication(settings: Settings, name: str) -> int:
         for t in admin.describe_topics([name]):
             partitions = t.get("partitions") or []
             if partitions:
-                first = partitions[0]
-                return len(first.get("replica_nodes", first.get("replicas")))  # kafka-python 3.x, 2.x
+                return len(partitions[0]["replica_nodes"])
         raise KafkaError(f"describe {name}: no partitions")
     finally:
         admin.close()
@@ -220,7 +210,7 @@ class UnknownTopic(KafkaError):
 def partition_counts(admin: KafkaAdminClient, names: list[str]) -> dict[str, int]:
     out = {}
     for t in admin.describe_topics(names):
-        name = t.get("name", t.get("topic"))  # kafka-python 3.x says "name", 2.x "topic"
+        name = t["name"]
         code = t.get("error_code", 0)
         if code == _UNKNOWN_TOPIC:
             raise UnknownTopic(f"topic {name} is unknown to the broker")

@@ -61,13 +61,8 @@ def _changelog_config(bootstrap: str, topic: str, name: str) -> str | None:
         res = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic, configs=[name])])
     finally:
         admin.close()
-    if isinstance(res, dict):  # kafka-python 3.x: {"topic": {name: {config: {"value": ...}}}}
-        return res.get("topic", {}).get(topic, {}).get(name, {}).get("value")
-    for r in res:  # kafka-python 2.x: DescribeConfigsResponse objects
-        for entry in r.resources[0][4]:
-            if entry[0] == name:
-                return entry[1]
-    return None
+    # {"topic": {name: {config: {"value": ...}}}} (kafka-python 3.x, the version pyproject.toml requires)
+    return res.get("topic", {}).get(topic, {}).get(name, {}).get("value")
 
 
 def _raw_ids_in(records, raw_ids: list[str]) -> list[str]:
