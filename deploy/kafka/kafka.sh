@@ -41,6 +41,9 @@ readonly STARTED_MARKER='Kafka Server started'
 # Credentials of the SCRAM admin user created at format time when --sasl-ssl-port is given.
 readonly SCRAM_ADMIN_USER=admin
 readonly SCRAM_ADMIN_PASSWORD=admin-secret
+# A second SCRAM user without any right of its own: tests grant it ACLs as a shop's operators would.
+readonly SCRAM_SHOP_USER=shop
+readonly SCRAM_SHOP_PASSWORD=shop-secret
 # Password of the generated dev keystores; they hold a throw-away self-signed CA, nothing secret.
 readonly KEYSTORE_PASSWORD=demandstream-dev
 # Bumped when the generated TLS material changes, so that a cluster directory kept from before gets new
@@ -70,7 +73,8 @@ options:
   --brokers 1|3     cluster size for 'up' (default: the size the cluster was created with, else 1)
   --fresh           'up' only: stop the cluster and wipe its data first
   --sasl-ssl-port S 'up' only: add a SASL_SSL (SCRAM-SHA-512) listener on S+i, CA at <run dir>/ca.pem,
-                    user ${SCRAM_ADMIN_USER}/${SCRAM_ADMIN_PASSWORD}; needs a fresh cluster
+                    super user ${SCRAM_ADMIN_USER}/${SCRAM_ADMIN_PASSWORD}, user ${SCRAM_SHOP_USER}/${SCRAM_SHOP_PASSWORD} with
+                    only the ACLs granted to it (StandardAuthorizer); needs a fresh cluster
 
 environment: DEMANDSTREAM_CACHE (jar cache root), DEMANDSTREAM_KAFKA_RUN (run state root),
   DEMANDSTREAM_KAFKA_PORT, DEMANDSTREAM_KAFKA_START_TIMEOUT, DEMANDSTREAM_KAFKA_HEAP_OPTS,
@@ -374,6 +378,11 @@ ssl.keystore.location=$RUN/tls/broker.p12
 ssl.keystore.password=$KEYSTORE_PASSWORD
 ssl.key.password=$KEYSTORE_PASSWORD
 ssl.client.auth=none
+
+# ACLs, as a shop's secured cluster has them: the SCRAM admin and the PLAINTEXT listener (the tests'
+# tooling, the controller) are super users; user ${SCRAM_SHOP_USER} may do only what ACLs grant it.
+authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer
+super.users=User:${SCRAM_ADMIN_USER};User:ANONYMOUS
 EOF
     fi
 }
@@ -431,7 +440,8 @@ format_node() {
     local -a JAVA_OPTS extra=()
     java_opts "$dir"
     if [[ -n $SASL_SSL_PORT ]]; then
-        extra=(--add-scram "SCRAM-SHA-512=[name=$SCRAM_ADMIN_USER,password=$SCRAM_ADMIN_PASSWORD]")
+        extra=(--add-scram "SCRAM-SHA-512=[name=$SCRAM_ADMIN_USER,password=$SCRAM_ADMIN_PASSWORD]"
+            --add-scram "SCRAM-SHA-512=[name=$SCRAM_SHOP_USER,password=$SCRAM_SHOP_PASSWORD]")
     fi
     # StorageTool runs for a few seconds: C1-only JIT and the serial GC spare the (shared, 2-core) CPU
     # that tiered compilation and G1's threads would burn on a process that exits right away.
