@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import kafka.errors
-from kafka import KafkaAdminClient
+from kafka import KafkaAdminClient, KafkaProducer
 from kafka.admin import NewTopic
 from kafka.errors import (
+    GroupAuthorizationFailedError,
     InvalidReplicationFactorError,
     KafkaError,
     PolicyViolationError,
     TopicAlreadyExistsError,
+    TopicAuthorizationFailedError,
+    TransactionalIdAuthorizationFailedError,
 )
 
 from demandstream.model.errors import UserError
@@ -38,7 +41,8 @@ UNREACHABLE = (kafka.errors.KafkaTimeoutError, kafka.errors.KafkaConnectionError
 
 
 class TopicRefused(UserError, RuntimeError):
-    """The cluster refused to create a topic (replication factor, creation policy): one line."""
+    """The cluster refused to create or describe a topic (replication factor, creation policy, ACLs):
+    one line."""
 
 
 class TopicMismatch(UserError, ValueError):
@@ -72,13 +76,15 @@ def create_topics(
     names: list[str],
     configs: dict[str, str] | None = None,
     check_counts_of: Sequence[str] = (),
+    configs_of: Mapping[str, dict[str, str]] | None = None,
 ) -> dict[str, int]:
     """Create the topics of ``names`` that are missing (``settings.partitions``, ``settings.replication``,
     the topic ``configs`` given) and wait until every broker knows them; return the partition count of
     each. The one topic creator of the product (the worker's topics, the bench's).
 
     ``check_counts_of``: topics (of ``names`` or not) that, where they exist, must already have
-    ``settings.partitions`` partitions; checked before anything is created (:class:`TopicMismatch`)."""
+    ``settings.partitions`` partitions; checked before anything is created (:class:`TopicMismatch`).
+    ``configs_of``: the configs of particular topics, instead of ``configs``."""
     admin = admin_client(settings)
     try:
         existing = set(admin.list_topics())
@@ -86,7 +92,12 @@ def create_topics(
         if present:
             refuse_other_counts(settings, wait_for_topics(admin, present))
         new = [
-            NewTopic(n, settings.partitions, replication_factor(settings), topic_configs=dict(configs or {}))
+            NewTopic(
+                n,
+                settings.partitions,
+                replication_factor(settings),
+                topic_configs=dict((configs_of or {}).get(n, configs or {})),
+            )
             for n in names
             if n not in existing
         ]
@@ -101,6 +112,8 @@ def create_topics(
                     f"the cluster refused to create {', '.join(t.name for t in new)} with replication factor "
                     f"{asked} ({exc}): set DEMANDSTREAM_REPLICATION to at most the number of brokers"
                 ) from None
+            except TopicAuthorizationFailedError:
+                raise TopicRefused(not_authorized_to_create(settings, [t.name for t in new])) from None
             except PolicyViolationError as exc:
                 raise TopicRefused(
                     f"the cluster's topic creation policy refused {', '.join(t.name for t in new)} ({exc}): "
@@ -110,6 +123,17 @@ def create_topics(
         return wait_for_topics(admin, names)
     finally:
         admin.close()
+
+
+def not_authorized_to_create(settings: Settings, names: list[str]) -> str:
+    """One line for a principal whose ACLs do not let it create the topics it needs."""
+    return (
+        f"the cluster's ACLs do not let {principal(settings)} create {', '.join(names)} (nor see them, if "
+        f"they exist): have an administrator create them with {settings.partitions} partitions "
+        "(`demandstream topics` run with an administrator's credentials creates every topic a worker of "
+        "these settings needs) and grant it READ, WRITE and DESCRIBE on them, or grant it CREATE "
+        "(docs/OPERATIONS.md §ACLs)"
+    )
 
 
 def replication_factor(settings: Settings) -> int:
@@ -142,8 +166,22 @@ def with_cluster_replication(settings: Settings) -> Settings:
     return settings.with_(replication=rf)
 
 
+def topic_names(settings: Settings) -> list[str]:
+    """The topics of a worker, its changelog aside: input, control, signals, dead letters (and the
+    category demand windows' when they are on).
+
+    >>> topic_names(Settings(demand_window_s=0))
+    ['clickstream', 'clickstream-control', 'demand-signals', 'clickstream-dlq']
+    """
+    names = [settings.topic_input, settings.topic_control, settings.topic_signals, settings.topic_dlq]
+    if settings.demand_window_s:  # closed windows go to their source partition (§Category demand)
+        names.append(settings.topic_demand)
+    return names
+
+
 def ensure_topics(settings: Settings, with_changelog: bool = False) -> dict[str, int]:
     """Create input, control, signal and dead-letter topics if missing; return their partition counts.
+    ``with_changelog`` (the worker's start) creates the state table's changelog too.
 
     Raises :class:`TopicMismatch` (a ``ValueError``) when existing topics disagree on partition counts
     (signals could not stay co-partitioned with their input). ``with_changelog`` (the worker's start)
@@ -151,16 +189,37 @@ def ensure_topics(settings: Settings, with_changelog: bool = False) -> dict[str,
     changelog partition of its source record, and would crash on the first event of a partition the
     changelog lacks.
     """
-    names = [settings.topic_input, settings.topic_control, settings.topic_signals, settings.topic_dlq]
-    if settings.demand_window_s:  # closed windows go to their source partition (§Category demand)
-        names.append(settings.topic_demand)
+    names = topic_names(settings)
     # Existing topics (a shop's own clickstream topic, typically) are checked before any is created:
     # creating the others with the setting's count first would leave them in the way of the fix.
-    check = names + ([changelog_topic(settings)] if with_changelog else [])
-    counts = create_topics(settings, names, check_counts_of=check)
+    # The changelog is created here rather than by Faust at its start: so that a principal the ACLs keep
+    # from creating topics is told, in one line before the worker joins, of every topic it lacks
+    changelog = [changelog_topic(settings)] if with_changelog else []
+    counts = create_topics(
+        settings,
+        names + changelog,
+        check_counts_of=names + changelog,
+        configs_of={n: changelog_topic_configs(settings) for n in changelog},
+    )
+    for n in changelog:
+        del counts[n]  # refused above unless it has the setting's count
     if len(set(counts.values())) != 1:
         raise TopicMismatch(f"topics must have equal partition counts, found {counts}")
     return counts
+
+
+def worker_topics(settings: Settings) -> tuple[list[str], list[str]]:
+    """Create every topic a worker of ``settings`` needs (:func:`ensure_topics` with the changelog), as
+    ``demandstream topics`` does for operators whose workers may not create topics; return the names
+    created and those that were there already."""
+    admin = admin_client(settings)
+    try:
+        before = set(admin.list_topics())
+    finally:
+        admin.close()
+    ensure_topics(settings, with_changelog=True)
+    names = [*topic_names(settings), changelog_topic(settings)]
+    return [n for n in names if n not in before], [n for n in names if n in before]
 
 
 def refuse_other_counts(settings: Settings, counts: dict[str, int]) -> None:
@@ -189,6 +248,7 @@ def refuse_other_counts(settings: Settings, counts: dict[str, int]) -> None:
 #: cluster, describing it right after creation can reach a broker that does not know it yet.
 TOPIC_READY_TIMEOUT_S = 30.0
 _UNKNOWN_TOPIC = 3  # Kafka error code UNKNOWN_TOPIC_OR_PARTITION
+_TOPIC_AUTHORIZATION_FAILED = 29
 
 
 def wait_for_topics(admin: KafkaAdminClient, names: list[str]) -> dict[str, int]:
@@ -214,6 +274,11 @@ def partition_counts(admin: KafkaAdminClient, names: list[str]) -> dict[str, int
         code = t.get("error_code", 0)
         if code == _UNKNOWN_TOPIC:
             raise UnknownTopic(f"topic {name} is unknown to the broker")
+        if code == _TOPIC_AUTHORIZATION_FAILED:
+            raise TopicRefused(
+                f"the cluster's ACLs do not let this principal describe topic {name}: grant it DESCRIBE "
+                "(docs/OPERATIONS.md §ACLs)"
+            )
         if code:
             raise KafkaError(f"describe {name}: error {code}")
         out[name] = len(t["partitions"])
@@ -261,3 +326,89 @@ def create_changelog_topic(settings: Settings, name: str, partitions: int) -> No
         wait_for_topics(admin, [name])
     finally:
         admin.close()
+
+
+# -- what the worker's principal may do (docs/OPERATIONS.md §ACLs) -------------------------------------
+
+
+class NotAuthorized(UserError, RuntimeError):
+    """The cluster's ACLs refuse the principal a right the worker needs: one line naming the right."""
+
+
+#: The transactional id :func:`check_worker_rights` initialises under exactly-once: under the app id's
+#: prefix, as Faust's own ids (``{app id}-{topic group}-{partition}``), and never one of them, which
+#: would fence a running worker's transaction.
+RIGHTS_CHECK_TRANSACTIONAL_ID = "{app_id}-rights-check"
+#: How long the transactional check may wait for the cluster's transaction coordinator (created on the
+#: first use of transactions on a fresh cluster).
+RIGHTS_CHECK_TIMEOUT_MS = 30_000
+
+
+def principal(settings: Settings) -> str:
+    """Who the cluster's ACLs see, as the error lines name it.
+
+    >>> principal(Settings(sasl_username="shop"))
+    'user shop'
+    """
+    return f"user {settings.sasl_username}" if settings.sasl_username else "this connection's principal"
+
+
+def group_refused(settings: Settings) -> NotAuthorized:
+    return NotAuthorized(
+        f"the cluster's ACLs do not let {principal(settings)} use consumer group {settings.app_id} (the "
+        "app id): grant it READ on that group (docs/OPERATIONS.md §ACLs)"
+    )
+
+
+def transactional_ids_refused(settings: Settings) -> NotAuthorized:
+    return NotAuthorized(
+        f"the cluster's ACLs do not let {principal(settings)} write with transactional ids prefixed "
+        f"{settings.app_id}-, which --guarantee exactly_once uses: grant it WRITE on TRANSACTIONAL_ID "
+        f"{settings.app_id} with a prefixed pattern (docs/OPERATIONS.md §ACLs)"
+    )
+
+
+def topic_refused(settings: Settings, topic: str) -> NotAuthorized:
+    return NotAuthorized(
+        f"the cluster's ACLs refused {principal(settings)} an operation on topic {topic or '(unnamed)'}: a "
+        "worker needs READ, WRITE and DESCRIBE on each of its topics, its changelog included "
+        "(docs/OPERATIONS.md §ACLs)"
+    )
+
+
+def check_worker_rights(settings: Settings) -> None:
+    """Ask the broker, before the worker joins, for the rights whose lack Faust would not name.
+
+    Without READ on its consumer group a worker waits for an assignment forever, saying nothing (aiokafka
+    keeps the coordinator's authorization error for a ``getmany`` that Faust's fetcher never calls).
+    Without WRITE on its transactional ids an exactly-once worker passes ``/readyz`` and crashes on its
+    first event ("No transaction producer found"). Both are asked here without side effects on the group:
+    its committed offsets are listed (the group's DESCRIBE, which READ implies), and under exactly-once
+    a producer initialises :data:`RIGHTS_CHECK_TRANSACTIONAL_ID`. Raises :class:`NotAuthorized`.
+    """
+    admin = admin_client(settings)
+    try:
+        admin.list_group_offsets({settings.app_id: None})
+    except GroupAuthorizationFailedError:
+        raise group_refused(settings) from None
+    except KafkaError as exc:  # anything else is the worker's to meet, and say, as before the check
+        logger.info("consumer group rights not checked: %r", exc)
+    finally:
+        admin.close()
+    if settings.guarantee != "exactly_once":
+        return
+    producer = KafkaProducer(
+        bootstrap_servers=settings.bootstrap_servers,
+        client_id="demandstream-rights-check",
+        transactional_id=RIGHTS_CHECK_TRANSACTIONAL_ID.format(app_id=settings.app_id),
+        max_block_ms=RIGHTS_CHECK_TIMEOUT_MS,
+        **settings.kafka_python_security(),
+    )
+    try:
+        producer.init_transactions()
+    except TransactionalIdAuthorizationFailedError:
+        raise transactional_ids_refused(settings) from None
+    except KafkaError as exc:
+        logger.info("transactional id rights not checked: %r", exc)
+    finally:
+        producer.close(timeout=5)

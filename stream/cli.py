@@ -129,6 +129,21 @@ def cmd_worker(a, settings: Settings) -> int:
     return run_worker(settings)
 
 
+def cmd_topics(a, settings: Settings) -> int:
+    from demandstream.stream.admin import worker_topics
+
+    created, existing = worker_topics(settings)
+    for what, names in (("created", created), ("already there", existing)):
+        if names:
+            print(f"{what}: {', '.join(names)}")
+    print(
+        f"every topic a worker of app id {settings.app_id} needs exists, with {settings.partitions} "
+        "partitions: its own principal needs READ, WRITE and DESCRIBE on them, not CREATE "
+        "(docs/OPERATIONS.md §ACLs)"
+    )
+    return 0
+
+
 def cmd_replay(a, settings: Settings) -> int:
     from demandstream.stream.tools.replay import replay
 
@@ -423,6 +438,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--partitions", type=int)
     sp.add_argument("--batch-max", type=int)
     sp.set_defaults(func=cmd_worker)
+
+    sp = command(
+        "topics",
+        help="create every topic a worker needs, its changelog included (run it as a principal that may "
+        "create topics, for workers whose principal may not)",
+    )
+    sp.add_argument("--app-id")
+    sp.add_argument("--partitions", type=int)
+    sp.set_defaults(func=cmd_topics)
 
     sp = command("replay", help="send a log file to the input topic")
     data_args(sp)

@@ -91,3 +91,17 @@ def send_events(bootstrap_servers, topic: str, events: list[Event]) -> None:
         p.send(topic, key=e.user_id.encode(), value=event_to_json(e))
     p.flush(30)
     p.close()
+
+
+def user_error_line(worker, timeout: float = 60.0, crashed: bool = False) -> str:
+    """Wait for ``worker`` (a :class:`~demandstream.stream.worker.launcher.WorkerLauncher`) to end, and
+    return the one line it ended with; it must have exited with status 2, and with no traceback in its
+    log unless it ``crashed`` once running (Faust logs the crash of a service before the worker stops
+    and names the user's mistake)."""
+    deadline = time.monotonic() + timeout
+    while worker.poll() is None:
+        assert time.monotonic() < deadline, f"the worker still runs:\n{worker.log_tail()}"
+        time.sleep(0.5)
+    assert worker.returncode == 2, worker.log_tail()
+    assert crashed or "Traceback" not in worker.log_tail(), worker.log_tail()
+    return worker.log_tail(1)

@@ -86,6 +86,10 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Components
         topic_partitions=settings.partitions,
         topic_replication_factor=settings.replication,
         table_standby_replicas=settings.standby_replicas,
+        # No leader election: nothing runs on the leader alone (the lag timer runs on every worker), and
+        # its topic ({app id}-__assignor-__leader) would be one more for operators to create on a
+        # cluster whose ACLs keep the worker from creating topics (docs/OPERATIONS.md §ACLs)
+        topic_disable_leader=True,
         web_enabled=True,
         # Bound on web_host, advertised as web_url() (docs/ARCHITECTURE.md §HTTP): the partition assignor
         # tells the other workers this URL, and the router forwards a user's request to its owner's URL.

@@ -16,7 +16,8 @@ objects (never Faust's classes) and its docstring names the Faust behaviour or b
   faust-streaming/faust#158) + :func:`fix_stale_transactional_producers`
   (``TransactionManager.on_rebalance``, ``Producer.maybe_begin_transaction``) +
   :func:`keep_changelog_queue_on_resume` (``clear`` of the table manager's changelog queue) +
-  :func:`fetch_only_active_partitions` (``Consumer._getmany``).
+  :func:`fetch_only_active_partitions` (``Consumer._getmany``) +
+  :func:`skip_existing_topics_when_refused` (``Transport._really_create_topic``).
 - :func:`tune_worker_consumer`: the worker's consumer lets the broker hold an empty fetch for our
   interval instead of Faust's fixed 1,500 ms, and reads only committed records under at-least-once too,
   where Faust reads aborted transactions' records (``AIOKafkaConsumerThread._create_worker_consumer``).
@@ -43,6 +44,7 @@ from collections.abc import Awaitable, Callable
 from time import monotonic
 
 import faust
+from aiokafka.errors import TopicAuthorizationFailedError
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.utils.tracing import finish_span
 from mode.services import ServiceTask
@@ -98,6 +100,7 @@ def install(app) -> None:
     fix_stale_transactional_producers(app.consumer.transactions, app.producer)
     keep_changelog_queue_on_resume(app.tables.changelog_queue, app.flow_control)
     fetch_only_active_partitions(app.consumer)
+    skip_existing_topics_when_refused(app.producer.transport)
 
 
 def fix_transactional_highwaters(thread) -> None:
@@ -253,6 +256,34 @@ def fetch_only_active_partitions(consumer) -> None:
         return await getmany(active_partitions=active_partitions, timeout=timeout)
 
     consumer._getmany = getmany_of_active_partitions
+
+
+def skip_existing_topics_when_refused(transport) -> None:
+    """A topic that exists is not an error when the broker refuses to create it for lack of rights.
+
+    Faust creates its internal topics (the table's changelog) at every start and relies on the broker
+    answering ``TOPIC_ALREADY_EXISTS`` for one that exists (``Transport._really_create_topic``; it
+    skips the request only when its producer's metadata happens to list the topic). On a cluster with
+    ACLs whose operators created the topics and did not grant the worker's principal ``CREATE``, the
+    broker checks the right first and answers ``TOPIC_AUTHORIZATION_FAILED`` for an existing topic
+    too, and the worker stopped at start with a traceback (tests/integration/test_acls.py). On that
+    error this asks the broker whether the topic exists (the principal may describe it) and, if so,
+    goes on as Faust does for an existing topic; a topic that is missing keeps the error.
+    """
+    create = transport._really_create_topic
+
+    async def really_create_topic(owner, client, topic, *args, **kwargs):
+        try:
+            return await create(owner, client, topic, *args, **kwargs)
+        except TopicAuthorizationFailedError:
+            metadata = await client.fetch_all_metadata()
+            if topic not in metadata.topics():
+                raise
+            logger.info(
+                "topic %s exists; this principal may not create topics, so it is used as it is", topic
+            )
+
+    transport._really_create_topic = really_create_topic
 
 
 # -- latency ----------------------------------------------------------------------------------------

@@ -10,13 +10,21 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiokafka.errors
 import torch
 from faust.exceptions import ConsistencyError
 
 from demandstream.model.core.checkpoint import Checkpoint, CheckpointError, load
 from demandstream.model.core.scoring import Scorer, resolve_device
 from demandstream.model.errors import UserError
-from demandstream.stream.admin import ensure_topics, with_cluster_replication
+from demandstream.stream.admin import (
+    check_worker_rights,
+    ensure_topics,
+    group_refused,
+    topic_refused,
+    transactional_ids_refused,
+    with_cluster_replication,
+)
 from demandstream.stream.settings import Settings, SettingsError
 from demandstream.stream.worker.agents import attach
 from demandstream.stream.worker.app import Components, create_app
@@ -172,6 +180,7 @@ def run_worker(settings: Settings) -> int:
     # Topics before the app: with DEMANDSTREAM_REPLICATION unset they take the cluster's replication
     # factor, which Faust's own topics (the changelog) then get too
     ensure_topics(settings, with_changelog=True)
+    check_worker_rights(settings)
     settings = with_cluster_replication(settings)
     c = build_worker(settings, model)
     tune_gc()
@@ -184,12 +193,31 @@ def run_worker(settings: Settings) -> int:
         reason = worker.crash_reason
         if isinstance(reason, ConsistencyError):
             raise stale_state_error(settings.data_dir, reason) from None
+        refused = refused_by_acls(settings, reason)
+        if refused is not None:
+            raise refused from None
         if isinstance(reason, OSError) and reason.errno == errno.EADDRINUSE:
             # taken between the check above and the server's start: the web server is the worker's only
             # listening socket
             raise web_port_error(settings) from None
         raise
     return 0
+
+
+def refused_by_acls(settings: Settings, reason: BaseException | None) -> UserError | None:
+    """The one line for a worker that crashed on a right the cluster's ACLs refuse it (a topic it may
+    read but not write, a right taken away while it ran); None for any other crash.
+
+    >>> str(refused_by_acls(Settings(sasl_username="shop"), aiokafka.errors.TopicAuthorizationFailedError("signals")))[:60]
+    "the cluster's ACLs refused user shop an operation on topic s"
+    """
+    if isinstance(reason, aiokafka.errors.TopicAuthorizationFailedError):
+        return topic_refused(settings, reason.args[0] if reason.args else "")
+    if isinstance(reason, aiokafka.errors.GroupAuthorizationFailedError):
+        return group_refused(settings)
+    if isinstance(reason, aiokafka.errors.TransactionalIdAuthorizationFailed):
+        return transactional_ids_refused(settings)
+    return None
 
 
 def tune_gc() -> None:

@@ -5,6 +5,11 @@ started with a SASL_SSL listener whose certificate is generated for this test (d
 --sasl-ssl-port: a fresh CA per cluster, the SCRAM user created at format time). The PLAINTEXT listener
 stays for reading results back.
 
+ACLs: the cluster runs Kafka's StandardAuthorizer; a second SCRAM user with no rights of its own is
+granted, one step at a time, what docs/OPERATIONS.md §ACLs lists, and the worker names each right it
+still lacks in one line, then runs without ever holding CREATE once `demandstream topics` has created
+its topics as the administrator.
+
 HTTP: two workers on the same port at two addresses (as two pods), each advertising its own URL, with a
 bearer token: a request for a user is answered by either worker (the one that does not own the user forwards it
 to the owner's advertised URL) with the token, 401 without it; Faust's /table and /router views are gone.
@@ -14,12 +19,23 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 
 import orjson
 import pytest
+from kafka.admin import (
+    ACL,
+    ACLOperation,
+    ACLPermissionType,
+    ACLResourcePatternType,
+    KafkaAdminClient,
+    ResourcePattern,
+    ResourceType,
+)
 from kafka.partitioner.default import murmur2
 
 from demandstream.model.data.synth import generate, write_jsonl
@@ -27,13 +43,14 @@ from demandstream.stream.admin import KafkaUnavailable, ensure_topics
 from demandstream.stream.settings import Settings
 from demandstream.stream.tools.replay import replay
 from tests.conftest import KAFKA_SH, free_port
-from tests.helpers import read_topic
+from tests.helpers import read_topic, user_error_line
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(400)]
 
 PORT = int(os.environ.get("DEMANDSTREAM_TEST_SASL_KAFKA_PORT", "19792"))
 SASL_PORT = PORT + 100
-ADMIN_USER, ADMIN_PASSWORD = "admin", "admin-secret"  # created by kafka.sh at format time
+ADMIN_USER, ADMIN_PASSWORD = "admin", "admin-secret"  # created by kafka.sh at format time, a super user
+SHOP_USER, SHOP_PASSWORD = "shop", "shop-secret"  # created by kafka.sh too, with no rights of its own
 
 
 @pytest.fixture(scope="module")
@@ -52,18 +69,22 @@ def sasl_cluster(tmp_path_factory):
         subprocess.run([str(KAFKA_SH), "down", "--port", str(PORT)], timeout=120, env=env)
 
 
+def _secure(ca: Path, user: str, password: str) -> dict[str, str]:
+    return {
+        "DEMANDSTREAM_BROKER": f"kafka://127.0.0.1:{SASL_PORT}",
+        "DEMANDSTREAM_SECURITY_PROTOCOL": "SASL_SSL",
+        "DEMANDSTREAM_SASL_MECHANISM": "SCRAM-SHA-512",
+        "DEMANDSTREAM_SASL_USERNAME": user,
+        "DEMANDSTREAM_SASL_PASSWORD": password,
+        "DEMANDSTREAM_SSL_CAFILE": str(ca),
+    }
+
+
 @pytest.mark.slow
 def test_worker_and_tools_over_sasl_ssl(sasl_cluster, worker_factory, stream_env, tmp_path):
     ca = sasl_cluster
     assert ca.is_file()
-    secure = {
-        "DEMANDSTREAM_BROKER": f"kafka://127.0.0.1:{SASL_PORT}",
-        "DEMANDSTREAM_SECURITY_PROTOCOL": "SASL_SSL",
-        "DEMANDSTREAM_SASL_MECHANISM": "SCRAM-SHA-512",
-        "DEMANDSTREAM_SASL_USERNAME": ADMIN_USER,
-        "DEMANDSTREAM_SASL_PASSWORD": ADMIN_PASSWORD,
-        "DEMANDSTREAM_SSL_CAFILE": str(ca),
-    }
+    secure = _secure(ca, ADMIN_USER, ADMIN_PASSWORD)
     env = dict(stream_env, **secure)
     s = Settings.from_env(env)
     ensure_topics(s)  # the admin client authenticates too
@@ -80,6 +101,92 @@ def test_worker_and_tools_over_sasl_ssl(sasl_cluster, worker_factory, stream_env
     bad = s.with_(sasl_password="wrong")
     with pytest.raises(KafkaUnavailable, match="authenticate"):
         ensure_topics(bad)
+
+
+def _grant(prefix: str, resource: ResourceType, *operations: ACLOperation) -> None:
+    """Allow the shop user ``operations`` on every ``resource`` named ``prefix``..., as an administrator
+    (the PLAINTEXT listener's principal is a super user) would."""
+    admin = KafkaAdminClient(bootstrap_servers=f"127.0.0.1:{PORT}")
+    try:
+        pattern = ResourcePattern(resource, prefix, ACLResourcePatternType.PREFIXED)
+        acls = [ACL(f"User:{SHOP_USER}", "*", op, ACLPermissionType.ALLOW, pattern) for op in operations]
+        assert not admin.create_acls(acls)["failed"]
+    finally:
+        admin.close()
+
+
+@pytest.mark.slow
+def test_a_worker_whose_acls_lack_a_right_names_it_and_runs_with_those_docs_list(
+    sasl_cluster, worker_factory, stream_env, tmp_path
+):
+    """A shop's secured cluster: the worker's principal may not create topics, and is granted rights
+    one at a time. Each missing right is one line and exit 2 (before the worker joins its group where
+    the broker can be asked; a topic it may read but not write when the first signal is sent); with
+    the rights of docs/OPERATIONS.md §ACLs an exactly-once worker runs, and Faust's creation of the
+    changelog that exists does not stop it."""
+    prefix = f"acl-{uuid.uuid4().hex[:8]}"  # every topic and the app id under one prefix, as the docs advise
+    names = {
+        "DEMANDSTREAM_APP_ID": prefix,
+        "DEMANDSTREAM_TOPIC_INPUT": f"{prefix}-clicks",
+        "DEMANDSTREAM_TOPIC_SIGNALS": f"{prefix}-signals",
+        "DEMANDSTREAM_TOPIC_DLQ": f"{prefix}-dlq",
+        "DEMANDSTREAM_TOPIC_CONTROL": f"{prefix}-control",
+    }
+    shop = dict(names, **_secure(sasl_cluster, SHOP_USER, SHOP_PASSWORD))
+
+    last = user_error_line(worker_factory(**shop).start())
+    assert (
+        f"do not let user {SHOP_USER} create {prefix}-clicks" in last
+        and f"{prefix}-user-state-changelog" in last
+    )
+
+    admin_env = dict(stream_env, **names, **_secure(sasl_cluster, ADMIN_USER, ADMIN_PASSWORD))
+    made = subprocess.run(
+        [sys.executable, "-m", "demandstream.stream", "topics"],
+        env=admin_env,
+        capture_output=True,
+        timeout=120,
+    )
+    assert made.returncode == 0, made.stderr.decode()[-2000:]
+    created = (
+        f"{prefix}-clicks, {prefix}-control, {prefix}-signals, {prefix}-dlq, {prefix}-user-state-changelog"
+    )
+    assert made.stdout.decode().startswith(f"created: {created}\n")
+
+    _grant(prefix, ResourceType.TOPIC, ACLOperation.READ, ACLOperation.DESCRIBE)
+    last = user_error_line(worker_factory(**shop).start())
+    assert f"do not let user {SHOP_USER} use consumer group {prefix}" in last
+
+    _grant(prefix, ResourceType.GROUP, ACLOperation.READ)
+    reader = worker_factory(**shop).start()
+    reader.wait_ready()
+    events = list(generate(20, 200, seed=5))
+    first, rest = tmp_path / "acl-first.jsonl", tmp_path / "acl-rest.jsonl"
+    write_jsonl(events[:100], first)
+    write_jsonl(events[100:], rest)
+    # sent by another principal: the shop user may not write yet
+    assert replay(Settings.from_env(admin_env), [first], "jsonl", progress=False).sent == 100
+    last = user_error_line(reader, timeout=120, crashed=True)
+    assert f"refused user {SHOP_USER} an operation on topic {prefix}-" in last  # its signals or changelog
+
+    _grant(prefix, ResourceType.TOPIC, ACLOperation.WRITE)
+    last = user_error_line(worker_factory(DEMANDSTREAM_GUARANTEE="exactly_once", **shop).start())
+    assert f"transactional ids prefixed {prefix}-" in last
+
+    _grant(prefix, ResourceType.TRANSACTIONAL_ID, ACLOperation.WRITE)
+    w = worker_factory(DEMANDSTREAM_GUARANTEE="exactly_once", **shop).start()
+    w.wait_ready()
+    # the rest by the shop user, with the worker's rights (replay's: WRITE and DESCRIBE on the input)
+    assert replay(Settings.from_env(dict(stream_env, **shop)), [rest], "jsonl", progress=False).sent == 100
+    signals = read_topic(
+        f"127.0.0.1:{PORT}",
+        names["DEMANDSTREAM_TOPIC_SIGNALS"],
+        until=lambda r: len({orjson.loads(x.value)["event_id"] for x in r}) >= 200,
+        timeout=180,
+        isolation="read_committed",
+    )
+    assert {orjson.loads(r.value)["event_id"] for r in signals} == {e.event_id for e in events}
+    assert w.poll() is None, w.log_tail()
 
 
 WEB_TOKEN = "test-token-0123456789abcdef"

@@ -25,6 +25,7 @@ from demandstream.stream.worker.faust_patches import (
     fix_transactional_highwaters,
     keep_changelog_queue_on_resume,
     on_transaction_abandoned,
+    skip_existing_topics_when_refused,
 )
 
 
@@ -176,6 +177,29 @@ def test_highwaters_come_from_the_broker_not_the_fetchers_cache():
     fix_transactional_highwaters(thread)
     assert asyncio.run(thread._highwaters(["tp0", "tp1"])) == {"tp0": 42, "tp1": 42}
     assert asked == [["tp0", "tp1"]]
+
+
+@pytest.mark.parametrize("exists", [True, False])
+def test_a_topic_the_principal_may_not_create_is_used_when_it_exists(exists):
+    """The broker checks CREATE before existence; Faust's creation of an existing changelog must not
+    stop a worker that may not create topics (the real broker: tests/integration/test_security.py)."""
+    from aiokafka.errors import TopicAuthorizationFailedError
+
+    async def refused(owner, client, topic, partitions, replication, **kw):
+        raise TopicAuthorizationFailedError(f"Cannot create topic: {topic} (29)")
+
+    class Client:
+        async def fetch_all_metadata(self):
+            return SimpleNamespace(topics=lambda: {"app-user-state-changelog"} if exists else set())
+
+    transport = SimpleNamespace(_really_create_topic=refused)
+    skip_existing_topics_when_refused(transport)
+    create = transport._really_create_topic(None, Client(), "app-user-state-changelog", 4, 1, config={})
+    if exists:
+        assert asyncio.run(create) is None
+    else:
+        with pytest.raises(TopicAuthorizationFailedError):
+            asyncio.run(create)
 
 
 def test_the_installed_faust_is_in_the_tested_range_and_pyproject_pins_the_same_range():

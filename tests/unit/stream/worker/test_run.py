@@ -61,15 +61,18 @@ def test_tune_gc_freezes_start_up_objects_and_raises_the_thresholds():
         gc.set_threshold(*before)
 
 
-@pytest.mark.parametrize("crash", ["stale", "port", "bug", "other_os", None])
-def test_only_a_stale_local_state_or_a_taken_port_becomes_a_user_error(crash, monkeypatch):
-    """Faust's ConsistencyError (local state ahead of the changelog) and a web port taken while the
-    worker started are the user's to fix: one line, exit 2 (the real stale case:
-    tests/integration/test_faults_stale_state.py). Any other crash is a bug and keeps mode's exit
-    status, as does a clean stop."""
+@pytest.mark.parametrize(
+    "crash", ["stale", "port", "topic_acl", "group_acl", "txn_acl", "bug", "other_os", None]
+)
+def test_only_a_stale_local_state_a_taken_port_or_a_refused_right_becomes_a_user_error(crash, monkeypatch):
+    """Faust's ConsistencyError (local state ahead of the changelog), a web port taken while the
+    worker started and a right the cluster's ACLs refuse are the user's to fix: one line, exit 2 (the
+    real cases: tests/integration/test_faults_stale_state.py, test_security.py). Any other crash is a
+    bug and keeps mode's exit status, as does a clean stop."""
     import errno
     import types
 
+    import aiokafka.errors
     from faust.exceptions import ConsistencyError
 
     from demandstream.stream.settings import Settings
@@ -78,6 +81,9 @@ def test_only_a_stale_local_state_or_a_taken_port_becomes_a_user_error(crash, mo
     reason = {
         "stale": ConsistencyError("persisted 12 > highwater -1"),
         "port": OSError(errno.EADDRINUSE, "error while attempting to bind on address"),
+        "topic_acl": aiokafka.errors.TopicAuthorizationFailedError("demand-signals"),
+        "group_acl": aiokafka.errors.GroupAuthorizationFailedError("demandstream"),
+        "txn_acl": aiokafka.errors.TransactionalIdAuthorizationFailed(),
         "bug": KeyError("x"),
         "other_os": OSError(errno.EACCES, "permission denied"),
         None: None,
@@ -93,11 +99,17 @@ def test_only_a_stale_local_state_or_a_taken_port_becomes_a_user_error(crash, mo
     monkeypatch.setattr(run, "load_model", lambda s: None)
     monkeypatch.setattr(run, "ensure_topics", lambda s, with_changelog=False: None)
     monkeypatch.setattr(run, "with_cluster_replication", lambda s: s.with_(replication=1))
+    monkeypatch.setattr(run, "check_worker_rights", lambda s: None)
     monkeypatch.setattr(run, "tune_gc", lambda: None)
     monkeypatch.setattr(run.torch, "set_num_threads", lambda n: None)  # the test process keeps its threads
     monkeypatch.setattr(run, "faust_worker", lambda app, level: Worker())
     monkeypatch.setattr(run, "check_web_port", lambda s: None)
-    settings = Settings(data_dir="/srv/ds")
+    settings = Settings(data_dir="/srv/ds", sasl_username="shop")
+    refused = {
+        "topic_acl": r"ACLs refused user shop an operation on topic demand-signals: a worker needs READ, WRITE",
+        "group_acl": r"ACLs do not let user shop use consumer group demandstream \(the app id\)",
+        "txn_acl": r"ACLs do not let user shop write with transactional ids prefixed demandstream-",
+    }
     if crash == "stale":
         with pytest.raises(
             UserError, match=r"the local state in /srv/ds is ahead of its changelog topic \(persisted 12"
@@ -105,6 +117,9 @@ def test_only_a_stale_local_state_or_a_taken_port_becomes_a_user_error(crash, mo
             run.run_worker(settings)
     elif crash == "port":
         with pytest.raises(UserError, match=r"the web port 127\.0\.0\.1:6066 is already in use"):
+            run.run_worker(settings)
+    elif crash in refused:
+        with pytest.raises(UserError, match=refused[crash]):
             run.run_worker(settings)
     else:
         with pytest.raises(SystemExit) as exit_:
