@@ -52,6 +52,7 @@ export PATH := $(PROM_BIN):$(PATH)
 system-deps: $(if $(shell command -v prometheus 2>/dev/null),,$(PROM_BIN)/prometheus)
 	@command -v java >/dev/null || { echo "error: java (JDK 17+) is required: apt-get install openjdk-17-jdk-headless" >&2; exit 1; }
 	@command -v mvn >/dev/null || { echo "error: maven is required: apt-get install maven" >&2; exit 1; }
+	@command -v openssl >/dev/null || { echo "error: openssl is required (the TLS tests' client certificate): apt-get install openssl" >&2; exit 1; }
 	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { \
 		echo "error: prometheus and promtool not found (Debian package prometheus)" >&2; exit 1; }
 

@@ -55,7 +55,8 @@ def unreachable_message(settings: Settings) -> str:
         return f"cannot reach Kafka at {settings.broker} (is it running? `make kafka-up`)"
     return (
         f"cannot reach or authenticate with Kafka at {settings.broker} over {settings.security_protocol} "
-        f"(check the DEMANDSTREAM_SASL_* and DEMANDSTREAM_SSL_CAFILE settings)"
+        "(check the DEMANDSTREAM_SASL_* and DEMANDSTREAM_SSL_* settings: the CA, and the client certificate "
+        "of a broker that requires one)"
     )
 
 
@@ -339,6 +340,8 @@ class NotAuthorized(UserError, RuntimeError):
 #: prefix, as Faust's own ids (``{app id}-{topic group}-{partition}``), and never one of them, which
 #: would fence a running worker's transaction.
 RIGHTS_CHECK_TRANSACTIONAL_ID = "{app_id}-rights-check"
+#: How many times, a second apart, the group check asks a cluster that has no group coordinator yet.
+RIGHTS_CHECK_ATTEMPTS = 10
 #: How long the transactional check may wait for the cluster's transaction coordinator (created on the
 #: first use of transactions on a fresh cluster).
 RIGHTS_CHECK_TIMEOUT_MS = 30_000
@@ -388,11 +391,19 @@ def check_worker_rights(settings: Settings) -> None:
     """
     admin = admin_client(settings)
     try:
-        admin.list_group_offsets({settings.app_id: None})
-    except GroupAuthorizationFailedError:
-        raise group_refused(settings) from None
-    except KafkaError as exc:  # anything else is the worker's to meet, and say, as before the check
-        logger.info("consumer group rights not checked: %r", exc)
+        for attempt in range(RIGHTS_CHECK_ATTEMPTS):
+            try:
+                admin.list_group_offsets({settings.app_id: None})
+                break
+            except GroupAuthorizationFailedError:
+                raise group_refused(settings) from None
+            except KafkaError as exc:
+                # a fresh cluster has no group coordinator for a second or two (retriable); anything
+                # else is the worker's to meet, and say, as before the check
+                if not exc.retriable or attempt == RIGHTS_CHECK_ATTEMPTS - 1:
+                    logger.info("consumer group rights not checked: %r", exc)
+                    break
+                time.sleep(1.0)
     finally:
         admin.close()
     if settings.guarantee != "exactly_once":

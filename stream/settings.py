@@ -158,6 +158,10 @@ class Settings:
     sasl_username: str = ""
     sasl_password: str = field(default="", repr=False)
     ssl_cafile: str = ""
+    #: a client certificate (PEM) for brokers that authenticate clients by TLS (mutual TLS), and its key
+    #: (PEM, unencrypted; empty: in the certificate's file)
+    ssl_certfile: str = ""
+    ssl_keyfile: str = ""
     log_level: str = "info"
     lag_interval_s: float = 5.0
     processes: int = 1  # worker processes on this machine (`worker --processes N`), one core each
@@ -253,6 +257,7 @@ class Settings:
         if not 0 < self.web_port < 65536:
             raise SettingsError(f"{PREFIX}WEB_PORT: not a port: {self.web_port}")
         _check_broker(self.broker)
+        self._check_tls_files()
         if self.web_advertised_url:
             _check_advertised_url(self.web_advertised_url)
         if self.web_token and self.web_token_file:
@@ -358,6 +363,25 @@ class Settings:
             )
         return path
 
+    def _check_tls_files(self) -> None:
+        """A TLS file that is set must be readable, and a client certificate needs TLS: the worker's TLS
+        context and kafka-python would end in a traceback, or the certificate be silently unused."""
+        if (self.ssl_certfile or self.ssl_keyfile) and not self.security_protocol.endswith("SSL"):
+            raise SettingsError(
+                f"{PREFIX}SSL_CERTFILE / {PREFIX}SSL_KEYFILE: a client certificate needs {PREFIX}SECURITY_PROTOCOL "
+                f"SSL or SASL_SSL (got {self.security_protocol})"
+            )
+        if self.ssl_keyfile and not self.ssl_certfile:
+            raise SettingsError(
+                f"{PREFIX}SSL_KEYFILE: set {PREFIX}SSL_CERTFILE, the certificate it belongs to"
+            )
+        if not self.security_protocol.endswith("SSL"):
+            return
+        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            path = getattr(self, name)
+            if path and not os.access(path, os.R_OK):
+                raise SettingsError(f"{PREFIX}{name.upper()}: cannot read {path!r}")
+
     def kafka_python_security(self) -> dict:
         """Security keyword arguments for kafka-python clients (admin, replay, tail)."""
         if self.security_protocol == "PLAINTEXT":
@@ -369,8 +393,10 @@ class Settings:
                 sasl_plain_username=self.sasl_username,
                 sasl_plain_password=self.sasl_password,
             )
-        if self.security_protocol.endswith("SSL") and self.ssl_cafile:
-            kw["ssl_cafile"] = self.ssl_cafile
+        if self.security_protocol.endswith("SSL"):
+            for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+                if getattr(self, name):
+                    kw[name] = getattr(self, name)
         return kw
 
 

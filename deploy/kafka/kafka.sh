@@ -44,11 +44,15 @@ readonly SCRAM_ADMIN_PASSWORD=admin-secret
 # A second SCRAM user without any right of its own: tests grant it ACLs as a shop's operators would.
 readonly SCRAM_SHOP_USER=shop
 readonly SCRAM_SHOP_PASSWORD=shop-secret
+# The mutual-TLS listener (--sasl-ssl-port P) of node i is at P + MTLS_PORT_OFFSET + i; its client
+# certificate's subject, and so the principal the ACLs see (a super user here).
+readonly MTLS_PORT_OFFSET=10
+readonly MTLS_CLIENT_DN="CN=demandstream-mtls"
 # Password of the generated dev keystores; they hold a throw-away self-signed CA, nothing secret.
 readonly KEYSTORE_PASSWORD=demandstream-dev
 # Bumped when the generated TLS material changes, so that a cluster directory kept from before gets new
 # material at its next 'up' (2: the CA carries keyUsage, which Python 3.13's strict verification needs).
-readonly TLS_MATERIAL_VERSION=2
+readonly TLS_MATERIAL_VERSION=3
 
 say() { printf 'kafka.sh: %s\n' "$*"; }
 die() {
@@ -72,7 +76,8 @@ options:
                     and its controller listener P+${CONTROLLER_PORT_OFFSET}+i
   --brokers 1|3     cluster size for 'up' (default: the size the cluster was created with, else 1)
   --fresh           'up' only: stop the cluster and wipe its data first
-  --sasl-ssl-port S 'up' only: add a SASL_SSL (SCRAM-SHA-512) listener on S+i, CA at <run dir>/ca.pem,
+  --sasl-ssl-port S 'up' only: add a SASL_SSL (SCRAM-SHA-512) listener on S+i and a mutual-TLS (SSL,
+                    client certificate <run dir>/client.pem and .key) listener on S+${MTLS_PORT_OFFSET}+i, CA at <run dir>/ca.pem,
                     super user ${SCRAM_ADMIN_USER}/${SCRAM_ADMIN_PASSWORD}, user ${SCRAM_SHOP_USER}/${SCRAM_SHOP_PASSWORD} with
                     only the ACLs granted to it (StandardAuthorizer); needs a fresh cluster
 
@@ -228,6 +233,7 @@ node_dir() { printf '%s/node-%s' "$RUN" "$1"; }
 client_port() { echo $((PORT + $1)); }
 controller_port() { echo $((PORT + CONTROLLER_PORT_OFFSET + $1)); }
 sasl_port() { echo $((SASL_SSL_PORT + $1)); }
+mtls_port() { echo $((SASL_SSL_PORT + MTLS_PORT_OFFSET + $1)); }
 
 # Write file $1 with content $2 so that a concurrent reader (an unlocked `status`, a test polling it)
 # sees the old content or the new one, never an empty or half-written file: write a temp file, rename it.
@@ -330,8 +336,8 @@ write_server_properties() {
     listeners="PLAINTEXT://127.0.0.1:$(client_port "$i"),CONTROLLER://127.0.0.1:$(controller_port "$i")"
     protocol_map="PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT"
     if [[ -n $SASL_SSL_PORT ]]; then
-        listeners+=",SASL_SSL://127.0.0.1:$(sasl_port "$i")"
-        protocol_map+=",SASL_SSL:SASL_SSL"
+        listeners+=",SASL_SSL://127.0.0.1:$(sasl_port "$i"),SSL://127.0.0.1:$(mtls_port "$i")"
+        protocol_map+=",SASL_SSL:SASL_SSL,SSL:SSL"
     fi
     advertised=$listeners
     cat >"$dir/server.properties" <<EOF
@@ -378,11 +384,16 @@ ssl.keystore.location=$RUN/tls/broker.p12
 ssl.keystore.password=$KEYSTORE_PASSWORD
 ssl.key.password=$KEYSTORE_PASSWORD
 ssl.client.auth=none
+# The SSL listener authenticates clients by certificate (mutual TLS), signed by the same CA.
+listener.name.ssl.ssl.client.auth=required
+ssl.truststore.type=PKCS12
+ssl.truststore.location=$RUN/tls/truststore.p12
+ssl.truststore.password=$KEYSTORE_PASSWORD
 
 # ACLs, as a shop's secured cluster has them: the SCRAM admin and the PLAINTEXT listener (the tests'
 # tooling, the controller) are super users; user ${SCRAM_SHOP_USER} may do only what ACLs grant it.
 authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer
-super.users=User:${SCRAM_ADMIN_USER};User:ANONYMOUS
+super.users=User:${SCRAM_ADMIN_USER};User:ANONYMOUS;User:${MTLS_CLIENT_DN}
 EOF
     fi
 }
@@ -395,6 +406,7 @@ make_tls_material() {
         return 0
     fi
     command -v keytool >/dev/null 2>&1 || die "keytool not found: it ships with the JDK (openjdk-17-jdk-headless)"
+    command -v openssl >/dev/null 2>&1 || die "openssl not found (Debian package openssl)"
     rm -rf "$tls"
     mkdir -p "$tls"
     say "generating a self-signed CA and broker certificate in $tls"
@@ -415,11 +427,21 @@ make_tls_material() {
         # The broker keystore must hold the chain (CA first, then the CA-signed certificate).
         keytool -importcert -noprompt -alias ca -keystore "$tls/broker.p12" -storepass "$pw" -file "$tls/ca.pem"
         keytool -importcert -alias broker -keystore "$tls/broker.p12" -storepass "$pw" -file "$tls/broker.pem"
+        # Mutual TLS: the broker trusts the CA for client certificates; the client's key is PEM (Python's
+        # ssl and kafka-python read PEM), made by openssl and signed by the CA.
+        keytool -importcert -noprompt -alias ca -storetype PKCS12 -keystore "$tls/truststore.p12" \
+            -storepass "$pw" -file "$tls/ca.pem"
+        openssl req -new -newkey rsa:2048 -nodes -subj "/${MTLS_CLIENT_DN}" -keyout "$tls/client.key" \
+            -out "$tls/client.csr"
+        keytool -gencert -alias ca -keystore "$tls/ca.p12" -storepass "$pw" -validity "$validity_days" \
+            -ext ku:c=digitalSignature,keyEncipherment -ext eku=clientAuth -rfc -infile "$tls/client.csr" \
+            -outfile "$tls/client.pem"
     } >"$tls/keytool.log" 2>&1 || {
         tail -n 20 "$tls/keytool.log" >&2
         die "keytool failed to generate the TLS material (see above)"
     }
     cp "$tls/ca.pem" "$RUN/ca.pem"
+    cp "$tls/client.pem" "$tls/client.key" "$RUN/"
     echo "$TLS_MATERIAL_VERSION" >"$tls/version"
 }
 
@@ -561,7 +583,7 @@ kill_started_nodes() {
 check_ports_free() {
     local i=$1 port
     local -a ports=("$(client_port "$i")" "$(controller_port "$i")")
-    if [[ -n $SASL_SSL_PORT ]]; then ports+=("$(sasl_port "$i")"); fi
+    if [[ -n $SASL_SSL_PORT ]]; then ports+=("$(sasl_port "$i")" "$(mtls_port "$i")"); fi
     for port in "${ports[@]}"; do
         if port_open "$port"; then
             die "port $port (node $i) is already in use by another process; pick another --port"
@@ -687,6 +709,7 @@ cmd_up() {
     say "cluster up in $((SECONDS - started)) s; bootstrap $(bootstrap)"
     if [[ -n $SASL_SSL_PORT ]]; then
         say "SASL_SSL on 127.0.0.1:$SASL_SSL_PORT (SCRAM-SHA-512 $SCRAM_ADMIN_USER/$SCRAM_ADMIN_PASSWORD, CA $RUN/ca.pem)"
+        say "mutual TLS on 127.0.0.1:$(mtls_port 0) (client certificate $RUN/client.pem, key $RUN/client.key)"
     fi
 }
 

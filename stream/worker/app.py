@@ -58,6 +58,8 @@ def broker_credentials(settings: Settings):
         import ssl
 
         ssl_context = ssl.create_default_context(cafile=settings.ssl_cafile or None)
+        if settings.ssl_certfile:  # mutual TLS: the broker authenticates the worker by its certificate
+            ssl_context.load_cert_chain(settings.ssl_certfile, settings.ssl_keyfile or None)
     if proto.startswith("SASL"):
         from faust.auth import SASLCredentials
 

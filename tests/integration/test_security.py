@@ -1,8 +1,9 @@
 """Security on the real broker: Kafka over SASL_SSL, and the worker's HTTP API (token, routing, views).
 
-Kafka: a worker, replay and admin over SASL_SSL (SCRAM-SHA-512 + TLS). The broker is the project's own,
-started with a SASL_SSL listener whose certificate is generated for this test (deploy/kafka/kafka.sh
---sasl-ssl-port: a fresh CA per cluster, the SCRAM user created at format time). The PLAINTEXT listener
+Kafka: a worker, replay and admin over SASL_SSL (SCRAM-SHA-512 + TLS) and over mutual TLS (a client
+certificate). The broker is the project's own, started with a SASL_SSL listener and a mutual-TLS
+listener whose certificates are generated for this test (deploy/kafka/kafka.sh --sasl-ssl-port: a fresh
+CA per cluster, the SCRAM users created at format time). The PLAINTEXT listener
 stays for reading results back.
 
 ACLs: the cluster runs Kafka's StandardAuthorizer; a second SCRAM user with no rights of its own is
@@ -49,6 +50,7 @@ pytestmark = [pytest.mark.kafka, pytest.mark.timeout(400)]
 
 PORT = int(os.environ.get("DEMANDSTREAM_TEST_SASL_KAFKA_PORT", "19792"))
 SASL_PORT = PORT + 100
+MTLS_PORT = SASL_PORT + 10  # kafka.sh's MTLS_PORT_OFFSET
 ADMIN_USER, ADMIN_PASSWORD = "admin", "admin-secret"  # created by kafka.sh at format time, a super user
 SHOP_USER, SHOP_PASSWORD = "shop", "shop-secret"  # created by kafka.sh too, with no rights of its own
 
@@ -81,10 +83,14 @@ def _secure(ca: Path, user: str, password: str) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_worker_and_tools_over_sasl_ssl(sasl_cluster, worker_factory, stream_env, tmp_path):
+@pytest.mark.parametrize("auth", ["sasl_ssl", "mutual_tls"])
+def test_worker_and_tools_over_tls(auth, sasl_cluster, worker_factory, stream_env, tmp_path):
+    """SASL_SSL (SCRAM-SHA-512 over TLS) and mutual TLS (the client's certificate is its identity): a
+    worker, replay and the admin client authenticate; a wrong password or a missing client certificate
+    is one clear error, no hang."""
     ca = sasl_cluster
     assert ca.is_file()
-    secure = _secure(ca, ADMIN_USER, ADMIN_PASSWORD)
+    secure = _secure(ca, ADMIN_USER, ADMIN_PASSWORD) if auth == "sasl_ssl" else _mutual_tls(ca)
     env = dict(stream_env, **secure)
     s = Settings.from_env(env)
     ensure_topics(s)  # the admin client authenticates too
@@ -97,10 +103,22 @@ def test_worker_and_tools_over_sasl_ssl(sasl_cluster, worker_factory, stream_env
     signals = read_topic(f"127.0.0.1:{PORT}", s.topic_signals, until=lambda r: len(r) >= 800, timeout=180)
     assert len({orjson.loads(r.value)["event_id"] for r in signals}) == 800
 
-    # a wrong password is refused: one clear error, no hang (bounded by the client's timeout)
-    bad = s.with_(sasl_password="wrong")
+    # refused: one clear error, no hang (bounded by the client's timeout)
+    bad = s.with_(sasl_password="wrong") if auth == "sasl_ssl" else s.with_(ssl_certfile="", ssl_keyfile="")
     with pytest.raises(KafkaUnavailable, match="authenticate"):
         ensure_topics(bad)
+
+
+def _mutual_tls(ca: Path) -> dict[str, str]:
+    """The SSL listener that requires a client certificate: kafka.sh's, signed by the cluster's CA, whose
+    subject is a super user."""
+    return {
+        "DEMANDSTREAM_BROKER": f"kafka://127.0.0.1:{MTLS_PORT}",
+        "DEMANDSTREAM_SECURITY_PROTOCOL": "SSL",
+        "DEMANDSTREAM_SSL_CAFILE": str(ca),
+        "DEMANDSTREAM_SSL_CERTFILE": str(ca.parent / "client.pem"),
+        "DEMANDSTREAM_SSL_KEYFILE": str(ca.parent / "client.key"),
+    }
 
 
 def _grant(prefix: str, resource: ResourceType, *operations: ACLOperation) -> None:

@@ -157,3 +157,27 @@ def test_replication_defaults_to_the_clusters_own():
     assert Settings.from_env({}).replication == 0
     assert replication_factor(Settings()) == -1  # CreateTopics' "the broker's default" (KIP-464)
     assert replication_factor(Settings(replication=3)) == 3
+
+
+def test_a_client_certificate_reaches_kafka_python_and_needs_tls(tmp_path):
+    """Mutual TLS: the certificate and key go to every kafka-python client; a certificate without TLS,
+    a key without its certificate and a file that cannot be read are refused, naming the variable
+    (the real broker: tests/integration/test_security.py)."""
+    cert, key, ca = (tmp_path / n for n in ("client.pem", "client.key", "ca.pem"))
+    for f in (cert, key, ca):
+        f.write_text("-----BEGIN-----\n")
+    s = Settings(security_protocol="SSL", ssl_cafile=str(ca), ssl_certfile=str(cert), ssl_keyfile=str(key))
+    assert s.kafka_python_security() == {
+        "security_protocol": "SSL",
+        "ssl_cafile": str(ca),
+        "ssl_certfile": str(cert),
+        "ssl_keyfile": str(key),
+    }
+    assert "ssl_keyfile" not in s.with_(ssl_keyfile="").kafka_python_security()  # the key in the cert's file
+    s.validate()
+    with pytest.raises(SettingsError, match="a client certificate needs DEMANDSTREAM_SECURITY_PROTOCOL SSL"):
+        s.with_(security_protocol="SASL_PLAINTEXT")
+    with pytest.raises(SettingsError, match="DEMANDSTREAM_SSL_KEYFILE: set DEMANDSTREAM_SSL_CERTFILE"):
+        s.with_(ssl_certfile="")
+    with pytest.raises(SettingsError, match="DEMANDSTREAM_SSL_CAFILE: cannot read"):
+        s.with_(ssl_cafile=str(tmp_path / "missing.pem"))
