@@ -76,7 +76,7 @@ options:
                     and its controller listener P+${CONTROLLER_PORT_OFFSET}+i
   --brokers 1|3     cluster size for 'up' (default: the size the cluster was created with, else 1)
   --fresh           'up' only: stop the cluster and wipe its data first
-  --sasl-ssl-port S 'up' only: add a SASL_SSL (SCRAM-SHA-512) listener on S+i and a mutual-TLS (SSL,
+  --sasl-ssl-port S 'up' only: add a SASL_SSL (SCRAM-SHA-512/256, PLAIN) listener on S+i and a mutual-TLS (SSL,
                     client certificate <run dir>/client.pem and .key) listener on S+${MTLS_PORT_OFFSET}+i, CA at <run dir>/ca.pem,
                     super user ${SCRAM_ADMIN_USER}/${SCRAM_ADMIN_PASSWORD}, user ${SCRAM_SHOP_USER}/${SCRAM_SHOP_PASSWORD} with
                     only the ACLs granted to it (StandardAuthorizer); needs a fresh cluster
@@ -377,8 +377,12 @@ EOF
         cat >>"$dir/server.properties" <<EOF
 
 # SASL_SSL listener for clients that test TLS + SCRAM; PLAINTEXT stays for the tests' own tooling.
-sasl.enabled.mechanisms=SCRAM-SHA-512
+# Every mechanism the product offers (DEMANDSTREAM_SASL_MECHANISM), for the same two users: SCRAM (the
+# credentials are stored in the cluster at format time) and PLAIN (as hosted Kafka services use it).
+sasl.enabled.mechanisms=SCRAM-SHA-512,SCRAM-SHA-256,PLAIN
 listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+listener.name.sasl_ssl.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required user_${SCRAM_ADMIN_USER}="${SCRAM_ADMIN_PASSWORD}" user_${SCRAM_SHOP_USER}="${SCRAM_SHOP_PASSWORD}";
 ssl.keystore.type=PKCS12
 ssl.keystore.location=$RUN/tls/broker.p12
 ssl.keystore.password=$KEYSTORE_PASSWORD
@@ -462,8 +466,12 @@ format_node() {
     local -a JAVA_OPTS extra=()
     java_opts "$dir"
     if [[ -n $SASL_SSL_PORT ]]; then
-        extra=(--add-scram "SCRAM-SHA-512=[name=$SCRAM_ADMIN_USER,password=$SCRAM_ADMIN_PASSWORD]"
-            --add-scram "SCRAM-SHA-512=[name=$SCRAM_SHOP_USER,password=$SCRAM_SHOP_PASSWORD]")
+        local mechanism user
+        for mechanism in SCRAM-SHA-512 SCRAM-SHA-256; do
+            for user in "$SCRAM_ADMIN_USER:$SCRAM_ADMIN_PASSWORD" "$SCRAM_SHOP_USER:$SCRAM_SHOP_PASSWORD"; do
+                extra+=(--add-scram "$mechanism=[name=${user%%:*},password=${user#*:}]")
+            done
+        done
     fi
     # StorageTool runs for a few seconds: C1-only JIT and the serial GC spare the (shared, 2-core) CPU
     # that tiered compilation and G1's threads would burn on a process that exits right away.

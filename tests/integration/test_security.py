@@ -71,11 +71,11 @@ def sasl_cluster(tmp_path_factory):
         subprocess.run([str(KAFKA_SH), "down", "--port", str(PORT)], timeout=120, env=env)
 
 
-def _secure(ca: Path, user: str, password: str) -> dict[str, str]:
+def _secure(ca: Path, user: str, password: str, mechanism: str = "SCRAM-SHA-512") -> dict[str, str]:
     return {
         "DEMANDSTREAM_BROKER": f"kafka://127.0.0.1:{SASL_PORT}",
         "DEMANDSTREAM_SECURITY_PROTOCOL": "SASL_SSL",
-        "DEMANDSTREAM_SASL_MECHANISM": "SCRAM-SHA-512",
+        "DEMANDSTREAM_SASL_MECHANISM": mechanism,
         "DEMANDSTREAM_SASL_USERNAME": user,
         "DEMANDSTREAM_SASL_PASSWORD": password,
         "DEMANDSTREAM_SSL_CAFILE": str(ca),
@@ -83,14 +83,15 @@ def _secure(ca: Path, user: str, password: str) -> dict[str, str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("auth", ["sasl_ssl", "mutual_tls"])
+@pytest.mark.parametrize("auth", ["SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN", "mutual_tls"])
 def test_worker_and_tools_over_tls(auth, sasl_cluster, worker_factory, stream_env, tmp_path):
-    """SASL_SSL (SCRAM-SHA-512 over TLS) and mutual TLS (the client's certificate is its identity): a
-    worker, replay and the admin client authenticate; a wrong password or a missing client certificate
-    is one clear error, no hang."""
+    """SASL_SSL with each mechanism the settings offer (SCRAM, and PLAIN as hosted Kafka services use
+    it) and mutual TLS (the client's certificate is its identity): a worker, replay and the admin
+    client authenticate; a wrong password or a missing client certificate is one clear error, no hang."""
     ca = sasl_cluster
     assert ca.is_file()
-    secure = _secure(ca, ADMIN_USER, ADMIN_PASSWORD) if auth == "sasl_ssl" else _mutual_tls(ca)
+    sasl = auth != "mutual_tls"
+    secure = _secure(ca, ADMIN_USER, ADMIN_PASSWORD, auth) if sasl else _mutual_tls(ca)
     env = dict(stream_env, **secure)
     s = Settings.from_env(env)
     ensure_topics(s)  # the admin client authenticates too
@@ -104,7 +105,7 @@ def test_worker_and_tools_over_tls(auth, sasl_cluster, worker_factory, stream_en
     assert len({orjson.loads(r.value)["event_id"] for r in signals}) == 800
 
     # refused: one clear error, no hang (bounded by the client's timeout)
-    bad = s.with_(sasl_password="wrong") if auth == "sasl_ssl" else s.with_(ssl_certfile="", ssl_keyfile="")
+    bad = s.with_(sasl_password="wrong") if sasl else s.with_(ssl_certfile="", ssl_keyfile="")
     with pytest.raises(KafkaUnavailable, match="authenticate"):
         ensure_topics(bad)
 
