@@ -42,13 +42,14 @@ from faust.exceptions import ProducerSendError
 
 from demandstream.model.core.scoring import Scorer
 from demandstream.model.core.state import StateFormatError, peek_last_ts
+from demandstream.stream.admin import changelog_topic
 from demandstream.stream.engine.inference import InferenceEngine, Output
 from demandstream.stream.engine.records import STATE_KEY_PREFIX
 from demandstream.stream.worker import faust_patches
 from demandstream.stream.worker.app import Components
 from demandstream.stream.worker.demand import DemandStage
 from demandstream.stream.worker.metrics import observe_many
-from demandstream.stream.worker.partitioning import PartitionerCheck
+from demandstream.stream.worker.partitioning import PartitionerCheck, refuse_new_partitions
 from demandstream.stream.worker.quality import LiveQuality
 from demandstream.stream.worker.store import StateStore
 
@@ -434,6 +435,11 @@ def attach(c: Components, scorer: Scorer) -> Pipeline:
     @c.app.on_partitions_revoked.connect
     async def clear_revoked_gauges(app, revoked, **kwargs):
         pipeline.on_partitions_revoked(revoked)
+
+    @c.app.on_partitions_assigned.connect
+    async def refuse_added_partitions(app, assigned, **kwargs):
+        # raised here, Faust crashes the app with it before any record of the new partitions is delivered
+        refuse_new_partitions(assigned, (s.topic_input, s.topic_control), s.partitions, changelog_topic(s))
 
     @c.app.timer(interval=s.lag_interval_s)
     async def gauges():

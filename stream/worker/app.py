@@ -25,6 +25,10 @@ logger = logging.getLogger(__name__)
 PRODUCER_LINGER_MS = 5
 #: Consumer fetch sizes large enough that one fetch feeds a whole micro-batch.
 CONSUMER_MAX_FETCH_BYTES = 8 * 1024 * 1024
+#: How old the consumer's topic metadata may get: partitions added to the input topic are seen, and
+#: refused (stream/worker/partitioning.py), within this, rather than after Faust's 5 minutes during which
+#: the new partitions' events waited unread. One metadata request per interval and worker.
+CONSUMER_METADATA_MAX_AGE_MS = 30_000
 #: How long the broker may hold a fetch that finds no data (Faust fixes 1,500 ms). aiokafka keeps one
 #: fetch in flight per broker, so while the input partitions' records are buffered a fetch of the
 #: empty control topic alone waits this long, and the input's next fetch behind it: the worker's
@@ -112,6 +116,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Components
         # sends /users/{id}/demand, which must be where the shop's producers put the user
         producer_partitioner=producer_partitioner(settings.partitioner),
         consumer_max_fetch_size=CONSUMER_MAX_FETCH_BYTES,
+        consumer_metadata_max_age_ms=CONSUMER_METADATA_MAX_AGE_MS,
         broker_max_poll_records=settings.batch_max,  # one poll can fill a whole micro-batch
         # under exactly-once each commit ends the transactions: how soon read_committed consumers see a signal
         broker_commit_interval=settings.commit_interval,

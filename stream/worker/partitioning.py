@@ -14,6 +14,9 @@ bookkeeping picks out anyway: at most one hash per partition and batch, not one 
 the records whose partition is not the setting's (``demandstream_misrouted_records_total``); the
 first one is logged as an error naming the partitioners that would have put it there and what to
 change (docs/OPERATIONS.md §4, "Producers' partitioner").
+
+:func:`refuse_new_partitions` stops a worker given a partition its table does not have: partitions
+added to the input topic while the workers run.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
+from demandstream.model.errors import UserError
 from demandstream.stream.partitioner import key_partition, matching_partitioners
 
 logger = logging.getLogger(__name__)
@@ -81,3 +85,43 @@ class PartitionerCheck:
             partition,
             hint,
         )
+
+
+class InputPartitionsChanged(UserError, RuntimeError):
+    """Partitions were added to the input (or control) topic while the workers ran: one line."""
+
+
+def refuse_new_partitions(assigned: Iterable, topics: Iterable[str], partitions: int, changelog: str) -> None:
+    """Raise :class:`InputPartitionsChanged` when ``assigned`` holds a partition of ``topics`` numbered
+    ``partitions`` or above.
+
+    Adding partitions to a keyed topic moves every user whose key now hashes elsewhere: their next
+    events arrive in a partition whose table partition (and changelog partition) does not exist, with
+    their state left behind in the old one. The consumer sees the new partitions at its next metadata
+    refresh (Faust's ``consumer_metadata_max_age_ms``, 5 minutes), rebalances, and the worker crashed on
+    the first such event with ``AssertionError: Unrecognized partition``; the new partitions' events
+    wait unprocessed until then. This check names the change at the rebalance instead, before any of
+    them is processed.
+
+    >>> from types import SimpleNamespace as TP
+    >>> refuse_new_partitions([TP(topic="clicks", partition=3)], ["clicks"], 4, "app-user-state-changelog")
+    >>> try:
+    ...     refuse_new_partitions([TP(topic="clicks", partition=5)], ["clicks"], 4, "app-user-state-changelog")
+    ... except InputPartitionsChanged as e:
+    ...     print(str(e)[:68])
+    partitions were added to clicks (this worker was given partition 5):
+    """
+    wanted = set(topics)
+    grown: dict[str, int] = {}
+    for tp in assigned:
+        if tp.topic in wanted and tp.partition >= partitions:
+            grown[tp.topic] = max(grown.get(tp.topic, 0), tp.partition)
+    if not grown:
+        return
+    found = ", ".join(f"{t} (this worker was given partition {p})" for t, p in sorted(grown.items()))
+    raise InputPartitionsChanged(
+        f"partitions were added to {found}: the worker's table (and {changelog}) has {partitions}, and the users whose keys "
+        "now hash to another partition left their states behind. Partitions cannot be added to a running "
+        "pipeline's topics (docs/OPERATIONS.md §2): give the topic back its count by recreating it, or "
+        "start a new table under another DEMANDSTREAM_APP_ID on topics created with the new count"
+    )

@@ -193,6 +193,8 @@ def run_worker(settings: Settings) -> int:
         reason = worker.crash_reason
         if isinstance(reason, ConsistencyError):
             raise stale_state_error(settings.data_dir, reason) from None
+        if isinstance(reason, UserError):  # raised by our code in a Faust service: already its one line
+            raise reason from None
         refused = refused_by_acls(settings, reason)
         if refused is not None:
             raise refused from None

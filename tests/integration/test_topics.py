@@ -8,11 +8,15 @@ import time
 import uuid
 
 import pytest
-from kafka.admin import KafkaAdminClient, NewTopic
+from kafka import KafkaProducer
+from kafka.admin import KafkaAdminClient, NewPartitions, NewTopic
 
+from demandstream.model.core.events import event_to_json
+from demandstream.model.data.synth import generate
 from demandstream.stream.admin import TopicMismatch, TopicRefused, changelog_topic, ensure_topics
 from demandstream.stream.settings import Settings
-from tests.helpers import user_error_line
+from demandstream.stream.worker.app import CONSUMER_METADATA_MAX_AGE_MS
+from tests.helpers import read_topic, user_error_line
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(180)]
 
@@ -72,6 +76,36 @@ def test_a_worker_refuses_a_changelog_of_another_partition_count_in_one_line(wor
         admin.close()
     last = user_error_line(worker_factory().start())
     assert "has 2 partitions" in last and "DEMANDSTREAM_PARTITIONS=2" in last
+
+
+def test_partitions_added_to_the_input_while_a_worker_runs_stop_it_in_one_line(worker_factory, stream_env):
+    """A shop adds partitions to its clickstream topic under a running pipeline: users whose keys hash
+    elsewhere now would meet no state (their table and changelog partitions do not exist). The worker
+    used to leave the new partitions unread for Faust's 5-minute metadata age, then crash on their first
+    event with ``AssertionError: Unrecognized partition``; it now stops at the rebalance, within
+    ``CONSUMER_METADATA_MAX_AGE_MS``, naming the change, and signals none of the new partitions' events."""
+    settings = Settings.from_env(stream_env)
+    w = worker_factory().start()
+    w.wait_ready()
+    admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
+    try:
+        admin.create_partitions({settings.topic_input: NewPartitions(settings.partitions + 2)})
+    finally:
+        admin.close()
+    event = next(iter(generate(1, 1, seed=11)))
+    producer = KafkaProducer(bootstrap_servers=settings.bootstrap_servers)
+    try:  # straight to a new partition, as the shop's producers now send some users
+        producer.send(
+            settings.topic_input,
+            key=event.user_id.encode(),
+            value=event_to_json(event),
+            partition=settings.partitions,
+        ).get(timeout=30)
+    finally:
+        producer.close()
+    last = user_error_line(w, timeout=CONSUMER_METADATA_MAX_AGE_MS / 1000 + 90, crashed=True)
+    assert f"partitions were added to {settings.topic_input} (this worker was given partition" in last, last
+    assert not read_topic(settings.bootstrap_servers[0], settings.topic_signals, timeout=5, idle_s=2)
 
 
 def test_a_replication_factor_the_cluster_cannot_give_is_one_line(kafka_bootstrap):

@@ -62,13 +62,16 @@ def test_tune_gc_freezes_start_up_objects_and_raises_the_thresholds():
 
 
 @pytest.mark.parametrize(
-    "crash", ["stale", "port", "topic_acl", "group_acl", "txn_acl", "bug", "other_os", None]
+    "crash", ["stale", "port", "topic_acl", "group_acl", "txn_acl", "ours", "bug", "other_os", None]
 )
-def test_only_a_stale_local_state_a_taken_port_or_a_refused_right_becomes_a_user_error(crash, monkeypatch):
+def test_only_a_stale_local_state_a_taken_port_a_refused_right_or_our_user_error_becomes_one_line(
+    crash, monkeypatch
+):
     """Faust's ConsistencyError (local state ahead of the changelog), a web port taken while the
-    worker started and a right the cluster's ACLs refuse are the user's to fix: one line, exit 2 (the
-    real cases: tests/integration/test_faults_stale_state.py, test_security.py). Any other crash is a
-    bug and keeps mode's exit status, as does a clean stop."""
+    worker started, a right the cluster's ACLs refuse and a user error our code raised in a Faust service
+    (partitions added to the input) are the user's to fix: one line, exit 2 (the real cases:
+    tests/integration/test_faults_stale_state.py, test_security.py, test_topics.py). Any other crash
+    is a bug and keeps mode's exit status, as does a clean stop."""
     import errno
     import types
 
@@ -77,6 +80,7 @@ def test_only_a_stale_local_state_a_taken_port_or_a_refused_right_becomes_a_user
 
     from demandstream.stream.settings import Settings
     from demandstream.stream.worker import run
+    from demandstream.stream.worker.partitioning import InputPartitionsChanged
 
     reason = {
         "stale": ConsistencyError("persisted 12 > highwater -1"),
@@ -84,6 +88,7 @@ def test_only_a_stale_local_state_a_taken_port_or_a_refused_right_becomes_a_user
         "topic_acl": aiokafka.errors.TopicAuthorizationFailedError("demand-signals"),
         "group_acl": aiokafka.errors.GroupAuthorizationFailedError("demandstream"),
         "txn_acl": aiokafka.errors.TransactionalIdAuthorizationFailed(),
+        "ours": InputPartitionsChanged("partitions were added to clicks"),
         "bug": KeyError("x"),
         "other_os": OSError(errno.EACCES, "permission denied"),
         None: None,
@@ -109,6 +114,7 @@ def test_only_a_stale_local_state_a_taken_port_or_a_refused_right_becomes_a_user
         "topic_acl": r"ACLs refused user shop an operation on topic demand-signals: a worker needs READ, WRITE",
         "group_acl": r"ACLs do not let user shop use consumer group demandstream \(the app id\)",
         "txn_acl": r"ACLs do not let user shop write with transactional ids prefixed demandstream-",
+        "ours": r"^partitions were added to clicks$",  # a user error raised in a Faust service, as it is
     }
     if crash == "stale":
         with pytest.raises(
