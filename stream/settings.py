@@ -382,6 +382,15 @@ class Settings:
             if path and not os.access(path, os.R_OK):
                 raise SettingsError(f"{PREFIX}{name.upper()}: cannot read {path!r}")
 
+    @property
+    def principal(self) -> str:
+        """Who the cluster's ACLs see, as error lines name it (a certificate's subject is not read).
+
+        >>> Settings(sasl_username="shop").principal
+        'user shop'
+        """
+        return f"user {self.sasl_username}" if self.sasl_username else "this connection's principal"
+
     def kafka_python_security(self) -> dict:
         """Security keyword arguments for kafka-python clients (admin, replay, tail)."""
         if self.security_protocol == "PLAINTEXT":

@@ -17,14 +17,13 @@ from faust.exceptions import ConsistencyError
 from demandstream.model.core.checkpoint import Checkpoint, CheckpointError, load
 from demandstream.model.core.scoring import Scorer, resolve_device
 from demandstream.model.errors import UserError
-from demandstream.stream.admin import (
+from demandstream.stream.acls import (
     check_worker_rights,
-    ensure_topics,
     group_refused,
     topic_refused,
     transactional_ids_refused,
-    with_cluster_replication,
 )
+from demandstream.stream.admin import ensure_topics, with_cluster_replication
 from demandstream.stream.settings import Settings, SettingsError
 from demandstream.stream.worker.agents import attach
 from demandstream.stream.worker.app import Components, create_app

@@ -42,6 +42,11 @@ ALLOWED: dict[str, set[str]] = {
     },
     "demandstream.stream.settings": {"demandstream.model.errors"},
     "demandstream.stream.admin": {"demandstream.model.errors", "demandstream.stream.settings"},
+    "demandstream.stream.acls": {
+        "demandstream.model.errors",
+        "demandstream.stream.settings",
+        "demandstream.stream.admin",
+    },
     "demandstream.stream.partitioner": set(),
     "demandstream.stream.engine": {
         "demandstream.model.errors",
@@ -56,6 +61,7 @@ ALLOWED: dict[str, set[str]] = {
         "demandstream.model.core",
         "demandstream.stream.settings",
         "demandstream.stream.admin",
+        "demandstream.stream.acls",
         "demandstream.stream.partitioner",
         "demandstream.stream.engine",
         "demandstream.stream.worker",
