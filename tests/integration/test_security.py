@@ -18,6 +18,7 @@ to the owner's advertised URL) with the token, 401 without it; Faust's /table an
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -42,7 +43,9 @@ from kafka.partitioner.default import murmur2
 from demandstream.model.data.synth import generate, write_jsonl
 from demandstream.stream.admin import KafkaUnavailable, ensure_topics
 from demandstream.stream.settings import Settings
+from demandstream.stream.tools.forget import forget
 from demandstream.stream.tools.replay import replay
+from demandstream.stream.tools.tail import tail
 from tests.conftest import KAFKA_SH, free_port
 from tests.helpers import read_topic, user_error_line
 
@@ -205,6 +208,16 @@ def test_a_worker_whose_acls_lack_a_right_names_it_and_runs_with_those_docs_list
         isolation="read_committed",
     )
     assert {orjson.loads(r.value)["event_id"] for r in signals} == {e.event_id for e in events}
+    # the tools with the same rights: tail reads the signals, forget writes an erasure the worker applies
+    shop_settings = Settings.from_env(dict(stream_env, **shop))
+    out = io.StringIO()
+    assert tail(shop_settings, from_beginning=True, max_records=5, timeout_s=60, out=out, raw=True) == 5
+    user = events[0].user_id
+    partition = forget(shop_settings, user, wait_s=60)
+    control = read_topic(
+        f"127.0.0.1:{PORT}", shop_settings.topic_control, until=lambda r: len(r) >= 1, timeout=30
+    )
+    assert [(r.partition, r.key) for r in control] == [(partition, user.encode())]
     assert w.poll() is None, w.log_tail()
 
 
