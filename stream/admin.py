@@ -221,6 +221,26 @@ def worker_topics(settings: Settings) -> tuple[list[str], list[str]]:
     return [n for n in names if n not in before], [n for n in names if n in before]
 
 
+def kafka_topics_commands(settings: Settings) -> list[str]:
+    """The ``kafka-topics.sh`` commands that create what :func:`worker_topics` creates, for operators who
+    keep topics as code (``demandstream topics --print``; nothing is contacted).
+
+    >>> for c in kafka_topics_commands(Settings(demand_window_s=0, partitions=12, replication=3))[-2:]:
+    ...     print(c)
+    kafka-topics.sh --bootstrap-server 127.0.0.1:9092 --create --topic clickstream-dlq --partitions 12 --replication-factor 3
+    kafka-topics.sh --bootstrap-server 127.0.0.1:9092 --create --topic demandstream-user-state-changelog --partitions 12 --replication-factor 3 --config cleanup.policy=compact --config max.compaction.lag.ms=86400000
+    """
+    base = f"kafka-topics.sh --bootstrap-server {','.join(settings.bootstrap_servers)} --create --topic"
+    rf = f" --replication-factor {settings.replication}" if settings.replication else ""
+    specs = [(n, {}) for n in topic_names(settings)]
+    specs.append((changelog_topic(settings), changelog_topic_configs(settings)))
+    return [
+        f"{base} {n} --partitions {settings.partitions}{rf}"
+        + "".join(f" --config {k}={v}" for k, v in c.items())
+        for n, c in specs
+    ]
+
+
 def refuse_other_counts(settings: Settings, counts: dict[str, int]) -> None:
     """Raise :class:`TopicMismatch` naming the existing topics whose partition count is not the setting's."""
     other = {n: c for n, c in counts.items() if c != settings.partitions}

@@ -130,8 +130,11 @@ def cmd_worker(a, settings: Settings) -> int:
 
 
 def cmd_topics(a, settings: Settings) -> int:
-    from demandstream.stream.admin import worker_topics
+    from demandstream.stream.admin import kafka_topics_commands, worker_topics
 
+    if a.print:
+        print("\n".join(kafka_topics_commands(settings)))
+        return 0
     created, existing = worker_topics(settings)
     for what, names in (("created", created), ("already there", existing)):
         if names:
@@ -446,6 +449,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--app-id")
     sp.add_argument("--partitions", type=int)
+    sp.add_argument(
+        "--print",
+        action="store_true",
+        help="print the kafka-topics.sh commands that create them instead (topics as code); contacts nothing",
+    )
     sp.set_defaults(func=cmd_topics)
 
     sp = command("replay", help="send a log file to the input topic")

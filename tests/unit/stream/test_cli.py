@@ -149,3 +149,21 @@ def test_evaluate_takes_several_models_in_one_or_many_flags_and_says_when_a_glob
     assert cli.main([*argv, "--model", str(tmp_path / "seed*.pt")]) == cli.EXIT_USER_ERROR
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"no model checkpoint matches {tmp_path / 'seed*.pt'}" in err
+
+
+def test_topics_print_gives_the_commands_of_every_topic_and_contacts_no_broker(capsys):
+    """Operators who keep topics as code get what `demandstream topics` would create, with the
+    changelog's configs, without a broker (this one does not exist)."""
+    code = cli.main(
+        ["--broker", "kafka://127.0.0.1:1", "topics", "--print", "--app-id", "acme", "--partitions", "6"]
+    )
+    lines = capsys.readouterr().out.splitlines()
+    assert code == 0 and len(lines) == 5
+    assert all(
+        line.startswith("kafka-topics.sh --bootstrap-server 127.0.0.1:1 --create --topic ") for line in lines
+    )
+    assert all(" --partitions 6" in line for line in lines)
+    assert lines[-1].endswith(
+        "--topic acme-user-state-changelog --partitions 6 --config cleanup.policy=compact "
+        "--config max.compaction.lag.ms=86400000"
+    )
