@@ -188,23 +188,28 @@ def ensure_topics(settings: Settings, with_changelog: bool = False) -> dict[str,
     changelog partition of its source record, and would crash on the first event of a partition the
     changelog lacks.
     """
-    names = topic_names(settings)
-    # Existing topics (a shop's own clickstream topic, typically) are checked before any is created:
-    # creating the others with the setting's count first would leave them in the way of the fix.
     # The changelog is created here rather than by Faust at its start: so that a principal the ACLs keep
     # from creating topics is told, in one line before the worker joins, of every topic it lacks
-    changelog = [changelog_topic(settings)] if with_changelog else []
-    counts = create_topics(
-        settings,
-        names + changelog,
-        check_counts_of=names + changelog,
-        configs_of={n: changelog_topic_configs(settings) for n in changelog},
-    )
-    for n in changelog:
-        del counts[n]  # refused above unless it has the setting's count
+    specs = worker_topic_specs(settings) if with_changelog else {n: {} for n in topic_names(settings)}
+    # Existing topics (a shop's own clickstream topic, typically) are checked before any is created:
+    # creating the others with the setting's count first would leave them in the way of the fix.
+    counts = create_topics(settings, list(specs), check_counts_of=list(specs), configs_of=specs)
+    if with_changelog:
+        del counts[changelog_topic(settings)]  # refused above unless it has the setting's count
     if len(set(counts.values())) != 1:
         raise TopicMismatch(f"topics must have equal partition counts, found {counts}")
     return counts
+
+
+def worker_topic_specs(settings: Settings) -> dict[str, dict[str, str]]:
+    """Every topic a worker needs, the table's changelog last, with the configs it is created with.
+
+    >>> worker_topic_specs(Settings(demand_window_s=0))["demandstream-user-state-changelog"]["cleanup.policy"]
+    'compact'
+    """
+    specs: dict[str, dict[str, str]] = {n: {} for n in topic_names(settings)}
+    specs[changelog_topic(settings)] = changelog_topic_configs(settings)
+    return specs
 
 
 def worker_topics(settings: Settings) -> tuple[list[str], list[str]]:
@@ -217,7 +222,7 @@ def worker_topics(settings: Settings) -> tuple[list[str], list[str]]:
     finally:
         admin.close()
     ensure_topics(settings, with_changelog=True)
-    names = [*topic_names(settings), changelog_topic(settings)]
+    names = list(worker_topic_specs(settings))
     return [n for n in names if n not in before], [n for n in names if n in before]
 
 
@@ -232,12 +237,10 @@ def kafka_topics_commands(settings: Settings) -> list[str]:
     """
     base = f"kafka-topics.sh --bootstrap-server {','.join(settings.bootstrap_servers)} --create --topic"
     rf = f" --replication-factor {settings.replication}" if settings.replication else ""
-    specs = [(n, {}) for n in topic_names(settings)]
-    specs.append((changelog_topic(settings), changelog_topic_configs(settings)))
     return [
         f"{base} {n} --partitions {settings.partitions}{rf}"
         + "".join(f" --config {k}={v}" for k, v in c.items())
-        for n, c in specs
+        for n, c in worker_topic_specs(settings).items()
     ]
 
 

@@ -176,8 +176,8 @@ def run_worker(settings: Settings) -> int:
     torch.set_num_threads(WORKER_TORCH_THREADS)
     check_web_port(settings)
     model = load_model(settings)  # before anything connects: a bad model needs no broker to be named
-    # Topics before the app: with DEMANDSTREAM_REPLICATION unset they take the cluster's replication
-    # factor, which Faust's own topics (the changelog) then get too
+    # Topics (the changelog included) and the principal's rights before the app; with
+    # DEMANDSTREAM_REPLICATION unset Faust is given the input topic's factor, as it wants a number
     ensure_topics(settings, with_changelog=True)
     check_worker_rights(settings)
     settings = with_cluster_replication(settings)
