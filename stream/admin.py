@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 
 import kafka.errors
 from kafka import KafkaAdminClient
-from kafka.admin import NewTopic
+from kafka.admin import ConfigResource, ConfigResourceType, NewTopic
 from kafka.errors import (
     InvalidReplicationFactorError,
     KafkaError,
@@ -44,7 +44,8 @@ class TopicRefused(UserError, RuntimeError):
 
 
 class TopicMismatch(UserError, ValueError):
-    """The existing input, control, signal and dead-letter topics have different partition counts."""
+    """An existing topic does not fit the worker: the input, control, signal and dead-letter topics (or
+    the changelog) have different partition counts, or the changelog's cleanup policy deletes states."""
 
 
 def unreachable_message(settings: Settings) -> str:
@@ -196,9 +197,43 @@ def ensure_topics(settings: Settings, with_changelog: bool = False) -> dict[str,
     counts = create_topics(settings, list(specs), check_counts_of=list(specs), configs_of=specs)
     if with_changelog:
         del counts[changelog_topic(settings)]  # refused above unless it has the setting's count
+        refuse_a_deleting_changelog(settings)
     if len(set(counts.values())) != 1:
         raise TopicMismatch(f"topics must have equal partition counts, found {counts}")
     return counts
+
+
+def refuse_a_deleting_changelog(settings: Settings) -> None:
+    """Raise :class:`TopicMismatch` when the table's changelog (an operator's, say, made with their
+    tooling's defaults) has a cleanup policy other than ``compact``.
+
+    Under ``delete`` (Kafka's default) or ``compact,delete`` the broker drops segments older than
+    ``retention.ms`` (7 days by default), and with them the last state of every user idle that long: a
+    worker restoring from the changelog would start those users over, with nothing said. A principal
+    without DESCRIBE_CONFIGS on the topic (not among the rights docs/OPERATIONS.md §ACLs asks for)
+    leaves it unchecked, logged."""
+    name = changelog_topic(settings)
+    admin = admin_client(settings)
+    try:
+        found = admin.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, name, {"cleanup.policy": None})], config_filter="all"
+        )
+    except KafkaError as exc:
+        logger.info("cleanup.policy of %s not checked: %r", name, exc)
+        return
+    finally:
+        admin.close()
+    policy = found.get("topic", {}).get(name, {}).get("cleanup.policy", {}).get("value")
+    if policy is None:
+        logger.info("cleanup.policy of %s not checked: the broker did not say it", name)
+        return
+    if {p.strip() for p in policy.split(",")} != {"compact"}:
+        raise TopicMismatch(
+            f"the table's changelog {name} has cleanup.policy={policy}: the broker deletes its segments after "
+            "retention.ms, and with them the states of users idle that long, which a restore would miss. Set "
+            f"it to compact (kafka-configs.sh --alter --entity-type topics --entity-name {name} "
+            "--add-config cleanup.policy=compact), as `demandstream topics --print` creates it"
+        )
 
 
 def worker_topic_specs(settings: Settings) -> dict[str, dict[str, str]]:

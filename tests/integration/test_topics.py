@@ -78,6 +78,22 @@ def test_a_worker_refuses_a_changelog_of_another_partition_count_in_one_line(wor
     assert "has 2 partitions" in last and "DEMANDSTREAM_PARTITIONS=2" in last
 
 
+def test_a_worker_refuses_a_changelog_that_deletes_states_in_one_line(worker_factory, stream_env):
+    """An operator's changelog made with their tooling's defaults (cleanup.policy=delete) would drop
+    every state idle longer than retention.ms, and a restore would start those users over silently."""
+    settings = Settings.from_env(stream_env)
+    admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
+    try:
+        changelog = changelog_topic(settings)
+        create_listed(
+            admin, NewTopic(changelog, settings.partitions, 1, topic_configs={"cleanup.policy": "delete"})
+        )
+    finally:
+        admin.close()
+    last = user_error_line(worker_factory().start())
+    assert f"changelog {changelog} has cleanup.policy=delete" in last and "cleanup.policy=compact" in last
+
+
 def test_partitions_added_to_the_input_while_a_worker_runs_stop_it_in_one_line(worker_factory, stream_env):
     """A shop adds partitions to its clickstream topic under a running pipeline: users whose keys hash
     elsewhere now would meet no state (their table and changelog partitions do not exist). The worker
