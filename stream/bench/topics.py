@@ -133,6 +133,13 @@ def create_topics(
     )
 
 
+def create_changelog(bootstrap: str, name: str, partitions: int = PARTITIONS) -> None:
+    """A table changelog as the worker creates it: compacted (the worker refuses one that deletes states)."""
+    from demandstream.stream.admin import changelog_topic_configs
+
+    create_topics(bootstrap, [name], partitions, changelog_topic_configs(Settings()))
+
+
 class OffsetWatch:
     """Sum of a topic's end offsets (records produced so far), polled cheaply with ListOffsets.
 

@@ -19,6 +19,7 @@ from demandstream.stream.bench.topics import (
     PARTITIONS,
     POLL_S,
     OffsetWatch,
+    create_changelog,
     create_topics,
     produce,
     wait_committed,
@@ -308,9 +309,8 @@ def restore_seconds(worker: BenchWorker, record: bytes, n: int, baseline_startup
     model load, group join) is subtracted, leaving the time Faust's recovery spends on the records.
     """
     changelog = f"{worker.app_id}-user-state-changelog"
-    create_topics(
-        worker.bootstrap, [changelog, worker.input_topic, worker.signals_topic, f"bench-dlq-{worker.tag}"]
-    )
+    create_changelog(worker.bootstrap, changelog)
+    create_topics(worker.bootstrap, [worker.input_topic, worker.signals_topic, f"bench-dlq-{worker.tag}"])
     produce(worker.bootstrap, changelog, ((f"r{i:08d}".encode(), record) for i in range(n)), spread=True)
     ready = ready_rss_mib(worker, timeout=RESTORE_TIMEOUT_S)
     startup = ready["startup_seconds"]
