@@ -266,7 +266,7 @@ def skip_existing_topics_when_refused(transport) -> None:
     skips the request only when its producer's metadata happens to list the topic). On a cluster with
     ACLs whose operators created the topics and did not grant the worker's principal ``CREATE``, the
     broker checks the right first and answers ``TOPIC_AUTHORIZATION_FAILED`` for an existing topic
-    too, and the worker stopped at start with a traceback (tests/integration/test_acls.py). On that
+    too, and the worker stopped at start with a traceback (tests/integration/test_security.py). On that
     error this asks the broker whether the topic exists (the principal may describe it) and, if so,
     goes on as Faust does for an existing topic; a topic that is missing keeps the error.
     """
