@@ -377,7 +377,7 @@ class Settings:
             )
         if not self.security_protocol.endswith("SSL"):
             return
-        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+        for name in TLS_FILES:
             path = getattr(self, name)
             if path and not os.access(path, os.R_OK):
                 raise SettingsError(f"{PREFIX}{name.upper()}: cannot read {path!r}")
@@ -403,12 +403,14 @@ class Settings:
                 sasl_plain_password=self.sasl_password,
             )
         if self.security_protocol.endswith("SSL"):
-            for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            for name in TLS_FILES:
                 if getattr(self, name):
                     kw[name] = getattr(self, name)
         return kw
 
 
+#: The settings that name TLS files, as kafka-python's keywords name them.
+TLS_FILES = ("ssl_cafile", "ssl_certfile", "ssl_keyfile")
 #: Bind addresses that mean "every interface": never an address to advertise.
 WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::", "*"})
 #: A bearer token (RFC 6750 ``b64token``) of at least this many characters.
